@@ -1,0 +1,247 @@
+//! The errors a client sees (DESIGN.md §3): status, RFC 6750 challenge, JSON body, gRPC status.
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::scope::ScopeSet;
+
+/// Why the layer refused a request. Each maps to one status, one `WWW-Authenticate` challenge, one
+/// JSON body and one gRPC status code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// No credentials: 401 with a bare `Bearer realm="…"` challenge.
+    MissingCredentials,
+    /// A malformed request (two different credentials, unreadable header bytes): 400.
+    InvalidRequest(&'static str),
+    /// An unknown or malformed token: 401. The message never says which.
+    InvalidToken,
+    /// The token was revoked: 401.
+    Revoked,
+    /// The token expired: 401.
+    Expired,
+    /// The client address is outside the token's IP restriction: 403.
+    IpNotAllowed,
+    /// A required scope is missing: 403 with `error="insufficient_scope"` and `scope="…"` naming
+    /// every required scope.
+    InsufficientScope(ScopeSet),
+    /// Too many failed attempts from one client: 429 with `Retry-After`.
+    TooManyAttempts {
+        /// Seconds until the client may try again.
+        retry_after_secs: u64,
+    },
+    /// The store cannot be reached and the token is not cached: 503 with `Retry-After`.
+    Unavailable {
+        /// Seconds until the client should try again.
+        retry_after_secs: u64,
+    },
+}
+
+impl AuthError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MissingCredentials | Self::InvalidToken | Self::Revoked | Self::Expired => {
+                StatusCode::UNAUTHORIZED
+            }
+            Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::IpNotAllowed | Self::InsufficientScope(_) => StatusCode::FORBIDDEN,
+            Self::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The machine-readable code of the JSON body (and of the RFC 6750 `error` attribute).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MissingCredentials => "unauthorized",
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::InvalidToken | Self::Revoked | Self::Expired | Self::IpNotAllowed => {
+                "invalid_token"
+            }
+            Self::InsufficientScope(_) => "insufficient_scope",
+            Self::TooManyAttempts { .. } => "too_many_requests",
+            Self::Unavailable { .. } => "temporarily_unavailable",
+        }
+    }
+
+    /// A human-readable message. It names the reason (revoked, expired) only for a token that
+    /// matched a record.
+    pub fn message(&self) -> &'static str {
+        match self {
+            Self::MissingCredentials => "an access token is required",
+            Self::InvalidRequest(why) => why,
+            Self::InvalidToken => "the access token is invalid",
+            Self::Revoked => "the access token has been revoked",
+            Self::Expired => "the access token has expired",
+            Self::IpNotAllowed => "the access token may not be used from this address",
+            Self::InsufficientScope(_) => "the access token lacks a required scope",
+            Self::TooManyAttempts { .. } => "too many failed authentication attempts",
+            Self::Unavailable { .. } => "token verification is temporarily unavailable",
+        }
+    }
+
+    /// The gRPC status code for `application/grpc` requests: 16 (unauthenticated), 7 (permission
+    /// denied), 8 (resource exhausted) or 14 (unavailable).
+    pub fn grpc_code(&self) -> u8 {
+        match self.status() {
+            StatusCode::FORBIDDEN => 7,
+            StatusCode::TOO_MANY_REQUESTS => 8,
+            StatusCode::SERVICE_UNAVAILABLE => 14,
+            _ => 16,
+        }
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::TooManyAttempts { retry_after_secs } | Self::Unavailable { retry_after_secs } => {
+                Some(*retry_after_secs)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for AuthError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+impl std::error::Error for AuthError {}
+
+/// The realm and its pre-rendered `WWW-Authenticate` challenge, shared by every error response of
+/// one layer.
+#[derive(Clone, Debug)]
+pub(crate) struct Challenge {
+    realm: Box<str>,
+    bare: HeaderValue,
+}
+
+impl Challenge {
+    /// `realm` with `"` and `\` removed (they would need escaping in the quoted string).
+    pub(crate) fn new(realm: &str) -> Self {
+        let realm: String = realm
+            .chars()
+            .filter(|c| *c != '"' && *c != '\\' && (' '..='~').contains(c))
+            .collect();
+        let bare = HeaderValue::try_from(format!("Bearer realm=\"{realm}\""))
+            .unwrap_or_else(|_| HeaderValue::from_static("Bearer"));
+        Self {
+            realm: realm.into(),
+            bare,
+        }
+    }
+
+    fn header(&self, err: &AuthError) -> Option<HeaderValue> {
+        match err {
+            AuthError::MissingCredentials => Some(self.bare.clone()),
+            AuthError::TooManyAttempts { .. } | AuthError::Unavailable { .. } => None,
+            AuthError::InsufficientScope(scopes) => HeaderValue::try_from(format!(
+                "Bearer realm=\"{}\", error=\"insufficient_scope\", error_description=\"{}\", scope=\"{}\"",
+                self.realm,
+                err.message(),
+                scopes.to_space_separated()
+            ))
+            .ok(),
+            _ => HeaderValue::try_from(format!(
+                "Bearer realm=\"{}\", error=\"{}\", error_description=\"{}\"",
+                self.realm,
+                err.code(),
+                err.message()
+            ))
+            .ok(),
+        }
+    }
+
+    /// The full error response: JSON for HTTP, trailers-only for gRPC. The body is returned as
+    /// bytes for the caller to wrap in its body type.
+    pub(crate) fn error_response(&self, err: &AuthError, grpc: bool) -> Response<Bytes> {
+        if grpc {
+            return grpc_response(err);
+        }
+        let mut res = json_response(err.status(), err.code(), err.message());
+        let headers = res.headers_mut();
+        if let Some(v) = self.header(err) {
+            headers.insert(header::WWW_AUTHENTICATE, v);
+        }
+        if let Some(secs) = err.retry_after() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        res
+    }
+}
+
+/// A JSON error response `{"code", "message", "status"}`: the one shape of every error body of
+/// the crate, the management API's included.
+pub(crate) fn json_response(status: StatusCode, code: &str, message: &str) -> Response<Bytes> {
+    let body = serde_json::json!({ "code": code, "message": message, "status": status.as_u16() });
+    let mut res = Response::new(Bytes::from(body.to_string()));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// A trailers-only gRPC response: HTTP 200, `grpc-status`, `grpc-message`, empty body.
+fn grpc_response(err: &AuthError) -> Response<Bytes> {
+    let mut res = Response::new(Bytes::new());
+    let headers = res.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(u16::from(err.grpc_code())));
+    // The messages are plain ASCII without '%', so they need no percent-encoding.
+    headers.insert("grpc-message", HeaderValue::from_static(err.message()));
+    res
+}
+
+/// Put in the request extensions by an optional layer (see
+/// [`PatAuthLayerBuilder::allow_anonymous`](crate::PatAuthLayerBuilder::allow_anonymous)) when a
+/// request carries no credentials, so that the `Principal` extractor can answer with the layer's
+/// 401 challenge.
+#[derive(Clone, Debug)]
+pub struct Anonymous(pub(crate) Challenge);
+
+impl Anonymous {
+    pub(crate) fn challenge(&self) -> &Challenge {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges() {
+        let c = Challenge::new("my \"api\"");
+        let r = c.error_response(&AuthError::MissingCredentials, false);
+        assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"my api\"");
+        let r = c.error_response(
+            &AuthError::InsufficientScope(ScopeSet::parse(["b", "a"]).unwrap()),
+            false,
+        );
+        assert!(
+            r.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .ends_with("scope=\"a b\"")
+        );
+        let r = c.error_response(
+            &AuthError::Unavailable {
+                retry_after_secs: 2,
+            },
+            true,
+        );
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "14");
+    }
+}

@@ -1,0 +1,133 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use pin_project::pin_project;
+use tower::Service;
+
+use super::body::ResponseBody;
+use super::layer::Shared;
+use crate::cache::Outcome;
+
+type Lookup = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+/// The response future of [`PatAuth`](crate::PatAuth).
+///
+/// On a cache hit it is the inner service's future, unboxed. On a cache miss it first awaits the
+/// (boxed, single-flight) store lookup while holding the request and the ready inner service.
+#[pin_project]
+pub struct ResponseFuture<S, ReqB>
+where
+    S: Service<Request<ReqB>>,
+{
+    #[pin]
+    state: State<S, ReqB>,
+}
+
+#[pin_project(project = StateProj)]
+enum State<S, ReqB>
+where
+    S: Service<Request<ReqB>>,
+{
+    Called {
+        #[pin]
+        future: S::Future,
+    },
+    Lookup {
+        lookup: Lookup,
+        pending: Option<(S, Request<ReqB>, Arc<Shared>)>,
+    },
+    Rejected {
+        response: Option<Response<Bytes>>,
+    },
+}
+
+impl<S, ReqB> std::fmt::Debug for ResponseFuture<S, ReqB>
+where
+    S: Service<Request<ReqB>>,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            State::Called { .. } => "called",
+            State::Lookup { .. } => "lookup",
+            State::Rejected { .. } => "rejected",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl<S, ReqB> ResponseFuture<S, ReqB>
+where
+    S: Service<Request<ReqB>>,
+{
+    pub(crate) fn called(future: S::Future) -> Self {
+        Self {
+            state: State::Called { future },
+        }
+    }
+
+    pub(crate) fn rejected(response: Response<Bytes>) -> Self {
+        Self {
+            state: State::Rejected {
+                response: Some(response),
+            },
+        }
+    }
+
+    pub(crate) fn lookup(
+        lookup: Lookup,
+        service: S,
+        request: Request<ReqB>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Self {
+            state: State::Lookup {
+                lookup,
+                pending: Some((service, request, shared)),
+            },
+        }
+    }
+}
+
+impl<S, ReqB, ResB> Future for ResponseFuture<S, ReqB>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+{
+    type Output = Result<Response<ResponseBody<ResB>>, S::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            match self.as_mut().project().state.project() {
+                StateProj::Called { future } => {
+                    return future.poll(cx).map_ok(|res| res.map(ResponseBody::inner));
+                }
+                StateProj::Rejected { response } => {
+                    let res = response
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    return Poll::Ready(Ok(res.map(ResponseBody::error)));
+                }
+                StateProj::Lookup { lookup, pending } => {
+                    let outcome = ready!(lookup.as_mut().poll(cx));
+                    let (mut service, mut request, shared) = pending
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    let next = match shared.admit(outcome, &mut request) {
+                        Ok(()) => State::Called {
+                            future: service.call(request),
+                        },
+                        Err(e) => State::Rejected {
+                            response: Some(shared.error_response(&e, request.headers())),
+                        },
+                    };
+                    self.as_mut().project().state.set(next);
+                }
+            }
+        }
+    }
+}

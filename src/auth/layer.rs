@@ -1,0 +1,483 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, Request, Response, Uri, header};
+use ipnet::IpNet;
+use tower::{Layer, Service};
+
+use super::error::{Anonymous, AuthError, Challenge};
+use super::future::ResponseFuture;
+use super::{ResponseBody, is_grpc};
+use crate::cache::{Cache, CacheConfig, Negative, Outcome, now_ms};
+use crate::client_ip::ClientIpSource;
+use crate::principal::Principal;
+use crate::record::ip_allowed;
+use crate::scope::ScopeSet;
+use crate::store::TokenLookup;
+use crate::token::{TokenFormat, TokenHash, TokenHasher};
+
+/// The Tower layer that authenticates every request with a personal access token.
+///
+/// Build it once with [`PatAuthLayer::builder`] and apply it with `.layer(…)`; clones share the
+/// cache. For each request it extracts the token, checks its format offline, hashes it, finds it in
+/// the cache (or, once per token, in the store) and enforces revocation, expiry, IP restriction and
+/// scopes, then puts the [`Principal`] in the request extensions.
+///
+/// ```
+/// use tower_pat::{MemoryStore, PatAuthLayer};
+///
+/// let store = MemoryStore::new();
+/// let layer = PatAuthLayer::builder(store.clone())
+///     .realm("example")
+///     .require_scopes(["api:read"])
+///     .build();
+/// # let _ = layer;
+/// ```
+#[derive(Clone, Debug)]
+pub struct PatAuthLayer {
+    shared: Arc<Shared>,
+}
+
+/// Configures a [`PatAuthLayer`].
+#[derive(Debug)]
+#[must_use]
+pub struct PatAuthLayerBuilder {
+    lookup: Arc<dyn TokenLookup>,
+    format: TokenFormat,
+    hasher: TokenHasher,
+    cache: CacheConfig,
+    sources: Sources,
+    realm: String,
+    trusted_proxies: Vec<IpNet>,
+    required: ScopeSet,
+    anonymous: bool,
+    unavailable_retry_after: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Sources {
+    token_scheme: bool,
+    raw_authorization: bool,
+    headers: Vec<HeaderName>,
+    query: bool,
+}
+
+impl std::fmt::Debug for dyn TokenLookup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("dyn TokenLookup")
+    }
+}
+
+impl PatAuthLayer {
+    /// Starts a layer over a store (anything implementing [`TokenLookup`], an `Arc` of one
+    /// included).
+    pub fn builder<L: TokenLookup>(lookup: L) -> PatAuthLayerBuilder {
+        PatAuthLayerBuilder {
+            lookup: Arc::new(lookup),
+            format: TokenFormat::default(),
+            hasher: TokenHasher::default(),
+            cache: CacheConfig::default(),
+            sources: Sources::default(),
+            realm: "api".to_owned(),
+            trusted_proxies: Vec::new(),
+            required: ScopeSet::empty(),
+            anonymous: false,
+            unavailable_retry_after: 5,
+        }
+    }
+
+    /// Drops whatever the cache holds for this token, as a store event would. Stores with a change
+    /// feed do this by themselves; call it after changing a record behind the store's back.
+    pub fn invalidate(&self, token_id: &str, hash: &TokenHash) {
+        self.shared.cache.invalidate(token_id, hash);
+    }
+
+    /// Drops every cached entry.
+    pub fn clear_cache(&self) {
+        self.shared.cache.clear();
+    }
+
+    /// Number of tokens in the positive cache.
+    pub fn cached_tokens(&self) -> usize {
+        self.shared.cache.len()
+    }
+
+    /// How many store lookups this layer has made: a metric, and a way for tests to see the cache
+    /// at work.
+    pub fn store_lookups(&self) -> u64 {
+        self.shared.cache.store_lookups()
+    }
+
+    /// How old the oldest state this layer may act on can be: zero while the store's change feed
+    /// is connected; while it is down, the time since it dropped (at most the TTL plus
+    /// `stale_if_error`); for a store without a change feed, the TTL plus `stale_if_error`.
+    pub fn max_staleness(&self) -> Duration {
+        self.shared.cache.max_staleness()
+    }
+
+    /// The token format the layer accepts.
+    pub fn format(&self) -> &TokenFormat {
+        &self.shared.format
+    }
+
+    /// The hasher the layer uses; the management API must store hashes made by the same one.
+    pub fn hasher(&self) -> &TokenHasher {
+        self.shared.cache.hasher()
+    }
+
+    /// The cache settings.
+    pub fn cache_config(&self) -> &CacheConfig {
+        self.shared.cache.config()
+    }
+
+    /// Authenticates a bare token, as the layer would for a request without an IP restriction or
+    /// required scopes: the principal, or why not. For non-HTTP transports and tests.
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        if self.shared.format.check(token).is_err() {
+            return Err(AuthError::InvalidToken);
+        }
+        let hasher = self.shared.cache.hasher();
+        let hash = hasher.hash(token);
+        let outcome = match self.shared.cache.probe(&hash, now_ms()) {
+            Some(o) => o,
+            None => {
+                let previous = hasher.previous_hashes(token);
+                Arc::clone(&self.shared.cache).load(hash, previous).await
+            }
+        };
+        self.shared.principal(outcome, now_ms())
+    }
+}
+
+impl PatAuthLayerBuilder {
+    /// The token format (default: prefix `pat_`).
+    pub fn format(mut self, format: TokenFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// How tokens are hashed (default: plain SHA-256).
+    pub fn hasher(mut self, hasher: TokenHasher) -> Self {
+        self.hasher = hasher;
+        self
+    }
+
+    /// The realm of the `WWW-Authenticate` challenge (default `api`).
+    pub fn realm(mut self, realm: impl Into<String>) -> Self {
+        self.realm = realm.into();
+        self
+    }
+
+    /// The verification cache settings.
+    pub fn cache(mut self, config: CacheConfig) -> Self {
+        self.cache = config;
+        self
+    }
+
+    /// Also accepts `Authorization: Token <token>` (GitHub's and GitLab's older scheme).
+    pub fn accept_token_scheme(mut self) -> Self {
+        self.sources.token_scheme = true;
+        self
+    }
+
+    /// Also accepts a bare token as the whole `Authorization` value, without a scheme.
+    pub fn accept_raw_authorization(mut self) -> Self {
+        self.sources.raw_authorization = true;
+        self
+    }
+
+    /// Also accepts the token in this header, such as `X-API-Key` or `PRIVATE-TOKEN`.
+    pub fn accept_header(mut self, name: HeaderName) -> Self {
+        self.sources.headers.push(name);
+        self
+    }
+
+    /// Also accepts the `access_token` query parameter. Off by default: RFC 6750 §2.3 discourages
+    /// it, since URLs end up in logs and browser history.
+    pub fn accept_query_parameter(mut self) -> Self {
+        self.sources.query = true;
+        self
+    }
+
+    /// Trusts `Forwarded` / `X-Forwarded-For` from peers in these networks (default: none).
+    pub fn trusted_proxies(mut self, proxies: impl IntoIterator<Item = IpNet>) -> Self {
+        self.trusted_proxies = proxies.into_iter().collect();
+        self
+    }
+
+    /// Scopes every request behind the layer needs.
+    ///
+    /// # Panics
+    ///
+    /// If a scope string is invalid (see [`Scope::new`](crate::Scope::new)): layers are built from
+    /// static configuration, where this is a programming error.
+    pub fn require_scopes<I, S>(mut self, scopes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.required = ScopeSet::parse(scopes).unwrap_or_else(|e| panic!("invalid scope: {e}"));
+        self
+    }
+
+    /// Lets requests without any credentials through without a principal (handlers see
+    /// `Option<Principal>` as `None`); a request with bad credentials is still refused.
+    pub fn allow_anonymous(mut self) -> Self {
+        self.anonymous = true;
+        self
+    }
+
+    /// The `Retry-After` of a 503 when the store is unreachable (default 5 s).
+    pub fn unavailable_retry_after(mut self, secs: u64) -> Self {
+        self.unavailable_retry_after = secs;
+        self
+    }
+
+    /// Builds the layer and subscribes its cache to the store's change feed.
+    pub fn build(self) -> PatAuthLayer {
+        let cache = Cache::new(self.lookup, self.hasher, self.cache);
+        PatAuthLayer {
+            shared: Arc::new(Shared {
+                format: self.format,
+                cache,
+                sources: self.sources,
+                challenge: Challenge::new(&self.realm),
+                client_ip: ClientIpSource::with_trusted_proxies(self.trusted_proxies),
+                required: self.required,
+                anonymous: self.anonymous,
+                unavailable_retry_after: self.unavailable_retry_after,
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for PatAuthLayer {
+    type Service = PatAuth<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        PatAuth {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// The service [`PatAuthLayer`] wraps around an inner service.
+#[derive(Clone, Debug)]
+pub struct PatAuth<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    format: TokenFormat,
+    cache: Arc<Cache>,
+    sources: Sources,
+    challenge: Challenge,
+    client_ip: ClientIpSource,
+    required: ScopeSet,
+    anonymous: bool,
+    unavailable_retry_after: u64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PatAuthLayer")
+            .field("format", &self.format)
+            .field("sources", &self.sources)
+            .field("challenge", &self.challenge)
+            .field("client_ip", &self.client_ip)
+            .field("required", &self.required)
+            .field("anonymous", &self.anonymous)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Check {
+    Pass,
+    Reject(Response<Bytes>),
+    Miss(TokenHash, Vec<TokenHash>),
+}
+
+impl Shared {
+    /// The synchronous part of the request path: everything up to and including the cache probe.
+    #[inline]
+    fn check<B>(&self, req: &mut Request<B>) -> Check {
+        let (hash, previous) = {
+            let token = match self.extract(req.headers(), req.uri()) {
+                Ok(Some(token)) => token,
+                Ok(None) if self.anonymous => {
+                    req.extensions_mut()
+                        .insert(Anonymous(self.challenge.clone()));
+                    return Check::Pass;
+                }
+                Ok(None) => return self.reject(&AuthError::MissingCredentials, req),
+                Err(e) => return self.reject(&e, req),
+            };
+            if self.format.check(token).is_err() {
+                return self.reject(&AuthError::InvalidToken, req);
+            }
+            let hasher = self.cache.hasher();
+            let hash = hasher.hash(token);
+            match self.cache.probe(&hash, now_ms()) {
+                Some(outcome) => {
+                    return match self.admit(outcome, req) {
+                        Ok(()) => Check::Pass,
+                        Err(e) => self.reject(&e, req),
+                    };
+                }
+                None if hasher.has_previous() => (hash, hasher.previous_hashes(token)),
+                None => (hash, Vec::new()),
+            }
+        };
+        Check::Miss(hash, previous)
+    }
+
+    #[cold]
+    fn reject<B>(&self, err: &AuthError, req: &Request<B>) -> Check {
+        Check::Reject(self.error_response(err, req.headers()))
+    }
+
+    /// Enforces what the cache or the store said, plus the per-request rules (IP, scopes), and puts
+    /// the principal in the request. On a cache hit this is the rest of the hot path.
+    #[inline]
+    pub(crate) fn admit<B>(
+        &self,
+        outcome: Outcome,
+        req: &mut Request<B>,
+    ) -> Result<(), AuthError> {
+        let result = self.principal(outcome, now_ms()).and_then(|principal| {
+            let restriction = principal.ip_restriction();
+            if !restriction.is_empty() {
+                let ip = self.client_ip.client_ip(req.headers(), req.extensions());
+                if !ip_allowed(restriction, ip) {
+                    return Err(AuthError::IpNotAllowed);
+                }
+            }
+            if !self.required.is_empty() && !principal.scopes().grants_all(&self.required) {
+                return Err(AuthError::InsufficientScope(self.required.clone()));
+            }
+            Ok(principal)
+        });
+        req.extensions_mut().insert(result?);
+        Ok(())
+    }
+
+    /// The error response for `err`, HTTP or gRPC as the request speaks.
+    #[cold]
+    pub(crate) fn error_response(&self, err: &AuthError, headers: &HeaderMap) -> Response<Bytes> {
+        self.challenge.error_response(err, is_grpc(headers))
+    }
+
+    /// The principal of a cache or store outcome, with expiry checked against the clock.
+    #[inline]
+    fn principal(&self, outcome: Outcome, now: i64) -> Result<Principal, AuthError> {
+        match outcome {
+            Outcome::Found(p) if now < p.0.expires_ms => Ok(p),
+            Outcome::Found(p) => {
+                self.cache.expire(&p);
+                Err(AuthError::Expired)
+            }
+            Outcome::Rejected(Negative::Unknown) => Err(AuthError::InvalidToken),
+            Outcome::Rejected(Negative::Revoked) => Err(AuthError::Revoked),
+            Outcome::Rejected(Negative::Expired) => Err(AuthError::Expired),
+            Outcome::Unavailable => Err(AuthError::Unavailable {
+                retry_after_secs: self.unavailable_retry_after,
+            }),
+        }
+    }
+
+    /// The credential of a request from the configured sources; `Ok(None)` without any, an
+    /// `invalid_request` error for two different ones or unreadable bytes.
+    #[inline]
+    fn extract<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        uri: &'a Uri,
+    ) -> Result<Option<&'a str>, AuthError> {
+        const TWO: AuthError =
+            AuthError::InvalidRequest("the request carries more than one credential");
+        const BYTES: AuthError =
+            AuthError::InvalidRequest("a credential header has invalid characters");
+        let mut found: Option<&'a str> = None;
+        let mut add = |token: &'a str| match found {
+            Some(f) if f != token => Err(TWO),
+            _ => {
+                found = Some(token);
+                Ok(())
+            }
+        };
+        for value in headers.get_all(header::AUTHORIZATION) {
+            let value = value.to_str().map_err(|_| BYTES)?;
+            if let Some(token) = strip_scheme(value, "bearer") {
+                add(token)?;
+            } else if self.sources.token_scheme
+                && let Some(token) = strip_scheme(value, "token")
+            {
+                add(token)?;
+            } else if self.sources.raw_authorization && !value.trim().contains(' ') {
+                add(value.trim())?;
+            }
+        }
+        for name in &self.sources.headers {
+            for value in headers.get_all(name) {
+                add(value.to_str().map_err(|_| BYTES)?.trim())?;
+            }
+        }
+        if self.sources.query
+            && let Some(query) = uri.query()
+        {
+            for value in query
+                .split('&')
+                .filter_map(|p| p.strip_prefix("access_token="))
+            {
+                add(value)?;
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// The credential after an auth scheme, matched case-insensitively (RFC 7235 §2.1).
+#[inline]
+fn strip_scheme<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
+    let n = scheme.len();
+    let bytes = value.as_bytes();
+    if bytes.len() > n && bytes[..n].eq_ignore_ascii_case(scheme.as_bytes()) && bytes[n] == b' ' {
+        Some(value[n + 1..].trim())
+    } else {
+        None
+    }
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for PatAuth<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqB>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        match self.shared.check(&mut req) {
+            // `self.inner` is the service `poll_ready` prepared: call it directly.
+            Check::Pass => ResponseFuture::called(self.inner.call(req)),
+            Check::Reject(res) => ResponseFuture::rejected(res),
+            Check::Miss(hash, previous) => {
+                // The ready service goes with the future; a clone stays for the next request.
+                let clone = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, clone);
+                let lookup = Box::pin(Arc::clone(&self.shared.cache).load(hash, previous));
+                ResponseFuture::lookup(lookup, ready, req, Arc::clone(&self.shared))
+            }
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! [`TokenRecord`], what a store keeps about a token, and the rules about it: whether it is active,
+//! whether a client address is allowed, how usage marks merge.
+
+use std::net::IpAddr;
+
+use chrono::{DateTime, Utc};
+use ipnet::IpNet;
+
+use crate::scope::ScopeSet;
+use crate::token::{TokenFormat, TokenHash, TokenHasher, TokenSecret};
+use crate::usage::UsageUpdate;
+
+/// How many distinct recent client addresses a record keeps in [`TokenRecord::last_used_ips`].
+pub const MAX_LAST_USED_IPS: usize = 5;
+
+/// Everything a store keeps about one token. The secret itself is never part of it: only its
+/// [`TokenHash`] and a short non-secret [`start`](TokenRecord::start).
+///
+/// `Debug` is safe to log: the hash is one-way and nothing else is secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Stable identifier (a random UUID in its 36-character form), used by the management API.
+    pub id: String,
+    /// The owner: the user or service account the token acts for.
+    pub subject: String,
+    /// A human-readable name, 1–256 characters, unique per subject.
+    pub name: String,
+    /// What the token may do.
+    pub scopes: ScopeSet,
+    /// A free-form type, `personal` by default (`service`, `ci`, …).
+    pub token_type: String,
+    /// Client networks the token may be used from; empty means anywhere.
+    pub ip_restriction: Vec<IpNet>,
+    /// When the token was created.
+    pub created_at: DateTime<Utc>,
+    /// When the record last changed through the management API.
+    pub updated_at: DateTime<Utc>,
+    /// When the token stops working; `None` means never.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// When the token was revoked, if it was.
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// When the token was last used (the "seenAt" of some APIs); written behind, so it may lag.
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// The most recent distinct client addresses, newest first, at most [`MAX_LAST_USED_IPS`].
+    pub last_used_ips: Vec<IpAddr>,
+    /// When the secret was last rotated.
+    pub last_rotated_at: Option<DateTime<Utc>>,
+    /// The hash of the current secret.
+    pub hash: TokenHash,
+    /// The non-secret beginning of the token (prefix and four characters).
+    pub start: String,
+    /// After a rotation with a grace period: the previous secret's hash and when it stops working.
+    pub previous_hash: Option<(TokenHash, DateTime<Utc>)>,
+}
+
+impl TokenRecord {
+    /// Whether the token has been revoked.
+    pub fn is_revoked(&self) -> bool {
+        self.revoked_at.is_some()
+    }
+
+    /// Whether the token has expired at `now` (an expiry equal to `now` counts as expired).
+    pub fn is_expired_at(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at.is_some_and(|exp| exp <= now)
+    }
+
+    /// Whether the token is usable at `now`: neither revoked nor expired.
+    pub fn is_active_at(&self, now: DateTime<Utc>) -> bool {
+        !self.is_revoked() && !self.is_expired_at(now)
+    }
+
+    /// Whether the record answers to `hash`: its current hash, or its previous hash while the
+    /// rotation grace period lasts.
+    pub fn matches_hash(&self, hash: &TokenHash, now: DateTime<Utc>) -> bool {
+        self.hash == *hash
+            || self
+                .previous_hash
+                .is_some_and(|(h, until)| h == *hash && until > now)
+    }
+
+    /// Whether a request from `ip` may use the token. Without a restriction every address may; with
+    /// one, an unknown address (`None`) may not.
+    pub fn ip_allowed(&self, ip: Option<IpAddr>) -> bool {
+        ip_allowed(&self.ip_restriction, ip)
+    }
+
+    /// Merges a usage mark: `last_used_at` only moves forward, and the address list keeps the newest
+    /// distinct addresses first. Applying the same or an older update again changes nothing that
+    /// matters.
+    pub fn apply_usage(&mut self, update: &UsageUpdate) {
+        let newer = self.last_used_at.is_none_or(|t| update.last_used_at >= t);
+        let (first, second) = if newer {
+            (update.ips.as_slice(), self.last_used_ips.as_slice())
+        } else {
+            (self.last_used_ips.as_slice(), update.ips.as_slice())
+        };
+        self.last_used_ips = merge_ips(first, second);
+        if newer {
+            self.last_used_at = Some(update.last_used_at);
+        }
+    }
+}
+
+/// `first` then `second`, without repeats, at most [`MAX_LAST_USED_IPS`].
+pub(crate) fn merge_ips(first: &[IpAddr], second: &[IpAddr]) -> Vec<IpAddr> {
+    let mut out = Vec::with_capacity(MAX_LAST_USED_IPS);
+    for ip in first.iter().chain(second) {
+        if out.len() == MAX_LAST_USED_IPS {
+            break;
+        }
+        if !out.contains(ip) {
+            out.push(*ip);
+        }
+    }
+    out
+}
+
+/// The IP rule shared by records and cached principals.
+#[inline]
+pub(crate) fn ip_allowed(restriction: &[IpNet], ip: Option<IpAddr>) -> bool {
+    if restriction.is_empty() {
+        return true;
+    }
+    let Some(ip) = ip else { return false };
+    let ip = canonical_ip(ip);
+    restriction.iter().any(|net| net.contains(&ip))
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:192.0.2.1`, as dual-stack sockets report IPv4 peers) as the
+/// IPv4 address it is.
+pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 @ IpAddr::V4(_) => v4,
+    }
+}
+
+/// Parses one CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a bare address (a /32 or /128).
+pub fn parse_ip_net(s: &str) -> Result<IpNet, ipnet::AddrParseError> {
+    let s = s.trim();
+    match s.parse::<IpNet>() {
+        Ok(net) => Ok(net.trunc()),
+        Err(e) => s.parse::<IpAddr>().map(IpNet::from).map_err(|_| e),
+    }
+}
+
+/// What a new token is: the input of [`NewToken::issue`], which makes the secret and the record.
+#[derive(Clone, Debug)]
+pub struct NewToken {
+    /// The owner.
+    pub subject: String,
+    /// Its name, unique per subject.
+    pub name: String,
+    /// Granted scopes.
+    pub scopes: ScopeSet,
+    /// The token type (`personal` unless set).
+    pub token_type: String,
+    /// When it expires; `None` for never.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Allowed client networks; empty for anywhere.
+    pub ip_restriction: Vec<IpNet>,
+}
+
+impl NewToken {
+    /// A personal token for `subject` named `name` with `scopes`, no expiry and no IP restriction.
+    pub fn new(subject: impl Into<String>, name: impl Into<String>, scopes: ScopeSet) -> Self {
+        Self {
+            subject: subject.into(),
+            name: name.into(),
+            scopes,
+            token_type: "personal".to_owned(),
+            expires_at: None,
+            ip_restriction: Vec::new(),
+        }
+    }
+
+    /// Sets the expiry.
+    pub fn expires_at(mut self, at: DateTime<Utc>) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+
+    /// Sets the allowed client networks.
+    pub fn ip_restriction(mut self, nets: impl IntoIterator<Item = IpNet>) -> Self {
+        self.ip_restriction = nets.into_iter().collect();
+        self
+    }
+
+    /// Sets the token type.
+    pub fn token_type(mut self, token_type: impl Into<String>) -> Self {
+        self.token_type = token_type.into();
+        self
+    }
+
+    /// Generates the secret and builds the record that stores its hash. Show the secret once;
+    /// insert the record.
+    pub fn issue(
+        self,
+        format: &TokenFormat,
+        hasher: &TokenHasher,
+        now: DateTime<Utc>,
+    ) -> (TokenRecord, TokenSecret) {
+        let secret = format.generate();
+        let record = TokenRecord {
+            id: new_id(),
+            subject: self.subject,
+            name: self.name,
+            scopes: self.scopes,
+            token_type: self.token_type,
+            ip_restriction: self.ip_restriction,
+            created_at: now,
+            updated_at: now,
+            expires_at: self.expires_at,
+            revoked_at: None,
+            last_used_at: None,
+            last_used_ips: Vec::new(),
+            last_rotated_at: None,
+            hash: hasher.hash(secret.expose_secret()),
+            start: format.start(secret.expose_secret()).unwrap_or_default(),
+            previous_hash: None,
+        };
+        (record, secret)
+    }
+}
+
+/// A random (version 4) UUID in its hyphenated form.
+pub(crate) fn new_id() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("the operating system CSPRNG failed");
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex = TokenHash::hex_of(&b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Duration;
+
+    fn record() -> TokenRecord {
+        NewToken::new("alice", "ci", ScopeSet::empty())
+            .issue(&TokenFormat::new(), &TokenHasher::sha256(), Utc::now())
+            .0
+    }
+
+    #[test]
+    fn usage_never_moves_back_and_keeps_newest_ips() {
+        let mut r = record();
+        let t = Utc::now();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        r.apply_usage(&UsageUpdate::new(
+            &r.id,
+            t,
+            vec![ip("10.0.0.2"), ip("10.0.0.1")],
+        ));
+        r.apply_usage(&UsageUpdate::new(
+            &r.id,
+            t - Duration::seconds(5),
+            vec![ip("10.0.0.9")],
+        ));
+        assert_eq!(r.last_used_at, Some(t));
+        assert_eq!(
+            r.last_used_ips,
+            vec![ip("10.0.0.2"), ip("10.0.0.1"), ip("10.0.0.9")]
+        );
+        r.apply_usage(&UsageUpdate::new(
+            &r.id,
+            t + Duration::seconds(1),
+            vec![ip("10.0.0.1")],
+        ));
+        assert_eq!(r.last_used_ips[0], ip("10.0.0.1"));
+        assert_eq!(r.last_used_ips.len(), 3);
+    }
+
+    #[test]
+    fn ip_rules() {
+        let mut r = record();
+        assert!(r.ip_allowed(None));
+        r.ip_restriction = vec![
+            parse_ip_net("10.0.0.0/8").unwrap(),
+            parse_ip_net("2001:db8::1").unwrap(),
+        ];
+        assert!(r.ip_allowed(Some("10.1.2.3".parse().unwrap())));
+        assert!(r.ip_allowed(Some("::ffff:10.1.2.3".parse().unwrap())));
+        assert!(r.ip_allowed(Some("2001:db8::1".parse().unwrap())));
+        assert!(!r.ip_allowed(Some("2001:db8::2".parse().unwrap())));
+        assert!(!r.ip_allowed(None));
+        assert!(parse_ip_net("10.0.0.300/8").is_err());
+        assert_eq!(
+            parse_ip_net("10.1.2.3/8").unwrap().to_string(),
+            "10.0.0.0/8"
+        );
+    }
+
+    #[test]
+    fn ids_are_uuids() {
+        let id = new_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert_ne!(id, new_id());
+    }
+}

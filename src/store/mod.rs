@@ -1,0 +1,316 @@
+//! Where tokens live: the read path the layer needs ([`TokenLookup`]), the management operations
+//! ([`TokenStore`]), the change feed that keeps every cache honest ([`ChangeHub`]), and the stores.
+//!
+//! Bring your own database by implementing [`TokenLookup`] (and [`TokenStore`] for the management
+//! API). A store error is never read as "invalid token": a cache miss whose lookup fails is
+//! answered 503.
+
+mod memory;
+
+use std::fmt;
+use std::sync::{RwLock, Weak};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+pub use memory::MemoryStore;
+
+use crate::record::TokenRecord;
+use crate::token::TokenHash;
+use crate::usage::UsageUpdate;
+
+/// Why a store operation failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// No record has that id.
+    NotFound,
+    /// A uniqueness rule was broken: `field` is `name` (per subject), `hash` or `id`.
+    Conflict {
+        /// The field whose value is already taken.
+        field: &'static str,
+    },
+    /// The backend failed or could not be reached.
+    Backend(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl StoreError {
+    /// Wraps a backend error.
+    pub fn backend(err: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Backend(err.into())
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotFound => f.write_str("no such token"),
+            Self::Conflict { field } => write!(f, "a token with this {field} already exists"),
+            Self::Backend(e) => write!(f, "token store unavailable: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Backend(e) => Some(&**e),
+            _ => None,
+        }
+    }
+}
+
+/// What changed in a store, as seen by the caches that listen to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreEvent {
+    /// The record with this id and (previous) hash changed: revoked, deleted, rotated or updated.
+    /// Caches drop what they hold for it.
+    Changed {
+        /// The record's id.
+        id: String,
+        /// The hash the record had before the change.
+        hash: TokenHash,
+    },
+    /// The feed lost its connection: changes made elsewhere may be missed until
+    /// [`StoreEvent::Reconnected`].
+    Disconnected,
+    /// The feed is back. Everything cached before the matching [`StoreEvent::Disconnected`] must be
+    /// reloaded, since a change may have been missed in between.
+    Reconnected,
+}
+
+/// Something that wants store events: the verification cache implements it.
+pub trait ChangeListener: Send + Sync {
+    /// Called for every event, synchronously, from the thread that publishes it. Keep it short.
+    fn on_event(&self, event: &StoreEvent);
+}
+
+/// A synchronous fan-out of [`StoreEvent`]s to weakly held listeners. Stores embed one: a change
+/// made through this process's store reaches this process's caches before the call returns.
+#[derive(Default)]
+pub struct ChangeHub {
+    listeners: RwLock<Vec<Weak<dyn ChangeListener>>>,
+}
+
+impl fmt::Debug for ChangeHub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.listeners.read().map_or(0, |l| l.len());
+        f.debug_struct("ChangeHub").field("listeners", &n).finish()
+    }
+}
+
+impl ChangeHub {
+    /// An empty hub.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a listener; it is dropped from the hub once its last strong reference is gone.
+    pub fn subscribe(&self, listener: Weak<dyn ChangeListener>) {
+        let mut l = self.listeners.write().unwrap_or_else(|e| e.into_inner());
+        l.retain(|w| w.strong_count() > 0);
+        l.push(listener);
+    }
+
+    /// Delivers `event` to every live listener.
+    pub fn publish(&self, event: &StoreEvent) {
+        let listeners = self.listeners.read().unwrap_or_else(|e| e.into_inner());
+        for listener in listeners.iter().filter_map(Weak::upgrade) {
+            listener.on_event(event);
+        }
+    }
+
+    /// Publishes [`StoreEvent::Changed`] for a record.
+    pub fn changed(&self, id: &str, hash: TokenHash) {
+        self.publish(&StoreEvent::Changed {
+            id: id.to_owned(),
+            hash,
+        });
+    }
+}
+
+/// The read path: what [`PatAuthLayer`](crate::PatAuthLayer) needs from a store.
+#[async_trait]
+pub trait TokenLookup: Send + Sync + 'static {
+    /// The record whose current hash is `hash`, or whose previous hash is `hash` while its rotation
+    /// grace period lasts; revoked and expired records are returned too (the layer names the reason).
+    async fn find_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError>;
+
+    /// Applies a batch of usage marks, at most one per token. `last_used_at` must never move
+    /// backwards (apply the later of the stored and the given time), and the address list keeps the
+    /// newest first: [`TokenRecord::apply_usage`] is the rule. Marks for unknown ids are ignored.
+    ///
+    /// The default does nothing, for stores that do not track usage.
+    async fn record_usage(&self, updates: &[UsageUpdate]) -> Result<(), StoreError> {
+        let _ = updates;
+        Ok(())
+    }
+
+    /// Registers a cache for change events. Returns `true` if the store delivers them (changes made
+    /// through it, and for shared stores changes made by other processes), `false` if it has no
+    /// change feed, in which case only the cache TTL bounds how long a change goes unseen.
+    fn subscribe(&self, listener: Weak<dyn ChangeListener>) -> bool {
+        let _ = listener;
+        false
+    }
+}
+
+/// The management operations, on top of the read path.
+///
+/// Implementations publish [`StoreEvent::Changed`] with the record's previous hash (and its grace
+/// hash, if any) from `update`, `revoke` and `delete`, so that caches drop the entry at once.
+#[async_trait]
+pub trait TokenStore: TokenLookup {
+    /// Inserts a new record. Fails with [`StoreError::Conflict`] if the id, the hash, or the name for
+    /// this subject is taken.
+    async fn insert(&self, record: &TokenRecord) -> Result<(), StoreError>;
+
+    /// The record with this id.
+    async fn get(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
+
+    /// A page of records matching `query`, and how many match in all.
+    async fn list(&self, query: &ListQuery) -> Result<Page, StoreError>;
+
+    /// Replaces the record with the same id, except its usage fields (`last_used_at`,
+    /// `last_used_ips`), which belong to [`TokenLookup::record_usage`]. Fails with
+    /// [`StoreError::NotFound`] or, for a name taken by another token of the subject,
+    /// [`StoreError::Conflict`].
+    async fn update(&self, record: &TokenRecord) -> Result<(), StoreError>;
+
+    /// Marks the record revoked at `at` (kept if already revoked) and returns it, `None` if unknown.
+    async fn revoke(&self, id: &str, at: DateTime<Utc>) -> Result<Option<TokenRecord>, StoreError>;
+
+    /// Removes the record and returns it, `None` if unknown.
+    async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
+
+    /// How many records the subject has (revoked and expired ones included).
+    async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError>;
+}
+
+/// Which records [`TokenStore::list`] returns, in which order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListQuery {
+    /// Only this subject's records; `None` for all.
+    pub subject: Option<String>,
+    /// Only records whose name contains this text (case-insensitive).
+    pub search: Option<String>,
+    /// A filter on the last use.
+    pub last_used: LastUsedFilter,
+    /// The order.
+    pub sort: SortKey,
+    /// Reverse the order.
+    pub descending: bool,
+    /// How many matching records to skip.
+    pub offset: u64,
+    /// How many to return at most.
+    pub limit: u64,
+}
+
+impl Default for ListQuery {
+    fn default() -> Self {
+        Self {
+            subject: None,
+            search: None,
+            last_used: LastUsedFilter::Any,
+            sort: SortKey::CreatedAt,
+            descending: false,
+            offset: 0,
+            limit: 50,
+        }
+    }
+}
+
+impl ListQuery {
+    /// All records of one subject, oldest first, 50 at a time.
+    pub fn for_subject(subject: impl Into<String>) -> Self {
+        Self {
+            subject: Some(subject.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Whether `record` passes the filters (not the paging). The memory store's rule, and the
+    /// reference for the SQL stores.
+    pub fn matches(&self, record: &TokenRecord) -> bool {
+        self.subject.as_deref().is_none_or(|s| s == record.subject)
+            && self
+                .search
+                .as_deref()
+                .is_none_or(|q| record.name.to_lowercase().contains(&q.to_lowercase()))
+            && match self.last_used {
+                LastUsedFilter::Any => true,
+                LastUsedFilter::Never => record.last_used_at.is_none(),
+                LastUsedFilter::Before(t) => record.last_used_at.is_none_or(|u| u < t),
+            }
+    }
+
+    /// The order of two records under this query: the sort key, then the id. A never-used token
+    /// sorts before every used one by `lastUsedAt`; a never-expiring one after every expiring one by
+    /// `expiresAt`. `descending` reverses the whole order.
+    pub fn compare(&self, a: &TokenRecord, b: &TokenRecord) -> std::cmp::Ordering {
+        let by_key = match self.sort {
+            SortKey::CreatedAt => a.created_at.cmp(&b.created_at),
+            SortKey::Name => a.name.cmp(&b.name),
+            SortKey::LastUsedAt => a.last_used_at.cmp(&b.last_used_at),
+            SortKey::ExpiresAt => match (a.expires_at, b.expires_at) {
+                (Some(x), Some(y)) => x.cmp(&y),
+                (None, None) => std::cmp::Ordering::Equal,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some(_), None) => std::cmp::Ordering::Less,
+            },
+        };
+        let ord = by_key.then_with(|| a.id.cmp(&b.id));
+        if self.descending { ord.reverse() } else { ord }
+    }
+}
+
+/// A filter on when a token was last used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LastUsedFilter {
+    /// No filter.
+    #[default]
+    Any,
+    /// Tokens never used.
+    Never,
+    /// Tokens not used since this time (never-used ones included).
+    Before(DateTime<Utc>),
+}
+
+/// The sort keys of [`ListQuery`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SortKey {
+    /// Creation time.
+    #[default]
+    CreatedAt,
+    /// Name.
+    Name,
+    /// Last use.
+    LastUsedAt,
+    /// Expiry.
+    ExpiresAt,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    /// The records of this page.
+    pub items: Vec<TokenRecord>,
+    /// How many records match the query in all.
+    pub total: u64,
+}
+
+#[async_trait]
+impl<T: TokenLookup + ?Sized> TokenLookup for std::sync::Arc<T> {
+    async fn find_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
+        (**self).find_by_hash(hash).await
+    }
+
+    async fn record_usage(&self, updates: &[UsageUpdate]) -> Result<(), StoreError> {
+        (**self).record_usage(updates).await
+    }
+
+    fn subscribe(&self, listener: Weak<dyn ChangeListener>) -> bool {
+        (**self).subscribe(listener)
+    }
+}
