@@ -1,0 +1,352 @@
+//! What the benches share: tokens and records, a lookup that holds a million of them, the request
+//! they send, short criterion settings for a small shared machine, and the summary that reads the
+//! figures of one run back from criterion's output.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::future::{Ready, ready};
+use std::path::PathBuf;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::Utc;
+use http::{HeaderValue, Request, Response, header};
+use http_body_util::Full;
+use tower::Service;
+use tower_pat::store::StoreError;
+use tower_pat::{
+    CacheConfig, PatAuthLayer, ScopeSet, TokenFormat, TokenHash, TokenHasher, TokenLookup,
+};
+use tower_pat::{TokenRecord, TokenSecret};
+
+/// Whether the binary runs under `cargo bench` (which passes `--bench`) rather than `cargo test`,
+/// where the benches only smoke-test themselves with small sizes.
+pub fn full_run() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
+
+/// Whether `group/bench` passes the filter given on the command line (a substring, as criterion's
+/// own regex filter would for the
+/// plain names used here, `^` and `$` included), so that a bench's setup (a million tokens) is skipped when it is not run.
+pub fn selected(group: &str, bench: &str) -> bool {
+    let id = format!("{group}/{bench}");
+    let mut args = std::env::args().skip(1);
+    let mut filter = None;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            // Criterion options that take a value.
+            "--profile-time"
+            | "--save-baseline"
+            | "--baseline"
+            | "--load-baseline"
+            | "--sample-size"
+            | "--warm-up-time"
+            | "--measurement-time"
+            | "--nresamples"
+            | "--noise-threshold"
+            | "--confidence-level"
+            | "--significance-level"
+            | "--output-format"
+            | "--color"
+            | "--plotting-backend"
+            | "--format" => {
+                args.next();
+            }
+            a if a.starts_with('-') => {}
+            a => filter = Some(a.to_owned()),
+        }
+    }
+    let Some(f) = filter else { return true };
+    match (f.strip_prefix('^'), f.strip_suffix('$')) {
+        (Some(p), _) if p.ends_with('$') => id == p.trim_end_matches('$'),
+        (Some(p), None) => id.starts_with(p),
+        (None, Some(s)) => id.ends_with(s),
+        _ => id.contains(&f),
+    }
+}
+
+/// The batch of `iter_batched`: small, so that the inputs and outputs of a batch (requests of a few
+/// hundred bytes) stay in memory the allocator reuses. Criterion's `SmallInput` makes batches of
+/// up to 10% of the iterations: vectors of megabytes, fresh pages, and page faults inside the timed
+/// section that double what a cheap routine seems to cost.
+pub const BATCH: criterion::BatchSize = criterion::BatchSize::NumIterations(128);
+
+/// Settings for a 2-core machine shared with others: the whole `cargo bench` takes a few minutes.
+pub fn criterion() -> criterion::Criterion {
+    criterion::Criterion::default()
+        .output_directory(&criterion_dir())
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(40)
+        .configure_from_args()
+}
+
+/// A single-threaded runtime: one core for the benches, the other for everything else.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// `target/` of this build: the bench binary lives in `target/<profile>/deps/`.
+pub fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("the bench binary's path");
+    exe.ancestors()
+        .nth(3)
+        .map_or_else(|| PathBuf::from("target"), PathBuf::from)
+}
+
+fn criterion_dir() -> PathBuf {
+    target_dir().join("criterion")
+}
+
+/// Polls a future that completes without waiting (a cache hit, a ready inner service).
+pub fn poll_now<F: Future>(fut: F) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(out) => out,
+        Poll::Pending => panic!("the future was expected to complete at once"),
+    }
+}
+
+/// The future of a handler that answers at once.
+pub type Reply<T> = Ready<Result<Response<T>, Infallible>>;
+
+/// A trivial handler: answers at once with a `T` body, never fails, cheap to clone.
+pub trait Handler<B, T>:
+    Service<Request<B>, Response = Response<T>, Error = Infallible, Future = Reply<T>> + Clone
+{
+}
+
+impl<S, B, T> Handler<B, T> for S where
+    S: Service<Request<B>, Response = Response<T>, Error = Infallible, Future = Reply<T>> + Clone
+{
+}
+
+/// The trivial handler behind every layer: answers "pong" and drops the request.
+pub fn pong<B>() -> impl Handler<B, Full<Bytes>> {
+    tower::service_fn(|_req: Request<B>| ready(Ok(Response::new(Full::from("pong")))))
+}
+
+/// A handler that hands the request back, so that dropping it (extensions, principal) happens
+/// outside the timed section: the measured path ends with the principal in the extensions.
+pub fn echo() -> impl Handler<(), Request<()>> {
+    tower::service_fn(|req: Request<()>| ready(Ok(Response::new(req))))
+}
+
+/// A handler that answers 200 if the request carries a principal, 500 if not: to check, untimed,
+/// that a bench measures what it says.
+pub fn needs_principal() -> impl Handler<(), ()> {
+    tower::service_fn(|req: Request<()>| {
+        let mut res = Response::new(());
+        if req.extensions().get::<tower_pat::Principal>().is_none() {
+            *res.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+        }
+        ready(Ok(res))
+    })
+}
+
+/// `Authorization: Bearer <token>`.
+pub fn bearer(token: &str) -> HeaderValue {
+    HeaderValue::try_from(format!("Bearer {token}")).expect("a token is a valid header value")
+}
+
+/// The request every bench sends: a few ordinary headers and the credential.
+pub fn request(auth: &HeaderValue) -> Request<()> {
+    Request::get("/ping")
+        .header(header::HOST, "localhost")
+        .header(header::USER_AGENT, "bench/1.0")
+        .header(header::ACCEPT, "*/*")
+        .header(header::AUTHORIZATION, auth.clone())
+        .body(())
+        .expect("a valid request")
+}
+
+/// A stored record as a real store would hand it back: every field its own allocation.
+pub fn record_for(hash: TokenHash, n: u64) -> TokenRecord {
+    let now = Utc::now();
+    let hex = hash.to_hex();
+    TokenRecord {
+        id: format!(
+            "{}-{}-4{}-a{}-{}",
+            &hex[0..8],
+            &hex[8..12],
+            &hex[13..16],
+            &hex[17..20],
+            &hex[20..32]
+        ),
+        subject: format!("user-{n}"),
+        name: format!("token {n}"),
+        scopes: ScopeSet::parse(["repo:read", "repo:write"]).expect("valid scopes"),
+        token_type: "personal".to_owned(),
+        ip_restriction: Vec::new(),
+        created_at: now,
+        updated_at: now,
+        expires_at: Some(now + chrono::Duration::days(90)),
+        revoked_at: None,
+        last_used_at: None,
+        last_used_ips: Vec::new(),
+        last_rotated_at: None,
+        hash,
+        start: "pat_abcd".to_owned(),
+        previous_hash: None,
+    }
+}
+
+/// A read-only store of many tokens that keeps only their hashes and makes each record when it is
+/// asked for, as a database would: the memory of the process is then the cache's. `MemoryStore`
+/// suits a thousand tokens; a million need this.
+#[derive(Debug, Default)]
+pub struct ManyTokens {
+    known: HashSet<TokenHash>,
+}
+
+impl ManyTokens {
+    /// Issues `n` tokens of the default format: the store, and the secrets.
+    pub fn issue(n: usize) -> (Self, Vec<TokenSecret>) {
+        let format = TokenFormat::new();
+        let hasher = TokenHasher::sha256();
+        let secrets: Vec<TokenSecret> = (0..n).map(|_| format.generate()).collect();
+        let known = secrets
+            .iter()
+            .map(|s| hasher.hash(s.expose_secret()))
+            .collect();
+        (Self { known }, secrets)
+    }
+}
+
+#[async_trait]
+impl TokenLookup for ManyTokens {
+    async fn find_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
+        Ok(self
+            .known
+            .contains(hash)
+            .then(|| record_for(*hash, hash.as_bytes()[0].into())))
+    }
+}
+
+/// A layer over `lookup` whose cache entries outlive the bench (TTLs of an hour), so that no
+/// refresh or expiry happens while it is timed.
+pub fn layer<L: TokenLookup>(lookup: L) -> PatAuthLayer {
+    let hour = Duration::from_secs(3600);
+    PatAuthLayer::builder(lookup)
+        .cache(CacheConfig {
+            ttl: hour,
+            negative_ttl: hour,
+            ..CacheConfig::default()
+        })
+        .build()
+}
+
+/// Loads every token into the layer's cache, as their first requests would.
+pub async fn fill(layer: &PatAuthLayer, secrets: &[TokenSecret]) {
+    for s in secrets {
+        layer
+            .authenticate(s.expose_secret())
+            .await
+            .expect("an issued token authenticates");
+    }
+}
+
+/// A token of the right shape that no store knows.
+pub fn unknown_token() -> TokenSecret {
+    TokenFormat::new().generate()
+}
+
+/// A token whose checksum does not match (its last character changed).
+pub fn malformed_token() -> String {
+    let mut t = TokenFormat::new().generate().expose_secret().to_owned();
+    let last = t.pop().expect("a non-empty token");
+    t.push(if last == 'A' { 'B' } else { 'A' });
+    t
+}
+
+/// A criterion median in nanoseconds, with the age of the figure; `None` if the bench has not run.
+pub fn median_ns(group: &str, bench: &str) -> Option<(f64, Duration)> {
+    let path = criterion_dir()
+        .join(group)
+        .join(bench)
+        .join("new")
+        .join("estimates.json");
+    let text = std::fs::read_to_string(&path).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let median = json["median"]["point_estimate"].as_f64()?;
+    let age = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .unwrap_or_default();
+    Some((median, age))
+}
+
+/// The floor's steps, in the order of the request path.
+pub const FLOOR_STEPS: [&str; 6] = [
+    "bearer_parse",
+    "checksum",
+    "sha256",
+    "probe_1m",
+    "arc_clone",
+    "extension_insert",
+];
+
+/// Prints what criterion's output holds for the floor, verify and peers groups, with the ratios
+/// the targets are stated in. Each bench prints it at its end, so the last one of a `cargo bench`
+/// run prints the whole picture; figures older than ten minutes are marked with their age.
+pub fn summary() {
+    let show = |group: &str, bench: &str| -> Option<f64> {
+        let (ns, age) = median_ns(group, bench)?;
+        let stale = if age > Duration::from_secs(600) {
+            format!("   (from {} min ago)", age.as_secs() / 60)
+        } else {
+            String::new()
+        };
+        println!("  {group}/{bench:<28} {ns:>10.1} ns{stale}");
+        Some(ns)
+    };
+    println!("\n== summary (medians) ==");
+    let steps: Vec<Option<f64>> = FLOOR_STEPS.iter().map(|s| show("floor", s)).collect();
+    let floor = steps.iter().copied().sum::<Option<f64>>();
+    if let Some(sum) = floor {
+        println!("  floor sum                              {sum:>10.1} ns");
+    }
+    let hit = show("verify", "hit_1m");
+    for bench in ["hit_1", "hit_1k", "negative_hit", "malformed"] {
+        show("verify", bench);
+    }
+    if let (Some(hit), Some(sum)) = (hit, floor) {
+        println!(
+            "  verify/hit_1m ÷ floor sum              {:>10.2}×   (target ≤ 1.2×, and ≤ 350 ns)",
+            hit / sum
+        );
+    }
+    let pat = show("peers", "tower_pat");
+    let none = show("peers", "no_auth");
+    show("peers", "tower_http_static_bearer");
+    for store in ["memory", "sqlite", "postgres"] {
+        let diy = show("peers", &format!("diy_{store}"));
+        if let (Some(diy), Some(pat)) = (diy, pat) {
+            println!(
+                "  diy_{store} ÷ tower_pat{:>22.1}×{}",
+                diy / pat,
+                if store == "sqlite" {
+                    "   (target ≥ 20×)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    if let (Some(pat), Some(none)) = (pat, none) {
+        println!(
+            "  tower_pat − no_auth                    {:>10.1} ns",
+            pat - none
+        );
+    }
+}

@@ -1,0 +1,120 @@
+//! The floor: each step a cache-hit verification cannot avoid, measured alone on a real 42-character
+//! token, and their sum. `verify` is held against this sum.
+//!
+//! `cargo bench --bench floor`
+
+mod common;
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::Criterion;
+use http::{HeaderMap, header};
+use sha2::{Digest, Sha256};
+use tower_pat::{MemoryStore, NewToken, ScopeSet, TokenFormat, TokenHash, TokenStore};
+
+/// How many distinct keys the probe cycles through (out of the million in the map).
+const PROBED: usize = 4096;
+
+/// The identity hasher a digest-keyed map uses: the key is already uniformly random.
+#[derive(Default)]
+struct Identity(u64);
+
+impl Hasher for Identity {
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("TokenHash feeds a u64")
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// `Authorization: Bearer <token>`, the scheme matched case-insensitively.
+#[inline]
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_at_checked(7)?;
+    scheme.eq_ignore_ascii_case("bearer ").then_some(token)
+}
+
+fn floor(c: &mut Criterion) {
+    let rt = common::runtime();
+    let store = MemoryStore::new();
+    let layer = common::layer(store.clone());
+    let scopes = ScopeSet::parse(["repo:read", "repo:write"]).expect("valid scopes");
+    let (record, secret) = NewToken::new("alice", "laptop", scopes).issue(
+        layer.format(),
+        layer.hasher(),
+        chrono::Utc::now(),
+    );
+    let token = secret.expose_secret();
+    assert_eq!(token.len(), 42);
+    let principal = rt.block_on(async {
+        store.insert(&record).await.expect("insert");
+        layer.authenticate(token).await.expect("a valid token")
+    });
+    let auth = common::bearer(token);
+    let req = common::request(&auth);
+    let format = TokenFormat::new();
+
+    let n = if common::full_run() {
+        1_000_000
+    } else {
+        10_000
+    };
+    let mut map: HashMap<TokenHash, Arc<u64>, BuildHasherDefault<Identity>> =
+        HashMap::with_capacity_and_hasher(n, BuildHasherDefault::default());
+    let mut keys = Vec::with_capacity(PROBED);
+    for i in 0..n as u64 {
+        let hash = TokenHash::from_bytes(Sha256::digest(i.to_le_bytes()).into());
+        map.insert(hash, Arc::new(i));
+        if keys.len() < PROBED {
+            keys.push(hash);
+        }
+    }
+
+    let mut g = c.benchmark_group("floor");
+    g.bench_function("bearer_parse", |b| {
+        b.iter(|| bearer_token(black_box(req.headers())).map(str::len))
+    });
+    g.bench_function("checksum", |b| b.iter(|| format.check(black_box(token))));
+    g.bench_function("sha256", |b| {
+        b.iter(|| <[u8; 32]>::from(Sha256::digest(black_box(token).as_bytes())))
+    });
+    let mut i = 0;
+    g.bench_function("probe_1m", |b| {
+        b.iter(|| {
+            i = (i + 1) % PROBED;
+            // Find the slot and read the entry behind it, as a cache must (its expiry).
+            map.get(black_box(&keys[i])).map(|v| **v)
+        })
+    });
+    g.bench_function("arc_clone", |b| {
+        b.iter_batched(|| (), |()| principal.clone(), common::BATCH)
+    });
+    g.bench_function("extension_insert", |b| {
+        b.iter_batched(
+            || (common::request(&auth), principal.clone()),
+            |(mut req, p)| {
+                req.extensions_mut().insert(p);
+                req
+            },
+            common::BATCH,
+        )
+    });
+    g.finish();
+}
+
+fn main() {
+    let mut c = common::criterion();
+    floor(&mut c);
+    c.final_summary();
+    if common::full_run() {
+        common::summary();
+    }
+}

@@ -1,0 +1,161 @@
+//! tower-pat against what people use instead, in one run, every one wrapping the same trivial
+//! handler and called through `tower::ServiceExt::oneshot`:
+//!
+//! - `no_auth`: the handler alone;
+//! - `tower_http_static_bearer`: tower-http's `ValidateRequestHeaderLayer::bearer`, one static token
+//!   compared per request: the best-known baseline, with none of the features;
+//! - `diy_<store>`: the do-it-yourself approach, tower-http's `AsyncRequireAuthorizationLayer` with a
+//!   closure that hashes the bearer token (SHA-256) and asks the store on every request;
+//! - `tower_pat`: `PatAuthLayer` on a cache hit.
+//!
+//! `cargo bench --bench peers` (the SQLite store with `--features sqlite`, PostgreSQL with
+//! `--features postgres` and `DATABASE_URL` set).
+
+mod common;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::Utc;
+use criterion::{BenchmarkGroup, Criterion, measurement::WallTime};
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use sha2::{Digest, Sha256};
+use tower::{Layer, Service, ServiceExt};
+use tower_http::auth::AsyncRequireAuthorizationLayer;
+use tower_http::validate_request::ValidateRequestHeaderLayer;
+use tower_pat::{MemoryStore, NewToken, ScopeSet, TokenHash, TokenLookup, TokenSecret, TokenStore};
+
+/// Tokens in each store, so that its index is not trivially small.
+const TOKENS: usize = 1_000;
+
+/// The stores the do-it-yourself peer queries. One line each: `SqliteStore` (feature `sqlite`)
+/// and `PostgresStore` (feature `postgres`, when `DATABASE_URL` is set) go here.
+async fn stores() -> Vec<(&'static str, Arc<dyn TokenStore>)> {
+    let stores: Vec<(&'static str, Arc<dyn TokenStore>)> =
+        vec![("memory", Arc::new(MemoryStore::new()))];
+    stores
+}
+
+/// Fills a store with [`TOKENS`] tokens and returns the secret of one of them.
+async fn populate(store: &dyn TokenStore) -> TokenSecret {
+    let layer = common::layer(MemoryStore::new());
+    let scopes = ScopeSet::parse(["repo:read", "repo:write"]).expect("valid scopes");
+    let mut last = None;
+    for i in 0..TOKENS {
+        let (record, secret) = NewToken::new(
+            format!("user-{}", i % 100),
+            format!("token {i}"),
+            scopes.clone(),
+        )
+        .issue(layer.format(), layer.hasher(), Utc::now());
+        store.insert(&record).await.expect("insert");
+        last = Some(secret);
+    }
+    last.expect("at least one token")
+}
+
+fn unauthorized() -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::default());
+    *res.status_mut() = StatusCode::UNAUTHORIZED;
+    res
+}
+
+/// What people write today: hash the bearer token and ask the store, on every request. The
+/// closure's future is not boxed (tower-http's own example boxes it), in the peer's favour.
+fn diy<S>(
+    store: Arc<dyn TokenLookup>,
+    inner: S,
+) -> impl Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone
+where
+    S: Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone,
+{
+    AsyncRequireAuthorizationLayer::new(move |mut req: Request<()>| {
+        let store = Arc::clone(&store);
+        async move {
+            let token = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .ok_or_else(unauthorized)?;
+            let hash = TokenHash::from_bytes(Sha256::digest(token.as_bytes()).into());
+            match store.find_by_hash(&hash).await {
+                Ok(Some(record)) if record.is_active_at(Utc::now()) => {
+                    req.extensions_mut().insert(record);
+                    Ok(req)
+                }
+                _ => Err(unauthorized()),
+            }
+        }
+    })
+    .layer(inner)
+}
+
+fn bench_service<S, B>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    svc: S,
+    auth: &HeaderValue,
+) where
+    S: Service<Request<()>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    let res = rt
+        .block_on(svc.clone().oneshot(common::request(auth)))
+        .expect("a response");
+    assert_eq!(res.status(), StatusCode::OK, "{name}");
+    g.bench_function(name, |b| {
+        b.to_async(rt).iter_batched(
+            || common::request(auth),
+            |req| svc.clone().oneshot(req),
+            common::BATCH,
+        )
+    });
+}
+
+fn peers(c: &mut Criterion) {
+    let rt = common::runtime();
+    let mut g = c.benchmark_group("peers");
+    let stores = rt.block_on(stores());
+    let mut secrets = Vec::new();
+    for (_, store) in &stores {
+        secrets.push(rt.block_on(populate(&**store)));
+    }
+    let (_, memory) = &stores[0];
+    let auth = common::bearer(secrets[0].expose_secret());
+
+    bench_service(&mut g, &rt, "no_auth", common::pong(), &auth);
+
+    #[allow(deprecated)] // "too basic to be useful in real applications": the point of comparing.
+    let static_bearer = ValidateRequestHeaderLayer::bearer(secrets[0].expose_secret());
+    bench_service(
+        &mut g,
+        &rt,
+        "tower_http_static_bearer",
+        static_bearer.layer(common::pong()),
+        &auth,
+    );
+
+    for ((name, store), secret) in stores.iter().zip(&secrets) {
+        let lookup: Arc<dyn TokenLookup> = Arc::clone(store) as Arc<dyn TokenLookup>;
+        let svc = diy(lookup, common::pong());
+        let auth = common::bearer(secret.expose_secret());
+        bench_service(&mut g, &rt, &format!("diy_{name}"), svc, &auth);
+    }
+
+    let layer = common::layer(Arc::clone(memory) as Arc<dyn TokenLookup>);
+    bench_service(&mut g, &rt, "tower_pat", layer.layer(common::pong()), &auth);
+    g.finish();
+}
+
+fn main() {
+    let mut c = common::criterion();
+    peers(&mut c);
+    c.final_summary();
+    if common::full_run() {
+        common::summary();
+    }
+}

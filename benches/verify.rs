@@ -1,0 +1,121 @@
+//! The layer's own work on a request: header in, principal in the extensions (or the error response
+//! out), with `PatAuth::call` invoked directly on a ready trivial service so that nothing but the
+//! layer is timed.
+//!
+//! - `hit_1`, `hit_1k`, `hit_1m`: cache hits with 1, 1 000 and 1 000 000 tokens cached, cycling
+//!   through up to 4 096 of them;
+//! - `negative_hit`: a well-formed token the store does not know, remembered as unknown;
+//! - `malformed`: a token whose checksum does not match, refused before the cache.
+//!
+//! `cargo bench --bench verify`
+
+mod common;
+
+use criterion::{BenchmarkGroup, Criterion, measurement::WallTime};
+use http::{HeaderValue, StatusCode};
+use tower::{Layer, Service};
+use tower_pat::{AuthError, PatAuthLayer};
+
+/// How many distinct tokens the hit benches cycle through.
+const CYCLED: usize = 4096;
+
+fn bench_requests(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    layer: &PatAuthLayer,
+    headers: &[HeaderValue],
+    expect: StatusCode,
+) {
+    // Once untimed: the right outcome, and a warm cache.
+    let mut check = layer.layer(common::needs_principal());
+    for h in headers {
+        let res = common::poll_now(check.call(common::request(h))).expect("infallible");
+        assert_eq!(res.status(), expect, "{name}");
+    }
+    let mut svc = layer.layer(common::echo());
+    let mut i = 0;
+    g.bench_function(name, |b| {
+        b.iter_batched(
+            || {
+                i = (i + 1) % headers.len();
+                common::request(&headers[i])
+            },
+            |req| {
+                common::poll_now(std::future::poll_fn(|cx| svc.poll_ready(cx)))
+                    .expect("infallible");
+                common::poll_now(svc.call(req))
+            },
+            common::BATCH,
+        )
+    });
+}
+
+fn verify(c: &mut Criterion) {
+    let rt = common::runtime();
+    let sizes: &[(&str, usize)] = if common::full_run() {
+        &[("hit_1", 1), ("hit_1k", 1_000), ("hit_1m", 1_000_000)]
+    } else {
+        &[("hit_1", 1), ("hit_1k", 1_000)]
+    };
+    let mut g = c.benchmark_group("verify");
+    for &(name, n) in sizes {
+        let extra = n == 1_000
+            && ["negative_hit", "malformed"]
+                .iter()
+                .any(|b| common::selected("verify", b));
+        if !common::selected("verify", name) && !extra {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let (store, secrets) = common::ManyTokens::issue(n);
+        let layer = common::layer(store);
+        rt.block_on(common::fill(&layer, &secrets));
+        assert_eq!(layer.cached_tokens(), n);
+        eprintln!(
+            "{name}: {n} tokens issued and cached in {:.1?}",
+            started.elapsed()
+        );
+        let step = (n / CYCLED).max(1);
+        let headers: Vec<HeaderValue> = secrets
+            .iter()
+            .step_by(step)
+            .take(CYCLED)
+            .map(|s| common::bearer(s.expose_secret()))
+            .collect();
+        drop(secrets);
+        bench_requests(&mut g, name, &layer, &headers, StatusCode::OK);
+        if n == 1_000 {
+            let unknown = common::unknown_token();
+            let err = rt.block_on(layer.authenticate(unknown.expose_secret()));
+            assert_eq!(err.err(), Some(AuthError::InvalidToken));
+            let lookups = layer.store_lookups();
+            let negative = [common::bearer(unknown.expose_secret())];
+            bench_requests(
+                &mut g,
+                "negative_hit",
+                &layer,
+                &negative,
+                StatusCode::UNAUTHORIZED,
+            );
+            assert_eq!(layer.store_lookups(), lookups, "served from the cache");
+            let malformed = [common::bearer(&common::malformed_token())];
+            bench_requests(
+                &mut g,
+                "malformed",
+                &layer,
+                &malformed,
+                StatusCode::UNAUTHORIZED,
+            );
+        }
+    }
+    g.finish();
+}
+
+fn main() {
+    let mut c = common::criterion();
+    verify(&mut c);
+    c.final_summary();
+    if common::full_run() {
+        common::summary();
+    }
+}
