@@ -15,8 +15,8 @@ use http::{HeaderMap, header};
 use sha2::{Digest, Sha256};
 use tower_pat::{MemoryStore, NewToken, ScopeSet, TokenFormat, TokenHash, TokenStore};
 
-/// How many distinct keys the probe cycles through (out of the million in the map).
-const PROBED: usize = 4096;
+/// How many distinct tokens and keys the steps cycle through, as many as `verify` does.
+const CYCLED: usize = 4096;
 
 /// The identity hasher a digest-keyed map uses: the key is already uniformly random.
 #[derive(Default)]
@@ -59,8 +59,16 @@ fn floor(c: &mut Criterion) {
         layer.authenticate(token).await.expect("a valid token")
     });
     let auth = common::bearer(token);
-    let req = common::request(&auth);
     let format = TokenFormat::new();
+    // The steps cycle through as many tokens as `verify` does: a token's characters are random,
+    // and one token repeated would let the branch predictor learn it.
+    let tokens: Vec<String> = (0..CYCLED)
+        .map(|_| format.generate().expose_secret().to_owned())
+        .collect();
+    let requests: Vec<_> = tokens
+        .iter()
+        .map(|t| common::request(&common::bearer(t)))
+        .collect();
 
     let n = if common::full_run() {
         1_000_000
@@ -69,29 +77,42 @@ fn floor(c: &mut Criterion) {
     };
     let mut map: HashMap<TokenHash, Arc<u64>, BuildHasherDefault<Identity>> =
         HashMap::with_capacity_and_hasher(n, BuildHasherDefault::default());
-    let mut keys = Vec::with_capacity(PROBED);
-    for i in 0..n as u64 {
+    // Keys spread over the whole map, as `verify` spreads its tokens: their entries were
+    // allocated far apart, as a cache filled over time has them.
+    let step = n / CYCLED;
+    let mut keys = Vec::with_capacity(CYCLED);
+    for i in 0..n {
         let hash = TokenHash::from_bytes(Sha256::digest(i.to_le_bytes()).into());
-        map.insert(hash, Arc::new(i));
-        if keys.len() < PROBED {
+        map.insert(hash, Arc::new(i as u64));
+        if i % step == 0 && keys.len() < CYCLED {
             keys.push(hash);
         }
     }
 
     let mut g = c.benchmark_group("floor");
-    g.bench_function("bearer_parse", |b| {
-        b.iter(|| bearer_token(black_box(req.headers())).map(str::len))
-    });
-    g.bench_function("checksum", |b| b.iter(|| format.check(black_box(token))));
-    g.bench_function("sha256", |b| {
-        b.iter(|| <[u8; 32]>::from(Sha256::digest(black_box(token).as_bytes())))
-    });
     let mut i = 0;
+    let mut next = move || {
+        i = (i + 1) % CYCLED;
+        i
+    };
+    g.bench_function("bearer_parse", |b| {
+        b.iter(|| bearer_token(black_box(requests[next()].headers())).map(str::len))
+    });
+    g.bench_function("checksum", |b| {
+        b.iter(|| format.check(black_box(&tokens[next()])))
+    });
+    g.bench_function("sha256", |b| {
+        b.iter(|| <[u8; 32]>::from(Sha256::digest(black_box(&tokens[next()]).as_bytes())))
+    });
     g.bench_function("probe_1m", |b| {
+        let mut j = 0;
         b.iter(|| {
-            i = (i + 1) % PROBED;
-            // Find the slot and read the entry behind it, as a cache must (its expiry).
-            map.get(black_box(&keys[i])).map(|v| **v)
+            // Find the slot and read the entry behind it, as a cache must (its expiry). The next
+            // key depends on what was read: requests come one at a time, each probe's cache misses
+            // are paid in full, not overlapped with the next probe's as in a loop of lookups.
+            let v = map.get(black_box(&keys[j])).map_or(0, |v| **v);
+            j = (j + 1 + (v >> 63) as usize) % CYCLED;
+            v
         })
     });
     g.bench_function("arc_clone", |b| {

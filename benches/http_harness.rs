@@ -81,7 +81,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn main() {
     let (rounds, requests) = if common::full_run() {
-        (20, 20_000)
+        (50, 5_000)
     } else {
         (2, 100)
     };

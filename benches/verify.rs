@@ -5,7 +5,9 @@
 //! - `hit_1`, `hit_1k`, `hit_1m`: cache hits with 1, 1 000 and 1 000 000 tokens cached, cycling
 //!   through up to 4 096 of them;
 //! - `negative_hit`: a well-formed token the store does not know, remembered as unknown;
-//! - `malformed`: a token whose checksum does not match, refused before the cache.
+//! - `malformed`: a token whose checksum does not match, refused before the cache;
+//! - `no_layer`: the same calls on the trivial service alone, to subtract: the layer's own cost is
+//!   `hit_* − no_layer`.
 //!
 //! `cargo bench --bench verify`
 
@@ -32,7 +34,19 @@ fn bench_requests(
         let res = common::poll_now(check.call(common::request(h))).expect("infallible");
         assert_eq!(res.status(), expect, "{name}");
     }
-    let mut svc = layer.layer(common::echo());
+    bench_calls(g, name, layer.layer(common::echo()), headers);
+}
+
+/// Times `poll_ready`, `call` and one poll of the response future, the request built untimed.
+fn bench_calls<S>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    mut svc: S,
+    headers: &[HeaderValue],
+) where
+    S: Service<http::Request<()>>,
+    S::Error: std::fmt::Debug,
+{
     let mut i = 0;
     g.bench_function(name, |b| {
         b.iter_batched(
@@ -42,7 +56,7 @@ fn bench_requests(
             },
             |req| {
                 common::poll_now(std::future::poll_fn(|cx| svc.poll_ready(cx)))
-                    .expect("infallible");
+                    .expect("a ready service");
                 common::poll_now(svc.call(req))
             },
             common::BATCH,
@@ -58,6 +72,11 @@ fn verify(c: &mut Criterion) {
         &[("hit_1", 1), ("hit_1k", 1_000)]
     };
     let mut g = c.benchmark_group("verify");
+    if common::selected("verify", "no_layer") {
+        // The same calls on the trivial service alone: what the harness costs without the layer.
+        let headers = [common::bearer(common::unknown_token().expose_secret())];
+        bench_calls(&mut g, "no_layer", common::echo(), &headers);
+    }
     for &(name, n) in sizes {
         let extra = n == 1_000
             && ["negative_hit", "malformed"]

@@ -15,7 +15,7 @@
 //!
 //! [`ChangeHub`]: crate::store::ChangeHub
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +25,7 @@ use dashmap::DashMap;
 use tokio::sync::{OnceCell, Semaphore};
 
 use crate::principal::{Entry, Principal};
+use crate::scope::ScopeSet;
 use crate::store::{ChangeListener, StoreEvent, TokenLookup};
 use crate::token::{TokenHash, TokenHasher};
 
@@ -34,6 +35,9 @@ use crate::token::{TokenHash, TokenHasher};
 pub(crate) fn now_ms() -> i64 {
     coarsetime::Clock::now_since_epoch().as_millis() as i64
 }
+
+/// How many distinct scope sets [`Cache::shared_scopes`] remembers.
+const MAX_SHARED_SCOPE_SETS: usize = 1024;
 
 /// How long a retried background refresh waits after a failed one.
 const REFRESH_RETRY_MS: i64 = 1_000;
@@ -113,6 +117,7 @@ pub(crate) struct Cache {
     positive: DashMap<TokenHash, Principal, BuildHasherDefault<DigestHasher>>,
     negative: moka::sync::Cache<TokenHash, Negative>,
     flights: Mutex<Flights>,
+    scope_sets: Mutex<HashSet<ScopeSet>>,
     /// Bumped by every invalidation: a load that started before one does not cache its result.
     epoch: AtomicU64,
     lookups: Semaphore,
@@ -141,6 +146,7 @@ impl Cache {
             positive: DashMap::default(),
             negative,
             flights: Mutex::default(),
+            scope_sets: Mutex::default(),
             epoch: AtomicU64::new(0),
             lookups: Semaphore::new(config.max_concurrent_lookups.max(1)),
             lookup,
@@ -230,7 +236,7 @@ impl Cache {
         let Ok(_permit) = self.lookups.try_acquire() else {
             return;
         };
-        let token_hashes = [stale.0.record.hash];
+        let token_hashes = [stale.0.stored_hash()];
         match self.fetch(&key, &token_hashes).await {
             Ok(outcome) => {
                 if self.epoch.load(Ordering::Acquire) != epoch {
@@ -314,7 +320,7 @@ impl Cache {
             let found = self.lookup.find_by_hash(hash).await.map_err(|e| {
                 tracing::warn!(error = %e, "token lookup failed");
             })?;
-            let Some(record) = found else { continue };
+            let Some(mut record) = found else { continue };
             let now = chrono::Utc::now();
             if record.is_revoked() {
                 return Ok(Outcome::Rejected(Negative::Revoked));
@@ -324,6 +330,7 @@ impl Cache {
             }
             let via_previous = record.hash != *hash;
             let _ = i;
+            record.scopes = self.shared_scopes(std::mem::take(&mut record.scopes));
             let entry = Entry::new(record, *key, via_previous, now_ms(), self.ttl_ms);
             if entry.expires_ms <= now_ms() {
                 return Ok(Outcome::Rejected(Negative::Expired));
@@ -331,6 +338,21 @@ impl Cache {
             return Ok(Outcome::Found(Principal(Arc::new(entry))));
         }
         Ok(Outcome::Rejected(Negative::Unknown))
+    }
+
+    /// The one copy of this scope set the cache's entries share: tokens mostly have one of a few
+    /// scope sets, and a set is a few allocations. Bounded: past [`MAX_SHARED_SCOPE_SETS`] distinct
+    /// sets the table starts over (entries keep theirs).
+    fn shared_scopes(&self, scopes: ScopeSet) -> ScopeSet {
+        let mut sets = self.scope_sets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(shared) = sets.get(&scopes) {
+            return shared.clone();
+        }
+        if sets.len() >= MAX_SHARED_SCOPE_SETS {
+            sets.clear();
+        }
+        sets.insert(scopes.clone());
+        scopes
     }
 
     /// Drops a positive entry that expired while cached and remembers why.

@@ -307,46 +307,55 @@ pub fn summary() {
         } else {
             String::new()
         };
-        println!("  {group}/{bench:<28} {ns:>10.1} ns{stale}");
+        println!("  {:<36} {ns:>9.1} ns{stale}", format!("{group}/{bench}"));
         Some(ns)
     };
-    println!("\n== summary (medians) ==");
+    let derived = |label: &str, value: String| println!("    {label:<34} {value}");
+    println!("\n== summary (criterion medians) ==");
     let steps: Vec<Option<f64>> = FLOOR_STEPS.iter().map(|s| show("floor", s)).collect();
     let floor = steps.iter().copied().sum::<Option<f64>>();
     if let Some(sum) = floor {
-        println!("  floor sum                              {sum:>10.1} ns");
+        derived("floor sum", format!("{sum:>9.1} ns"));
     }
-    let hit = show("verify", "hit_1m");
-    for bench in ["hit_1", "hit_1k", "negative_hit", "malformed"] {
-        show("verify", bench);
-    }
-    if let (Some(hit), Some(sum)) = (hit, floor) {
-        println!(
-            "  verify/hit_1m ÷ floor sum              {:>10.2}×   (target ≤ 1.2×, and ≤ 350 ns)",
-            hit / sum
-        );
-    }
-    let pat = show("peers", "tower_pat");
-    let none = show("peers", "no_auth");
-    show("peers", "tower_http_static_bearer");
-    for store in ["memory", "sqlite", "postgres"] {
-        let diy = show("peers", &format!("diy_{store}"));
-        if let (Some(diy), Some(pat)) = (diy, pat) {
-            println!(
-                "  diy_{store} ÷ tower_pat{:>22.1}×{}",
-                diy / pat,
-                if store == "sqlite" {
-                    "   (target ≥ 20×)"
-                } else {
-                    ""
-                }
+    let base = show("verify", "no_layer");
+    for bench in ["hit_1", "hit_1k", "hit_1m", "negative_hit", "malformed"] {
+        let Some(ns) = show("verify", bench) else {
+            continue;
+        };
+        if let Some(base) = base {
+            let own = ns - base;
+            let ratio = floor.map_or(String::new(), |sum| {
+                format!(" = {:.2}× the floor sum", own / sum)
+            });
+            let target = if bench == "hit_1m" {
+                "   (target ≤ 350 ns and ≤ 1.2× the floor)"
+            } else {
+                ""
+            };
+            derived(
+                &format!("{bench} − no_layer"),
+                format!("{own:>9.1} ns{ratio}{target}"),
             );
         }
     }
+    let none = show("peers", "no_auth");
+    show("peers", "tower_http_static_bearer");
+    let pat = show("peers", "tower_pat");
     if let (Some(pat), Some(none)) = (pat, none) {
-        println!(
-            "  tower_pat − no_auth                    {:>10.1} ns",
-            pat - none
-        );
+        derived("tower_pat − no_auth", format!("{:>9.1} ns", pat - none));
+    }
+    for store in ["memory", "sqlite", "postgres"] {
+        let diy = show("peers", &format!("diy_{store}"));
+        if let (Some(diy), Some(pat)) = (diy, pat) {
+            let target = if store == "sqlite" {
+                "   (target ≥ 20×)"
+            } else {
+                ""
+            };
+            derived(
+                &format!("diy_{store} ÷ tower_pat"),
+                format!("{:>9.1}×{target}", diy / pat),
+            );
+        }
     }
 }

@@ -10,7 +10,7 @@ use tower::Service;
 
 use super::body::ResponseBody;
 use super::layer::Shared;
-use crate::cache::Outcome;
+use crate::cache::{Outcome, now_ms};
 
 type Lookup = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
@@ -117,7 +117,7 @@ where
                     let (mut service, mut request, shared) = pending
                         .take()
                         .expect("ResponseFuture polled after completion");
-                    let next = match shared.admit(outcome, &mut request) {
+                    let next = match shared.admit(outcome, &mut request, now_ms()) {
                         Ok(()) => State::Called {
                             future: service.call(request),
                         },

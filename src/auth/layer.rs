@@ -321,9 +321,11 @@ impl Shared {
             }
             let hasher = self.cache.hasher();
             let hash = hasher.hash(token);
-            match self.cache.probe(&hash, now_ms()) {
+            // One clock read serves the probe and the expiry check.
+            let now = now_ms();
+            match self.cache.probe(&hash, now) {
                 Some(outcome) => {
-                    return match self.admit(outcome, req) {
+                    return match self.admit(outcome, req, now) {
                         Ok(()) => Check::Pass,
                         Err(e) => self.reject(&e, req),
                     };
@@ -347,8 +349,9 @@ impl Shared {
         &self,
         outcome: Outcome,
         req: &mut Request<B>,
+        now: i64,
     ) -> Result<(), AuthError> {
-        let result = self.principal(outcome, now_ms()).and_then(|principal| {
+        let result = self.principal(outcome, now).and_then(|principal| {
             let restriction = principal.ip_restriction();
             if !restriction.is_empty() {
                 let ip = self.client_ip.client_ip(req.headers(), req.extensions());

@@ -147,14 +147,22 @@ impl TokenFormat {
         if !bytes.starts_with(prefix) {
             return Err(FormatError::Prefix);
         }
+        // Branch-free over the bytes: a token's characters are random, so a branch per character
+        // class would be mispredicted on every other byte.
         let body = &bytes[prefix.len()..];
-        if !body.iter().all(u8::is_ascii_alphanumeric) {
+        if body
+            .iter()
+            .fold(0u8, |bad, &b| bad | BASE62_VALUE[usize::from(b)])
+            & INVALID
+            != 0
+        {
             return Err(FormatError::Alphabet);
         }
         let (signed, check) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
-        match decode_base62(check) {
-            Some(value) if value == u64::from(crc32fast::hash(signed)) => Ok(()),
-            _ => Err(FormatError::Checksum),
+        if decode_base62(check) == u64::from(crc32fast::hash(signed)) {
+            Ok(())
+        } else {
+            Err(FormatError::Checksum)
         }
     }
 
@@ -177,15 +185,24 @@ fn encode_base62(mut value: u32, out: &mut [u8; CHECKSUM_LEN]) {
     }
 }
 
-fn decode_base62(digits: &[u8]) -> Option<u64> {
-    digits.iter().try_fold(0u64, |acc, &c| {
-        let d = match c {
-            b'0'..=b'9' => c - b'0',
-            b'A'..=b'Z' => c - b'A' + 10,
-            b'a'..=b'z' => c - b'a' + 36,
-            _ => return None,
-        };
-        Some(acc * 62 + u64::from(d))
+/// Marks a byte outside the base62 alphabet in [`BASE62_VALUE`].
+const INVALID: u8 = 0x80;
+
+/// The value of each base62 digit, [`INVALID`] for every other byte.
+const BASE62_VALUE: [u8; 256] = {
+    let mut table = [INVALID; 256];
+    let mut i = 0;
+    while i < BASE62.len() {
+        table[BASE62[i] as usize] = i as u8;
+        i += 1;
+    }
+    table
+};
+
+/// The value of base62 digits already checked to be in the alphabet.
+fn decode_base62(digits: &[u8]) -> u64 {
+    digits.iter().fold(0u64, |acc, &c| {
+        acc * 62 + u64::from(BASE62_VALUE[usize::from(c)])
     })
 }
 
