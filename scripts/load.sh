@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# Load test on loopback: the quickstart's trivial "pong" handler on an unauthenticated route
+# (/public/ping) and behind PatAuthLayer (/ping, with the admin token the quickstart prints), in
+# alternating runs of 50 connections. Prints requests/s and p99 of each run, then the medians and
+# the ratio authenticated / unauthenticated (median of the pairs, with its spread).
+#
+#   scripts/load.sh                      # 4 pairs of 8-second runs: about 75 s after the build
+#   PAIRS=6 DURATION=5 scripts/load.sh   # other settings: CONNECTIONS, THREADS, PORT
+#
+# Needs wrk (installed with apt-get if missing) or oha (installed with `cargo install oha` if
+# apt-get cannot install wrk). Only 127.0.0.1 is ever loaded; the server is always stopped.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PAIRS=${PAIRS:-4}
+DURATION=${DURATION:-8}
+CONNECTIONS=${CONNECTIONS:-50}
+THREADS=${THREADS:-1}
+WARMUP=${WARMUP:-2}
+
+log() { printf '%s\n' "$*" >&2; }
+
+# --- the load generator ------------------------------------------------------------------------
+tool=""
+if command -v wrk >/dev/null; then
+    tool=wrk
+elif command -v oha >/dev/null; then
+    tool=oha
+else
+    log "installing wrk (apt-get)…"
+    if { apt-get install -y wrk >/dev/null 2>&1 ||
+        { apt-get update >/dev/null 2>&1 && apt-get install -y wrk >/dev/null 2>&1; }; } &&
+        command -v wrk >/dev/null; then
+        tool=wrk
+    else
+        log "apt-get could not install wrk; installing oha (cargo install oha, a few minutes)…"
+        cargo install --locked oha >/dev/null
+        tool=oha
+    fi
+fi
+
+# --- the server --------------------------------------------------------------------------------
+target_dir=$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+features=$(cargo metadata --format-version 1 --no-deps | python3 -c '
+import json, sys
+for p in json.load(sys.stdin)["packages"]:
+    for t in p["targets"]:
+        if t["name"] == "quickstart" and "example" in t["kind"]:
+            print(",".join(t.get("required-features", [])))')
+log "building the quickstart (release${features:+, features $features})…"
+cargo build --release --quiet --example quickstart ${features:+--features "$features"}
+
+port=${PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+addr="127.0.0.1:$port"
+workdir=$(mktemp -d)
+server_log="$workdir/server.log"
+server_pid=""
+cleanup() {
+    if [[ -n "$server_pid" ]]; then
+        kill "$server_pid" 2>/dev/null || true
+        wait "$server_pid" 2>/dev/null || true
+    fi
+    rm -rf "$workdir"
+}
+trap cleanup EXIT INT TERM
+
+# The quickstart runs in a scratch directory, so that whatever files it makes go away with it.
+(cd "$workdir" && exec env PAT_ADDR="$addr" "$target_dir/release/examples/quickstart") >"$server_log" 2>&1 &
+server_pid=$!
+
+token=""
+for _ in $(seq 1 300); do
+    token=$(sed -n 's/.*admin token: *\([^ ]*\).*/\1/p' "$server_log" | head -n 1)
+    [[ -n "$token" ]] && break
+    kill -0 "$server_pid" 2>/dev/null || { cat "$server_log" >&2; log "the quickstart exited"; exit 1; }
+    sleep 0.1
+done
+[[ -n "$token" ]] || { cat "$server_log" >&2; log "no 'admin token:' line within 30 s"; exit 1; }
+for _ in $(seq 1 100); do
+    curl -fsS -o /dev/null "http://$addr/healthz" && break
+    sleep 0.1
+done
+# Both routes answer, and the protected one only with the token.
+curl -fsS -o /dev/null "http://$addr/public/ping"
+curl -fsS -o /dev/null -H "Authorization: Bearer $token" "http://$addr/ping"
+status=$(curl -s -o /dev/null -w '%{http_code}' "http://$addr/ping")
+[[ "$status" == 401 ]] || { log "/ping without a token answered $status, not 401"; exit 1; }
+
+# --- one run: prints "<requests/s> <p99 in ms>" ------------------------------------------------
+run() { # route seconds [header]
+    local url="http://$addr$1" seconds=$2 header=${3:-}
+    if [[ $tool == wrk ]]; then
+        wrk -t "$THREADS" -c "$CONNECTIONS" -d "${seconds}s" --latency ${header:+-H "$header"} "$url" |
+            python3 -c '
+import re, sys
+out = sys.stdin.read()
+rps = float(re.search(r"Requests/sec:\s*([\d.]+)", out).group(1))
+m = re.search(r"^\s*99%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+p99 = float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+errors = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
+if errors:
+    sys.exit(f"{errors.group(1)} failed responses:\n{out}")
+print(f"{rps:.0f} {p99:.3f}")'
+    else
+        oha -z "${seconds}s" -c "$CONNECTIONS" --no-tui --output-format json ${header:+-H "$header"} "$url" |
+            python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+codes = r.get("statusCodeDistribution", {})
+if any(c != "200" for c in codes):
+    sys.exit(f"failed responses: {codes}")
+print(f"{r[\"summary\"][\"requestsPerSec\"]:.0f} {r[\"latencyPercentiles\"][\"p99\"] * 1e3:.3f}")'
+    fi
+}
+
+log "loading $addr with $tool: $CONNECTIONS connections, $PAIRS pairs of ${DURATION}s runs"
+run /public/ping "$WARMUP" >/dev/null
+run /ping "$WARMUP" "Authorization: Bearer $token" >/dev/null
+
+results="$workdir/results"
+: >"$results"
+for i in $(seq 1 "$PAIRS"); do
+    # Alternate which route goes first, so that a drift in the machine's load hits both alike.
+    if ((i % 2)); then order="public auth"; else order="auth public"; fi
+    for which in $order; do
+        if [[ $which == public ]]; then
+            r=$(run /public/ping "$DURATION")
+        else
+            r=$(run /ping "$DURATION" "Authorization: Bearer $token")
+        fi
+        printf '%s %s %s\n' "$i" "$which" "$r" >>"$results"
+        printf '  pair %d  %-6s %9s req/s   p99 %s ms\n' "$i" "$which" ${r% *} ${r#* }
+    done
+done
+
+python3 - "$results" <<'EOF'
+import statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    pair, which, rps, p99 = line.split()
+    runs.setdefault(int(pair), {})[which] = (float(rps), float(p99))
+pub = [r["public"] for r in runs.values()]
+auth = [r["auth"] for r in runs.values()]
+ratios = sorted(r["auth"][0] / r["public"][0] for r in runs.values())
+med = statistics.median
+print("== load: the same handler without and with PatAuthLayer ==")
+print(f"  /public/ping (no auth)   {med(r for r, _ in pub):>9.0f} req/s   p99 {med(p for _, p in pub):.3f} ms   (medians)")
+print(f"  /ping (tower-pat)        {med(r for r, _ in auth):>9.0f} req/s   p99 {med(p for _, p in auth):.3f} ms")
+print(f"  ratio auth / public      {med(ratios):>9.3f}   (spread {ratios[0]:.3f} to {ratios[-1]:.3f} over {len(ratios)} pairs; target >= 0.95)")
+EOF
