@@ -179,12 +179,14 @@ impl Cache {
     #[inline]
     pub(crate) fn probe(self: &Arc<Self>, hash: &TokenHash, now: i64) -> Option<Outcome> {
         if let Some(p) = self.positive.get(hash) {
-            let entry = &p.value().0;
-            let refresh_at = entry.refresh_at_ms.load(Ordering::Relaxed);
+            let refresh_at = p.value().0.refresh_at_ms.load(Ordering::Relaxed);
+            let principal = p.value().clone();
+            // The shard's read lock ends here: the stale path may need its write lock.
+            drop(p);
             if now < refresh_at {
-                return Some(Outcome::Found(p.value().clone()));
+                return Some(Outcome::Found(principal));
             }
-            return self.probe_stale(p.value().clone(), now, refresh_at);
+            return self.probe_stale(principal, now, refresh_at);
         }
         self.negative.get(hash).map(Outcome::Rejected)
     }
@@ -197,8 +199,8 @@ impl Cache {
         refresh_at: i64,
     ) -> Option<Outcome> {
         let entry = &principal.0;
-        if self.stale_ms == 0 || now >= entry.loaded_ms.saturating_add(self.ttl_ms + self.stale_ms)
-        {
+        let hard_limit = entry.loaded_ms.saturating_add(self.ttl_ms + self.stale_ms);
+        if self.stale_ms == 0 || now >= hard_limit {
             // Too old to serve: reload before use.
             self.positive
                 .remove_if(&entry.key, |_, v| Arc::ptr_eq(&v.0, entry));
@@ -209,7 +211,8 @@ impl Cache {
             .refresh_at_ms
             .compare_exchange(
                 refresh_at,
-                now + REFRESH_RETRY_MS,
+                // Retried each second while the store fails, never past the hard limit.
+                (now + REFRESH_RETRY_MS).min(hard_limit),
                 Ordering::AcqRel,
                 Ordering::Relaxed,
             )

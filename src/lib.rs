@@ -84,3 +84,8 @@ pub use scope::{Scope, ScopeSet};
 pub use store::{MemoryStore, StoreError, TokenLookup, TokenStore};
 pub use token::{TokenFormat, TokenHash, TokenHasher, TokenSecret};
 pub use usage::UsageUpdate;
+
+/// The README's code blocks, compiled as doc-tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

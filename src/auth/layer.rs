@@ -343,11 +343,7 @@ impl Shared {
     /// Enforces what the cache or the store said, plus the per-request rules (IP, scopes), and puts
     /// the principal in the request. On a cache hit this is the rest of the hot path.
     #[inline]
-    pub(crate) fn admit<B>(
-        &self,
-        outcome: Outcome,
-        req: &mut Request<B>,
-    ) -> Result<(), AuthError> {
+    pub(crate) fn admit<B>(&self, outcome: Outcome, req: &mut Request<B>) -> Result<(), AuthError> {
         let result = self.principal(outcome, now_ms()).and_then(|principal| {
             let restriction = principal.ip_restriction();
             if !restriction.is_empty() {

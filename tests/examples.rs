@@ -1,0 +1,123 @@
+//! The examples serve what they print: start the built binary, call it with the printed token.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// `target/<profile>/examples/<name>`, built by `cargo test` with the integration tests.
+fn example_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name)
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+    lines: Vec<String>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts an example on an ephemeral port and reads its output up to the line starting with
+/// `last_prefix`.
+fn start(name: &str, last_prefix: &str) -> Server {
+    let mut child = Command::new(example_binary(name))
+        .env("PAT_ADDR", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("example {name} not built ({e}): run `cargo test` to build it"));
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "example exited: {lines:?}"
+        );
+        let line = line.trim_end().to_owned();
+        let done = line.starts_with(last_prefix);
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    let addr = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("listening on "))
+        .expect("the example prints its address")
+        .to_owned();
+    Server { child, addr, lines }
+}
+
+fn printed(server: &Server, prefix: &str) -> String {
+    server
+        .lines
+        .iter()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no line {prefix:?} in {:?}", server.lines))
+        .to_owned()
+}
+
+/// A minimal HTTP/1.1 GET; returns the status code and the body.
+fn get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    call(addr, "GET", path, token)
+}
+
+fn call(addr: &str, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+#[test]
+fn axum_example_serves_the_printed_token() {
+    let server = start("axum", "token: ");
+    let token = printed(&server, "token: ");
+    assert_eq!(get(&server.addr, "/", None).0, 200);
+    assert_eq!(get(&server.addr, "/me", None).0, 401);
+    let (status, body) = get(&server.addr, "/me", Some(&token));
+    assert_eq!(status, 200);
+    assert!(body.contains("subject=alice"), "{body}");
+    assert_eq!(get(&server.addr, "/notes", Some(&token)).0, 200);
+    // The printed token lacks `notes:write`, which the POST route requires.
+    let (status, body) = call(&server.addr, "POST", "/notes", Some(&token));
+    assert_eq!(status, 403);
+    assert!(body.contains("insufficient_scope"), "{body}");
+}
+
+#[test]
+fn hyper_example_serves_the_printed_token() {
+    let server = start("hyper", "token: ");
+    let token = printed(&server, "token: ");
+    assert_eq!(get(&server.addr, "/", None).0, 401);
+    let (status, body) = get(&server.addr, "/", Some(&token));
+    assert_eq!(status, 200);
+    assert!(body.contains("hello alice"), "{body}");
+}
