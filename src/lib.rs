@@ -83,7 +83,7 @@ pub use record::{NewToken, TokenRecord};
 pub use scope::{Scope, ScopeSet};
 pub use store::{MemoryStore, StoreError, TokenLookup, TokenStore};
 pub use token::{TokenFormat, TokenHash, TokenHasher, TokenSecret};
-pub use usage::UsageUpdate;
+pub use usage::{UsageConfig, UsageRecorder, UsageStats, UsageUpdate};
 
 /// The README's code blocks, compiled as doc-tests.
 #[cfg(doctest)]

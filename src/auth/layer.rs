@@ -1,8 +1,11 @@
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use http::{HeaderMap, HeaderName, Request, Response, Uri, header};
 use ipnet::IpNet;
 use tower::{Layer, Service};
@@ -17,6 +20,7 @@ use crate::record::ip_allowed;
 use crate::scope::ScopeSet;
 use crate::store::TokenLookup;
 use crate::token::{TokenFormat, TokenHash, TokenHasher};
+use crate::usage::{UsageConfig, UsageRecorder};
 
 /// The Tower layer that authenticates every request with a personal access token.
 ///
@@ -54,6 +58,7 @@ pub struct PatAuthLayerBuilder {
     required: ScopeSet,
     anonymous: bool,
     unavailable_retry_after: u64,
+    usage: Option<UsageConfig>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -85,7 +90,14 @@ impl PatAuthLayer {
             required: ScopeSet::empty(),
             anonymous: false,
             unavailable_retry_after: 5,
+            usage: None,
         }
+    }
+
+    /// The usage recorder, when the layer tracks usage
+    /// ([`PatAuthLayerBuilder::track_usage`]): its stats, and `shutdown().await` before exit.
+    pub fn usage(&self) -> Option<&UsageRecorder> {
+        self.shared.usage.as_ref()
     }
 
     /// Drops whatever the cache holds for this token, as a store event would. Stores with a change
@@ -235,8 +247,23 @@ impl PatAuthLayerBuilder {
         self
     }
 
+    /// Records when and from where each token was last used, written behind in batches through
+    /// [`TokenLookup::record_usage`] (see [`crate::usage`]). The layer must then be built inside a
+    /// Tokio runtime, which runs the flusher.
+    pub fn track_usage(mut self, config: UsageConfig) -> Self {
+        self.usage = Some(config);
+        self
+    }
+
     /// Builds the layer and subscribes its cache to the store's change feed.
+    ///
+    /// # Panics
+    ///
+    /// With [`track_usage`](Self::track_usage), outside a Tokio runtime.
     pub fn build(self) -> PatAuthLayer {
+        let usage = self
+            .usage
+            .map(|config| UsageRecorder::from_arc(Arc::clone(&self.lookup), config));
         let cache = Cache::new(self.lookup, self.hasher, self.cache);
         PatAuthLayer {
             shared: Arc::new(Shared {
@@ -248,6 +275,7 @@ impl PatAuthLayerBuilder {
                 required: self.required,
                 anonymous: self.anonymous,
                 unavailable_retry_after: self.unavailable_retry_after,
+                usage,
             }),
         }
     }
@@ -280,6 +308,7 @@ pub(crate) struct Shared {
     required: ScopeSet,
     anonymous: bool,
     unavailable_retry_after: u64,
+    usage: Option<UsageRecorder>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -291,6 +320,7 @@ impl std::fmt::Debug for Shared {
             .field("client_ip", &self.client_ip)
             .field("required", &self.required)
             .field("anonymous", &self.anonymous)
+            .field("usage", &self.usage)
             .finish_non_exhaustive()
     }
 }
@@ -344,21 +374,53 @@ impl Shared {
     /// the principal in the request. On a cache hit this is the rest of the hot path.
     #[inline]
     pub(crate) fn admit<B>(&self, outcome: Outcome, req: &mut Request<B>) -> Result<(), AuthError> {
-        let result = self.principal(outcome, now_ms()).and_then(|principal| {
-            let restriction = principal.ip_restriction();
-            if !restriction.is_empty() {
-                let ip = self.client_ip.client_ip(req.headers(), req.extensions());
-                if !ip_allowed(restriction, ip) {
-                    return Err(AuthError::IpNotAllowed);
-                }
+        let now = now_ms();
+        let principal = self.principal(outcome, now)?;
+        let restriction = principal.ip_restriction();
+        let mut ip = None;
+        if !restriction.is_empty() {
+            ip = self.client_ip.client_ip(req.headers(), req.extensions());
+            if !ip_allowed(restriction, ip) {
+                return Err(AuthError::IpNotAllowed);
             }
-            if !self.required.is_empty() && !principal.scopes().grants_all(&self.required) {
-                return Err(AuthError::InsufficientScope(self.required.clone()));
+        }
+        if !self.required.is_empty() && !principal.scopes().grants_all(&self.required) {
+            return Err(AuthError::InsufficientScope(self.required.clone()));
+        }
+        if let Some(usage) = &self.usage {
+            // One relaxed load while the token was marked within the granularity.
+            let last = principal.0.last_mark_ms.load(Ordering::Relaxed);
+            if now.saturating_sub(last) >= usage.granularity_ms() {
+                self.mark(usage, &principal, last, now, ip, req);
             }
-            Ok(principal)
-        });
-        req.extensions_mut().insert(result?);
+        }
+        req.extensions_mut().insert(principal);
         Ok(())
+    }
+
+    /// Hands a usage mark to the recorder, once per token per granularity however many requests
+    /// race for it.
+    #[cold]
+    fn mark<B>(
+        &self,
+        usage: &UsageRecorder,
+        principal: &Principal,
+        last: i64,
+        now: i64,
+        ip: Option<IpAddr>,
+        req: &Request<B>,
+    ) {
+        if principal
+            .0
+            .last_mark_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        let ip = ip.or_else(|| self.client_ip.client_ip(req.headers(), req.extensions()));
+        let at = DateTime::from_timestamp_millis(now).unwrap_or_else(Utc::now);
+        usage.record(principal.token_id(), at, ip);
     }
 
     /// The error response for `err`, HTTP or gRPC as the request speaks.
