@@ -47,6 +47,7 @@
 //! | unknown, malformed, revoked or expired token | 401 `invalid_token` | 16 |
 //! | client address outside the IP restriction | 403 `invalid_token` | 7 |
 //! | required scope missing | 403 `insufficient_scope` with `scope="…"` | 7 |
+//! | too many failed attempts from one client (opt-in) | 429 with `Retry-After` | 8 |
 //! | store unreachable and token not cached | 503 with `Retry-After` | 14 |
 //!
 //! Error bodies are JSON, `{"code": "invalid_token", "message": "…", "status": 401}`; gRPC errors

@@ -210,3 +210,38 @@ async fn errors_never_echo_the_token() {
     assert!(!reply.www_authenticate().contains(unknown.expose_secret()));
     assert!(!format!("{unknown:?}").contains(unknown.expose_secret()));
 }
+
+#[tokio::test]
+async fn repeated_failures_from_one_client_are_throttled() {
+    let store = CountingStore::new();
+    let (_, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let layer = PatAuthLayer::builder(store.clone())
+        .limit_failures(3, std::time::Duration::from_secs(60))
+        .build();
+    let attacker = Some("203.0.113.66:4000");
+    for _ in 0..3 {
+        let guess = TokenFormat::new().generate();
+        assert_eq!(
+            send(&layer, request(Some(guess.expose_secret()), attacker))
+                .await
+                .status,
+            401
+        );
+    }
+    let reply = send(&layer, request(Some(secret.expose_secret()), attacker)).await;
+    assert_eq!(reply.status, 429);
+    assert_eq!(reply.headers["retry-after"], "60");
+    assert_eq!(reply.json()["code"], "too_many_requests");
+    // Another client is not affected, and the throttled requests cost no store query.
+    let lookups = store.lookups();
+    assert_eq!(
+        send(
+            &layer,
+            request(Some(secret.expose_secret()), Some("192.0.2.1:1"))
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(store.lookups(), lookups + 1);
+}

@@ -12,6 +12,7 @@ use tower::{Layer, Service};
 
 use super::error::{Anonymous, AuthError, Challenge};
 use super::future::ResponseFuture;
+use super::limit::FailureLimiter;
 use super::{ResponseBody, is_grpc};
 use crate::cache::{Cache, CacheConfig, Negative, Outcome, now_ms};
 use crate::client_ip::ClientIpSource;
@@ -59,6 +60,7 @@ pub struct PatAuthLayerBuilder {
     anonymous: bool,
     unavailable_retry_after: u64,
     usage: Option<UsageConfig>,
+    limiter: Option<FailureLimiter>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -91,6 +93,7 @@ impl PatAuthLayer {
             anonymous: false,
             unavailable_retry_after: 5,
             usage: None,
+            limiter: None,
         }
     }
 
@@ -247,6 +250,15 @@ impl PatAuthLayerBuilder {
         self
     }
 
+    /// Refuses a client (by address, see [`trusted_proxies`](Self::trusted_proxies)) with 429 and
+    /// `Retry-After` once it has presented `max_failures` unknown, malformed, revoked or expired
+    /// tokens within `window`, until the window ends. Off by default. Requests whose client address
+    /// is unknown are not counted.
+    pub fn limit_failures(mut self, max_failures: u32, window: Duration) -> Self {
+        self.limiter = Some(FailureLimiter::new(max_failures, window));
+        self
+    }
+
     /// Records when and from where each token was last used, written behind in batches through
     /// [`TokenLookup::record_usage`] (see [`crate::usage`]). The layer must then be built inside a
     /// Tokio runtime, which runs the flusher.
@@ -276,6 +288,7 @@ impl PatAuthLayerBuilder {
                 anonymous: self.anonymous,
                 unavailable_retry_after: self.unavailable_retry_after,
                 usage,
+                limiter: self.limiter,
             }),
         }
     }
@@ -309,6 +322,7 @@ pub(crate) struct Shared {
     anonymous: bool,
     unavailable_retry_after: u64,
     usage: Option<UsageRecorder>,
+    limiter: Option<FailureLimiter>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -335,6 +349,11 @@ impl Shared {
     /// The synchronous part of the request path: everything up to and including the cache probe.
     #[inline]
     fn check<B>(&self, req: &mut Request<B>) -> Check {
+        if let Some(limiter) = &self.limiter
+            && let Some(retry_after_secs) = limiter.blocked(self.client_ip(req))
+        {
+            return self.reject(&AuthError::TooManyAttempts { retry_after_secs }, req);
+        }
         let (hash, previous) = {
             let token = match self.extract(req.headers(), req.uri()) {
                 Ok(Some(token)) => token,
@@ -367,7 +386,26 @@ impl Shared {
 
     #[cold]
     fn reject<B>(&self, err: &AuthError, req: &Request<B>) -> Check {
-        Check::Reject(self.error_response(err, req.headers()))
+        Check::Reject(self.refuse(err, req))
+    }
+
+    /// The error response for `err`, HTTP or gRPC as the request speaks; a failed credential counts
+    /// against the client's failure limit.
+    #[cold]
+    pub(crate) fn refuse<B>(&self, err: &AuthError, req: &Request<B>) -> Response<Bytes> {
+        if let Some(limiter) = &self.limiter
+            && matches!(
+                err,
+                AuthError::InvalidToken | AuthError::Revoked | AuthError::Expired
+            )
+        {
+            limiter.failed(self.client_ip(req));
+        }
+        self.challenge.error_response(err, is_grpc(req.headers()))
+    }
+
+    fn client_ip<B>(&self, req: &Request<B>) -> Option<IpAddr> {
+        self.client_ip.client_ip(req.headers(), req.extensions())
     }
 
     /// Enforces what the cache or the store said, plus the per-request rules (IP, scopes), and puts
@@ -379,7 +417,7 @@ impl Shared {
         let restriction = principal.ip_restriction();
         let mut ip = None;
         if !restriction.is_empty() {
-            ip = self.client_ip.client_ip(req.headers(), req.extensions());
+            ip = self.client_ip(req);
             if !ip_allowed(restriction, ip) {
                 return Err(AuthError::IpNotAllowed);
             }
@@ -418,15 +456,9 @@ impl Shared {
         {
             return;
         }
-        let ip = ip.or_else(|| self.client_ip.client_ip(req.headers(), req.extensions()));
+        let ip = ip.or_else(|| self.client_ip(req));
         let at = DateTime::from_timestamp_millis(now).unwrap_or_else(Utc::now);
         usage.record(principal.token_id(), at, ip);
-    }
-
-    /// The error response for `err`, HTTP or gRPC as the request speaks.
-    #[cold]
-    pub(crate) fn error_response(&self, err: &AuthError, headers: &HeaderMap) -> Response<Bytes> {
-        self.challenge.error_response(err, is_grpc(headers))
     }
 
     /// The principal of a cache or store outcome, with expiry checked against the clock.

@@ -5,6 +5,7 @@ mod body;
 mod error;
 mod future;
 mod layer;
+mod limit;
 mod scopes;
 
 pub use body::ResponseBody;
