@@ -12,7 +12,7 @@ async fn valid_token_reaches_the_handler_with_its_principal() {
     let store = MemoryStore::new();
     let (record, secret) = issue(&store, new_token("alice", &["repo:read", "repo:write"])).await;
     let layer = PatAuthLayer::builder(store).build();
-    let reply = send(&layer, request(Some(secret.expose_secret()), None)).await;
+    let reply = send_token(&layer, &secret).await;
     assert_eq!(reply.status, 200);
     assert_eq!(
         reply.body,
@@ -78,7 +78,7 @@ async fn cached_token_needs_no_further_lookups() {
     let (_, secret) = issue(&store.inner, new_token("alice", &[])).await;
     let layer = PatAuthLayer::builder(store.clone()).build();
     for _ in 0..10 {
-        let reply = send(&layer, request(Some(secret.expose_secret()), None)).await;
+        let reply = send_token(&layer, &secret).await;
         assert_eq!(reply.status, 200);
     }
     assert_eq!(store.lookups(), 1);

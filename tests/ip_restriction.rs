@@ -34,12 +34,7 @@ async fn client_outside_the_restriction_is_forbidden() {
 async fn restricted_token_without_a_known_client_address_is_forbidden() {
     let (store, secret) = restricted(&["192.0.2.0/24"]).await;
     let layer = PatAuthLayer::builder(store).build();
-    assert_eq!(
-        send(&layer, request(Some(secret.expose_secret()), None))
-            .await
-            .status,
-        403
-    );
+    assert_eq!(send_token(&layer, &secret).await.status, 403);
 }
 
 #[tokio::test]

@@ -13,17 +13,12 @@ async fn revoked_token_is_refused_on_the_very_next_request() {
     let store = CountingStore::new();
     let (record, secret) = issue(&store.inner, new_token("alice", &[])).await;
     let layer = PatAuthLayer::builder(store.clone()).build();
-    assert_eq!(
-        send(&layer, request(Some(secret.expose_secret()), None))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(send_token(&layer, &secret).await.status, 200);
     assert_eq!(layer.cached_tokens(), 1);
 
     store.inner.revoke(&record.id, Utc::now()).await.unwrap();
 
-    let reply = send(&layer, request(Some(secret.expose_secret()), None)).await;
+    let reply = send_token(&layer, &secret).await;
     assert_eq!(reply.status, 401);
     assert_eq!(reply.json()["message"], "the access token has been revoked");
     assert!(reply.www_authenticate().contains("error=\"invalid_token\""));
@@ -34,14 +29,9 @@ async fn deleted_token_is_refused_on_the_very_next_request() {
     let store = MemoryStore::new();
     let (record, secret) = issue(&store, new_token("alice", &[])).await;
     let layer = PatAuthLayer::builder(store.clone()).build();
-    assert_eq!(
-        send(&layer, request(Some(secret.expose_secret()), None))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(send_token(&layer, &secret).await.status, 200);
     store.delete(&record.id).await.unwrap();
-    let reply = send(&layer, request(Some(secret.expose_secret()), None)).await;
+    let reply = send_token(&layer, &secret).await;
     assert_eq!(reply.status, 401);
     assert_eq!(reply.json()["message"], "the access token is invalid");
 }
@@ -55,7 +45,7 @@ async fn expired_token_is_refused() {
     )
     .await;
     let layer = PatAuthLayer::builder(store).build();
-    let reply = send(&layer, request(Some(secret.expose_secret()), None)).await;
+    let reply = send_token(&layer, &secret).await;
     assert_eq!(reply.status, 401);
     assert_eq!(reply.json()["message"], "the access token has expired");
 }
@@ -72,14 +62,9 @@ async fn token_expiring_while_cached_is_refused_from_then_on() {
             ..CacheConfig::default()
         })
         .build();
-    assert_eq!(
-        send(&layer, request(Some(secret.expose_secret()), None))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(send_token(&layer, &secret).await.status, 200);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let reply = send(&layer, request(Some(secret.expose_secret()), None)).await;
+    let reply = send_token(&layer, &secret).await;
     assert_eq!(reply.status, 401);
     assert_eq!(reply.json()["message"], "the access token has expired");
     assert_eq!(
@@ -99,15 +84,10 @@ async fn entry_is_refreshed_in_the_background_after_the_ttl() {
             ..CacheConfig::default()
         })
         .build();
-    assert_eq!(
-        send(&layer, request(Some(secret.expose_secret()), None))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(send_token(&layer, &secret).await.status, 200);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Past the TTL: still served from the cache while one refresh runs.
-    let reply = send(&layer, request(Some(secret.expose_secret()), None)).await;
+    let reply = send_token(&layer, &secret).await;
     assert_eq!(reply.status, 200);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(store.lookups(), 2);
@@ -115,7 +95,7 @@ async fn entry_is_refreshed_in_the_background_after_the_ttl() {
     let mut changed = record.clone();
     changed.scopes = scopes(&["b"]);
     store.inner.update(&changed).await.unwrap(); // also publishes, which is fine
-    let reply = send(&layer, request(Some(secret.expose_secret()), None)).await;
+    let reply = send_token(&layer, &secret).await;
     assert!(reply.body.contains("|b|"), "{}", reply.body);
 }
 
@@ -127,7 +107,7 @@ async fn store_outage_on_a_miss_is_503_never_401() {
         .failing
         .store(true, std::sync::atomic::Ordering::SeqCst);
     let layer = PatAuthLayer::builder(store.clone()).build();
-    let reply = send(&layer, request(Some(secret.expose_secret()), None)).await;
+    let reply = send_token(&layer, &secret).await;
     assert_eq!(reply.status, 503);
     assert_eq!(reply.headers["retry-after"], "5");
     assert_eq!(reply.json()["code"], "temporarily_unavailable");
@@ -135,12 +115,7 @@ async fn store_outage_on_a_miss_is_503_never_401() {
     store
         .failing
         .store(false, std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(
-        send(&layer, request(Some(secret.expose_secret()), None))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(send_token(&layer, &secret).await.status, 200);
 }
 
 #[tokio::test]
@@ -154,28 +129,13 @@ async fn cached_token_survives_a_store_outage_within_stale_if_error() {
             ..CacheConfig::default()
         })
         .build();
-    assert_eq!(
-        send(&layer, request(Some(secret.expose_secret()), None))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(send_token(&layer, &secret).await.status, 200);
     store
         .failing
         .store(true, std::sync::atomic::Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(
-        send(&layer, request(Some(secret.expose_secret()), None))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(send_token(&layer, &secret).await.status, 200);
     tokio::time::sleep(Duration::from_millis(600)).await;
     // Past ttl + stale_if_error: the entry must be reloaded, and the store is down.
-    assert_eq!(
-        send(&layer, request(Some(secret.expose_secret()), None))
-            .await
-            .status,
-        503
-    );
+    assert_eq!(send_token(&layer, &secret).await.status, 503);
 }

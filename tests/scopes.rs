@@ -18,7 +18,7 @@ async fn missing_scope_is_forbidden_with_insufficient_scope() {
     let layer = PatAuthLayer::builder(store)
         .require_scopes(["repo:write", "repo:read"])
         .build();
-    let reply = send(&layer, request(Some(secret.expose_secret()), None)).await;
+    let reply = send_token(&layer, &secret).await;
     assert_eq!(reply.status, 403);
     let challenge = reply.www_authenticate();
     assert!(

@@ -102,12 +102,7 @@ async fn granularity_limits_marks_and_principal_sees_fresh_time() {
         })
         .build();
     for _ in 0..100 {
-        assert_eq!(
-            send(&layer, request(Some(secret.expose_secret()), None))
-                .await
-                .status,
-            200
-        );
+        assert_eq!(send_token(&layer, &secret).await.status, 200);
     }
     let usage = layer.usage().unwrap();
     assert_eq!(usage.stats().marks, 1);
@@ -163,12 +158,7 @@ async fn a_stuck_flush_never_delays_requests() {
     let layer = PatAuthLayer::builder(store.clone())
         .track_usage(config(50))
         .build();
-    assert_eq!(
-        send(&layer, request(Some(secret.expose_secret()), None))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(send_token(&layer, &secret).await.status, 200);
     wait_until(
         || store.entered.load(Ordering::SeqCst) > 0,
         Duration::from_secs(5),
@@ -183,12 +173,7 @@ async fn a_stuck_flush_never_delays_requests() {
         })
     };
     for _ in 0..1000 {
-        assert_eq!(
-            send(&layer, request(Some(secret.expose_secret()), None))
-                .await
-                .status,
-            200
-        );
+        assert_eq!(send_token(&layer, &secret).await.status, 200);
     }
     assert!(
         !release.is_finished(),

@@ -157,3 +157,30 @@ pub async fn send(layer: &PatAuthLayer, req: Request<Full<Bytes>>) -> Reply {
         body: String::from_utf8(body.to_vec()).unwrap(),
     }
 }
+
+/// Sends a request with `secret` as bearer token and no peer address.
+pub async fn send_token(layer: &PatAuthLayer, secret: &TokenSecret) -> Reply {
+    send(layer, request(Some(secret.expose_secret()), None)).await
+}
+
+/// Sends `n` concurrent requests with `token` through `layer` and returns their statuses.
+pub async fn concurrent_statuses(layer: &PatAuthLayer, token: &str, n: usize) -> Vec<StatusCode> {
+    let svc = layer.layer(echo_service());
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let svc = svc.clone();
+            let token = token.to_owned();
+            tokio::spawn(async move {
+                svc.oneshot(request(Some(&token), None))
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
