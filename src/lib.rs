@@ -56,11 +56,15 @@
 //! ## Features
 //!
 //! - `axum` (default): [`Principal`] as an extractor; the peer address from `ConnectInfo`.
+//! - `admin` (default): the management API, [`admin::router`]: create, list, update, rotate,
+//!   revoke and delete tokens over REST, with an OpenAPI 3.1 document and webhook events.
 //! - `tonic`: the peer address from tonic's `TcpConnectInfo`.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+#[cfg(feature = "admin")]
+pub mod admin;
 pub mod auth;
 pub mod cache;
 pub mod client_ip;
