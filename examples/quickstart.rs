@@ -1,1 +1,103 @@
-fn main() {}
+//! The README's main command: `cargo run --example quickstart`.
+//!
+//! An axum server on `PAT_ADDR` (default 127.0.0.1:3000) with
+//! - the management API under `/personal-access-tokens` (its OpenAPI document at
+//!   `/personal-access-tokens/openapi.json`),
+//! - `GET /hello`, protected, answering the principal as JSON,
+//! - `GET /ping`, protected, and `GET /public/ping`, public: the same handler, to compare,
+//! - `GET /healthz`, public.
+//!
+//! On first start it creates a bootstrap token for subject `admin` with `personalAccessToken:*`
+//! and prints it on a line `admin token: <token>`. Then, for example:
+//!
+//! ```text
+//! curl -H "Authorization: Bearer $TOKEN" localhost:3000/hello
+//! curl -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+//!      -d '{"name": "laptop", "expiresAt": "2030-01-01T00:00:00Z"}' \
+//!      localhost:3000/personal-access-tokens
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::{Json, Router, routing::get};
+use tower_pat::admin::{self, AdminConfig};
+use tower_pat::{MemoryStore, NewToken, PatAuthLayer, Principal, ScopeSet, TokenStore};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// The token store. The in-memory store forgets everything on exit; swap in a persistent store
+/// here and nothing else changes.
+async fn open_store() -> Result<Arc<dyn TokenStore>, Error> {
+    Ok(Arc::new(MemoryStore::new()))
+}
+
+/// Creates the bootstrap token if subject `admin` has none yet, and prints it once.
+async fn bootstrap(store: &dyn TokenStore, layer: &PatAuthLayer) -> Result<(), Error> {
+    let existing = store.count_by_subject("admin").await?;
+    if existing > 0 {
+        println!("subject admin already has {existing} token(s); the first start printed one");
+        return Ok(());
+    }
+    let scopes = ScopeSet::parse(["personalAccessToken:*"])?;
+    let (record, secret) = NewToken::new("admin", "bootstrap", scopes).issue(
+        layer.format(),
+        layer.hasher(),
+        chrono::Utc::now(),
+    );
+    store.insert(&record).await?;
+    println!("admin token: {}", secret.expose_secret());
+    Ok(())
+}
+
+async fn hello(principal: Principal) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "tokenId": principal.token_id(),
+        "subject": principal.subject(),
+        "tokenName": principal.token_name(),
+        "type": principal.token_type(),
+        "scopes": principal.scopes(),
+        "expiresAt": principal.expires_at(),
+    }))
+}
+
+async fn ping() -> &'static str {
+    "pong"
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let store = open_store().await?;
+    let layer = PatAuthLayer::builder(Arc::clone(&store)).build();
+    bootstrap(&*store, &layer).await?;
+
+    let protected = Router::new()
+        .route("/hello", get(hello))
+        .route("/ping", get(ping))
+        .layer(layer.clone());
+    let app = Router::new()
+        .nest(
+            "/personal-access-tokens",
+            admin::router(AdminConfig::new(store, &layer)),
+        )
+        .merge(protected)
+        .route("/public/ping", get(ping))
+        .route("/healthz", get(healthz));
+
+    let addr = std::env::var("PAT_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    Ok(())
+}
