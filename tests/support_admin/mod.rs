@@ -24,7 +24,7 @@ pub(crate) struct TestApp {
     pub(crate) app: Router,
     pub(crate) store: MemoryStore,
     pub(crate) layer: PatAuthLayer,
-    /// A token of subject `alice` with `personalAccessToken:*`.
+    /// A token of subject `alice` with `personalAccessToken:*` and `x:*`.
     pub(crate) alice: String,
 }
 
@@ -51,7 +51,7 @@ pub(crate) async fn app_with(configure: impl FnOnce(AdminConfig) -> AdminConfig)
     let app = Router::new()
         .nest(BASE, admin::router(config))
         .merge(protected);
-    let alice = issue(&store, &layer, "alice", &["personalAccessToken:*"]).await;
+    let alice = issue(&store, &layer, "alice", &["personalAccessToken:*", "x:*"]).await;
     TestApp {
         app,
         store,
