@@ -86,6 +86,7 @@ pub(crate) struct RotateTokenRequest {
 
 /// An IP restriction as a request may send it.
 #[derive(ToSchema)]
+#[serde(untagged)]
 #[allow(dead_code)] // a schema only: requests are parsed field by field
 pub(crate) enum IpRestriction {
     /// One CIDR or address, or several separated by commas.

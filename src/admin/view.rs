@@ -121,7 +121,8 @@ impl TokenView {
 
 /// The answer to create and rotate: the token's view plus its secret, under the three names the
 /// clients of the seed APIs read (`token`, `secret`, `accessToken`). This is the only time the
-/// secret is shown. `Debug` does not print it.
+/// secret is shown.
+// `Debug` does not print the secret (see `ShownSecret`).
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct IssuedToken {
