@@ -4,15 +4,11 @@ mod support_admin;
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use http::StatusCode;
 use support_admin::*;
 use tower_pat::TokenStore;
 use tower_pat::admin::{ExpiryPolicy, TokenView};
-
-fn time(v: &serde_json::Value) -> DateTime<Utc> {
-    v.as_str().unwrap().parse().unwrap()
-}
 
 #[tokio::test]
 async fn create_answers_201_with_location_and_the_secret_once() {

@@ -3,13 +3,14 @@
 
 mod support_admin;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use http::{Method, StatusCode};
-use serde_json::Value;
 use support_admin::*;
-use tower_pat::{NewToken, ScopeSet, TokenLookup, TokenStore, UsageUpdate};
+use tower_pat::{NewToken, ScopeSet, StoreError, TokenLookup, TokenStore, UsageUpdate};
 
 fn names(res: &Res) -> Vec<&str> {
     res.body
@@ -18,10 +19,6 @@ fn names(res: &Res) -> Vec<&str> {
         .iter()
         .map(|t| t["name"].as_str().unwrap())
         .collect()
-}
-
-fn time(v: &Value) -> DateTime<Utc> {
-    v.as_str().unwrap().parse().unwrap()
 }
 
 /// Creates a never-expiring token named `name` through the API; returns (id, secret).
@@ -623,4 +620,122 @@ async fn a_token_may_revoke_itself() {
     .await;
     assert_eq!(res.status, StatusCode::OK);
     get(&t.app, BASE, &t.alice).await.error(401);
+}
+
+/// A store whose management operations fail while `down` is set; lookups keep working.
+#[derive(Clone)]
+struct FlakyStore {
+    inner: tower_pat::MemoryStore,
+    down: Arc<AtomicBool>,
+}
+
+impl FlakyStore {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::Relaxed) {
+            return Err(StoreError::backend("connection refused"));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl TokenLookup for FlakyStore {
+    async fn find_by_hash(
+        &self,
+        hash: &tower_pat::TokenHash,
+    ) -> Result<Option<tower_pat::TokenRecord>, StoreError> {
+        self.inner.find_by_hash(hash).await
+    }
+
+    fn subscribe(&self, listener: std::sync::Weak<dyn tower_pat::store::ChangeListener>) -> bool {
+        self.inner.subscribe(listener)
+    }
+}
+
+#[async_trait::async_trait]
+impl TokenStore for FlakyStore {
+    async fn insert(&self, record: &tower_pat::TokenRecord) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.insert(record).await
+    }
+    async fn get(&self, id: &str) -> Result<Option<tower_pat::TokenRecord>, StoreError> {
+        self.check()?;
+        self.inner.get(id).await
+    }
+    async fn list(
+        &self,
+        query: &tower_pat::store::ListQuery,
+    ) -> Result<tower_pat::store::Page, StoreError> {
+        self.check()?;
+        self.inner.list(query).await
+    }
+    async fn update(&self, record: &tower_pat::TokenRecord) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.update(record).await
+    }
+    async fn revoke(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Option<tower_pat::TokenRecord>, StoreError> {
+        self.check()?;
+        self.inner.revoke(id, at).await
+    }
+    async fn delete(&self, id: &str) -> Result<Option<tower_pat::TokenRecord>, StoreError> {
+        self.check()?;
+        self.inner.delete(id).await
+    }
+    async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
+        self.check()?;
+        self.inner.count_by_subject(subject).await
+    }
+}
+
+#[tokio::test]
+async fn a_failing_store_is_a_500_that_names_no_internals() {
+    let store = FlakyStore {
+        inner: tower_pat::MemoryStore::new(),
+        down: Arc::new(AtomicBool::new(false)),
+    };
+    let layer = tower_pat::PatAuthLayer::builder(store.clone()).build();
+    let (record, secret) = NewToken::new(
+        "alice",
+        "a",
+        ScopeSet::parse(["personalAccessToken:*"]).unwrap(),
+    )
+    .issue(layer.format(), layer.hasher(), Utc::now());
+    store.insert(&record).await.unwrap();
+    let secret = secret.expose_secret();
+    let app = axum::Router::new().nest(
+        BASE,
+        tower_pat::admin::router(tower_pat::admin::AdminConfig::new(
+            Arc::new(store.clone()),
+            &layer,
+        )),
+    );
+    assert_eq!(get(&app, BASE, secret).await.status, StatusCode::OK);
+    store.down.store(true, Ordering::Relaxed);
+    for res in [
+        get(&app, BASE, secret).await,
+        get(&app, &format!("{BASE}/{}", record.id), secret).await,
+        post(
+            &app,
+            BASE,
+            &secret,
+            r#"{"name": "b", "userAwareTokenNeverExpires": true}"#,
+        )
+        .await,
+        call(
+            &app,
+            Method::DELETE,
+            &format!("{BASE}/{}", record.id),
+            Some(secret),
+            None,
+        )
+        .await,
+    ] {
+        let msg = res.error(500);
+        assert!(!msg.contains("connection refused"), "{msg}");
+        assert_eq!(res.body["code"], "server_error");
+    }
 }

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
-use utoipa::ToSchema;
+use utoipa::{ToResponse, ToSchema};
 
 use crate::store::StoreError;
 
@@ -22,6 +22,33 @@ pub(crate) struct ErrorBody {
     /// The HTTP status, repeated.
     pub(crate) status: u16,
 }
+
+// The error answers several operations share, as reusable OpenAPI responses.
+
+/// No valid access token.
+#[derive(ToResponse)]
+#[allow(dead_code)] // documentation only
+pub(crate) struct Unauthorized(ErrorBody);
+
+/// `personalAccessToken:read` is missing.
+#[derive(ToResponse)]
+#[allow(dead_code)]
+pub(crate) struct ReadScopeMissing(ErrorBody);
+
+/// `personalAccessToken:write` is missing.
+#[derive(ToResponse)]
+#[allow(dead_code)]
+pub(crate) struct WriteScopeMissing(ErrorBody);
+
+/// No such token, or another subject's without `personalAccessToken:admin`.
+#[derive(ToResponse)]
+#[allow(dead_code)]
+pub(crate) struct NotFound(ErrorBody);
+
+/// The token store failed.
+#[derive(ToResponse)]
+#[allow(dead_code)]
+pub(crate) struct StoreFailed(ErrorBody);
 
 /// Why a management request failed.
 #[derive(Debug, Clone, PartialEq, Eq)]

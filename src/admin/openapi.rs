@@ -5,7 +5,9 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{OpenApi as Document, Paths};
 use utoipa::{Modify, OpenApi};
 
-use super::error::ErrorBody;
+use super::error::{
+    ErrorBody, NotFound, ReadScopeMissing, StoreFailed, Unauthorized, WriteScopeMissing,
+};
 use super::events::{EventKind, TokenEvent};
 use super::input::{
     CreateTokenRequest, IpRestriction, LastUsedParam, PatchTokenRequest, RotateTokenRequest,
@@ -46,7 +48,7 @@ use super::view::{Deleted, ExpiryWarning, IssuedToken, TokenView};
         LastUsedParam,
         TokenEvent,
         EventKind,
-    )),
+    ), responses(Unauthorized, ReadScopeMissing, WriteScopeMissing, NotFound, StoreFailed)),
     modifiers(&BearerAuth),
     tags((name = routes::TAG, description = "Personal access tokens"))
 )]

@@ -16,7 +16,9 @@ use http::{HeaderValue, StatusCode, header};
 use tokio::sync::Mutex;
 
 use super::config::AdminConfig;
-use super::error::{ApiError, ErrorBody};
+use super::error::{
+    ApiError, ErrorBody, NotFound, ReadScopeMissing, StoreFailed, Unauthorized, WriteScopeMissing,
+};
 use super::events::{EventKind, TokenEvent};
 use super::input::{CreateTokenRequest, ListParams, PatchTokenRequest, RotateTokenRequest};
 use super::limit::CreationLimiter;
@@ -135,11 +137,11 @@ impl Admin {
         (status = 201, description = "Created; the secret is shown this once", body = IssuedToken,
             headers(("Location" = String, description = "The new token's URL"))),
         (status = 400, description = "A field is missing, of the wrong type or invalid (the message names it), or the expiry rule is broken", body = ErrorBody),
-        (status = 401, description = "No valid access token", body = ErrorBody),
+        (status = 401, response = Unauthorized),
         (status = 403, description = "A scope is missing (`personalAccessToken:write`, or a requested scope the caller lacks), or the subject has the maximum number of tokens", body = ErrorBody),
         (status = 409, description = "The caller already has a token with this name", body = ErrorBody),
         (status = 429, description = "Too many tokens created recently; see `Retry-After`", body = ErrorBody),
-        (status = 500, description = "The token store failed", body = ErrorBody),
+        (status = 500, response = StoreFailed),
     ),
     security(("bearer" = ["personalAccessToken:write"]))
 )]
@@ -205,9 +207,9 @@ pub(crate) async fn create(
         (status = 200, description = "One page of tokens", body = Vec<TokenView>,
             headers(("X-Total-Count" = u64, description = "How many tokens match in all"))),
         (status = 400, description = "A query parameter is invalid (the message names it)", body = ErrorBody),
-        (status = 401, description = "No valid access token", body = ErrorBody),
+        (status = 401, response = Unauthorized),
         (status = 403, description = "`personalAccessToken:read` is missing, or `personalAccessToken:admin` for another subject's tokens", body = ErrorBody),
-        (status = 500, description = "The token store failed", body = ErrorBody),
+        (status = 500, response = StoreFailed),
     ),
     security(("bearer" = ["personalAccessToken:read"]))
 )]
@@ -247,10 +249,10 @@ pub(crate) async fn list(
     tag = TAG,
     responses(
         (status = 200, description = "The caller's own token", body = TokenView),
-        (status = 401, description = "No valid access token", body = ErrorBody),
-        (status = 403, description = "`personalAccessToken:read` is missing", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = ReadScopeMissing),
         (status = 404, description = "The token was deleted meanwhile", body = ErrorBody),
-        (status = 500, description = "The token store failed", body = ErrorBody),
+        (status = 500, response = StoreFailed),
     ),
     security(("bearer" = ["personalAccessToken:read"]))
 )]
@@ -271,10 +273,10 @@ pub(crate) async fn get_self(
     params(("id" = String, Path, description = "The token's id")),
     responses(
         (status = 200, description = "The token", body = TokenView),
-        (status = 401, description = "No valid access token", body = ErrorBody),
-        (status = 403, description = "`personalAccessToken:read` is missing", body = ErrorBody),
-        (status = 404, description = "No such token, or another subject's without `personalAccessToken:admin`", body = ErrorBody),
-        (status = 500, description = "The token store failed", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = ReadScopeMissing),
+        (status = 404, response = NotFound),
+        (status = 500, response = StoreFailed),
     ),
     security(("bearer" = ["personalAccessToken:read"]))
 )]
@@ -297,11 +299,11 @@ pub(crate) async fn get_one(
     responses(
         (status = 200, description = "The updated token", body = TokenView),
         (status = 400, description = "A field is of the wrong type or invalid (the message names it), or `revoked: false` on a revoked token", body = ErrorBody),
-        (status = 401, description = "No valid access token", body = ErrorBody),
+        (status = 401, response = Unauthorized),
         (status = 403, description = "`personalAccessToken:write` is missing, or a requested scope the caller lacks", body = ErrorBody),
-        (status = 404, description = "No such token, or another subject's without `personalAccessToken:admin`", body = ErrorBody),
+        (status = 404, response = NotFound),
         (status = 409, description = "The subject already has a token with this name", body = ErrorBody),
-        (status = 500, description = "The token store failed", body = ErrorBody),
+        (status = 500, response = StoreFailed),
     ),
     security(("bearer" = ["personalAccessToken:write"]))
 )]
@@ -367,10 +369,10 @@ pub(crate) async fn update(
     responses(
         (status = 201, description = "Rotated; the new secret is shown this once", body = IssuedToken),
         (status = 400, description = "The token is revoked or expired, or a field is invalid", body = ErrorBody),
-        (status = 401, description = "No valid access token", body = ErrorBody),
-        (status = 403, description = "`personalAccessToken:write` is missing", body = ErrorBody),
-        (status = 404, description = "No such token, or another subject's without `personalAccessToken:admin`", body = ErrorBody),
-        (status = 500, description = "The token store failed", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = WriteScopeMissing),
+        (status = 404, response = NotFound),
+        (status = 500, response = StoreFailed),
     ),
     security(("bearer" = ["personalAccessToken:write"]))
 )]
@@ -428,10 +430,10 @@ pub(crate) async fn rotate(
     params(("id" = String, Path, description = "The token's id")),
     responses(
         (status = 200, description = "Deleted", body = Deleted),
-        (status = 401, description = "No valid access token", body = ErrorBody),
-        (status = 403, description = "`personalAccessToken:write` is missing", body = ErrorBody),
-        (status = 404, description = "No such token, or another subject's without `personalAccessToken:admin`", body = ErrorBody),
-        (status = 500, description = "The token store failed", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = WriteScopeMissing),
+        (status = 404, response = NotFound),
+        (status = 500, response = StoreFailed),
     ),
     security(("bearer" = ["personalAccessToken:write"]))
 )]

@@ -170,3 +170,8 @@ pub(crate) async fn hello(app: &Router, token: &str) -> StatusCode {
 pub(crate) fn in_days(days: i64) -> String {
     (chrono::Utc::now() + chrono::Duration::days(days)).to_rfc3339()
 }
+
+/// A JSON string as a time.
+pub(crate) fn time(v: &Value) -> chrono::DateTime<chrono::Utc> {
+    v.as_str().unwrap().parse().unwrap()
+}
