@@ -73,7 +73,6 @@ async fn healthz() -> &'static str {
 async fn main() -> Result<(), Error> {
     let store = open_store().await?;
     let layer = PatAuthLayer::builder(Arc::clone(&store)).build();
-    bootstrap(&*store, &layer).await?;
 
     let protected = Router::new()
         .route("/hello", get(hello))
@@ -82,7 +81,7 @@ async fn main() -> Result<(), Error> {
     let app = Router::new()
         .nest(
             "/personal-access-tokens",
-            admin::router(AdminConfig::new(store, &layer)),
+            admin::router(AdminConfig::new(Arc::clone(&store), &layer)),
         )
         .merge(protected)
         .route("/public/ping", get(ping))
@@ -90,7 +89,8 @@ async fn main() -> Result<(), Error> {
 
     let addr = std::env::var("PAT_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
-    println!("listening on http://{}", listener.local_addr()?);
+    println!("listening on {}", listener.local_addr()?);
+    bootstrap(&*store, &layer).await?;
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -121,3 +121,32 @@ fn hyper_example_serves_the_printed_token() {
     assert_eq!(status, 200);
     assert!(body.contains("hello alice"), "{body}");
 }
+
+#[test]
+fn quickstart_example_serves_the_admin_api_and_its_routes() {
+    let server = start("quickstart", "admin token: ");
+    let token = printed(&server, "admin token: ");
+    assert_eq!(get(&server.addr, "/healthz", None).0, 200);
+    assert_eq!(
+        get(&server.addr, "/public/ping", None),
+        (200, "pong".to_owned())
+    );
+    assert_eq!(get(&server.addr, "/ping", None).0, 401);
+    assert_eq!(
+        get(&server.addr, "/ping", Some(&token)),
+        (200, "pong".to_owned())
+    );
+    let (status, body) = get(&server.addr, "/hello", Some(&token));
+    assert_eq!(status, 200);
+    assert!(body.contains("\"subject\":\"admin\""), "{body}");
+    assert_eq!(get(&server.addr, "/personal-access-tokens", None).0, 401);
+    let (status, body) = get(&server.addr, "/personal-access-tokens/self", Some(&token));
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("personalAccessToken:*") && !body.contains(&token),
+        "{body}"
+    );
+    let (status, body) = get(&server.addr, "/personal-access-tokens/openapi.json", None);
+    assert_eq!(status, 200);
+    assert!(body.contains("\"openapi\":\"3.1"), "{body}");
+}

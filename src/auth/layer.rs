@@ -142,6 +142,12 @@ impl PatAuthLayer {
         self.shared.cache.hasher()
     }
 
+    /// The realm of the layer's `WWW-Authenticate` challenges (for a
+    /// [`RequireScopesLayer`](crate::RequireScopesLayer) behind it).
+    pub fn realm(&self) -> &str {
+        self.shared.challenge.realm()
+    }
+
     /// The cache settings.
     pub fn cache_config(&self) -> &CacheConfig {
         self.shared.cache.config()
