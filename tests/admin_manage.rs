@@ -744,19 +744,13 @@ async fn a_failing_store_is_a_500_that_names_no_internals() {
 async fn behind_an_app_wide_layer_the_second_pass_is_a_cache_hit() {
     let store = tower_pat::MemoryStore::new();
     let layer = tower_pat::PatAuthLayer::builder(store.clone()).build();
-    let (record, secret) = NewToken::new(
-        "alice",
-        "a",
-        ScopeSet::parse(["personalAccessToken:read"]).unwrap(),
-    )
-    .issue(layer.format(), layer.hasher(), Utc::now());
-    store.insert(&record).await.unwrap();
+    let secret = issue(&store, &layer, "alice", &["personalAccessToken:read"]).await;
     let config = tower_pat::admin::AdminConfig::new(Arc::new(store.clone()), &layer);
     let app = axum::Router::new()
         .nest(BASE, tower_pat::admin::router(config))
         .layer(layer.clone());
     for _ in 0..3 {
-        let res = get(&app, &format!("{BASE}/self"), secret.expose_secret()).await;
+        let res = get(&app, &format!("{BASE}/self"), &secret).await;
         assert_eq!(res.status, StatusCode::OK, "{}", res.text);
     }
     assert_eq!(layer.store_lookups(), 1);
