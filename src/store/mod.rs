@@ -6,6 +6,12 @@
 //! answered 503.
 
 mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod sql;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 
 use std::fmt;
 use std::sync::{RwLock, Weak};
@@ -14,6 +20,13 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresStore, PostgresStoreBuilder};
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStore;
+/// The `sqlx` version the SQL stores are built on, for building pools and options to hand them.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use sqlx;
 
 use crate::record::TokenRecord;
 use crate::token::TokenHash;
@@ -127,6 +140,15 @@ impl ChangeHub {
             id: id.to_owned(),
             hash,
         });
+    }
+
+    /// Publishes [`StoreEvent::Changed`] for every hash a record answered to before a change: its
+    /// hash and, during a rotation grace period, its previous hash.
+    pub fn announce(&self, old: &TokenRecord) {
+        self.changed(&old.id, old.hash);
+        if let Some((h, _)) = old.previous_hash {
+            self.changed(&old.id, h);
+        }
     }
 }
 
