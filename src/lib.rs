@@ -57,6 +57,10 @@
 //!
 //! - `axum` (default): [`Principal`] as an extractor; the peer address from `ConnectInfo`.
 //! - `tonic`: the peer address from tonic's `TcpConnectInfo`.
+//! - `sqlite` (default): `SqliteStore`, tokens in one SQLite file.
+//! - `postgres`: `PostgresStore`, many nodes over one PostgreSQL database,
+//!   revocations broadcast between them with `LISTEN`/`NOTIFY`.
+//! - `postgres-tls`: TLS (rustls) for the PostgreSQL connections.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
@@ -82,6 +86,10 @@ pub use principal::Principal;
 pub use principal::PrincipalRejection;
 pub use record::{NewToken, TokenRecord};
 pub use scope::{Scope, ScopeSet};
+#[cfg(feature = "postgres")]
+pub use store::PostgresStore;
+#[cfg(feature = "sqlite")]
+pub use store::SqliteStore;
 pub use store::{MemoryStore, StoreError, TokenLookup, TokenStore};
 pub use token::{TokenFormat, TokenHash, TokenHasher, TokenSecret};
 pub use usage::{UsageConfig, UsageRecorder, UsageStats, UsageUpdate};

@@ -1,6 +1,11 @@
 //! Where tokens live: the read path the layer needs ([`TokenLookup`]), the management operations
 //! ([`TokenStore`]), the change feed that keeps every cache honest ([`ChangeHub`]), and the stores.
 //!
+//! The stores: [`MemoryStore`] (tests, ephemeral setups), `SqliteStore` (module `sqlite`, feature
+//! `sqlite`, the durable default: one file) and `PostgresStore` (module `postgres`, feature
+//! `postgres`: many nodes over one database, changes broadcast with `LISTEN`/`NOTIFY`). Their
+//! module docs give the schema, the change feed and the failure behaviour.
+//!
 //! Bring your own database by implementing [`TokenLookup`] (and [`TokenStore`] for the management
 //! API). A store error is never read as "invalid token": a cache miss whose lookup fails is
 //! answered 503.

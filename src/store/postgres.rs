@@ -21,7 +21,7 @@
 //! [`record_usage`](TokenLookup::record_usage) writes a whole batch in one `UPDATE … FROM
 //! unnest(…)` statement: `last_used_at` becomes the later of the stored and the given time, and
 //! the address lists merge newest first, without repeats, at most
-//! [`MAX_LAST_USED_IPS`](crate::record::MAX_LAST_USED_IPS) ([`TokenRecord::apply_usage`]'s rule).
+//! [`MAX_LAST_USED_IPS`] ([`TokenRecord::apply_usage`]'s rule).
 //!
 //! # Change feed
 //!
@@ -32,7 +32,7 @@
 //! The change is also published to this process's caches before the call returns.
 //!
 //! Each store runs a listener task, spawned when it connects, on a connection of its own (not one
-//! of the pool's: [`PostgresStoreBuilder::listener_url`] may point it elsewhere, e.g. past a
+//! of the pool's: [`PostgresStoreBuilder::listener_options`] may point it elsewhere, e.g. past a
 //! transaction-pooling PgBouncer, which cannot carry `LISTEN`). It publishes
 //! [`StoreEvent::Changed`] for every notification. When its connection drops it publishes
 //! [`StoreEvent::Disconnected`], reconnects with exponential backoff, and once it listens again
@@ -163,14 +163,27 @@ impl Drop for Shared {
 }
 
 /// Configures and connects a [`PostgresStore`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 #[must_use]
 pub struct PostgresStoreBuilder {
     channel: String,
     max_connections: u32,
     acquire_timeout: Duration,
-    listener_url: Option<String>,
+    listener_options: Option<PgConnectOptions>,
     backoff: (Duration, Duration),
+}
+
+impl std::fmt::Debug for PostgresStoreBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the listener's options: they may hold a password.
+        f.debug_struct("PostgresStoreBuilder")
+            .field("channel", &self.channel)
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("separate_listener", &self.listener_options.is_some())
+            .field("backoff", &self.backoff)
+            .finish()
+    }
 }
 
 impl Default for PostgresStoreBuilder {
@@ -179,7 +192,7 @@ impl Default for PostgresStoreBuilder {
             channel: DEFAULT_CHANNEL.to_owned(),
             max_connections: 10,
             acquire_timeout: Duration::from_secs(5),
-            listener_url: None,
+            listener_options: None,
             backoff: (Duration::from_millis(100), Duration::from_secs(5)),
         }
     }
@@ -208,9 +221,10 @@ impl PostgresStoreBuilder {
     }
 
     /// Where the listener connects, if not where the pool does: `LISTEN` needs a session, which a
-    /// transaction-pooling proxy does not keep.
-    pub fn listener_url(mut self, url: impl Into<String>) -> Self {
-        self.listener_url = Some(url.into());
+    /// transaction-pooling proxy does not keep. A URL parses into options:
+    /// `"postgres://…".parse::<PgConnectOptions>()`.
+    pub fn listener_options(mut self, options: PgConnectOptions) -> Self {
+        self.listener_options = Some(options);
         self
     }
 
@@ -242,11 +256,11 @@ impl PostgresStoreBuilder {
     }
 
     /// Uses an existing pool; the listener connects with the pool's options (or the
-    /// [`listener_url`](Self::listener_url)) on a connection of its own.
+    /// [`listener_options`](Self::listener_options)) on a connection of its own.
     pub async fn with_pool(self, pool: PgPool) -> Result<PostgresStore, StoreError> {
         migrate(&pool).await?;
-        let listen_options = match &self.listener_url {
-            Some(url) => PgConnectOptions::from_str(url).map_err(StoreError::backend)?,
+        let listen_options = match self.listener_options {
+            Some(options) => options,
             None => (*pool.connect_options()).clone(),
         };
         let feed = Feed {
