@@ -99,6 +99,20 @@ impl Node {
         (res.status(), res.headers().clone())
     }
 
+    /// Waits (at most 5 s) until the layer sees the store's feed connected (`max_staleness` zero)
+    /// or disconnected.
+    async fn wait_feed(&self, connected: bool) {
+        let seen = wait_for(Duration::from_secs(5), async || {
+            (self.layer.max_staleness() == Duration::ZERO) == connected
+        })
+        .await;
+        assert!(
+            seen.is_some(),
+            "the feed never became connected = {connected}"
+        );
+        assert_eq!(self.store.feed_connected(), connected);
+    }
+
     async fn code(&self, token: &str) -> StatusCode {
         self.status(token).await.0
     }
@@ -224,12 +238,7 @@ async fn a_revocation_missed_while_node_b_was_cut_off_applies_once_it_is_back() 
     assert_eq!(b.layer.max_staleness(), Duration::ZERO);
 
     proxy.cut();
-    let noticed = wait_for(Duration::from_secs(5), async || {
-        b.layer.max_staleness() > Duration::ZERO
-    })
-    .await;
-    assert!(noticed.is_some(), "node B noticed its feed is down");
-    assert!(!b.store.feed_connected());
+    b.wait_feed(false).await;
     let before = b.layer.max_staleness();
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(
@@ -242,12 +251,7 @@ async fn a_revocation_missed_while_node_b_was_cut_off_applies_once_it_is_back() 
     assert_eq!(b.code(&token).await, StatusCode::OK);
 
     proxy.restore();
-    let back = wait_for(Duration::from_secs(5), async || {
-        b.layer.max_staleness() == Duration::ZERO
-    })
-    .await;
-    assert!(back.is_some(), "node B's feed reconnected");
-    assert!(b.store.feed_connected());
+    b.wait_feed(true).await;
     assert_eq!(b.code(&token).await, StatusCode::UNAUTHORIZED);
 }
 
@@ -266,11 +270,7 @@ async fn entries_loaded_while_the_feed_was_down_are_dropped_on_reconnect() {
     assert_eq!(b.code(&before).await, StatusCode::OK);
 
     proxy.cut();
-    let noticed = wait_for(Duration::from_secs(5), async || {
-        b.layer.max_staleness() > Duration::ZERO
-    })
-    .await;
-    assert!(noticed.is_some(), "node B noticed its feed is down");
+    b.wait_feed(false).await;
     // The database is reachable: B loads the second token now.
     assert_eq!(b.code(&during).await, StatusCode::OK);
     a.store.revoke(&before_rec.id, Utc::now()).await.unwrap();
@@ -287,11 +287,7 @@ async fn entries_loaded_while_the_feed_was_down_are_dropped_on_reconnect() {
     );
 
     proxy.restore();
-    let back = wait_for(Duration::from_secs(5), async || {
-        b.layer.max_staleness() == Duration::ZERO
-    })
-    .await;
-    assert!(back.is_some(), "node B's feed reconnected");
+    b.wait_feed(true).await;
     assert_eq!(b.code(&before).await, StatusCode::UNAUTHORIZED);
     assert_eq!(b.code(&during).await, StatusCode::UNAUTHORIZED);
 }

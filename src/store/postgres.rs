@@ -308,6 +308,22 @@ impl PostgresStore {
     }
 }
 
+impl PostgresStore {
+    /// Runs a statement that changes one record and returns it (its hashes unchanged), notifies
+    /// the other nodes in the same transaction, and announces the change here once committed.
+    async fn change_returning(&self, q: Query<'_>) -> Result<Option<TokenRecord>, StoreError> {
+        let mut tx = self.inner.pool.begin().await.map_err(store_error)?;
+        let row = q.fetch_optional(&mut *tx).await.map_err(store_error)?;
+        let Some(record) = row.as_ref().map(decode).transpose()? else {
+            return Ok(None);
+        };
+        self.inner.notify(&mut *tx, &record).await?;
+        tx.commit().await.map_err(store_error)?;
+        self.inner.hub.announce(&record);
+        Ok(Some(record))
+    }
+}
+
 impl Shared {
     /// Sets and announces the feed's state.
     fn feed_state(&self, up: bool) {
@@ -520,10 +536,6 @@ fn decode(row: &PgRow) -> Result<TokenRecord, StoreError> {
     .into_record()
 }
 
-fn decode_all(rows: &[PgRow]) -> Result<Vec<TokenRecord>, StoreError> {
-    rows.iter().map(decode).collect()
-}
-
 #[async_trait]
 impl TokenLookup for PostgresStore {
     async fn find_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
@@ -532,7 +544,7 @@ impl TokenLookup for PostgresStore {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(store_error)?;
-        sql::matching(decode_all(&rows)?, hash)
+        sql::matching(&rows, decode, hash)
     }
 
     async fn record_usage(&self, updates: &[UsageUpdate]) -> Result<(), StoreError> {
@@ -617,29 +629,15 @@ impl TokenStore for PostgresStore {
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Page, StoreError> {
-        let l = sql::list_sql(query, Dialect::Postgres);
-        let (count, items) = (l.count(), l.items());
-        // One snapshot for the page and the total.
-        let mut tx = self
-            .inner
-            .pool
-            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .await
-            .map_err(store_error)?;
-        let total: i64 = bind_params(sqlx::query(&count), &l.params)
-            .fetch_one(&mut *tx)
-            .await
-            .and_then(|row| row.try_get(0))
-            .map_err(store_error)?;
-        let rows = bind_params(sqlx::query(&items), &l.params)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(store_error)?;
-        tx.commit().await.map_err(store_error)?;
-        Ok(Page {
-            items: decode_all(&rows)?,
-            total: u64::try_from(total).unwrap_or(0),
-        })
+        sql::list_page::<Postgres>(
+            &self.inner.pool,
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+            query,
+            Dialect::Postgres,
+            bind_params,
+            decode,
+        )
+        .await
     }
 
     async fn update(&self, record: &TokenRecord) -> Result<(), StoreError> {
@@ -662,36 +660,13 @@ impl TokenStore for PostgresStore {
     }
 
     async fn revoke(&self, id: &str, at: DateTime<Utc>) -> Result<Option<TokenRecord>, StoreError> {
-        let mut tx = self.inner.pool.begin().await.map_err(store_error)?;
-        let row = sqlx::query(&self.inner.sql.revoke)
-            .bind(id)
-            .bind(at)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(store_error)?;
-        let Some(revoked) = row.as_ref().map(decode).transpose()? else {
-            return Ok(None);
-        };
-        self.inner.notify(&mut *tx, &revoked).await?;
-        tx.commit().await.map_err(store_error)?;
-        self.inner.hub.announce(&revoked);
-        Ok(Some(revoked))
+        let q = sqlx::query(&self.inner.sql.revoke).bind(id).bind(at);
+        self.change_returning(q).await
     }
 
     async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
-        let mut tx = self.inner.pool.begin().await.map_err(store_error)?;
-        let row = sqlx::query(&self.inner.sql.delete)
-            .bind(id)
-            .fetch_optional(&mut *tx)
+        self.change_returning(sqlx::query(&self.inner.sql.delete).bind(id))
             .await
-            .map_err(store_error)?;
-        let Some(removed) = row.as_ref().map(decode).transpose()? else {
-            return Ok(None);
-        };
-        self.inner.notify(&mut *tx, &removed).await?;
-        tx.commit().await.map_err(store_error)?;
-        self.inner.hub.announce(&removed);
-        Ok(Some(removed))
     }
 
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {

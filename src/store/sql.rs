@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
 
-use super::{LastUsedFilter, ListQuery, SortKey, StoreError};
+use super::{LastUsedFilter, ListQuery, Page, SortKey, StoreError};
 use crate::record::{TokenRecord, parse_ip_net};
 use crate::scope::ScopeSet;
 use crate::token::TokenHash;
@@ -234,6 +234,45 @@ pub(super) fn list_sql(query: &ListQuery, dialect: Dialect) -> ListSql {
     }
 }
 
+/// A statement with its arguments, in a database's types.
+pub(super) type Query<'q, DB> = sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>;
+
+/// A listing: the total and the page, in one transaction opened with `begin` (one snapshot for
+/// both). `bind` binds [`ListSql::params`] in the store's types; `decode` reads a record.
+pub(super) async fn list_page<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+    begin: &'static str,
+    query: &ListQuery,
+    dialect: Dialect,
+    bind: for<'q> fn(Query<'q, DB>, &[Param]) -> Query<'q, DB>,
+    decode: fn(&DB::Row) -> Result<TokenRecord, StoreError>,
+) -> Result<Page, StoreError>
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    i64: sqlx::Type<DB> + for<'r> sqlx::Decode<'r, DB>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+{
+    use sqlx::Row;
+    let l = list_sql(query, dialect);
+    let (count, items) = (l.count(), l.items());
+    let mut tx = pool.begin_with(begin).await.map_err(store_error)?;
+    let total: i64 = bind(sqlx::query(&count), &l.params)
+        .fetch_one(&mut *tx)
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(store_error)?;
+    let rows = bind(sqlx::query(&items), &l.params)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(store_error)?;
+    tx.commit().await.map_err(store_error)?;
+    Ok(Page {
+        items: rows.iter().map(decode).collect::<Result<_, _>>()?,
+        total: u64::try_from(total).unwrap_or(0),
+    })
+}
+
 /// The smallest microsecond-precision time not before `t`.
 fn ceil_micros(t: DateTime<Utc>) -> DateTime<Utc> {
     let down = t.trunc_subsecs(6);
@@ -327,13 +366,21 @@ pub(super) fn to_strings<T: ToString>(items: &[T]) -> Vec<String> {
     items.iter().map(ToString::to_string).collect()
 }
 
-/// The first of `records` that answers to `hash` now ([`TokenRecord::matches_hash`]).
-pub(super) fn matching(
-    records: Vec<TokenRecord>,
+/// The first of the records in `rows` that answers to `hash` now
+/// ([`TokenRecord::matches_hash`]).
+pub(super) fn matching<R>(
+    rows: &[R],
+    decode: fn(&R) -> Result<TokenRecord, StoreError>,
     hash: &TokenHash,
 ) -> Result<Option<TokenRecord>, StoreError> {
     let now = Utc::now();
-    Ok(records.into_iter().find(|r| r.matches_hash(hash, now)))
+    for row in rows {
+        let record = decode(row)?;
+        if record.matches_hash(hash, now) {
+            return Ok(Some(record));
+        }
+    }
+    Ok(None)
 }
 
 /// A database error as a [`StoreError`]: a unique violation names the field (`id`, `hash`, or

@@ -177,6 +177,22 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// Runs a statement that changes one record and returns it (its hashes unchanged), and
+    /// announces the change.
+    async fn change_returning(&self, q: Query<'_>) -> Result<Option<TokenRecord>, StoreError> {
+        let row = q
+            .fetch_optional(&self.inner.writer)
+            .await
+            .map_err(store_error)?;
+        let record = row.as_ref().map(decode).transpose()?;
+        if let Some(r) = &record {
+            self.inner.hub.announce(r);
+        }
+        Ok(record)
+    }
+}
+
 /// Applies the pending migrations in one transaction.
 async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
     let mut tx = pool
@@ -277,10 +293,6 @@ fn decode(row: &SqliteRow) -> Result<TokenRecord, StoreError> {
     .into_record()
 }
 
-fn decode_all(rows: &[SqliteRow]) -> Result<Vec<TokenRecord>, StoreError> {
-    rows.iter().map(decode).collect()
-}
-
 fn bind_params<'q>(mut q: Query<'q>, params: &[Param]) -> Query<'q> {
     for p in params {
         q = match p {
@@ -299,7 +311,7 @@ impl TokenLookup for SqliteStore {
             .fetch_all(&self.inner.reader)
             .await
             .map_err(store_error)?;
-        sql::matching(decode_all(&rows)?, hash)
+        sql::matching(&rows, decode, hash)
     }
 
     async fn record_usage(&self, updates: &[UsageUpdate]) -> Result<(), StoreError> {
@@ -366,24 +378,15 @@ impl TokenStore for SqliteStore {
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Page, StoreError> {
-        let l = sql::list_sql(query, Dialect::Sqlite);
-        let (count, items) = (l.count(), l.items());
-        // One read transaction: the page and the total come from the same snapshot.
-        let mut tx = self.inner.reader.begin().await.map_err(store_error)?;
-        let total: i64 = bind_params(sqlx::query(&count), &l.params)
-            .fetch_one(&mut *tx)
-            .await
-            .and_then(|row| row.try_get(0))
-            .map_err(store_error)?;
-        let rows = bind_params(sqlx::query(&items), &l.params)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(store_error)?;
-        tx.commit().await.map_err(store_error)?;
-        Ok(Page {
-            items: decode_all(&rows)?,
-            total: u64::try_from(total).unwrap_or(0),
-        })
+        sql::list_page::<Sqlite>(
+            &self.inner.reader,
+            "BEGIN",
+            query,
+            Dialect::Sqlite,
+            bind_params,
+            decode,
+        )
+        .await
     }
 
     async fn update(&self, record: &TokenRecord) -> Result<(), StoreError> {
@@ -405,30 +408,15 @@ impl TokenStore for SqliteStore {
     }
 
     async fn revoke(&self, id: &str, at: DateTime<Utc>) -> Result<Option<TokenRecord>, StoreError> {
-        let row = sqlx::query(&self.inner.sql.revoke)
+        let q = sqlx::query(&self.inner.sql.revoke)
             .bind(id)
-            .bind(micros(at))
-            .fetch_optional(&self.inner.writer)
-            .await
-            .map_err(store_error)?;
-        let revoked = row.as_ref().map(decode).transpose()?;
-        if let Some(r) = &revoked {
-            self.inner.hub.announce(r);
-        }
-        Ok(revoked)
+            .bind(micros(at));
+        self.change_returning(q).await
     }
 
     async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
-        let row = sqlx::query(&self.inner.sql.delete)
-            .bind(id)
-            .fetch_optional(&self.inner.writer)
+        self.change_returning(sqlx::query(&self.inner.sql.delete).bind(id))
             .await
-            .map_err(store_error)?;
-        let removed = row.as_ref().map(decode).transpose()?;
-        if let Some(r) = &removed {
-            self.inner.hub.announce(r);
-        }
-        Ok(removed)
     }
 
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
