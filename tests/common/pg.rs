@@ -93,9 +93,7 @@ impl Drop for TestDb {
             rt.block_on(async move {
                 if let Ok(mut conn) = admin.connect().await {
                     let _ = conn
-                        .execute(
-                            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str(),
-                        )
+                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
                         .await;
                 }
             });
