@@ -390,15 +390,13 @@ impl ChangeListener for Cache {
                 );
             }
             StoreEvent::Reconnected => {
-                let since = self.disconnected_since.swap(0, Ordering::AcqRel);
-                self.epoch.fetch_add(1, Ordering::AcqRel);
-                if since == 0 {
-                    self.clear();
-                } else {
-                    // Anything loaded before the drop may have missed a change.
-                    self.positive.retain(|_, p| p.0.loaded_ms >= since);
-                    self.negative.invalidate_all();
-                }
+                // Every entry loaded before the feed was back may have missed a change: those
+                // loaded before the drop, and those loaded during it (the store may have been
+                // reachable while the feed was not). The epoch bump in `clear` also keeps loads
+                // in flight from caching. Cleared first, so that whoever sees the feed connected
+                // sees the cache emptied.
+                self.clear();
+                self.disconnected_since.store(0, Ordering::Release);
             }
         }
     }

@@ -59,6 +59,10 @@
 //! - `admin` (default): the management API, [`admin::router`]: create, list, update, rotate,
 //!   revoke and delete tokens over REST, with an OpenAPI 3.1 document and webhook events.
 //! - `tonic`: the peer address from tonic's `TcpConnectInfo`.
+//! - `sqlite` (default): `SqliteStore`, tokens in one SQLite file.
+//! - `postgres`: `PostgresStore`, many nodes over one PostgreSQL database,
+//!   revocations broadcast between them with `LISTEN`/`NOTIFY`.
+//! - `postgres-tls`: TLS (rustls) for the PostgreSQL connections.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
@@ -86,6 +90,10 @@ pub use principal::Principal;
 pub use principal::PrincipalRejection;
 pub use record::{NewToken, TokenRecord};
 pub use scope::{Scope, ScopeSet};
+#[cfg(feature = "postgres")]
+pub use store::PostgresStore;
+#[cfg(feature = "sqlite")]
+pub use store::SqliteStore;
 pub use store::{MemoryStore, StoreError, TokenLookup, TokenStore};
 pub use token::{TokenFormat, TokenHash, TokenHasher, TokenSecret};
 pub use usage::{UsageConfig, UsageRecorder, UsageStats, UsageUpdate};

@@ -43,7 +43,7 @@ use crate::record::merge_ips;
 use crate::store::TokenLookup;
 
 /// One token's usage since the last flush: the input of
-/// [`TokenLookup::record_usage`](crate::store::TokenLookup::record_usage).
+/// [`TokenLookup::record_usage`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageUpdate {
     /// The token's record id.

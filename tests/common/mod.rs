@@ -1,6 +1,9 @@
 //! Shared test helpers: a counting store, token issuing, requests through the layer.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+#[cfg(feature = "postgres")]
+pub mod pg;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
