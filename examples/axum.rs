@@ -10,20 +10,26 @@ use std::net::SocketAddr;
 use axum::Router;
 use axum::routing::{get, post};
 use tower_pat::{
-    MemoryStore, NewToken, PatAuthLayer, Principal, RequireScopesLayer, ScopeSet, TokenStore,
+    NewToken, PatAuthLayer, Principal, RequireScopesLayer, ScopeSet, SqliteStore, TokenStore,
 };
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let store = MemoryStore::new();
+    // Tokens live in the SQLite file `PAT_DB` (default `./tower-pat.db`).
+    let path = std::env::var("PAT_DB").unwrap_or_else(|_| "tower-pat.db".to_owned());
+    let store = SqliteStore::open(path).await?;
     let auth = PatAuthLayer::builder(store.clone())
         .realm("example")
         .build();
 
     // Issue a token at start so a person can try it: the secret is printed once, only its hash is
     // stored.
-    let (record, secret) = NewToken::new("alice", "example", ScopeSet::parse(["notes:read"])?)
-        .issue(auth.format(), auth.hasher(), chrono::Utc::now());
+    let (record, secret) = NewToken::new(
+        "alice",
+        format!("example {}", chrono::Utc::now()),
+        ScopeSet::parse(["notes:read"])?,
+    )
+    .issue(auth.format(), auth.hasher(), chrono::Utc::now());
     store.insert(&record).await?;
 
     let protected = Router::new()

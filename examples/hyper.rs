@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tower::{Layer, ServiceExt};
-use tower_pat::{MemoryStore, NewToken, PatAuthLayer, Principal, ScopeSet, TokenStore};
+use tower_pat::{NewToken, PatAuthLayer, Principal, ScopeSet, SqliteStore, TokenStore};
 
 async fn hello(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let who = req
@@ -31,13 +31,16 @@ async fn hello(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallib
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let store = MemoryStore::new();
+    // Tokens live in the SQLite file `PAT_DB` (default `./tower-pat.db`).
+    let path = std::env::var("PAT_DB").unwrap_or_else(|_| "tower-pat.db".to_owned());
+    let store = SqliteStore::open(path).await?;
     let auth = PatAuthLayer::builder(store.clone()).build();
-    let (record, secret) = NewToken::new("alice", "hyper example", ScopeSet::empty()).issue(
-        auth.format(),
-        auth.hasher(),
-        chrono::Utc::now(),
-    );
+    let (record, secret) = NewToken::new(
+        "alice",
+        format!("hyper example {}", chrono::Utc::now()),
+        ScopeSet::empty(),
+    )
+    .issue(auth.format(), auth.hasher(), chrono::Utc::now());
     store.insert(&record).await?;
 
     let addr = std::env::var("PAT_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());

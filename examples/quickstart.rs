@@ -7,8 +7,11 @@
 //! - `GET /ping`, protected, and `GET /public/ping`, public: the same handler, to compare,
 //! - `GET /healthz`, public.
 //!
+//! Tokens live in the SQLite file `PAT_DB` (default `./tower-pat.db`), so they survive a restart.
 //! On first start it creates a bootstrap token for subject `admin` with `personalAccessToken:*`
-//! and prints it on a line `admin token: <token>`. Then, for example:
+//! and prints it on a line `admin token: <token>` (only then: the file keeps just its hash).
+//! Usage (`lastUsedAt`, last client addresses) is written behind and flushed on Ctrl-C or SIGTERM.
+//! Then, for example:
 //!
 //! ```text
 //! curl -H "Authorization: Bearer $TOKEN" localhost:3000/hello
@@ -22,14 +25,17 @@ use std::sync::Arc;
 
 use axum::{Json, Router, routing::get};
 use tower_pat::admin::{self, AdminConfig};
-use tower_pat::{MemoryStore, NewToken, PatAuthLayer, Principal, ScopeSet, TokenStore};
+use tower_pat::{
+    NewToken, PatAuthLayer, Principal, ScopeSet, SqliteStore, TokenStore, UsageConfig,
+};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// The token store. The in-memory store forgets everything on exit; swap in a persistent store
-/// here and nothing else changes.
+/// The token store: the embedded SQLite default, one file. Swap in `PostgresStore::connect(url)`
+/// for many nodes over one database, and nothing else changes.
 async fn open_store() -> Result<Arc<dyn TokenStore>, Error> {
-    Ok(Arc::new(MemoryStore::new()))
+    let path = std::env::var("PAT_DB").unwrap_or_else(|_| "tower-pat.db".to_owned());
+    Ok(Arc::new(SqliteStore::open(path).await?))
 }
 
 /// Creates the bootstrap token if subject `admin` has none yet, and prints it once.
@@ -72,7 +78,9 @@ async fn healthz() -> &'static str {
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let store = open_store().await?;
-    let layer = PatAuthLayer::builder(Arc::clone(&store)).build();
+    let layer = PatAuthLayer::builder(Arc::clone(&store))
+        .track_usage(UsageConfig::default())
+        .build();
 
     let protected = Router::new()
         .route("/hello", get(hello))
@@ -95,9 +103,34 @@ async fn main() -> Result<(), Error> {
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
+    .with_graceful_shutdown(shutdown_signal())
     .await?;
+    // Write the usage marks still pending before exiting.
+    if let Some(usage) = layer.usage() {
+        usage.shutdown().await;
+    }
     Ok(())
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let terminated = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = terminated => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
 }

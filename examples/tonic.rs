@@ -6,11 +6,13 @@
 //! ```
 
 use tonic::transport::Server;
-use tower_pat::{MemoryStore, NewToken, PatAuthLayer, ScopeSet, TokenStore};
+use tower_pat::{NewToken, PatAuthLayer, ScopeSet, SqliteStore, TokenStore};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let store = MemoryStore::new();
+    // Tokens live in the SQLite file `PAT_DB` (default `./tower-pat.db`).
+    let path = std::env::var("PAT_DB").unwrap_or_else(|_| "tower-pat.db".to_owned());
+    let store = SqliteStore::open(path).await?;
     let auth = PatAuthLayer::builder(store.clone())
         .require_scopes(["health:read"])
         .build();

@@ -30,11 +30,23 @@ impl Drop for Server {
     }
 }
 
-/// Starts an example on an ephemeral port and reads its output up to the line starting with
-/// `last_prefix`.
+/// A fresh SQLite file path for one example run.
+fn temp_db(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tower-pat-examples-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(format!("{tag}.db"))
+}
+
+/// Starts an example on an ephemeral port over its own SQLite file and reads its output up to the
+/// line starting with `last_prefix`.
 fn start(name: &str, last_prefix: &str) -> Server {
+    start_with_db(name, &temp_db(name), last_prefix)
+}
+
+fn start_with_db(name: &str, db: &std::path::Path, last_prefix: &str) -> Server {
     let mut child = Command::new(example_binary(name))
         .env("PAT_ADDR", "127.0.0.1:0")
+        .env("PAT_DB", db)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("example {name} not built ({e}): run `cargo test` to build it"));
@@ -149,4 +161,72 @@ fn quickstart_example_serves_the_admin_api_and_its_routes() {
     let (status, body) = get(&server.addr, "/personal-access-tokens/openapi.json", None);
     assert_eq!(status, 200);
     assert!(body.contains("\"openapi\":\"3.1"), "{body}");
+}
+
+/// A request with a JSON body; returns the status code and the body.
+fn post_json(addr: &str, path: &str, token: &str, json: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
+        json.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+#[test]
+fn quickstart_restarts_with_its_tokens_intact() {
+    let db = temp_db("quickstart-restart");
+    let _ = std::fs::remove_file(&db);
+    let (admin, laptop, laptop_id) = {
+        let server = start_with_db("quickstart", &db, "admin token: ");
+        let admin = printed(&server, "admin token: ");
+        let (status, body) = post_json(
+            &server.addr,
+            "/personal-access-tokens",
+            &admin,
+            r#"{"name": "laptop", "scopes": ["personalAccessToken:read"], "userAwareTokenNeverExpires": true}"#,
+        );
+        assert_eq!(status, 201, "{body}");
+        let created: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let laptop = created["token"].as_str().unwrap().to_owned();
+        let id = created["id"].as_str().unwrap().to_owned();
+        assert_eq!(get(&server.addr, "/ping", Some(&laptop)).0, 200);
+        (admin, laptop, id)
+        // The server is killed here.
+    };
+
+    let server = start_with_db("quickstart", &db, "subject admin already has");
+    assert!(
+        !server.lines.iter().any(|l| l.starts_with("admin token: ")),
+        "no second bootstrap token: {:?}",
+        server.lines
+    );
+    for token in [&admin, &laptop] {
+        assert_eq!(
+            get(&server.addr, "/ping", Some(token)),
+            (200, "pong".to_owned())
+        );
+    }
+    let (status, body) = get(
+        &server.addr,
+        &format!("/personal-access-tokens/{laptop_id}"),
+        Some(&admin),
+    );
+    assert_eq!(status, 200);
+    assert!(body.contains("\"name\":\"laptop\""), "{body}");
+    drop(server);
+    let _ = std::fs::remove_file(&db);
 }
