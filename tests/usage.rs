@@ -348,3 +348,46 @@ async fn last_ips_keep_the_five_most_recent_distinct() {
         .collect();
     assert_eq!(stored.last_used_ips, expected);
 }
+
+#[tokio::test]
+async fn management_api_shows_usage_not_yet_written() {
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower_pat::admin::{self, AdminConfig};
+
+    let store = MemoryStore::new();
+    let (record, secret) = issue(&store, new_token("alice", &["personalAccessToken:read"])).await;
+    let layer = PatAuthLayer::builder(store.clone())
+        .track_usage(config(3_600_000)) // nothing is flushed during the test
+        .build();
+    let app = admin::router(AdminConfig::new(Arc::new(store.clone()), &layer));
+    let get = |path: &'static str| {
+        let app = app.clone();
+        let token = secret.expose_secret().to_owned();
+        async move {
+            let mut req = http::Request::builder()
+                .uri(path)
+                .header("authorization", format!("Bearer {token}"))
+                .body(Body::empty())
+                .unwrap();
+            req.extensions_mut()
+                .insert("192.0.2.44:1000".parse::<std::net::SocketAddr>().unwrap());
+            let res = app.oneshot(req).await.unwrap();
+            assert_eq!(res.status(), 200);
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+        }
+    };
+    let me = get("/self").await;
+    assert!(me["lastUsedAt"].is_string(), "{me}");
+    assert_eq!(me["seenAt"], me["lastUsedAt"]);
+    assert_eq!(me["lastUsedIps"], serde_json::json!(["192.0.2.44"]));
+    let list = get("/").await;
+    assert_eq!(list[0]["id"], record.id.as_str());
+    assert!(list[0]["lastUsedAt"].is_string(), "{list}");
+    // The store itself has not been written yet.
+    assert_eq!(
+        store.get(&record.id).await.unwrap().unwrap().last_used_at,
+        None
+    );
+}

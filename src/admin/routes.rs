@@ -118,6 +118,24 @@ impl Admin {
         ))
     }
 
+    /// The view of a record with the usage marks not yet written behind merged in, so that
+    /// `lastUsedAt` and `lastUsedIps` are fresh.
+    fn view(&self, record: &TokenRecord, now: DateTime<Utc>) -> TokenView {
+        match self
+            .config
+            .layer
+            .usage()
+            .and_then(|u| u.pending(&record.id))
+        {
+            Some(pending) => {
+                let mut fresh = record.clone();
+                fresh.apply_usage(&pending);
+                TokenView::new(&fresh, now)
+            }
+            None => TokenView::new(record, now),
+        }
+    }
+
     fn emit(&self, kind: EventKind, view: impl FnOnce() -> TokenView, at: DateTime<Utc>) {
         if let Some(sink) = &self.config.events {
             sink.publish(TokenEvent::new(kind, view(), at));
@@ -235,7 +253,7 @@ pub(crate) async fn list(
         .list(&params.to_query(subject, admin.config.default_page_size))
         .await?;
     let now = Utc::now();
-    let views: Vec<TokenView> = page.items.iter().map(|r| TokenView::new(r, now)).collect();
+    let views: Vec<TokenView> = page.items.iter().map(|r| admin.view(r, now)).collect();
     let mut res = json(StatusCode::OK, &views);
     res.headers_mut()
         .insert("x-total-count", HeaderValue::from(page.total));
@@ -261,7 +279,9 @@ pub(crate) async fn get_self(
     caller: Principal,
 ) -> Result<Response, ApiError> {
     let record = admin.load(&caller, caller.token_id()).await?;
-    let view = TokenView::new(&record, Utc::now()).with_used_at(caller.last_used_at());
+    let view = admin
+        .view(&record, Utc::now())
+        .with_used_at(caller.last_used_at());
     Ok(json(StatusCode::OK, &view))
 }
 
@@ -286,7 +306,7 @@ pub(crate) async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let record = admin.load(&caller, &id).await?;
-    Ok(json(StatusCode::OK, &TokenView::new(&record, Utc::now())))
+    Ok(json(StatusCode::OK, &admin.view(&record, Utc::now())))
 }
 
 /// Update or revoke a personal access token (JSON merge patch).
@@ -353,7 +373,7 @@ pub(crate) async fn update(
             .ok_or_else(ApiError::not_found)?;
         admin.emit(EventKind::Revoked, || TokenView::new(&record, now), now);
     }
-    Ok(json(StatusCode::OK, &TokenView::new(&record, now)))
+    Ok(json(StatusCode::OK, &admin.view(&record, now)))
 }
 
 /// Rotate a personal access token's secret.
