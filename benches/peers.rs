@@ -8,8 +8,8 @@
 //!   closure that hashes the bearer token (SHA-256) and asks the store on every request;
 //! - `tower_pat`: `PatAuthLayer` on a cache hit.
 //!
-//! `cargo bench --bench peers` (the SQLite store with `--features sqlite`, PostgreSQL with
-//! `--features postgres` and `DATABASE_URL` set).
+//! `cargo bench --bench peers` (SQLite is a default feature; PostgreSQL with `--features postgres`
+//! and `DATABASE_URL` set, in a throwaway database).
 
 mod common;
 
@@ -30,12 +30,57 @@ use tower_pat::{MemoryStore, NewToken, ScopeSet, TokenHash, TokenLookup, TokenSe
 /// Tokens in each store, so that its index is not trivially small.
 const TOKENS: usize = 1_000;
 
-/// The stores the do-it-yourself peer queries. One line each: `SqliteStore` (feature `sqlite`)
-/// and `PostgresStore` (feature `postgres`, when `DATABASE_URL` is set) go here.
-async fn stores() -> Vec<(&'static str, Arc<dyn TokenStore>)> {
-    let stores: Vec<(&'static str, Arc<dyn TokenStore>)> =
+#[cfg(feature = "postgres")]
+#[allow(dead_code, unreachable_pub)]
+#[path = "../tests/common/pg.rs"]
+mod pg;
+
+/// The stores the do-it-yourself peer queries, and what removes their data afterwards. A store is
+/// a few lines here.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(unused_mut))]
+async fn stores() -> (Vec<(&'static str, Arc<dyn TokenStore>)>, Cleanup) {
+    let mut stores: Vec<(&'static str, Arc<dyn TokenStore>)> =
         vec![("memory", Arc::new(MemoryStore::new()))];
-    stores
+    let mut cleanup = Cleanup::default();
+    #[cfg(feature = "sqlite")]
+    {
+        let path = std::env::temp_dir().join(format!("tower-pat-bench-{}.db", std::process::id()));
+        let store = tower_pat::SqliteStore::open(&path)
+            .await
+            .expect("SQLite store");
+        cleanup.files.push(path);
+        stores.push(("sqlite", Arc::new(store)));
+    }
+    #[cfg(feature = "postgres")]
+    if let Some(db) = pg::TestDb::create("peers/diy_postgres").await {
+        let store = tower_pat::PostgresStore::builder()
+            .connect_with(db.options.clone())
+            .await
+            .expect("PostgreSQL store");
+        cleanup.databases.push(db);
+        stores.push(("postgres", Arc::new(store)));
+    }
+    (stores, cleanup)
+}
+
+/// Removes the benches' SQLite files and PostgreSQL databases when dropped.
+#[derive(Default)]
+struct Cleanup {
+    files: Vec<std::path::PathBuf>,
+    #[cfg(feature = "postgres")]
+    databases: Vec<pg::TestDb>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for path in &self.files {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut file = path.clone().into_os_string();
+                file.push(suffix);
+                let _ = std::fs::remove_file(file);
+            }
+        }
+    }
 }
 
 /// Fills a store with [`TOKENS`] tokens and returns the secret of one of them.
@@ -119,7 +164,7 @@ fn bench_service<S, B>(
 fn peers(c: &mut Criterion) {
     let rt = common::runtime();
     let mut g = c.benchmark_group("peers");
-    let stores = rt.block_on(stores());
+    let (stores, cleanup) = rt.block_on(stores());
     let mut secrets = Vec::new();
     for (_, store) in &stores {
         secrets.push(rt.block_on(populate(&**store)));
@@ -149,6 +194,8 @@ fn peers(c: &mut Criterion) {
     let layer = common::layer(Arc::clone(memory) as Arc<dyn TokenLookup>);
     bench_service(&mut g, &rt, "tower_pat", layer.layer(common::pong()), &auth);
     g.finish();
+    drop(stores);
+    drop(cleanup);
 }
 
 fn main() {

@@ -1,1 +1,40 @@
-fn main() {}
+//! A tonic gRPC server behind tower-pat, serving the standard health service (no protoc needed).
+//!
+//! ```sh
+//! cargo run --example tonic --features tonic
+//! grpcurl -plaintext -H "authorization: Bearer <token>" 127.0.0.1:50051 grpc.health.v1.Health/Check
+//! ```
+
+use tonic::transport::Server;
+use tower_pat::{NewToken, PatAuthLayer, ScopeSet, SqliteStore, TokenStore};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Tokens live in the SQLite file `PAT_DB` (default `./tower-pat.db`).
+    let path = std::env::var("PAT_DB").unwrap_or_else(|_| "tower-pat.db".to_owned());
+    let store = SqliteStore::open(path).await?;
+    let auth = PatAuthLayer::builder(store.clone())
+        .require_scopes(["health:read"])
+        .build();
+    let (record, secret) = NewToken::new(
+        "alice",
+        "grpc example",
+        ScopeSet::parse(["health:read"])?,
+    )
+    .issue(auth.format(), auth.hasher(), chrono::Utc::now());
+    store.insert(&record).await?;
+
+    // The overall status (service "") starts as SERVING.
+    let (_reporter, health) = tonic_health::server::health_reporter();
+
+    let addr = std::env::var("PAT_GRPC_ADDR").unwrap_or_else(|_| "127.0.0.1:50051".to_owned());
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    println!("listening on {}", listener.local_addr()?);
+    println!("token: {}", secret.expose_secret());
+    Server::builder()
+        .layer(auth)
+        .add_service(health)
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+        .await?;
+    Ok(())
+}

@@ -185,12 +185,14 @@ impl Cache {
     #[inline]
     pub(crate) fn probe(self: &Arc<Self>, hash: &TokenHash, now: i64) -> Option<Outcome> {
         if let Some(p) = self.positive.get(hash) {
-            let entry = &p.value().0;
-            let refresh_at = entry.refresh_at_ms.load(Ordering::Relaxed);
+            let refresh_at = p.value().0.refresh_at_ms.load(Ordering::Relaxed);
+            let principal = p.value().clone();
+            // The shard's read lock ends here: the stale path may need its write lock.
+            drop(p);
             if now < refresh_at {
-                return Some(Outcome::Found(p.value().clone()));
+                return Some(Outcome::Found(principal));
             }
-            return self.probe_stale(p.value().clone(), now, refresh_at);
+            return self.probe_stale(principal, now, refresh_at);
         }
         self.negative.get(hash).map(Outcome::Rejected)
     }
@@ -203,8 +205,8 @@ impl Cache {
         refresh_at: i64,
     ) -> Option<Outcome> {
         let entry = &principal.0;
-        if self.stale_ms == 0 || now >= entry.loaded_ms.saturating_add(self.ttl_ms + self.stale_ms)
-        {
+        let hard_limit = entry.loaded_ms.saturating_add(self.ttl_ms + self.stale_ms);
+        if self.stale_ms == 0 || now >= hard_limit {
             // Too old to serve: reload before use.
             self.positive
                 .remove_if(&entry.key, |_, v| Arc::ptr_eq(&v.0, entry));
@@ -215,7 +217,8 @@ impl Cache {
             .refresh_at_ms
             .compare_exchange(
                 refresh_at,
-                now + REFRESH_RETRY_MS,
+                // Retried each second while the store fails, never past the hard limit.
+                (now + REFRESH_RETRY_MS).min(hard_limit),
                 Ordering::AcqRel,
                 Ordering::Relaxed,
             )
@@ -409,15 +412,13 @@ impl ChangeListener for Cache {
                 );
             }
             StoreEvent::Reconnected => {
-                let since = self.disconnected_since.swap(0, Ordering::AcqRel);
-                self.epoch.fetch_add(1, Ordering::AcqRel);
-                if since == 0 {
-                    self.clear();
-                } else {
-                    // Anything loaded before the drop may have missed a change.
-                    self.positive.retain(|_, p| p.0.loaded_ms >= since);
-                    self.negative.invalidate_all();
-                }
+                // Every entry loaded before the feed was back may have missed a change: those
+                // loaded before the drop, and those loaded during it (the store may have been
+                // reachable while the feed was not). The epoch bump in `clear` also keeps loads
+                // in flight from caching. Cleared first, so that whoever sees the feed connected
+                // sees the cache emptied.
+                self.clear();
+                self.disconnected_since.store(0, Ordering::Release);
             }
         }
     }

@@ -47,6 +47,7 @@
 //! | unknown, malformed, revoked or expired token | 401 `invalid_token` | 16 |
 //! | client address outside the IP restriction | 403 `invalid_token` | 7 |
 //! | required scope missing | 403 `insufficient_scope` with `scope="…"` | 7 |
+//! | too many failed attempts from one client (opt-in) | 429 with `Retry-After` | 8 |
 //! | store unreachable and token not cached | 503 with `Retry-After` | 14 |
 //!
 //! Error bodies are JSON, `{"code": "invalid_token", "message": "…", "status": 401}`; gRPC errors
@@ -55,11 +56,19 @@
 //! ## Features
 //!
 //! - `axum` (default): [`Principal`] as an extractor; the peer address from `ConnectInfo`.
+//! - `admin` (default): the management API, [`admin::router`]: create, list, update, rotate,
+//!   revoke and delete tokens over REST, with an OpenAPI 3.1 document and webhook events.
 //! - `tonic`: the peer address from tonic's `TcpConnectInfo`.
+//! - `sqlite` (default): `SqliteStore`, tokens in one SQLite file.
+//! - `postgres`: `PostgresStore`, many nodes over one PostgreSQL database,
+//!   revocations broadcast between them with `LISTEN`/`NOTIFY`.
+//! - `postgres-tls`: TLS (rustls) for the PostgreSQL connections.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+#[cfg(feature = "admin")]
+pub mod admin;
 pub mod auth;
 pub mod cache;
 pub mod client_ip;
@@ -81,6 +90,15 @@ pub use principal::Principal;
 pub use principal::PrincipalRejection;
 pub use record::{NewToken, TokenRecord};
 pub use scope::{Scope, ScopeSet};
+#[cfg(feature = "postgres")]
+pub use store::PostgresStore;
+#[cfg(feature = "sqlite")]
+pub use store::SqliteStore;
 pub use store::{MemoryStore, StoreError, TokenLookup, TokenStore};
 pub use token::{TokenFormat, TokenHash, TokenHasher, TokenSecret};
-pub use usage::UsageUpdate;
+pub use usage::{UsageConfig, UsageRecorder, UsageStats, UsageUpdate};
+
+/// The README's code blocks, compiled as doc-tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

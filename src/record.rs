@@ -88,16 +88,25 @@ impl TokenRecord {
     /// distinct addresses first. Applying the same or an older update again changes nothing that
     /// matters.
     pub fn apply_usage(&mut self, update: &UsageUpdate) {
-        let newer = self.last_used_at.is_none_or(|t| update.last_used_at >= t);
-        let (first, second) = if newer {
-            (update.ips.as_slice(), self.last_used_ips.as_slice())
-        } else {
-            (self.last_used_ips.as_slice(), update.ips.as_slice())
-        };
-        self.last_used_ips = merge_ips(first, second);
-        if newer {
-            self.last_used_at = Some(update.last_used_at);
-        }
+        merge_usage(&mut self.last_used_at, &mut self.last_used_ips, update);
+    }
+}
+
+/// [`TokenRecord::apply_usage`] on the bare usage fields, for stores that keep only those at hand.
+pub(crate) fn merge_usage(
+    last_used_at: &mut Option<DateTime<Utc>>,
+    last_used_ips: &mut Vec<IpAddr>,
+    update: &UsageUpdate,
+) {
+    let newer = last_used_at.is_none_or(|t| update.last_used_at >= t);
+    let (first, second) = if newer {
+        (update.ips.as_slice(), last_used_ips.as_slice())
+    } else {
+        (last_used_ips.as_slice(), update.ips.as_slice())
+    };
+    *last_used_ips = merge_ips(first, second);
+    if newer {
+        *last_used_at = Some(update.last_used_at);
     }
 }
 

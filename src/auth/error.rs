@@ -135,6 +135,11 @@ impl Challenge {
         }
     }
 
+    /// The realm, as sanitized for the challenge.
+    pub(crate) fn realm(&self) -> &str {
+        &self.realm
+    }
+
     fn header(&self, err: &AuthError) -> Option<HeaderValue> {
         match err {
             AuthError::MissingCredentials => Some(self.bare.clone()),

@@ -122,7 +122,7 @@ where
                             future: service.call(request),
                         },
                         Err(e) => State::Rejected {
-                            response: Some(shared.error_response(&e, request.headers())),
+                            response: Some(shared.refuse(&e, &request)),
                         },
                     };
                     self.as_mut().project().state.set(next);

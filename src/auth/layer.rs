@@ -1,14 +1,18 @@
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use http::{HeaderMap, HeaderName, Request, Response, Uri, header};
 use ipnet::IpNet;
 use tower::{Layer, Service};
 
 use super::error::{Anonymous, AuthError, Challenge};
 use super::future::ResponseFuture;
+use super::limit::FailureLimiter;
 use super::{ResponseBody, is_grpc};
 use crate::cache::{Cache, CacheConfig, Negative, Outcome, now_ms};
 use crate::client_ip::ClientIpSource;
@@ -17,6 +21,7 @@ use crate::record::ip_allowed;
 use crate::scope::ScopeSet;
 use crate::store::TokenLookup;
 use crate::token::{TokenFormat, TokenHash, TokenHasher};
+use crate::usage::{UsageConfig, UsageRecorder};
 
 /// The Tower layer that authenticates every request with a personal access token.
 ///
@@ -54,6 +59,8 @@ pub struct PatAuthLayerBuilder {
     required: ScopeSet,
     anonymous: bool,
     unavailable_retry_after: u64,
+    usage: Option<UsageConfig>,
+    limiter: Option<FailureLimiter>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -85,7 +92,15 @@ impl PatAuthLayer {
             required: ScopeSet::empty(),
             anonymous: false,
             unavailable_retry_after: 5,
+            usage: None,
+            limiter: None,
         }
+    }
+
+    /// The usage recorder, when the layer tracks usage
+    /// ([`PatAuthLayerBuilder::track_usage`]): its stats, and `shutdown().await` before exit.
+    pub fn usage(&self) -> Option<&UsageRecorder> {
+        self.shared.usage.as_ref()
     }
 
     /// Drops whatever the cache holds for this token, as a store event would. Stores with a change
@@ -125,6 +140,12 @@ impl PatAuthLayer {
     /// The hasher the layer uses; the management API must store hashes made by the same one.
     pub fn hasher(&self) -> &TokenHasher {
         self.shared.cache.hasher()
+    }
+
+    /// The realm of the layer's `WWW-Authenticate` challenges (for a
+    /// [`RequireScopesLayer`](crate::RequireScopesLayer) behind it).
+    pub fn realm(&self) -> &str {
+        self.shared.challenge.realm()
     }
 
     /// The cache settings.
@@ -235,8 +256,32 @@ impl PatAuthLayerBuilder {
         self
     }
 
+    /// Refuses a client (by address, see [`trusted_proxies`](Self::trusted_proxies)) with 429 and
+    /// `Retry-After` once it has presented `max_failures` unknown, malformed, revoked or expired
+    /// tokens within `window`, until the window ends. Off by default. Requests whose client address
+    /// is unknown are not counted.
+    pub fn limit_failures(mut self, max_failures: u32, window: Duration) -> Self {
+        self.limiter = Some(FailureLimiter::new(max_failures, window));
+        self
+    }
+
+    /// Records when and from where each token was last used, written behind in batches through
+    /// [`TokenLookup::record_usage`] (see [`crate::usage`]). The layer must then be built inside a
+    /// Tokio runtime, which runs the flusher.
+    pub fn track_usage(mut self, config: UsageConfig) -> Self {
+        self.usage = Some(config);
+        self
+    }
+
     /// Builds the layer and subscribes its cache to the store's change feed.
+    ///
+    /// # Panics
+    ///
+    /// With [`track_usage`](Self::track_usage), outside a Tokio runtime.
     pub fn build(self) -> PatAuthLayer {
+        let usage = self
+            .usage
+            .map(|config| UsageRecorder::from_arc(Arc::clone(&self.lookup), config));
         let cache = Cache::new(self.lookup, self.hasher, self.cache);
         PatAuthLayer {
             shared: Arc::new(Shared {
@@ -248,6 +293,8 @@ impl PatAuthLayerBuilder {
                 required: self.required,
                 anonymous: self.anonymous,
                 unavailable_retry_after: self.unavailable_retry_after,
+                usage,
+                limiter: self.limiter,
             }),
         }
     }
@@ -280,6 +327,8 @@ pub(crate) struct Shared {
     required: ScopeSet,
     anonymous: bool,
     unavailable_retry_after: u64,
+    usage: Option<UsageRecorder>,
+    limiter: Option<FailureLimiter>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -291,6 +340,7 @@ impl std::fmt::Debug for Shared {
             .field("client_ip", &self.client_ip)
             .field("required", &self.required)
             .field("anonymous", &self.anonymous)
+            .field("usage", &self.usage)
             .finish_non_exhaustive()
     }
 }
@@ -305,6 +355,11 @@ impl Shared {
     /// The synchronous part of the request path: everything up to and including the cache probe.
     #[inline]
     fn check<B>(&self, req: &mut Request<B>) -> Check {
+        if let Some(limiter) = &self.limiter
+            && let Some(retry_after_secs) = limiter.blocked(self.client_ip(req))
+        {
+            return self.reject(&AuthError::TooManyAttempts { retry_after_secs }, req);
+        }
         let (hash, previous) = {
             let token = match self.extract(req.headers(), req.uri()) {
                 Ok(Some(token)) => token,
@@ -339,7 +394,26 @@ impl Shared {
 
     #[cold]
     fn reject<B>(&self, err: &AuthError, req: &Request<B>) -> Check {
-        Check::Reject(self.error_response(err, req.headers()))
+        Check::Reject(self.refuse(err, req))
+    }
+
+    /// The error response for `err`, HTTP or gRPC as the request speaks; a failed credential counts
+    /// against the client's failure limit.
+    #[cold]
+    pub(crate) fn refuse<B>(&self, err: &AuthError, req: &Request<B>) -> Response<Bytes> {
+        if let Some(limiter) = &self.limiter
+            && matches!(
+                err,
+                AuthError::InvalidToken | AuthError::Revoked | AuthError::Expired
+            )
+        {
+            limiter.failed(self.client_ip(req));
+        }
+        self.challenge.error_response(err, is_grpc(req.headers()))
+    }
+
+    fn client_ip<B>(&self, req: &Request<B>) -> Option<IpAddr> {
+        self.client_ip.client_ip(req.headers(), req.extensions())
     }
 
     /// Enforces what the cache or the store said, plus the per-request rules (IP, scopes), and puts
@@ -351,27 +425,52 @@ impl Shared {
         req: &mut Request<B>,
         now: i64,
     ) -> Result<(), AuthError> {
-        let result = self.principal(outcome, now).and_then(|principal| {
-            let restriction = principal.ip_restriction();
-            if !restriction.is_empty() {
-                let ip = self.client_ip.client_ip(req.headers(), req.extensions());
-                if !ip_allowed(restriction, ip) {
-                    return Err(AuthError::IpNotAllowed);
-                }
+        let principal = self.principal(outcome, now)?;
+        let restriction = principal.ip_restriction();
+        let mut ip = None;
+        if !restriction.is_empty() {
+            ip = self.client_ip(req);
+            if !ip_allowed(restriction, ip) {
+                return Err(AuthError::IpNotAllowed);
             }
-            if !self.required.is_empty() && !principal.scopes().grants_all(&self.required) {
-                return Err(AuthError::InsufficientScope(self.required.clone()));
+        }
+        if !self.required.is_empty() && !principal.scopes().grants_all(&self.required) {
+            return Err(AuthError::InsufficientScope(self.required.clone()));
+        }
+        if let Some(usage) = &self.usage {
+            // One relaxed load while the token was marked within the granularity.
+            let last = principal.0.last_mark_ms.load(Ordering::Relaxed);
+            if now.saturating_sub(last) >= usage.granularity_ms() {
+                self.mark(usage, &principal, last, now, ip, req);
             }
-            Ok(principal)
-        });
-        req.extensions_mut().insert(result?);
+        }
+        req.extensions_mut().insert(principal);
         Ok(())
     }
 
-    /// The error response for `err`, HTTP or gRPC as the request speaks.
+    /// Hands a usage mark to the recorder, once per token per granularity however many requests
+    /// race for it.
     #[cold]
-    pub(crate) fn error_response(&self, err: &AuthError, headers: &HeaderMap) -> Response<Bytes> {
-        self.challenge.error_response(err, is_grpc(headers))
+    fn mark<B>(
+        &self,
+        usage: &UsageRecorder,
+        principal: &Principal,
+        last: i64,
+        now: i64,
+        ip: Option<IpAddr>,
+        req: &Request<B>,
+    ) {
+        if principal
+            .0
+            .last_mark_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        let ip = ip.or_else(|| self.client_ip(req));
+        let at = DateTime::from_timestamp_millis(now).unwrap_or_else(Utc::now);
+        usage.record(principal.token_id(), at, ip);
     }
 
     /// The principal of a cache or store outcome, with expiry checked against the clock.

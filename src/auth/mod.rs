@@ -5,6 +5,7 @@ mod body;
 mod error;
 mod future;
 mod layer;
+mod limit;
 mod scopes;
 
 pub use body::ResponseBody;
@@ -13,6 +14,7 @@ pub use future::ResponseFuture;
 pub use layer::{PatAuth, PatAuthLayer, PatAuthLayerBuilder};
 pub use scopes::{RequireScopes, RequireScopesLayer};
 
+#[cfg(feature = "axum")]
 pub(crate) use error::json_response;
 
 /// Whether a request speaks gRPC (`content-type: application/grpc…`): its errors are

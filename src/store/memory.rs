@@ -76,10 +76,7 @@ impl MemoryStore {
     }
 
     fn announce(&self, old: &TokenRecord) {
-        self.inner.hub.changed(&old.id, old.hash);
-        if let Some((h, _)) = old.previous_hash {
-            self.inner.hub.changed(&old.id, h);
-        }
+        self.inner.hub.announce(old);
     }
 }
 

@@ -1,11 +1,22 @@
 //! Where tokens live: the read path the layer needs ([`TokenLookup`]), the management operations
 //! ([`TokenStore`]), the change feed that keeps every cache honest ([`ChangeHub`]), and the stores.
 //!
+//! The stores: [`MemoryStore`] (tests, ephemeral setups), `SqliteStore` (module `sqlite`, feature
+//! `sqlite`, the durable default: one file) and `PostgresStore` (module `postgres`, feature
+//! `postgres`: many nodes over one database, changes broadcast with `LISTEN`/`NOTIFY`). Their
+//! module docs give the schema, the change feed and the failure behaviour.
+//!
 //! Bring your own database by implementing [`TokenLookup`] (and [`TokenStore`] for the management
 //! API). A store error is never read as "invalid token": a cache miss whose lookup fails is
 //! answered 503.
 
 mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod sql;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 
 use std::fmt;
 use std::sync::{RwLock, Weak};
@@ -14,6 +25,13 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresStore, PostgresStoreBuilder};
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStore;
+/// The `sqlx` version the SQL stores are built on, for building pools and options to hand them.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use sqlx;
 
 use crate::record::TokenRecord;
 use crate::token::TokenHash;
@@ -127,6 +145,15 @@ impl ChangeHub {
             id: id.to_owned(),
             hash,
         });
+    }
+
+    /// Publishes [`StoreEvent::Changed`] for every hash a record answered to before a change: its
+    /// hash and, during a rotation grace period, its previous hash.
+    pub fn announce(&self, old: &TokenRecord) {
+        self.changed(&old.id, old.hash);
+        if let Some((h, _)) = old.previous_hash {
+            self.changed(&old.id, h);
+        }
     }
 }
 

@@ -1,0 +1,136 @@
+//! The README's main command: `cargo run --example quickstart`.
+//!
+//! An axum server on `PAT_ADDR` (default 127.0.0.1:3000) with
+//! - the management API under `/personal-access-tokens` (its OpenAPI document at
+//!   `/personal-access-tokens/openapi.json`),
+//! - `GET /hello`, protected, answering the principal as JSON,
+//! - `GET /ping`, protected, and `GET /public/ping`, public: the same handler, to compare,
+//! - `GET /healthz`, public.
+//!
+//! Tokens live in the SQLite file `PAT_DB` (default `./tower-pat.db`), so they survive a restart.
+//! On first start it creates a bootstrap token for subject `admin` with `personalAccessToken:*`
+//! and prints it on a line `admin token: <token>` (only then: the file keeps just its hash).
+//! Usage (`lastUsedAt`, last client addresses) is written behind and flushed on Ctrl-C or SIGTERM.
+//! Then, for example:
+//!
+//! ```text
+//! curl -H "Authorization: Bearer $TOKEN" localhost:3000/hello
+//! curl -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+//!      -d '{"name": "laptop", "expiresAt": "2030-01-01T00:00:00Z"}' \
+//!      localhost:3000/personal-access-tokens
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::{Json, Router, routing::get};
+use tower_pat::admin::{self, AdminConfig};
+use tower_pat::{
+    NewToken, PatAuthLayer, Principal, ScopeSet, SqliteStore, TokenStore, UsageConfig,
+};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// The token store: the embedded SQLite default, one file. Swap in `PostgresStore::connect(url)`
+/// for many nodes over one database, and nothing else changes.
+async fn open_store() -> Result<Arc<dyn TokenStore>, Error> {
+    let path = std::env::var("PAT_DB").unwrap_or_else(|_| "tower-pat.db".to_owned());
+    Ok(Arc::new(SqliteStore::open(path).await?))
+}
+
+/// Creates the bootstrap token if subject `admin` has none yet, and prints it once.
+async fn bootstrap(store: &dyn TokenStore, layer: &PatAuthLayer) -> Result<(), Error> {
+    let existing = store.count_by_subject("admin").await?;
+    if existing > 0 {
+        println!("subject admin already has {existing} token(s); the first start printed one");
+        return Ok(());
+    }
+    let scopes = ScopeSet::parse(["personalAccessToken:*"])?;
+    let (record, secret) = NewToken::new("admin", "bootstrap", scopes).issue(
+        layer.format(),
+        layer.hasher(),
+        chrono::Utc::now(),
+    );
+    store.insert(&record).await?;
+    println!("admin token: {}", secret.expose_secret());
+    Ok(())
+}
+
+async fn hello(principal: Principal) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "tokenId": principal.token_id(),
+        "subject": principal.subject(),
+        "tokenName": principal.token_name(),
+        "type": principal.token_type(),
+        "scopes": principal.scopes(),
+        "expiresAt": principal.expires_at(),
+    }))
+}
+
+async fn ping() -> &'static str {
+    "pong"
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let store = open_store().await?;
+    let layer = PatAuthLayer::builder(Arc::clone(&store))
+        .track_usage(UsageConfig::default())
+        .build();
+
+    let protected = Router::new()
+        .route("/hello", get(hello))
+        .route("/ping", get(ping))
+        .layer(layer.clone());
+    let app = Router::new()
+        .nest(
+            "/personal-access-tokens",
+            admin::router(AdminConfig::new(Arc::clone(&store), &layer)),
+        )
+        .merge(protected)
+        .route("/public/ping", get(ping))
+        .route("/healthz", get(healthz));
+
+    let addr = std::env::var("PAT_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    println!("listening on {}", listener.local_addr()?);
+    bootstrap(&*store, &layer).await?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await?;
+    // Write the usage marks still pending before exiting.
+    if let Some(usage) = layer.usage() {
+        usage.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let terminated = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = terminated => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

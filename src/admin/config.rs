@@ -1,0 +1,183 @@
+//! [`AdminConfig`]: what the management API needs (the store, the layer) and its policies.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::error::ApiError;
+use super::events::TokenEvents;
+use super::input::MAX_PAGE_SIZE;
+use crate::auth::PatAuthLayer;
+use crate::store::TokenStore;
+
+/// What a new token without `expiresAt` gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ExpiryPolicy {
+    /// No `expiresAt` requires `userAwareTokenNeverExpires: true`, and the token never expires;
+    /// otherwise 400 naming both fields (SailPoint's rule). The default.
+    #[default]
+    RequireAcknowledgment,
+    /// No `expiresAt` means now plus this lifetime (capped by the maximum lifetime, if any);
+    /// `userAwareTokenNeverExpires: true` still asks for a token that never expires.
+    DefaultLifetime(Duration),
+}
+
+/// The configuration of [`router`](super::router): the store and the layer it shares (so that the
+/// API issues tokens the layer accepts, and every change reaches the layer's cache at once), and
+/// the policies.
+///
+/// ```
+/// use std::{sync::Arc, time::Duration};
+/// use tower_pat::admin::{AdminConfig, ExpiryPolicy};
+/// use tower_pat::{MemoryStore, PatAuthLayer};
+///
+/// let store = MemoryStore::new();
+/// let layer = PatAuthLayer::builder(store.clone()).build();
+/// let config = AdminConfig::new(Arc::new(store), &layer)
+///     .expiry_policy(ExpiryPolicy::DefaultLifetime(Duration::from_secs(30 * 86_400)))
+///     .max_lifetime(Duration::from_secs(365 * 86_400))
+///     .max_tokens_per_subject(20);
+/// let api: axum::Router = tower_pat::admin::router(config);
+/// # let _ = api;
+/// ```
+#[must_use]
+#[derive(Clone)]
+pub struct AdminConfig {
+    pub(crate) store: Arc<dyn TokenStore>,
+    pub(crate) layer: PatAuthLayer,
+    pub(crate) expiry: ExpiryPolicy,
+    pub(crate) max_lifetime: Option<Duration>,
+    pub(crate) max_tokens_per_subject: u64,
+    pub(crate) max_rotation_grace: Duration,
+    pub(crate) default_page_size: u64,
+    pub(crate) creation_limit: Option<(u32, Duration)>,
+    pub(crate) events: Option<Arc<dyn TokenEvents>>,
+}
+
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("layer", &self.layer)
+            .field("expiry", &self.expiry)
+            .field("max_lifetime", &self.max_lifetime)
+            .field("max_tokens_per_subject", &self.max_tokens_per_subject)
+            .field("max_rotation_grace", &self.max_rotation_grace)
+            .field("default_page_size", &self.default_page_size)
+            .field("creation_limit", &self.creation_limit)
+            .field("events", &self.events.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminConfig {
+    /// The API over `store`, which must be the store `layer` reads (or share its change feed),
+    /// with the defaults: [`ExpiryPolicy::RequireAcknowledgment`], no maximum lifetime, 100
+    /// tokens per subject, rotation grace periods of at most a day, pages of 50, at most 30 new
+    /// tokens per subject per minute, no events.
+    pub fn new(store: Arc<dyn TokenStore>, layer: &PatAuthLayer) -> Self {
+        Self {
+            store,
+            layer: layer.clone(),
+            expiry: ExpiryPolicy::default(),
+            max_lifetime: None,
+            max_tokens_per_subject: 100,
+            max_rotation_grace: Duration::from_secs(86_400),
+            default_page_size: 50,
+            creation_limit: Some((30, Duration::from_secs(60))),
+            events: None,
+        }
+    }
+
+    /// What a token created without `expiresAt` gets.
+    pub fn expiry_policy(mut self, policy: ExpiryPolicy) -> Self {
+        self.expiry = policy;
+        self
+    }
+
+    /// The longest a token may live from its creation (or from the change that sets its expiry);
+    /// with it, tokens that never expire are refused. Off by default.
+    pub fn max_lifetime(mut self, max: Duration) -> Self {
+        self.max_lifetime = Some(max);
+        self
+    }
+
+    /// How many tokens (revoked and expired ones included, until deleted) one subject may have;
+    /// one more is refused with 403. Default 100.
+    pub fn max_tokens_per_subject(mut self, max: u64) -> Self {
+        self.max_tokens_per_subject = max;
+        self
+    }
+
+    /// The longest `gracePeriodSeconds` a rotation gets; longer requests are cut to it. Default
+    /// one day.
+    pub fn max_rotation_grace(mut self, max: Duration) -> Self {
+        self.max_rotation_grace = max;
+        self
+    }
+
+    /// The page size of a listing without `limit`, 1 to 100. Default 50.
+    pub fn default_page_size(mut self, size: u64) -> Self {
+        self.default_page_size = size.clamp(1, MAX_PAGE_SIZE);
+        self
+    }
+
+    /// At most `max` tokens created per subject per `window`; more get 429 with `Retry-After`.
+    /// Default 30 per minute. `max == 0` turns the limit off.
+    pub fn creation_rate_limit(mut self, max: u32, window: Duration) -> Self {
+        self.creation_limit = (max > 0).then_some((max, window));
+        self
+    }
+
+    /// Where change events go (for example a [`WebhookSink`](super::WebhookSink)).
+    pub fn events(mut self, sink: impl TokenEvents) -> Self {
+        self.events = Some(Arc::new(sink));
+        self
+    }
+
+    /// The expiry of a token given `expires_at` and the never-expires acknowledgment at `now`,
+    /// under the expiry policy and the maximum lifetime.
+    pub(crate) fn resolve_expiry(
+        &self,
+        expires_at: Option<DateTime<Utc>>,
+        never_expires: bool,
+        now: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, ApiError> {
+        let latest = self
+            .max_lifetime
+            .and_then(|max| chrono::Duration::from_std(max).ok())
+            .and_then(|max| now.checked_add_signed(max));
+        match (expires_at, never_expires, self.expiry) {
+            (Some(at), ..) if at <= now => {
+                Err(ApiError::invalid("expiresAt", "must be in the future"))
+            }
+            (Some(at), ..) => match latest {
+                Some(latest) if at > latest => Err(ApiError::invalid(
+                    "expiresAt",
+                    format!("must be at most the maximum lifetime from now ({latest})"),
+                )),
+                _ => Ok(Some(at)),
+            },
+            (None, true, _) if latest.is_some() => Err(ApiError::invalid(
+                "userAwareTokenNeverExpires",
+                "tokens that never expire are not allowed here; set expiresAt",
+            )),
+            (None, true, _) => Ok(None),
+            (None, false, ExpiryPolicy::RequireAcknowledgment) => Err(ApiError::bad_request(
+                "expiresAt: required unless userAwareTokenNeverExpires is true (acknowledging a \
+                 token that never expires)",
+            )),
+            (None, false, ExpiryPolicy::DefaultLifetime(lifetime)) => {
+                let lifetime = chrono::Duration::from_std(lifetime)
+                    .ok()
+                    .and_then(|d| now.checked_add_signed(d));
+                Ok(match (lifetime, latest) {
+                    (Some(at), Some(latest)) => Some(at.min(latest)),
+                    (at, latest) => at.or(latest),
+                })
+            }
+        }
+    }
+}

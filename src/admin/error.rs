@@ -1,0 +1,155 @@
+//! The management API's errors: a status, a machine-readable code and a message, rendered as the
+//! crate's one error body (`{"code", "message", "status"}`, see [`crate::auth::json_response`]).
+
+use std::borrow::Cow;
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+use utoipa::{ToResponse, ToSchema};
+
+use crate::store::StoreError;
+
+/// The JSON body of every error response, the authentication layer's included.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub(crate) struct ErrorBody {
+    /// A machine-readable code: `invalid_request`, `unauthorized`, `invalid_token`,
+    /// `insufficient_scope`, `forbidden`, `token_limit_reached`, `not_found`, `conflict`,
+    /// `too_many_requests` or `server_error`.
+    pub(crate) code: String,
+    /// A human-readable message; for a bad field it starts with the field's name.
+    pub(crate) message: String,
+    /// The HTTP status, repeated.
+    pub(crate) status: u16,
+}
+
+// The error answers several operations share, as reusable OpenAPI responses.
+
+/// No valid access token.
+#[derive(ToResponse)]
+#[allow(dead_code)] // documentation only
+pub(crate) struct Unauthorized(ErrorBody);
+
+/// `personalAccessToken:read` is missing.
+#[derive(ToResponse)]
+#[allow(dead_code)]
+pub(crate) struct ReadScopeMissing(ErrorBody);
+
+/// `personalAccessToken:write` is missing.
+#[derive(ToResponse)]
+#[allow(dead_code)]
+pub(crate) struct WriteScopeMissing(ErrorBody);
+
+/// No such token, or another subject's without `personalAccessToken:admin`.
+#[derive(ToResponse)]
+#[allow(dead_code)]
+pub(crate) struct NotFound(ErrorBody);
+
+/// The token store failed.
+#[derive(ToResponse)]
+#[allow(dead_code)]
+pub(crate) struct StoreFailed(ErrorBody);
+
+/// Why a management request failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ApiError {
+    pub(crate) status: StatusCode,
+    pub(crate) code: &'static str,
+    pub(crate) message: Cow<'static, str>,
+    /// Seconds for `Retry-After` (429 only).
+    pub(crate) retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 400: a field (or the body, or a query parameter) is missing, of the wrong type or invalid.
+    /// The message names it.
+    pub(crate) fn invalid(field: &str, problem: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("{field}: {problem}"),
+        )
+    }
+
+    /// 400 for the request as a whole (a rule that is not about one field).
+    pub(crate) fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    /// 403: the caller may not do this.
+    pub(crate) fn forbidden(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, code, message)
+    }
+
+    /// 404: no such token, or not one the caller may see.
+    pub(crate) fn not_found() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no personal access token with this id",
+        )
+    }
+
+    /// 409: the subject already has a token with this name.
+    pub(crate) fn name_taken() -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "name: a personal access token with this name already exists",
+        )
+    }
+
+    /// 429 with `Retry-After`.
+    pub(crate) fn too_many(retry_after: u64) -> Self {
+        Self {
+            retry_after: Some(retry_after.max(1)),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                "too many personal access tokens created; try again later",
+            )
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::NotFound => Self::not_found(),
+            StoreError::Conflict { field: "name" } => Self::name_taken(),
+            StoreError::Conflict { field } => Self::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("{field}: already taken; retry the request"),
+            ),
+            err => {
+                tracing::error!(error = %err, "token store failed in the management API");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "the token store failed",
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut res = crate::auth::json_response(self.status, self.code, &self.message);
+        if let Some(secs) = self.retry_after {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        res.map(axum::body::Body::from)
+    }
+}

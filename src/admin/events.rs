@@ -1,0 +1,98 @@
+//! Change events: [`TokenEvents`] receives a [`TokenEvent`] after every change the management API
+//! makes. [`WebhookSink`](super::WebhookSink) posts them to a URL.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::view::TokenView;
+
+/// Receives the management API's change events.
+///
+/// `publish` is called on the request's task right after the change is stored, before the
+/// response is sent: return at once (hand the event to a queue), never block or wait.
+pub trait TokenEvents: Send + Sync + 'static {
+    /// Takes one event.
+    fn publish(&self, event: TokenEvent);
+}
+
+/// What changed: `{"event": "personalAccessToken.created", "data": <token view>, "triggeredAt":
+/// <RFC 3339>}`. The data never holds the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[non_exhaustive]
+pub struct TokenEvent {
+    /// The kind of change.
+    pub event: EventKind,
+    /// The token after the change (before it, for a deletion).
+    pub data: TokenView,
+    /// When the change happened.
+    pub triggered_at: DateTime<Utc>,
+}
+
+impl TokenEvent {
+    /// An event of `kind` about `data` at `at`.
+    pub fn new(kind: EventKind, data: TokenView, at: DateTime<Utc>) -> Self {
+        Self {
+            event: kind,
+            data,
+            triggered_at: at,
+        }
+    }
+}
+
+/// The kinds of [`TokenEvent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub enum EventKind {
+    /// A token was created.
+    #[serde(rename = "personalAccessToken.created")]
+    Created,
+    /// Its name, scopes, expiry or IP restriction changed.
+    #[serde(rename = "personalAccessToken.updated")]
+    Updated,
+    /// Its secret was rotated.
+    #[serde(rename = "personalAccessToken.rotated")]
+    Rotated,
+    /// It was revoked (the record is kept).
+    #[serde(rename = "personalAccessToken.revoked")]
+    Revoked,
+    /// It was deleted.
+    #[serde(rename = "personalAccessToken.deleted")]
+    Deleted,
+}
+
+impl EventKind {
+    /// The name on the wire, such as `personalAccessToken.created`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "personalAccessToken.created",
+            Self::Updated => "personalAccessToken.updated",
+            Self::Rotated => "personalAccessToken.rotated",
+            Self::Revoked => "personalAccessToken.revoked",
+            Self::Deleted => "personalAccessToken.deleted",
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A Tokio channel as a sink: `try_send`, so a full channel drops the event (with a warning)
+/// rather than delay the request.
+impl TokenEvents for tokio::sync::mpsc::Sender<TokenEvent> {
+    fn publish(&self, event: TokenEvent) {
+        if let Err(e) = self.try_send(event) {
+            tracing::warn!(error = %e, "token event dropped");
+        }
+    }
+}
+
+impl<T: TokenEvents + ?Sized> TokenEvents for std::sync::Arc<T> {
+    fn publish(&self, event: TokenEvent) {
+        (**self).publish(event);
+    }
+}

@@ -1,0 +1,536 @@
+//! The requests of the management API, parsed field by field from JSON (and the query string), so
+//! that a field of the wrong type gets a 400 that names it, and the aliases the seed APIs' clients
+//! send are accepted. These types are also the request schemas of the OpenAPI document.
+
+use chrono::{DateTime, Utc};
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::ApiError;
+use crate::record::parse_ip_net;
+use crate::scope::{Scope, ScopeSet};
+use crate::store::{LastUsedFilter, ListQuery, SortKey};
+
+/// The longest name, in characters.
+pub(crate) const MAX_NAME_CHARS: usize = 256;
+/// The longest token type, in characters.
+const MAX_TYPE_CHARS: usize = 64;
+/// The largest page.
+pub(crate) const MAX_PAGE_SIZE: u64 = 100;
+
+/// `POST /`: a new token. Fields the server sets (`id`, `secret`, `token`, `createdAt`, `seenAt`,
+/// `lastUsedAt`, …) are ignored if sent.
+#[derive(Debug, Clone, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct CreateTokenRequest {
+    /// 1–256 characters after trimming, unique among the caller's tokens. Alias: `description`.
+    #[schema(min_length = 1, max_length = 256)]
+    pub(crate) name: String,
+    /// Scopes, each held by the caller (a token never exceeds its owner); none if left out. Alias:
+    /// `scope`. A space-separated string is accepted too.
+    #[schema(value_type = Option<Vec<String>>)]
+    pub(crate) scopes: ScopeSet,
+    /// RFC 3339, in the future. Aliases: `expirationDate`, `expireAt`. Without it, the server's
+    /// expiry policy applies: by default `userAwareTokenNeverExpires: true` is required.
+    pub(crate) expires_at: Option<DateTime<Utc>>,
+    /// The caller's acknowledgment that the token never expires (when `expiresAt` is left out).
+    #[schema(value_type = Option<bool>)]
+    pub(crate) user_aware_token_never_expires: bool,
+    /// Client networks: one CIDR or address, several separated by commas, or an array of them.
+    #[schema(value_type = Option<IpRestriction>)]
+    pub(crate) ip_restriction: Vec<IpNet>,
+    /// A free-form type, `personal` by default.
+    #[serde(rename = "type")]
+    #[schema(value_type = Option<String>)]
+    pub(crate) token_type: String,
+}
+
+/// `PATCH /{id}`: a JSON merge patch (RFC 7396). Fields left out stay as they are; `null` clears
+/// `expiresAt` (with `userAwareTokenNeverExpires: true`), `ipRestriction` and `scopes`.
+#[derive(Debug, Clone, Default, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct PatchTokenRequest {
+    /// A new name. Alias: `description`.
+    #[schema(min_length = 1, max_length = 256)]
+    pub(crate) name: Option<String>,
+    /// New scopes, each held by the caller. Alias: `scope`.
+    #[schema(value_type = Option<Vec<String>>)]
+    pub(crate) scopes: Option<ScopeSet>,
+    /// A new expiry, or `null` for never (which needs `userAwareTokenNeverExpires: true` under the
+    /// default policy). Aliases: `expirationDate`, `expireAt`.
+    #[schema(value_type = Option<DateTime<Utc>>)]
+    pub(crate) expires_at: Option<Option<DateTime<Utc>>>,
+    /// Acknowledges a token that never expires.
+    #[schema(value_type = Option<bool>)]
+    pub(crate) user_aware_token_never_expires: bool,
+    /// New client networks, or `null` for anywhere.
+    #[schema(value_type = Option<IpRestriction>)]
+    pub(crate) ip_restriction: Option<Vec<IpNet>>,
+    /// `true` revokes the token (the record is kept); `false` on a revoked token is refused.
+    pub(crate) revoked: Option<bool>,
+}
+
+/// `POST /{id}/rotate`: the body is optional.
+#[derive(Debug, Clone, Default, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct RotateTokenRequest {
+    /// How long the previous secret keeps working, in seconds (default 0: it stops at once;
+    /// capped by the server's configuration).
+    pub(crate) grace_period_seconds: Option<u64>,
+    /// A new expiry (RFC 3339, in the future); the current one is kept without it. Aliases:
+    /// `expirationDate`, `expireAt`.
+    pub(crate) expires_at: Option<DateTime<Utc>>,
+}
+
+/// An IP restriction as a request may send it.
+#[derive(ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // a schema only: requests are parsed field by field
+pub(crate) enum IpRestriction {
+    /// One CIDR or address, or several separated by commas.
+    One(String),
+    /// CIDRs or addresses.
+    Many(Vec<String>),
+}
+
+/// `GET /`: which tokens, in which order, which page.
+#[derive(Debug, Clone, Default, IntoParams)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
+pub(crate) struct ListParams {
+    /// The page, from 1 (default 1).
+    #[param(minimum = 1)]
+    pub(crate) page: Option<u64>,
+    /// Tokens per page, 1–100 (default 50, or the server's configured page size).
+    #[param(minimum = 1, maximum = 100)]
+    pub(crate) limit: Option<u64>,
+    /// The order.
+    #[param(inline)]
+    pub(crate) sort: Option<SortParam>,
+    /// Only tokens whose name contains this text (case-insensitive).
+    pub(crate) search: Option<String>,
+    /// `never`: only tokens never used.
+    #[param(inline)]
+    pub(crate) last_used: Option<LastUsedParam>,
+    /// Only tokens not used since this time (RFC 3339); never-used ones included.
+    pub(crate) last_used_before: Option<DateTime<Utc>>,
+    /// Another subject's tokens (needs `personalAccessToken:admin`).
+    pub(crate) owner_id: Option<String>,
+}
+
+/// The `sort` values: a key, `-` first for descending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+pub(crate) enum SortParam {
+    /// Oldest first (the default).
+    #[serde(rename = "createdAt")]
+    CreatedAt,
+    /// Newest first.
+    #[serde(rename = "-createdAt")]
+    CreatedAtDesc,
+    /// By name.
+    #[serde(rename = "name")]
+    Name,
+    /// By name, reversed.
+    #[serde(rename = "-name")]
+    NameDesc,
+    /// Least recently used first (never used before all).
+    #[serde(rename = "lastUsedAt")]
+    LastUsedAt,
+    /// Most recently used first.
+    #[serde(rename = "-lastUsedAt")]
+    LastUsedAtDesc,
+    /// Soonest expiry first (never-expiring last).
+    #[serde(rename = "expiresAt")]
+    ExpiresAt,
+    /// Latest expiry first.
+    #[serde(rename = "-expiresAt")]
+    ExpiresAtDesc,
+}
+
+impl SortParam {
+    fn key(self) -> (SortKey, bool) {
+        match self {
+            Self::CreatedAt => (SortKey::CreatedAt, false),
+            Self::CreatedAtDesc => (SortKey::CreatedAt, true),
+            Self::Name => (SortKey::Name, false),
+            Self::NameDesc => (SortKey::Name, true),
+            Self::LastUsedAt => (SortKey::LastUsedAt, false),
+            Self::LastUsedAtDesc => (SortKey::LastUsedAt, true),
+            Self::ExpiresAt => (SortKey::ExpiresAt, false),
+            Self::ExpiresAtDesc => (SortKey::ExpiresAt, true),
+        }
+    }
+}
+
+/// The `lastUsed` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) enum LastUsedParam {
+    /// Only tokens never used.
+    Never,
+}
+
+const NAME: &[&str] = &["name", "description"];
+const SCOPES: &[&str] = &["scopes", "scope"];
+const EXPIRES_AT: &[&str] = &["expiresAt", "expirationDate", "expireAt"];
+const NEVER_EXPIRES: &[&str] = &["userAwareTokenNeverExpires"];
+const IP_RESTRICTION: &[&str] = &["ipRestriction"];
+const TYPE: &[&str] = &["type"];
+const REVOKED: &[&str] = &["revoked"];
+const GRACE: &[&str] = &["gracePeriodSeconds"];
+
+impl CreateTokenRequest {
+    pub(crate) fn from_json(body: &[u8]) -> Result<Self, ApiError> {
+        let obj = object(body, false)?;
+        let name = match field(&obj, NAME)? {
+            Some((f, v)) => name(f, v)?,
+            None => return Err(ApiError::invalid("name", "required")),
+        };
+        Ok(Self {
+            name,
+            scopes: field(&obj, SCOPES)?
+                .map(|(f, v)| scopes(f, v))
+                .transpose()?
+                .unwrap_or_default(),
+            expires_at: field(&obj, EXPIRES_AT)?
+                .map(|(f, v)| time(f, v))
+                .transpose()?
+                .flatten(),
+            user_aware_token_never_expires: field(&obj, NEVER_EXPIRES)?
+                .map(|(f, v)| boolean(f, v))
+                .transpose()?
+                .unwrap_or(false),
+            ip_restriction: field(&obj, IP_RESTRICTION)?
+                .map(|(f, v)| networks(f, v))
+                .transpose()?
+                .unwrap_or_default(),
+            token_type: field(&obj, TYPE)?
+                .map(|(f, v)| token_type(f, v))
+                .transpose()?
+                .unwrap_or_else(|| "personal".to_owned()),
+        })
+    }
+}
+
+impl PatchTokenRequest {
+    pub(crate) fn from_json(body: &[u8]) -> Result<Self, ApiError> {
+        let obj = object(body, false)?;
+        Ok(Self {
+            name: patched(&obj, NAME)?
+                .map(|(f, v)| match v {
+                    Some(v) => name(f, v),
+                    None => Err(ApiError::invalid(f, "cannot be removed")),
+                })
+                .transpose()?,
+            scopes: patched(&obj, SCOPES)?
+                .map(|(f, v)| v.map_or(Ok(ScopeSet::empty()), |v| scopes(f, v)))
+                .transpose()?,
+            expires_at: patched(&obj, EXPIRES_AT)?
+                .map(|(f, v)| v.map_or(Ok(None), |v| time(f, v)))
+                .transpose()?,
+            user_aware_token_never_expires: field(&obj, NEVER_EXPIRES)?
+                .map(|(f, v)| boolean(f, v))
+                .transpose()?
+                .unwrap_or(false),
+            ip_restriction: patched(&obj, IP_RESTRICTION)?
+                .map(|(f, v)| v.map_or(Ok(Vec::new()), |v| networks(f, v)))
+                .transpose()?,
+            revoked: field(&obj, REVOKED)?
+                .map(|(f, v)| boolean(f, v))
+                .transpose()?,
+        })
+    }
+}
+
+impl RotateTokenRequest {
+    pub(crate) fn from_json(body: &[u8]) -> Result<Self, ApiError> {
+        let obj = object(body, true)?;
+        Ok(Self {
+            grace_period_seconds: field(&obj, GRACE)?
+                .map(|(f, v)| {
+                    v.as_u64()
+                        .ok_or_else(|| ApiError::invalid(f, "must be a non-negative integer"))
+                })
+                .transpose()?,
+            expires_at: field(&obj, EXPIRES_AT)?
+                .map(|(f, v)| time(f, v))
+                .transpose()?
+                .flatten(),
+        })
+    }
+}
+
+impl ListParams {
+    /// Parses a query string; unknown parameters are ignored, a repeated one's last value wins.
+    pub(crate) fn from_query(query: &str) -> Result<Self, ApiError> {
+        let mut params = Self::default();
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            let value = value.trim();
+            match &*key {
+                "page" => params.page = Some(count("page", value, 1, u64::MAX)?),
+                "limit" => params.limit = Some(count("limit", value, 1, MAX_PAGE_SIZE)?),
+                "sort" => params.sort = Some(keyword("sort", value)?),
+                "search" => params.search = Some(value.to_owned()).filter(|s| !s.is_empty()),
+                "lastUsed" => params.last_used = Some(keyword("lastUsed", value)?),
+                "lastUsedBefore" => {
+                    params.last_used_before = Some(
+                        DateTime::parse_from_rfc3339(value)
+                            .map_err(|_| {
+                                ApiError::invalid("lastUsedBefore", "must be an RFC 3339 date-time")
+                            })?
+                            .to_utc(),
+                    );
+                }
+                "ownerId" => params.owner_id = Some(value.to_owned()).filter(|s| !s.is_empty()),
+                _ => {}
+            }
+        }
+        Ok(params)
+    }
+
+    /// The store query for `subject`'s tokens.
+    pub(crate) fn to_query(&self, subject: &str, default_limit: u64) -> ListQuery {
+        let limit = self.limit.unwrap_or(default_limit);
+        let (sort, descending) = self.sort.unwrap_or(SortParam::CreatedAt).key();
+        ListQuery {
+            subject: Some(subject.to_owned()),
+            search: self.search.clone(),
+            last_used: match (self.last_used, self.last_used_before) {
+                (Some(LastUsedParam::Never), _) => LastUsedFilter::Never,
+                (None, Some(t)) => LastUsedFilter::Before(t),
+                (None, None) => LastUsedFilter::Any,
+            },
+            sort,
+            descending,
+            offset: self
+                .page
+                .unwrap_or(1)
+                .saturating_sub(1)
+                .saturating_mul(limit),
+            limit,
+        }
+    }
+}
+
+/// The body as a JSON object (an empty body as an empty object if `empty_ok`).
+fn object(body: &[u8], empty_ok: bool) -> Result<Map<String, Value>, ApiError> {
+    if empty_ok && body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    match serde_json::from_slice(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "the request body is not valid JSON: {e}"
+        ))),
+    }
+}
+
+/// The value of a field that may go by several names (`null` counts as absent), and the name it
+/// came under. The same field under two names is refused.
+fn field<'a>(
+    obj: &'a Map<String, Value>,
+    names: &[&'static str],
+) -> Result<Option<(&'static str, &'a Value)>, ApiError> {
+    Ok(patched(obj, names)?.and_then(|(f, v)| v.map(|v| (f, v))))
+}
+
+/// Like [`field`], but tells a `null` (`Some((name, None))`) from an absent field (`None`), as a
+/// merge patch must.
+fn patched<'a>(
+    obj: &'a Map<String, Value>,
+    names: &[&'static str],
+) -> Result<Option<(&'static str, Option<&'a Value>)>, ApiError> {
+    let mut found: Option<(&'static str, Option<&'a Value>)> = None;
+    for &name in names {
+        let Some(value) = obj.get(name) else { continue };
+        let value = (!value.is_null()).then_some(value);
+        match found {
+            Some((first, Some(_))) if value.is_some() => {
+                return Err(ApiError::invalid(
+                    first,
+                    format!("given twice, also as {name}"),
+                ));
+            }
+            Some((_, Some(_))) => {}
+            _ => found = Some((name, value)),
+        }
+    }
+    Ok(found)
+}
+
+fn string<'a>(field: &str, value: &'a Value) -> Result<&'a str, ApiError> {
+    value
+        .as_str()
+        .ok_or_else(|| ApiError::invalid(field, "must be a string"))
+}
+
+fn boolean(field: &str, value: &Value) -> Result<bool, ApiError> {
+    value
+        .as_bool()
+        .ok_or_else(|| ApiError::invalid(field, "must be a boolean"))
+}
+
+fn name(field: &str, value: &Value) -> Result<String, ApiError> {
+    let name = string(field, value)?.trim();
+    let chars = name.chars().count();
+    if chars == 0 || chars > MAX_NAME_CHARS {
+        return Err(ApiError::invalid(
+            field,
+            format!("must be 1 to {MAX_NAME_CHARS} characters long"),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+fn token_type(field: &str, value: &Value) -> Result<String, ApiError> {
+    let t = string(field, value)?.trim();
+    let chars = t.chars().count();
+    if chars == 0 || chars > MAX_TYPE_CHARS || t.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            field,
+            format!("must be 1 to {MAX_TYPE_CHARS} printable characters"),
+        ));
+    }
+    Ok(t.to_owned())
+}
+
+/// An RFC 3339 date-time; an empty string is no date.
+fn time(field: &str, value: &Value) -> Result<Option<DateTime<Utc>>, ApiError> {
+    let s = string(field, value)?.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| Some(t.to_utc()))
+        .map_err(|_| ApiError::invalid(field, "must be an RFC 3339 date-time"))
+}
+
+/// An array of strings, or one string split at `separator`.
+fn list<'a>(
+    field: &str,
+    value: &'a Value,
+    separator: fn(char) -> bool,
+) -> Result<Vec<&'a str>, ApiError> {
+    let items: Vec<&str> = match value {
+        Value::String(s) => s.split(separator).collect(),
+        Value::Array(items) => items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| ApiError::invalid(field, "must be an array of strings"))
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(ApiError::invalid(field, "must be an array of strings")),
+    };
+    Ok(items
+        .into_iter()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect())
+}
+
+fn scopes(field: &str, value: &Value) -> Result<ScopeSet, ApiError> {
+    list(field, value, char::is_whitespace)?
+        .into_iter()
+        .map(|s| Scope::new(s).map_err(|e| ApiError::invalid(field, format!("{s:?}: {e}"))))
+        .collect()
+}
+
+fn networks(field: &str, value: &Value) -> Result<Vec<IpNet>, ApiError> {
+    list(field, value, |c| c == ',')?
+        .into_iter()
+        .map(|s| {
+            parse_ip_net(s).map_err(|_| {
+                ApiError::invalid(field, format!("{s:?} is not an IP address or CIDR network"))
+            })
+        })
+        .collect()
+}
+
+/// A whole number in `min..=max` from the query string.
+fn count(param: &str, value: &str, min: u64, max: u64) -> Result<u64, ApiError> {
+    value
+        .parse::<u64>()
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| {
+            ApiError::invalid(param, format!("must be a whole number from {min} to {max}"))
+        })
+}
+
+/// One of an enum's names from the query string.
+fn keyword<T: for<'de> Deserialize<'de>>(param: &str, value: &str) -> Result<T, ApiError> {
+    T::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(value))
+        .map_err(|_| ApiError::invalid(param, format!("unknown value {value:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aliases_and_types() {
+        let r = CreateTokenRequest::from_json(
+            br#"{"description":" ci ","scope":["a:read"],"expirationDate":"2999-01-01T00:00:00Z","ipRestriction":"10.0.0.0/8, 2001:db8::1","id":"x","token":"y"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.name, "ci");
+        assert_eq!(r.scopes.to_space_separated(), "a:read");
+        assert!(r.expires_at.is_some());
+        assert_eq!(r.ip_restriction.len(), 2);
+        assert_eq!(r.token_type, "personal");
+
+        let e =
+            CreateTokenRequest::from_json(br#"{"name":"x","scopes":"a","type":3}"#).unwrap_err();
+        assert!(e.message.starts_with("type:"), "{}", e.message);
+        let e = CreateTokenRequest::from_json(br#"{"name":"x","description":"y"}"#).unwrap_err();
+        assert!(e.message.contains("name") && e.message.contains("description"));
+        let e =
+            CreateTokenRequest::from_json(br#"{"name":"x","expiresAt":"tomorrow"}"#).unwrap_err();
+        assert!(e.message.starts_with("expiresAt:"));
+    }
+
+    #[test]
+    fn merge_patch_nulls() {
+        let p =
+            PatchTokenRequest::from_json(br#"{"expiresAt":null,"ipRestriction":null}"#).unwrap();
+        assert_eq!(p.expires_at, Some(None));
+        assert_eq!(p.ip_restriction, Some(Vec::new()));
+        assert_eq!(p.name, None);
+        assert!(PatchTokenRequest::from_json(br#"{"name":null}"#).is_err());
+    }
+
+    #[test]
+    fn query() {
+        let p =
+            ListParams::from_query("page=2&limit=10&sort=-lastUsedAt&lastUsed=never&x=1").unwrap();
+        let q = p.to_query("alice", 50);
+        assert_eq!(
+            (q.offset, q.limit, q.sort, q.descending),
+            (10, 10, SortKey::LastUsedAt, true)
+        );
+        assert_eq!(q.last_used, LastUsedFilter::Never);
+        assert!(
+            ListParams::from_query("limit=101")
+                .unwrap_err()
+                .message
+                .starts_with("limit:")
+        );
+        assert!(
+            ListParams::from_query("sort=size")
+                .unwrap_err()
+                .message
+                .starts_with("sort:")
+        );
+    }
+}

@@ -1,0 +1,493 @@
+//! The endpoints: one handler per operation, each documented for the OpenAPI document by its
+//! `#[utoipa::path]` attribute, and the router that puts them behind the layer and the scopes.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, NestedPath, Path, RawQuery, State};
+use axum::handler::Handler;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
+use http::request::Parts;
+use http::{HeaderValue, StatusCode, header};
+use tokio::sync::Mutex;
+
+use super::config::AdminConfig;
+use super::error::{
+    ApiError, ErrorBody, NotFound, ReadScopeMissing, StoreFailed, Unauthorized, WriteScopeMissing,
+};
+use super::events::{EventKind, TokenEvent};
+use super::input::{CreateTokenRequest, ListParams, PatchTokenRequest, RotateTokenRequest};
+use super::limit::CreationLimiter;
+use super::openapi;
+use super::view::{Deleted, IssuedToken, TokenView, json};
+use super::{ADMIN_SCOPE, READ_SCOPE, WRITE_SCOPE};
+use crate::auth::RequireScopesLayer;
+use crate::principal::Principal;
+use crate::record::{NewToken, TokenRecord};
+use crate::scope::ScopeSet;
+
+/// The tag of every operation.
+pub(crate) const TAG: &str = "personal-access-tokens";
+
+/// The router's state: the configuration and what the policies need at run time.
+pub(crate) struct Admin {
+    config: AdminConfig,
+    limiter: Option<CreationLimiter>,
+    /// Serializes the count-then-insert of token creation, so the per-subject maximum holds
+    /// against concurrent requests to this process.
+    create: Mutex<()>,
+}
+
+type AppState = State<Arc<Admin>>;
+
+pub(crate) fn router(config: AdminConfig) -> Router {
+    let layer = config.layer.clone();
+    let scope = |scope: &str| RequireScopesLayer::new([scope]).realm(layer.realm());
+    let (read, write) = (scope(READ_SCOPE), scope(WRITE_SCOPE));
+    let state = Arc::new(Admin {
+        limiter: config
+            .creation_limit
+            .map(|(max, window)| CreationLimiter::new(max, window)),
+        create: Mutex::new(()),
+        config,
+    });
+    Router::new()
+        .route(
+            "/",
+            get(list.layer(read.clone())).post(create.layer(write.clone())),
+        )
+        .route("/self", get(get_self.layer(read.clone())))
+        .route(
+            "/{id}",
+            get(get_one.layer(read))
+                .patch(update.layer(write.clone()))
+                .delete(delete.layer(write.clone())),
+        )
+        .route("/{id}/rotate", post(rotate.layer(write)))
+        .layer(layer)
+        // The document is public: it describes the API, it reveals nothing about tokens.
+        .route("/openapi.json", get(openapi_json))
+        .with_state(state)
+}
+
+/// Where the router is nested (`/personal-access-tokens`), empty at the root.
+pub(crate) struct Base(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Base {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let base = parts
+            .extensions
+            .get::<NestedPath>()
+            .map_or("", |p| p.as_str().trim_end_matches('/'));
+        Ok(Self(base.to_owned()))
+    }
+}
+
+impl Admin {
+    /// The record `id` if the caller may act on it: its own, or any with the admin scope.
+    /// Anything else is 404, so ids of other subjects' tokens cannot be probed.
+    async fn load(&self, caller: &Principal, id: &str) -> Result<TokenRecord, ApiError> {
+        match self.config.store.get(id).await? {
+            Some(r) if r.subject == caller.subject() || caller.has_scope(ADMIN_SCOPE) => Ok(r),
+            _ => Err(ApiError::not_found()),
+        }
+    }
+
+    /// A token never exceeds its owner: every requested scope must be covered by the caller's.
+    fn check_held(caller: &Principal, scopes: &ScopeSet) -> Result<(), ApiError> {
+        let missing: Vec<&str> = caller
+            .scopes()
+            .missing(scopes)
+            .map(|s| s.as_str())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(ApiError::forbidden(
+            "insufficient_scope",
+            format!(
+                "scopes: a token cannot have scopes its creator lacks: {}",
+                missing.join(" ")
+            ),
+        ))
+    }
+
+    /// The view of a record with the usage marks not yet written behind merged in, so that
+    /// `lastUsedAt` and `lastUsedIps` are fresh.
+    fn view(&self, record: &TokenRecord, now: DateTime<Utc>) -> TokenView {
+        match self
+            .config
+            .layer
+            .usage()
+            .and_then(|u| u.pending(&record.id))
+        {
+            Some(pending) => {
+                let mut fresh = record.clone();
+                fresh.apply_usage(&pending);
+                TokenView::new(&fresh, now)
+            }
+            None => TokenView::new(record, now),
+        }
+    }
+
+    fn emit(&self, kind: EventKind, view: impl FnOnce() -> TokenView, at: DateTime<Utc>) {
+        if let Some(sink) = &self.config.events {
+            sink.publish(TokenEvent::new(kind, view(), at));
+        }
+    }
+}
+
+/// Create a personal access token.
+///
+/// The answer is the only time the secret is shown: as `token`, `secret` and `accessToken`.
+#[utoipa::path(
+    post,
+    path = "/",
+    tag = TAG,
+    request_body = CreateTokenRequest,
+    responses(
+        (status = 201, description = "Created; the secret is shown this once", body = IssuedToken,
+            headers(("Location" = String, description = "The new token's URL"))),
+        (status = 400, description = "A field is missing, of the wrong type or invalid (the message names it), or the expiry rule is broken", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 403, description = "A scope is missing (`personalAccessToken:write`, or a requested scope the caller lacks), or the subject has the maximum number of tokens", body = ErrorBody),
+        (status = 409, description = "The caller already has a token with this name", body = ErrorBody),
+        (status = 429, description = "Too many tokens created recently; see `Retry-After`", body = ErrorBody),
+        (status = 500, response = StoreFailed),
+    ),
+    security(("bearer" = ["personalAccessToken:write"]))
+)]
+pub(crate) async fn create(
+    State(admin): AppState,
+    caller: Principal,
+    Base(base): Base,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req = CreateTokenRequest::from_json(&body)?;
+    let now = Utc::now();
+    Admin::check_held(&caller, &req.scopes)?;
+    let expires_at =
+        admin
+            .config
+            .resolve_expiry(req.expires_at, req.user_aware_token_never_expires, now)?;
+    if let Some(limiter) = &admin.limiter {
+        limiter
+            .check(caller.subject(), Instant::now())
+            .map_err(ApiError::too_many)?;
+    }
+    let mut token = NewToken::new(caller.subject(), req.name, req.scopes)
+        .token_type(req.token_type)
+        .ip_restriction(req.ip_restriction);
+    token.expires_at = expires_at;
+    let layer = &admin.config.layer;
+    let (record, secret) = token.issue(layer.format(), layer.hasher(), now);
+    {
+        let _one_at_a_time = admin.create.lock().await;
+        let max = admin.config.max_tokens_per_subject;
+        if admin
+            .config
+            .store
+            .count_by_subject(caller.subject())
+            .await?
+            >= max
+        {
+            return Err(ApiError::forbidden(
+                "token_limit_reached",
+                format!("a subject may have at most {max} personal access tokens"),
+            ));
+        }
+        admin.config.store.insert(&record).await?;
+    }
+    let view = TokenView::new(&record, now);
+    admin.emit(EventKind::Created, || view.clone(), now);
+    let mut res = json(StatusCode::CREATED, &IssuedToken::new(view, &secret));
+    if let Ok(location) = HeaderValue::try_from(format!("{base}/{}", record.id)) {
+        res.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(res)
+}
+
+/// List personal access tokens: the caller's, or another subject's with `ownerId` (admin scope).
+///
+/// The total number of matching tokens is in `X-Total-Count`.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = TAG,
+    params(ListParams),
+    responses(
+        (status = 200, description = "One page of tokens", body = Vec<TokenView>,
+            headers(("X-Total-Count" = u64, description = "How many tokens match in all"))),
+        (status = 400, description = "A query parameter is invalid (the message names it)", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 403, description = "`personalAccessToken:read` is missing, or `personalAccessToken:admin` for another subject's tokens", body = ErrorBody),
+        (status = 500, response = StoreFailed),
+    ),
+    security(("bearer" = ["personalAccessToken:read"]))
+)]
+pub(crate) async fn list(
+    State(admin): AppState,
+    caller: Principal,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = ListParams::from_query(query.as_deref().unwrap_or(""))?;
+    let subject = match params.owner_id.as_deref() {
+        Some(owner) if owner != caller.subject() && !caller.has_scope(ADMIN_SCOPE) => {
+            return Err(ApiError::forbidden(
+                "insufficient_scope",
+                format!("ownerId: another subject's tokens need the {ADMIN_SCOPE} scope"),
+            ));
+        }
+        Some(owner) => owner,
+        None => caller.subject(),
+    };
+    let page = admin
+        .config
+        .store
+        .list(&params.to_query(subject, admin.config.default_page_size))
+        .await?;
+    let now = Utc::now();
+    let views: Vec<TokenView> = page.items.iter().map(|r| admin.view(r, now)).collect();
+    let mut res = json(StatusCode::OK, &views);
+    res.headers_mut()
+        .insert("x-total-count", HeaderValue::from(page.total));
+    Ok(res)
+}
+
+/// The token that authenticated this request.
+#[utoipa::path(
+    get,
+    path = "/self",
+    tag = TAG,
+    responses(
+        (status = 200, description = "The caller's own token", body = TokenView),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = ReadScopeMissing),
+        (status = 404, description = "The token was deleted meanwhile", body = ErrorBody),
+        (status = 500, response = StoreFailed),
+    ),
+    security(("bearer" = ["personalAccessToken:read"]))
+)]
+pub(crate) async fn get_self(
+    State(admin): AppState,
+    caller: Principal,
+) -> Result<Response, ApiError> {
+    let record = admin.load(&caller, caller.token_id()).await?;
+    let view = admin
+        .view(&record, Utc::now())
+        .with_used_at(caller.last_used_at());
+    Ok(json(StatusCode::OK, &view))
+}
+
+/// One personal access token.
+#[utoipa::path(
+    get,
+    path = "/{id}",
+    tag = TAG,
+    params(("id" = String, Path, description = "The token's id")),
+    responses(
+        (status = 200, description = "The token", body = TokenView),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = ReadScopeMissing),
+        (status = 404, response = NotFound),
+        (status = 500, response = StoreFailed),
+    ),
+    security(("bearer" = ["personalAccessToken:read"]))
+)]
+pub(crate) async fn get_one(
+    State(admin): AppState,
+    caller: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let record = admin.load(&caller, &id).await?;
+    Ok(json(StatusCode::OK, &admin.view(&record, Utc::now())))
+}
+
+/// Update or revoke a personal access token (JSON merge patch).
+#[utoipa::path(
+    patch,
+    path = "/{id}",
+    tag = TAG,
+    params(("id" = String, Path, description = "The token's id")),
+    request_body(content = PatchTokenRequest, content_type = "application/merge-patch+json"),
+    responses(
+        (status = 200, description = "The updated token", body = TokenView),
+        (status = 400, description = "A field is of the wrong type or invalid (the message names it), or `revoked: false` on a revoked token", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 403, description = "`personalAccessToken:write` is missing, or a requested scope the caller lacks", body = ErrorBody),
+        (status = 404, response = NotFound),
+        (status = 409, description = "The subject already has a token with this name", body = ErrorBody),
+        (status = 500, response = StoreFailed),
+    ),
+    security(("bearer" = ["personalAccessToken:write"]))
+)]
+pub(crate) async fn update(
+    State(admin): AppState,
+    caller: Principal,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let patch = PatchTokenRequest::from_json(&body)?;
+    let mut record = admin.load(&caller, &id).await?;
+    let now = Utc::now();
+    if patch.revoked == Some(false) && record.is_revoked() {
+        return Err(ApiError::invalid(
+            "revoked",
+            "a revoked token cannot be reinstated; create a new one",
+        ));
+    }
+    let before = record.clone();
+    if let Some(name) = patch.name {
+        record.name = name;
+    }
+    if let Some(scopes) = patch.scopes {
+        Admin::check_held(&caller, &scopes)?;
+        record.scopes = scopes;
+    }
+    if let Some(expires_at) = patch.expires_at {
+        record.expires_at =
+            admin
+                .config
+                .resolve_expiry(expires_at, patch.user_aware_token_never_expires, now)?;
+    }
+    if let Some(nets) = patch.ip_restriction {
+        record.ip_restriction = nets;
+    }
+    if record != before {
+        record.updated_at = now;
+        admin.config.store.update(&record).await?;
+        admin.emit(EventKind::Updated, || TokenView::new(&record, now), now);
+    }
+    if patch.revoked == Some(true) && !record.is_revoked() {
+        record = admin
+            .config
+            .store
+            .revoke(&id, now)
+            .await?
+            .ok_or_else(ApiError::not_found)?;
+        admin.emit(EventKind::Revoked, || TokenView::new(&record, now), now);
+    }
+    Ok(json(StatusCode::OK, &admin.view(&record, now)))
+}
+
+/// Rotate a personal access token's secret.
+///
+/// Name, scopes, type, IP restriction and (unless `expiresAt` is given) expiry carry over. The
+/// previous secret stops working at once, or after `gracePeriodSeconds`.
+#[utoipa::path(
+    post,
+    path = "/{id}/rotate",
+    tag = TAG,
+    params(("id" = String, Path, description = "The token's id")),
+    request_body(content = Option<RotateTokenRequest>, description = "Optional"),
+    responses(
+        (status = 201, description = "Rotated; the new secret is shown this once", body = IssuedToken),
+        (status = 400, description = "The token is revoked or expired, or a field is invalid", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = WriteScopeMissing),
+        (status = 404, response = NotFound),
+        (status = 500, response = StoreFailed),
+    ),
+    security(("bearer" = ["personalAccessToken:write"]))
+)]
+pub(crate) async fn rotate(
+    State(admin): AppState,
+    caller: Principal,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req = RotateTokenRequest::from_json(&body)?;
+    let mut record = admin.load(&caller, &id).await?;
+    let now = Utc::now();
+    if record.is_revoked() {
+        return Err(ApiError::bad_request("a revoked token cannot be rotated"));
+    }
+    if record.is_expired_at(now) {
+        return Err(ApiError::bad_request("an expired token cannot be rotated"));
+    }
+    if let Some(at) = req.expires_at {
+        record.expires_at = admin.config.resolve_expiry(Some(at), false, now)?;
+    }
+    let grace = req
+        .grace_period_seconds
+        .map(std::time::Duration::from_secs)
+        .unwrap_or_default()
+        .min(admin.config.max_rotation_grace);
+    let grace_until = chrono::Duration::from_std(grace)
+        .ok()
+        .filter(|g| !g.is_zero())
+        .and_then(|g| now.checked_add_signed(g));
+    let layer = &admin.config.layer;
+    let (fresh, secret) = NewToken::new(&*record.subject, &*record.name, ScopeSet::empty()).issue(
+        layer.format(),
+        layer.hasher(),
+        now,
+    );
+    record.previous_hash = grace_until.map(|until| (record.hash, until));
+    record.hash = fresh.hash;
+    record.start = fresh.start;
+    record.last_rotated_at = Some(now);
+    record.updated_at = now;
+    admin.config.store.update(&record).await?;
+    let view = TokenView::new(&record, now);
+    admin.emit(EventKind::Rotated, || view.clone(), now);
+    let mut issued = IssuedToken::new(view, &secret);
+    issued.previous_token_valid_until = grace_until;
+    Ok(json(StatusCode::CREATED, &issued))
+}
+
+/// Delete a personal access token: the record is gone and the token stops working at once.
+#[utoipa::path(
+    delete,
+    path = "/{id}",
+    tag = TAG,
+    params(("id" = String, Path, description = "The token's id")),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = WriteScopeMissing),
+        (status = 404, response = NotFound),
+        (status = 500, response = StoreFailed),
+    ),
+    security(("bearer" = ["personalAccessToken:write"]))
+)]
+pub(crate) async fn delete(
+    State(admin): AppState,
+    caller: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    admin.load(&caller, &id).await?;
+    let removed = admin
+        .config
+        .store
+        .delete(&id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    let now = Utc::now();
+    admin.emit(EventKind::Deleted, || TokenView::new(&removed, now), now);
+    Ok(json(StatusCode::OK, &Deleted::OK))
+}
+
+/// This API's OpenAPI 3.1 document, with its paths under the base the router is nested at.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = TAG,
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")),
+    security(())
+)]
+pub(crate) async fn openapi_json(Base(base): Base) -> Response {
+    match openapi::document(&base).to_json() {
+        Ok(doc) => ([(header::CONTENT_TYPE, "application/json")], doc).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "could not serialize the OpenAPI document");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! [`WebhookSink`]: posts [`TokenEvent`]s to a URL as signed JSON, from a bounded queue, with
+//! retries and backoff, without ever delaying the API call that caused them.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use sha2::Sha256;
+use tokio::sync::mpsc;
+
+use super::events::{TokenEvent, TokenEvents};
+use crate::token::TokenHash;
+
+/// The header holding `sha256=<hex HMAC-SHA256 of the body under the shared secret>`.
+pub const SIGNATURE_HEADER: &str = "x-signature";
+/// The header holding the Unix time (seconds) of the delivery attempt.
+pub const TIMESTAMP_HEADER: &str = "x-timestamp";
+/// The header holding the event name, such as `personalAccessToken.created`.
+pub const EVENT_HEADER: &str = "x-event";
+
+/// Posts change events to a webhook URL.
+///
+/// Each event is serialized and queued by [`TokenEvents::publish`] with `try_send`: a full queue
+/// drops the event (counted in [`WebhookSink::dropped`] and logged), so the API call never waits.
+/// A background task posts the queue in order as `application/json` with
+/// `X-Signature: sha256=<hex HMAC-SHA256 of the body>`, `X-Timestamp` and `X-Event`; a failed
+/// delivery (connection error, timeout, 408, 429 or 5xx) is retried with exponential backoff.
+/// Plain `http://` only. The task ends when every clone of the sink is dropped and the queue is
+/// drained.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower_pat::admin::WebhookSink;
+///
+/// let sink = WebhookSink::builder("http://127.0.0.1:9000/hooks/pat", b"shared secret")?
+///     .queue_capacity(1024)
+///     .spawn();
+/// # let _ = sink;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct WebhookSink {
+    tx: mpsc::Sender<Delivery>,
+    stats: Arc<Stats>,
+}
+
+/// Configures a [`WebhookSink`]; [`WebhookBuilder::spawn`] starts it.
+#[must_use]
+pub struct WebhookBuilder {
+    url: Uri,
+    key: Hmac<Sha256>,
+    queue_capacity: usize,
+    max_attempts: u32,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+    timeout: Duration,
+}
+
+impl fmt::Debug for WebhookBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookBuilder")
+            .field("url", &self.url)
+            .field("key", &"[redacted]")
+            .field("queue_capacity", &self.queue_capacity)
+            .field("max_attempts", &self.max_attempts)
+            .field("initial_backoff", &self.initial_backoff)
+            .field("max_backoff", &self.max_backoff)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// Why a webhook URL was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidWebhookUrl(&'static str);
+
+impl fmt::Display for InvalidWebhookUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for InvalidWebhookUrl {}
+
+#[derive(Debug, Default)]
+struct Stats {
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    dropped: AtomicU64,
+}
+
+struct Delivery {
+    event: &'static str,
+    body: Bytes,
+}
+
+impl WebhookSink {
+    /// A sink posting to `url` (`http://host:port/path`) and signing with `secret`.
+    pub fn builder(
+        url: &str,
+        secret: impl AsRef<[u8]>,
+    ) -> Result<WebhookBuilder, InvalidWebhookUrl> {
+        let url: Uri = url
+            .parse()
+            .map_err(|_| InvalidWebhookUrl("the webhook URL is not a valid URI"))?;
+        if url.scheme_str() != Some("http") || url.host().is_none() {
+            return Err(InvalidWebhookUrl(
+                "the webhook URL must be an absolute http:// URL",
+            ));
+        }
+        Ok(WebhookBuilder {
+            url,
+            key: <Hmac<Sha256> as Mac>::new_from_slice(secret.as_ref())
+                .expect("HMAC accepts keys of any length"),
+            queue_capacity: 1024,
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// Events posted with a 2xx answer.
+    pub fn delivered(&self) -> u64 {
+        self.stats.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Events given up after the last attempt (or refused with a 4xx other than 408 and 429).
+    pub fn failed(&self) -> u64 {
+        self.stats.failed.load(Ordering::Relaxed)
+    }
+
+    /// Events dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.stats.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Events waiting in the queue.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+impl TokenEvents for WebhookSink {
+    fn publish(&self, event: TokenEvent) {
+        let body = match serde_json::to_vec(&event) {
+            Ok(body) => Bytes::from(body),
+            Err(e) => {
+                tracing::error!(error = %e, "could not serialize a token event");
+                return;
+            }
+        };
+        let delivery = Delivery {
+            event: event.event.as_str(),
+            body,
+        };
+        if self.tx.try_send(delivery).is_err() {
+            let dropped = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(
+                event = event.event.as_str(),
+                token_id = %event.data.id,
+                dropped,
+                "webhook queue full or closed; token event dropped"
+            );
+        }
+    }
+}
+
+impl WebhookBuilder {
+    /// How many events may wait (default 1024); more are dropped.
+    pub fn queue_capacity(mut self, capacity: usize) -> Self {
+        self.queue_capacity = capacity.max(1);
+        self
+    }
+
+    /// Attempts per event, the first included (default 5).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// The wait before the first retry, doubled for each next one up to `max` (default 500 ms
+    /// and 30 s).
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.initial_backoff = initial;
+        self.max_backoff = max.max(initial);
+        self
+    }
+
+    /// How long one attempt may take (default 10 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Starts the delivery task.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime.
+    pub fn spawn(self) -> WebhookSink {
+        let (tx, rx) = mpsc::channel(self.queue_capacity);
+        let stats = Arc::new(Stats::default());
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        tokio::spawn(deliver_all(self, client, rx, Arc::clone(&stats)));
+        WebhookSink { tx, stats }
+    }
+
+    /// `sha256=<hex HMAC-SHA256 of body>`.
+    fn signature(&self, body: &[u8]) -> HeaderValue {
+        let mut mac = self.key.clone();
+        mac.update(body);
+        let hex = TokenHash::hex_of(&mac.finalize().into_bytes());
+        HeaderValue::try_from(format!("sha256={hex}")).expect("hex is a valid header value")
+    }
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+async fn deliver_all(
+    config: WebhookBuilder,
+    client: HttpClient,
+    mut rx: mpsc::Receiver<Delivery>,
+    stats: Arc<Stats>,
+) {
+    while let Some(delivery) = rx.recv().await {
+        let signature = config.signature(&delivery.body);
+        let mut backoff = config.initial_backoff;
+        for attempt in 1..=config.max_attempts {
+            let outcome = attempt_once(&config, &client, &delivery, &signature).await;
+            let retry = match outcome {
+                Ok(status) if status.is_success() => {
+                    stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                Ok(status) => {
+                    status.is_server_error()
+                        || status == StatusCode::REQUEST_TIMEOUT
+                        || status == StatusCode::TOO_MANY_REQUESTS
+                }
+                Err(_) => true,
+            };
+            if !retry || attempt == config.max_attempts {
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    event = delivery.event,
+                    attempts = attempt,
+                    outcome = ?outcome,
+                    "webhook delivery failed; event given up"
+                );
+                break;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(config.max_backoff);
+        }
+    }
+}
+
+async fn attempt_once(
+    config: &WebhookBuilder,
+    client: &HttpClient,
+    delivery: &Delivery,
+    signature: &HeaderValue,
+) -> Result<StatusCode, String> {
+    let timestamp = chrono::Utc::now().timestamp();
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(config.url.clone())
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(
+            header::USER_AGENT,
+            concat!("tower-pat/", env!("CARGO_PKG_VERSION")),
+        )
+        .header(SIGNATURE_HEADER, signature.clone())
+        .header(TIMESTAMP_HEADER, timestamp)
+        .header(EVENT_HEADER, delivery.event)
+        .body(Full::new(delivery.body.clone()))
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(config.timeout, client.request(request)).await {
+        Ok(Ok(response)) => Ok(response.status()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".to_owned()),
+    }
+}

@@ -1,0 +1,680 @@
+//! [`PostgresStore`]: many gateway nodes over one PostgreSQL database, each told of the others'
+//! changes at once (feature `postgres`; `postgres-tls` adds TLS with rustls).
+//!
+//! # Schema
+//!
+//! One table, `tower_pat_tokens`, created by the migrations the store applies when it connects
+//! (in one transaction, under an advisory lock so that nodes starting together do not race; the
+//! applied versions are recorded in `tower_pat_schema_version`):
+//!
+//! | column | type | |
+//! | --- | --- | --- |
+//! | `id` | `text` | primary key |
+//! | `subject`, `name` | `text` | unique together (`tower_pat_tokens_subject_name_key`) |
+//! | `name_lower` | `text` | `name` lowercased by Rust, for the case-insensitive search |
+//! | `scopes`, `ip_restriction`, `last_used_ips` | `text[]` | arrays, not child tables: they are small and always read whole |
+//! | `token_type`, `start` | `text` | |
+//! | `created_at`, `updated_at`, `expires_at`, `revoked_at`, `last_used_at`, `last_rotated_at`, `previous_hash_until` | `timestamptz` | microsecond precision |
+//! | `hash` | `bytea` | 32 bytes, unique index (`tower_pat_tokens_hash_key`) |
+//! | `previous_hash` | `bytea` | partial index, during a rotation grace period |
+//!
+//! [`record_usage`](TokenLookup::record_usage) writes a whole batch in one `UPDATE … FROM
+//! unnest(…)` statement: `last_used_at` becomes the later of the stored and the given time, and
+//! the address lists merge newest first, without repeats, at most
+//! [`MAX_LAST_USED_IPS`] ([`TokenRecord::apply_usage`]'s rule).
+//!
+//! # Change feed
+//!
+//! Every [`update`](TokenStore::update) (a rotation included), [`revoke`](TokenStore::revoke) and
+//! [`delete`](TokenStore::delete) sends, in the same transaction, `NOTIFY <channel>` with the
+//! payload `<id> <hex hash>` for each hash the record answered to before the change (its hash and,
+//! during a grace period, its previous hash). PostgreSQL delivers it when the transaction commits.
+//! The change is also published to this process's caches before the call returns.
+//!
+//! Each store runs a listener task, spawned when it connects, on a connection of its own (not one
+//! of the pool's: [`PostgresStoreBuilder::listener_options`] may point it elsewhere, e.g. past a
+//! transaction-pooling PgBouncer, which cannot carry `LISTEN`). It publishes
+//! [`StoreEvent::Changed`] for every notification. When its connection drops it publishes
+//! [`StoreEvent::Disconnected`], reconnects with exponential backoff, and once it listens again
+//! publishes [`StoreEvent::Reconnected`]: the caches then drop every entry loaded before, since a
+//! change may have gone unseen meanwhile. [`PatAuthLayer::max_staleness`] tells how long the feed
+//! has been down.
+//!
+//! A connection that dies without the peer closing it (a silently dropped network path) is only
+//! noticed by TCP; until then the cache TTL bounds how long a change goes unseen.
+//!
+//! # Failure
+//!
+//! A query that fails, or waits longer than the pool's acquire timeout
+//! ([`PostgresStoreBuilder::acquire_timeout`], default 5 s) for a connection, is a
+//! [`StoreError::Backend`]. The layer answers a cache miss it could not look up with 503 and
+//! `Retry-After`, and keeps serving cached tokens for `stale_if_error`, still enforcing expiry
+//! and every revocation it heard of.
+//!
+//! [`PatAuthLayer::max_staleness`]: crate::PatAuthLayer::max_staleness
+//! [`StoreEvent::Changed`]: super::StoreEvent::Changed
+//! [`StoreEvent::Disconnected`]: super::StoreEvent::Disconnected
+//! [`StoreEvent::Reconnected`]: super::StoreEvent::Reconnected
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{
+    PgArguments, PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow, Postgres,
+};
+use sqlx::{Executor, Row};
+
+use super::sql::{
+    self, Dialect, Migration, Param, RawRecord, Statements, TABLE, scope_strings, store_error,
+    to_strings,
+};
+use super::{
+    ChangeHub, ChangeListener, ListQuery, Page, StoreError, StoreEvent, TokenLookup, TokenStore,
+};
+use crate::record::{MAX_LAST_USED_IPS, TokenRecord};
+use crate::token::TokenHash;
+use crate::usage::UsageUpdate;
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sql: r"
+CREATE TABLE tower_pat_tokens (
+    id text NOT NULL,
+    subject text NOT NULL,
+    name text NOT NULL,
+    name_lower text NOT NULL,
+    scopes text[] NOT NULL,
+    token_type text NOT NULL,
+    ip_restriction text[] NOT NULL,
+    created_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL,
+    expires_at timestamptz,
+    revoked_at timestamptz,
+    last_used_at timestamptz,
+    last_used_ips text[] NOT NULL DEFAULT '{}',
+    last_rotated_at timestamptz,
+    hash bytea NOT NULL,
+    start text NOT NULL,
+    previous_hash bytea,
+    previous_hash_until timestamptz,
+    CONSTRAINT tower_pat_tokens_pkey PRIMARY KEY (id),
+    CONSTRAINT tower_pat_tokens_hash_key UNIQUE (hash),
+    CONSTRAINT tower_pat_tokens_subject_name_key UNIQUE (subject, name)
+);
+CREATE INDEX tower_pat_tokens_previous_hash_idx ON tower_pat_tokens (previous_hash)
+    WHERE previous_hash IS NOT NULL;
+CREATE INDEX tower_pat_tokens_subject_created_idx ON tower_pat_tokens (subject, created_at);
+",
+}];
+
+/// The advisory lock key under which migrations run ("tower_pa").
+const MIGRATION_LOCK: i64 = 0x746f_7765_725f_7061;
+
+/// The default `NOTIFY` channel.
+pub const DEFAULT_CHANNEL: &str = "tower_pat_changes";
+
+/// A store in PostgreSQL, shared by many processes, with a change feed over `LISTEN`/`NOTIFY`.
+/// See the [module docs](self) for the schema and how the feed works.
+///
+/// ```no_run
+/// use tower_pat::PatAuthLayer;
+/// use tower_pat::store::PostgresStore;
+///
+/// # async fn run() -> Result<(), tower_pat::StoreError> {
+/// let url = std::env::var("DATABASE_URL").unwrap_or_default();
+/// let store = PostgresStore::connect(&url).await?;
+/// let layer = PatAuthLayer::builder(store.clone()).build();
+/// # let _ = layer;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// Cloning gives another handle to the same pool and feed; the listener task stops when the last
+/// handle is dropped.
+#[derive(Clone, Debug)]
+pub struct PostgresStore {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    pool: PgPool,
+    hub: ChangeHub,
+    sql: Statements,
+    channel: String,
+    /// Whether the listener is connected and listening.
+    feed_up: AtomicBool,
+    /// Held while the feed state changes and is announced, and while a listener subscribes, so
+    /// that a new listener learns of an ongoing outage exactly once.
+    feed_lock: Mutex<()>,
+    listener_task: OnceLock<tokio::task::AbortHandle>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(task) = self.listener_task.get() {
+            task.abort();
+        }
+    }
+}
+
+/// Configures and connects a [`PostgresStore`].
+#[derive(Clone)]
+#[must_use]
+pub struct PostgresStoreBuilder {
+    channel: String,
+    max_connections: u32,
+    acquire_timeout: Duration,
+    listener_options: Option<PgConnectOptions>,
+    backoff: (Duration, Duration),
+}
+
+impl std::fmt::Debug for PostgresStoreBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the listener's options: they may hold a password.
+        f.debug_struct("PostgresStoreBuilder")
+            .field("channel", &self.channel)
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("separate_listener", &self.listener_options.is_some())
+            .field("backoff", &self.backoff)
+            .finish()
+    }
+}
+
+impl Default for PostgresStoreBuilder {
+    fn default() -> Self {
+        Self {
+            channel: DEFAULT_CHANNEL.to_owned(),
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+            listener_options: None,
+            backoff: (Duration::from_millis(100), Duration::from_secs(5)),
+        }
+    }
+}
+
+impl PostgresStoreBuilder {
+    /// The `NOTIFY` channel (default [`DEFAULT_CHANNEL`]); every node of one deployment must use
+    /// the same.
+    pub fn channel(mut self, channel: impl Into<String>) -> Self {
+        self.channel = channel.into();
+        self
+    }
+
+    /// The pool size (default 10). Ignored by [`with_pool`](Self::with_pool).
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// How long a query waits for a connection, and the listener for its own, before failing
+    /// (default 5 s). Keep it short: a lookup that cannot get a connection is a 503 for a token
+    /// that is not cached. Ignored by [`with_pool`](Self::with_pool) for the pool.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// Where the listener connects, if not where the pool does: `LISTEN` needs a session, which a
+    /// transaction-pooling proxy does not keep. A URL parses into options:
+    /// `"postgres://…".parse::<PgConnectOptions>()`.
+    pub fn listener_options(mut self, options: PgConnectOptions) -> Self {
+        self.listener_options = Some(options);
+        self
+    }
+
+    /// The listener's reconnect delays: the first retry waits `min`, each next one twice as long,
+    /// at most `max` (defaults 100 ms and 5 s).
+    pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.backoff = (min, max.max(min));
+        self
+    }
+
+    /// Connects to a `postgres://` URL (as in `DATABASE_URL`).
+    pub async fn connect(self, url: &str) -> Result<PostgresStore, StoreError> {
+        let options = PgConnectOptions::from_str(url).map_err(StoreError::backend)?;
+        self.connect_with(options).await
+    }
+
+    /// Connects with explicit options.
+    pub async fn connect_with(
+        self,
+        options: PgConnectOptions,
+    ) -> Result<PostgresStore, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .acquire_timeout(self.acquire_timeout)
+            .connect_with(options)
+            .await
+            .map_err(store_error)?;
+        self.with_pool(pool).await
+    }
+
+    /// Uses an existing pool; the listener connects with the pool's options (or the
+    /// [`listener_options`](Self::listener_options)) on a connection of its own.
+    pub async fn with_pool(self, pool: PgPool) -> Result<PostgresStore, StoreError> {
+        migrate(&pool).await?;
+        let listen_options = match self.listener_options {
+            Some(options) => options,
+            None => (*pool.connect_options()).clone(),
+        };
+        let feed = Feed {
+            options: listen_options,
+            channel: self.channel.clone(),
+            timeout: self.acquire_timeout,
+            backoff: self.backoff,
+        };
+        let listener = feed.listen().await.map_err(store_error)?;
+        let inner = Arc::new(Shared {
+            pool,
+            hub: ChangeHub::new(),
+            sql: Statements::new(Dialect::Postgres),
+            channel: self.channel,
+            feed_up: AtomicBool::new(true),
+            feed_lock: Mutex::new(()),
+            listener_task: OnceLock::new(),
+        });
+        let task = tokio::spawn(feed.run(Arc::downgrade(&inner), listener));
+        let _ = inner.listener_task.set(task.abort_handle());
+        Ok(PostgresStore { inner })
+    }
+}
+
+impl PostgresStore {
+    /// Connects to a `postgres://` URL with the default settings, applies the migrations and
+    /// starts listening for changes.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::builder().connect(url).await
+    }
+
+    /// A builder for other settings.
+    pub fn builder() -> PostgresStoreBuilder {
+        PostgresStoreBuilder::default()
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// Whether the change feed is connected and listening right now.
+    pub fn feed_connected(&self) -> bool {
+        self.inner.feed_up.load(Ordering::Acquire)
+    }
+}
+
+impl PostgresStore {
+    /// Runs a statement that changes one record and returns it (its hashes unchanged), notifies
+    /// the other nodes in the same transaction, and announces the change here once committed.
+    async fn change_returning(&self, q: Query<'_>) -> Result<Option<TokenRecord>, StoreError> {
+        let mut tx = self.inner.pool.begin().await.map_err(store_error)?;
+        let row = q.fetch_optional(&mut *tx).await.map_err(store_error)?;
+        let Some(record) = row.as_ref().map(decode).transpose()? else {
+            return Ok(None);
+        };
+        self.inner.notify(&mut *tx, &record).await?;
+        tx.commit().await.map_err(store_error)?;
+        self.inner.hub.announce(&record);
+        Ok(Some(record))
+    }
+}
+
+impl Shared {
+    /// Sets and announces the feed's state.
+    fn feed_state(&self, up: bool) {
+        let _guard = self.feed_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.feed_up.store(up, Ordering::Release);
+        self.hub.publish(if up {
+            &StoreEvent::Reconnected
+        } else {
+            &StoreEvent::Disconnected
+        });
+    }
+
+    /// A notification from another node (or this one: an invalidation twice is harmless).
+    fn notified(&self, payload: &str) {
+        match payload
+            .split_once(' ')
+            .and_then(|(id, hex)| Some((id, TokenHash::from_hex(hex)?)))
+        {
+            Some((id, hash)) => self.hub.changed(id, hash),
+            None => tracing::warn!(
+                channel = %self.channel,
+                "ignoring a notification that is not `<id> <hex hash>`"
+            ),
+        }
+    }
+
+    /// Sends the notifications for a change to `old`, within the change's transaction.
+    async fn notify<'e, E>(&self, executor: E, old: &TokenRecord) -> Result<(), StoreError>
+    where
+        E: Executor<'e, Database = Postgres>,
+    {
+        let payloads: Vec<String> = std::iter::once(old.hash)
+            .chain(old.previous_hash.map(|(h, _)| h))
+            .map(|h| format!("{} {}", old.id, h.to_hex()))
+            .collect();
+        sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+            .bind(&self.channel)
+            .bind(payloads)
+            .execute(executor)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+}
+
+/// The listener's settings.
+struct Feed {
+    options: PgConnectOptions,
+    channel: String,
+    timeout: Duration,
+    backoff: (Duration, Duration),
+}
+
+impl Feed {
+    /// A listener on a connection of its own, listening.
+    async fn listen(&self) -> Result<PgListener, sqlx::Error> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .acquire_timeout(self.timeout)
+            .connect_lazy_with(self.options.clone());
+        let mut listener = PgListener::connect_with(&pool).await?;
+        // Reconnection is ours, so that the caches hear of every drop.
+        listener.eager_reconnect(false);
+        listener.ignore_pool_close_event(true);
+        listener.listen(&self.channel).await?;
+        Ok(listener)
+    }
+
+    /// The listener task: notifications to the hub; drops, reconnections and their announcements.
+    async fn run(self, store: Weak<Shared>, mut listener: PgListener) {
+        loop {
+            loop {
+                match listener.try_recv().await {
+                    Ok(Some(n)) => match store.upgrade() {
+                        Some(s) => s.notified(n.payload()),
+                        None => return,
+                    },
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "token change feed failed");
+                        break;
+                    }
+                }
+            }
+            drop(listener);
+            match store.upgrade() {
+                Some(s) => s.feed_state(false),
+                None => return,
+            }
+            tracing::warn!("token change feed disconnected; reconnecting");
+            let mut delay = self.backoff.0;
+            listener = loop {
+                match self.listen().await {
+                    Ok(l) => break l,
+                    Err(e) => tracing::debug!(error = %e, "token change feed reconnect failed"),
+                }
+                if store.strong_count() == 0 {
+                    return;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(self.backoff.1);
+            };
+            match store.upgrade() {
+                Some(s) => s.feed_state(true),
+                None => return,
+            }
+            tracing::info!("token change feed reconnected");
+        }
+    }
+}
+
+/// Applies the pending migrations in one transaction, one node at a time.
+async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await.map_err(store_error)?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?;
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS tower_pat_schema_version (
+            version bigint NOT NULL PRIMARY KEY,
+            applied_at timestamptz NOT NULL DEFAULT now()
+        )",
+    )
+    .execute(&mut *tx)
+    .await
+    .map_err(store_error)?;
+    let current: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(MAX(version), 0)::bigint FROM tower_pat_schema_version",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(store_error)?;
+    for m in sql::pending(MIGRATIONS, current)? {
+        sqlx::raw_sql(m.sql)
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        sqlx::query("INSERT INTO tower_pat_schema_version (version) VALUES ($1)")
+            .bind(m.version)
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+    }
+    tx.commit().await.map_err(store_error)
+}
+
+type Query<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
+
+/// Binds `$1`–`$16`: every column but the usage ones.
+fn bind_record<'q>(q: Query<'q>, r: &'q TokenRecord) -> Query<'q> {
+    q.bind(&r.id)
+        .bind(&r.subject)
+        .bind(&r.name)
+        .bind(r.name.to_lowercase())
+        .bind(scope_strings(r))
+        .bind(&r.token_type)
+        .bind(to_strings(&r.ip_restriction))
+        .bind(r.created_at)
+        .bind(r.updated_at)
+        .bind(r.expires_at)
+        .bind(r.revoked_at)
+        .bind(r.last_rotated_at)
+        .bind(r.hash.as_bytes().as_slice())
+        .bind(&r.start)
+        .bind(r.previous_hash.map(|(h, _)| h.as_bytes().to_vec()))
+        .bind(r.previous_hash.map(|(_, until)| until))
+}
+
+fn bind_params<'q>(mut q: Query<'q>, params: &[Param]) -> Query<'q> {
+    for p in params {
+        q = match p {
+            Param::Text(s) => q.bind(s.clone()),
+            Param::Time(t) => q.bind(*t),
+        };
+    }
+    q
+}
+
+fn decode(row: &PgRow) -> Result<TokenRecord, StoreError> {
+    fn get<'r, T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>>(
+        row: &'r PgRow,
+        col: &str,
+    ) -> Result<T, StoreError> {
+        row.try_get(col).map_err(store_error)
+    }
+    RawRecord {
+        id: get(row, "id")?,
+        subject: get(row, "subject")?,
+        name: get(row, "name")?,
+        scopes: get(row, "scopes")?,
+        token_type: get(row, "token_type")?,
+        ip_restriction: get(row, "ip_restriction")?,
+        created_at: get(row, "created_at")?,
+        updated_at: get(row, "updated_at")?,
+        expires_at: get(row, "expires_at")?,
+        revoked_at: get(row, "revoked_at")?,
+        last_used_at: get(row, "last_used_at")?,
+        last_used_ips: get(row, "last_used_ips")?,
+        last_rotated_at: get(row, "last_rotated_at")?,
+        hash: get(row, "hash")?,
+        start: get(row, "start")?,
+        previous_hash: get(row, "previous_hash")?,
+        previous_hash_until: get(row, "previous_hash_until")?,
+    }
+    .into_record()
+}
+
+#[async_trait]
+impl TokenLookup for PostgresStore {
+    async fn find_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
+        let rows = sqlx::query(&self.inner.sql.find_by_hash)
+            .bind(hash.as_bytes().as_slice())
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(store_error)?;
+        sql::matching(&rows, decode, hash)
+    }
+
+    async fn record_usage(&self, updates: &[UsageUpdate]) -> Result<(), StoreError> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = updates.iter().map(|u| u.token_id.as_str()).collect();
+        let times: Vec<DateTime<Utc>> = updates.iter().map(|u| u.last_used_at).collect();
+        let ips: Vec<String> = updates
+            .iter()
+            .map(|u| to_strings(&u.ips).join(" "))
+            .collect();
+        // The merge is TokenRecord::apply_usage's: the later time wins; the addresses of the
+        // later mark come first, then the others, without repeats, at most MAX_LAST_USED_IPS.
+        let statement = format!(
+            "UPDATE {TABLE} AS t SET
+                last_used_at = GREATEST(t.last_used_at, u.at),
+                last_used_ips = ARRAY(
+                    SELECT m.ip FROM (
+                        SELECT x.ip, MIN(x.ord) AS ord
+                        FROM unnest(CASE WHEN t.last_used_at IS NULL OR u.at >= t.last_used_at
+                                         THEN u.ips || t.last_used_ips
+                                         ELSE t.last_used_ips || u.ips END)
+                             WITH ORDINALITY AS x(ip, ord)
+                        GROUP BY x.ip
+                    ) AS m
+                    ORDER BY m.ord
+                    LIMIT {MAX_LAST_USED_IPS})
+            FROM (
+                SELECT v.id, v.at, string_to_array(v.ips, ' ') AS ips
+                FROM unnest($1::text[], $2::timestamptz[], $3::text[]) AS v(id, at, ips)
+            ) AS u
+            WHERE t.id = u.id"
+        );
+        sqlx::query(&statement)
+            .bind(ids)
+            .bind(times)
+            .bind(ips)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn subscribe(&self, listener: Weak<dyn ChangeListener>) -> bool {
+        let _guard = self
+            .inner
+            .feed_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.inner.hub.subscribe(listener.clone());
+        if !self.inner.feed_up.load(Ordering::Acquire)
+            && let Some(l) = listener.upgrade()
+        {
+            l.on_event(&StoreEvent::Disconnected);
+        }
+        true
+    }
+}
+
+#[async_trait]
+impl TokenStore for PostgresStore {
+    async fn insert(&self, record: &TokenRecord) -> Result<(), StoreError> {
+        bind_record(sqlx::query(&self.inner.sql.insert), record)
+            .bind(record.last_used_at)
+            .bind(to_strings(&record.last_used_ips))
+            .execute(&self.inner.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        sqlx::query(&self.inner.sql.get)
+            .bind(id)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(store_error)?
+            .as_ref()
+            .map(decode)
+            .transpose()
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Page, StoreError> {
+        sql::list_page::<Postgres>(
+            &self.inner.pool,
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+            query,
+            Dialect::Postgres,
+            bind_params,
+            decode,
+        )
+        .await
+    }
+
+    async fn update(&self, record: &TokenRecord) -> Result<(), StoreError> {
+        let mut tx = self.inner.pool.begin().await.map_err(store_error)?;
+        let old = sqlx::query(&self.inner.sql.get_for_update)
+            .bind(&record.id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(store_error)?
+            .ok_or(StoreError::NotFound)?;
+        let old = decode(&old)?;
+        bind_record(sqlx::query(&self.inner.sql.update), record)
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        self.inner.notify(&mut *tx, &old).await?;
+        tx.commit().await.map_err(store_error)?;
+        self.inner.hub.announce(&old);
+        Ok(())
+    }
+
+    async fn revoke(&self, id: &str, at: DateTime<Utc>) -> Result<Option<TokenRecord>, StoreError> {
+        let q = sqlx::query(&self.inner.sql.revoke).bind(id).bind(at);
+        self.change_returning(q).await
+    }
+
+    async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.change_returning(sqlx::query(&self.inner.sql.delete).bind(id))
+            .await
+    }
+
+    async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(&self.inner.sql.count_by_subject)
+            .bind(subject)
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}

@@ -1,0 +1,443 @@
+//! What the SQL stores share: the column list, the listing query built from a [`ListQuery`], the
+//! decoding of a row into a [`TokenRecord`] and the mapping of database errors to [`StoreError`].
+
+use std::net::IpAddr;
+
+use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
+
+use super::{LastUsedFilter, ListQuery, Page, SortKey, StoreError};
+use crate::record::{TokenRecord, parse_ip_net};
+use crate::scope::ScopeSet;
+use crate::token::TokenHash;
+
+/// The table both SQL stores keep their records in.
+pub(super) const TABLE: &str = "tower_pat_tokens";
+
+/// The columns every query that returns records selects, in this order.
+pub(super) const COLUMNS: &str = "id, subject, name, scopes, token_type, ip_restriction, \
+     created_at, updated_at, expires_at, revoked_at, last_used_at, last_used_ips, \
+     last_rotated_at, hash, start, previous_hash, previous_hash_until";
+
+/// The differences between the SQL dialects that matter to [`list_sql`].
+#[derive(Clone, Copy)]
+pub(super) enum Dialect {
+    #[cfg(feature = "sqlite")]
+    Sqlite,
+    #[cfg(feature = "postgres")]
+    Postgres,
+}
+
+impl Dialect {
+    /// The `n`th (1-based) bind parameter.
+    fn placeholder(self, n: usize) -> String {
+        match self {
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite => format!("?{n}"),
+            #[cfg(feature = "postgres")]
+            Self::Postgres => format!("${n}"),
+        }
+    }
+
+    /// A text column compared byte by byte, as Rust compares `String`s.
+    fn bytewise(self, column: &str) -> String {
+        match self {
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite => format!("{column} COLLATE BINARY"),
+            #[cfg(feature = "postgres")]
+            Self::Postgres => format!("{column} COLLATE \"C\""),
+        }
+    }
+
+    /// Whether `needle` occurs in `haystack`, as `str::contains` decides.
+    fn contains(self, haystack: &str, needle: &str) -> String {
+        match self {
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite => format!("instr({haystack}, {needle}) > 0"),
+            #[cfg(feature = "postgres")]
+            Self::Postgres => format!("strpos({haystack}, {needle}) > 0"),
+        }
+    }
+}
+
+/// The columns the stores' `bind_record` binds, in this order, as parameters 1 to 16: every column
+/// but the usage ones. An insert binds `last_used_at` and `last_used_ips` as 17 and 18.
+const WRITTEN: [&str; 16] = [
+    "id",
+    "subject",
+    "name",
+    "name_lower",
+    "scopes",
+    "token_type",
+    "ip_restriction",
+    "created_at",
+    "updated_at",
+    "expires_at",
+    "revoked_at",
+    "last_rotated_at",
+    "hash",
+    "start",
+    "previous_hash",
+    "previous_hash_until",
+];
+
+/// The fixed statements of a store, in its dialect.
+#[derive(Debug)]
+pub(super) struct Statements {
+    /// `$1` = hash: the records whose current or previous hash it is.
+    pub(super) find_by_hash: String,
+    /// `$1` = id.
+    pub(super) get: String,
+    /// `$1` = id, locking the row until the end of the transaction where the dialect can.
+    pub(super) get_for_update: String,
+    /// Parameters 1–16 as `WRITTEN`, then `last_used_at`, `last_used_ips`.
+    pub(super) insert: String,
+    /// Parameters 1–16 as `WRITTEN`; leaves the usage columns alone.
+    pub(super) update: String,
+    /// `$1` = id, `$2` = time: revokes unless revoked, returns the record.
+    pub(super) revoke: String,
+    /// `$1` = id: returns the deleted record.
+    pub(super) delete: String,
+    /// `$1` = subject.
+    pub(super) count_by_subject: String,
+}
+
+impl Statements {
+    pub(super) fn new(d: Dialect) -> Self {
+        let p = |n: usize| d.placeholder(n);
+        let insert_cols = WRITTEN.join(", ") + ", last_used_at, last_used_ips";
+        let insert_vals: Vec<String> = (1..=WRITTEN.len() + 2).map(p).collect();
+        let sets: Vec<String> = WRITTEN
+            .iter()
+            .enumerate()
+            .skip(1)
+            .map(|(i, c)| format!("{c} = {}", p(i + 1)))
+            .collect();
+        let get = format!("SELECT {COLUMNS} FROM {TABLE} WHERE id = {}", p(1));
+        Self {
+            find_by_hash: format!(
+                "SELECT {COLUMNS} FROM {TABLE} WHERE hash = {0} OR previous_hash = {0}",
+                p(1)
+            ),
+            get_for_update: match d {
+                #[cfg(feature = "sqlite")]
+                Dialect::Sqlite => get.clone(),
+                #[cfg(feature = "postgres")]
+                Dialect::Postgres => format!("{get} FOR UPDATE"),
+            },
+            get,
+            insert: format!(
+                "INSERT INTO {TABLE} ({insert_cols}) VALUES ({})",
+                insert_vals.join(", ")
+            ),
+            update: format!("UPDATE {TABLE} SET {} WHERE id = {}", sets.join(", "), p(1)),
+            revoke: format!(
+                "UPDATE {TABLE} SET revoked_at = COALESCE(revoked_at, {1}), \
+                 updated_at = CASE WHEN revoked_at IS NULL THEN {1} ELSE updated_at END \
+                 WHERE id = {0} RETURNING {COLUMNS}",
+                p(1),
+                p(2)
+            ),
+            delete: format!(
+                "DELETE FROM {TABLE} WHERE id = {} RETURNING {COLUMNS}",
+                p(1)
+            ),
+            count_by_subject: format!("SELECT COUNT(*) FROM {TABLE} WHERE subject = {}", p(1)),
+        }
+    }
+}
+
+/// A value bound to the listing query.
+pub(super) enum Param {
+    Text(String),
+    Time(DateTime<Utc>),
+}
+
+/// The parts of a listing query: `SELECT … WHERE {filter} ORDER BY {order} {page}`.
+pub(super) struct ListSql {
+    pub(super) filter: String,
+    pub(super) order: String,
+    pub(super) page: String,
+    pub(super) params: Vec<Param>,
+}
+
+impl ListSql {
+    /// The statement counting every match.
+    pub(super) fn count(&self) -> String {
+        format!("SELECT COUNT(*) FROM {TABLE} WHERE {}", self.filter)
+    }
+
+    /// The statement returning the page.
+    pub(super) fn items(&self) -> String {
+        format!(
+            "SELECT {COLUMNS} FROM {TABLE} WHERE {} ORDER BY {} {}",
+            self.filter, self.order, self.page
+        )
+    }
+}
+
+/// The SQL form of [`ListQuery::matches`] and [`ListQuery::compare`], with the same results: the
+/// name search runs on a `name_lower` column the store fills with [`str::to_lowercase`], names and
+/// ids sort byte by byte, and `NULL`s sort where `None` does.
+pub(super) fn list_sql(query: &ListQuery, dialect: Dialect) -> ListSql {
+    let mut filter = Vec::new();
+    let mut params = Vec::new();
+    let mut bind = |p: Param| {
+        params.push(p);
+        dialect.placeholder(params.len())
+    };
+    if let Some(subject) = &query.subject {
+        filter.push(format!("subject = {}", bind(Param::Text(subject.clone()))));
+    }
+    if let Some(search) = &query.search {
+        let needle = bind(Param::Text(search.to_lowercase()));
+        filter.push(dialect.contains("name_lower", &needle));
+    }
+    match query.last_used {
+        LastUsedFilter::Any => {}
+        LastUsedFilter::Never => filter.push("last_used_at IS NULL".to_owned()),
+        LastUsedFilter::Before(t) => {
+            // Stored times have microsecond precision: `u < t` is `u < ceil(t)` for them.
+            let t = bind(Param::Time(ceil_micros(t)));
+            filter.push(format!("(last_used_at IS NULL OR last_used_at < {t})"));
+        }
+    }
+    let filter = if filter.is_empty() {
+        "1 = 1".to_owned()
+    } else {
+        filter.join(" AND ")
+    };
+
+    // `None` sorts first by last use and last by expiry, ascending; `descending` flips it all.
+    let (key, nulls_first) = match query.sort {
+        SortKey::CreatedAt => ("created_at".to_owned(), None),
+        SortKey::Name => (dialect.bytewise("name"), None),
+        SortKey::LastUsedAt => ("last_used_at".to_owned(), Some(true)),
+        SortKey::ExpiresAt => ("expires_at".to_owned(), Some(false)),
+    };
+    let dir = if query.descending { "DESC" } else { "ASC" };
+    let nulls = match nulls_first.map(|first| first != query.descending) {
+        None => "",
+        Some(true) => " NULLS FIRST",
+        Some(false) => " NULLS LAST",
+    };
+    let order = format!("{key} {dir}{nulls}, {} {dir}", dialect.bytewise("id"));
+    let page = format!(
+        "LIMIT {} OFFSET {}",
+        i64::try_from(query.limit).unwrap_or(i64::MAX),
+        i64::try_from(query.offset).unwrap_or(i64::MAX)
+    );
+    ListSql {
+        filter,
+        order,
+        page,
+        params,
+    }
+}
+
+/// A statement with its arguments, in a database's types.
+pub(super) type Query<'q, DB> = sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>;
+
+/// A listing: the total and the page, in one transaction opened with `begin` (one snapshot for
+/// both). `bind` binds [`ListSql::params`] in the store's types; `decode` reads a record.
+pub(super) async fn list_page<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+    begin: &'static str,
+    query: &ListQuery,
+    dialect: Dialect,
+    bind: for<'q> fn(Query<'q, DB>, &[Param]) -> Query<'q, DB>,
+    decode: fn(&DB::Row) -> Result<TokenRecord, StoreError>,
+) -> Result<Page, StoreError>
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    i64: sqlx::Type<DB> + for<'r> sqlx::Decode<'r, DB>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+{
+    use sqlx::Row;
+    let l = list_sql(query, dialect);
+    let (count, items) = (l.count(), l.items());
+    let mut tx = pool.begin_with(begin).await.map_err(store_error)?;
+    let total: i64 = bind(sqlx::query(&count), &l.params)
+        .fetch_one(&mut *tx)
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(store_error)?;
+    let rows = bind(sqlx::query(&items), &l.params)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(store_error)?;
+    tx.commit().await.map_err(store_error)?;
+    Ok(Page {
+        items: rows.iter().map(decode).collect::<Result<_, _>>()?,
+        total: u64::try_from(total).unwrap_or(0),
+    })
+}
+
+/// The smallest microsecond-precision time not before `t`.
+fn ceil_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    let down = t.trunc_subsecs(6);
+    if down < t {
+        down + TimeDelta::microseconds(1)
+    } else {
+        down
+    }
+}
+
+/// A stored row in database-neutral types, before validation.
+pub(super) struct RawRecord {
+    pub(super) id: String,
+    pub(super) subject: String,
+    pub(super) name: String,
+    pub(super) scopes: Vec<String>,
+    pub(super) token_type: String,
+    pub(super) ip_restriction: Vec<String>,
+    pub(super) created_at: DateTime<Utc>,
+    pub(super) updated_at: DateTime<Utc>,
+    pub(super) expires_at: Option<DateTime<Utc>>,
+    pub(super) revoked_at: Option<DateTime<Utc>>,
+    pub(super) last_used_at: Option<DateTime<Utc>>,
+    pub(super) last_used_ips: Vec<String>,
+    pub(super) last_rotated_at: Option<DateTime<Utc>>,
+    pub(super) hash: Vec<u8>,
+    pub(super) start: String,
+    pub(super) previous_hash: Option<Vec<u8>>,
+    pub(super) previous_hash_until: Option<DateTime<Utc>>,
+}
+
+impl RawRecord {
+    /// Validates the row: a corrupt one is a backend error, never a half-read record.
+    pub(super) fn into_record(self) -> Result<TokenRecord, StoreError> {
+        let corrupt = |what: &str| {
+            StoreError::backend(format!("stored token {} has an invalid {what}", self.id))
+        };
+        let hash = TokenHash::from_slice(&self.hash).ok_or_else(|| corrupt("hash"))?;
+        let previous_hash = match (&self.previous_hash, self.previous_hash_until) {
+            (Some(h), Some(until)) => Some((
+                TokenHash::from_slice(h).ok_or_else(|| corrupt("previous hash"))?,
+                until,
+            )),
+            _ => None,
+        };
+        let scopes = ScopeSet::parse(&self.scopes).map_err(|_| corrupt("scope"))?;
+        let ip_restriction = self
+            .ip_restriction
+            .iter()
+            .map(|s| parse_ip_net(s))
+            .collect::<Result<_, _>>()
+            .map_err(|_| corrupt("IP restriction"))?;
+        let last_used_ips = self
+            .last_used_ips
+            .iter()
+            .map(|s| s.parse::<IpAddr>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| corrupt("last used address"))?;
+        Ok(TokenRecord {
+            id: self.id,
+            subject: self.subject,
+            name: self.name,
+            scopes,
+            token_type: self.token_type,
+            ip_restriction,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            expires_at: self.expires_at,
+            revoked_at: self.revoked_at,
+            last_used_at: self.last_used_at,
+            last_used_ips,
+            last_rotated_at: self.last_rotated_at,
+            hash,
+            start: self.start,
+            previous_hash,
+        })
+    }
+}
+
+/// The scope strings of a record, as stored.
+pub(super) fn scope_strings(record: &TokenRecord) -> Vec<String> {
+    record
+        .scopes
+        .iter()
+        .map(|s| s.as_str().to_owned())
+        .collect()
+}
+
+/// Text forms of addresses or networks, as stored.
+pub(super) fn to_strings<T: ToString>(items: &[T]) -> Vec<String> {
+    items.iter().map(ToString::to_string).collect()
+}
+
+/// The first of the records in `rows` that answers to `hash` now
+/// ([`TokenRecord::matches_hash`]).
+pub(super) fn matching<R>(
+    rows: &[R],
+    decode: fn(&R) -> Result<TokenRecord, StoreError>,
+    hash: &TokenHash,
+) -> Result<Option<TokenRecord>, StoreError> {
+    let now = Utc::now();
+    for row in rows {
+        let record = decode(row)?;
+        if record.matches_hash(hash, now) {
+            return Ok(Some(record));
+        }
+    }
+    Ok(None)
+}
+
+/// A database error as a [`StoreError`]: a unique violation names the field (`id`, `hash`, or
+/// `name` for the subject + name pair), anything else is a backend error.
+pub(super) fn store_error(err: sqlx::Error) -> StoreError {
+    if let sqlx::Error::Database(db) = &err
+        && db.is_unique_violation()
+    {
+        // PostgreSQL names the constraint; SQLite names the columns in the message.
+        let what = db.constraint().unwrap_or_else(|| db.message());
+        let field = if what.contains("subject") {
+            "name"
+        } else if what.contains("hash") {
+            "hash"
+        } else {
+            "id"
+        };
+        return StoreError::Conflict { field };
+    }
+    StoreError::backend(err)
+}
+
+/// A schema migration: its version and the statements that bring the schema to it.
+pub(super) struct Migration {
+    pub(super) version: i64,
+    pub(super) sql: &'static str,
+}
+
+/// Which of `migrations` a schema at `current` still needs; an error if the schema is newer than
+/// this library knows.
+pub(super) fn pending(
+    migrations: &'static [Migration],
+    current: i64,
+) -> Result<&'static [Migration], StoreError> {
+    let known = migrations.last().map_or(0, |m| m.version);
+    if current > known {
+        return Err(StoreError::backend(format!(
+            "the token schema is at version {current}, newer than this version of tower-pat \
+             knows ({known})"
+        )));
+    }
+    let done = migrations
+        .iter()
+        .take_while(|m| m.version <= current)
+        .count();
+    Ok(&migrations[done..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ceil_micros_rounds_up_only_below_a_microsecond() {
+        let t = DateTime::from_timestamp(1_700_000_000, 1_500).unwrap();
+        assert_eq!(ceil_micros(t).timestamp_subsec_nanos(), 2_000);
+        let exact = DateTime::from_timestamp(1_700_000_000, 2_000).unwrap();
+        assert_eq!(ceil_micros(exact), exact);
+    }
+}

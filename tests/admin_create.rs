@@ -1,0 +1,492 @@
+//! `POST /personal-access-tokens`: every rule of creation, and each seed API's own request.
+
+mod support_admin;
+
+use std::time::Duration;
+
+use chrono::Utc;
+use http::StatusCode;
+use support_admin::*;
+use tower_pat::TokenStore;
+use tower_pat::admin::{ExpiryPolicy, TokenView};
+
+#[tokio::test]
+async fn create_answers_201_with_location_and_the_secret_once() {
+    let t = app().await;
+    let res = create(
+        &t.app,
+        &t.alice,
+        &format!(r#"{{"name": "laptop", "expiresAt": "{}"}}"#, in_days(30)),
+    )
+    .await;
+    let id = res.body["id"].as_str().unwrap();
+    assert_eq!(res.headers["location"], format!("{BASE}/{id}"));
+    assert_eq!(res.headers["cache-control"], "no-store");
+    let secret = res.body["token"].as_str().unwrap();
+    assert!(secret.starts_with("pat_"));
+    assert_eq!(res.body["secret"], secret);
+    assert_eq!(res.body["accessToken"], secret);
+    assert!(secret.starts_with(res.body["start"].as_str().unwrap()));
+    assert_eq!(res.body["subject"], "alice");
+    assert_eq!(res.body["userId"], "alice");
+    assert_eq!(res.body["type"], "personal");
+    assert_eq!(res.body["active"], true);
+    assert_eq!(res.body["scopes"], serde_json::json!([]));
+
+    // The secret works, the store holds only its hash, and it is never shown again.
+    assert_eq!(hello(&t.app, secret).await, StatusCode::OK);
+    let stored = t.store.get(id).await.unwrap().unwrap();
+    assert_eq!(stored.hash, t.layer.hasher().hash(secret));
+    for uri in [format!("{BASE}/{id}"), BASE.to_owned()] {
+        let res = get(&t.app, &uri, &t.alice).await;
+        assert_eq!(res.status, StatusCode::OK);
+        assert!(!res.text.contains(secret), "{}", res.text);
+        assert!(!res.text.contains(&stored.hash.to_hex()));
+        assert!(!res.text.contains("\"secret\"") && !res.text.contains("\"token\""));
+    }
+    // The Location is the token's URL.
+    let res = get(&t.app, res.headers["location"].to_str().unwrap(), &t.alice).await;
+    assert_eq!(res.body["name"], "laptop");
+}
+
+#[tokio::test]
+async fn name_is_required_trimmed_at_most_256_characters_and_unique_per_subject() {
+    let t = app().await;
+    let body = |name: &str| format!(r#"{{"name": {name}, "userAwareTokenNeverExpires": true}}"#);
+    let msg = post(
+        &t.app,
+        BASE,
+        &t.alice,
+        r#"{"userAwareTokenNeverExpires": true}"#,
+    )
+    .await
+    .error(400)
+    .to_owned();
+    assert!(msg.starts_with("name:"), "{msg}");
+    for bad in ["\"\"", "\"   \"", &format!("\"{}\"", "é".repeat(257))] {
+        let res = post(&t.app, BASE, &t.alice, &body(bad)).await;
+        assert!(res.error(400).starts_with("name:"), "{}", res.text);
+    }
+    let long = "é".repeat(256);
+    let res = create(&t.app, &t.alice, &body(&format!("\"  {long} \""))).await;
+    assert_eq!(res.body["name"], long);
+
+    create(&t.app, &t.alice, &body("\"ci\"")).await;
+    let res = post(&t.app, BASE, &t.alice, &body("\" ci \"")).await;
+    assert!(res.error(409).contains("name"));
+    // Another subject may use the name.
+    let bob = issue(&t.store, &t.layer, "bob", &["personalAccessToken:write"]).await;
+    create(&t.app, &bob, &body("\"ci\"")).await;
+}
+
+#[tokio::test]
+async fn scopes_never_exceed_the_creators() {
+    let t = app().await;
+    let res = create(
+        &t.app,
+        &t.alice,
+        r#"{"name": "a", "scopes": ["personalAccessToken:read"], "userAwareTokenNeverExpires": true}"#,
+    )
+    .await;
+    assert_eq!(
+        res.body["scopes"],
+        serde_json::json!(["personalAccessToken:read"])
+    );
+    let res = post(
+        &t.app,
+        BASE,
+        &t.alice,
+        r#"{"name": "b", "scopes": ["personalAccessToken:read", "repo:write"], "userAwareTokenNeverExpires": true}"#,
+    )
+    .await;
+    let msg = res.error(403);
+    assert!(
+        msg.contains("repo:write") && !msg.contains("personalAccessToken:read"),
+        "{msg}"
+    );
+    assert_eq!(res.body["code"], "insufficient_scope");
+    assert_eq!(t.store.count_by_subject("alice").await.unwrap(), 2);
+
+    // `*` covers anything, `resource:*` its own resource.
+    let root = issue(&t.store, &t.layer, "root", &["*"]).await;
+    create(
+        &t.app,
+        &root,
+        r#"{"name": "c", "scopes": ["repo:write", "x:*"], "userAwareTokenNeverExpires": true}"#,
+    )
+    .await;
+    let res = post(
+        &t.app,
+        BASE,
+        &t.alice,
+        r#"{"name": "d", "scopes": ["personalAccessToken:write", "*"], "userAwareTokenNeverExpires": true}"#,
+    )
+    .await;
+    assert!(res.error(403).contains('*'));
+}
+
+#[tokio::test]
+async fn the_default_policy_requires_an_expiry_or_the_acknowledgment() {
+    let t = app().await;
+    let res = post(&t.app, BASE, &t.alice, r#"{"name": "a"}"#).await;
+    let msg = res.error(400);
+    assert!(
+        msg.contains("expiresAt") && msg.contains("userAwareTokenNeverExpires"),
+        "{msg}"
+    );
+    let res = post(
+        &t.app,
+        BASE,
+        &t.alice,
+        r#"{"name": "a", "userAwareTokenNeverExpires": false}"#,
+    )
+    .await;
+    res.error(400);
+
+    let res = create(
+        &t.app,
+        &t.alice,
+        r#"{"name": "a", "userAwareTokenNeverExpires": true}"#,
+    )
+    .await;
+    assert!(res.body["expiresAt"].is_null());
+
+    let past = (Utc::now() - chrono::Duration::seconds(1)).to_rfc3339();
+    let res = post(
+        &t.app,
+        BASE,
+        &t.alice,
+        &format!(r#"{{"name": "b", "expiresAt": "{past}"}}"#),
+    )
+    .await;
+    assert!(res.error(400).starts_with("expiresAt:"));
+    assert_eq!(t.store.count_by_subject("alice").await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn a_default_lifetime_and_a_maximum_lifetime() {
+    let day = Duration::from_secs(86_400);
+    let t = app_with(|c| {
+        c.expiry_policy(ExpiryPolicy::DefaultLifetime(7 * day))
+            .max_lifetime(30 * day)
+    })
+    .await;
+    let before = Utc::now();
+    let res = create(&t.app, &t.alice, r#"{"name": "a"}"#).await;
+    let exp = time(&res.body["expiresAt"]);
+    assert!(exp >= before + chrono::Duration::days(7));
+    assert!(exp <= Utc::now() + chrono::Duration::days(7));
+    assert_eq!(res.body["expiryWarning"], "expires-soon");
+
+    let res = post(
+        &t.app,
+        BASE,
+        &t.alice,
+        &format!(r#"{{"name": "b", "expiresAt": "{}"}}"#, in_days(31)),
+    )
+    .await;
+    assert!(res.error(400).starts_with("expiresAt:"));
+    create(
+        &t.app,
+        &t.alice,
+        &format!(r#"{{"name": "b", "expiresAt": "{}"}}"#, in_days(29)),
+    )
+    .await;
+    // With a maximum lifetime, no token lives forever.
+    let res = post(
+        &t.app,
+        BASE,
+        &t.alice,
+        r#"{"name": "c", "userAwareTokenNeverExpires": true}"#,
+    )
+    .await;
+    assert!(res.error(400).starts_with("userAwareTokenNeverExpires:"));
+
+    // A default lifetime longer than the maximum is cut to it.
+    let t = app_with(|c| {
+        c.expiry_policy(ExpiryPolicy::DefaultLifetime(90 * day))
+            .max_lifetime(30 * day)
+    })
+    .await;
+    let res = create(&t.app, &t.alice, r#"{"name": "a"}"#).await;
+    assert!(time(&res.body["expiresAt"]) <= Utc::now() + chrono::Duration::days(30));
+}
+
+#[tokio::test]
+async fn the_maximum_number_of_tokens_per_subject() {
+    let t = app_with(|c| c.max_tokens_per_subject(3)).await;
+    // alice already has her bootstrap token.
+    for name in ["a", "b"] {
+        create(
+            &t.app,
+            &t.alice,
+            &format!(r#"{{"name": "{name}", "userAwareTokenNeverExpires": true}}"#),
+        )
+        .await;
+    }
+    let res = post(
+        &t.app,
+        BASE,
+        &t.alice,
+        r#"{"name": "c", "userAwareTokenNeverExpires": true}"#,
+    )
+    .await;
+    res.error(403);
+    assert_eq!(res.body["code"], "token_limit_reached");
+    assert_eq!(t.store.count_by_subject("alice").await.unwrap(), 3);
+}
+
+#[tokio::test]
+async fn ip_restrictions_in_every_form_and_bad_cidrs() {
+    let t = app().await;
+    let cases = [
+        (r#""10.0.0.0/8""#, vec!["10.0.0.0/8"]),
+        (
+            r#""10.0.0.0/8, 2001:db8::/32,192.0.2.7""#,
+            vec!["10.0.0.0/8", "2001:db8::/32", "192.0.2.7/32"],
+        ),
+        (r#"["10.1.2.3/8", "::1"]"#, vec!["10.0.0.0/8", "::1/128"]),
+        (r#""""#, vec![]),
+    ];
+    for (i, (input, expected)) in cases.into_iter().enumerate() {
+        let res = create(
+            &t.app,
+            &t.alice,
+            &format!(
+                r#"{{"name": "n{i}", "ipRestriction": {input}, "userAwareTokenNeverExpires": true}}"#
+            ),
+        )
+        .await;
+        assert_eq!(res.body["ipRestriction"], serde_json::json!(expected));
+    }
+    for bad in [
+        r#""10.0.0.300/8""#,
+        r#""10.0.0.0/33""#,
+        r#"["10.0.0.0/8", "nope"]"#,
+    ] {
+        let res = post(
+            &t.app,
+            BASE,
+            &t.alice,
+            &format!(
+                r#"{{"name": "x", "ipRestriction": {bad}, "userAwareTokenNeverExpires": true}}"#
+            ),
+        )
+        .await;
+        assert!(res.error(400).starts_with("ipRestriction:"), "{}", res.text);
+    }
+}
+
+#[tokio::test]
+async fn a_field_of_the_wrong_type_is_named() {
+    let t = app().await;
+    let cases = [
+        (r#"{"name": 5}"#, "name"),
+        (r#"{"description": ["x"]}"#, "description"),
+        (r#"{"name": "a", "scopes": 5}"#, "scopes"),
+        (r#"{"name": "a", "scope": [1]}"#, "scope"),
+        (r#"{"name": "a", "scopes": ["bad scope\""]}"#, "scopes"),
+        (r#"{"name": "a", "expiresAt": 1700000000}"#, "expiresAt"),
+        (
+            r#"{"name": "a", "expirationDate": "next week"}"#,
+            "expirationDate",
+        ),
+        (r#"{"name": "a", "expireAt": true}"#, "expireAt"),
+        (
+            r#"{"name": "a", "userAwareTokenNeverExpires": "yes"}"#,
+            "userAwareTokenNeverExpires",
+        ),
+        (r#"{"name": "a", "ipRestriction": 10}"#, "ipRestriction"),
+        (r#"{"name": "a", "type": {"kind": "ci"}}"#, "type"),
+        (r#"{"name": "a", "description": "b"}"#, "name"),
+    ];
+    for (body, field) in cases {
+        let res = post(&t.app, BASE, &t.alice, body).await;
+        let msg = res.error(400);
+        assert!(msg.starts_with(&format!("{field}:")), "{body}: {msg}");
+        assert_eq!(res.body["code"], "invalid_request");
+    }
+    for body in ["not json", "[1, 2]", "\"name\"", ""] {
+        post(&t.app, BASE, &t.alice, body).await.error(400);
+    }
+    assert_eq!(t.store.count_by_subject("alice").await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn server_set_fields_are_ignored() {
+    let t = app().await;
+    let res = create(
+        &t.app,
+        &t.alice,
+        r#"{"name": "a", "userAwareTokenNeverExpires": true, "id": "mine", "secret": "pat_x",
+            "token": "pat_y", "createdAt": "2001-01-01T00:00:00Z", "seenAt": "2001-01-01T00:00:00Z",
+            "lastUsedAt": "2001-01-01T00:00:00Z", "revoked": true, "subject": "bob"}"#,
+    )
+    .await;
+    assert_ne!(res.body["id"], "mine");
+    assert_ne!(res.body["token"], "pat_x");
+    assert_ne!(res.body["token"], "pat_y");
+    assert!(time(&res.body["createdAt"]) > Utc::now() - chrono::Duration::minutes(1));
+    assert!(res.body["seenAt"].is_null() && res.body["lastUsedAt"].is_null());
+    assert_eq!(res.body["revoked"], false);
+    assert_eq!(res.body["subject"], "alice");
+}
+
+#[tokio::test]
+async fn token_creation_is_rate_limited_per_subject() {
+    let t = app_with(|c| c.creation_rate_limit(2, Duration::from_secs(60))).await;
+    let body = |n: u32| format!(r#"{{"name": "n{n}", "userAwareTokenNeverExpires": true}}"#);
+    create(&t.app, &t.alice, &body(1)).await;
+    create(&t.app, &t.alice, &body(2)).await;
+    let res = post(&t.app, BASE, &t.alice, &body(3)).await;
+    res.error(429);
+    let retry: u64 = res.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry));
+    // Another subject has its own budget.
+    let bob = issue(&t.store, &t.layer, "bob", &["personalAccessToken:write"]).await;
+    create(&t.app, &bob, &body(3)).await;
+    // Off: no limit.
+    let t = app_with(|c| c.creation_rate_limit(0, Duration::from_secs(60))).await;
+    for n in 0..40 {
+        create(&t.app, &t.alice, &body(n)).await;
+    }
+}
+
+#[tokio::test]
+async fn creating_needs_the_write_scope_and_a_token() {
+    let t = app().await;
+    let reader = issue(&t.store, &t.layer, "alice", &["personalAccessToken:read"]).await;
+    let body = r#"{"name": "a", "userAwareTokenNeverExpires": true}"#;
+    let res = post(&t.app, BASE, &reader, body).await;
+    res.error(403);
+    assert!(
+        res.headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("scope=\"personalAccessToken:write\"")
+    );
+    let res = call(&t.app, http::Method::POST, BASE, None, Some(body)).await;
+    res.error(401);
+    let res = post(&t.app, BASE, "pat_notarealtoken", body).await;
+    res.error(401);
+    let writer = issue(&t.store, &t.layer, "alice", &["personalAccessToken:write"]).await;
+    create(&t.app, &writer, body).await;
+}
+
+// ---- Each seed API's own request, unchanged. ----
+
+#[tokio::test]
+async fn sailpoint_requests() {
+    let t = app().await;
+    let res = create(
+        &t.app,
+        &t.alice,
+        &format!(
+            r#"{{"name": "NodeJS Integration", "scope": ["personalAccessToken:read"], "expirationDate": "{}"}}"#,
+            in_days(60)
+        ),
+    )
+    .await;
+    assert_eq!(
+        res.body["scopes"],
+        serde_json::json!(["personalAccessToken:read"])
+    );
+    assert!(res.body["expiresAt"].is_string());
+    let res = create(
+        &t.app,
+        &t.alice,
+        r#"{"name": "Forever", "scope": ["personalAccessToken:read"], "userAwareTokenNeverExpires": true}"#,
+    )
+    .await;
+    assert!(res.body["expiresAt"].is_null());
+    // expirationDate null and no acknowledgment: SailPoint's required validation.
+    let res = post(
+        &t.app,
+        BASE,
+        &t.alice,
+        r#"{"name": "Nope", "scope": null, "expirationDate": null}"#,
+    )
+    .await;
+    assert!(res.error(400).contains("userAwareTokenNeverExpires"));
+}
+
+#[tokio::test]
+async fn unleash_request() {
+    let t = app().await;
+    let res = create(
+        &t.app,
+        &t.alice,
+        &format!(
+            r#"{{"description": "my-token", "expiresAt": "{}"}}"#,
+            in_days(10)
+        ),
+    )
+    .await;
+    assert_eq!(res.body["name"], "my-token");
+    assert!(res.headers.contains_key("location"));
+    let secret = res.body["secret"].as_str().unwrap();
+    assert_eq!(hello(&t.app, secret).await, StatusCode::OK);
+    assert!(res.body.get("seenAt").is_some_and(|v| v.is_null()));
+    assert!(res.body["createdAt"].is_string());
+}
+
+#[tokio::test]
+async fn avisi_request_with_a_default_lifetime_and_with_the_default_policy() {
+    let avisi = r#"{"name": "ci", "ipRestriction": "127.0.0.1/32", "type": "service"}"#;
+    let t = app_with(|c| {
+        c.expiry_policy(ExpiryPolicy::DefaultLifetime(Duration::from_secs(
+            90 * 86_400,
+        )))
+    })
+    .await;
+    let res = create(&t.app, &t.alice, avisi).await;
+    let view: TokenView = serde_json::from_value(res.body.clone()).unwrap();
+    assert_eq!(view.token_type, "service");
+    assert_eq!(
+        res.body["ipRestriction"],
+        serde_json::json!(["127.0.0.1/32"])
+    );
+    assert!(view.expires_at.is_some() && view.active);
+    // The test client is 127.0.0.1: the restriction lets it in.
+    assert_eq!(
+        hello(&t.app, res.body["token"].as_str().unwrap()).await,
+        StatusCode::OK
+    );
+
+    let t = app().await;
+    let res = post(&t.app, BASE, &t.alice, avisi).await;
+    assert!(res.error(400).contains("userAwareTokenNeverExpires"));
+}
+
+#[tokio::test]
+async fn cryptlex_requests() {
+    let t = app().await;
+    let res = create(
+        &t.app,
+        &t.alice,
+        &format!(
+            r#"{{"name": "string", "scopes": ["personalAccessToken:read"], "expiresAt": "{}"}}"#,
+            in_days(5)
+        ),
+    )
+    .await;
+    let secret = res.body["accessToken"].as_str().unwrap().to_owned();
+    let id = res.body["id"].as_str().unwrap();
+    assert_eq!(get(&t.app, "/hello", &secret).await.status, StatusCode::OK);
+
+    let res = patch(
+        &t.app,
+        &format!("{BASE}/{id}"),
+        &t.alice,
+        r#"{"revoked": true}"#,
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+    assert_eq!(res.body["revoked"], true);
+    assert_eq!(res.body["active"], false);
+    assert_eq!(hello(&t.app, &secret).await, StatusCode::UNAUTHORIZED);
+}

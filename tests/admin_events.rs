@@ -1,0 +1,287 @@
+//! Change events: what a sink receives, and the webhook sink's signed deliveries, retries and
+//! bounded queue.
+
+mod support_admin;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::routing::post as post_route;
+use hmac::{Hmac, Mac};
+use http::{HeaderMap, Method, StatusCode};
+use sha2::Sha256;
+use support_admin::*;
+use tokio::sync::mpsc;
+use tower_pat::admin::{
+    EVENT_HEADER, EventKind, SIGNATURE_HEADER, TIMESTAMP_HEADER, TokenEvent, WebhookSink,
+};
+
+const SECRET: &[u8] = b"webhook shared secret";
+
+#[tokio::test]
+async fn every_change_emits_one_event_without_the_secret() {
+    let (tx, mut rx) = mpsc::channel::<TokenEvent>(16);
+    let t = app_with(|c| c.events(tx)).await;
+    let res = create(
+        &t.app,
+        &t.alice,
+        r#"{"name": "ev", "userAwareTokenNeverExpires": true}"#,
+    )
+    .await;
+    let id = res.body["id"].as_str().unwrap().to_owned();
+    let mut secrets = vec![res.body["token"].as_str().unwrap().to_owned()];
+    let uri = format!("{BASE}/{id}");
+    patch(&t.app, &uri, &t.alice, r#"{"name": "ev2"}"#).await;
+    let res = post(&t.app, &format!("{uri}/rotate"), &t.alice, "").await;
+    secrets.push(res.body["token"].as_str().unwrap().to_owned());
+    patch(&t.app, &uri, &t.alice, r#"{"revoked": true}"#).await;
+    call(&t.app, Method::DELETE, &uri, Some(&t.alice), None).await;
+    // A refused change emits nothing.
+    patch(&t.app, &uri, &t.alice, r#"{"name": "gone"}"#)
+        .await
+        .error(404);
+
+    let mut kinds = Vec::new();
+    while let Ok(event) = rx.try_recv() {
+        assert_eq!(event.data.id, id);
+        let json = serde_json::to_string(&event).unwrap();
+        for s in &secrets {
+            assert!(!json.contains(s.as_str()), "{json}");
+        }
+        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert!(value["triggeredAt"].is_string());
+        assert_eq!(value["event"], event.event.as_str());
+        kinds.push((event.event, event.data.name.clone(), event.data.revoked));
+    }
+    assert_eq!(
+        kinds,
+        [
+            (EventKind::Created, "ev".to_owned(), false),
+            (EventKind::Updated, "ev2".to_owned(), false),
+            (EventKind::Rotated, "ev2".to_owned(), false),
+            (EventKind::Revoked, "ev2".to_owned(), true),
+            (EventKind::Deleted, "ev2".to_owned(), true),
+        ]
+    );
+}
+
+/// A webhook receiver on 127.0.0.1: answers each request with the next scripted status (200
+/// once the script is used up) and forwards what it received.
+async fn receiver(script: &[u16]) -> (String, mpsc::UnboundedReceiver<(HeaderMap, Bytes)>) {
+    type Shared = (
+        Arc<Mutex<VecDeque<u16>>>,
+        mpsc::UnboundedSender<(HeaderMap, Bytes)>,
+    );
+    async fn hook(
+        State((script, tx)): State<Shared>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> StatusCode {
+        let _ = tx.send((headers, body));
+        let status = script.lock().unwrap().pop_front().unwrap_or(200);
+        StatusCode::from_u16(status).unwrap()
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let state: Shared = (Arc::new(Mutex::new(script.iter().copied().collect())), tx);
+    let app = Router::new()
+        .route("/hook", post_route(hook))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/hook"), rx)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn verify(headers: &HeaderMap, body: &[u8]) {
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET).unwrap();
+    mac.update(body);
+    let expected = format!("sha256={}", hex(&mac.finalize().into_bytes()));
+    assert_eq!(headers[SIGNATURE_HEADER], expected.as_str());
+    let ts: i64 = headers[TIMESTAMP_HEADER].to_str().unwrap().parse().unwrap();
+    assert!((chrono::Utc::now().timestamp() - ts).abs() < 60);
+    assert_eq!(headers["content-type"], "application/json");
+}
+
+async fn next(rx: &mut mpsc::UnboundedReceiver<(HeaderMap, Bytes)>) -> (HeaderMap, Bytes) {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a webhook delivery within 10 s")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_webhook_receives_a_correctly_signed_event() {
+    let (url, mut rx) = receiver(&[]).await;
+    let sink = WebhookSink::builder(&url, SECRET).unwrap().spawn();
+    let t = app_with(|c| c.events(sink.clone())).await;
+    let res = create(
+        &t.app,
+        &t.alice,
+        r#"{"name": "hooked", "userAwareTokenNeverExpires": true}"#,
+    )
+    .await;
+    let secret = res.body["token"].as_str().unwrap();
+
+    let (headers, body) = next(&mut rx).await;
+    verify(&headers, &body);
+    assert_eq!(headers[EVENT_HEADER], "personalAccessToken.created");
+    let text = std::str::from_utf8(&body).unwrap();
+    assert!(!text.contains(secret));
+    let event: TokenEvent = serde_json::from_slice(&body).unwrap();
+    assert_eq!(event.event, EventKind::Created);
+    assert_eq!(event.data.name, "hooked");
+    assert_eq!(event.data.id, res.body["id"].as_str().unwrap());
+    let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(value["event"], "personalAccessToken.created");
+    assert_eq!(value["data"]["userId"], "alice");
+
+    // A tampered body would not verify.
+    let mut mac = Hmac::<Sha256>::new_from_slice(b"another secret").unwrap();
+    mac.update(&body);
+    assert_ne!(
+        headers[SIGNATURE_HEADER],
+        format!("sha256={}", hex(&mac.finalize().into_bytes())).as_str()
+    );
+    for _ in 0..100 {
+        if sink.delivered() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!((sink.delivered(), sink.failed(), sink.dropped()), (1, 0, 0));
+}
+
+#[tokio::test]
+async fn failed_deliveries_are_retried_with_backoff_then_given_up() {
+    // 503, 500, then 200: three attempts of the same signed body.
+    let (url, mut rx) = receiver(&[503, 500]).await;
+    let sink = WebhookSink::builder(&url, SECRET)
+        .unwrap()
+        .backoff(Duration::from_millis(20), Duration::from_millis(100))
+        .spawn();
+    let t = app_with(|c| c.events(sink.clone())).await;
+    create(
+        &t.app,
+        &t.alice,
+        r#"{"name": "retry", "userAwareTokenNeverExpires": true}"#,
+    )
+    .await;
+    let first = next(&mut rx).await;
+    let second = next(&mut rx).await;
+    let third = next(&mut rx).await;
+    for (headers, body) in [&first, &second, &third] {
+        verify(headers, body);
+        assert_eq!(body, &first.1);
+    }
+    for _ in 0..100 {
+        if sink.delivered() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!((sink.delivered(), sink.failed()), (1, 0));
+
+    // A 400 is not retried; two 500s with two attempts are given up.
+    let (url, mut rx) = receiver(&[400, 500, 500]).await;
+    let sink = WebhookSink::builder(&url, SECRET)
+        .unwrap()
+        .max_attempts(2)
+        .backoff(Duration::from_millis(10), Duration::from_millis(10))
+        .spawn();
+    let t = app_with(|c| c.events(sink.clone())).await;
+    for name in ["a", "b"] {
+        create(
+            &t.app,
+            &t.alice,
+            &format!(r#"{{"name": "{name}", "userAwareTokenNeverExpires": true}}"#),
+        )
+        .await;
+    }
+    for _ in 0..3 {
+        next(&mut rx).await;
+    }
+    for _ in 0..100 {
+        if sink.failed() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!((sink.delivered(), sink.failed()), (0, 2));
+    assert!(rx.try_recv().is_err(), "no fourth attempt");
+}
+
+#[tokio::test]
+async fn a_full_queue_drops_events_and_never_delays_the_api() {
+    // A receiver that accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let sink = WebhookSink::builder(&format!("http://{addr}/hook"), SECRET)
+        .unwrap()
+        .queue_capacity(1)
+        .timeout(Duration::from_secs(120))
+        .spawn();
+    let t = app_with(|c| c.events(sink.clone())).await;
+    let calls = async {
+        for i in 0..6 {
+            create(
+                &t.app,
+                &t.alice,
+                &format!(r#"{{"name": "n{i}", "userAwareTokenNeverExpires": true}}"#),
+            )
+            .await;
+        }
+    };
+    // A hang guard, not a speed measure: the webhook never answers, the API must not wait for it.
+    tokio::time::timeout(Duration::from_secs(20), calls)
+        .await
+        .expect("the API calls completed while the webhook hangs");
+    // One event in flight (or still queued), one queued, the rest dropped.
+    assert!(sink.dropped() >= 4, "dropped {}", sink.dropped());
+    assert_eq!(sink.delivered(), 0);
+}
+
+#[test]
+fn webhook_urls_must_be_absolute_http() {
+    for bad in [
+        "not a url",
+        "/relative",
+        "https://example.test/hook",
+        "ftp://h/x",
+    ] {
+        assert!(WebhookSink::builder(bad, SECRET).is_err(), "{bad}");
+    }
+    assert!(WebhookSink::builder("http://127.0.0.1:9/x", SECRET).is_ok());
+    let debug = format!(
+        "{:?}",
+        WebhookSink::builder("http://127.0.0.1:9/x", SECRET).unwrap()
+    );
+    assert!(!debug.contains("webhook shared secret"));
+}
+
+#[test]
+fn event_names_match_their_json() {
+    for kind in [
+        EventKind::Created,
+        EventKind::Updated,
+        EventKind::Rotated,
+        EventKind::Revoked,
+        EventKind::Deleted,
+    ] {
+        assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
+        assert_eq!(kind.to_string(), kind.as_str());
+    }
+}

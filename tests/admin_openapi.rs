@@ -1,0 +1,237 @@
+//! The OpenAPI document: served at `<base>/openapi.json`, version 3.1, every route and status, and
+//! schemas that match what the API really answers.
+
+mod support_admin;
+
+use std::collections::BTreeSet;
+
+use http::{Method, StatusCode};
+use serde_json::Value;
+use support_admin::*;
+
+async fn document(t: &TestApp) -> Value {
+    // Public: no token needed.
+    let res = call(
+        &t.app,
+        Method::GET,
+        &format!("{BASE}/openapi.json"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+    assert_eq!(res.headers["content-type"], "application/json");
+    res.body
+}
+
+fn statuses(doc: &Value, path: &str, method: &str) -> BTreeSet<String> {
+    doc["paths"][path][method]["responses"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no {method} {path}"))
+        .keys()
+        .cloned()
+        .collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[tokio::test]
+async fn every_route_and_status_is_documented() {
+    let t = app().await;
+    let doc = document(&t).await;
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+
+    let id = format!("{BASE}/{{id}}");
+    let paths: BTreeSet<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();
+    assert_eq!(
+        paths,
+        set(&[
+            BASE,
+            &format!("{BASE}/self"),
+            &id,
+            &format!("{BASE}/{{id}}/rotate"),
+            &format!("{BASE}/openapi.json"),
+        ])
+    );
+    let expect = [
+        (
+            BASE.to_owned(),
+            "post",
+            &["201", "400", "401", "403", "409", "429", "500"][..],
+        ),
+        (BASE.to_owned(), "get", &["200", "400", "401", "403", "500"]),
+        (
+            format!("{BASE}/self"),
+            "get",
+            &["200", "401", "403", "404", "500"],
+        ),
+        (id.clone(), "get", &["200", "401", "403", "404", "500"]),
+        (
+            id.clone(),
+            "patch",
+            &["200", "400", "401", "403", "404", "409", "500"],
+        ),
+        (id.clone(), "delete", &["200", "401", "403", "404", "500"]),
+        (
+            format!("{BASE}/{{id}}/rotate"),
+            "post",
+            &["201", "400", "401", "403", "404", "500"],
+        ),
+        (format!("{BASE}/openapi.json"), "get", &["200"]),
+    ];
+    for (path, method, codes) in expect {
+        assert_eq!(statuses(&doc, &path, method), set(codes), "{method} {path}");
+    }
+    // The scopes each operation needs.
+    assert_eq!(
+        doc["paths"][BASE]["post"]["security"][0]["bearer"],
+        serde_json::json!(["personalAccessToken:write"])
+    );
+    assert_eq!(
+        doc["paths"][&id]["get"]["security"][0]["bearer"],
+        serde_json::json!(["personalAccessToken:read"])
+    );
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    // Headers and parameters.
+    assert!(doc["paths"][BASE]["post"]["responses"]["201"]["headers"]["Location"].is_object());
+    assert!(doc["paths"][BASE]["get"]["responses"]["200"]["headers"]["X-Total-Count"].is_object());
+    let params: BTreeSet<String> = doc["paths"][BASE]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        params,
+        set(&[
+            "page",
+            "limit",
+            "sort",
+            "search",
+            "lastUsed",
+            "lastUsedBefore",
+            "ownerId"
+        ])
+    );
+}
+
+fn properties(doc: &Value, schema: &str) -> BTreeSet<String> {
+    let s = &doc["components"]["schemas"][schema];
+    let mut out: BTreeSet<String> = s["properties"]
+        .as_object()
+        .map(|p| p.keys().cloned().collect())
+        .unwrap_or_default();
+    // A flattened struct is an allOf of its parts.
+    for part in s["allOf"].as_array().into_iter().flatten() {
+        if let Some(r) = part["$ref"].as_str() {
+            out.extend(properties(doc, r.rsplit('/').next().unwrap()));
+        }
+        out.extend(
+            part["properties"]
+                .as_object()
+                .into_iter()
+                .flat_map(|p| p.keys().cloned()),
+        );
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_schemas_are_what_the_api_answers() {
+    let t = app().await;
+    let doc = document(&t).await;
+
+    let created = create(
+        &t.app,
+        &t.alice,
+        r#"{"name": "doc", "userAwareTokenNeverExpires": true}"#,
+    )
+    .await;
+    let id = created.body["id"].as_str().unwrap();
+    let rotated = post(
+        &t.app,
+        &format!("{BASE}/{id}/rotate"),
+        &t.alice,
+        r#"{"gracePeriodSeconds": 60}"#,
+    )
+    .await;
+    let answered: BTreeSet<String> = rotated.body.as_object().unwrap().keys().cloned().collect();
+    assert_eq!(properties(&doc, "IssuedToken"), answered);
+    // Creation answers the same but for the grace period's end.
+    let mut answered: BTreeSet<String> =
+        created.body.as_object().unwrap().keys().cloned().collect();
+    answered.insert("previousTokenValidUntil".to_owned());
+    assert_eq!(properties(&doc, "IssuedToken"), answered);
+
+    let view = get(&t.app, &format!("{BASE}/{id}"), &t.alice).await;
+    let answered: BTreeSet<String> = view.body.as_object().unwrap().keys().cloned().collect();
+    assert_eq!(properties(&doc, "TokenView"), answered);
+    for field in [
+        "id",
+        "name",
+        "start",
+        "subject",
+        "userId",
+        "type",
+        "scopes",
+        "ipRestriction",
+        "createdAt",
+        "updatedAt",
+        "expiresAt",
+        "active",
+        "revoked",
+        "expiryWarning",
+        "lastUsedAt",
+        "seenAt",
+        "lastUsedIps",
+        "lastRotatedAt",
+    ] {
+        assert!(answered.contains(field), "{field}");
+    }
+
+    let err = post(&t.app, BASE, &t.alice, "{}").await;
+    let answered: BTreeSet<String> = err.body.as_object().unwrap().keys().cloned().collect();
+    assert_eq!(properties(&doc, "ErrorBody"), answered);
+
+    assert_eq!(
+        properties(&doc, "CreateTokenRequest"),
+        set(&[
+            "name",
+            "scopes",
+            "expiresAt",
+            "userAwareTokenNeverExpires",
+            "ipRestriction",
+            "type"
+        ])
+    );
+    assert_eq!(
+        properties(&doc, "PatchTokenRequest"),
+        set(&[
+            "name",
+            "scopes",
+            "expiresAt",
+            "userAwareTokenNeverExpires",
+            "ipRestriction",
+            "revoked"
+        ])
+    );
+    assert_eq!(
+        properties(&doc, "TokenEvent"),
+        set(&["event", "data", "triggeredAt"])
+    );
+}
+
+#[test]
+fn the_unprefixed_document_is_available_to_merge() {
+    let doc = serde_json::to_value(tower_pat::admin::openapi()).unwrap();
+    let paths: BTreeSet<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();
+    assert_eq!(
+        paths,
+        set(&["/", "/self", "/{id}", "/{id}/rotate", "/openapi.json"])
+    );
+}

@@ -1,0 +1,247 @@
+//! Extraction, format check and lookup: who gets in and what the handler sees.
+
+mod common;
+
+use common::*;
+use http::Request;
+use http_body_util::Full;
+use tower_pat::{MemoryStore, PatAuthLayer, TokenFormat};
+
+#[tokio::test]
+async fn valid_token_reaches_the_handler_with_its_principal() {
+    let store = MemoryStore::new();
+    let (record, secret) = issue(&store, new_token("alice", &["repo:read", "repo:write"])).await;
+    let layer = PatAuthLayer::builder(store).build();
+    let reply = send_token(&layer, &secret).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.body,
+        format!("alice|repo:read repo:write|{}", record.id)
+    );
+}
+
+#[tokio::test]
+async fn no_credentials_get_a_bare_challenge() {
+    let layer = PatAuthLayer::builder(MemoryStore::new())
+        .realm("acme")
+        .build();
+    let reply = send(&layer, request(None, None)).await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(reply.www_authenticate(), "Bearer realm=\"acme\"");
+    assert!(!reply.www_authenticate().contains("error"));
+    assert_eq!(reply.json()["status"], 401);
+    assert_eq!(reply.headers["content-type"], "application/json");
+}
+
+#[tokio::test]
+async fn malformed_and_bad_checksum_tokens_never_reach_the_store() {
+    let store = CountingStore::new();
+    let (_, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let layer = PatAuthLayer::builder(store.clone()).build();
+    let good = secret.expose_secret();
+    let mut bad_checksum = good.to_owned();
+    let last = if good.ends_with('A') { "B" } else { "A" };
+    bad_checksum.replace_range(good.len() - 1.., last);
+    for token in [
+        "pat_short",
+        "not-a-token-at-all",
+        &bad_checksum,
+        &good.replace("pat_", "xyz_"),
+        &format!("{good}x"),
+    ] {
+        let reply = send(&layer, request(Some(token), None)).await;
+        assert_eq!(reply.status, 401, "{token}");
+        assert!(reply.www_authenticate().contains("error=\"invalid_token\""));
+        assert_eq!(reply.json()["code"], "invalid_token");
+    }
+    assert_eq!(store.lookups(), 0);
+    assert_eq!(layer.store_lookups(), 0);
+}
+
+#[tokio::test]
+async fn unknown_well_formed_token_is_rejected_and_negatively_cached() {
+    let store = CountingStore::new();
+    let layer = PatAuthLayer::builder(store.clone()).build();
+    let unknown = TokenFormat::new().generate();
+    for _ in 0..3 {
+        let reply = send(&layer, request(Some(unknown.expose_secret()), None)).await;
+        assert_eq!(reply.status, 401);
+        assert_eq!(reply.json()["code"], "invalid_token");
+        assert_eq!(reply.json()["message"], "the access token is invalid");
+    }
+    assert_eq!(store.lookups(), 1, "the miss is cached");
+}
+
+#[tokio::test]
+async fn cached_token_needs_no_further_lookups() {
+    let store = CountingStore::new();
+    let (_, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let layer = PatAuthLayer::builder(store.clone()).build();
+    for _ in 0..10 {
+        let reply = send_token(&layer, &secret).await;
+        assert_eq!(reply.status, 200);
+    }
+    assert_eq!(store.lookups(), 1);
+    assert_eq!(layer.cached_tokens(), 1);
+}
+
+#[tokio::test]
+async fn scheme_is_case_insensitive() {
+    let store = MemoryStore::new();
+    let (_, secret) = issue(&store, new_token("alice", &[])).await;
+    let layer = PatAuthLayer::builder(store).build();
+    for scheme in ["bearer", "BEARER", "BeArEr"] {
+        let req = Request::builder()
+            .header(
+                "authorization",
+                format!("{scheme} {}", secret.expose_secret()),
+            )
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(send(&layer, req).await.status, 200, "{scheme}");
+    }
+}
+
+#[tokio::test]
+async fn two_different_credentials_are_an_invalid_request() {
+    let store = MemoryStore::new();
+    let (_, a) = issue(&store, new_token("alice", &[])).await;
+    let (_, b) = issue(&store, new_token("bob", &[])).await;
+    let layer = PatAuthLayer::builder(store)
+        .accept_header(http::HeaderName::from_static("x-api-key"))
+        .build();
+    let req = Request::builder()
+        .header("authorization", format!("Bearer {}", a.expose_secret()))
+        .header("x-api-key", b.expose_secret())
+        .body(Full::default())
+        .unwrap();
+    let reply = send(&layer, req).await;
+    assert_eq!(reply.status, 400);
+    assert!(
+        reply
+            .www_authenticate()
+            .contains("error=\"invalid_request\"")
+    );
+    assert_eq!(reply.json()["code"], "invalid_request");
+
+    // Two Authorization headers with different tokens, too.
+    let req = Request::builder()
+        .header("authorization", format!("Bearer {}", a.expose_secret()))
+        .header("authorization", format!("Bearer {}", b.expose_secret()))
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(&layer, req).await.status, 400);
+
+    // The same token twice is one credential.
+    let req = Request::builder()
+        .header("authorization", format!("Bearer {}", a.expose_secret()))
+        .header("x-api-key", a.expose_secret())
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(&layer, req).await.status, 200);
+}
+
+#[tokio::test]
+async fn optional_sources_are_off_until_configured() {
+    let store = MemoryStore::new();
+    let (_, secret) = issue(&store, new_token("alice", &[])).await;
+    let t = secret.expose_secret();
+    let strict = PatAuthLayer::builder(store.clone()).build();
+    let open = PatAuthLayer::builder(store)
+        .accept_token_scheme()
+        .accept_raw_authorization()
+        .accept_header(http::HeaderName::from_static("private-token"))
+        .accept_query_parameter()
+        .build();
+    let reqs = || {
+        vec![
+            Request::builder().header("authorization", format!("Token {t}")),
+            Request::builder().header("authorization", t),
+            Request::builder().header("private-token", t),
+            Request::builder().uri(format!("/x?a=1&access_token={t}")),
+        ]
+    };
+    for b in reqs() {
+        let reply = send(&strict, b.body(Full::default()).unwrap()).await;
+        assert_eq!(reply.status, 401);
+        assert_eq!(reply.www_authenticate(), "Bearer realm=\"api\"");
+    }
+    for b in reqs() {
+        assert_eq!(
+            send(&open, b.body(Full::default()).unwrap()).await.status,
+            200
+        );
+    }
+}
+
+#[tokio::test]
+async fn anonymous_mode_lets_requests_without_credentials_through_only() {
+    let store = MemoryStore::new();
+    let layer = PatAuthLayer::builder(store).allow_anonymous().build();
+    let reply = send(&layer, request(None, None)).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, "anonymous");
+    let bad = send(&layer, request(Some("pat_garbage"), None)).await;
+    assert_eq!(bad.status, 401);
+}
+
+#[tokio::test]
+async fn header_bytes_outside_ascii_are_an_invalid_request() {
+    let layer = PatAuthLayer::builder(MemoryStore::new()).build();
+    let req = Request::builder()
+        .header(
+            "authorization",
+            http::HeaderValue::from_bytes(b"Bearer pat_\xff\xfe").unwrap(),
+        )
+        .body(Full::default())
+        .unwrap();
+    let reply = send(&layer, req).await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.json()["code"], "invalid_request");
+}
+
+#[tokio::test]
+async fn errors_never_echo_the_token() {
+    let store = MemoryStore::new();
+    let layer = PatAuthLayer::builder(store).build();
+    let unknown = TokenFormat::new().generate();
+    let reply = send(&layer, request(Some(unknown.expose_secret()), None)).await;
+    assert!(!reply.body.contains(unknown.expose_secret()));
+    assert!(!reply.www_authenticate().contains(unknown.expose_secret()));
+    assert!(!format!("{unknown:?}").contains(unknown.expose_secret()));
+}
+
+#[tokio::test]
+async fn repeated_failures_from_one_client_are_throttled() {
+    let store = CountingStore::new();
+    let (_, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let layer = PatAuthLayer::builder(store.clone())
+        .limit_failures(3, std::time::Duration::from_secs(60))
+        .build();
+    let attacker = Some("203.0.113.66:4000");
+    for _ in 0..3 {
+        let guess = TokenFormat::new().generate();
+        assert_eq!(
+            send(&layer, request(Some(guess.expose_secret()), attacker))
+                .await
+                .status,
+            401
+        );
+    }
+    let reply = send(&layer, request(Some(secret.expose_secret()), attacker)).await;
+    assert_eq!(reply.status, 429);
+    assert_eq!(reply.headers["retry-after"], "60");
+    assert_eq!(reply.json()["code"], "too_many_requests");
+    // Another client is not affected, and the throttled requests cost no store query.
+    let lookups = store.lookups();
+    assert_eq!(
+        send(
+            &layer,
+            request(Some(secret.expose_secret()), Some("192.0.2.1:1"))
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(store.lookups(), lookups + 1);
+}

@@ -1,0 +1,189 @@
+//! Shared test helpers: a counting store, token issuing, requests through the layer.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+#[cfg(feature = "postgres")]
+pub mod pg;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Weak;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::Utc;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tower::{Layer, Service, ServiceExt};
+use tower_pat::store::ChangeListener;
+use tower_pat::{
+    MemoryStore, NewToken, PatAuthLayer, Principal, ScopeSet, StoreError, TokenHash, TokenLookup,
+    TokenRecord, TokenSecret, TokenStore, UsageUpdate,
+};
+
+/// A `MemoryStore` that counts lookups and can be slowed down or made to fail.
+#[derive(Clone, Default)]
+pub struct CountingStore {
+    pub inner: MemoryStore,
+    pub lookups: Arc<AtomicUsize>,
+    pub delay_ms: Arc<AtomicU64>,
+    pub failing: Arc<std::sync::atomic::AtomicBool>,
+    pub usage_batches: Arc<std::sync::Mutex<Vec<Vec<UsageUpdate>>>>,
+}
+
+impl CountingStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn lookups(&self) -> usize {
+        self.lookups.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl TokenLookup for CountingStore {
+    async fn find_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
+        self.lookups.fetch_add(1, Ordering::SeqCst);
+        let delay = self.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError::backend("store is down"));
+        }
+        self.inner.find_by_hash(hash).await
+    }
+
+    async fn record_usage(&self, updates: &[UsageUpdate]) -> Result<(), StoreError> {
+        self.usage_batches.lock().unwrap().push(updates.to_vec());
+        self.inner.record_usage(updates).await
+    }
+
+    fn subscribe(&self, listener: Weak<dyn ChangeListener>) -> bool {
+        self.inner.subscribe(listener)
+    }
+}
+
+/// Issues a token into `store` with the default format and hasher.
+pub async fn issue(store: &MemoryStore, token: NewToken) -> (TokenRecord, TokenSecret) {
+    let layer = PatAuthLayer::builder(store.clone()).build();
+    let (record, secret) = token.issue(layer.format(), layer.hasher(), Utc::now());
+    store.insert(&record).await.unwrap();
+    (record, secret)
+}
+
+pub fn scopes(s: &[&str]) -> ScopeSet {
+    ScopeSet::parse(s).unwrap()
+}
+
+pub fn new_token(subject: &str, scope_list: &[&str]) -> NewToken {
+    NewToken::new(
+        subject,
+        format!("token-{}", rand_suffix()),
+        scopes(scope_list),
+    )
+}
+
+pub fn rand_suffix() -> u64 {
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A trivial inner service that answers 200 with the principal's subject and scopes, or
+/// "anonymous".
+pub fn echo_service() -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
++ Send {
+    tower::service_fn(|req: Request<Full<Bytes>>| async move {
+        let body = match req.extensions().get::<Principal>() {
+            Some(p) => format!(
+                "{}|{}|{}",
+                p.subject(),
+                p.scopes().to_space_separated(),
+                p.token_id()
+            ),
+            None => "anonymous".to_owned(),
+        };
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+    })
+}
+
+/// A request with optional bearer token and peer address.
+pub fn request(token: Option<&str>, peer: Option<&str>) -> Request<Full<Bytes>> {
+    let mut b = Request::builder().uri("/resource");
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    let mut req = b.body(Full::new(Bytes::new())).unwrap();
+    if let Some(p) = peer {
+        req.extensions_mut()
+            .insert(p.parse::<SocketAddr>().unwrap());
+    }
+    req
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap()
+    }
+
+    pub fn www_authenticate(&self) -> &str {
+        self.headers
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+    }
+}
+
+/// Sends one request through `layer` in front of [`echo_service`].
+pub async fn send(layer: &PatAuthLayer, req: Request<Full<Bytes>>) -> Reply {
+    let svc = layer.layer(echo_service());
+    let res = svc.oneshot(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8(body.to_vec()).unwrap(),
+    }
+}
+
+/// Sends a request with `secret` as bearer token and no peer address.
+pub async fn send_token(layer: &PatAuthLayer, secret: &TokenSecret) -> Reply {
+    send(layer, request(Some(secret.expose_secret()), None)).await
+}
+
+/// Sends `n` concurrent requests with `token` through `layer` and returns their statuses.
+pub async fn concurrent_statuses(layer: &PatAuthLayer, token: &str, n: usize) -> Vec<StatusCode> {
+    let svc = layer.layer(echo_service());
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let svc = svc.clone();
+            let token = token.to_owned();
+            tokio::spawn(async move {
+                svc.oneshot(request(Some(&token), None))
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}

@@ -1,0 +1,141 @@
+//! Revocation and expiry are enforced on every request, also while the token is cached.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::Utc;
+use common::*;
+use tower_pat::{CacheConfig, MemoryStore, PatAuthLayer, TokenStore};
+
+#[tokio::test]
+async fn revoked_token_is_refused_on_the_very_next_request() {
+    let store = CountingStore::new();
+    let (record, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let layer = PatAuthLayer::builder(store.clone()).build();
+    assert_eq!(send_token(&layer, &secret).await.status, 200);
+    assert_eq!(layer.cached_tokens(), 1);
+
+    store.inner.revoke(&record.id, Utc::now()).await.unwrap();
+
+    let reply = send_token(&layer, &secret).await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(reply.json()["message"], "the access token has been revoked");
+    assert!(reply.www_authenticate().contains("error=\"invalid_token\""));
+}
+
+#[tokio::test]
+async fn deleted_token_is_refused_on_the_very_next_request() {
+    let store = MemoryStore::new();
+    let (record, secret) = issue(&store, new_token("alice", &[])).await;
+    let layer = PatAuthLayer::builder(store.clone()).build();
+    assert_eq!(send_token(&layer, &secret).await.status, 200);
+    store.delete(&record.id).await.unwrap();
+    let reply = send_token(&layer, &secret).await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(reply.json()["message"], "the access token is invalid");
+}
+
+#[tokio::test]
+async fn expired_token_is_refused() {
+    let store = MemoryStore::new();
+    let (_, secret) = issue(
+        &store,
+        new_token("alice", &[]).expires_at(Utc::now() - chrono::Duration::seconds(1)),
+    )
+    .await;
+    let layer = PatAuthLayer::builder(store).build();
+    let reply = send_token(&layer, &secret).await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(reply.json()["message"], "the access token has expired");
+}
+
+#[tokio::test]
+async fn token_expiring_while_cached_is_refused_from_then_on() {
+    let store = CountingStore::new();
+    let expires = Utc::now() + chrono::Duration::milliseconds(600);
+    let (_, secret) = issue(&store.inner, new_token("alice", &[]).expires_at(expires)).await;
+    // A long TTL: only the clock can end the entry.
+    let layer = PatAuthLayer::builder(store.clone())
+        .cache(CacheConfig {
+            ttl: Duration::from_secs(3600),
+            ..CacheConfig::default()
+        })
+        .build();
+    assert_eq!(send_token(&layer, &secret).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let reply = send_token(&layer, &secret).await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(reply.json()["message"], "the access token has expired");
+    assert_eq!(
+        store.lookups(),
+        1,
+        "expiry came from the clock, not the store"
+    );
+}
+
+#[tokio::test]
+async fn entry_is_refreshed_in_the_background_after_the_ttl() {
+    let store = CountingStore::new();
+    let (record, secret) = issue(&store.inner, new_token("alice", &["a"])).await;
+    let layer = PatAuthLayer::builder(store.clone())
+        .cache(CacheConfig {
+            ttl: Duration::from_millis(200),
+            ..CacheConfig::default()
+        })
+        .build();
+    assert_eq!(send_token(&layer, &secret).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Past the TTL: still served from the cache while one refresh runs.
+    let reply = send_token(&layer, &secret).await;
+    assert_eq!(reply.status, 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(store.lookups(), 2);
+    // A change the store made without telling anyone (no event) is seen after the refresh.
+    let mut changed = record.clone();
+    changed.scopes = scopes(&["b"]);
+    store.inner.update(&changed).await.unwrap(); // also publishes, which is fine
+    let reply = send_token(&layer, &secret).await;
+    assert!(reply.body.contains("|b|"), "{}", reply.body);
+}
+
+#[tokio::test]
+async fn store_outage_on_a_miss_is_503_never_401() {
+    let store = CountingStore::new();
+    let (_, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    store
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let layer = PatAuthLayer::builder(store.clone()).build();
+    let reply = send_token(&layer, &secret).await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.headers["retry-after"], "5");
+    assert_eq!(reply.json()["code"], "temporarily_unavailable");
+    // The failure is not cached: once the store is back the token works.
+    store
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(send_token(&layer, &secret).await.status, 200);
+}
+
+#[tokio::test]
+async fn cached_token_survives_a_store_outage_within_stale_if_error() {
+    let store = CountingStore::new();
+    let (_, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let layer = PatAuthLayer::builder(store.clone())
+        .cache(CacheConfig {
+            ttl: Duration::from_millis(100),
+            stale_if_error: Duration::from_millis(600),
+            ..CacheConfig::default()
+        })
+        .build();
+    assert_eq!(send_token(&layer, &secret).await.status, 200);
+    store
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(send_token(&layer, &secret).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Past ttl + stale_if_error: the entry must be reloaded, and the store is down.
+    assert_eq!(send_token(&layer, &secret).await.status, 503);
+}

@@ -1,0 +1,393 @@
+//! Write-behind usage tracking: coalesced, batched, never on the request path, nothing lost.
+
+mod common;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use common::*;
+use tower::{Layer, ServiceExt};
+use tower_pat::store::ChangeListener;
+use tower_pat::{
+    MemoryStore, PatAuthLayer, StoreError, TokenHash, TokenLookup, TokenRecord, TokenStore,
+    UsageConfig, UsageRecorder, UsageUpdate,
+};
+
+fn config(flush_ms: u64) -> UsageConfig {
+    UsageConfig {
+        granularity: Duration::ZERO,
+        flush_interval: Duration::from_millis(flush_ms),
+        retry_backoff: Duration::from_millis(20),
+        max_retry_backoff: Duration::from_millis(200),
+        ..UsageConfig::default()
+    }
+}
+
+async fn wait_until(mut cond: impl FnMut() -> bool, limit: Duration) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < limit,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn rows_for(store: &CountingStore, id: &str) -> Vec<UsageUpdate> {
+    let batches = store.usage_batches.lock().unwrap();
+    batches
+        .iter()
+        .flatten()
+        .filter(|u| u.token_id == id)
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn ten_thousand_requests_over_two_flushes_write_two_rows() {
+    let store = CountingStore::new();
+    let (record, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let layer = PatAuthLayer::builder(store.clone())
+        .track_usage(config(400))
+        .build();
+    let usage = layer.usage().unwrap().clone();
+    let svc = layer.layer(echo_service());
+    let t = secret.expose_secret();
+
+    let mut phases = Vec::new();
+    for _ in 0..2 {
+        let flushes = usage.stats().flushes;
+        let start = Utc::now();
+        for _ in 0..5_000 {
+            let res = svc
+                .clone()
+                .oneshot(request(Some(t), Some("192.0.2.1:1")))
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200);
+        }
+        let end = Utc::now();
+        phases.push((start, end));
+        wait_until(|| usage.stats().flushes > flushes, Duration::from_secs(5)).await;
+    }
+
+    let rows = rows_for(&store, &record.id);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for (row, (start, end)) in rows.iter().zip(&phases) {
+        let slack = chrono::Duration::milliseconds(20); // the coarse clock's resolution
+        assert!(row.last_used_at >= *start - slack && row.last_used_at <= *end + slack);
+        assert_eq!(row.ips, vec!["192.0.2.1".parse::<IpAddr>().unwrap()]);
+    }
+    assert!(rows[1].last_used_at > rows[0].last_used_at);
+    let stored = store.inner.get(&record.id).await.unwrap().unwrap();
+    assert_eq!(stored.last_used_at, Some(rows[1].last_used_at));
+    let stats = usage.stats();
+    assert_eq!(stats.rows_written, 2);
+    assert!(stats.marks >= 2);
+}
+
+#[tokio::test]
+async fn granularity_limits_marks_and_principal_sees_fresh_time() {
+    let store = CountingStore::new();
+    let (record, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let layer = PatAuthLayer::builder(store.clone())
+        .track_usage(UsageConfig {
+            granularity: Duration::from_secs(60),
+            ..config(10_000)
+        })
+        .build();
+    for _ in 0..100 {
+        assert_eq!(send_token(&layer, &secret).await.status, 200);
+    }
+    let usage = layer.usage().unwrap();
+    assert_eq!(usage.stats().marks, 1);
+    let principal = layer.authenticate(secret.expose_secret()).await.unwrap();
+    let seen = principal.last_used_at().expect("marked in memory at once");
+    assert!(Utc::now() - seen < chrono::Duration::seconds(5));
+    // Nothing written yet, but the pending mark is visible.
+    assert_eq!(
+        store
+            .inner
+            .get(&record.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_used_at,
+        None
+    );
+    assert!(usage.pending(&record.id).is_some());
+}
+
+/// A store whose `record_usage` blocks until released.
+#[derive(Clone)]
+struct BlockingStore {
+    inner: MemoryStore,
+    gate: Arc<tokio::sync::Semaphore>,
+    entered: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl TokenLookup for BlockingStore {
+    async fn find_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
+        self.inner.find_by_hash(hash).await
+    }
+    async fn record_usage(&self, updates: &[UsageUpdate]) -> Result<(), StoreError> {
+        self.entered.fetch_add(1, Ordering::SeqCst);
+        let _permit = self.gate.acquire().await.unwrap();
+        self.inner.record_usage(updates).await
+    }
+    fn subscribe(&self, l: std::sync::Weak<dyn ChangeListener>) -> bool {
+        self.inner.subscribe(l)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_flush_never_delays_requests() {
+    // The gate has no permits: record_usage blocks.
+    let store = BlockingStore {
+        inner: MemoryStore::new(),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        entered: Arc::default(),
+    };
+    let (_, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let layer = PatAuthLayer::builder(store.clone())
+        .track_usage(config(50))
+        .build();
+    assert_eq!(send_token(&layer, &secret).await.status, 200);
+    wait_until(
+        || store.entered.load(Ordering::SeqCst) > 0,
+        Duration::from_secs(5),
+    )
+    .await;
+    // The flush is stuck (and stays stuck for 5 s); requests go on.
+    let release = {
+        let gate = Arc::clone(&store.gate);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            gate.add_permits(1000);
+        })
+    };
+    for _ in 0..1000 {
+        assert_eq!(send_token(&layer, &secret).await.status, 200);
+    }
+    assert!(
+        !release.is_finished(),
+        "requests completed while the flush was still stuck"
+    );
+    release.abort();
+}
+
+#[tokio::test]
+async fn shutdown_writes_what_is_pending() {
+    let store = CountingStore::new();
+    let (record, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let layer = PatAuthLayer::builder(store.clone())
+        .track_usage(config(3_600_000))
+        .build();
+    assert_eq!(
+        send(
+            &layer,
+            request(Some(secret.expose_secret()), Some("198.51.100.4:1"))
+        )
+        .await
+        .status,
+        200
+    );
+    let usage = layer.usage().unwrap();
+    assert_eq!(usage.stats().pending_tokens, 1);
+    usage.shutdown().await;
+    let stored = store.inner.get(&record.id).await.unwrap().unwrap();
+    assert!(stored.last_used_at.is_some());
+    assert_eq!(
+        stored.last_used_ips,
+        vec!["198.51.100.4".parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(usage.stats().pending_tokens, 0);
+}
+
+/// Fails `record_usage` a number of times, then succeeds.
+#[derive(Clone, Default)]
+struct FlakyStore {
+    inner: MemoryStore,
+    failures_left: Arc<AtomicUsize>,
+    attempts: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl TokenLookup for FlakyStore {
+    async fn find_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
+        self.inner.find_by_hash(hash).await
+    }
+    async fn record_usage(&self, updates: &[UsageUpdate]) -> Result<(), StoreError> {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        if self
+            .failures_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(StoreError::backend("database is down"));
+        }
+        self.inner.record_usage(updates).await
+    }
+}
+
+#[tokio::test]
+async fn three_failures_then_success_lose_no_mark() {
+    let store = FlakyStore::default();
+    store.failures_left.store(3, Ordering::SeqCst);
+    let (a, _) = issue(&store.inner, new_token("alice", &[])).await;
+    let (b, _) = issue(&store.inner, new_token("bob", &[])).await;
+    let recorder = UsageRecorder::new(store.clone(), config(30));
+    let t0 = Utc::now();
+    recorder.record(&a.id, t0, Some("192.0.2.1".parse().unwrap()));
+    recorder.record(&b.id, t0, None);
+    // A newer mark arrives while the first batch keeps failing.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let t1 = t0 + chrono::Duration::seconds(1);
+    recorder.record(&a.id, t1, Some("192.0.2.2".parse().unwrap()));
+    wait_until(|| recorder.stats().flushes >= 1, Duration::from_secs(5)).await;
+    wait_until(
+        || recorder.stats().pending_tokens == 0,
+        Duration::from_secs(5),
+    )
+    .await;
+
+    let stats = recorder.stats();
+    assert_eq!(stats.retries, 3);
+    assert_eq!(stats.dropped_marks, 0);
+    let a = store.inner.get(&a.id).await.unwrap().unwrap();
+    let b = store.inner.get(&b.id).await.unwrap().unwrap();
+    assert_eq!(a.last_used_at, Some(t1));
+    assert_eq!(
+        a.last_used_ips,
+        vec![
+            "192.0.2.2".parse::<IpAddr>().unwrap(),
+            "192.0.2.1".parse().unwrap()
+        ]
+    );
+    assert_eq!(b.last_used_at, Some(t0));
+}
+
+#[tokio::test]
+async fn late_and_retried_marks_never_move_last_used_back() {
+    let store = MemoryStore::new();
+    let (record, _) = issue(&store, new_token("alice", &[])).await;
+    let recorder = UsageRecorder::new(store.clone(), config(3_600_000));
+    let now = Utc::now();
+    recorder.record(&record.id, now, None);
+    recorder.record(&record.id, now - chrono::Duration::minutes(5), None); // out of order
+    recorder.flush().await.unwrap();
+    assert_eq!(
+        store.get(&record.id).await.unwrap().unwrap().last_used_at,
+        Some(now)
+    );
+    // A retried, older batch reaches the store late.
+    let old = UsageUpdate::new(&record.id, now - chrono::Duration::hours(1), vec![]);
+    store.record_usage(&[old]).await.unwrap();
+    assert_eq!(
+        store.get(&record.id).await.unwrap().unwrap().last_used_at,
+        Some(now)
+    );
+}
+
+#[tokio::test]
+async fn pending_marks_are_bounded_during_an_outage() {
+    let store = FlakyStore::default();
+    store.failures_left.store(usize::MAX, Ordering::SeqCst);
+    let recorder = UsageRecorder::new(
+        store.clone(),
+        UsageConfig {
+            max_pending_tokens: 1_000,
+            ..config(20)
+        },
+    );
+    let now = Utc::now();
+    for i in 0..100_000 {
+        recorder.record(&format!("token-{i}"), now, None);
+    }
+    wait_until(
+        || store.attempts.load(Ordering::SeqCst) >= 2,
+        Duration::from_secs(5),
+    )
+    .await;
+    let stats = recorder.stats();
+    assert_eq!(stats.pending_tokens, 1_000);
+    assert_eq!(stats.dropped_marks, 99_000);
+    assert_eq!(stats.marks, 100_000);
+}
+
+#[tokio::test]
+async fn last_ips_keep_the_five_most_recent_distinct() {
+    let store = CountingStore::new();
+    let (record, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let layer = PatAuthLayer::builder(store.clone())
+        .track_usage(config(3_600_000))
+        .build();
+    for i in 1..=7 {
+        for _ in 0..2 {
+            let peer = format!("10.0.0.{i}:1000");
+            assert_eq!(
+                send(&layer, request(Some(secret.expose_secret()), Some(&peer)))
+                    .await
+                    .status,
+                200
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await; // distinct coarse-clock times
+    }
+    layer.usage().unwrap().flush().await.unwrap();
+    let stored = store.inner.get(&record.id).await.unwrap().unwrap();
+    let expected: Vec<IpAddr> = (3..=7)
+        .rev()
+        .map(|i| format!("10.0.0.{i}").parse().unwrap())
+        .collect();
+    assert_eq!(stored.last_used_ips, expected);
+}
+
+#[tokio::test]
+async fn management_api_shows_usage_not_yet_written() {
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower_pat::admin::{self, AdminConfig};
+
+    let store = MemoryStore::new();
+    let (record, secret) = issue(&store, new_token("alice", &["personalAccessToken:read"])).await;
+    let layer = PatAuthLayer::builder(store.clone())
+        .track_usage(config(3_600_000)) // nothing is flushed during the test
+        .build();
+    let app = admin::router(AdminConfig::new(Arc::new(store.clone()), &layer));
+    let get = |path: &'static str| {
+        let app = app.clone();
+        let token = secret.expose_secret().to_owned();
+        async move {
+            let mut req = http::Request::builder()
+                .uri(path)
+                .header("authorization", format!("Bearer {token}"))
+                .body(Body::empty())
+                .unwrap();
+            req.extensions_mut()
+                .insert("192.0.2.44:1000".parse::<std::net::SocketAddr>().unwrap());
+            let res = app.oneshot(req).await.unwrap();
+            assert_eq!(res.status(), 200);
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+        }
+    };
+    let me = get("/self").await;
+    assert!(me["lastUsedAt"].is_string(), "{me}");
+    assert_eq!(me["seenAt"], me["lastUsedAt"]);
+    assert_eq!(me["lastUsedIps"], serde_json::json!(["192.0.2.44"]));
+    let list = get("/").await;
+    assert_eq!(list[0]["id"], record.id.as_str());
+    assert!(list[0]["lastUsedAt"].is_string(), "{list}");
+    // The store itself has not been written yet.
+    assert_eq!(
+        store.get(&record.id).await.unwrap().unwrap().last_used_at,
+        None
+    );
+}
