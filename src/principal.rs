@@ -24,10 +24,12 @@ pub struct Principal(pub(crate) Arc<Entry>);
 
 /// A verification cache entry; the principal handed to handlers shares it.
 ///
-/// Lean on purpose (a million of them fit in about 400 MB less than full records would): only what
+/// Lean on purpose (about 370 bytes per cached token in all, against 890 with a full record; see
+/// BENCHMARKS.md): only what
 /// the request path and the [`Principal`] accessors read, the strings in one allocation, the scope
 /// set shared with every other entry that has the same scopes. The fields read on every cache hit
-/// come first, in the cache line of the `Arc`'s counts.
+/// come first: with the `Arc`'s counts they are the first 56 bytes, one cache line (or two
+/// adjacent ones) to fetch when a million entries do not fit in the CPU's caches.
 #[repr(C)]
 pub(crate) struct Entry {
     /// When the token stops working, in Unix milliseconds (`i64::MAX` for never): its expiry, or
@@ -37,6 +39,11 @@ pub(crate) struct Entry {
     pub(crate) refresh_at_ms: AtomicI64,
     /// When usage was last marked for the write-behind recorder (Unix ms, 0 for never).
     pub(crate) last_mark_ms: AtomicI64,
+    /// Read on every hit too: empty for most tokens.
+    ip_restriction: Box<[IpNet]>,
+    // The rest is read on a hit only with required scopes, or by handlers and the cache's
+    // maintenance.
+    scopes: ScopeSet,
     /// When the entry was loaded from the store (coarse clock, Unix ms).
     pub(crate) loaded_ms: i64,
     /// The cache key: the token's hash under the current pepper.
@@ -44,8 +51,6 @@ pub(crate) struct Entry {
     /// The hash the store keeps for the token, when it is not `key` (an older pepper's hash).
     stored_hash: Option<Box<TokenHash>>,
     names: Names,
-    scopes: ScopeSet,
-    ip_restriction: Box<[IpNet]>,
     last_used_ips: Box<[IpAddr]>,
     expires_at: Option<DateTime<Utc>>,
     last_used_at: Option<DateTime<Utc>>,
@@ -109,6 +114,8 @@ impl Entry {
             expires_ms,
             refresh_at_ms: AtomicI64::new(now_ms.saturating_add(ttl_ms)),
             last_mark_ms: AtomicI64::new(last_mark),
+            ip_restriction: record.ip_restriction.into_boxed_slice(),
+            scopes: record.scopes,
             loaded_ms: now_ms,
             key,
             stored_hash: (record.hash != key).then(|| Box::new(record.hash)),
@@ -118,8 +125,6 @@ impl Entry {
                 &record.name,
                 &record.token_type,
             ),
-            scopes: record.scopes,
-            ip_restriction: record.ip_restriction.into_boxed_slice(),
             last_used_ips: record.last_used_ips.into_boxed_slice(),
             expires_at: record.expires_at,
             last_used_at: record.last_used_at,
