@@ -150,10 +150,5 @@ fn floor(c: &mut Criterion) {
 }
 
 fn main() {
-    let mut c = common::criterion();
-    floor(&mut c);
-    c.final_summary();
-    if common::full_run() {
-        common::summary();
-    }
+    common::run(floor);
 }

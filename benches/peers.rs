@@ -199,10 +199,5 @@ fn peers(c: &mut Criterion) {
 }
 
 fn main() {
-    let mut c = common::criterion();
-    peers(&mut c);
-    c.final_summary();
-    if common::full_run() {
-        common::summary();
-    }
+    common::run(peers);
 }

@@ -123,10 +123,5 @@ fn verify(c: &mut Criterion) {
 }
 
 fn main() {
-    let mut c = common::criterion();
-    verify(&mut c);
-    c.final_summary();
-    if common::full_run() {
-        common::summary();
-    }
+    common::run(verify);
 }

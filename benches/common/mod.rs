@@ -84,6 +84,16 @@ pub fn criterion() -> criterion::Criterion {
         .configure_from_args()
 }
 
+/// The `main` of a criterion bench: runs `bench`, then (under `cargo bench`) prints the summary.
+pub fn run(bench: fn(&mut criterion::Criterion)) {
+    let mut c = criterion();
+    bench(&mut c);
+    c.final_summary();
+    if full_run() {
+        summary();
+    }
+}
+
 /// A single-threaded runtime: one core for the benches, the other for everything else.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
