@@ -21,6 +21,6 @@ cargo bench --all-features --bench floor --bench verify --bench peers 2>&1 |
     grep -v -E '^(Benchmarking|Found|  [0-9]+ \(|\s+change:|\s+(No change|Performance|Change within))'
 cargo bench --all-features --bench http_harness --bench memory 2>&1 | grep -v -E '^\s+(Finished|Running)'
 if [[ -z "${SKIP_LOAD:-}" ]]; then
-    scripts/load.sh
+    LOAD_FEATURES=--all-features scripts/load.sh
 fi
 echo "  load after: $(cut -d' ' -f1-3 /proc/loadavg)"

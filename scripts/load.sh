@@ -5,7 +5,8 @@
 # the ratio authenticated / unauthenticated (median of the pairs, with its spread).
 #
 #   scripts/load.sh                      # 4 pairs of 8-second runs: about 75 s after the build
-#   PAIRS=6 DURATION=5 scripts/load.sh   # other settings: CONNECTIONS, THREADS, PORT
+#   PAIRS=6 DURATION=5 scripts/load.sh   # other settings: CONNECTIONS, THREADS, PORT, WARMUP,
+#                                        # LOAD_FEATURES (cargo feature flags for the build)
 #
 # Needs wrk (installed with apt-get if missing) or oha (installed with `cargo install oha` if
 # apt-get cannot install wrk). Only 127.0.0.1 is ever loaded; the server is always stopped.
@@ -48,8 +49,11 @@ for p in json.load(sys.stdin)["packages"]:
     for t in p["targets"]:
         if t["name"] == "quickstart" and "example" in t["kind"]:
             print(",".join(t.get("required-features", [])))')
-log "building the quickstart (release${features:+, features $features})…"
-cargo build --release --quiet --example quickstart ${features:+--features "$features"}
+# LOAD_FEATURES overrides them (scripts/bench.sh passes --all-features, to reuse its build).
+feature_flags=${LOAD_FEATURES:-${features:+--features $features}}
+log "building the quickstart (release${feature_flags:+, $feature_flags})…"
+# shellcheck disable=SC2086 # the flags are words
+cargo build --release --quiet --example quickstart $feature_flags
 
 port=${PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 addr="127.0.0.1:$port"

@@ -36,14 +36,20 @@ where
         #[pin]
         future: S::Future,
     },
+    // The two cold variants are boxed: the future is then no larger than the inner service's,
+    // which is what a cache hit moves around (a request alone is some 250 bytes).
     Lookup {
         lookup: Lookup,
-        pending: Option<(S, Request<ReqB>, Arc<Shared>)>,
+        pending: Option<Box<Pending<S, ReqB>>>,
     },
     Rejected {
-        response: Option<Response<Bytes>>,
+        response: Option<Box<Response<Bytes>>>,
     },
 }
+
+/// What a cache miss holds while it waits for the store: the ready service, the request and the
+/// layer's state.
+type Pending<S, ReqB> = (S, Request<ReqB>, Arc<Shared>);
 
 impl<S, ReqB> std::fmt::Debug for ResponseFuture<S, ReqB>
 where
@@ -74,7 +80,7 @@ where
     pub(crate) fn rejected(response: Response<Bytes>) -> Self {
         Self {
             state: State::Rejected {
-                response: Some(response),
+                response: Some(Box::new(response)),
             },
         }
     }
@@ -88,7 +94,7 @@ where
         Self {
             state: State::Lookup {
                 lookup,
-                pending: Some((service, request, shared)),
+                pending: Some(Box::new((service, request, shared))),
             },
         }
     }
@@ -110,11 +116,11 @@ where
                     let res = response
                         .take()
                         .expect("ResponseFuture polled after completion");
-                    return Poll::Ready(Ok(res.map(ResponseBody::error)));
+                    return Poll::Ready(Ok((*res).map(ResponseBody::error)));
                 }
                 StateProj::Lookup { lookup, pending } => {
                     let outcome = ready!(lookup.as_mut().poll(cx));
-                    let (mut service, mut request, shared) = pending
+                    let (mut service, mut request, shared) = *pending
                         .take()
                         .expect("ResponseFuture polled after completion");
                     let next = match shared.admit(outcome, &mut request, now_ms()) {
@@ -122,7 +128,7 @@ where
                             future: service.call(request),
                         },
                         Err(e) => State::Rejected {
-                            response: Some(shared.refuse(&e, &request)),
+                            response: Some(Box::new(shared.refuse(&e, &request))),
                         },
                     };
                     self.as_mut().project().state.set(next);
