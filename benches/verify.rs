@@ -5,6 +5,7 @@
 //! - `hit_1`, `hit_1k`, `hit_1m`: cache hits with 1, 1 000 and 1 000 000 tokens cached, the
 //!   requests going to each token in turn (see [`common::spread`]): with a million, every probe
 //!   misses the CPU caches, as with traffic spread over all the tokens;
+//! - `hit_1m_hot`: a million cached, the requests going to a thousand of them;
 //! - `negative_hit`: a well-formed token the store does not know, remembered as unknown;
 //! - `malformed`: a token whose checksum does not match, refused before the cache;
 //! - `no_layer`: the same calls on the trivial service alone, to subtract: the layer's own cost is
@@ -76,10 +77,13 @@ fn verify(c: &mut Criterion) {
         bench_calls(&mut g, "no_layer", common::echo(), &headers);
     }
     for &(name, n) in sizes {
-        let extra = n == 1_000
-            && ["negative_hit", "malformed"]
+        let extra = match n {
+            1_000 => ["negative_hit", "malformed"]
                 .iter()
-                .any(|b| common::selected("verify", b));
+                .any(|b| common::selected("verify", b)),
+            1_000_000 => common::selected("verify", "hit_1m_hot"),
+            _ => false,
+        };
         if !common::selected("verify", name) && !extra {
             continue;
         }
@@ -95,6 +99,12 @@ fn verify(c: &mut Criterion) {
         let headers = common::spread(&secrets);
         drop(secrets);
         bench_requests(&mut g, name, &layer, &headers, StatusCode::OK);
+        if n == 1_000_000 {
+            // The same million cached, the requests going to a thousand of them: a working set
+            // that fits the CPU's caches, as when a few clients make most of the traffic.
+            let hot = &headers[..1_000];
+            bench_requests(&mut g, "hit_1m_hot", &layer, hot, StatusCode::OK);
+        }
         if n == 1_000 {
             let unknown = common::unknown_token();
             let err = rt.block_on(layer.authenticate(unknown.expose_secret()));
