@@ -28,8 +28,8 @@ pub struct Principal(pub(crate) Arc<Entry>);
 /// BENCHMARKS.md): only what
 /// the request path and the [`Principal`] accessors read, the strings in one allocation, the scope
 /// set shared with every other entry that has the same scopes. The fields read on every cache hit
-/// come first: with the `Arc`'s counts they are the first 56 bytes, one cache line (or two
-/// adjacent ones) to fetch when a million entries do not fit in the CPU's caches.
+/// come first: with the `Arc`'s counts they are the first 56 bytes, one cache line or two adjacent
+/// ones to fetch when a million entries do not fit in the CPU's caches.
 #[repr(C)]
 pub(crate) struct Entry {
     /// When the token stops working, in Unix milliseconds (`i64::MAX` for never): its expiry, or
