@@ -288,3 +288,77 @@ mod extract {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use chrono::Utc;
+
+    use super::{Entry, Principal};
+    use crate::record::{NewToken, parse_ip_net};
+    use crate::scope::ScopeSet;
+    use crate::token::{TokenFormat, TokenHasher};
+
+    #[test]
+    fn the_lean_entry_answers_as_the_record_did() {
+        let now = Utc::now();
+        let scopes = ScopeSet::parse(["repo:read", "repo:*"]).unwrap();
+        let (mut record, _) = NewToken::new("zoë@example.com", "déploiement ✓", scopes.clone())
+            .token_type("service")
+            .expires_at(now + chrono::Duration::days(1))
+            .ip_restriction([parse_ip_net("10.0.0.0/8").unwrap()])
+            .issue(&TokenFormat::new(), &TokenHasher::sha256(), now);
+        record.last_used_ips = vec!["10.1.2.3".parse().unwrap()];
+        let key = record.hash;
+        let p = Principal(Arc::new(Entry::new(record.clone(), key, false, 0, 60_000)));
+        assert_eq!(p.token_id(), record.id);
+        assert_eq!(p.subject(), "zoë@example.com");
+        assert_eq!(p.token_name(), "déploiement ✓");
+        assert_eq!(p.token_type(), "service");
+        assert_eq!(p.scopes(), &scopes);
+        assert!(p.has_scope("repo:write"));
+        assert_eq!(p.expires_at(), record.expires_at);
+        assert_eq!(p.ip_restriction(), record.ip_restriction.as_slice());
+        assert_eq!(p.last_used_ips(), record.last_used_ips.as_slice());
+        assert_eq!(p.last_used_at(), None);
+        // Stored under its own hash: a refresh looks that hash up.
+        assert_eq!(p.0.stored_hash(), key);
+    }
+
+    #[test]
+    fn an_entry_found_by_another_hash_remembers_the_stored_one() {
+        let (record, _) = NewToken::new("alice", "ci", ScopeSet::empty()).issue(
+            &TokenFormat::new(),
+            &TokenHasher::sha256(),
+            Utc::now(),
+        );
+        let key = TokenHasher::with_pepper("pepper").hash("pat_x");
+        let entry = Entry::new(record.clone(), key, true, 0, 60_000);
+        assert_eq!(entry.key, key);
+        assert_eq!(entry.stored_hash(), record.hash);
+        assert_eq!(Principal(Arc::new(entry)).token_id(), record.id);
+    }
+
+    #[tokio::test]
+    async fn entries_with_the_same_scopes_share_one_set() {
+        use crate::store::{MemoryStore, TokenStore};
+        let store = MemoryStore::new();
+        let layer = crate::PatAuthLayer::builder(store.clone()).build();
+        let mut principals = Vec::new();
+        for (name, scopes) in [
+            ("a", ["repo:read", "repo:write"]),
+            ("b", ["repo:write", "repo:read"]),
+            ("c", ["repo:read", "admin"]),
+        ] {
+            let (record, secret) = NewToken::new("alice", name, ScopeSet::parse(scopes).unwrap())
+                .issue(layer.format(), layer.hasher(), Utc::now());
+            store.insert(&record).await.unwrap();
+            principals.push(layer.authenticate(secret.expose_secret()).await.unwrap());
+        }
+        let set = |p: &Principal| p.scopes().iter().as_slice().as_ptr();
+        assert_eq!(principals[0].scopes(), principals[1].scopes());
+        assert_eq!(set(&principals[0]), set(&principals[1]));
+        assert_ne!(set(&principals[0]), set(&principals[2]));
+    }
+}
