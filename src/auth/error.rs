@@ -182,8 +182,20 @@ impl Challenge {
 /// A JSON error response `{"code", "message", "status"}`: the one shape of every error body of
 /// the crate, the management API's included.
 pub(crate) fn json_response(status: StatusCode, code: &str, message: &str) -> Response<Bytes> {
-    let body = serde_json::json!({ "code": code, "message": message, "status": status.as_u16() });
-    let mut res = Response::new(Bytes::from(body.to_string()));
+    /// The body's shape, serialized from borrowed fields (one allocation).
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        code: &'a str,
+        message: &'a str,
+        status: u16,
+    }
+    let body = serde_json::to_vec(&Body {
+        code,
+        message,
+        status: status.as_u16(),
+    })
+    .expect("a struct of strings and a number always serializes");
+    let mut res = Response::new(Bytes::from(body));
     *res.status_mut() = status;
     res.headers_mut().insert(
         header::CONTENT_TYPE,
