@@ -88,14 +88,33 @@ fn get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
 }
 
 fn call(addr: &str, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    request(addr, method, path, token, None)
+}
+
+/// A POST with a JSON body; returns the status code and the body.
+fn post_json(addr: &str, path: &str, token: &str, json: &str) -> (u16, String) {
+    request(addr, "POST", path, Some(token), Some(json))
+}
+
+/// A minimal HTTP/1.1 request over a fresh connection.
+fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    json: Option<&str>,
+) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let (content_type, body) = json.map_or(("", ""), |j| ("Content-Type: application/json\r\n", j));
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}{content_type}Content-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
     )
     .unwrap();
     let mut response = String::new();
@@ -161,29 +180,6 @@ fn quickstart_example_serves_the_admin_api_and_its_routes() {
     let (status, body) = get(&server.addr, "/personal-access-tokens/openapi.json", None);
     assert_eq!(status, 200);
     assert!(body.contains("\"openapi\":\"3.1"), "{body}");
-}
-
-/// A request with a JSON body; returns the status code and the body.
-fn post_json(addr: &str, path: &str, token: &str, json: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
-        json.len()
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    (status, body)
 }
 
 #[test]
