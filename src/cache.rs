@@ -315,27 +315,21 @@ impl Cache {
     /// Queries the store for `key`, then for each of `previous` (older peppers). `Err` when the
     /// store failed.
     async fn fetch(&self, key: &TokenHash, previous: &[TokenHash]) -> Result<Outcome, ()> {
-        for (i, hash) in std::iter::once(key)
-            .chain(previous.iter().filter(|h| *h != key))
-            .enumerate()
-        {
+        for hash in std::iter::once(key).chain(previous.iter().filter(|h| *h != key)) {
             self.store_lookups.fetch_add(1, Ordering::Relaxed);
             let found = self.lookup.find_by_hash(hash).await.map_err(|e| {
                 tracing::warn!(error = %e, "token lookup failed");
             })?;
             let Some(mut record) = found else { continue };
-            let now = chrono::Utc::now();
             if record.is_revoked() {
                 return Ok(Outcome::Rejected(Negative::Revoked));
             }
-            if record.is_expired_at(now) {
-                return Ok(Outcome::Rejected(Negative::Expired));
-            }
             let via_previous = record.hash != *hash;
-            let _ = i;
             record.scopes = self.shared_scopes(std::mem::take(&mut record.scopes));
-            let entry = Entry::new(record, *key, via_previous, now_ms(), self.ttl_ms);
-            if entry.expires_ms <= now_ms() {
+            let now = now_ms();
+            let entry = Entry::new(record, *key, via_previous, now, self.ttl_ms);
+            // The entry's expiry is the token's, or the end of the rotation grace period.
+            if entry.expires_ms <= now {
                 return Ok(Outcome::Rejected(Negative::Expired));
             }
             return Ok(Outcome::Found(Principal(Arc::new(entry))));

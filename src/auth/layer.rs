@@ -156,15 +156,9 @@ impl PatAuthLayer {
     /// Authenticates a bare token, as the layer would for a request without an IP restriction or
     /// required scopes: the principal, or why not. For non-HTTP transports and tests.
     pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
-        if self.shared.format.check(token).is_err() {
-            return Err(AuthError::InvalidToken);
-        }
-        let hasher = self.shared.cache.hasher();
-        let hash = hasher.hash(token);
-        let outcome = match self.shared.cache.probe(&hash, now_ms()) {
-            Some(o) => o,
-            None => {
-                let previous = hasher.previous_hashes(token);
+        let outcome = match self.shared.find(token, now_ms())? {
+            Found::Cached(outcome) => outcome,
+            Found::Miss(hash, previous) => {
                 Arc::clone(&self.shared.cache).load(hash, previous).await
             }
         };
@@ -345,6 +339,12 @@ impl std::fmt::Debug for Shared {
     }
 }
 
+/// What [`Shared::find`] learned about a well-formed token.
+enum Found {
+    Cached(Outcome),
+    Miss(TokenHash, Vec<TokenHash>),
+}
+
 enum Check {
     Pass,
     Reject(Response<Bytes>),
@@ -360,36 +360,42 @@ impl Shared {
         {
             return self.reject(&AuthError::TooManyAttempts { retry_after_secs }, req);
         }
-        let (hash, previous) = {
-            let token = match self.extract(req.headers(), req.uri()) {
-                Ok(Some(token)) => token,
-                Ok(None) if self.anonymous => {
-                    req.extensions_mut()
-                        .insert(Anonymous(self.challenge.clone()));
-                    return Check::Pass;
-                }
-                Ok(None) => return self.reject(&AuthError::MissingCredentials, req),
-                Err(e) => return self.reject(&e, req),
-            };
-            if self.format.check(token).is_err() {
-                return self.reject(&AuthError::InvalidToken, req);
+        let token = match self.extract(req.headers(), req.uri()) {
+            Ok(Some(token)) => token,
+            Ok(None) if self.anonymous => {
+                req.extensions_mut()
+                    .insert(Anonymous(self.challenge.clone()));
+                return Check::Pass;
             }
-            let hasher = self.cache.hasher();
-            let hash = hasher.hash(token);
-            // One clock read serves the probe and the expiry check.
-            let now = now_ms();
-            match self.cache.probe(&hash, now) {
-                Some(outcome) => {
-                    return match self.admit(outcome, req, now) {
-                        Ok(()) => Check::Pass,
-                        Err(e) => self.reject(&e, req),
-                    };
-                }
-                None if hasher.has_previous() => (hash, hasher.previous_hashes(token)),
-                None => (hash, Vec::new()),
-            }
+            Ok(None) => return self.reject(&AuthError::MissingCredentials, req),
+            Err(e) => return self.reject(&e, req),
         };
-        Check::Miss(hash, previous)
+        // One clock read serves the probe and the expiry check.
+        let now = now_ms();
+        match self.find(token, now) {
+            Ok(Found::Cached(outcome)) => match self.admit(outcome, req, now) {
+                Ok(()) => Check::Pass,
+                Err(e) => self.reject(&e, req),
+            },
+            Ok(Found::Miss(hash, previous)) => Check::Miss(hash, previous),
+            Err(e) => self.reject(&e, req),
+        }
+    }
+
+    /// The offline format check, the hash and the cache probe of a token: what the cache knows,
+    /// or the hashes to look up (under the current pepper, then the previous ones).
+    #[inline]
+    fn find(&self, token: &str, now: i64) -> Result<Found, AuthError> {
+        if self.format.check(token).is_err() {
+            return Err(AuthError::InvalidToken);
+        }
+        let hasher = self.cache.hasher();
+        let hash = hasher.hash(token);
+        Ok(match self.cache.probe(&hash, now) {
+            Some(outcome) => Found::Cached(outcome),
+            // Without previous peppers this is an empty `Vec`: no allocation.
+            None => Found::Miss(hash, hasher.previous_hashes(token)),
+        })
     }
 
     #[cold]

@@ -30,6 +30,8 @@ pub struct CountingStore {
     pub lookups: Arc<AtomicUsize>,
     pub delay_ms: Arc<AtomicU64>,
     pub failing: Arc<std::sync::atomic::AtomicBool>,
+    /// Like a store without a change feed: caches are not told about changes.
+    pub no_feed: bool,
     pub usage_batches: Arc<std::sync::Mutex<Vec<Vec<UsageUpdate>>>>,
 }
 
@@ -63,7 +65,7 @@ impl TokenLookup for CountingStore {
     }
 
     fn subscribe(&self, listener: Weak<dyn ChangeListener>) -> bool {
-        self.inner.subscribe(listener)
+        !self.no_feed && self.inner.subscribe(listener)
     }
 }
 
