@@ -41,7 +41,6 @@ mod config;
 mod error;
 mod events;
 mod input;
-mod limit;
 mod openapi;
 mod routes;
 mod view;

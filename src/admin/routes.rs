@@ -2,7 +2,6 @@
 //! `#[utoipa::path]` attribute, and the router that puts them behind the layer and the scopes.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -21,11 +20,11 @@ use super::error::{
 };
 use super::events::{EventKind, TokenEvent};
 use super::input::{CreateTokenRequest, ListParams, PatchTokenRequest, RotateTokenRequest};
-use super::limit::CreationLimiter;
 use super::openapi;
 use super::view::{Deleted, IssuedToken, TokenView, json};
 use super::{ADMIN_SCOPE, READ_SCOPE, WRITE_SCOPE};
 use crate::auth::RequireScopesLayer;
+use crate::auth::limit::WindowCounter;
 use crate::principal::Principal;
 use crate::record::{NewToken, TokenRecord};
 use crate::scope::ScopeSet;
@@ -36,7 +35,8 @@ pub(crate) const TAG: &str = "personal-access-tokens";
 /// The router's state: the configuration and what the policies need at run time.
 pub(crate) struct Admin {
     config: AdminConfig,
-    limiter: Option<CreationLimiter>,
+    /// Token creations per subject.
+    limiter: Option<WindowCounter<String>>,
     /// Serializes the count-then-insert of token creation, so the per-subject maximum holds
     /// against concurrent requests to this process.
     create: Mutex<()>,
@@ -51,7 +51,7 @@ pub(crate) fn router(config: AdminConfig) -> Router {
     let state = Arc::new(Admin {
         limiter: config
             .creation_limit
-            .map(|(max, window)| CreationLimiter::new(max, window)),
+            .map(|(max, window)| WindowCounter::new(max, window, 100_000)),
         create: Mutex::new(()),
         config,
     });
@@ -178,7 +178,7 @@ pub(crate) async fn create(
             .resolve_expiry(req.expires_at, req.user_aware_token_never_expires, now)?;
     if let Some(limiter) = &admin.limiter {
         limiter
-            .check(caller.subject(), Instant::now())
+            .try_count(caller.subject().to_owned())
             .map_err(ApiError::too_many)?;
     }
     let mut token = NewToken::new(caller.subject(), req.name, req.scopes)

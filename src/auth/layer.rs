@@ -12,7 +12,7 @@ use tower::{Layer, Service};
 
 use super::error::{Anonymous, AuthError, Challenge};
 use super::future::ResponseFuture;
-use super::limit::FailureLimiter;
+use super::limit::WindowCounter;
 use super::{ResponseBody, is_grpc};
 use crate::cache::{Cache, CacheConfig, Negative, Outcome, now_ms};
 use crate::client_ip::ClientIpSource;
@@ -60,7 +60,7 @@ pub struct PatAuthLayerBuilder {
     anonymous: bool,
     unavailable_retry_after: u64,
     usage: Option<UsageConfig>,
-    limiter: Option<FailureLimiter>,
+    limiter: Option<WindowCounter<IpAddr>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -255,7 +255,8 @@ impl PatAuthLayerBuilder {
     /// tokens within `window`, until the window ends. Off by default. Requests whose client address
     /// is unknown are not counted.
     pub fn limit_failures(mut self, max_failures: u32, window: Duration) -> Self {
-        self.limiter = Some(FailureLimiter::new(max_failures, window));
+        // At most 100 000 addresses tracked: an attacker with many addresses cannot grow it.
+        self.limiter = Some(WindowCounter::new(max_failures, window, 100_000));
         self
     }
 
@@ -322,7 +323,7 @@ pub(crate) struct Shared {
     anonymous: bool,
     unavailable_retry_after: u64,
     usage: Option<UsageRecorder>,
-    limiter: Option<FailureLimiter>,
+    limiter: Option<WindowCounter<IpAddr>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -356,7 +357,8 @@ impl Shared {
     #[inline]
     fn check<B>(&self, req: &mut Request<B>) -> Check {
         if let Some(limiter) = &self.limiter
-            && let Some(retry_after_secs) = limiter.blocked(self.client_ip(req))
+            && let Some(ip) = self.client_ip(req)
+            && let Some(retry_after_secs) = limiter.blocked(&ip)
         {
             return self.reject(&AuthError::TooManyAttempts { retry_after_secs }, req);
         }
@@ -412,8 +414,9 @@ impl Shared {
                 err,
                 AuthError::InvalidToken | AuthError::Revoked | AuthError::Expired
             )
+            && let Some(ip) = self.client_ip(req)
         {
-            limiter.failed(self.client_ip(req));
+            limiter.count(ip);
         }
         self.challenge.error_response(err, is_grpc(req.headers()))
     }

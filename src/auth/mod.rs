@@ -5,7 +5,7 @@ mod body;
 mod error;
 mod future;
 mod layer;
-mod limit;
+pub(crate) mod limit;
 mod scopes;
 
 pub use body::ResponseBody;
