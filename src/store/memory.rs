@@ -74,10 +74,6 @@ impl MemoryStore {
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Data> {
         self.inner.data.write().unwrap_or_else(|e| e.into_inner())
     }
-
-    fn announce(&self, old: &TokenRecord) {
-        self.inner.hub.announce(old);
-    }
 }
 
 #[async_trait]
@@ -171,7 +167,7 @@ impl TokenStore for MemoryStore {
             data.by_id.insert(new.id.clone(), new);
             old
         };
-        self.announce(&old);
+        self.inner.hub.announce(&old);
         Ok(())
     }
 
@@ -187,7 +183,7 @@ impl TokenStore for MemoryStore {
             }
             r.clone()
         };
-        self.announce(&revoked);
+        self.inner.hub.announce(&revoked);
         Ok(Some(revoked))
     }
 
@@ -201,7 +197,7 @@ impl TokenStore for MemoryStore {
             removed
         };
         if let Some(r) = &removed {
-            self.announce(r);
+            self.inner.hub.announce(r);
         }
         Ok(removed)
     }
