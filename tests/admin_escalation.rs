@@ -413,7 +413,7 @@ async fn a_short_lived_restricted_token_cannot_mint_a_longer_lived_or_wider_chil
         &t.app,
         &secret,
         &format!(
-            r#"{{"name": "same", "expiresAt": "{}", "ipRestriction": "::ffff:127.0.0.1"}}"#,
+            r#"{{"name": "same", "expiresAt": "{}", "ipRestriction": "127.0.0.1"}}"#,
             parent.expires_at.unwrap().to_rfc3339()
         ),
     )
@@ -423,6 +423,16 @@ async fn a_short_lived_restricted_token_cannot_mint_a_longer_lived_or_wider_chil
         hello(&t.app, res.body["token"].as_str().unwrap()).await,
         StatusCode::OK
     );
+    // The parent's address written as IPv4-mapped IPv6 is the same network.
+    create(
+        &t.app,
+        &secret,
+        &format!(
+            r#"{{"name": "mapped", "expiresAt": "{}", "ipRestriction": "::ffff:127.0.0.1"}}"#,
+            in_minutes(30)
+        ),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -454,7 +464,7 @@ async fn a_default_lifetime_is_cut_to_the_callers_expiry() {
     .await;
     assert_forbidden(&res, "forbidden", "expiresAt");
     // A never-expiring caller still gets the default lifetime.
-    let res = create(&t.app, &t.alice, r#"{"name": "defaulted"}"#).await;
+    let res = create(&t.app, &t.alice, r#"{"name": "long"}"#).await;
     assert!(time(&res.body["expiresAt"]) > Utc::now() + chrono::Duration::days(89));
 }
 

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 
 use super::error::ApiError;
 use super::events::TokenEvents;
-use super::input::MAX_PAGE_SIZE;
+use super::input::{Limits, MAX_PAGE_SIZE};
 use crate::auth::PatAuthLayer;
 use crate::store::TokenStore;
 
@@ -20,8 +20,11 @@ pub enum ExpiryPolicy {
     /// otherwise 400 naming both fields (SailPoint's rule). The default.
     #[default]
     RequireAcknowledgment,
-    /// No `expiresAt` means now plus this lifetime (capped by the maximum lifetime, if any);
-    /// `userAwareTokenNeverExpires: true` still asks for a token that never expires.
+    /// No `expiresAt` means now plus this lifetime (capped by the maximum lifetime, if any, and
+    /// cut to the creating token's own expiry when that is sooner: a token never outlives the
+    /// token that creates it); `userAwareTokenNeverExpires: true` still asks for a token that
+    /// never expires. An explicit `expiresAt` beyond the creating token's expiry is refused (403),
+    /// not cut.
     DefaultLifetime(Duration),
 }
 
@@ -54,6 +57,8 @@ pub struct AdminConfig {
     pub(crate) max_rotation_grace: Duration,
     pub(crate) default_page_size: u64,
     pub(crate) creation_limit: Option<(u32, Duration)>,
+    pub(crate) limits: Limits,
+    pub(crate) max_body_bytes: usize,
     pub(crate) events: Option<Arc<dyn TokenEvents>>,
 }
 
@@ -67,16 +72,23 @@ impl fmt::Debug for AdminConfig {
             .field("max_rotation_grace", &self.max_rotation_grace)
             .field("default_page_size", &self.default_page_size)
             .field("creation_limit", &self.creation_limit)
+            .field("max_scopes_per_token", &self.limits.scopes)
+            .field("max_networks_per_token", &self.limits.networks)
+            .field("max_body_bytes", &self.max_body_bytes)
             .field("events", &self.events.is_some())
             .finish_non_exhaustive()
     }
 }
 
+/// The default of [`AdminConfig::max_body_bytes`].
+const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
+
 impl AdminConfig {
     /// The API over `store`, which must be the store `layer` reads (or share its change feed),
     /// with the defaults: [`ExpiryPolicy::RequireAcknowledgment`], no maximum lifetime, 100
     /// tokens per subject, rotation grace periods of at most a day, pages of 50, at most 30 new
-    /// tokens per subject per minute, no events.
+    /// tokens per subject per minute, at most 100 scopes and 100 networks per token, request
+    /// bodies of at most 64 KiB, no events.
     pub fn new(store: Arc<dyn TokenStore>, layer: &PatAuthLayer) -> Self {
         Self {
             store,
@@ -87,6 +99,8 @@ impl AdminConfig {
             max_rotation_grace: Duration::from_secs(86_400),
             default_page_size: 50,
             creation_limit: Some((30, Duration::from_secs(60))),
+            limits: Limits::default(),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             events: None,
         }
     }
@@ -128,6 +142,29 @@ impl AdminConfig {
     /// Default 30 per minute. `max == 0` turns the limit off.
     pub fn creation_rate_limit(mut self, max: u32, window: Duration) -> Self {
         self.creation_limit = (max > 0).then_some((max, window));
+        self
+    }
+
+    /// The most scopes one token may have: a create or PATCH listing more is refused with 400
+    /// naming the field. Default 100; at least 1.
+    pub fn max_scopes_per_token(mut self, max: usize) -> Self {
+        self.limits.scopes = max.max(1);
+        self
+    }
+
+    /// The most networks (CIDRs or addresses) one token's `ipRestriction` may have: a create or
+    /// PATCH listing more is refused with 400 naming the field. Every request on a token scans
+    /// its networks, so keep this small. Default 100; at least 1.
+    pub fn max_networks_per_token(mut self, max: usize) -> Self {
+        self.limits.networks = max.max(1);
+        self
+    }
+
+    /// The largest request body the API reads, in bytes; a larger one is refused with 413
+    /// (`payload_too_large`) before it is parsed. Default 64 KiB, room for 100 scopes of 128
+    /// characters, 100 networks and a name of 256 characters several times over.
+    pub fn max_body_bytes(mut self, max: usize) -> Self {
+        self.max_body_bytes = max;
         self
     }
 

@@ -15,7 +15,7 @@ use crate::store::StoreError;
 pub(crate) struct ErrorBody {
     /// A machine-readable code: `invalid_request`, `unauthorized`, `invalid_token`,
     /// `insufficient_scope`, `forbidden`, `token_limit_reached`, `not_found`, `conflict`,
-    /// `too_many_requests` or `server_error`.
+    /// `payload_too_large`, `too_many_requests` or `server_error`.
     pub(crate) code: String,
     /// A human-readable message; for a bad field it starts with the field's name.
     pub(crate) message: String,
@@ -49,6 +49,11 @@ pub(crate) struct NotFound(ErrorBody);
 #[derive(ToResponse)]
 #[allow(dead_code)]
 pub(crate) struct StoreFailed(ErrorBody);
+
+/// The request body is larger than the configured maximum.
+#[derive(ToResponse)]
+#[allow(dead_code)]
+pub(crate) struct PayloadTooLarge(ErrorBody);
 
 /// Why a management request failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +110,15 @@ impl ApiError {
             StatusCode::CONFLICT,
             "conflict",
             "name: a personal access token with this name already exists",
+        )
+    }
+
+    /// 413: the body is larger than the configured maximum.
+    pub(crate) fn too_large() -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the request body is larger than this API accepts",
         )
     }
 

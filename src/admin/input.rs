@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiError;
-use crate::record::parse_ip_net;
+use crate::record::{TokenRecord, parse_ip_net};
 use crate::scope::{Scope, ScopeSet};
 use crate::store::{LastUsedFilter, ListQuery, SortKey};
 
@@ -20,8 +20,34 @@ const MAX_TYPE_CHARS: usize = 64;
 /// The largest page.
 pub(crate) const MAX_PAGE_SIZE: u64 = 100;
 
-/// `POST /`: a new token. Fields the server sets (`id`, `secret`, `token`, `createdAt`, `seenAt`,
-/// `lastUsedAt`, …) are ignored if sent.
+/// How many entries a token's `scopes` and `ipRestriction` may have (each request's list is
+/// refused beyond, with a 400 naming the field). Every request on a token scans its networks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    /// The most scopes.
+    pub(crate) scopes: usize,
+    /// The most networks.
+    pub(crate) networks: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            scopes: 100,
+            networks: 100,
+        }
+    }
+}
+
+/// `POST /`: a new token.
+///
+/// Every field is honoured or refused, never dropped: `revoked` may only be `false` and `active`
+/// only `true` (a token cannot be created revoked or inactive), `subject`, `userId` and `ownerId`
+/// may only name the caller's own subject, and an unknown field is a 400 naming it (a misspelt
+/// `ip_restriction` would otherwise create an unrestricted token). Only the fields the server
+/// sets (`id`, `secret`, `token`, `accessToken`, `start`, `createdAt`, `updatedAt`, `seenAt`,
+/// `lastUsedAt`, `lastUsedIps`, `lastRotatedAt`, `revokedAt`, `expiryWarning`,
+/// `previousTokenValidUntil`) are ignored, so a token read back may be sent as it is.
 #[derive(Debug, Clone, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct CreateTokenRequest {
@@ -29,59 +55,93 @@ pub(crate) struct CreateTokenRequest {
     #[schema(min_length = 1, max_length = 256)]
     pub(crate) name: String,
     /// Scopes, each held by the caller (a token never exceeds its owner); none if left out. Alias:
-    /// `scope`. A space-separated string is accepted too.
+    /// `scope`. A space-separated string is accepted too. At most 100 (configurable).
     #[schema(value_type = Option<Vec<String>>)]
     pub(crate) scopes: ScopeSet,
-    /// RFC 3339, in the future. Aliases: `expirationDate`, `expireAt`. Without it, the server's
-    /// expiry policy applies: by default `userAwareTokenNeverExpires: true` is required.
+    /// RFC 3339, in the future, and no later than the caller's own expiry. Aliases:
+    /// `expirationDate`, `expireAt`. Without it, the server's expiry policy applies: by default
+    /// `userAwareTokenNeverExpires: true` is required; a default lifetime is cut to the caller's
+    /// expiry.
     pub(crate) expires_at: Option<DateTime<Utc>>,
-    /// The caller's acknowledgment that the token never expires (when `expiresAt` is left out).
+    /// The caller's acknowledgment that the token never expires (when `expiresAt` is left out);
+    /// only a caller that never expires may create one.
     #[schema(value_type = Option<bool>)]
     pub(crate) user_aware_token_never_expires: bool,
-    /// Client networks: one CIDR or address, several separated by commas, or an array of them.
+    /// Client networks: one CIDR or address, several separated by commas, or an array of them; at
+    /// most 100 (configurable). Each must lie within one of the caller's networks; without it the
+    /// token gets the caller's networks (anywhere for an unrestricted caller).
     #[schema(value_type = Option<IpRestriction>)]
     pub(crate) ip_restriction: Vec<IpNet>,
     /// A free-form type, `personal` by default.
     #[serde(rename = "type")]
     #[schema(value_type = Option<String>)]
     pub(crate) token_type: String,
+    /// The subjects the request names (`subject`, `userId`, `ownerId`): each must be the caller's.
+    #[schema(ignore)]
+    pub(crate) owners: Vec<(&'static str, String)>,
 }
 
 /// `PATCH /{id}`: a JSON merge patch (RFC 7396). Fields left out stay as they are; `null` clears
 /// `expiresAt` (with `userAwareTokenNeverExpires: true`), `ipRestriction` and `scopes`.
+///
+/// The caller must hold every scope the token holds, and the new scopes, expiry and networks must
+/// be within the caller's own (so a token may narrow, never widen, itself). `type`, `subject`,
+/// `userId` and `ownerId` cannot change: they are accepted only with the token's current value;
+/// `active` only as `true` on an active token (`revoked: true` revokes). Unknown fields are refused
+/// and server-set ones ignored, as in a create.
 #[derive(Debug, Clone, Default, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct PatchTokenRequest {
     /// A new name. Alias: `description`.
     #[schema(min_length = 1, max_length = 256)]
     pub(crate) name: Option<String>,
-    /// New scopes, each held by the caller. Alias: `scope`.
+    /// New scopes, each held by the caller. Alias: `scope`. At most 100 (configurable).
     #[schema(value_type = Option<Vec<String>>)]
     pub(crate) scopes: Option<ScopeSet>,
-    /// A new expiry, or `null` for never (which needs `userAwareTokenNeverExpires: true` under the
-    /// default policy). Aliases: `expirationDate`, `expireAt`.
+    /// A new expiry, no later than the caller's, or `null` for never (which needs
+    /// `userAwareTokenNeverExpires: true` under the default policy, and a caller that never
+    /// expires). Aliases: `expirationDate`, `expireAt`.
     #[schema(value_type = Option<DateTime<Utc>>)]
     pub(crate) expires_at: Option<Option<DateTime<Utc>>>,
     /// Acknowledges a token that never expires.
     #[schema(value_type = Option<bool>)]
     pub(crate) user_aware_token_never_expires: bool,
-    /// New client networks, or `null` for anywhere.
+    /// New client networks, each within one of the caller's, or `null` for anywhere (an
+    /// unrestricted caller only). At most 100 (configurable).
     #[schema(value_type = Option<IpRestriction>)]
     pub(crate) ip_restriction: Option<Vec<IpNet>>,
     /// `true` revokes the token (the record is kept); `false` on a revoked token is refused.
     pub(crate) revoked: Option<bool>,
+    /// `active`, accepted only as `true` on an active token.
+    #[schema(ignore)]
+    pub(crate) active: Option<bool>,
+    /// `type`, accepted only as the token's current type.
+    #[schema(ignore)]
+    pub(crate) token_type: Option<String>,
+    /// `subject`, `userId`, `ownerId`: accepted only as the token's subject.
+    #[schema(ignore)]
+    pub(crate) owners: Vec<(&'static str, String)>,
 }
 
 /// `POST /{id}/rotate`: the body is optional.
+///
+/// A rotation hands the caller the token's new secret, so the caller must hold every scope the
+/// token holds, the token's networks must be within the caller's, and its expiry (the new one, if
+/// given) no later than the caller's. Name, scopes, type and networks carry over: sending them is
+/// refused (PATCH the token first); so are `revoked: true`, `active: false`, a `subject`,
+/// `userId` or `ownerId` other than the token's, and unknown fields.
 #[derive(Debug, Clone, Default, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct RotateTokenRequest {
     /// How long the previous secret keeps working, in seconds (default 0: it stops at once;
     /// capped by the server's configuration).
     pub(crate) grace_period_seconds: Option<u64>,
-    /// A new expiry (RFC 3339, in the future); the current one is kept without it. Aliases:
-    /// `expirationDate`, `expireAt`.
+    /// A new expiry (RFC 3339, in the future, no later than the caller's); the current one is
+    /// kept without it. Aliases: `expirationDate`, `expireAt`.
     pub(crate) expires_at: Option<DateTime<Utc>>,
+    /// `subject`, `userId`, `ownerId`: accepted only as the token's subject.
+    #[schema(ignore)]
+    pub(crate) owners: Vec<(&'static str, String)>,
 }
 
 /// An IP restriction as a request may send it.
@@ -178,19 +238,66 @@ const NEVER_EXPIRES: &[&str] = &["userAwareTokenNeverExpires"];
 const IP_RESTRICTION: &[&str] = &["ipRestriction"];
 const TYPE: &[&str] = &["type"];
 const REVOKED: &[&str] = &["revoked"];
+const ACTIVE: &[&str] = &["active"];
 const GRACE: &[&str] = &["gracePeriodSeconds"];
+/// The names a request may give the owner under (each checked on its own: a token read back has
+/// both `subject` and `userId`).
+const OWNER: &[&str] = &["subject", "userId", "ownerId"];
+/// What the server sets: ignored when a client sends it (Unleash documents that it ignores them,
+/// and a client may send back a token it read).
+const SERVER_SET: &[&str] = &[
+    "id",
+    "secret",
+    "token",
+    "accessToken",
+    "start",
+    "createdAt",
+    "updatedAt",
+    "seenAt",
+    "lastUsedAt",
+    "lastUsedIps",
+    "lastRotatedAt",
+    "revokedAt",
+    "expiryWarning",
+    "previousTokenValidUntil",
+];
 
 impl CreateTokenRequest {
-    pub(crate) fn from_json(body: &[u8]) -> Result<Self, ApiError> {
+    pub(crate) fn from_json(body: &[u8], limits: Limits) -> Result<Self, ApiError> {
         let obj = object(body, false)?;
+        only_known(
+            &obj,
+            &[
+                NAME,
+                SCOPES,
+                EXPIRES_AT,
+                NEVER_EXPIRES,
+                IP_RESTRICTION,
+                TYPE,
+                REVOKED,
+                ACTIVE,
+            ],
+        )?;
         let name = match field(&obj, NAME)? {
             Some((f, v)) => name(f, v)?,
             None => return Err(ApiError::invalid("name", "required")),
         };
+        if flag(&obj, REVOKED)? == Some(true) {
+            return Err(ApiError::invalid(
+                "revoked",
+                "a token cannot be created revoked",
+            ));
+        }
+        if flag(&obj, ACTIVE)? == Some(false) {
+            return Err(ApiError::invalid(
+                "active",
+                "a token cannot be created inactive",
+            ));
+        }
         Ok(Self {
             name,
             scopes: field(&obj, SCOPES)?
-                .map(|(f, v)| scopes(f, v))
+                .map(|(f, v)| scopes(f, v, limits.scopes))
                 .transpose()?
                 .unwrap_or_default(),
             expires_at: field(&obj, EXPIRES_AT)?
@@ -202,20 +309,44 @@ impl CreateTokenRequest {
                 .transpose()?
                 .unwrap_or(false),
             ip_restriction: field(&obj, IP_RESTRICTION)?
-                .map(|(f, v)| networks(f, v))
+                .map(|(f, v)| networks(f, v, limits.networks))
                 .transpose()?
                 .unwrap_or_default(),
             token_type: field(&obj, TYPE)?
                 .map(|(f, v)| token_type(f, v))
                 .transpose()?
                 .unwrap_or_else(|| "personal".to_owned()),
+            owners: owners(&obj)?,
         })
+    }
+
+    /// Refuses a request naming another subject than the caller's: it is not quietly created for
+    /// the caller instead.
+    pub(crate) fn check_owner(&self, subject: &str) -> Result<(), ApiError> {
+        same_owner(
+            &self.owners,
+            subject,
+            "a token is created for the caller's own subject, never for another one",
+        )
     }
 }
 
 impl PatchTokenRequest {
-    pub(crate) fn from_json(body: &[u8]) -> Result<Self, ApiError> {
+    pub(crate) fn from_json(body: &[u8], limits: Limits) -> Result<Self, ApiError> {
         let obj = object(body, false)?;
+        only_known(
+            &obj,
+            &[
+                NAME,
+                SCOPES,
+                EXPIRES_AT,
+                NEVER_EXPIRES,
+                IP_RESTRICTION,
+                REVOKED,
+                ACTIVE,
+                TYPE,
+            ],
+        )?;
         Ok(Self {
             name: patched(&obj, NAME)?
                 .map(|(f, v)| match v {
@@ -224,7 +355,7 @@ impl PatchTokenRequest {
                 })
                 .transpose()?,
             scopes: patched(&obj, SCOPES)?
-                .map(|(f, v)| v.map_or(Ok(ScopeSet::empty()), |v| scopes(f, v)))
+                .map(|(f, v)| v.map_or(Ok(ScopeSet::empty()), |v| scopes(f, v, limits.scopes)))
                 .transpose()?,
             expires_at: patched(&obj, EXPIRES_AT)?
                 .map(|(f, v)| v.map_or(Ok(None), |v| time(f, v)))
@@ -234,18 +365,74 @@ impl PatchTokenRequest {
                 .transpose()?
                 .unwrap_or(false),
             ip_restriction: patched(&obj, IP_RESTRICTION)?
-                .map(|(f, v)| v.map_or(Ok(Vec::new()), |v| networks(f, v)))
+                .map(|(f, v)| v.map_or(Ok(Vec::new()), |v| networks(f, v, limits.networks)))
                 .transpose()?,
-            revoked: field(&obj, REVOKED)?
-                .map(|(f, v)| boolean(f, v))
+            revoked: flag(&obj, REVOKED)?,
+            active: flag(&obj, ACTIVE)?,
+            token_type: field(&obj, TYPE)?
+                .map(|(f, v)| token_type(f, v))
                 .transpose()?,
+            owners: owners(&obj)?,
         })
+    }
+
+    /// Refuses the fields a PATCH cannot honour on `record` rather than dropping them: another
+    /// type or subject, `active: false`, `active: true` on a token that is not active.
+    pub(crate) fn check_unchangeable(
+        &self,
+        record: &TokenRecord,
+        now: DateTime<Utc>,
+    ) -> Result<(), ApiError> {
+        if self.token_type.as_ref().is_some_and(|t| *t != record.token_type) {
+            return Err(ApiError::invalid(
+                "type",
+                "a token's type cannot be changed; create a new token",
+            ));
+        }
+        same_owner(
+            &self.owners,
+            &record.subject,
+            "a token's subject cannot be changed",
+        )?;
+        match self.active {
+            Some(false) => Err(ApiError::invalid(
+                "active",
+                "cannot be set to false; send revoked: true to revoke the token",
+            )),
+            Some(true) if !record.is_active_at(now) => Err(ApiError::invalid(
+                "active",
+                "a revoked or expired token cannot be made active again; create a new one",
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
 impl RotateTokenRequest {
     pub(crate) fn from_json(body: &[u8]) -> Result<Self, ApiError> {
         let obj = object(body, true)?;
+        for names in [NAME, SCOPES, IP_RESTRICTION, TYPE, NEVER_EXPIRES] {
+            if let Some(&name) = names.iter().find(|n| obj.contains_key(**n)) {
+                return Err(ApiError::invalid(
+                    name,
+                    "a rotation keeps the token as it is but for its secret and expiresAt; PATCH \
+                     the token to change it",
+                ));
+            }
+        }
+        only_known(&obj, &[GRACE, EXPIRES_AT, REVOKED, ACTIVE])?;
+        if flag(&obj, REVOKED)? == Some(true) {
+            return Err(ApiError::invalid(
+                "revoked",
+                "a rotation cannot revoke a token; PATCH it with revoked: true",
+            ));
+        }
+        if flag(&obj, ACTIVE)? == Some(false) {
+            return Err(ApiError::invalid(
+                "active",
+                "a rotation cannot deactivate a token; PATCH it with revoked: true",
+            ));
+        }
         Ok(Self {
             grace_period_seconds: field(&obj, GRACE)?
                 .map(|(f, v)| {
@@ -257,7 +444,17 @@ impl RotateTokenRequest {
                 .map(|(f, v)| time(f, v))
                 .transpose()?
                 .flatten(),
+            owners: owners(&obj)?,
         })
+    }
+
+    /// Refuses a `subject` (`userId`, `ownerId`) other than `record`'s.
+    pub(crate) fn check_owner(&self, record: &TokenRecord) -> Result<(), ApiError> {
+        same_owner(
+            &self.owners,
+            &record.subject,
+            "a token's subject cannot be changed",
+        )
     }
 }
 
@@ -326,6 +523,56 @@ fn object(body: &[u8], empty_ok: bool) -> Result<Map<String, Value>, ApiError> {
         Err(e) => Err(ApiError::bad_request(format!(
             "the request body is not valid JSON: {e}"
         ))),
+    }
+}
+
+/// Refuses a field that is neither one of `honoured` (by any of its names), an owner name, nor set
+/// by the server: a field the API does not know is never silently dropped.
+fn only_known(obj: &Map<String, Value>, honoured: &[&[&str]]) -> Result<(), ApiError> {
+    let known = |key: &str| {
+        SERVER_SET.contains(&key)
+            || OWNER.contains(&key)
+            || honoured.iter().any(|names| names.contains(&key))
+    };
+    match obj.keys().find(|key| !known(key)) {
+        None => Ok(()),
+        Some(key) => {
+            // The name is the client's: quote at most 64 characters of it.
+            let shown: String = key.chars().take(64).collect();
+            Err(ApiError::invalid(
+                &shown,
+                "unknown field (refused rather than ignored; see the OpenAPI document for the \
+                 fields this operation accepts)",
+            ))
+        }
+    }
+}
+
+/// An optional boolean field (`null` counts as absent).
+fn flag(obj: &Map<String, Value>, names: &[&'static str]) -> Result<Option<bool>, ApiError> {
+    field(obj, names)?.map(|(f, v)| boolean(f, v)).transpose()
+}
+
+/// The subjects a request names, each under the name it came with.
+fn owners(obj: &Map<String, Value>) -> Result<Vec<(&'static str, String)>, ApiError> {
+    let mut out = Vec::new();
+    for &name in OWNER {
+        if let Some((f, v)) = field(obj, &[name])? {
+            out.push((f, string(f, v)?.trim().to_owned()));
+        }
+    }
+    Ok(out)
+}
+
+/// Every named owner must be `subject`; otherwise a 400 naming the field with `problem`.
+fn same_owner(
+    owners: &[(&'static str, String)],
+    subject: &str,
+    problem: &str,
+) -> Result<(), ApiError> {
+    match owners.iter().find(|(_, named)| named != subject) {
+        Some((f, _)) => Err(ApiError::invalid(f, problem)),
+        None => Ok(()),
     }
 }
 
@@ -415,11 +662,14 @@ fn time(field: &str, value: &Value) -> Result<Option<DateTime<Utc>>, ApiError> {
         .map_err(|_| ApiError::invalid(field, "must be an RFC 3339 date-time"))
 }
 
-/// An array of strings, or one string split at `separator`.
+/// An array of strings, or one string split at `separator`: at most `max` non-empty ones, each
+/// `what`.
 fn list<'a>(
     field: &str,
     value: &'a Value,
     separator: fn(char) -> bool,
+    max: usize,
+    what: &str,
 ) -> Result<Vec<&'a str>, ApiError> {
     let items: Vec<&str> = match value {
         Value::String(s) => s.split(separator).collect(),
@@ -432,22 +682,29 @@ fn list<'a>(
             .collect::<Result<_, _>>()?,
         _ => return Err(ApiError::invalid(field, "must be an array of strings")),
     };
-    Ok(items
+    let items: Vec<&str> = items
         .into_iter()
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .collect())
+        .collect();
+    if items.len() > max {
+        return Err(ApiError::invalid(
+            field,
+            format!("at most {max} {what} are allowed, {} were given", items.len()),
+        ));
+    }
+    Ok(items)
 }
 
-fn scopes(field: &str, value: &Value) -> Result<ScopeSet, ApiError> {
-    list(field, value, char::is_whitespace)?
+fn scopes(field: &str, value: &Value, max: usize) -> Result<ScopeSet, ApiError> {
+    list(field, value, char::is_whitespace, max, "scopes")?
         .into_iter()
         .map(|s| Scope::new(s).map_err(|e| ApiError::invalid(field, format!("{s:?}: {e}"))))
         .collect()
 }
 
-fn networks(field: &str, value: &Value) -> Result<Vec<IpNet>, ApiError> {
-    list(field, value, |c| c == ',')?
+fn networks(field: &str, value: &Value, max: usize) -> Result<Vec<IpNet>, ApiError> {
+    list(field, value, |c| c == ',', max, "networks")?
         .into_iter()
         .map(|s| {
             parse_ip_net(s).map_err(|_| {
@@ -482,6 +739,7 @@ mod tests {
     fn aliases_and_types() {
         let r = CreateTokenRequest::from_json(
             br#"{"description":" ci ","scope":["a:read"],"expirationDate":"2999-01-01T00:00:00Z","ipRestriction":"10.0.0.0/8, 2001:db8::1","id":"x","token":"y"}"#,
+            Limits::default(),
         )
         .unwrap();
         assert_eq!(r.name, "ci");
@@ -491,23 +749,23 @@ mod tests {
         assert_eq!(r.token_type, "personal");
 
         let e =
-            CreateTokenRequest::from_json(br#"{"name":"x","scopes":"a","type":3}"#).unwrap_err();
+            CreateTokenRequest::from_json(br#"{"name":"x","scopes":"a","type":3}"#, Limits::default()).unwrap_err();
         assert!(e.message.starts_with("type:"), "{}", e.message);
-        let e = CreateTokenRequest::from_json(br#"{"name":"x","description":"y"}"#).unwrap_err();
+        let e = CreateTokenRequest::from_json(br#"{"name":"x","description":"y"}"#, Limits::default()).unwrap_err();
         assert!(e.message.contains("name") && e.message.contains("description"));
         let e =
-            CreateTokenRequest::from_json(br#"{"name":"x","expiresAt":"tomorrow"}"#).unwrap_err();
+            CreateTokenRequest::from_json(br#"{"name":"x","expiresAt":"tomorrow"}"#, Limits::default()).unwrap_err();
         assert!(e.message.starts_with("expiresAt:"));
     }
 
     #[test]
     fn merge_patch_nulls() {
         let p =
-            PatchTokenRequest::from_json(br#"{"expiresAt":null,"ipRestriction":null}"#).unwrap();
+            PatchTokenRequest::from_json(br#"{"expiresAt":null,"ipRestriction":null}"#, Limits::default()).unwrap();
         assert_eq!(p.expires_at, Some(None));
         assert_eq!(p.ip_restriction, Some(Vec::new()));
         assert_eq!(p.name, None);
-        assert!(PatchTokenRequest::from_json(br#"{"name":null}"#).is_err());
+        assert!(PatchTokenRequest::from_json(br#"{"name":null}"#, Limits::default()).is_err());
     }
 
     #[test]

@@ -42,6 +42,7 @@ mod error;
 mod events;
 mod input;
 mod openapi;
+mod policy;
 mod routes;
 mod view;
 mod webhook;

@@ -6,7 +6,8 @@ use utoipa::openapi::{OpenApi as Document, Paths};
 use utoipa::{Modify, OpenApi};
 
 use super::error::{
-    ErrorBody, NotFound, ReadScopeMissing, StoreFailed, Unauthorized, WriteScopeMissing,
+    ErrorBody, NotFound, PayloadTooLarge, ReadScopeMissing, StoreFailed, Unauthorized,
+    WriteScopeMissing,
 };
 use super::events::{EventKind, TokenEvent};
 use super::input::{
@@ -48,7 +49,14 @@ use super::view::{Deleted, ExpiryWarning, IssuedToken, TokenView};
         LastUsedParam,
         TokenEvent,
         EventKind,
-    ), responses(Unauthorized, ReadScopeMissing, WriteScopeMissing, NotFound, StoreFailed)),
+    ), responses(
+        Unauthorized,
+        ReadScopeMissing,
+        WriteScopeMissing,
+        NotFound,
+        StoreFailed,
+        PayloadTooLarge,
+    )),
     modifiers(&BearerAuth),
     tags((name = routes::TAG, description = "Personal access tokens"))
 )]

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{FromRequestParts, NestedPath, Path, RawQuery, State};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, NestedPath, Path, RawQuery, Request, State,
+};
 use axum::handler::Handler;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,11 +18,12 @@ use tokio::sync::Mutex;
 
 use super::config::AdminConfig;
 use super::error::{
-    ApiError, ErrorBody, NotFound, ReadScopeMissing, StoreFailed, Unauthorized, WriteScopeMissing,
+    ApiError, ErrorBody, NotFound, PayloadTooLarge, ReadScopeMissing, StoreFailed, Unauthorized,
 };
 use super::events::{EventKind, TokenEvent};
 use super::input::{CreateTokenRequest, ListParams, PatchTokenRequest, RotateTokenRequest};
 use super::openapi;
+use super::policy;
 use super::view::{Deleted, IssuedToken, TokenView, json};
 use super::{ADMIN_SCOPE, READ_SCOPE, WRITE_SCOPE};
 use crate::auth::RequireScopesLayer;
@@ -46,6 +49,7 @@ type AppState = State<Arc<Admin>>;
 
 pub(crate) fn router(config: AdminConfig) -> Router {
     let layer = config.layer.clone();
+    let body_limit = DefaultBodyLimit::max(config.max_body_bytes);
     let scope = |scope: &str| RequireScopesLayer::new([scope]).realm(layer.realm());
     let (read, write) = (scope(READ_SCOPE), scope(WRITE_SCOPE));
     let state = Arc::new(Admin {
@@ -68,10 +72,30 @@ pub(crate) fn router(config: AdminConfig) -> Router {
                 .delete(delete.layer(write.clone())),
         )
         .route("/{id}/rotate", post(rotate.layer(write)))
+        .layer(body_limit)
         .layer(layer)
         // The document is public: it describes the API, it reveals nothing about tokens.
         .route("/openapi.json", get(openapi_json))
         .with_state(state)
+}
+
+/// The request body, read up to [`AdminConfig::max_body_bytes`]: a larger one is a 413 in the
+/// API's error shape, before any of it is parsed.
+pub(crate) struct RequestBody(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RequestBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Bytes::from_request(req, state).await {
+            Ok(body) => Ok(Self(body)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::too_large()),
+            Err(e) => Err(ApiError::bad_request(format!(
+                "the request body could not be read: {}",
+                e.body_text()
+            ))),
+        }
+    }
 }
 
 /// Where the router is nested (`/personal-access-tokens`), empty at the root.
@@ -97,25 +121,6 @@ impl Admin {
             Some(r) if r.subject == caller.subject() || caller.has_scope(ADMIN_SCOPE) => Ok(r),
             _ => Err(ApiError::not_found()),
         }
-    }
-
-    /// A token never exceeds its owner: every requested scope must be covered by the caller's.
-    fn check_held(caller: &Principal, scopes: &ScopeSet) -> Result<(), ApiError> {
-        let missing: Vec<&str> = caller
-            .scopes()
-            .missing(scopes)
-            .map(|s| s.as_str())
-            .collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
-        Err(ApiError::forbidden(
-            "insufficient_scope",
-            format!(
-                "scopes: a token cannot have scopes its creator lacks: {}",
-                missing.join(" ")
-            ),
-        ))
     }
 
     /// The view of a record with the usage marks not yet written behind merged in, so that
@@ -146,6 +151,10 @@ impl Admin {
 /// Create a personal access token.
 ///
 /// The answer is the only time the secret is shown: as `token`, `secret` and `accessToken`.
+///
+/// The new token never gets more than the token that creates it: its scopes are all the caller's,
+/// its expiry is no later than the caller's (a default lifetime is cut to it), and its networks
+/// lie within the caller's (it inherits them when the request names none).
 #[utoipa::path(
     post,
     path = "/",
@@ -154,10 +163,11 @@ impl Admin {
     responses(
         (status = 201, description = "Created; the secret is shown this once", body = IssuedToken,
             headers(("Location" = String, description = "The new token's URL"))),
-        (status = 400, description = "A field is missing, of the wrong type or invalid (the message names it), or the expiry rule is broken", body = ErrorBody),
+        (status = 400, description = "A field is missing, unknown, of the wrong type or invalid (the message names it; also `revoked: true`, `active: false`, another subject, too many scopes or networks), or the expiry rule is broken", body = ErrorBody),
         (status = 401, response = Unauthorized),
-        (status = 403, description = "A scope is missing (`personalAccessToken:write`, or a requested scope the caller lacks), or the subject has the maximum number of tokens", body = ErrorBody),
+        (status = 403, description = "A scope is missing (`personalAccessToken:write`, or a requested scope the caller lacks: `insufficient_scope`), the token would outlive the caller or reach beyond its networks (`forbidden`), or the subject has the maximum number of tokens", body = ErrorBody),
         (status = 409, description = "The caller already has a token with this name", body = ErrorBody),
+        (status = 413, response = PayloadTooLarge),
         (status = 429, description = "Too many tokens created recently; see `Retry-After`", body = ErrorBody),
         (status = 500, response = StoreFailed),
     ),
@@ -167,15 +177,24 @@ pub(crate) async fn create(
     State(admin): AppState,
     caller: Principal,
     Base(base): Base,
-    body: Bytes,
+    RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
-    let req = CreateTokenRequest::from_json(&body)?;
+    let req = CreateTokenRequest::from_json(&body, admin.config.limits)?;
     let now = Utc::now();
-    Admin::check_held(&caller, &req.scopes)?;
+    req.check_owner(caller.subject())?;
+    policy::scopes_held(&caller, &req.scopes)?;
     let expires_at =
         admin
             .config
             .resolve_expiry(req.expires_at, req.user_aware_token_never_expires, now)?;
+    let expires_at = if req.expires_at.is_none() && !req.user_aware_token_never_expires {
+        // The server's default, not the client's request: cut to the caller's expiry.
+        policy::default_expiry(&caller, expires_at)
+    } else {
+        policy::expiry_within(&caller, expires_at)?;
+        expires_at
+    };
+    let ip_restriction = policy::child_networks(&caller, req.ip_restriction)?;
     if let Some(limiter) = &admin.limiter {
         limiter
             .try_count(caller.subject().to_owned())
@@ -183,7 +202,7 @@ pub(crate) async fn create(
     }
     let mut token = NewToken::new(caller.subject(), req.name, req.scopes)
         .token_type(req.token_type)
-        .ip_restriction(req.ip_restriction);
+        .ip_restriction(ip_restriction);
     token.expires_at = expires_at;
     let layer = &admin.config.layer;
     let (record, secret) = token.issue(layer.format(), layer.hasher(), now);
@@ -310,6 +329,10 @@ pub(crate) async fn get_one(
 }
 
 /// Update or revoke a personal access token (JSON merge patch).
+///
+/// The caller must hold every scope the token holds, whoever owns it; new scopes must be the
+/// caller's, a new expiry no later than the caller's and new networks within the caller's (so a
+/// token can narrow itself, never widen itself).
 #[utoipa::path(
     patch,
     path = "/{id}",
@@ -318,11 +341,12 @@ pub(crate) async fn get_one(
     request_body(content = PatchTokenRequest, content_type = "application/merge-patch+json"),
     responses(
         (status = 200, description = "The updated token", body = TokenView),
-        (status = 400, description = "A field is of the wrong type or invalid (the message names it), or `revoked: false` on a revoked token", body = ErrorBody),
+        (status = 400, description = "A field is unknown, of the wrong type or invalid (the message names it; also a change of `type` or subject, `active: false`, too many scopes or networks), or `revoked: false` on a revoked token", body = ErrorBody),
         (status = 401, response = Unauthorized),
-        (status = 403, description = "`personalAccessToken:write` is missing, or a requested scope the caller lacks", body = ErrorBody),
+        (status = 403, description = "`personalAccessToken:write` is missing, the caller lacks a scope the token holds or a requested one (`insufficient_scope`), or the change would make the token outlive the caller or reach beyond its networks (`forbidden`)", body = ErrorBody),
         (status = 404, response = NotFound),
         (status = 409, description = "The subject already has a token with this name", body = ErrorBody),
+        (status = 413, response = PayloadTooLarge),
         (status = 500, response = StoreFailed),
     ),
     security(("bearer" = ["personalAccessToken:write"]))
@@ -331,11 +355,30 @@ pub(crate) async fn update(
     State(admin): AppState,
     caller: Principal,
     Path(id): Path<String>,
-    body: Bytes,
+    RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
-    let patch = PatchTokenRequest::from_json(&body)?;
+    let patch = PatchTokenRequest::from_json(&body, admin.config.limits)?;
     let mut record = admin.load(&caller, &id).await?;
     let now = Utc::now();
+    policy::may_act_on(&caller, &record)?;
+    patch.check_unchangeable(&record, now)?;
+    if let Some(scopes) = &patch.scopes {
+        policy::scopes_held(&caller, scopes)?;
+    }
+    let expires_at = patch
+        .expires_at
+        .map(|at| {
+            admin
+                .config
+                .resolve_expiry(at, patch.user_aware_token_never_expires, now)
+        })
+        .transpose()?;
+    if let Some(at) = expires_at {
+        policy::expiry_within(&caller, at)?;
+    }
+    if let Some(nets) = &patch.ip_restriction {
+        policy::networks_within(&caller, nets)?;
+    }
     if patch.revoked == Some(false) && record.is_revoked() {
         return Err(ApiError::invalid(
             "revoked",
@@ -347,14 +390,10 @@ pub(crate) async fn update(
         record.name = name;
     }
     if let Some(scopes) = patch.scopes {
-        Admin::check_held(&caller, &scopes)?;
         record.scopes = scopes;
     }
-    if let Some(expires_at) = patch.expires_at {
-        record.expires_at =
-            admin
-                .config
-                .resolve_expiry(expires_at, patch.user_aware_token_never_expires, now)?;
+    if let Some(expires_at) = expires_at {
+        record.expires_at = expires_at;
     }
     if let Some(nets) = patch.ip_restriction {
         record.ip_restriction = nets;
@@ -380,6 +419,10 @@ pub(crate) async fn update(
 ///
 /// Name, scopes, type, IP restriction and (unless `expiresAt` is given) expiry carry over. The
 /// previous secret stops working at once, or after `gracePeriodSeconds`.
+///
+/// The caller receives the new secret, so the token must be no more than the caller: the caller
+/// holds every scope it holds, its networks lie within the caller's, and its expiry (the new one,
+/// if given) is no later than the caller's.
 #[utoipa::path(
     post,
     path = "/{id}/rotate",
@@ -388,10 +431,11 @@ pub(crate) async fn update(
     request_body(content = Option<RotateTokenRequest>, description = "Optional"),
     responses(
         (status = 201, description = "Rotated; the new secret is shown this once", body = IssuedToken),
-        (status = 400, description = "The token is revoked or expired, or a field is invalid", body = ErrorBody),
+        (status = 400, description = "The token is revoked or expired, or a field is unknown, invalid or one a rotation keeps (name, scopes, type, networks)", body = ErrorBody),
         (status = 401, response = Unauthorized),
-        (status = 403, response = WriteScopeMissing),
+        (status = 403, description = "`personalAccessToken:write` is missing, the caller lacks a scope the token holds (`insufficient_scope`), or the token would outlive the caller or reaches beyond its networks (`forbidden`)", body = ErrorBody),
         (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge),
         (status = 500, response = StoreFailed),
     ),
     security(("bearer" = ["personalAccessToken:write"]))
@@ -400,20 +444,25 @@ pub(crate) async fn rotate(
     State(admin): AppState,
     caller: Principal,
     Path(id): Path<String>,
-    body: Bytes,
+    RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     let req = RotateTokenRequest::from_json(&body)?;
     let mut record = admin.load(&caller, &id).await?;
     let now = Utc::now();
+    policy::may_act_on(&caller, &record)?;
+    req.check_owner(&record)?;
     if record.is_revoked() {
         return Err(ApiError::bad_request("a revoked token cannot be rotated"));
     }
     if record.is_expired_at(now) {
         return Err(ApiError::bad_request("an expired token cannot be rotated"));
     }
-    if let Some(at) = req.expires_at {
-        record.expires_at = admin.config.resolve_expiry(Some(at), false, now)?;
-    }
+    let expires_at = match req.expires_at {
+        Some(at) => admin.config.resolve_expiry(Some(at), false, now)?,
+        None => record.expires_at,
+    };
+    policy::may_receive_secret(&caller, &record, expires_at)?;
+    record.expires_at = expires_at;
     let grace = req
         .grace_period_seconds
         .map(std::time::Duration::from_secs)
@@ -443,6 +492,8 @@ pub(crate) async fn rotate(
 }
 
 /// Delete a personal access token: the record is gone and the token stops working at once.
+///
+/// The caller must hold every scope the token holds, whoever owns it.
 #[utoipa::path(
     delete,
     path = "/{id}",
@@ -451,7 +502,7 @@ pub(crate) async fn rotate(
     responses(
         (status = 200, description = "Deleted", body = Deleted),
         (status = 401, response = Unauthorized),
-        (status = 403, response = WriteScopeMissing),
+        (status = 403, description = "`personalAccessToken:write` is missing, or the caller lacks a scope the token holds (`insufficient_scope`)", body = ErrorBody),
         (status = 404, response = NotFound),
         (status = 500, response = StoreFailed),
     ),
@@ -462,7 +513,8 @@ pub(crate) async fn delete(
     caller: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    admin.load(&caller, &id).await?;
+    let record = admin.load(&caller, &id).await?;
+    policy::may_act_on(&caller, &record)?;
     let removed = admin
         .config
         .store
