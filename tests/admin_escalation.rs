@@ -107,7 +107,10 @@ async fn a_token_cannot_be_created_revoked_or_inactive() {
         hello(&t.app, res.body["token"].as_str().unwrap()).await,
         StatusCode::OK
     );
-    for body in [r#"{"name": "x", "revoked": "yes"}"#, r#"{"name": "x", "active": 1}"#] {
+    for body in [
+        r#"{"name": "x", "revoked": "yes"}"#,
+        r#"{"name": "x", "active": 1}"#,
+    ] {
         let res = post(&t.app, BASE, &t.alice, body).await;
         let field = if body.contains("revoked") {
             "revoked"
@@ -122,7 +125,11 @@ async fn a_token_cannot_be_created_revoked_or_inactive() {
 async fn a_create_naming_another_subject_is_refused_not_rewritten() {
     let t = app().await;
     let admin = token(&t, "root", &["*"], None, &[]).await.1;
-    for (field, caller) in [("subject", &t.alice), ("userId", &t.alice), ("subject", &admin)] {
+    for (field, caller) in [
+        ("subject", &t.alice),
+        ("userId", &t.alice),
+        ("subject", &admin),
+    ] {
         let res = post(
             &t.app,
             BASE,
@@ -406,7 +413,10 @@ async fn a_short_lived_restricted_token_cannot_mint_a_longer_lived_or_wider_chil
         ),
     )
     .await;
-    assert_eq!(res.body["ipRestriction"], serde_json::json!(["127.0.0.1/32"]));
+    assert_eq!(
+        res.body["ipRestriction"],
+        serde_json::json!(["127.0.0.1/32"])
+    );
     let child = stored(&t, res.body["id"].as_str().unwrap()).await;
     assert_eq!(child.ip_restriction, parent.ip_restriction);
     let res = create(
@@ -525,16 +535,28 @@ async fn a_patch_of_another_token_stays_within_the_callers_ceilings() {
     let caller = token(&t, "alice", RW, Some(hours(1)), &["127.0.0.0/8"])
         .await
         .1;
-    let (target, _) = token(&t, "alice", &[], Some(chrono::Duration::minutes(10)), &["127.0.0.1"])
-        .await;
+    let (target, _) = token(
+        &t,
+        "alice",
+        &[],
+        Some(chrono::Duration::minutes(10)),
+        &["127.0.0.1"],
+    )
+    .await;
     let uri = format!("{BASE}/{}", target.id);
     for (body, field) in [
         (
             r#"{"expiresAt": null, "userAwareTokenNeverExpires": true}"#.to_owned(),
             "expiresAt",
         ),
-        (format!(r#"{{"expiresAt": "{}"}}"#, in_days(365)), "expiresAt"),
-        (r#"{"ipRestriction": "10.0.0.0/8"}"#.to_owned(), "ipRestriction"),
+        (
+            format!(r#"{{"expiresAt": "{}"}}"#, in_days(365)),
+            "expiresAt",
+        ),
+        (
+            r#"{"ipRestriction": "10.0.0.0/8"}"#.to_owned(),
+            "ipRestriction",
+        ),
         (r#"{"ipRestriction": null}"#.to_owned(), "ipRestriction"),
     ] {
         let res = patch(&t.app, &uri, &caller, &body).await;
@@ -608,7 +630,13 @@ async fn a_rotation_never_hands_out_a_longer_lived_or_wider_secret() {
     );
     // Its own token, as it is: nothing more than it has.
     let me = get(&t.app, &format!("{BASE}/self"), &caller).await;
-    let res = post(&t.app, &rotate(me.body["id"].as_str().unwrap()), &caller, "").await;
+    let res = post(
+        &t.app,
+        &rotate(me.body["id"].as_str().unwrap()),
+        &caller,
+        "",
+    )
+    .await;
     assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
 }
 
@@ -624,6 +652,7 @@ async fn a_secret_in_its_grace_period_cannot_mint_a_longer_lived_token() {
     )
     .await;
     assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
+    let new = res.body["token"].as_str().unwrap().to_owned();
     // The superseded secret works for ten more minutes: that is all it may hand on.
     assert_eq!(hello(&t.app, &old).await, StatusCode::OK);
     for body in [
@@ -633,6 +662,12 @@ async fn a_secret_in_its_grace_period_cannot_mint_a_longer_lived_token() {
         let res = post(&t.app, BASE, &old, &body).await;
         assert_forbidden(&res, "forbidden", "expiresAt");
     }
+    // Nor rotate its own token again to get a fresh secret with the token's full lifetime.
+    let rotate = format!("{BASE}/{}/rotate", me.id);
+    let res = post(&t.app, &rotate, &old, "").await;
+    assert_forbidden(&res, "forbidden", "expiresAt");
+    assert_eq!(stored(&t, &me.id).await.hash, t.layer.hasher().hash(&new));
+    assert_eq!(hello(&t.app, &new).await, StatusCode::OK);
     create(
         &t.app,
         &old,
@@ -691,7 +726,9 @@ async fn scopes_and_networks_are_capped_at_100_by_default() {
         &t.app,
         BASE,
         &root,
-        &format!(r#"{{"name": "x", "userAwareTokenNeverExpires": true, "ipRestriction": "{csv}"}}"#),
+        &format!(
+            r#"{{"name": "x", "userAwareTokenNeverExpires": true, "ipRestriction": "{csv}"}}"#
+        ),
     )
     .await;
     assert!(res.error(400).starts_with("ipRestriction:"), "{}", res.text);
@@ -702,9 +739,21 @@ async fn scopes_and_networks_are_capped_at_100_by_default() {
     assert_eq!(stored(&t, &id).await.ip_restriction.len(), 100);
     // PATCH has the same caps.
     let uri = format!("{BASE}/{id}");
-    let res = patch(&t.app, &uri, &root, &format!(r#"{{"scopes": {}}}"#, scope_list(101))).await;
+    let res = patch(
+        &t.app,
+        &uri,
+        &root,
+        &format!(r#"{{"scopes": {}}}"#, scope_list(101)),
+    )
+    .await;
     assert!(res.error(400).starts_with("scopes:"), "{}", res.text);
-    let res = patch(&t.app, &uri, &root, &format!(r#"{{"ipRestriction": {}}}"#, cidrs(101))).await;
+    let res = patch(
+        &t.app,
+        &uri,
+        &root,
+        &format!(r#"{{"ipRestriction": {}}}"#, cidrs(101)),
+    )
+    .await;
     assert!(res.error(400).starts_with("ipRestriction:"), "{}", res.text);
     assert_eq!(stored(&t, &id).await.ip_restriction.len(), 100);
 }
@@ -753,9 +802,17 @@ async fn a_huge_body_is_refused_before_it_is_parsed() {
         &t.app,
         BASE,
         &t.alice,
-        &format!(r#"{{"name": "{}", "userAwareTokenNeverExpires": true}}"#, "a".repeat(100)),
+        &format!(
+            r#"{{"name": "{}", "userAwareTokenNeverExpires": true}}"#,
+            "a".repeat(100)
+        ),
     )
     .await;
     res.error(413);
-    create(&t.app, &t.alice, r#"{"name": "small", "userAwareTokenNeverExpires": true}"#).await;
+    create(
+        &t.app,
+        &t.alice,
+        r#"{"name": "small", "userAwareTokenNeverExpires": true}"#,
+    )
+    .await;
 }

@@ -383,7 +383,11 @@ impl PatchTokenRequest {
         record: &TokenRecord,
         now: DateTime<Utc>,
     ) -> Result<(), ApiError> {
-        if self.token_type.as_ref().is_some_and(|t| *t != record.token_type) {
+        if self
+            .token_type
+            .as_ref()
+            .is_some_and(|t| *t != record.token_type)
+        {
             return Err(ApiError::invalid(
                 "type",
                 "a token's type cannot be changed; create a new token",
@@ -690,7 +694,10 @@ fn list<'a>(
     if items.len() > max {
         return Err(ApiError::invalid(
             field,
-            format!("at most {max} {what} are allowed, {} were given", items.len()),
+            format!(
+                "at most {max} {what} are allowed, {} were given",
+                items.len()
+            ),
         ));
     }
     Ok(items)
@@ -748,24 +755,110 @@ mod tests {
         assert_eq!(r.ip_restriction.len(), 2);
         assert_eq!(r.token_type, "personal");
 
-        let e =
-            CreateTokenRequest::from_json(br#"{"name":"x","scopes":"a","type":3}"#, Limits::default()).unwrap_err();
+        let e = CreateTokenRequest::from_json(
+            br#"{"name":"x","scopes":"a","type":3}"#,
+            Limits::default(),
+        )
+        .unwrap_err();
         assert!(e.message.starts_with("type:"), "{}", e.message);
-        let e = CreateTokenRequest::from_json(br#"{"name":"x","description":"y"}"#, Limits::default()).unwrap_err();
-        assert!(e.message.contains("name") && e.message.contains("description"));
         let e =
-            CreateTokenRequest::from_json(br#"{"name":"x","expiresAt":"tomorrow"}"#, Limits::default()).unwrap_err();
+            CreateTokenRequest::from_json(br#"{"name":"x","description":"y"}"#, Limits::default())
+                .unwrap_err();
+        assert!(e.message.contains("name") && e.message.contains("description"));
+        let e = CreateTokenRequest::from_json(
+            br#"{"name":"x","expiresAt":"tomorrow"}"#,
+            Limits::default(),
+        )
+        .unwrap_err();
         assert!(e.message.starts_with("expiresAt:"));
     }
 
     #[test]
     fn merge_patch_nulls() {
-        let p =
-            PatchTokenRequest::from_json(br#"{"expiresAt":null,"ipRestriction":null}"#, Limits::default()).unwrap();
+        let p = PatchTokenRequest::from_json(
+            br#"{"expiresAt":null,"ipRestriction":null}"#,
+            Limits::default(),
+        )
+        .unwrap();
         assert_eq!(p.expires_at, Some(None));
         assert_eq!(p.ip_restriction, Some(Vec::new()));
         assert_eq!(p.name, None);
         assert!(PatchTokenRequest::from_json(br#"{"name":null}"#, Limits::default()).is_err());
+    }
+
+    #[test]
+    fn every_field_is_honoured_refused_or_set_by_the_server() {
+        let limits = Limits::default();
+        let create = |body: &str| CreateTokenRequest::from_json(body.as_bytes(), limits);
+        let e = create(r#"{"name":"x","revoked":true}"#).unwrap_err();
+        assert_eq!(e.message, "revoked: a token cannot be created revoked");
+        assert!(
+            create(r#"{"name":"x","active":false}"#)
+                .unwrap_err()
+                .message
+                .starts_with("active:")
+        );
+        assert!(
+            create(r#"{"name":"x","ip_restriction":"10.0.0.1"}"#)
+                .unwrap_err()
+                .message
+                .starts_with("ip_restriction: unknown field")
+        );
+        let long = format!(r#"{{"name":"x","{}":1}}"#, "k".repeat(1000));
+        assert!(create(&long).unwrap_err().message.len() < 300);
+        let r = create(r#"{"name":"x","revoked":false,"active":true,"subject":"a","userId":"b","id":"i","seenAt":null}"#)
+            .unwrap();
+        assert_eq!(
+            r.owners,
+            [("subject", "a".to_owned()), ("userId", "b".to_owned())]
+        );
+        assert!(
+            r.check_owner("a")
+                .unwrap_err()
+                .message
+                .starts_with("userId:")
+        );
+
+        let rotate = |body: &str| RotateTokenRequest::from_json(body.as_bytes());
+        for f in [
+            "name",
+            "scope",
+            "ipRestriction",
+            "type",
+            "userAwareTokenNeverExpires",
+        ] {
+            let e = rotate(&format!(r#"{{"{f}":null}}"#)).unwrap_err();
+            assert!(e.message.starts_with(&format!("{f}:")), "{}", e.message);
+        }
+        assert!(rotate(r#"{"revoked":false,"active":true,"gracePeriodSeconds":1}"#).is_ok());
+        assert!(rotate("").is_ok());
+    }
+
+    #[test]
+    fn lists_are_capped() {
+        let limits = Limits {
+            scopes: 2,
+            networks: 3,
+        };
+        let create = |body: &str| CreateTokenRequest::from_json(body.as_bytes(), limits);
+        assert!(create(r#"{"name":"x","scopes":"a b"}"#).is_ok());
+        let e = create(r#"{"name":"x","scope":"a b c"}"#).unwrap_err();
+        assert!(
+            e.message.starts_with("scope: at most 2 scopes"),
+            "{}",
+            e.message
+        );
+        assert!(create(r#"{"name":"x","ipRestriction":"10.0.0.1, 10.0.0.2,,10.0.0.3"}"#).is_ok());
+        let e =
+            create(r#"{"name":"x","ipRestriction":["10.0.0.1","10.0.0.2","10.0.0.3","10.0.0.4"]}"#)
+                .unwrap_err();
+        assert!(
+            e.message.starts_with("ipRestriction: at most 3 networks"),
+            "{}",
+            e.message
+        );
+        let e = PatchTokenRequest::from_json(br#"{"scopes":["a","b","c"]}"#, limits).unwrap_err();
+        assert!(e.message.starts_with("scopes:"), "{}", e.message);
     }
 
     #[test]

@@ -202,8 +202,8 @@ mod tests {
     }
 
     fn principal(nets: &[IpNet], expires_at: Option<DateTime<Utc>>) -> Principal {
-        let mut new =
-            NewToken::new("alice", "p", ScopeSet::parse(["a:*"]).unwrap()).ip_restriction(nets.to_vec());
+        let mut new = NewToken::new("alice", "p", ScopeSet::parse(["a:*"]).unwrap())
+            .ip_restriction(nets.to_vec());
         new.expires_at = expires_at;
         let (record, _) = new.issue(&TokenFormat::new(), &TokenHasher::sha256(), Utc::now());
         let key = record.hash;
@@ -241,7 +241,10 @@ mod tests {
         assert!(expiry_within(&p, Some(hour + Duration::seconds(1))).is_err());
         assert!(expiry_within(&p, None).is_err());
         assert_eq!(default_expiry(&p, None), Some(hour));
-        assert_eq!(default_expiry(&p, Some(hour + Duration::days(1))), Some(hour));
+        assert_eq!(
+            default_expiry(&p, Some(hour + Duration::days(1))),
+            Some(hour)
+        );
 
         let free = principal(&[], None);
         assert!(networks_within(&free, &[]).is_ok());
