@@ -19,6 +19,28 @@
 //! | `DELETE /{id}` | 200, `{"message": "Personal access token revoked", "status": 200}` |
 //! | `GET /openapi.json` | the OpenAPI 3.1 document (public) |
 //!
+//! A token never gets more than the token that created or changed it:
+//! - **scopes**: a created or patched token's scopes are all the caller's; acting on a token
+//!   (PATCH of any field, revoke, rotate, delete) needs every scope it holds (a `*` token needs
+//!   `*`), whoever owns it: `personalAccessToken:admin` reaches other subjects' tokens, never
+//!   scopes the caller lacks (403 `insufficient_scope`);
+//! - **lifetime**: a created, patched or rotated token expires no later than the caller (a token
+//!   that never expires needs a caller that never expires; a secret still in its rotation grace
+//!   period counts as expiring when the grace period ends); under
+//!   [`ExpiryPolicy::DefaultLifetime`] a default that would outlive the caller is cut to the
+//!   caller's expiry, while an explicit `expiresAt` beyond it is refused (403 `forbidden`);
+//! - **networks**: a created, patched or rotated token's `ipRestriction` lies within the caller's
+//!   (each network inside one of the caller's; IPv4-mapped IPv6 compares as IPv4); a created token
+//!   that names none inherits the caller's (403 `forbidden` otherwise).
+//!
+//! So a token can narrow itself with a PATCH, never widen itself, and a rotation never hands out a
+//! secret that is more than the caller. Every field of a request is honoured or refused with a 400
+//! naming it (`revoked: true` at creation, `active: false`, another subject, a field a rotation
+//! keeps, an unknown field); only fields the server sets (`id`, `token`, `createdAt`, …) are
+//! ignored. A token has at most 100 scopes and 100 networks
+//! ([`AdminConfig::max_scopes_per_token`], [`AdminConfig::max_networks_per_token`]), and a body
+//! larger than 64 KiB is a 413 ([`AdminConfig::max_body_bytes`]).
+//!
 //! Every change goes through the [`TokenStore`](crate::TokenStore), whose change feed drops the
 //! layer's cache entry before the call returns: the very next request sees it. Errors are the
 //! crate's one JSON shape, `{"code", "message", "status"}`; a bad field's message starts with its

@@ -23,7 +23,9 @@ use super::view::{Deleted, ExpiryWarning, IssuedToken, TokenView};
         title = "Personal access tokens",
         description = "Create, list, read, update, rotate, revoke and delete personal access \
             tokens. Reads need `personalAccessToken:read`, changes `personalAccessToken:write`, \
-            and acting on another subject's tokens `personalAccessToken:admin`."
+            and acting on another subject's tokens `personalAccessToken:admin`. A token never \
+            gets more than the token that creates or changes it (scopes, expiry, networks), and \
+            acting on a token needs every scope it holds."
     ),
     paths(
         routes::create,
