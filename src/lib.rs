@@ -84,7 +84,7 @@ pub use auth::{
     ResponseBody,
 };
 pub use cache::CacheConfig;
-pub use client_ip::ClientIpSource;
+pub use client_ip::{ClientAddr, ClientIpSource, ForwardedHeader};
 pub use principal::Principal;
 #[cfg(feature = "axum")]
 pub use principal::PrincipalRejection;
