@@ -387,3 +387,25 @@ async fn usage_records_only_addresses_from_trusted_information() {
     let pending = layer.usage().unwrap().pending(&record.id).unwrap();
     assert!(pending.ips.is_empty(), "{:?}", pending.ips);
 }
+
+#[tokio::test]
+async fn a_client_cannot_get_another_address_locked_out() {
+    let store = MemoryStore::new();
+    let (_, secret) = issue(&store, new_token("alice", &[])).await;
+    let valid = Some(secret.expose_secret());
+    let layer = behind_xff(PatAuthLayer::builder(store))
+        .limit_failures(2, Duration::from_secs(60))
+        .build();
+    // The attacker (198.51.100.66, appended by the proxy) names its victim in both headers.
+    let spoofing: &[(&str, &[u8])] = &[
+        ("forwarded", b"for=192.0.2.1"),
+        ("x-forwarded-for", b"192.0.2.1, 198.51.100.66"),
+    ];
+    for _ in 0..2 {
+        let reply = send(&layer, req(Some(&guess()), PROXY, spoofing)).await;
+        assert_eq!(reply.status, 401);
+    }
+    let victim = req(valid, PROXY, &[("x-forwarded-for", b"192.0.2.1")]);
+    assert_eq!(send(&layer, victim).await.status, 200);
+    assert_eq!(send(&layer, req(valid, PROXY, spoofing)).await.status, 429);
+}

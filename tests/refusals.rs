@@ -197,4 +197,9 @@ async fn management_api_errors_are_no_store() {
     let res = support_admin::post(&app.app, support_admin::BASE, &app.alice, "{not json").await;
     assert_eq!(res.status, 400, "{}", res.text);
     assert!(no_store(&res.headers), "{:?}", res.headers);
+    // Errors axum makes itself, too.
+    let uri = format!("{}/self", support_admin::BASE);
+    let res = support_admin::call(&app.app, http::Method::PUT, &uri, Some(&app.alice), None).await;
+    assert_eq!(res.status, 405);
+    assert!(no_store(&res.headers), "{:?}", res.headers);
 }
