@@ -326,6 +326,19 @@ mod tests {
         assert!(!r.ip_allowed(Some("2001:db8::2".parse().unwrap())));
         assert!(!r.ip_allowed(None));
         assert!(parse_ip_net("10.0.0.300/8").is_err());
+        // A mapped network, parsed or built by hand, matches IPv4 peers in both forms.
+        for net in [
+            parse_ip_net("::ffff:192.0.2.0/120").unwrap(),
+            "::ffff:192.0.2.0/120".parse().unwrap(),
+        ] {
+            r.ip_restriction = vec![net];
+            assert!(r.ip_allowed(Some("192.0.2.9".parse().unwrap())));
+            assert!(r.ip_allowed(Some("::ffff:192.0.2.9".parse().unwrap())));
+            assert!(!r.ip_allowed(Some("192.0.3.9".parse().unwrap())));
+        }
+        // A network wider than the mapped range stays IPv6 and does not match IPv4 peers.
+        r.ip_restriction = vec![parse_ip_net("::/0").unwrap()];
+        assert!(!r.ip_allowed(Some("192.0.2.9".parse().unwrap())));
         assert_eq!(
             parse_ip_net("10.1.2.3/8").unwrap().to_string(),
             "10.0.0.0/8"

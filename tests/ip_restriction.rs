@@ -159,3 +159,36 @@ fn ipv4_mapped_networks_are_parsed_as_ipv4() {
         assert_eq!(parse_ip_net(input).unwrap().to_string(), parsed, "{input}");
     }
 }
+
+#[cfg(feature = "admin")]
+mod support_admin;
+
+/// Networks entering through the management API are normalised the same way.
+#[cfg(feature = "admin")]
+#[tokio::test]
+async fn management_api_stores_mapped_networks_as_ipv4() {
+    let t = support_admin::app().await;
+    let res = support_admin::create(
+        &t.app,
+        &t.alice,
+        r#"{"name": "mapped", "ipRestriction": ["::ffff:192.0.2.0/120"], "userAwareTokenNeverExpires": true}"#,
+    )
+    .await;
+    assert_eq!(
+        res.body["ipRestriction"],
+        serde_json::json!(["192.0.2.0/24"])
+    );
+    let token = res.body["token"].as_str().unwrap();
+    assert_eq!(
+        send(&t.layer, request(Some(token), Some("192.0.2.7:1")))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        send(&t.layer, request(Some(token), Some("192.0.3.7:1")))
+            .await
+            .status,
+        403
+    );
+}
