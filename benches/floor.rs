@@ -80,7 +80,10 @@ fn floor(c: &mut Criterion) {
     assert_eq!(token.len(), 42);
     let principal = rt.block_on(async {
         store.insert(&record).await.expect("insert");
-        layer.authenticate(token).await.expect("a valid token")
+        layer
+            .verify(token, None, &tower_pat::ScopeSet::empty())
+            .await
+            .expect("a valid token")
     });
     let auth = common::bearer(token);
     let format = TokenFormat::new();

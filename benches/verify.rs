@@ -107,7 +107,11 @@ fn verify(c: &mut Criterion) {
         }
         if n == 1_000 {
             let unknown = common::unknown_token();
-            let err = rt.block_on(layer.authenticate(unknown.expose_secret()));
+            let err = rt.block_on(layer.verify(
+                unknown.expose_secret(),
+                None,
+                &tower_pat::ScopeSet::empty(),
+            ));
             assert_eq!(err.err(), Some(AuthError::InvalidToken));
             let lookups = layer.store_lookups();
             let negative = [common::bearer(unknown.expose_secret())];

@@ -1,36 +1,135 @@
 //! The client's address: the peer of the connection, or, when that peer is a trusted proxy, the
-//! address the proxies forwarded (`Forwarded`, RFC 7239, or `X-Forwarded-For`).
+//! address that proxy forwarded in the **one** header it is configured to set
+//! ([`ForwardedHeader`]).
 //!
-//! The forwarded list is walked from the right: every address appended by a trusted proxy is
-//! skipped, and the first untrusted one is the client. A client cannot smuggle an address in
-//! through the header, since anything left of the first untrusted hop is ignored. A header from a
-//! peer that is not a trusted proxy is ignored altogether.
+//! The rules (DESIGN.md §8):
+//!
+//! - Without trusted proxies (the default) the client is the connection's peer, and no header is
+//!   ever read.
+//! - A header from a peer that is not a trusted proxy is ignored altogether.
+//! - Only the configured header is read; a request carrying `Forwarded` and `X-Forwarded-For`
+//!   reads the configured one, whatever the other says. A client can always send either header
+//!   itself: which one is the proxy's is configuration, never guessed from what is present.
+//! - `X-Forwarded-For` and `Forwarded` are walked from the right (all lines of the header, in
+//!   order, are one list): every address of a trusted proxy is skipped, and the first untrusted
+//!   one is the client. A client cannot smuggle an address in, since anything left of the first
+//!   untrusted hop is ignored. `X-Real-IP` is one value set by the proxy; two lines or a list
+//!   make it unreadable.
+//! - A hop that cannot be read (`for=unknown`, an obfuscated `for=_hidden`, an element without
+//!   `for`, garbage, bytes that are not text) makes the client address unknown: a token with an
+//!   IP restriction is then refused. The failure limiter still counts the request, against the
+//!   nearest address that did parse (the last trusted hop, ultimately the peer):
+//!   [`ClientAddr::limit_key`].
+//!
+//! Trust only proxies that overwrite or append to the configured header on every request: a
+//! "trusted" proxy that passes a client's header through unchanged lets that client choose its
+//! address.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use http::{Extensions, HeaderMap, header};
+use http::header::{FORWARDED, GetAll};
+use http::{Extensions, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
-use crate::record::canonical_ip;
+use crate::record::{canonical_ip, canonical_net};
 
-/// Where the layer reads the client address from, and which proxies it trusts.
+/// `X-Forwarded-For`.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Real-IP`.
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// The header a trusted proxy puts the client address in. Exactly one is read; see the
+/// [module docs](self).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1, proxy2`, appended to by each proxy (nginx
+    /// `$proxy_add_x_forwarded_for`, most cloud load balancers). Walked from the right.
+    XForwardedFor,
+    /// `Forwarded: for=client, for=proxy1` (RFC 7239), appended to by each proxy. Walked from the
+    /// right; an element's `for` may be quoted and carry a port (`for="[2001:db8::1]:4711"`).
+    Forwarded,
+    /// `X-Real-IP: client`, one address set (overwritten) by the proxy (nginx
+    /// `proxy_set_header X-Real-IP $remote_addr`).
+    XRealIp,
+}
+
+impl ForwardedHeader {
+    /// The header's name, in lower case.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::XForwardedFor => "x-forwarded-for",
+            Self::Forwarded => "forwarded",
+            Self::XRealIp => "x-real-ip",
+        }
+    }
+}
+
+/// The client address of one request, as [`ClientIpSource::client_addr`] read it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientAddr {
+    ip: Option<IpAddr>,
+    limit_key: Option<IpAddr>,
+}
+
+impl ClientAddr {
+    /// An address known from trusted information (the peer, or what a trusted proxy forwarded).
+    fn known(ip: IpAddr) -> Self {
+        Self {
+            ip: Some(ip),
+            limit_key: Some(ip),
+        }
+    }
+
+    /// The client address, `None` when it is unknown: no peer address on the request, or a
+    /// trusted proxy forwarded something that cannot be read. IP restrictions are checked, and
+    /// usage is recorded, with this address only; a restricted token is refused without one.
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.ip
+    }
+
+    /// The address the failure limiter counts the request against: the client address when it is
+    /// known, else the nearest hop that did parse (the last trusted proxy, ultimately the peer).
+    /// `None` only without a peer address.
+    pub fn limit_key(&self) -> Option<IpAddr> {
+        self.limit_key
+    }
+}
+
+/// Where the layer reads the client address from: the trusted proxies and the one header they
+/// set. See the [module docs](self).
+///
+/// ```
+/// use tower_pat::client_ip::{ClientIpSource, ForwardedHeader};
+///
+/// let source = ClientIpSource::new()
+///     .trust_proxies(["10.0.0.0/8".parse().unwrap()], ForwardedHeader::XForwardedFor);
+/// assert_eq!(source.forwarded_header(), Some(ForwardedHeader::XForwardedFor));
+/// ```
 #[derive(Clone, Debug, Default)]
 pub struct ClientIpSource {
     trusted_proxies: Arc<[IpNet]>,
+    header: Option<ForwardedHeader>,
 }
 
 impl ClientIpSource {
-    /// Trusts no proxy: the client is the connection's peer.
+    /// Trusts no proxy: the client is the connection's peer and no header is read.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Trusts `Forwarded` / `X-Forwarded-For` from peers in these networks.
-    pub fn with_trusted_proxies(proxies: impl IntoIterator<Item = IpNet>) -> Self {
-        Self {
-            trusted_proxies: proxies.into_iter().collect(),
-        }
+    /// Trusts `header` from peers in `proxies`, replacing any earlier setting. IPv4-mapped IPv6
+    /// networks (`::ffff:10.0.0.0/104`) are taken as the IPv4 networks they are.
+    #[must_use]
+    pub fn trust_proxies(
+        mut self,
+        proxies: impl IntoIterator<Item = IpNet>,
+        header: ForwardedHeader,
+    ) -> Self {
+        self.trusted_proxies = proxies.into_iter().map(canonical_net).collect();
+        self.header = Some(header);
+        self
     }
 
     /// The trusted proxy networks.
@@ -38,48 +137,90 @@ impl ClientIpSource {
         &self.trusted_proxies
     }
 
+    /// The header trusted proxies set, `None` when no proxy is trusted.
+    pub fn forwarded_header(&self) -> Option<ForwardedHeader> {
+        self.header.filter(|_| !self.trusted_proxies.is_empty())
+    }
+
     fn is_trusted(&self, ip: IpAddr) -> bool {
         self.trusted_proxies.iter().any(|n| n.contains(&ip))
     }
 
-    /// The client address of a request, `None` when the peer is unknown or a trusted proxy sent a
-    /// forwarded list that cannot be read.
+    /// The client address of a request: [`client_addr`](Self::client_addr)`.ip()`.
     pub fn client_ip(&self, headers: &HeaderMap, extensions: &Extensions) -> Option<IpAddr> {
-        let peer = canonical_ip(peer_addr(extensions)?.ip());
-        if !self.is_trusted(peer) {
-            return Some(peer);
-        }
-        let forwarded: Vec<&str> = headers
-            .get_all(header::FORWARDED)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        let hops = if forwarded.is_empty() {
-            let xff = headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .map(|v| v.to_str().ok())
-                .collect::<Option<Vec<_>>>()?;
-            xff.iter()
-                .flat_map(|v| v.split(','))
-                .map(|s| parse_node(s.trim()))
-                .collect::<Vec<_>>()
-        } else {
-            forwarded
-                .iter()
-                .flat_map(|v| v.split(','))
-                .map(forwarded_for)
-                .collect::<Vec<_>>()
+        self.client_addr(headers, extensions).ip()
+    }
+
+    /// The client address of a request and the address its failures count against. Allocates
+    /// nothing.
+    pub fn client_addr(&self, headers: &HeaderMap, extensions: &Extensions) -> ClientAddr {
+        let Some(peer) = peer_addr(extensions) else {
+            return ClientAddr::default();
         };
-        let mut client = peer;
-        for hop in hops.iter().rev() {
-            let ip = canonical_ip((*hop)?);
-            client = ip;
-            if !self.is_trusted(ip) {
-                break;
+        let peer = canonical_ip(peer.ip());
+        let Some(header) = self.header else {
+            return ClientAddr::known(peer);
+        };
+        if !self.is_trusted(peer) {
+            return ClientAddr::known(peer);
+        }
+        match header {
+            ForwardedHeader::XForwardedFor => {
+                self.walk(headers.get_all(X_FORWARDED_FOR), peer, xff_element)
+            }
+            ForwardedHeader::Forwarded => {
+                self.walk(headers.get_all(FORWARDED), peer, forwarded_element)
+            }
+            ForwardedHeader::XRealIp => real_ip(headers, peer),
+        }
+    }
+
+    /// Walks a comma-separated list from the right, skipping trusted hops.
+    fn walk(
+        &self,
+        values: GetAll<'_, HeaderValue>,
+        peer: IpAddr,
+        parse: fn(&[u8]) -> Option<IpAddr>,
+    ) -> ClientAddr {
+        let mut nearest = peer;
+        for value in values.iter().rev() {
+            for element in value.as_bytes().rsplit(|b| *b == b',') {
+                let element = trim_ows(element);
+                // RFC 9110 §5.6.1: empty list elements are ignored.
+                if element.is_empty() {
+                    continue;
+                }
+                let Some(ip) = parse(element) else {
+                    return ClientAddr {
+                        ip: None,
+                        limit_key: Some(nearest),
+                    };
+                };
+                nearest = ip;
+                if !self.is_trusted(ip) {
+                    return ClientAddr::known(ip);
+                }
             }
         }
-        Some(client)
+        // Every hop is a trusted proxy (or there is none): the leftmost is the client.
+        ClientAddr::known(nearest)
+    }
+}
+
+/// `X-Real-IP`: one line, one address; absent, the client is the peer itself.
+fn real_ip(headers: &HeaderMap, peer: IpAddr) -> ClientAddr {
+    let mut values = headers.get_all(X_REAL_IP).iter();
+    let ip = match (values.next(), values.next()) {
+        (None, _) => return ClientAddr::known(peer),
+        (Some(value), None) => xff_element(trim_ows(value.as_bytes())),
+        (Some(_), Some(_)) => None,
+    };
+    match ip {
+        Some(ip) => ClientAddr::known(ip),
+        None => ClientAddr {
+            ip: None,
+            limit_key: Some(peer),
+        },
     }
 }
 
@@ -101,39 +242,101 @@ pub fn peer_addr(extensions: &Extensions) -> Option<SocketAddr> {
     None
 }
 
-/// The `for=` node of one `Forwarded` element, `None` if absent or not an address.
-fn forwarded_for(element: &str) -> Option<IpAddr> {
-    element.split(';').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        k.trim()
-            .eq_ignore_ascii_case("for")
-            .then(|| parse_node(v.trim().trim_matches('"')))?
-    })
+fn trim_ows(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
 }
 
-/// An address with an optional port: `192.0.2.1`, `192.0.2.1:80`, `2001:db8::1`, `[2001:db8::1]:80`.
+/// One `X-Forwarded-For` element (or the `X-Real-IP` value): an address, optionally with a port.
+fn xff_element(element: &[u8]) -> Option<IpAddr> {
+    parse_node(std::str::from_utf8(element).ok()?)
+}
+
+/// One `Forwarded` element (`for=…;proto=…;by=…`): its `for` node. `None` for an element without
+/// exactly one readable `for` address, or with a parameter that is not `name=value`.
+fn forwarded_element(element: &[u8]) -> Option<IpAddr> {
+    let element = std::str::from_utf8(element).ok()?;
+    let mut found = None;
+    for pair in element.split(';') {
+        let pair = pair.trim_matches([' ', '\t']);
+        if pair.is_empty() {
+            continue;
+        }
+        let (name, value) = pair.split_once('=')?;
+        if !name.eq_ignore_ascii_case("for") {
+            continue;
+        }
+        if found.is_some() {
+            // RFC 7239 §4: a parameter occurs at most once per element.
+            return None;
+        }
+        let value = match value.strip_prefix('"') {
+            // No escapes: a node never needs them.
+            Some(quoted) => quoted
+                .strip_suffix('"')
+                .filter(|v| !v.contains(['"', '\\']))?,
+            None => value,
+        };
+        found = Some(parse_node(value)?);
+    }
+    found
+}
+
+/// A node: `192.0.2.1`, `192.0.2.1:80`, `2001:db8::1`, `[2001:db8::1]`, `[2001:db8::1]:80`, a port
+/// possibly obfuscated (`:_a1`). `unknown` and obfuscated identifiers (`_hidden`) are `None`.
+/// IPv4-mapped IPv6 addresses come back as IPv4.
 fn parse_node(node: &str) -> Option<IpAddr> {
-    if let Ok(ip) = node.parse::<IpAddr>() {
-        return Some(ip);
+    let ip = if let Some(rest) = node.strip_prefix('[') {
+        let (addr, port) = rest.split_once(']')?;
+        if !port.is_empty() && !is_port(port.strip_prefix(':')?) {
+            return None;
+        }
+        IpAddr::V6(addr.parse::<Ipv6Addr>().ok()?)
+    } else if let Ok(ip) = node.parse::<IpAddr>() {
+        ip
+    } else {
+        let (addr, port) = node.split_once(':')?;
+        if !is_port(port) {
+            return None;
+        }
+        IpAddr::V4(addr.parse::<Ipv4Addr>().ok()?)
+    };
+    Some(canonical_ip(ip))
+}
+
+/// A port (1–5 digits, at most 65535) or an obfuscated one (`_` then letters, digits, `.`, `_`,
+/// `-`), RFC 7239 §6.
+fn is_port(port: &str) -> bool {
+    match port.strip_prefix('_') {
+        Some(obf) => {
+            !obf.is_empty()
+                && obf
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        }
+        None => {
+            (1..=5).contains(&port.len())
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && port.parse::<u16>().is_ok()
+        }
     }
-    if let Ok(sa) = node.parse::<SocketAddr>() {
-        return Some(sa.ip());
-    }
-    node.strip_prefix('[')
-        .and_then(|s| s.strip_suffix(']'))
-        .and_then(|s| s.parse().ok())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn req(peer: &str, headers: &[(&str, &str)]) -> (HeaderMap, Extensions) {
+    fn req(peer: &str, headers: &[(&str, &[u8])]) -> (HeaderMap, Extensions) {
         let mut h = HeaderMap::new();
         for (k, v) in headers {
             h.append(
                 http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
+                HeaderValue::from_bytes(v).unwrap(),
             );
         }
         let mut e = Extensions::new();
@@ -141,35 +344,172 @@ mod tests {
         (h, e)
     }
 
+    fn source(header: ForwardedHeader) -> ClientIpSource {
+        ClientIpSource::new().trust_proxies(["10.0.0.0/8".parse().unwrap()], header)
+    }
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    fn addr(src: &ClientIpSource, peer: &str, headers: &[(&str, &[u8])]) -> ClientAddr {
+        let (h, e) = req(peer, headers);
+        src.client_addr(&h, &e)
+    }
+
     #[test]
     fn untrusted_peer_ignores_headers() {
-        let src = ClientIpSource::with_trusted_proxies(["10.0.0.0/8".parse().unwrap()]);
-        let (h, e) = req("192.0.2.9:1", &[("x-forwarded-for", "1.2.3.4")]);
-        assert_eq!(src.client_ip(&h, &e), Some("192.0.2.9".parse().unwrap()));
+        let src = source(ForwardedHeader::XForwardedFor);
+        let a = addr(&src, "192.0.2.9:1", &[("x-forwarded-for", b"1.2.3.4")]);
+        assert_eq!((a.ip(), a.limit_key()), (ip("192.0.2.9"), ip("192.0.2.9")));
+        // Without any trusted proxy, even a header from a private address is ignored.
+        let a = addr(
+            &ClientIpSource::new(),
+            "10.0.0.1:1",
+            &[("x-forwarded-for", b"1.2.3.4")],
+        );
+        assert_eq!(a.ip(), ip("10.0.0.1"));
+        assert_eq!(ClientIpSource::new().forwarded_header(), None);
     }
 
     #[test]
     fn walks_from_the_right() {
-        let src = ClientIpSource::with_trusted_proxies(["10.0.0.0/8".parse().unwrap()]);
-        let (h, e) = req(
+        let src = source(ForwardedHeader::XForwardedFor);
+        let a = addr(
+            &src,
             "10.0.0.1:1",
             &[
-                ("x-forwarded-for", "6.6.6.6, 198.51.100.7"),
-                ("x-forwarded-for", "10.0.0.2"),
+                ("x-forwarded-for", b"6.6.6.6, 198.51.100.7"),
+                ("x-forwarded-for", b"10.0.0.2"),
             ],
         );
-        assert_eq!(src.client_ip(&h, &e), Some("198.51.100.7".parse().unwrap()));
-        let (h, e) = req(
+        assert_eq!(a.ip(), ip("198.51.100.7"));
+        let src = source(ForwardedHeader::Forwarded);
+        let a = addr(
+            &src,
             "10.0.0.1:1",
             &[(
                 "forwarded",
-                "for=6.6.6.6, for=\"[2001:db8::7]:4711\";proto=https",
+                b"for=6.6.6.6, for=\"[2001:db8::7]:4711\";proto=https",
             )],
         );
-        assert_eq!(src.client_ip(&h, &e), Some("2001:db8::7".parse().unwrap()));
-        let (h, e) = req("10.0.0.1:1", &[("x-forwarded-for", "garbage")]);
-        assert_eq!(src.client_ip(&h, &e), None);
-        let (h, e) = req("10.0.0.1:1", &[]);
-        assert_eq!(src.client_ip(&h, &e), Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(a.ip(), ip("2001:db8::7"));
+        let a = addr(&src, "10.0.0.1:1", &[]);
+        assert_eq!(a.ip(), ip("10.0.0.1"));
+        // All hops trusted: the leftmost is the client.
+        let a = addr(
+            &src,
+            "10.0.0.1:1",
+            &[("forwarded", b"For=10.3.3.3, for=10.2.2.2")],
+        );
+        assert_eq!(a.ip(), ip("10.3.3.3"));
+    }
+
+    #[test]
+    fn unreadable_lists_keep_the_nearest_parsed_hop_for_the_limiter() {
+        let src = source(ForwardedHeader::XForwardedFor);
+        for (value, key) in [
+            (&b"garbage"[..], "10.0.0.1"),
+            (b"1.2.3.4, unknown, 10.9.9.9", "10.9.9.9"),
+            (b"1.2.3.4, \xff, 10.9.9.9 ,, ", "10.9.9.9"),
+            (b"1.2.3.4:99999", "10.0.0.1"),
+        ] {
+            let a = addr(&src, "10.0.0.1:1", &[("x-forwarded-for", value)]);
+            assert_eq!(a.ip(), None, "{value:?}");
+            assert_eq!(a.limit_key(), ip(key), "{value:?}");
+        }
+        let src = source(ForwardedHeader::Forwarded);
+        for value in [
+            &b"for=unknown"[..],
+            b"for=_hidden",
+            b"proto=https",
+            b"for",
+            b"for=1.2.3.4;for=1.2.3.4",
+            b"for=\"1.2.3.4",
+            b"for=\"1.2\\.3.4\"",
+            b"for=[2001:db8::1",
+            b"for=\"[2001:db8::1]x\"",
+        ] {
+            let a = addr(&src, "10.0.0.1:1", &[("forwarded", value)]);
+            assert_eq!(a.ip(), None, "{}", String::from_utf8_lossy(value));
+            assert_eq!(a.limit_key(), ip("10.0.0.1"));
+        }
+        // Garbage left of the client is the client's own business.
+        let a = addr(
+            &src,
+            "10.0.0.1:1",
+            &[("forwarded", b"for=junk, for=1.2.3.4")],
+        );
+        assert_eq!(a.ip(), ip("1.2.3.4"));
+    }
+
+    #[test]
+    fn nodes() {
+        for (node, parsed) in [
+            ("192.0.2.1", ip("192.0.2.1")),
+            ("192.0.2.1:80", ip("192.0.2.1")),
+            ("192.0.2.1:_obf", ip("192.0.2.1")),
+            ("2001:db8::1", ip("2001:db8::1")),
+            ("[2001:db8::1]", ip("2001:db8::1")),
+            ("[2001:db8::1]:443", ip("2001:db8::1")),
+            ("::ffff:192.0.2.1", ip("192.0.2.1")),
+            ("[::ffff:192.0.2.1]:1", ip("192.0.2.1")),
+            ("192.0.2.1:", None),
+            ("192.0.2.1:_", None),
+            ("192.0.2.1:123456", None),
+            ("[2001:db8::1]:", None),
+            ("fe80::1%eth0", None),
+            ("unknown", None),
+            ("_hidden", None),
+            ("", None),
+        ] {
+            assert_eq!(parse_node(node), parsed, "{node}");
+        }
+    }
+
+    #[test]
+    fn x_real_ip() {
+        let src = source(ForwardedHeader::XRealIp);
+        let a = addr(
+            &src,
+            "10.0.0.1:1",
+            &[
+                ("x-real-ip", b" 198.51.100.7 "),
+                ("x-forwarded-for", b"1.2.3.4"),
+            ],
+        );
+        assert_eq!(a.ip(), ip("198.51.100.7"));
+        let a = addr(
+            &src,
+            "10.0.0.1:1",
+            &[
+                ("x-real-ip", b"198.51.100.7"),
+                ("x-real-ip", b"198.51.100.7"),
+            ],
+        );
+        assert_eq!((a.ip(), a.limit_key()), (None, ip("10.0.0.1")));
+        assert_eq!(addr(&src, "10.0.0.1:1", &[]).ip(), ip("10.0.0.1"));
+    }
+
+    #[test]
+    fn mapped_peers_and_proxy_networks() {
+        let src = ClientIpSource::new().trust_proxies(
+            ["::ffff:10.0.0.0/104".parse().unwrap()],
+            ForwardedHeader::XForwardedFor,
+        );
+        assert_eq!(src.trusted_proxies(), ["10.0.0.0/8".parse().unwrap()]);
+        let a = addr(
+            &src,
+            "[::ffff:10.0.0.1]:1",
+            &[("x-forwarded-for", b"198.51.100.7")],
+        );
+        assert_eq!(a.ip(), ip("198.51.100.7"));
+        let mut e = Extensions::new();
+        assert_eq!(
+            src.client_addr(&HeaderMap::new(), &e),
+            ClientAddr::default()
+        );
+        e.insert("[::ffff:192.0.2.1]:5".parse::<SocketAddr>().unwrap());
+        assert_eq!(src.client_ip(&HeaderMap::new(), &e), ip("192.0.2.1"));
     }
 }

@@ -47,11 +47,18 @@
 //! | unknown, malformed, revoked or expired token | 401 `invalid_token` | 16 |
 //! | client address outside the IP restriction | 403 `invalid_token` | 7 |
 //! | required scope missing | 403 `insufficient_scope` with `scope="…"` | 7 |
-//! | too many failed attempts from one client (opt-in) | 429 with `Retry-After` | 8 |
+//! | too many failed attempts from one client network (opt-in) | 429 with `Retry-After` | 8 |
 //! | store unreachable and token not cached | 503 with `Retry-After` | 14 |
 //!
-//! Error bodies are JSON, `{"code": "invalid_token", "message": "…", "status": 401}`; gRPC errors
-//! are trailers-only responses.
+//! Error bodies are JSON, `{"code": "invalid_token", "message": "…", "status": 401}`. Only an
+//! HTTP/2 request with `content-type: application/grpc…` gets the gRPC column: a trailers-only
+//! response (HTTP 200, `grpc-status`). Every refusal carries `Cache-Control: no-store`.
+//!
+//! ## The client address
+//!
+//! IP restrictions and the failure limit use the connection's peer address, or, behind trusted
+//! proxies, the address they put in the one header configured with
+//! [`PatAuthLayerBuilder::trusted_proxies`] ([`ForwardedHeader`]); see [`client_ip`].
 //!
 //! ## Features
 //!
@@ -84,7 +91,7 @@ pub use auth::{
     ResponseBody,
 };
 pub use cache::CacheConfig;
-pub use client_ip::ClientIpSource;
+pub use client_ip::{ClientAddr, ClientIpSource, ForwardedHeader};
 pub use principal::Principal;
 #[cfg(feature = "axum")]
 pub use principal::PrincipalRejection;

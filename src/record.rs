@@ -124,7 +124,9 @@ pub(crate) fn merge_ips(first: &[IpAddr], second: &[IpAddr]) -> Vec<IpAddr> {
     out
 }
 
-/// The IP rule shared by records and cached principals.
+/// The IP rule shared by records and cached principals. IPv4 peers and networks match their
+/// IPv4-mapped IPv6 forms both ways (see [`canonical_net`]), also for networks not built by
+/// [`parse_ip_net`].
 #[inline]
 pub(crate) fn ip_allowed(restriction: &[IpNet], ip: Option<IpAddr>) -> bool {
     if restriction.is_empty() {
@@ -132,11 +134,14 @@ pub(crate) fn ip_allowed(restriction: &[IpNet], ip: Option<IpAddr>) -> bool {
     }
     let Some(ip) = ip else { return false };
     let ip = canonical_ip(ip);
-    restriction.iter().any(|net| net.contains(&ip))
+    restriction
+        .iter()
+        .any(|net| canonical_net(*net).contains(&ip))
 }
 
 /// An IPv4-mapped IPv6 address (`::ffff:192.0.2.1`, as dual-stack sockets report IPv4 peers) as the
 /// IPv4 address it is.
+#[inline]
 pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
@@ -144,13 +149,31 @@ pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Parses one CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a bare address (a /32 or /128).
+/// A network inside the IPv4-mapped range (`::ffff:192.0.2.0/120`) as the IPv4 network it is
+/// (`192.0.2.0/24`); any other network unchanged. Peers are compared as IPv4 ([`canonical_ip`]),
+/// so a mapped network would otherwise never match one.
+#[inline]
+pub(crate) fn canonical_net(net: IpNet) -> IpNet {
+    if let IpNet::V6(v6) = net
+        && v6.prefix_len() >= 96
+        && let Some(v4) = v6.network().to_ipv4_mapped()
+        && let Ok(v4) = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+    {
+        return IpNet::V4(v4);
+    }
+    net
+}
+
+/// Parses one CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a bare address (a /32 or /128). Host bits
+/// are cleared (`10.1.2.3/8` is `10.0.0.0/8`), and an IPv4-mapped IPv6 network is the IPv4 network
+/// it stands for (`::ffff:192.0.2.0/120` is `192.0.2.0/24`).
 pub fn parse_ip_net(s: &str) -> Result<IpNet, ipnet::AddrParseError> {
     let s = s.trim();
-    match s.parse::<IpNet>() {
-        Ok(net) => Ok(net.trunc()),
-        Err(e) => s.parse::<IpAddr>().map(IpNet::from).map_err(|_| e),
-    }
+    let net = match s.parse::<IpNet>() {
+        Ok(net) => net.trunc(),
+        Err(e) => s.parse::<IpAddr>().map(IpNet::from).map_err(|_| e)?,
+    };
+    Ok(canonical_net(net))
 }
 
 /// What a new token is: the input of [`NewToken::issue`], which makes the secret and the record.
@@ -303,6 +326,19 @@ mod tests {
         assert!(!r.ip_allowed(Some("2001:db8::2".parse().unwrap())));
         assert!(!r.ip_allowed(None));
         assert!(parse_ip_net("10.0.0.300/8").is_err());
+        // A mapped network, parsed or built by hand, matches IPv4 peers in both forms.
+        for net in [
+            parse_ip_net("::ffff:192.0.2.0/120").unwrap(),
+            "::ffff:192.0.2.0/120".parse().unwrap(),
+        ] {
+            r.ip_restriction = vec![net];
+            assert!(r.ip_allowed(Some("192.0.2.9".parse().unwrap())));
+            assert!(r.ip_allowed(Some("::ffff:192.0.2.9".parse().unwrap())));
+            assert!(!r.ip_allowed(Some("192.0.3.9".parse().unwrap())));
+        }
+        // A network wider than the mapped range stays IPv6 and does not match IPv4 peers.
+        r.ip_restriction = vec![parse_ip_net("::/0").unwrap()];
+        assert!(!r.ip_allowed(Some("192.0.2.9".parse().unwrap())));
         assert_eq!(
             parse_ip_net("10.1.2.3/8").unwrap().to_string(),
             "10.0.0.0/8"

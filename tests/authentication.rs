@@ -245,3 +245,141 @@ async fn repeated_failures_from_one_client_are_throttled() {
     );
     assert_eq!(store.lookups(), lookups + 1);
 }
+
+#[tokio::test]
+async fn anonymous_mode_does_not_bypass_required_scopes() {
+    // A token lacking the scope gets 403: a request with no token at all must not do better.
+    let store = MemoryStore::new();
+    let (_, unscoped) = issue(&store, new_token("alice", &["other:read"])).await;
+    let (_, scoped) = issue(&store, new_token("bob", &["repo:read"])).await;
+    let layer = PatAuthLayer::builder(store)
+        .realm("acme")
+        .require_scopes(["repo:read"])
+        .allow_anonymous()
+        .build();
+    let reply = send(&layer, request(None, None)).await;
+    assert_eq!(reply.status, 401, "{}", reply.body);
+    assert_eq!(reply.www_authenticate(), "Bearer realm=\"acme\"");
+    assert_eq!(send_token(&layer, &unscoped).await.status, 403);
+    assert_eq!(send_token(&layer, &scoped).await.status, 200);
+}
+
+#[tokio::test]
+async fn verify_applies_the_layers_rules_and_fails_closed_without_an_address() {
+    use tower_pat::record::parse_ip_net;
+    use tower_pat::{AuthError, ScopeSet, TokenStore};
+
+    let store = MemoryStore::new();
+    let net = parse_ip_net("203.0.113.0/24").unwrap();
+    let (_, restricted) = issue(
+        &store,
+        new_token("alice", &["api:read", "deploy:write"]).ip_restriction([net]),
+    )
+    .await;
+    let (record, open) = issue(&store, new_token("bob", &["api:read"])).await;
+    let layer = PatAuthLayer::builder(store.clone())
+        .require_scopes(["api:read"])
+        .build();
+    let none = ScopeSet::empty();
+    let inside = Some("203.0.113.9".parse().unwrap());
+    let outside = Some("198.51.100.1".parse().unwrap());
+
+    // IP restriction: an unknown address fails closed.
+    let t = restricted.expose_secret();
+    assert_eq!(
+        layer.verify(t, None, &none).await.err(),
+        Some(AuthError::IpNotAllowed)
+    );
+    assert_eq!(
+        layer.verify(t, outside, &none).await.err(),
+        Some(AuthError::IpNotAllowed)
+    );
+    let mapped = Some("::ffff:203.0.113.9".parse().unwrap());
+    assert_eq!(
+        layer.verify(t, mapped, &none).await.unwrap().subject(),
+        "alice"
+    );
+    assert_eq!(
+        layer.verify(t, inside, &none).await.unwrap().subject(),
+        "alice"
+    );
+
+    // The layer's scopes and the caller's.
+    let deploy = ScopeSet::parse(["deploy:write"]).unwrap();
+    assert!(layer.verify(t, inside, &deploy).await.is_ok());
+    let o = open.expose_secret();
+    assert_eq!(layer.verify(o, None, &none).await.unwrap().subject(), "bob");
+    match layer.verify(o, None, &deploy).await {
+        Err(AuthError::InsufficientScope(named)) => {
+            assert_eq!(named.to_space_separated(), "api:read deploy:write");
+        }
+        other => panic!("{:?}", other.map(|p| p.subject().to_owned())),
+    }
+    let strict = PatAuthLayer::builder(store.clone())
+        .require_scopes(["admin"])
+        .build();
+    assert!(matches!(
+        strict.verify(o, None, &none).await,
+        Err(AuthError::InsufficientScope(_))
+    ));
+
+    // Format, unknown, revoked.
+    assert_eq!(
+        layer.verify("pat_x", None, &none).await.err(),
+        Some(AuthError::InvalidToken)
+    );
+    let unknown = TokenFormat::new().generate();
+    assert_eq!(
+        layer
+            .verify(unknown.expose_secret(), None, &none)
+            .await
+            .err(),
+        Some(AuthError::InvalidToken)
+    );
+    store.revoke(&record.id, chrono::Utc::now()).await.unwrap();
+    assert_eq!(
+        layer.verify(o, None, &none).await.err(),
+        Some(AuthError::Revoked)
+    );
+}
+
+#[tokio::test]
+async fn verify_counts_failures_like_requests() {
+    use tower_pat::{AuthError, ScopeSet};
+
+    let store = MemoryStore::new();
+    let (_, secret) = issue(&store, new_token("alice", &[])).await;
+    let layer = PatAuthLayer::builder(store)
+        .limit_failures(2, std::time::Duration::from_secs(60))
+        .build();
+    let none = ScopeSet::empty();
+    let attacker = Some("2001:db8:1:2::1".parse().unwrap());
+    for _ in 0..2 {
+        let guess = TokenFormat::new().generate();
+        assert_eq!(
+            layer
+                .verify(guess.expose_secret(), attacker, &none)
+                .await
+                .err(),
+            Some(AuthError::InvalidToken)
+        );
+    }
+    // The same /64, through verify or through a request.
+    let neighbour = Some("2001:db8:1:2::99".parse().unwrap());
+    assert!(matches!(
+        layer.verify(secret.expose_secret(), neighbour, &none).await,
+        Err(AuthError::TooManyAttempts { .. })
+    ));
+    let reply = send(
+        &layer,
+        request(Some(secret.expose_secret()), Some("[2001:db8:1:2::7]:1")),
+    )
+    .await;
+    assert_eq!(reply.status, 429);
+    assert!(
+        layer
+            .verify(secret.expose_secret(), None, &none)
+            .await
+            .is_ok()
+    );
+}

@@ -65,6 +65,13 @@ async fn tonic_client_sees_grpc_status_codes() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
+    // A refusal is never cached, gRPC or not.
+    assert_eq!(
+        err.metadata()
+            .get("cache-control")
+            .map(|v| v.to_str().unwrap()),
+        Some("no-store")
+    );
 
     let status = check(addr, Some(good.expose_secret())).await.unwrap();
     assert_eq!(status, ServingStatus::Serving as i32);

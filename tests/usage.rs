@@ -106,7 +106,10 @@ async fn granularity_limits_marks_and_principal_sees_fresh_time() {
     }
     let usage = layer.usage().unwrap();
     assert_eq!(usage.stats().marks, 1);
-    let principal = layer.authenticate(secret.expose_secret()).await.unwrap();
+    let principal = layer
+        .verify(secret.expose_secret(), None, &tower_pat::ScopeSet::empty())
+        .await
+        .unwrap();
     let seen = principal.last_used_at().expect("marked in memory at once");
     assert!(Utc::now() - seen < chrono::Duration::seconds(5));
     // Nothing written yet, but the pending mark is visible.

@@ -87,6 +87,17 @@ pub const ADMIN_SCOPE: &str = "personalAccessToken:admin";
 
 /// The management API as an axum router, protected by the configured layer. Nest it where the
 /// application likes (the examples use `/personal-access-tokens`).
+///
+/// Every response it sends carries `Cache-Control: no-store` (DESIGN.md §8), also the errors
+/// axum itself makes (405 for a method a path does not have).
 pub fn router(config: AdminConfig) -> axum::Router {
-    routes::router(config)
+    routes::router(config).layer(axum::middleware::map_response(no_store))
+}
+
+/// Marks a response uncacheable unless it says otherwise already.
+async fn no_store(mut res: axum::response::Response) -> axum::response::Response {
+    res.headers_mut()
+        .entry(http::header::CACHE_CONTROL)
+        .or_insert(http::HeaderValue::from_static("no-store"));
+    res
 }

@@ -83,8 +83,8 @@ impl AuthError {
         }
     }
 
-    /// The gRPC status code for `application/grpc` requests: 16 (unauthenticated), 7 (permission
-    /// denied), 8 (resource exhausted) or 14 (unavailable).
+    /// The gRPC status code for gRPC requests (HTTP/2 with `content-type: application/grpc…`): 16
+    /// (unauthenticated), 7 (permission denied), 8 (resource exhausted) or 14 (unavailable).
     pub fn grpc_code(&self) -> u8 {
         match self.status() {
             StatusCode::FORBIDDEN => 7,
@@ -161,8 +161,8 @@ impl Challenge {
         }
     }
 
-    /// The full error response: JSON for HTTP, trailers-only for gRPC. The body is returned as
-    /// bytes for the caller to wrap in its body type.
+    /// The full error response: JSON for HTTP, trailers-only for gRPC, `Cache-Control: no-store`
+    /// either way. The body is returned as bytes for the caller to wrap in its body type.
     pub(crate) fn error_response(&self, err: &AuthError, grpc: bool) -> Response<Bytes> {
         if grpc {
             return grpc_response(err);
@@ -179,8 +179,8 @@ impl Challenge {
     }
 }
 
-/// A JSON error response `{"code", "message", "status"}`: the one shape of every error body of
-/// the crate, the management API's included.
+/// A JSON error response `{"code", "message", "status"}` with `Cache-Control: no-store`: the one
+/// shape of every error body of the crate, the management API's included.
 pub(crate) fn json_response(status: StatusCode, code: &str, message: &str) -> Response<Bytes> {
     /// The body's shape, serialized from borrowed fields (one allocation).
     #[derive(serde::Serialize)]
@@ -206,7 +206,8 @@ pub(crate) fn json_response(status: StatusCode, code: &str, message: &str) -> Re
     res
 }
 
-/// A trailers-only gRPC response: HTTP 200, `grpc-status`, `grpc-message`, empty body.
+/// A trailers-only gRPC response: HTTP 200, `grpc-status`, `grpc-message`, empty body, and like
+/// every refusal `Cache-Control: no-store`.
 fn grpc_response(err: &AuthError) -> Response<Bytes> {
     let mut res = Response::new(Bytes::new());
     let headers = res.headers_mut();
@@ -214,6 +215,7 @@ fn grpc_response(err: &AuthError) -> Response<Bytes> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert("grpc-status", HeaderValue::from(u16::from(err.grpc_code())));
     // The messages are plain ASCII without '%', so they need no percent-encoding.
     headers.insert("grpc-message", HeaderValue::from_static(err.message()));
@@ -260,5 +262,6 @@ mod tests {
         );
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["grpc-status"], "14");
+        assert_eq!(r.headers()["cache-control"], "no-store");
     }
 }

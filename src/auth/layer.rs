@@ -12,10 +12,10 @@ use tower::{Layer, Service};
 
 use super::error::{Anonymous, AuthError, Challenge};
 use super::future::ResponseFuture;
-use super::limit::WindowCounter;
+use super::limit::FailureLimit;
 use super::{ResponseBody, is_grpc};
 use crate::cache::{Cache, CacheConfig, Negative, Outcome, now_ms};
-use crate::client_ip::ClientIpSource;
+use crate::client_ip::{ClientAddr, ClientIpSource, ForwardedHeader};
 use crate::principal::Principal;
 use crate::record::ip_allowed;
 use crate::scope::ScopeSet;
@@ -55,12 +55,13 @@ pub struct PatAuthLayerBuilder {
     cache: CacheConfig,
     sources: Sources,
     realm: String,
-    trusted_proxies: Vec<IpNet>,
+    client_ip: ClientIpSource,
     required: ScopeSet,
     anonymous: bool,
     unavailable_retry_after: u64,
     usage: Option<UsageConfig>,
-    limiter: Option<WindowCounter<IpAddr>>,
+    limit_failures: Option<(u32, Duration)>,
+    limit_prefixes: (u8, u8),
 }
 
 #[derive(Clone, Debug, Default)]
@@ -88,12 +89,13 @@ impl PatAuthLayer {
             cache: CacheConfig::default(),
             sources: Sources::default(),
             realm: "api".to_owned(),
-            trusted_proxies: Vec::new(),
+            client_ip: ClientIpSource::new(),
             required: ScopeSet::empty(),
             anonymous: false,
             unavailable_retry_after: 5,
             usage: None,
-            limiter: None,
+            limit_failures: None,
+            limit_prefixes: FailureLimit::DEFAULT_PREFIXES,
         }
     }
 
@@ -153,16 +155,55 @@ impl PatAuthLayer {
         self.shared.cache.config()
     }
 
-    /// Authenticates a bare token, as the layer would for a request without an IP restriction or
-    /// required scopes: the principal, or why not. For non-HTTP transports and tests.
-    pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
-        let outcome = match self.shared.find(token, now_ms())? {
-            Found::Cached(outcome) => outcome,
-            Found::Miss(hash, previous) => {
-                Arc::clone(&self.shared.cache).load(hash, previous).await
-            }
-        };
-        self.shared.principal(outcome, now_ms())
+    /// Where the layer reads the client address from ([`PatAuthLayerBuilder::trusted_proxies`]):
+    /// a gateway that verifies tokens with [`verify`](Self::verify) reads addresses the same way.
+    pub fn client_ip_source(&self) -> &ClientIpSource {
+        &self.shared.client_ip
+    }
+
+    /// Verifies a bare token with every rule the layer applies to a request, for callers that are
+    /// not HTTP requests through the layer (another transport, a gateway, a job): the offline
+    /// format check, the cache and store lookup, revocation, expiry, the token's IP restriction
+    /// against `client`, the layer's own required scopes plus `required`, the failure limit (when
+    /// [`limit_failures`](PatAuthLayerBuilder::limit_failures) is on, counted against `client`)
+    /// and usage tracking. It is the request path's own code.
+    ///
+    /// `client` is the caller's address as far as it is known from trusted information; `None`
+    /// when it is not known, and a token with an IP restriction is then refused
+    /// ([`AuthError::IpNotAllowed`]): it fails closed.
+    ///
+    /// ```
+    /// # async fn run(layer: tower_pat::PatAuthLayer, token: &str) {
+    /// use tower_pat::ScopeSet;
+    ///
+    /// let required = ScopeSet::parse(["deploy:write"]).unwrap();
+    /// match layer.verify(token, Some("192.0.2.7".parse().unwrap()), &required).await {
+    ///     Ok(principal) => println!("deploying for {}", principal.subject()),
+    ///     Err(e) => println!("refused: {e} ({})", e.status()),
+    /// }
+    /// # }
+    /// ```
+    pub async fn verify(
+        &self,
+        token: &str,
+        client: Option<IpAddr>,
+        required: &ScopeSet,
+    ) -> Result<Principal, AuthError> {
+        let shared = &self.shared;
+        let result = async {
+            shared.check_limit(client)?;
+            let now = now_ms();
+            let outcome = match shared.find(token, now)? {
+                Found::Cached(outcome) => outcome,
+                Found::Miss(hash, previous) => Arc::clone(&shared.cache).load(hash, previous).await,
+            };
+            shared.authorize(outcome, now_ms(), Some(required), || client)
+        }
+        .await;
+        if let Err(e) = &result {
+            shared.count_failure(e, client);
+        }
+        result
     }
 }
 
@@ -216,13 +257,32 @@ impl PatAuthLayerBuilder {
         self
     }
 
-    /// Trusts `Forwarded` / `X-Forwarded-For` from peers in these networks (default: none).
-    pub fn trusted_proxies(mut self, proxies: impl IntoIterator<Item = IpNet>) -> Self {
-        self.trusted_proxies = proxies.into_iter().collect();
+    /// Takes the client address from `header` when the connection's peer is in one of `proxies`
+    /// (default: no proxy is trusted, the client is always the peer). Only `header` is ever read:
+    /// a request that also carries another forwarding header, which a client can send itself, is
+    /// judged by the configured one alone. See [`crate::client_ip`] for how each is read, and for
+    /// what happens when a trusted hop's entry cannot be read.
+    ///
+    /// ```
+    /// use tower_pat::{ForwardedHeader, MemoryStore, PatAuthLayer};
+    ///
+    /// // nginx in 10.0.0.0/8 with `proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;`
+    /// let layer = PatAuthLayer::builder(MemoryStore::new())
+    ///     .trusted_proxies(["10.0.0.0/8".parse().unwrap()], ForwardedHeader::XForwardedFor)
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn trusted_proxies(
+        mut self,
+        proxies: impl IntoIterator<Item = IpNet>,
+        header: ForwardedHeader,
+    ) -> Self {
+        self.client_ip = ClientIpSource::new().trust_proxies(proxies, header);
         self
     }
 
-    /// Scopes every request behind the layer needs.
+    /// Scopes every request behind the layer needs. They apply to anonymous requests too: with
+    /// [`allow_anonymous`](Self::allow_anonymous), a request without credentials then gets 401.
     ///
     /// # Panics
     ///
@@ -239,6 +299,13 @@ impl PatAuthLayerBuilder {
 
     /// Lets requests without any credentials through without a principal (handlers see
     /// `Option<Principal>` as `None`); a request with bad credentials is still refused.
+    ///
+    /// Not together with [`require_scopes`](Self::require_scopes): scopes the layer requires
+    /// apply to every request, and an anonymous one has none, so it gets the 401 challenge (a
+    /// request without a token must never do better than a token lacking the scope, which gets
+    /// 403). For routes open to anonymous requests next to routes that need scopes, require the
+    /// scopes per route with [`RequireScopesLayer`](crate::RequireScopesLayer), which answers
+    /// anonymous requests with the same 401.
     pub fn allow_anonymous(mut self) -> Self {
         self.anonymous = true;
         self
@@ -250,13 +317,29 @@ impl PatAuthLayerBuilder {
         self
     }
 
-    /// Refuses a client (by address, see [`trusted_proxies`](Self::trusted_proxies)) with 429 and
-    /// `Retry-After` once it has presented `max_failures` unknown, malformed, revoked or expired
-    /// tokens within `window`, until the window ends. Off by default. Requests whose client address
-    /// is unknown are not counted.
+    /// Refuses a client network with 429 and `Retry-After` once it has presented `max_failures`
+    /// unknown, malformed, revoked or expired tokens within `window`, until the window ends. Off
+    /// by default.
+    ///
+    /// Failures are counted per IPv4 address and per IPv6 /64 (see
+    /// [`failure_limit_prefixes`](Self::failure_limit_prefixes)); an IPv4-mapped IPv6 peer counts
+    /// as its IPv4 address. The address is the client's (see
+    /// [`trusted_proxies`](Self::trusted_proxies)); when a trusted proxy forwarded an entry that
+    /// cannot be read, the request counts against the nearest hop that did parse (the last
+    /// trusted proxy, ultimately the peer), never against nobody. Only a request without any peer
+    /// address (a server that does not record it) is not counted. At most 100 000 networks are
+    /// tracked at once.
     pub fn limit_failures(mut self, max_failures: u32, window: Duration) -> Self {
-        // At most 100 000 addresses tracked: an attacker with many addresses cannot grow it.
-        self.limiter = Some(WindowCounter::new(max_failures, window, 100_000));
+        self.limit_failures = Some((max_failures, window));
+        self
+    }
+
+    /// The networks [`limit_failures`](Self::limit_failures) counts per: IPv4 addresses per
+    /// `/v4_prefix` and IPv6 addresses per `/v6_prefix` (default 32 and 64: a single host usually
+    /// holds a whole IPv6 /64). Lengths beyond the address (above 32 or 128) count as the full
+    /// address.
+    pub fn failure_limit_prefixes(mut self, v4_prefix: u8, v6_prefix: u8) -> Self {
+        self.limit_prefixes = (v4_prefix, v6_prefix);
         self
     }
 
@@ -278,18 +361,26 @@ impl PatAuthLayerBuilder {
             .usage
             .map(|config| UsageRecorder::from_arc(Arc::clone(&self.lookup), config));
         let cache = Cache::new(self.lookup, self.hasher, self.cache);
+        if self.anonymous && !self.required.is_empty() {
+            tracing::warn!(
+                "allow_anonymous has no effect with require_scopes: anonymous requests get 401"
+            );
+        }
+        let limiter = self
+            .limit_failures
+            .map(|(max, window)| FailureLimit::new(max, window, self.limit_prefixes));
         PatAuthLayer {
             shared: Arc::new(Shared {
                 format: self.format,
                 cache,
                 sources: self.sources,
                 challenge: Challenge::new(&self.realm),
-                client_ip: ClientIpSource::with_trusted_proxies(self.trusted_proxies),
+                client_ip: self.client_ip,
+                anonymous: self.anonymous && self.required.is_empty(),
                 required: self.required,
-                anonymous: self.anonymous,
                 unavailable_retry_after: self.unavailable_retry_after,
                 usage,
-                limiter: self.limiter,
+                limiter,
             }),
         }
     }
@@ -323,7 +414,7 @@ pub(crate) struct Shared {
     anonymous: bool,
     unavailable_retry_after: u64,
     usage: Option<UsageRecorder>,
-    limiter: Option<WindowCounter<IpAddr>>,
+    limiter: Option<FailureLimit>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -336,6 +427,7 @@ impl std::fmt::Debug for Shared {
             .field("required", &self.required)
             .field("anonymous", &self.anonymous)
             .field("usage", &self.usage)
+            .field("limiter", &self.limiter)
             .finish_non_exhaustive()
     }
 }
@@ -356,11 +448,10 @@ impl Shared {
     /// The synchronous part of the request path: everything up to and including the cache probe.
     #[inline]
     fn check<B>(&self, req: &mut Request<B>) -> Check {
-        if let Some(limiter) = &self.limiter
-            && let Some(ip) = self.client_ip(req)
-            && let Some(retry_after_secs) = limiter.blocked(&ip)
+        if self.limiter.is_some()
+            && let Err(e) = self.check_limit(self.client_addr(req).limit_key())
         {
-            return self.reject(&AuthError::TooManyAttempts { retry_after_secs }, req);
+            return self.reject(&e, req);
         }
         let token = match self.extract(req.headers(), req.uri()) {
             Ok(Some(token)) => token,
@@ -409,20 +500,42 @@ impl Shared {
     /// against the client's failure limit.
     #[cold]
     pub(crate) fn refuse<B>(&self, err: &AuthError, req: &Request<B>) -> Response<Bytes> {
+        if self.limiter.is_some() {
+            self.count_failure(err, self.client_addr(req).limit_key());
+        }
+        self.challenge.error_response(err, is_grpc(req))
+    }
+
+    /// The request's client address, and the address its failures count against.
+    #[inline]
+    pub(crate) fn client_addr<B>(&self, req: &Request<B>) -> ClientAddr {
+        self.client_ip.client_addr(req.headers(), req.extensions())
+    }
+
+    /// `Err(TooManyAttempts)` while the failure limit refuses `key`'s network.
+    #[inline]
+    fn check_limit(&self, key: Option<IpAddr>) -> Result<(), AuthError> {
+        if let Some(limiter) = &self.limiter
+            && let Some(key) = key
+            && let Some(retry_after_secs) = limiter.blocked(key)
+        {
+            return Err(AuthError::TooManyAttempts { retry_after_secs });
+        }
+        Ok(())
+    }
+
+    /// Counts a failed credential against `key`'s network.
+    #[cold]
+    fn count_failure(&self, err: &AuthError, key: Option<IpAddr>) {
         if let Some(limiter) = &self.limiter
             && matches!(
                 err,
                 AuthError::InvalidToken | AuthError::Revoked | AuthError::Expired
             )
-            && let Some(ip) = self.client_ip(req)
+            && let Some(key) = key
         {
-            limiter.count(ip);
+            limiter.count(key);
         }
-        self.challenge.error_response(err, is_grpc(req.headers()))
-    }
-
-    fn client_ip<B>(&self, req: &Request<B>) -> Option<IpAddr> {
-        self.client_ip.client_ip(req.headers(), req.extensions())
     }
 
     /// Enforces what the cache or the store said, plus the per-request rules (IP, scopes), and puts
@@ -434,40 +547,69 @@ impl Shared {
         req: &mut Request<B>,
         now: i64,
     ) -> Result<(), AuthError> {
+        let principal = self.authorize(outcome, now, None, || self.client_addr(req).ip())?;
+        req.extensions_mut().insert(principal);
+        Ok(())
+    }
+
+    /// The rules after the lookup, shared by requests and [`PatAuthLayer::verify`]: expiry, the
+    /// token's IP restriction against the client address (`client` is only called when needed),
+    /// the layer's required scopes and `extra` ones, and the usage mark.
+    #[inline]
+    fn authorize(
+        &self,
+        outcome: Outcome,
+        now: i64,
+        extra: Option<&ScopeSet>,
+        client: impl Fn() -> Option<IpAddr>,
+    ) -> Result<Principal, AuthError> {
         let principal = self.principal(outcome, now)?;
         let restriction = principal.ip_restriction();
         let mut ip = None;
         if !restriction.is_empty() {
-            ip = self.client_ip(req);
+            ip = client();
             if !ip_allowed(restriction, ip) {
                 return Err(AuthError::IpNotAllowed);
             }
         }
-        if !self.required.is_empty() && !principal.scopes().grants_all(&self.required) {
-            return Err(AuthError::InsufficientScope(self.required.clone()));
+        let scopes = principal.scopes();
+        if (!self.required.is_empty() && !scopes.grants_all(&self.required))
+            || extra.is_some_and(|extra| !scopes.grants_all(extra))
+        {
+            return Err(self.insufficient_scope(extra));
         }
         if let Some(usage) = &self.usage {
             // One relaxed load while the token was marked within the granularity.
             let last = principal.0.last_mark_ms.load(Ordering::Relaxed);
             if now.saturating_sub(last) >= usage.granularity_ms() {
-                self.mark(usage, &principal, last, now, ip, req);
+                self.mark(usage, &principal, last, now, || ip.or_else(&client));
             }
         }
-        req.extensions_mut().insert(principal);
-        Ok(())
+        Ok(principal)
+    }
+
+    /// The 403 naming every scope required: the layer's and `extra`.
+    #[cold]
+    fn insufficient_scope(&self, extra: Option<&ScopeSet>) -> AuthError {
+        AuthError::InsufficientScope(match extra {
+            Some(extra) if !extra.is_empty() => {
+                self.required.iter().chain(extra).cloned().collect()
+            }
+            _ => self.required.clone(),
+        })
     }
 
     /// Hands a usage mark to the recorder, once per token per granularity however many requests
-    /// race for it.
+    /// race for it. The address recorded is the client's as read from trusted information, or
+    /// none.
     #[cold]
-    fn mark<B>(
+    fn mark(
         &self,
         usage: &UsageRecorder,
         principal: &Principal,
         last: i64,
         now: i64,
-        ip: Option<IpAddr>,
-        req: &Request<B>,
+        ip: impl FnOnce() -> Option<IpAddr>,
     ) {
         if principal
             .0
@@ -477,9 +619,8 @@ impl Shared {
         {
             return;
         }
-        let ip = ip.or_else(|| self.client_ip(req));
         let at = DateTime::from_timestamp_millis(now).unwrap_or_else(Utc::now);
-        usage.record(principal.token_id(), at, ip);
+        usage.record(principal.token_id(), at, ip());
     }
 
     /// The principal of a cache or store outcome, with expiry checked against the clock.

@@ -1,8 +1,9 @@
-//! Fixed-window counting per key: the failed-authentication limit per client address (DESIGN.md
+//! Fixed-window counting per key: the failed-authentication limit per client network (DESIGN.md
 //! §3: 429 with `Retry-After`) and the management API's token-creation limit per subject.
 
 use std::borrow::Borrow;
 use std::hash::Hash;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -83,9 +84,84 @@ impl<K: Hash + Eq + Send + Sync + 'static> WindowCounter<K> {
     }
 }
 
+/// How many client networks the failure limit tracks at most: an attacker with many addresses
+/// cannot grow it.
+const FAILURE_LIMIT_CAPACITY: u64 = 100_000;
+
+/// The failed-authentication limit: failures counted per client network, an IPv4 address per
+/// `/v4_prefix` (default /32) and an IPv6 address per `/v6_prefix` (default /64: one host usually
+/// holds a whole /64, so counting per /128 would give it 2^64 tries). IPv4-mapped IPv6 addresses
+/// count as the IPv4 addresses they are.
+#[derive(Debug)]
+pub(crate) struct FailureLimit {
+    counter: WindowCounter<IpAddr>,
+    v4_prefix: u8,
+    v6_prefix: u8,
+}
+
+impl FailureLimit {
+    /// The default prefix lengths, IPv4 and IPv6.
+    pub(crate) const DEFAULT_PREFIXES: (u8, u8) = (32, 64);
+
+    /// At most `max` failures per network within `window`; prefixes longer than the address are
+    /// clamped (33 is 32 for IPv4).
+    pub(crate) fn new(max: u32, window: Duration, (v4_prefix, v6_prefix): (u8, u8)) -> Self {
+        Self {
+            counter: WindowCounter::new(max, window, FAILURE_LIMIT_CAPACITY),
+            v4_prefix: v4_prefix.min(32),
+            v6_prefix: v6_prefix.min(128),
+        }
+    }
+
+    /// The network `ip` is counted in: its address with the host bits cleared.
+    #[inline]
+    fn key(&self, ip: IpAddr) -> IpAddr {
+        match crate::record::canonical_ip(ip) {
+            IpAddr::V4(v4) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.v4_prefix))
+                    .unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
+            }
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.v6_prefix))
+                    .unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+            }
+        }
+    }
+
+    /// `Some(seconds until the window ends)` while `ip`'s network is refused.
+    #[inline]
+    pub(crate) fn blocked(&self, ip: IpAddr) -> Option<u64> {
+        self.counter.blocked(&self.key(ip))
+    }
+
+    /// Counts one failure of `ip`'s network.
+    pub(crate) fn count(&self, ip: IpAddr) {
+        self.counter.count(self.key(ip));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failure_keys_are_networks() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let limit = FailureLimit::new(1, Duration::from_secs(60), FailureLimit::DEFAULT_PREFIXES);
+        assert_eq!(limit.key(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(limit.key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(limit.key(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8:1:2::"));
+        let limit = FailureLimit::new(1, Duration::from_secs(60), (0, 200));
+        assert_eq!(limit.key(ip("192.0.2.7")), ip("0.0.0.0"));
+        assert_eq!(limit.key(ip("2001:db8::1")), ip("2001:db8::1"));
+        let limit = FailureLimit::new(1, Duration::from_secs(60), (24, 0));
+        assert_eq!(limit.key(ip("192.0.2.7")), ip("192.0.2.0"));
+        assert_eq!(limit.key(ip("2001:db8::1")), ip("::"));
+    }
 
     #[test]
     fn fixed_window_per_key() {

@@ -17,10 +17,15 @@ pub use scopes::{RequireScopes, RequireScopesLayer};
 #[cfg(feature = "axum")]
 pub(crate) use error::json_response;
 
-/// Whether a request speaks gRPC (`content-type: application/grpc…`): its errors are
-/// trailers-only responses with a `grpc-status`.
-pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+/// Whether a request speaks gRPC: HTTP/2 with `content-type: application/grpc…`. Its refusals are
+/// then trailers-only responses (HTTP 200 with a `grpc-status`); every other request gets a real
+/// HTTP status. gRPC needs HTTP/2: an HTTP/1.x request with a gRPC content type (with or without
+/// `te: trailers`) is not one, and a 200 refusal would read as success to every HTTP client,
+/// cache and log in between.
+pub(crate) fn is_grpc<B>(req: &http::Request<B>) -> bool {
+    req.version() == http::Version::HTTP_2
+        && req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }

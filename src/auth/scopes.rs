@@ -91,7 +91,7 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        let grpc = is_grpc(req.headers());
+        let grpc = is_grpc(&req);
         let error = match req.extensions().get::<Principal>() {
             Some(p) if p.scopes().grants_all(&self.layer.scopes) => {
                 return ResponseFuture::called(self.inner.call(req));
