@@ -431,7 +431,8 @@ impl Cache {
         let since = [disconnected, failing].into_iter().filter(|&t| t > 0).min();
         match since {
             None => Duration::ZERO,
-            Some(since) => Duration::from_millis((now_ms() - since).max(0) as u64).min(bound),
+            // At least 1 ms: the coarse clock may not have ticked since, and zero means fresh.
+            Some(since) => Duration::from_millis((now_ms() - since).max(1) as u64).min(bound),
         }
     }
 }
