@@ -9,7 +9,8 @@
 //!   lookups run at once, the excess waits and then gets 503.
 //! - A positive entry is fresh for `ttl`; after it, the next request refreshes it in the background
 //!   while the entry keeps serving, for at most `stale_if_error` more (one refresh at a time, retried
-//!   each second while the store fails). Older entries are reloaded before use.
+//!   each second while the store fails). Older entries are reloaded before use, and so is every
+//!   entry past `ttl` while the store's change feed is down: a revocation could go unheard.
 //! - Store events drop entries at once: in this process through the store's [`ChangeHub`], in
 //!   others through the store's change feed.
 //!
@@ -48,8 +49,10 @@ pub struct CacheConfig {
     /// How long a positive entry is used without asking the store again. Default 60 s.
     pub ttl: Duration,
     /// How long past `ttl` an entry keeps serving while its background refresh fails (the store is
-    /// down). Expiry and known revocations are still enforced. Default 5 min; zero disables the
-    /// background refresh: entries past `ttl` are reloaded before use.
+    /// down). Expiry and known revocations are still enforced. Only while the store's change feed
+    /// is connected (or the store has none): a node that can hear no revocation does not serve an
+    /// entry past `ttl`. Default 5 min; zero disables the background refresh: entries past `ttl`
+    /// are reloaded before use.
     pub stale_if_error: Duration,
     /// How long an unknown, revoked or expired token is remembered. Default 10 s.
     pub negative_ttl: Duration,
@@ -129,6 +132,10 @@ pub(crate) struct Cache {
     has_feed: std::sync::atomic::AtomicBool,
     /// Unix ms since which the change feed is disconnected; 0 while connected.
     disconnected_since: AtomicI64,
+    /// Positive: the Unix ms at which the first store query that failed since the store last
+    /// answered was sent. Otherwise minus the Unix ms at which the last query the store answered
+    /// was sent, or the cache was cleared (a failure of a query sent before that is old news).
+    failing_since: AtomicI64,
     store_lookups: AtomicU64,
 }
 
@@ -156,6 +163,7 @@ impl Cache {
             config,
             has_feed: false.into(),
             disconnected_since: AtomicI64::new(0),
+            failing_since: AtomicI64::new(0),
             store_lookups: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&cache);
@@ -206,7 +214,11 @@ impl Cache {
     ) -> Option<Outcome> {
         let entry = &principal.0;
         let hard_limit = entry.loaded_ms.saturating_add(self.ttl_ms + self.stale_ms);
-        if self.stale_ms == 0 || now >= hard_limit {
+        if self.stale_ms == 0
+            || now >= hard_limit
+            // The feed is down: a revocation could be missed, so no serving on trust past the TTL.
+            || self.disconnected_since.load(Ordering::Acquire) != 0
+        {
             // Too old to serve: reload before use.
             self.positive
                 .remove_if(&entry.key, |_, v| Arc::ptr_eq(&v.0, entry));
@@ -317,9 +329,12 @@ impl Cache {
     async fn fetch(&self, key: &TokenHash, previous: &[TokenHash]) -> Result<Outcome, ()> {
         for hash in std::iter::once(key).chain(previous.iter().filter(|h| *h != key)) {
             self.store_lookups.fetch_add(1, Ordering::Relaxed);
+            let sent = now_ms();
             let found = self.lookup.find_by_hash(hash).await.map_err(|e| {
                 tracing::warn!(error = %e, "token lookup failed");
+                self.store_failed(sent);
             })?;
+            self.store_answered(sent);
             let Some(mut record) = found else { continue };
             if record.is_revoked() {
                 return Ok(Outcome::Rejected(Negative::Revoked));
@@ -376,19 +391,48 @@ impl Cache {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.positive.clear();
         self.negative.invalidate_all();
+        // Nothing is left that a failed refresh could not confirm.
+        self.failing_since.store(-now_ms(), Ordering::Release);
+    }
+
+    /// A store query sent at `sent` failed: the store is failing since then, unless it has
+    /// answered a later query (or the cache was cleared) since.
+    fn store_failed(&self, sent: i64) {
+        let _ = self
+            .failing_since
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| {
+                (f <= 0 && sent >= -f).then_some(sent.max(1))
+            });
+    }
+
+    /// The store answered a query sent at `sent`: it is not failing, unless a later query failed.
+    fn store_answered(&self, sent: i64) {
+        let _ = self
+            .failing_since
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| {
+                // Failing since `f`, or last answered at `-f`: only a later query counts.
+                let later = if f > 0 { sent > f } else { sent > -f };
+                later.then_some(-sent)
+            });
     }
 
     /// How old the oldest state this cache may act on can be, as far as it knows: zero while the
-    /// store's change feed is connected; the time since it dropped (at most the TTL plus
-    /// `stale_if_error`) while it is down; the TTL plus `stale_if_error` for a store without a feed.
+    /// store's change feed is connected and its queries succeed; the time since the feed dropped,
+    /// or since the first of the store queries that keep failing was sent, whichever is longer
+    /// (at most the TTL plus `stale_if_error`); the TTL plus `stale_if_error` for a store without
+    /// a feed.
     pub(crate) fn max_staleness(&self) -> Duration {
         let bound = self.config.ttl + self.config.stale_if_error;
         if !self.has_feed.load(Ordering::Relaxed) {
             return bound;
         }
-        match self.disconnected_since.load(Ordering::Relaxed) {
-            0 => Duration::ZERO,
-            since => Duration::from_millis((now_ms() - since).max(0) as u64).min(bound),
+        let disconnected = self.disconnected_since.load(Ordering::Acquire);
+        let failing = self.failing_since.load(Ordering::Acquire);
+        let since = [disconnected, failing].into_iter().filter(|&t| t > 0).min();
+        match since {
+            None => Duration::ZERO,
+            // At least 1 ms: the coarse clock may not have ticked since, and zero means fresh.
+            Some(since) => Duration::from_millis((now_ms() - since).max(1) as u64).min(bound),
         }
     }
 }

@@ -9,10 +9,12 @@ mod common;
 
 use std::io::Write;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
 use http::{StatusCode, header};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tower_pat::store::PostgresStore;
@@ -22,52 +24,140 @@ use common::pg::TestDb;
 
 const WHAT: &str = "postgres_cluster";
 
-/// A TCP proxy on 127.0.0.1 to the database. While cut, it closes every connection it carries
-/// and drops new ones as soon as they arrive.
+/// What the proxy does with the bytes it carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Forwards everything.
+    Up,
+    /// Closes every connection it carries and drops new ones as soon as they arrive.
+    Cut,
+    /// A silent partition: every socket stays open, but no byte moves in either direction, and a
+    /// new connection is accepted and then held, not forwarded.
+    Frozen,
+    /// A NAT or load balancer that forgot its flows: the connections numbered below this stay
+    /// open and carry nothing, newer ones work.
+    Stranded(u64),
+}
+
+impl Mode {
+    /// Whether connection `id` may move bytes now; `None` when it must close.
+    fn flows(self, id: u64) -> Option<bool> {
+        match self {
+            Mode::Up => Some(true),
+            Mode::Cut => None,
+            Mode::Frozen => Some(false),
+            Mode::Stranded(below) => Some(id >= below),
+        }
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 to the database that the test can cut, freeze or strand.
 struct Proxy {
     port: u16,
-    up: Arc<watch::Sender<bool>>,
+    mode: Arc<watch::Sender<Mode>>,
+    /// How many connections it has accepted: the next one's number.
+    accepted: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Waits until connection `id` may move bytes: `false` when it must close instead.
+async fn may_flow(mode: &mut watch::Receiver<Mode>, id: u64) -> bool {
+    match mode.wait_for(|m| m.flows(id) != Some(false)).await {
+        Ok(m) => m.flows(id).is_some(),
+        Err(_) => false,
+    }
+}
+
+/// Copies one direction of connection `id`, moving no byte while the mode says it must not.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut mode: watch::Receiver<Mode>,
+    id: u64,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if !may_flow(&mut mode, id).await {
+            return;
+        }
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            // Look at the mode again: a freeze stops the reading too.
+            _ = mode.changed() => continue,
+        };
+        // What was read just before a freeze waits for the thaw.
+        if !may_flow(&mut mode, id).await || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Proxy {
     async fn start(target: String) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let up = Arc::new(watch::Sender::new(true));
-        let state = Arc::clone(&up);
+        let mode = Arc::new(watch::Sender::new(Mode::Up));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (state, count) = (Arc::clone(&mode), Arc::clone(&accepted));
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     continue;
                 };
-                let mut up = state.subscribe();
-                if !*up.borrow() {
+                let id = count.fetch_add(1, Ordering::SeqCst);
+                let mut mode = state.subscribe();
+                if mode.borrow().flows(id).is_none() {
                     drop(inbound);
                     continue;
                 }
                 let target = target.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
+                    // A frozen proxy holds a new connection without connecting it.
+                    if !may_flow(&mut mode, id).await {
+                        return;
+                    }
+                    let Ok(outbound) = TcpStream::connect(&target).await else {
                         return;
                     };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = up.wait_for(|up| !*up) => {}
-                    }
+                    let (in_read, in_write) = inbound.into_split();
+                    let (out_read, out_write) = outbound.into_split();
+                    tokio::join!(
+                        pump(in_read, out_write, mode.clone(), id),
+                        pump(out_read, in_write, mode, id),
+                    );
                 });
             }
         });
-        Self { port, up, task }
+        Self {
+            port,
+            mode,
+            accepted,
+            task,
+        }
     }
 
     /// Closes every connection through the proxy and refuses new ones.
     fn cut(&self) {
-        self.up.send_replace(false);
+        self.mode.send_replace(Mode::Cut);
     }
 
+    /// Stops every byte, keeping every socket open; new connections are accepted and held.
+    fn freeze(&self) {
+        self.mode.send_replace(Mode::Frozen);
+    }
+
+    /// The connections open now carry nothing from here on; new ones work.
+    fn strand_open_connections(&self) {
+        let below = self.accepted.load(Ordering::SeqCst);
+        self.mode.send_replace(Mode::Stranded(below));
+    }
+
+    /// Forwards again: held and frozen connections resume, new ones are forwarded.
     fn restore(&self) {
-        self.up.send_replace(true);
+        self.mode.send_replace(Mode::Up);
     }
 }
 
@@ -130,11 +220,12 @@ async fn node_a(db: &TestDb) -> Node {
     Node { store, layer }
 }
 
-/// Node B: pool and listener through `pool_port` and `listener_port`.
+/// Node B: pool and listener through `pool_port` and `listener_port`, a heartbeat each second.
 async fn node_b(db: &TestDb, pool_port: u16, listener_port: u16, cache: CacheConfig) -> Node {
     let store = PostgresStore::builder()
         .acquire_timeout(Duration::from_millis(300))
         .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .heartbeat(HEARTBEAT, HEARTBEAT)
         .listener_options(db.via(listener_port))
         .connect_with(db.via(pool_port))
         .await
@@ -145,6 +236,16 @@ async fn node_b(db: &TestDb, pool_port: u16, listener_port: u16, cache: CacheCon
         .build();
     Node { store, layer }
 }
+
+/// Node B's heartbeat interval and timeout in these tests.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// How long node B may take to notice a silent feed: a heartbeat interval, then its timeout.
+const HEARTBEAT_BOUND: Duration = Duration::from_secs(2);
+
+/// Scheduling and query time on top of a bound (a lookup through a frozen proxy takes the 300 ms
+/// acquire timeout to fail).
+const SLACK: Duration = Duration::from_millis(1500);
 
 fn long_ttl() -> CacheConfig {
     CacheConfig {
@@ -288,9 +389,10 @@ async fn entries_loaded_while_the_feed_was_down_are_dropped_on_reconnect() {
     assert_eq!(b.code(&during).await, StatusCode::UNAUTHORIZED);
 }
 
-/// The database unreachable from node B: an uncached token is 503 with `Retry-After`, a cached
-/// one past its TTL keeps working (stale-if-error), an expired cached one is 401, and a revocation
-/// B heard before the outage is still enforced.
+/// The database unreachable for node B's queries (its pool behind the cut proxy), its change feed
+/// still connected: an uncached token is 503 with `Retry-After`, a cached one past its TTL keeps
+/// working (stale-if-error: B would still hear a revocation), an expired cached one is 401, and a
+/// revocation B heard before the outage is still enforced.
 #[tokio::test]
 async fn with_the_database_unreachable_node_b_serves_what_it_knows() {
     let Some(db) = TestDb::create(WHAT).await else {
@@ -303,7 +405,7 @@ async fn with_the_database_unreachable_node_b_serves_what_it_knows() {
         stale_if_error: Duration::from_secs(60),
         ..CacheConfig::default()
     };
-    let b = node_b(&db, proxy.port, proxy.port, cache).await;
+    let b = node_b(&db, proxy.port, port(&db), cache).await;
 
     let (_, cached) = a.issue("cached", None).await;
     let (_, expiring) = a
@@ -352,4 +454,163 @@ async fn with_the_database_unreachable_node_b_serves_what_it_knows() {
     .await;
     assert!(recovered.is_some(), "node B looks tokens up again");
     assert_eq!(b.code(&revoked).await, StatusCode::UNAUTHORIZED);
+}
+
+/// Issue 9 item 13, as the holder of a leaked token sees it. Node B's whole path to the database
+/// goes silent: the proxy keeps every socket open and moves no byte. The token is revoked through
+/// node A. B cannot hear of it, so it must stop vouching for the token within its heartbeat
+/// (interval + timeout) plus the TTL, whatever `stale_if_error` says (5 min here, the default);
+/// it cannot look the token up either, so it answers 503. Meanwhile `max_staleness()` says B is
+/// behind, more and more; once the network is back, B's feed reconnects, the staleness returns to
+/// zero and the token is refused as revoked.
+#[tokio::test]
+async fn a_silent_partition_stops_node_b_accepting_a_revoked_token_within_heartbeat_plus_ttl() {
+    let Some(db) = TestDb::create(WHAT).await else {
+        return;
+    };
+    let proxy = Proxy::start(db.server_addr()).await;
+    let a = node_a(&db).await;
+    let ttl = Duration::from_secs(2);
+    let cache = CacheConfig {
+        ttl,
+        ..CacheConfig::default()
+    };
+    let b = node_b(&db, proxy.port, proxy.port, cache).await;
+    let (record, token) = a.issue("leaked", None).await;
+    assert_eq!(b.code(&token).await, StatusCode::OK);
+    assert_eq!(b.layer.max_staleness(), Duration::ZERO);
+
+    proxy.freeze();
+    let revoked_at = Instant::now();
+    a.store
+        .revoke(&record.id, Utc::now())
+        .await
+        .unwrap()
+        .unwrap();
+    let bound = HEARTBEAT_BOUND + ttl;
+    let refused = wait_for(bound + SLACK, async || {
+        b.code(&token).await != StatusCode::OK
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "node B still accepts the revoked token {:?} after the revocation (heartbeat + TTL = {bound:?})",
+        revoked_at.elapsed()
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "silent partition: node B stopped accepting the revoked token {:?} after the revocation \
+         (heartbeat + TTL = {bound:?})",
+        revoked_at.elapsed()
+    );
+    assert_eq!(
+        b.code(&token).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "B can neither hear nor look up the token"
+    );
+
+    let staleness = b.layer.max_staleness();
+    assert!(
+        staleness > Duration::ZERO,
+        "B reports itself fresh while it cannot hear a change"
+    );
+    assert!(!b.store.feed_connected(), "B reports its feed connected");
+    let grew = wait_for(Duration::from_secs(1), async || {
+        b.layer.max_staleness() > staleness
+    })
+    .await;
+    assert!(grew.is_some(), "the staleness grows while frozen");
+
+    proxy.restore();
+    b.wait_feed(true).await;
+    assert_eq!(b.code(&token).await, StatusCode::UNAUTHORIZED);
+}
+
+/// The store unreachable for node B's refreshes (its pool behind the frozen proxy) while the feed
+/// is connected: the cached token keeps serving (stale-if-error), and `max_staleness()` says since
+/// when B has been unable to confirm it, growing, back to zero once a refresh succeeds. A
+/// revocation still arrives through the feed meanwhile and ends the stale serving of its token.
+#[tokio::test]
+async fn failing_refreshes_show_in_max_staleness_while_the_feed_is_connected() {
+    let Some(db) = TestDb::create(WHAT).await else {
+        return;
+    };
+    let proxy = Proxy::start(db.server_addr()).await;
+    let a = node_a(&db).await;
+    let cache = CacheConfig {
+        ttl: Duration::from_millis(200),
+        stale_if_error: Duration::from_secs(60),
+        ..CacheConfig::default()
+    };
+    let b = node_b(&db, proxy.port, port(&db), cache).await;
+    let (_, cached) = a.issue("cached", None).await;
+    let (revoked_rec, revoked) = a.issue("revoked", None).await;
+    assert_eq!(b.code(&cached).await, StatusCode::OK);
+    assert_eq!(b.code(&revoked).await, StatusCode::OK);
+
+    proxy.freeze();
+    let seen = wait_for(Duration::from_secs(5), async || {
+        b.code(&cached).await == StatusCode::OK && b.layer.max_staleness() > Duration::ZERO
+    })
+    .await;
+    assert!(
+        seen.is_some(),
+        "max_staleness() stays zero while every refresh of a served entry fails"
+    );
+    assert!(b.store.feed_connected(), "the feed itself is fine");
+    let staleness = b.layer.max_staleness();
+    let grew = wait_for(Duration::from_secs(1), async || {
+        b.layer.max_staleness() > staleness
+    })
+    .await;
+    assert!(grew.is_some(), "the staleness grows while refreshes fail");
+
+    // The feed carries the revocation: B drops the entry and, unable to look the token up,
+    // answers 503.
+    a.store.revoke(&revoked_rec.id, Utc::now()).await.unwrap();
+    let heard = wait_for(Duration::from_secs(1), async || {
+        b.code(&revoked).await != StatusCode::OK
+    })
+    .await;
+    assert!(heard.is_some(), "the feed carries the revocation");
+    assert_eq!(b.code(&revoked).await, StatusCode::SERVICE_UNAVAILABLE);
+
+    proxy.restore();
+    let recovered = wait_for(Duration::from_secs(5), async || {
+        b.code(&cached).await == StatusCode::OK && b.layer.max_staleness() == Duration::ZERO
+    })
+    .await;
+    assert!(
+        recovered.is_some(),
+        "a successful refresh ends the staleness"
+    );
+}
+
+/// The most common silent drop: a NAT or load balancer forgets the listener's idle flow, while new
+/// connections work. Node B's pool goes straight to the database and its TTL is 10 minutes: only
+/// the feed can tell it of the revocation, whose notification went into the dead connection. B
+/// must notice within the heartbeat, listen on a new connection and, having missed whatever was
+/// sent meanwhile, drop its cache: the token is refused within the heartbeat.
+#[tokio::test]
+async fn a_stranded_listener_connection_is_replaced_and_the_missed_revocation_applies() {
+    let Some(db) = TestDb::create(WHAT).await else {
+        return;
+    };
+    let proxy = Proxy::start(db.server_addr()).await;
+    let a = node_a(&db).await;
+    let b = node_b(&db, port(&db), proxy.port, long_ttl()).await;
+    let (record, token) = a.issue("leaked", None).await;
+    assert_eq!(b.code(&token).await, StatusCode::OK);
+
+    proxy.strand_open_connections();
+    a.store.revoke(&record.id, Utc::now()).await.unwrap();
+    let refused = wait_for(HEARTBEAT_BOUND + SLACK, async || {
+        b.code(&token).await == StatusCode::UNAUTHORIZED
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "node B still accepts the revoked token past its heartbeat bound"
+    );
+    b.wait_feed(true).await;
 }

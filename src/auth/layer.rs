@@ -127,9 +127,23 @@ impl PatAuthLayer {
         self.shared.cache.store_lookups()
     }
 
-    /// How old the oldest state this layer may act on can be: zero while the store's change feed
-    /// is connected; while it is down, the time since it dropped (at most the TTL plus
-    /// `stale_if_error`); for a store without a change feed, the TTL plus `stale_if_error`.
+    /// How old the oldest state this layer may act on can be: how long a change made elsewhere
+    /// (a revocation through another node) may have gone unseen here.
+    ///
+    /// - Zero while the store's change feed is connected and its queries succeed.
+    /// - While the feed is down, the time since it was declared down; a silent feed is declared
+    ///   down by the store's heartbeat (for `PostgresStore` at most 4 s after it went silent by
+    ///   default, see `PostgresStoreBuilder::heartbeat`). Meanwhile no entry serves past
+    ///   the TTL, so a revocation made elsewhere is honoured here within that delay plus the TTL.
+    /// - While store queries (loads, background refreshes) keep failing, the time since the first
+    ///   of them was sent, even with the feed connected: cached entries then serve on for
+    ///   `stale_if_error`. It returns to zero when the store answers a later query, or when the
+    ///   cache is emptied (the feed reconnecting empties it).
+    /// - The longer of the two, at most the TTL plus `stale_if_error`.
+    /// - For a store without a change feed, the TTL plus `stale_if_error`.
+    ///
+    /// A health check can compare it with what the deployment tolerates, and take a node that
+    /// falls behind out of rotation.
     pub fn max_staleness(&self) -> Duration {
         self.shared.cache.max_staleness()
     }

@@ -37,19 +37,41 @@
 //! [`StoreEvent::Changed`] for every notification. When its connection drops it publishes
 //! [`StoreEvent::Disconnected`], reconnects with exponential backoff, and once it listens again
 //! publishes [`StoreEvent::Reconnected`]: the caches then drop every entry loaded before, since a
-//! change may have gone unseen meanwhile. [`PatAuthLayer::max_staleness`] tells how long the feed
-//! has been down.
+//! change may have gone unseen meanwhile (a notification sent while no listener was listening is
+//! lost; one sent after the new `LISTEN` is handled after the announcement).
 //!
-//! A connection that dies without the peer closing it (a silently dropped network path) is only
-//! noticed by TCP; until then the cache TTL bounds how long a change goes unseen.
+//! A connection can also die without closing: a partition that keeps sockets open, a NAT or load
+//! balancer that forgets the flow. Nothing then arrives, and nothing fails. So beside the wait for
+//! notifications the listener sends a heartbeat, `SELECT 1` on its own connection, every
+//! `interval`, and declares the connection dead when the answer takes longer than `timeout`
+//! ([`PostgresStoreBuilder::heartbeat`], 2 s and 2 s by default): a silent feed is announced as
+//! [`StoreEvent::Disconnected`] at most `interval + timeout` (4 s) after it went silent. (sqlx
+//! offers no TCP keepalive setting; the heartbeat does not need one.)
+//!
+//! # How long a change can go unseen
+//!
+//! - Feed connected: a change reaches every node's caches as soon as PostgreSQL delivers the
+//!   notification (milliseconds).
+//! - Feed down, noticed at once (the connection closed) or within `interval + timeout` (silent):
+//!   while it is down, a cached entry serves until its TTL and no longer (`stale_if_error` applies
+//!   only while the feed is connected); past its TTL it is looked up again, and a node that cannot
+//!   reach the database either answers 503. A change made elsewhere during a partition is thus
+//!   honoured on the cut-off node within the heartbeat (`interval + timeout`) plus the cache TTL:
+//!   4 s + 60 s with the defaults, never the TTL plus `stale_if_error`.
+//! - When the feed is back, every cached entry is dropped.
+//!
+//! [`PatAuthLayer::max_staleness`] tells, at every moment, how far behind a node may be: the time
+//! since its feed was declared down, or since the store queries that keep failing began (at most
+//! the TTL plus `stale_if_error`); zero when the feed is connected and the store answers.
 //!
 //! # Failure
 //!
 //! A query that fails, or waits longer than the pool's acquire timeout
 //! ([`PostgresStoreBuilder::acquire_timeout`], default 5 s) for a connection, is a
 //! [`StoreError::Backend`]. The layer answers a cache miss it could not look up with 503 and
-//! `Retry-After`, and keeps serving cached tokens for `stale_if_error`, still enforcing expiry
-//! and every revocation it heard of.
+//! `Retry-After`, and, while the change feed is connected, keeps serving cached tokens for
+//! `stale_if_error`, still enforcing expiry and every revocation it heard of. With the feed down
+//! too (the database unreachable, or this node cut off), cached tokens serve until their TTL.
 //!
 //! [`PatAuthLayer::max_staleness`]: crate::PatAuthLayer::max_staleness
 //! [`StoreEvent::Changed`]: super::StoreEvent::Changed
@@ -171,7 +193,21 @@ pub struct PostgresStoreBuilder {
     acquire_timeout: Duration,
     listener_options: Option<PgConnectOptions>,
     backoff: (Duration, Duration),
+    heartbeat: Heartbeat,
 }
+
+/// How the listener checks that its connection still carries bytes.
+#[derive(Clone, Copy, Debug)]
+struct Heartbeat {
+    interval: Duration,
+    timeout: Duration,
+}
+
+/// The default heartbeat interval.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The default heartbeat timeout.
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl std::fmt::Debug for PostgresStoreBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -182,6 +218,7 @@ impl std::fmt::Debug for PostgresStoreBuilder {
             .field("acquire_timeout", &self.acquire_timeout)
             .field("separate_listener", &self.listener_options.is_some())
             .field("backoff", &self.backoff)
+            .field("heartbeat", &self.heartbeat)
             .finish()
     }
 }
@@ -194,6 +231,10 @@ impl Default for PostgresStoreBuilder {
             acquire_timeout: Duration::from_secs(5),
             listener_options: None,
             backoff: (Duration::from_millis(100), Duration::from_secs(5)),
+            heartbeat: Heartbeat {
+                interval: DEFAULT_HEARTBEAT_INTERVAL,
+                timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            },
         }
     }
 }
@@ -235,6 +276,23 @@ impl PostgresStoreBuilder {
         self
     }
 
+    /// How often the listener checks its connection, and how long it waits for the answer
+    /// (defaults [`DEFAULT_HEARTBEAT_INTERVAL`] and [`DEFAULT_HEARTBEAT_TIMEOUT`], 2 s each).
+    ///
+    /// A connection that stops carrying bytes without closing (a silent partition, a NAT or load
+    /// balancer that forgot the flow) is declared dead, and the caches told, at most
+    /// `interval + timeout` after it went silent: 4 s by default. Each check is one `SELECT 1` on
+    /// the listener's connection. Both are at least 1 ms; a timeout shorter than the database's
+    /// round trip under load makes the feed flap, and every reconnection empties the caches.
+    pub fn heartbeat(mut self, interval: Duration, timeout: Duration) -> Self {
+        let min = Duration::from_millis(1);
+        self.heartbeat = Heartbeat {
+            interval: interval.max(min),
+            timeout: timeout.max(min),
+        };
+        self
+    }
+
     /// Connects to a `postgres://` URL (as in `DATABASE_URL`).
     pub async fn connect(self, url: &str) -> Result<PostgresStore, StoreError> {
         let options = PgConnectOptions::from_str(url).map_err(StoreError::backend)?;
@@ -268,6 +326,7 @@ impl PostgresStoreBuilder {
             channel: self.channel.clone(),
             timeout: self.acquire_timeout,
             backoff: self.backoff,
+            heartbeat: self.heartbeat,
         };
         let listener = feed.listen().await.map_err(store_error)?;
         let inner = Arc::new(Shared {
@@ -302,7 +361,9 @@ impl PostgresStore {
         &self.inner.pool
     }
 
-    /// Whether the change feed is connected and listening right now.
+    /// Whether the change feed is connected and listening right now: false from the moment its
+    /// connection closes or misses a heartbeat (see [`PostgresStoreBuilder::heartbeat`]) until it
+    /// listens again.
     pub fn feed_connected(&self) -> bool {
         self.inner.feed_up.load(Ordering::Acquire)
     }
@@ -375,10 +436,20 @@ struct Feed {
     channel: String,
     timeout: Duration,
     backoff: (Duration, Duration),
+    heartbeat: Heartbeat,
+}
+
+/// Why [`Feed::serve`] returned.
+enum Ended {
+    /// The connection closed, failed or missed a heartbeat.
+    Dropped,
+    /// The store is gone: nobody listens any more.
+    StoreGone,
 }
 
 impl Feed {
-    /// A listener on a connection of its own, listening.
+    /// A listener on a connection of its own, listening. Bounded in time: a connection accepted by
+    /// a silent network would otherwise hang here.
     async fn listen(&self) -> Result<PgListener, sqlx::Error> {
         let pool = PgPoolOptions::new()
             .max_connections(1)
@@ -387,34 +458,47 @@ impl Feed {
             .max_lifetime(None)
             .acquire_timeout(self.timeout)
             .connect_lazy_with(self.options.clone());
-        let mut listener = PgListener::connect_with(&pool).await?;
-        // Reconnection is ours, so that the caches hear of every drop.
-        listener.eager_reconnect(false);
-        listener.ignore_pool_close_event(true);
-        listener.listen(&self.channel).await?;
-        Ok(listener)
+        let listen = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            // Reconnection is ours, so that the caches hear of every drop.
+            listener.eager_reconnect(false);
+            listener.ignore_pool_close_event(true);
+            listener.listen(&self.channel).await?;
+            Ok(listener)
+        };
+        tokio::time::timeout(self.timeout.saturating_add(self.heartbeat.timeout), listen)
+            .await
+            .unwrap_or_else(|_| {
+                Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no answer to LISTEN",
+                )))
+            })
     }
 
     /// The listener task: notifications to the hub; drops, reconnections and their announcements.
     async fn run(self, store: Weak<Shared>, mut listener: PgListener) {
         loop {
-            loop {
-                match listener.try_recv().await {
-                    Ok(Some(n)) => match store.upgrade() {
-                        Some(s) => s.notified(n.payload()),
-                        None => return,
-                    },
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "token change feed failed");
-                        break;
-                    }
+            let ended = self.serve(&store, &mut listener).await;
+            // What the connection delivered before it ended still counts.
+            while let Some(n) = listener.next_buffered() {
+                match store.upgrade() {
+                    Some(s) => s.notified(n.payload()),
+                    None => return,
                 }
             }
+            // A connection that missed a heartbeat is dropped with its query unanswered: sqlx
+            // then waits for it in the background until the socket fails or answers.
             drop(listener);
-            match store.upgrade() {
-                Some(s) => s.feed_state(false),
-                None => return,
+            let store_alive = match (ended, store.upgrade()) {
+                (Ended::Dropped, Some(s)) => {
+                    s.feed_state(false);
+                    true
+                }
+                _ => false,
+            };
+            if !store_alive {
+                return;
             }
             tracing::warn!("token change feed disconnected; reconnecting");
             let mut delay = self.backoff.0;
@@ -429,11 +513,63 @@ impl Feed {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(self.backoff.1);
             };
+            // Listening again: whatever was sent meanwhile is lost, so the caches drop everything
+            // (`StoreEvent::Reconnected`). Notifications sent from now on reach the new listener
+            // and are handled after this announcement, by this task.
             match store.upgrade() {
                 Some(s) => s.feed_state(true),
                 None => return,
             }
             tracing::info!("token change feed reconnected");
+        }
+    }
+
+    /// Hands notifications to the hub until the connection ends. The heartbeat runs beside the
+    /// wait: a silent connection leaves `try_recv` pending forever, so every `interval` the wait
+    /// is set aside (it loses nothing: sqlx reads whole messages or none) and `SELECT 1` must come
+    /// back within `timeout` on the same connection. Notifications arriving meanwhile are
+    /// buffered by sqlx and handed over next.
+    async fn serve(&self, store: &Weak<Shared>, listener: &mut PgListener) -> Ended {
+        let beat = tokio::time::sleep(self.heartbeat.interval);
+        tokio::pin!(beat);
+        loop {
+            tokio::select! {
+                received = listener.try_recv() => match received {
+                    Ok(Some(n)) => match store.upgrade() {
+                        Some(s) => s.notified(n.payload()),
+                        None => return Ended::StoreGone,
+                    },
+                    Ok(None) => {
+                        tracing::warn!("token change feed connection closed");
+                        return Ended::Dropped;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "token change feed failed");
+                        return Ended::Dropped;
+                    }
+                },
+                () = &mut beat => {
+                    let check = listener.execute(sqlx::raw_sql("SELECT 1"));
+                    match tokio::time::timeout(self.heartbeat.timeout, check).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "token change feed heartbeat failed");
+                            return Ended::Dropped;
+                        }
+                        Err(_) => {
+                            tracing::warn!(
+                                timeout = ?self.heartbeat.timeout,
+                                "token change feed heartbeat unanswered; the connection is silent"
+                            );
+                            return Ended::Dropped;
+                        }
+                    }
+                    if store.strong_count() == 0 {
+                        return Ended::StoreGone;
+                    }
+                    beat.set(tokio::time::sleep(self.heartbeat.interval));
+                }
+            }
         }
     }
 }
