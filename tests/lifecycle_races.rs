@@ -22,8 +22,8 @@ use tokio::sync::oneshot;
 use tower_pat::admin::{self, AdminConfig};
 use tower_pat::store::{ChangeListener, ListQuery, Page};
 use tower_pat::{
-    MemoryStore, NewToken, PatAuthLayer, Principal, ScopeSet, StoreError, TokenHash, TokenLookup,
-    TokenRecord, TokenStore, UsageUpdate,
+    MemoryStore, NewToken, PatAuthLayer, Principal, Rotation, ScopeSet, StoreError, TokenHash,
+    TokenLookup, TokenPatch, TokenRecord, TokenStore, UsageUpdate,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -113,8 +113,12 @@ impl TokenStore for GatedStore {
         self.inner.list(query).await
     }
 
-    async fn update(&self, record: &TokenRecord) -> Result<(), StoreError> {
-        self.inner.update(record).await
+    async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
+        self.inner.update(id, patch).await
+    }
+
+    async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
+        self.inner.rotate(id, rotation).await
     }
 
     async fn revoke(&self, id: &str, at: DateTime<Utc>) -> Result<Option<TokenRecord>, StoreError> {
@@ -241,10 +245,17 @@ async fn a_rotation_racing_a_revocation_never_undoes_it() {
     held.release.send(()).unwrap();
     let rotated = rotate.await.unwrap();
 
-    assert!(node.record(&id).await.revoked_at.is_some(), "the revocation was undone");
+    assert!(
+        node.record(&id).await.revoked_at.is_some(),
+        "the revocation was undone"
+    );
     assert_eq!(node.hello(&old).await, StatusCode::UNAUTHORIZED);
     if let Some(new) = rotated.body["token"].as_str() {
-        assert_eq!(node.hello(new).await, StatusCode::UNAUTHORIZED, "the new secret works");
+        assert_eq!(
+            node.hello(new).await,
+            StatusCode::UNAUTHORIZED,
+            "the new secret works"
+        );
     }
     assert_eq!(rotated.status, StatusCode::GONE, "{}", rotated.text);
     assert_eq!(rotated.body["code"], "token_revoked");
@@ -272,7 +283,11 @@ async fn a_rename_racing_a_rotation_never_restores_the_old_secret() {
     held.release.send(()).unwrap();
     let renamed = rename.await.unwrap();
 
-    assert_eq!(node.hello(&old).await, StatusCode::UNAUTHORIZED, "the old secret is back");
+    assert_eq!(
+        node.hello(&old).await,
+        StatusCode::UNAUTHORIZED,
+        "the old secret is back"
+    );
     assert_eq!(node.hello(&new).await, StatusCode::OK);
     assert_eq!(renamed.status, StatusCode::CONFLICT, "{}", renamed.text);
     assert_eq!(renamed.body["code"], "conflict");

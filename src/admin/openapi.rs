@@ -6,7 +6,8 @@ use utoipa::openapi::{OpenApi as Document, Paths};
 use utoipa::{Modify, OpenApi};
 
 use super::error::{
-    ErrorBody, NotFound, ReadScopeMissing, StoreFailed, Unauthorized, WriteScopeMissing,
+    ErrorBody, NotFound, ReadScopeMissing, StoreFailed, TokenRevoked, Unauthorized,
+    WriteScopeMissing,
 };
 use super::events::{EventKind, TokenEvent};
 use super::input::{
@@ -48,7 +49,7 @@ use super::view::{Deleted, ExpiryWarning, IssuedToken, TokenView};
         LastUsedParam,
         TokenEvent,
         EventKind,
-    ), responses(Unauthorized, ReadScopeMissing, WriteScopeMissing, NotFound, StoreFailed)),
+    ), responses(Unauthorized, ReadScopeMissing, WriteScopeMissing, NotFound, TokenRevoked, StoreFailed)),
     modifiers(&BearerAuth),
     tags((name = routes::TAG, description = "Personal access tokens"))
 )]
