@@ -101,7 +101,7 @@ pub use scope::{Scope, ScopeSet};
 pub use store::PostgresStore;
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
-pub use store::{MemoryStore, StoreError, TokenLookup, TokenStore};
+pub use store::{MemoryStore, Rotation, StoreError, TokenLookup, TokenPatch, TokenStore};
 pub use token::{TokenFormat, TokenHash, TokenHasher, TokenSecret};
 pub use usage::{UsageConfig, UsageRecorder, UsageStats, UsageUpdate};
 

@@ -51,6 +51,13 @@ pub struct TokenRecord {
     pub start: String,
     /// After a rotation with a grace period: the previous secret's hash and when it stops working.
     pub previous_hash: Option<(TokenHash, DateTime<Utc>)>,
+    /// How many management writes changed the record: 0 at creation, one more for every
+    /// [`update`](crate::TokenStore::update), [`rotate`](crate::TokenStore::rotate) and the
+    /// [`revoke`](crate::TokenStore::revoke) that revokes it (usage marks do not count). A write
+    /// made from a read of the record can require this version
+    /// ([`TokenPatch::if_version`](crate::TokenPatch::if_version)), so that it never applies on
+    /// top of a change it did not see.
+    pub version: u64,
 }
 
 impl TokenRecord {
@@ -250,6 +257,7 @@ impl NewToken {
             hash: hasher.hash(secret.expose_secret()),
             start: format.start(secret.expose_secret()).unwrap_or_default(),
             previous_hash: None,
+            version: 0,
         };
         (record, secret)
     }

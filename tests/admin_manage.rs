@@ -446,6 +446,33 @@ async fn revoke_keeps_the_record_and_stops_the_token_at_once() {
 }
 
 #[tokio::test]
+async fn a_revoked_token_cannot_be_changed() {
+    let t = app().await;
+    let (id, secret) = make(&t, "gone", "").await;
+    let uri = format!("{BASE}/{id}");
+    let res = patch(&t.app, &uri, &t.alice, r#"{"revoked": true}"#).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+    let before = t.store.get(&id).await.unwrap().unwrap();
+    for body in [
+        r#"{"name": "renamed"}"#,
+        r#"{"name": "gone"}"#,
+        r#"{"scopes": []}"#,
+        r#"{"expiresAt": null, "userAwareTokenNeverExpires": true}"#,
+        r#"{"ipRestriction": null}"#,
+        r#"{"name": "renamed", "revoked": true}"#,
+    ] {
+        let res = patch(&t.app, &uri, &t.alice, body).await;
+        assert!(res.error(410).contains("revoked"), "{body}");
+        assert_eq!(res.body["code"], "token_revoked", "{body}");
+    }
+    assert_eq!(t.store.get(&id).await.unwrap().unwrap(), before);
+    assert_eq!(hello(&t.app, &secret).await, StatusCode::UNAUTHORIZED);
+    // Revoking it again is still harmless.
+    let res = patch(&t.app, &uri, &t.alice, r#"{"revoked": true}"#).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+}
+
+#[tokio::test]
 async fn rotate_issues_a_new_secret_and_stops_the_old_one_at_once() {
     let t = app().await;
     let (id, old) = make(
@@ -562,7 +589,8 @@ async fn revoked_and_expired_tokens_cannot_be_rotated() {
     )
     .await;
     let res = post(&t.app, &format!("{BASE}/{id}/rotate"), &t.alice, "").await;
-    assert!(res.error(400).contains("revoked"));
+    assert!(res.error(410).contains("revoked"));
+    assert_eq!(res.body["code"], "token_revoked");
 
     let mut expired = NewToken::new("alice", "expired", ScopeSet::empty());
     expired.expires_at = Some(Utc::now() - chrono::Duration::hours(1));
@@ -669,9 +697,21 @@ impl TokenStore for FlakyStore {
         self.check()?;
         self.inner.list(query).await
     }
-    async fn update(&self, record: &tower_pat::TokenRecord) -> Result<(), StoreError> {
+    async fn update(
+        &self,
+        id: &str,
+        patch: &tower_pat::TokenPatch,
+    ) -> Result<tower_pat::TokenRecord, StoreError> {
         self.check()?;
-        self.inner.update(record).await
+        self.inner.update(id, patch).await
+    }
+    async fn rotate(
+        &self,
+        id: &str,
+        rotation: &tower_pat::Rotation,
+    ) -> Result<tower_pat::TokenRecord, StoreError> {
+        self.check()?;
+        self.inner.rotate(id, rotation).await
     }
     async fn revoke(
         &self,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::*;
-use tower_pat::{CacheConfig, MemoryStore, PatAuthLayer, TokenStore};
+use tower_pat::{CacheConfig, MemoryStore, PatAuthLayer, TokenPatch, TokenStore};
 
 #[tokio::test]
 async fn revoked_token_is_refused_on_the_very_next_request() {
@@ -89,9 +89,8 @@ async fn entry_is_refreshed_in_the_background_after_the_ttl() {
         })
         .build();
     assert_eq!(send_token(&layer, &secret).await.status, 200);
-    let mut changed = record.clone();
-    changed.scopes = scopes(&["b"]);
-    store.inner.update(&changed).await.unwrap();
+    let patch = TokenPatch::new(Utc::now()).scopes(scopes(&["b"]));
+    store.inner.update(&record.id, &patch).await.unwrap();
     // Within the TTL the cached entry is used as it is.
     assert!(send_token(&layer, &secret).await.body.contains("|a|"));
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -15,8 +15,8 @@ use tower_pat::store::{
     ChangeListener, LastUsedFilter, ListQuery, SortKey, StoreError, StoreEvent,
 };
 use tower_pat::{
-    MemoryStore, NewToken, ScopeSet, TokenFormat, TokenHash, TokenHasher, TokenLookup, TokenRecord,
-    TokenStore, UsageUpdate,
+    MemoryStore, NewToken, Rotation, ScopeSet, TokenFormat, TokenHash, TokenHasher, TokenLookup,
+    TokenPatch, TokenRecord, TokenStore, UsageUpdate,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ impl Events {
     }
 }
 
-fn assert_conflict(result: Result<(), StoreError>, field: &str) {
+fn assert_conflict<T: std::fmt::Debug>(result: Result<T, StoreError>, field: &str) {
     match result {
         Err(StoreError::Conflict { field: f }) => assert_eq!(f, field),
         other => panic!("expected a conflict on {field}, got {other:?}"),
@@ -154,36 +154,35 @@ async fn revoked_and_expired_are_found<S: TokenStore>(store: S) {
 
 async fn previous_hash_only_within_grace<S: TokenStore>(store: S) {
     let t = now();
-    let mut r = token("alice", "ci");
+    let r = token("alice", "ci");
     store.insert(&r).await.unwrap();
-    let events = Events::subscribe(&store);
 
     // Rotate with a grace period: both hashes answer.
-    let old = r.hash;
-    r.hash = other_hash();
-    r.previous_hash = Some((old, t + TimeDelta::minutes(5)));
-    r.last_rotated_at = Some(t);
-    store.update(&r).await.unwrap();
-    assert!(events.heard(&r.id, old), "the old hash is announced");
-    assert_eq!(store.find_by_hash(&r.hash).await.unwrap(), Some(r.clone()));
-    assert_eq!(store.find_by_hash(&old).await.unwrap(), Some(r.clone()));
+    let new = other_hash();
+    let rotation =
+        Rotation::new(r.hash, new, "pat_new", t).grace_until(Some(t + TimeDelta::minutes(5)));
+    let rotated = store.rotate(&r.id, &rotation).await.unwrap();
+    assert_eq!(
+        store.find_by_hash(&new).await.unwrap(),
+        Some(rotated.clone())
+    );
+    assert_eq!(store.find_by_hash(&r.hash).await.unwrap(), Some(rotated));
 
     // Once the grace period is over, the old hash is unknown.
-    events.clear();
-    let newest = other_hash();
-    let mut later = r.clone();
-    later.previous_hash = Some((old, t - TimeDelta::seconds(1)));
-    store.update(&later).await.unwrap();
-    assert!(events.heard(&r.id, r.hash));
-    assert!(events.heard(&r.id, old), "the grace hash is announced too");
+    let mut ended = token("alice", "ended");
+    let old = other_hash();
+    ended.previous_hash = Some((old, t - TimeDelta::seconds(1)));
+    store.insert(&ended).await.unwrap();
     assert_eq!(store.find_by_hash(&old).await.unwrap(), None);
-    assert!(store.find_by_hash(&later.hash).await.unwrap().is_some());
-    assert_eq!(store.find_by_hash(&newest).await.unwrap(), None);
+    assert!(store.find_by_hash(&ended.hash).await.unwrap().is_some());
 }
 
-async fn update_replaces_all_but_usage<S: TokenStore>(store: S) {
+async fn update_changes_only_the_named_fields<S: TokenStore>(store: S) {
     let t = now();
-    let r = token("alice", "ci");
+    let mut r = token("alice", "ci");
+    r.previous_hash = Some((other_hash(), t + TimeDelta::minutes(5)));
+    r.expires_at = Some(t + TimeDelta::days(3));
+    r.ip_restriction = vec![parse_ip_net("10.0.0.0/8").unwrap()];
     let sibling = token("alice", "deploy");
     store.insert(&r).await.unwrap();
     store.insert(&sibling).await.unwrap();
@@ -191,39 +190,308 @@ async fn update_replaces_all_but_usage<S: TokenStore>(store: S) {
         .record_usage(&[UsageUpdate::new(&r.id, t, vec![ip("10.0.0.1")])])
         .await
         .unwrap();
+    let before = store.get(&r.id).await.unwrap().unwrap();
+    assert_eq!(before.version, 0, "usage marks are not management writes");
     let events = Events::subscribe(&store);
 
-    let mut changed = r.clone();
-    changed.name = "ci-2".to_owned();
-    changed.scopes = ScopeSet::parse(["admin"]).unwrap();
-    changed.expires_at = Some(t + TimeDelta::days(1));
-    changed.ip_restriction = vec![parse_ip_net("192.168.0.0/16").unwrap()];
-    changed.updated_at = t + TimeDelta::seconds(1);
-    // The usage fields of the argument are ignored.
-    changed.last_used_at = Some(t - TimeDelta::days(9));
-    changed.last_used_ips = vec![ip("1.1.1.1")];
-    store.update(&changed).await.unwrap();
-    assert!(events.heard(&r.id, r.hash));
+    // One field: the others are kept.
+    let at = t + TimeDelta::seconds(1);
+    let renamed = store
+        .update(&r.id, &TokenPatch::new(at).if_version(0).name("ci-2"))
+        .await
+        .unwrap();
+    let mut expected = before.clone();
+    expected.name = "ci-2".to_owned();
+    expected.updated_at = at;
+    expected.version = 1;
+    assert_eq!(renamed, expected);
+    assert_eq!(store.get(&r.id).await.unwrap(), Some(expected.clone()));
+    assert!(events.heard(&r.id, r.hash), "the hash is announced");
+    assert!(
+        events.heard(&r.id, r.previous_hash.unwrap().0),
+        "the grace hash is announced too"
+    );
 
-    let stored = store.get(&r.id).await.unwrap().unwrap();
-    let mut expected = changed.clone();
-    expected.last_used_at = Some(t);
-    expected.last_used_ips = vec![ip("10.0.0.1")];
-    assert_eq!(stored, expected);
+    // Every field at once; the expiry can be cleared.
+    let at = t + TimeDelta::seconds(2);
+    let patch = TokenPatch::new(at)
+        .scopes(ScopeSet::parse(["admin"]).unwrap())
+        .expires_at(None)
+        .ip_restriction([parse_ip_net("192.168.0.0/16").unwrap()]);
+    let changed = store.update(&r.id, &patch).await.unwrap();
+    expected.scopes = ScopeSet::parse(["admin"]).unwrap();
+    expected.expires_at = None;
+    expected.ip_restriction = vec![parse_ip_net("192.168.0.0/16").unwrap()];
+    expected.updated_at = at;
+    expected.version = 2;
+    assert_eq!(changed, expected);
+    assert_eq!(store.get(&r.id).await.unwrap(), Some(expected.clone()));
+    // The renamed record is found under its new name, by the search too.
+    let found = store
+        .list(&ListQuery {
+            search: Some("CI-2".to_owned()),
+            ..ListQuery::for_subject("alice")
+        })
+        .await
+        .unwrap();
+    assert_eq!(found.items, vec![expected.clone()]);
 
-    let mut clash = changed.clone();
-    clash.name = sibling.name.clone();
-    assert_conflict(store.update(&clash).await, "name");
-    let mut clash = changed.clone();
-    clash.hash = sibling.hash;
-    assert_conflict(store.update(&clash).await, "hash");
+    // An expiry set, an empty restriction: anywhere.
+    let exp = t + TimeDelta::days(1);
+    let patch = TokenPatch::new(at).expires_at(Some(exp)).ip_restriction([]);
+    let changed = store.update(&r.id, &patch).await.unwrap();
+    assert_eq!(changed.expires_at, Some(exp));
+    assert!(changed.ip_restriction.is_empty());
+    assert_eq!(changed.version, 3);
+    expected = changed;
+
+    // An empty patch writes nothing.
+    let same = store
+        .update(&r.id, &TokenPatch::new(at + TimeDelta::hours(1)))
+        .await
+        .unwrap();
+    assert_eq!(same, expected);
+    assert_eq!(store.get(&r.id).await.unwrap(), Some(expected.clone()));
+
+    // A name another token of the subject has.
+    assert_conflict(
+        store
+            .update(&r.id, &TokenPatch::new(at).name(sibling.name.clone()))
+            .await,
+        "name",
+    );
     assert_eq!(store.get(&r.id).await.unwrap(), Some(expected));
-
-    let unknown = token("alice", "ghost");
     assert!(matches!(
-        store.update(&unknown).await,
+        store
+            .update("no-such-id", &TokenPatch::new(at).name("x"))
+            .await,
         Err(StoreError::NotFound)
     ));
+    assert!(matches!(
+        store.update("no-such-id", &TokenPatch::new(at)).await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+async fn update_never_clears_a_revocation<S: TokenStore>(store: S) {
+    let t = now();
+    let r = token("alice", "ci");
+    store.insert(&r).await.unwrap();
+    // A caller read the record, then it was revoked.
+    let read = store.get(&r.id).await.unwrap().unwrap();
+    let revoked = store.revoke(&r.id, t).await.unwrap().unwrap();
+    assert_eq!(revoked.version, read.version + 1);
+
+    for patch in [
+        TokenPatch::new(t).if_version(read.version).name("renamed"),
+        TokenPatch::new(t).name("renamed"),
+        TokenPatch::new(t).expires_at(None),
+        TokenPatch::new(t),
+    ] {
+        match store.update(&r.id, &patch).await {
+            Err(StoreError::Revoked) => {}
+            other => panic!("expected Revoked for {patch:?}, got {other:?}"),
+        }
+    }
+    let stored = store.get(&r.id).await.unwrap().unwrap();
+    assert_eq!(stored, revoked, "nothing was written");
+    assert_eq!(stored.revoked_at, Some(t));
+}
+
+async fn stale_writes_change_nothing<S: TokenStore>(store: S) {
+    let t = now();
+    let r = token("alice", "ci");
+    store.insert(&r).await.unwrap();
+    let read = store.get(&r.id).await.unwrap().unwrap();
+    // Someone else changes the record meanwhile.
+    let current = store
+        .update(&r.id, &TokenPatch::new(t).name("theirs"))
+        .await
+        .unwrap();
+    assert_eq!(current.version, read.version + 1);
+
+    let mine = TokenPatch::new(t).if_version(read.version).name("mine");
+    assert!(matches!(
+        store.update(&r.id, &mine).await,
+        Err(StoreError::Stale)
+    ));
+    // An empty patch checks the version too.
+    let empty = TokenPatch::new(t).if_version(read.version);
+    assert!(matches!(
+        store.update(&r.id, &empty).await,
+        Err(StoreError::Stale)
+    ));
+    let rotation = Rotation::new(read.hash, other_hash(), "pat_x", t).if_version(read.version);
+    assert!(matches!(
+        store.rotate(&r.id, &rotation).await,
+        Err(StoreError::Stale)
+    ));
+    assert_eq!(store.get(&r.id).await.unwrap(), Some(current.clone()));
+
+    // With the current version, it applies.
+    let mine = TokenPatch::new(t).if_version(current.version).name("mine");
+    assert_eq!(store.update(&r.id, &mine).await.unwrap().name, "mine");
+}
+
+async fn rotate_replaces_the_secret<S: TokenStore>(store: S) {
+    let t = now();
+    let mut r = token("alice", "ci");
+    r.expires_at = Some(t + TimeDelta::days(3));
+    store.insert(&r).await.unwrap();
+    store
+        .record_usage(&[UsageUpdate::new(&r.id, t, vec![ip("10.0.0.1")])])
+        .await
+        .unwrap();
+    let before = store.get(&r.id).await.unwrap().unwrap();
+    let events = Events::subscribe(&store);
+
+    // With a grace period, the old hash keeps answering until it ends.
+    let (first, grace) = (other_hash(), t + TimeDelta::minutes(5));
+    let at = t + TimeDelta::seconds(1);
+    let rotation = Rotation::new(r.hash, first, "pat_first", at)
+        .if_version(0)
+        .grace_until(Some(grace));
+    let rotated = store.rotate(&r.id, &rotation).await.unwrap();
+    let mut expected = before.clone();
+    expected.hash = first;
+    expected.start = "pat_first".to_owned();
+    expected.previous_hash = Some((r.hash, grace));
+    expected.last_rotated_at = Some(at);
+    expected.updated_at = at;
+    expected.version = 1;
+    assert_eq!(rotated, expected);
+    assert_eq!(store.get(&r.id).await.unwrap(), Some(expected.clone()));
+    assert!(events.heard(&r.id, r.hash));
+    assert_eq!(
+        store.find_by_hash(&first).await.unwrap(),
+        Some(expected.clone())
+    );
+    assert_eq!(
+        store.find_by_hash(&r.hash).await.unwrap(),
+        Some(expected.clone())
+    );
+
+    // Rotated again without one: the grace hash stops at once, and is announced with the
+    // current one.
+    events.clear();
+    let second = other_hash();
+    let exp = t + TimeDelta::days(9);
+    let at = t + TimeDelta::seconds(2);
+    let rotation = Rotation::new(first, second, "pat_second", at).expires_at(Some(exp));
+    let rotated = store.rotate(&r.id, &rotation).await.unwrap();
+    assert_eq!(rotated.hash, second);
+    assert_eq!(rotated.previous_hash, None);
+    assert_eq!(rotated.expires_at, Some(exp));
+    assert_eq!(rotated.version, 2);
+    assert_eq!(rotated.last_used_ips, vec![ip("10.0.0.1")], "usage is kept");
+    assert!(events.heard(&r.id, first), "the replaced hash is announced");
+    assert!(events.heard(&r.id, r.hash), "the grace hash is announced");
+    assert_eq!(store.find_by_hash(&r.hash).await.unwrap(), None);
+    assert_eq!(store.find_by_hash(&first).await.unwrap(), None);
+    assert_eq!(
+        store.find_by_hash(&second).await.unwrap(),
+        Some(rotated.clone())
+    );
+
+    // The expiry can be lifted by a rotation too.
+    let rotation = Rotation::new(second, other_hash(), "pat_third", at).expires_at(None);
+    assert_eq!(
+        store.rotate(&r.id, &rotation).await.unwrap().expires_at,
+        None
+    );
+
+    assert!(matches!(
+        store
+            .rotate(
+                "no-such-id",
+                &Rotation::new(r.hash, other_hash(), "pat_x", at)
+            )
+            .await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+async fn rotate_never_restores_a_replaced_hash<S: TokenStore>(store: S) {
+    let t = now();
+    let r = token("alice", "ci");
+    let sibling = token("alice", "deploy");
+    store.insert(&r).await.unwrap();
+    store.insert(&sibling).await.unwrap();
+    let first = other_hash();
+    let current = store
+        .rotate(&r.id, &Rotation::new(r.hash, first, "pat_first", t))
+        .await
+        .unwrap();
+
+    // A rotation that read the record before: its old hash is no longer the record's.
+    let late = Rotation::new(r.hash, other_hash(), "pat_late", t);
+    assert!(matches!(
+        store.rotate(&r.id, &late).await,
+        Err(StoreError::Stale)
+    ));
+    // The refused rotation changed nothing, and the replaced hash stays unknown.
+    assert_eq!(store.get(&r.id).await.unwrap(), Some(current.clone()));
+    assert_eq!(store.find_by_hash(&r.hash).await.unwrap(), None);
+
+    // Another record's hash is taken.
+    let clash = Rotation::new(first, sibling.hash, "pat_clash", t);
+    assert_conflict(store.rotate(&r.id, &clash).await, "hash");
+    assert_eq!(store.get(&r.id).await.unwrap(), Some(current));
+}
+
+async fn rotate_refuses_a_revoked_token<S: TokenStore>(store: S) {
+    let t = now();
+    let r = token("alice", "ci");
+    store.insert(&r).await.unwrap();
+    let read = store.get(&r.id).await.unwrap().unwrap();
+    let revoked = store.revoke(&r.id, t).await.unwrap().unwrap();
+    let new = other_hash();
+    for rotation in [
+        Rotation::new(read.hash, new, "pat_x", t).if_version(read.version),
+        Rotation::new(read.hash, new, "pat_x", t),
+        Rotation::new(read.hash, new, "pat_x", t).if_version(revoked.version),
+    ] {
+        match store.rotate(&r.id, &rotation).await {
+            Err(StoreError::Revoked) => {}
+            other => panic!("expected Revoked, got {other:?}"),
+        }
+    }
+    assert_eq!(store.get(&r.id).await.unwrap(), Some(revoked));
+    assert_eq!(store.find_by_hash(&new).await.unwrap(), None);
+}
+
+async fn versions_count_management_writes<S: TokenStore>(store: S) {
+    let t = now();
+    let r = token("alice", "ci");
+    assert_eq!(r.version, 0, "a new record is at version 0");
+    store.insert(&r).await.unwrap();
+    let v = || async { store.get(&r.id).await.unwrap().unwrap().version };
+    assert_eq!(v().await, 0);
+    store
+        .record_usage(&[UsageUpdate::new(&r.id, t, vec![ip("10.0.0.1")])])
+        .await
+        .unwrap();
+    assert_eq!(v().await, 0, "usage marks do not count");
+    store
+        .update(&r.id, &TokenPatch::new(t).name("b"))
+        .await
+        .unwrap();
+    assert_eq!(v().await, 1);
+    let h = store.get(&r.id).await.unwrap().unwrap().hash;
+    store
+        .rotate(&r.id, &Rotation::new(h, other_hash(), "pat_x", t))
+        .await
+        .unwrap();
+    assert_eq!(v().await, 2);
+    store.revoke(&r.id, t).await.unwrap();
+    assert_eq!(v().await, 3);
+    store.revoke(&r.id, t + TimeDelta::hours(1)).await.unwrap();
+    assert_eq!(v().await, 3, "revoking again changes nothing");
+    store
+        .record_usage(&[UsageUpdate::new(&r.id, t + TimeDelta::seconds(1), vec![])])
+        .await
+        .unwrap();
+    assert_eq!(v().await, 3);
 }
 
 async fn revoke_keeps_the_first_time<S: TokenStore>(store: S) {
@@ -563,7 +831,13 @@ for_each_store!(
     lookup_by_hash,
     revoked_and_expired_are_found,
     previous_hash_only_within_grace,
-    update_replaces_all_but_usage,
+    update_changes_only_the_named_fields,
+    update_never_clears_a_revocation,
+    stale_writes_change_nothing,
+    rotate_replaces_the_secret,
+    rotate_never_restores_a_replaced_hash,
+    rotate_refuses_a_revoked_token,
+    versions_count_management_writes,
     revoke_keeps_the_first_time,
     delete_removes,
     usage_is_monotonic,
@@ -604,4 +878,77 @@ async fn sqlite_file_survives_reopen() {
     assert_eq!(store.count_by_subject("alice").await.unwrap(), 1);
     store.close().await;
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A database at schema version 1 (before `version`) gets the column on open, its records at 0,
+/// and conditional writes work on them.
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn sqlite_schema_1_gains_versions() {
+    use tower_pat::store::SqliteStore;
+    use tower_pat::store::sqlx::{self, ConnectOptions, Executor};
+    let dir = tempdir();
+    let path = dir.join("tokens.db");
+    let r = token("alice", "ci");
+    {
+        let store = SqliteStore::open(&path).await.unwrap();
+        store.insert(&r).await.unwrap();
+        store.close().await;
+    }
+    // Back to schema 1.
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .connect()
+        .await
+        .unwrap();
+    conn.execute(
+        "ALTER TABLE tower_pat_tokens DROP COLUMN version; \
+         DELETE FROM tower_pat_schema_version WHERE version = 2;",
+    )
+    .await
+    .unwrap();
+    drop(conn);
+
+    let store = SqliteStore::open(&path).await.unwrap();
+    assert_eq!(store.get(&r.id).await.unwrap(), Some(r.clone()));
+    let patch = TokenPatch::new(now()).if_version(0).name("renamed");
+    assert_eq!(store.update(&r.id, &patch).await.unwrap().version, 1);
+    store.close().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The same on PostgreSQL.
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres_schema_1_gains_versions() {
+    use tower_pat::store::PostgresStore;
+    use tower_pat::store::sqlx::Executor;
+    let Some(db) = common::pg::TestDb::create("store_conformance").await else {
+        return;
+    };
+    let r = token("alice", "ci");
+    {
+        let store = PostgresStore::builder()
+            .connect_with(db.options.clone())
+            .await
+            .unwrap();
+        store.insert(&r).await.unwrap();
+        store
+            .pool()
+            .execute(
+                "ALTER TABLE tower_pat_tokens DROP COLUMN version; \
+                 DELETE FROM tower_pat_schema_version WHERE version = 2;",
+            )
+            .await
+            .unwrap();
+        store.pool().close().await;
+    }
+    let store = PostgresStore::builder()
+        .connect_with(db.options.clone())
+        .await
+        .unwrap();
+    assert_eq!(store.get(&r.id).await.unwrap(), Some(r.clone()));
+    let patch = TokenPatch::new(now()).if_version(0).name("renamed");
+    assert_eq!(store.update(&r.id, &patch).await.unwrap().version, 1);
+    store.pool().close().await;
 }

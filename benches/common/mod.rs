@@ -207,6 +207,7 @@ pub fn record_for(hash: TokenHash, n: u64) -> TokenRecord {
         hash,
         start: "pat_abcd".to_owned(),
         previous_hash: None,
+        version: 0,
     }
 }
 

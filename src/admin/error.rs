@@ -15,7 +15,7 @@ use crate::store::StoreError;
 pub(crate) struct ErrorBody {
     /// A machine-readable code: `invalid_request`, `unauthorized`, `invalid_token`,
     /// `insufficient_scope`, `forbidden`, `token_limit_reached`, `not_found`, `conflict`,
-    /// `payload_too_large`, `too_many_requests` or `server_error`.
+    /// `token_revoked`, `payload_too_large`, `too_many_requests` or `server_error`.
     pub(crate) code: String,
     /// A human-readable message; for a bad field it starts with the field's name.
     pub(crate) message: String,
@@ -44,6 +44,11 @@ pub(crate) struct WriteScopeMissing(ErrorBody);
 #[derive(ToResponse)]
 #[allow(dead_code)]
 pub(crate) struct NotFound(ErrorBody);
+
+/// The token is revoked: it cannot be changed or rotated.
+#[derive(ToResponse)]
+#[allow(dead_code)]
+pub(crate) struct TokenRevoked(ErrorBody);
 
 /// The token store failed.
 #[derive(ToResponse)]
@@ -122,6 +127,24 @@ impl ApiError {
         )
     }
 
+    /// 409: the token changed between this request's read and its write.
+    pub(crate) fn stale() -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "the token changed while this request was processed; read it again and retry",
+        )
+    }
+
+    /// 410: the token is revoked, for good.
+    pub(crate) fn token_revoked() -> Self {
+        Self::new(
+            StatusCode::GONE,
+            "token_revoked",
+            "the token is revoked: it cannot be changed or rotated",
+        )
+    }
+
     /// 429 with `Retry-After`.
     pub(crate) fn too_many(retry_after: u64) -> Self {
         Self {
@@ -139,6 +162,8 @@ impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::NotFound => Self::not_found(),
+            StoreError::Revoked => Self::token_revoked(),
+            StoreError::Stale => Self::stale(),
             StoreError::Conflict { field: "name" } => Self::name_taken(),
             StoreError::Conflict { field } => Self::new(
                 StatusCode::CONFLICT,

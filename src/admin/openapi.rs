@@ -6,7 +6,8 @@ use utoipa::openapi::{OpenApi as Document, Paths};
 use utoipa::{Modify, OpenApi};
 
 use super::error::{
-    ErrorBody, NotFound, PayloadTooLarge, ReadScopeMissing, StoreFailed, Unauthorized,
+    ErrorBody, NotFound, PayloadTooLarge, ReadScopeMissing, StoreFailed, TokenRevoked,
+    Unauthorized,
     WriteScopeMissing,
 };
 use super::events::{EventKind, TokenEvent};
@@ -56,6 +57,7 @@ use super::view::{Deleted, ExpiryWarning, IssuedToken, TokenView};
         ReadScopeMissing,
         WriteScopeMissing,
         NotFound,
+        TokenRevoked,
         StoreFailed,
         PayloadTooLarge,
     )),

@@ -18,7 +18,8 @@ use tokio::sync::Mutex;
 
 use super::config::AdminConfig;
 use super::error::{
-    ApiError, ErrorBody, NotFound, PayloadTooLarge, ReadScopeMissing, StoreFailed, Unauthorized,
+    ApiError, ErrorBody, NotFound, PayloadTooLarge, ReadScopeMissing, StoreFailed, TokenRevoked,
+    Unauthorized,
 };
 use super::events::{EventKind, TokenEvent};
 use super::input::{CreateTokenRequest, ListParams, PatchTokenRequest, RotateTokenRequest};
@@ -31,6 +32,7 @@ use crate::auth::limit::WindowCounter;
 use crate::principal::Principal;
 use crate::record::{NewToken, TokenRecord};
 use crate::scope::ScopeSet;
+use crate::store::{Rotation, TokenPatch};
 
 /// The tag of every operation.
 pub(crate) const TAG: &str = "personal-access-tokens";
@@ -345,7 +347,8 @@ pub(crate) async fn get_one(
         (status = 401, response = Unauthorized),
         (status = 403, description = "`personalAccessToken:write` is missing, the caller lacks a scope the token holds or a requested one (`insufficient_scope`), or the change would make the token outlive the caller or reach beyond its networks (`forbidden`)", body = ErrorBody),
         (status = 404, response = NotFound),
-        (status = 409, description = "The subject already has a token with this name", body = ErrorBody),
+        (status = 409, description = "The subject already has a token with this name, or the token changed while the request was processed (`conflict`: read it again and retry)", body = ErrorBody),
+        (status = 410, response = TokenRevoked),
         (status = 413, response = PayloadTooLarge),
         (status = 500, response = StoreFailed),
     ),
@@ -385,6 +388,14 @@ pub(crate) async fn update(
             "a revoked token cannot be reinstated; create a new one",
         ));
     }
+    if record.is_revoked()
+        && (patch.name.is_some()
+            || patch.scopes.is_some()
+            || patch.expires_at.is_some()
+            || patch.ip_restriction.is_some())
+    {
+        return Err(ApiError::token_revoked());
+    }
     let before = record.clone();
     if let Some(name) = patch.name {
         record.name = name;
@@ -399,8 +410,13 @@ pub(crate) async fn update(
         record.ip_restriction = nets;
     }
     if record != before {
-        record.updated_at = now;
-        admin.config.store.update(&record).await?;
+        // Only what this request changes, and only if nobody changed the token since it was read:
+        // a write from a stale read would undo the other change (a revocation, a rotation).
+        record = admin
+            .config
+            .store
+            .update(&id, &changes(&before, &record, now))
+            .await?;
         admin.emit(EventKind::Updated, || TokenView::new(&record, now), now);
     }
     if patch.revoked == Some(true) && !record.is_revoked() {
@@ -431,10 +447,12 @@ pub(crate) async fn update(
     request_body(content = Option<RotateTokenRequest>, description = "Optional"),
     responses(
         (status = 201, description = "Rotated; the new secret is shown this once", body = IssuedToken),
-        (status = 400, description = "The token is revoked or expired, or a field is unknown, invalid or one a rotation keeps (name, scopes, type, networks)", body = ErrorBody),
+        (status = 400, description = "The token is expired, or a field is unknown, invalid or one a rotation keeps (name, scopes, type, networks)", body = ErrorBody),
         (status = 401, response = Unauthorized),
         (status = 403, description = "`personalAccessToken:write` is missing, the caller lacks a scope the token holds (`insufficient_scope`), or the token would outlive the caller or reaches beyond its networks (`forbidden`)", body = ErrorBody),
         (status = 404, response = NotFound),
+        (status = 409, description = "The token changed (another rotation, an update) while the request was processed (`conflict`: read it again and retry)", body = ErrorBody),
+        (status = 410, response = TokenRevoked),
         (status = 413, response = PayloadTooLarge),
         (status = 500, response = StoreFailed),
     ),
@@ -452,7 +470,7 @@ pub(crate) async fn rotate(
     policy::may_act_on(&caller, &record)?;
     req.check_owner(&record)?;
     if record.is_revoked() {
-        return Err(ApiError::bad_request("a revoked token cannot be rotated"));
+        return Err(ApiError::token_revoked());
     }
     if record.is_expired_at(now) {
         return Err(ApiError::bad_request("an expired token cannot be rotated"));
@@ -478,17 +496,39 @@ pub(crate) async fn rotate(
         layer.hasher(),
         now,
     );
-    record.previous_hash = grace_until.map(|until| (record.hash, until));
-    record.hash = fresh.hash;
-    record.start = fresh.start;
-    record.last_rotated_at = Some(now);
-    record.updated_at = now;
-    admin.config.store.update(&record).await?;
+    // Applied only while the secret read above is still the token's, at the version read: a
+    // rotation racing another change never brings back a secret rotated away or a revoked token.
+    let mut rotation = Rotation::new(record.hash, fresh.hash, fresh.start, now)
+        .if_version(record.version)
+        .grace_until(grace_until);
+    if req.expires_at.is_some() {
+        rotation = rotation.expires_at(record.expires_at);
+    }
+    let record = admin.config.store.rotate(&id, &rotation).await?;
     let view = TokenView::new(&record, now);
     admin.emit(EventKind::Rotated, || view.clone(), now);
     let mut issued = IssuedToken::new(view, &secret);
     issued.previous_token_valid_until = grace_until;
     Ok(json(StatusCode::CREATED, &issued))
+}
+
+/// The patch that turns `before` (the record as read) into `after`: the fields that differ, on the
+/// condition that the record is still the version read.
+fn changes(before: &TokenRecord, after: &TokenRecord, at: DateTime<Utc>) -> TokenPatch {
+    let mut patch = TokenPatch::new(at).if_version(before.version);
+    if after.name != before.name {
+        patch = patch.name(after.name.clone());
+    }
+    if after.scopes != before.scopes {
+        patch = patch.scopes(after.scopes.clone());
+    }
+    if after.expires_at != before.expires_at {
+        patch = patch.expires_at(after.expires_at);
+    }
+    if after.ip_restriction != before.ip_restriction {
+        patch = patch.ip_restriction(after.ip_restriction.iter().copied());
+    }
+    patch
 }
 
 /// Delete a personal access token: the record is gone and the token stops working at once.

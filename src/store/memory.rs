@@ -4,7 +4,11 @@ use std::sync::{Arc, RwLock, Weak};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{ChangeHub, ChangeListener, ListQuery, Page, StoreError, TokenLookup, TokenStore};
+use super::write::check_writable;
+use super::{
+    ChangeHub, ChangeListener, ListQuery, Page, Rotation, StoreError, TokenLookup, TokenPatch,
+    TokenStore,
+};
 use crate::record::TokenRecord;
 use crate::token::TokenHash;
 use crate::usage::UsageUpdate;
@@ -30,10 +34,11 @@ struct Data {
 }
 
 impl Data {
-    fn name_taken(&self, record: &TokenRecord) -> bool {
+    /// Whether a record other than `id` of `subject` is named `name`.
+    fn name_taken(&self, subject: &str, name: &str, id: &str) -> bool {
         self.by_id
             .values()
-            .any(|r| r.subject == record.subject && r.name == record.name && r.id != record.id)
+            .any(|r| r.subject == subject && r.name == name && r.id != id)
     }
 
     fn index(&mut self, record: &TokenRecord) {
@@ -115,7 +120,7 @@ impl TokenStore for MemoryStore {
         if data.by_hash.contains_key(&record.hash) {
             return Err(StoreError::Conflict { field: "hash" });
         }
-        if data.name_taken(record) {
+        if data.name_taken(&record.subject, &record.name, &record.id) {
             return Err(StoreError::Conflict { field: "name" });
         }
         data.index(record);
@@ -142,33 +147,52 @@ impl TokenStore for MemoryStore {
         Ok(Page { items, total })
     }
 
-    async fn update(&self, record: &TokenRecord) -> Result<(), StoreError> {
-        let old = {
+    async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
+        let (old, new) = {
             let mut data = self.write();
-            let Some(old) = data.by_id.get(&record.id).cloned() else {
-                return Err(StoreError::NotFound);
-            };
-            if data.name_taken(record) {
+            let old = check_writable(data.by_id.get(id), patch.if_version, None)?.clone();
+            if patch.is_empty() {
+                return Ok(old);
+            }
+            if let Some(name) = &patch.name
+                && data.name_taken(&old.subject, name, id)
+            {
                 return Err(StoreError::Conflict { field: "name" });
             }
-            if record.hash != old.hash
-                && data
-                    .by_hash
-                    .get(&record.hash)
-                    .is_some_and(|id| *id != record.id)
+            let mut new = old.clone();
+            patch.apply(&mut new)?;
+            data.by_id.insert(new.id.clone(), new.clone());
+            (old, new)
+        };
+        self.inner.hub.announce(&old);
+        Ok(new)
+    }
+
+    async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
+        let (old, new) = {
+            let mut data = self.write();
+            let old = check_writable(
+                data.by_id.get(id),
+                rotation.if_version,
+                Some(&rotation.old_hash),
+            )?
+            .clone();
+            if data
+                .by_hash
+                .get(&rotation.new_hash)
+                .is_some_and(|owner| owner != id)
             {
                 return Err(StoreError::Conflict { field: "hash" });
             }
+            let mut new = old.clone();
+            rotation.apply(&mut new)?;
             data.unindex(&old);
-            let mut new = record.clone();
-            new.last_used_at = old.last_used_at;
-            new.last_used_ips = old.last_used_ips.clone();
             data.index(&new);
-            data.by_id.insert(new.id.clone(), new);
-            old
+            data.by_id.insert(new.id.clone(), new.clone());
+            (old, new)
         };
         self.inner.hub.announce(&old);
-        Ok(())
+        Ok(new)
     }
 
     async fn revoke(&self, id: &str, at: DateTime<Utc>) -> Result<Option<TokenRecord>, StoreError> {
@@ -180,6 +204,8 @@ impl TokenStore for MemoryStore {
             if r.revoked_at.is_none() {
                 r.revoked_at = Some(at);
                 r.updated_at = at;
+                // A revocation never fails, not even on an exhausted counter.
+                r.version = r.version.saturating_add(1);
             }
             r.clone()
         };

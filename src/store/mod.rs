@@ -17,6 +17,7 @@ pub mod postgres;
 mod sql;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+mod write;
 
 use std::fmt;
 use std::sync::{RwLock, Weak};
@@ -32,6 +33,7 @@ pub use sqlite::SqliteStore;
 /// The `sqlx` version the SQL stores are built on, for building pools and options to hand them.
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use sqlx;
+pub use write::{Rotation, TokenPatch};
 
 use crate::record::TokenRecord;
 use crate::token::TokenHash;
@@ -48,6 +50,11 @@ pub enum StoreError {
         /// The field whose value is already taken.
         field: &'static str,
     },
+    /// The token is revoked: a management write other than a revocation or a deletion is refused.
+    Revoked,
+    /// The record changed since the caller read it (another version, or for a rotation another
+    /// hash): read it again and retry.
+    Stale,
     /// The backend failed or could not be reached.
     Backend(Box<dyn std::error::Error + Send + Sync>),
 }
@@ -64,6 +71,8 @@ impl fmt::Display for StoreError {
         match self {
             Self::NotFound => f.write_str("no such token"),
             Self::Conflict { field } => write!(f, "a token with this {field} already exists"),
+            Self::Revoked => f.write_str("the token is revoked; it cannot be changed"),
+            Self::Stale => f.write_str("the token changed meanwhile: read it again and retry"),
             Self::Backend(e) => write!(f, "token store unavailable: {e}"),
         }
     }
@@ -185,8 +194,16 @@ pub trait TokenLookup: Send + Sync + 'static {
 
 /// The management operations, on top of the read path.
 ///
-/// Implementations publish [`StoreEvent::Changed`] with the record's previous hash (and its grace
-/// hash, if any) from `update`, `revoke` and `delete`, so that caches drop the entry at once.
+/// Every write is conditional and atomic: [`update`](Self::update) and [`rotate`](Self::rotate)
+/// apply only to a record that exists, is not revoked and is still the version (and for a
+/// rotation, the hash) the caller read, checked and written under one lock or in one statement.
+/// Nothing but [`rotate`](Self::rotate) writes `hash` and `previous_hash`, and no write ever
+/// clears `revoked_at`: a revocation is permanent and a secret rotated away never comes back,
+/// whatever the writes it races.
+///
+/// Implementations publish [`StoreEvent::Changed`] for every hash the record answered to before
+/// the change (its hash and its grace hash, if any) from `update`, `rotate`, `revoke` and
+/// `delete`, so that caches drop the entry at once.
 #[async_trait]
 pub trait TokenStore: TokenLookup {
     /// Inserts a new record. Fails with [`StoreError::Conflict`] if the id, the hash, or the name for
@@ -199,13 +216,32 @@ pub trait TokenStore: TokenLookup {
     /// A page of records matching `query`, and how many match in all.
     async fn list(&self, query: &ListQuery) -> Result<Page, StoreError>;
 
-    /// Replaces the record with the same id, except its usage fields (`last_used_at`,
-    /// `last_used_ips`), which belong to [`TokenLookup::record_usage`]. Fails with
-    /// [`StoreError::NotFound`] or, for a name taken by another token of the subject,
-    /// [`StoreError::Conflict`].
-    async fn update(&self, record: &TokenRecord) -> Result<(), StoreError>;
+    /// Changes the fields `patch` names, atomically, and returns the record after the change:
+    /// `updated_at` becomes `patch.at` and the [`version`](TokenRecord::version) goes up by one.
+    /// Never writes `revoked_at`, `hash`, `previous_hash`, `start` or the usage fields.
+    ///
+    /// Fails, changing nothing, with [`StoreError::NotFound`] for an unknown id,
+    /// [`StoreError::Revoked`] for a revoked record, [`StoreError::Stale`] if
+    /// [`if_version`](TokenPatch::if_version) is not the stored version, and
+    /// [`StoreError::Conflict`] (`name`) for a name another token of the subject has. An empty
+    /// patch checks the same conditions and returns the record unchanged.
+    async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError>;
 
-    /// Marks the record revoked at `at` (kept if already revoked) and returns it, `None` if unknown.
+    /// Replaces the record's secret, atomically, and returns the record after the change: `hash`
+    /// and `start` become the new ones, `previous_hash` becomes `(old_hash, grace_until)` (or none
+    /// without a grace period: an earlier grace hash never survives a rotation),
+    /// `last_rotated_at` and `updated_at` become `rotation.at`, the expiry changes if the rotation
+    /// says so, and the [`version`](TokenRecord::version) goes up by one.
+    ///
+    /// Fails, changing nothing, with [`StoreError::NotFound`], [`StoreError::Revoked`],
+    /// [`StoreError::Stale`] if `old_hash` is not the record's current hash or
+    /// [`if_version`](Rotation::if_version) not its version, and [`StoreError::Conflict`]
+    /// (`hash`) if another record has the new hash.
+    async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError>;
+
+    /// Marks the record revoked at `at` (kept if already revoked: `revoked_at` is set once and
+    /// never cleared) and returns it, `None` if unknown. The
+    /// [`version`](TokenRecord::version) goes up only when this call revokes it.
     async fn revoke(&self, id: &str, at: DateTime<Utc>) -> Result<Option<TokenRecord>, StoreError>;
 
     /// Removes the record and returns it, `None` if unknown.

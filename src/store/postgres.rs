@@ -17,6 +17,7 @@
 //! | `created_at`, `updated_at`, `expires_at`, `revoked_at`, `last_used_at`, `last_rotated_at`, `previous_hash_until` | `timestamptz` | microsecond precision |
 //! | `hash` | `bytea` | 32 bytes, unique index (`tower_pat_tokens_hash_key`) |
 //! | `previous_hash` | `bytea` | partial index, during a rotation grace period |
+//! | `version` | `bigint` | management writes so far ([`TokenRecord::version`]; migration 2) |
 //!
 //! [`record_usage`](TokenLookup::record_usage) writes a whole batch in one `UPDATE … FROM
 //! unnest(…)` statement: `last_used_at` becomes the later of the stored and the given time, and
@@ -25,8 +26,8 @@
 //!
 //! # Change feed
 //!
-//! Every [`update`](TokenStore::update) (a rotation included), [`revoke`](TokenStore::revoke) and
-//! [`delete`](TokenStore::delete) sends, in the same transaction, `NOTIFY <channel>` with the
+//! Every [`update`](TokenStore::update), [`rotate`](TokenStore::rotate),
+//! [`revoke`](TokenStore::revoke) and [`delete`](TokenStore::delete) sends, in the same transaction, `NOTIFY <channel>` with the
 //! payload `<id> <hex hash>` for each hash the record answered to before the change (its hash and,
 //! during a grace period, its previous hash). PostgreSQL delivers it when the transaction commits.
 //! The change is also published to this process's caches before the call returns.
@@ -64,6 +65,15 @@
 //! since its feed was declared down, or since the store queries that keep failing began (at most
 //! the TTL plus `stale_if_error`); zero when the feed is connected and the store answers.
 //!
+//! # Concurrent writes
+//!
+//! [`update`](TokenStore::update) and [`rotate`](TokenStore::rotate) run in one transaction that
+//! locks the record's row (`SELECT … FOR UPDATE`), checks it, and writes it with one conditional
+//! `UPDATE` (same version, not revoked, and for a rotation the same hash). A revocation from
+//! another node therefore lands either before (the write is refused with
+//! [`StoreError::Revoked`]) or after (and stays): it is never undone, and a hash rotated away is
+//! never written back.
+//!
 //! # Failure
 //!
 //! A query that fails, or waits longer than the pool's acquire timeout
@@ -94,16 +104,19 @@ use super::sql::{
     self, Dialect, Migration, Param, RawRecord, Statements, TABLE, scope_strings, store_error,
     to_strings,
 };
+use super::write::check_writable;
 use super::{
-    ChangeHub, ChangeListener, ListQuery, Page, StoreError, StoreEvent, TokenLookup, TokenStore,
+    ChangeHub, ChangeListener, ListQuery, Page, Rotation, StoreError, StoreEvent, TokenLookup,
+    TokenPatch, TokenStore,
 };
 use crate::record::{MAX_LAST_USED_IPS, TokenRecord};
 use crate::token::TokenHash;
 use crate::usage::UsageUpdate;
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: r"
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: r"
 CREATE TABLE tower_pat_tokens (
     id text NOT NULL,
     subject text NOT NULL,
@@ -131,7 +144,12 @@ CREATE INDEX tower_pat_tokens_previous_hash_idx ON tower_pat_tokens (previous_ha
     WHERE previous_hash IS NOT NULL;
 CREATE INDEX tower_pat_tokens_subject_created_idx ON tower_pat_tokens (subject, created_at);
 ",
-}];
+    },
+    Migration {
+        version: 2,
+        sql: "ALTER TABLE tower_pat_tokens ADD COLUMN version bigint NOT NULL DEFAULT 0;",
+    },
+];
 
 /// The advisory lock key under which migrations run ("tower_pa").
 const MIGRATION_LOCK: i64 = 0x746f_7765_725f_7061;
@@ -370,6 +388,38 @@ impl PostgresStore {
 }
 
 impl PostgresStore {
+    /// The record `id`, its row locked until the transaction ends.
+    async fn locked(
+        &self,
+        tx: &mut sqlx::Transaction<'static, Postgres>,
+        id: &str,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        sqlx::query(&self.inner.sql.get_for_update)
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(store_error)?
+            .as_ref()
+            .map(decode)
+            .transpose()
+    }
+
+    /// Commits a conditional write of `old` that returned `row` (none: its condition failed, which
+    /// the row lock makes impossible, so a [`StoreError::Stale`]), notifying the other nodes of
+    /// every hash `old` answered to in the same transaction, and announces the change here.
+    async fn commit_write(
+        &self,
+        mut tx: sqlx::Transaction<'static, Postgres>,
+        old: &TokenRecord,
+        row: Option<PgRow>,
+    ) -> Result<TokenRecord, StoreError> {
+        let new = decode(row.as_ref().ok_or(StoreError::Stale)?)?;
+        self.inner.notify(&mut *tx, old).await?;
+        tx.commit().await.map_err(store_error)?;
+        self.inner.hub.announce(old);
+        Ok(new)
+    }
+
     /// Runs a statement that changes one record and returns it (its hashes unchanged), notifies
     /// the other nodes in the same transaction, and announces the change here once committed.
     async fn change_returning(&self, q: Query<'_>) -> Result<Option<TokenRecord>, StoreError> {
@@ -613,13 +663,13 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
 
 type Query<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
 
-/// Binds `$1`–`$16`: every column but the usage ones.
-fn bind_record<'q>(q: Query<'q>, r: &'q TokenRecord) -> Query<'q> {
-    q.bind(&r.id)
+/// Binds `$1`–`$17`: every column but the usage ones.
+fn bind_record<'q>(q: Query<'q>, r: &'q TokenRecord) -> Result<Query<'q>, StoreError> {
+    Ok(q.bind(&r.id)
         .bind(&r.subject)
         .bind(&r.name)
         .bind(r.name.to_lowercase())
-        .bind(scope_strings(r))
+        .bind(scope_strings(&r.scopes))
         .bind(&r.token_type)
         .bind(to_strings(&r.ip_restriction))
         .bind(r.created_at)
@@ -631,6 +681,7 @@ fn bind_record<'q>(q: Query<'q>, r: &'q TokenRecord) -> Query<'q> {
         .bind(&r.start)
         .bind(r.previous_hash.map(|(h, _)| h.as_bytes().to_vec()))
         .bind(r.previous_hash.map(|(_, until)| until))
+        .bind(sql::db_version(r.version)?))
 }
 
 fn bind_params<'q>(mut q: Query<'q>, params: &[Param]) -> Query<'q> {
@@ -668,6 +719,7 @@ fn decode(row: &PgRow) -> Result<TokenRecord, StoreError> {
         start: get(row, "start")?,
         previous_hash: get(row, "previous_hash")?,
         previous_hash_until: get(row, "previous_hash_until")?,
+        version: get(row, "version")?,
     }
     .into_record()
 }
@@ -744,7 +796,7 @@ impl TokenLookup for PostgresStore {
 #[async_trait]
 impl TokenStore for PostgresStore {
     async fn insert(&self, record: &TokenRecord) -> Result<(), StoreError> {
-        bind_record(sqlx::query(&self.inner.sql.insert), record)
+        bind_record(sqlx::query(&self.inner.sql.insert), record)?
             .bind(record.last_used_at)
             .bind(to_strings(&record.last_used_ips))
             .execute(&self.inner.pool)
@@ -776,23 +828,49 @@ impl TokenStore for PostgresStore {
         .await
     }
 
-    async fn update(&self, record: &TokenRecord) -> Result<(), StoreError> {
+    async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
         let mut tx = self.inner.pool.begin().await.map_err(store_error)?;
-        let old = sqlx::query(&self.inner.sql.get_for_update)
-            .bind(&record.id)
+        let old = self.locked(&mut tx, id).await?;
+        let old = check_writable(old.as_ref(), patch.if_version, None)?;
+        if patch.is_empty() {
+            return Ok(old.clone());
+        }
+        let row = sqlx::query(&self.inner.sql.patch)
+            .bind(id)
+            .bind(sql::db_version(old.version)?)
+            .bind(patch.name.as_deref())
+            .bind(patch.name.as_deref().map(str::to_lowercase))
+            .bind(patch.scopes.as_ref().map(scope_strings))
+            .bind(patch.expires_at.is_some())
+            .bind(patch.expires_at.flatten())
+            .bind(patch.ip_restriction.as_deref().map(to_strings))
+            .bind(patch.at)
             .fetch_optional(&mut *tx)
             .await
-            .map_err(store_error)?
-            .ok_or(StoreError::NotFound)?;
-        let old = decode(&old)?;
-        bind_record(sqlx::query(&self.inner.sql.update), record)
-            .execute(&mut *tx)
+            .map_err(store_error)?;
+        self.commit_write(tx, old, row).await
+    }
+
+    async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
+        let mut tx = self.inner.pool.begin().await.map_err(store_error)?;
+        let old = self.locked(&mut tx, id).await?;
+        let old = check_writable(old.as_ref(), rotation.if_version, Some(&rotation.old_hash))?;
+        let grace = rotation.grace_until.map(|until| (rotation.old_hash, until));
+        let row = sqlx::query(&self.inner.sql.rotate)
+            .bind(id)
+            .bind(sql::db_version(old.version)?)
+            .bind(rotation.old_hash.as_bytes().as_slice())
+            .bind(rotation.new_hash.as_bytes().as_slice())
+            .bind(&rotation.new_start)
+            .bind(grace.map(|(h, _)| h.as_bytes().to_vec()))
+            .bind(grace.map(|(_, until)| until))
+            .bind(rotation.at)
+            .bind(rotation.expires_at.is_some())
+            .bind(rotation.expires_at.flatten())
+            .fetch_optional(&mut *tx)
             .await
             .map_err(store_error)?;
-        self.inner.notify(&mut *tx, &old).await?;
-        tx.commit().await.map_err(store_error)?;
-        self.inner.hub.announce(&old);
-        Ok(())
+        self.commit_write(tx, old, row).await
     }
 
     async fn revoke(&self, id: &str, at: DateTime<Utc>) -> Result<Option<TokenRecord>, StoreError> {

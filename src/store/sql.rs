@@ -16,7 +16,7 @@ pub(super) const TABLE: &str = "tower_pat_tokens";
 /// The columns every query that returns records selects, in this order.
 pub(super) const COLUMNS: &str = "id, subject, name, scopes, token_type, ip_restriction, \
      created_at, updated_at, expires_at, revoked_at, last_used_at, last_used_ips, \
-     last_rotated_at, hash, start, previous_hash, previous_hash_until";
+     last_rotated_at, hash, start, previous_hash, previous_hash_until, version";
 
 /// The differences between the SQL dialects that matter to [`list_sql`].
 #[derive(Clone, Copy)]
@@ -59,9 +59,9 @@ impl Dialect {
     }
 }
 
-/// The columns the stores' `bind_record` binds, in this order, as parameters 1 to 16: every column
-/// but the usage ones. An insert binds `last_used_at` and `last_used_ips` as 17 and 18.
-const WRITTEN: [&str; 16] = [
+/// The columns the stores' `bind_record` binds, in this order, as parameters 1 to 17: every column
+/// but the usage ones. An insert binds `last_used_at` and `last_used_ips` as 18 and 19.
+const WRITTEN: [&str; 17] = [
     "id",
     "subject",
     "name",
@@ -78,9 +78,18 @@ const WRITTEN: [&str; 16] = [
     "start",
     "previous_hash",
     "previous_hash_until",
+    "version",
 ];
 
 /// The fixed statements of a store, in its dialect.
+///
+/// The management writes run in one transaction that holds the record's row (PostgreSQL:
+/// [`get_for_update`](Self::get_for_update); SQLite: `BEGIN IMMEDIATE`, which holds the
+/// database's write lock), checks it with [`check_writable`](super::write::check_writable), and
+/// writes with [`patch`](Self::patch) or [`rotate`](Self::rotate). Those statements carry the same
+/// conditions in their `WHERE` clause (the version read, not revoked, the hash replaced), so a
+/// write never applies to a row other than the one checked, and they change only the columns they
+/// name: nothing but a rotation writes `hash` or `previous_hash`, and nothing clears `revoked_at`.
 #[derive(Debug)]
 pub(super) struct Statements {
     /// `$1` = hash: the records whose current or previous hash it is.
@@ -89,11 +98,19 @@ pub(super) struct Statements {
     pub(super) get: String,
     /// `$1` = id, locking the row until the end of the transaction where the dialect can.
     pub(super) get_for_update: String,
-    /// Parameters 1–16 as `WRITTEN`, then `last_used_at`, `last_used_ips`.
+    /// Parameters 1–17 as `WRITTEN`, then `last_used_at`, `last_used_ips`.
     pub(super) insert: String,
-    /// Parameters 1–16 as `WRITTEN`; leaves the usage columns alone.
-    pub(super) update: String,
-    /// `$1` = id, `$2` = time: revokes unless revoked, returns the record.
+    /// `$1` = id, `$2` = the version checked; `$3` name, `$4` its lowercase form, `$5` scopes,
+    /// `$6` whether to set the expiry, `$7` the expiry, `$8` the IP restriction, each `NULL` to
+    /// keep; `$9` = the time. Returns the record, or nothing if the condition failed.
+    pub(super) patch: String,
+    /// `$1` = id, `$2` = the version checked, `$3` = the hash replaced; `$4` the new hash, `$5`
+    /// its start, `$6` and `$7` the grace hash and its end (or `NULL`s), `$8` the time, `$9`
+    /// whether to set the expiry, `$10` the expiry. Returns the record, or nothing if the
+    /// condition failed.
+    pub(super) rotate: String,
+    /// `$1` = id, `$2` = time: revokes unless revoked (then bumping the version), returns the
+    /// record.
     pub(super) revoke: String,
     /// `$1` = id: returns the deleted record.
     pub(super) delete: String,
@@ -106,13 +123,13 @@ impl Statements {
         let p = |n: usize| d.placeholder(n);
         let insert_cols = WRITTEN.join(", ") + ", last_used_at, last_used_ips";
         let insert_vals: Vec<String> = (1..=WRITTEN.len() + 2).map(p).collect();
-        let sets: Vec<String> = WRITTEN
-            .iter()
-            .enumerate()
-            .skip(1)
-            .map(|(i, c)| format!("{c} = {}", p(i + 1)))
-            .collect();
         let get = format!("SELECT {COLUMNS} FROM {TABLE} WHERE id = {}", p(1));
+        // The row checked, still writable.
+        let checked = format!(
+            "id = {} AND version = {} AND revoked_at IS NULL",
+            p(1),
+            p(2)
+        );
         Self {
             find_by_hash: format!(
                 "SELECT {COLUMNS} FROM {TABLE} WHERE hash = {0} OR previous_hash = {0}",
@@ -129,10 +146,41 @@ impl Statements {
                 "INSERT INTO {TABLE} ({insert_cols}) VALUES ({})",
                 insert_vals.join(", ")
             ),
-            update: format!("UPDATE {TABLE} SET {} WHERE id = {}", sets.join(", "), p(1)),
+            patch: {
+                let [name, lower, scopes, set_expiry, expiry, nets, at] =
+                    [3, 4, 5, 6, 7, 8, 9].map(p);
+                format!(
+                    "UPDATE {TABLE} SET \
+                     name = COALESCE({name}, name), \
+                     name_lower = COALESCE({lower}, name_lower), \
+                     scopes = COALESCE({scopes}, scopes), \
+                     expires_at = CASE WHEN {set_expiry} THEN {expiry} ELSE expires_at END, \
+                     ip_restriction = COALESCE({nets}, ip_restriction), \
+                     updated_at = {at}, \
+                     version = version + 1 \
+                     WHERE {checked} RETURNING {COLUMNS}"
+                )
+            },
+            rotate: {
+                let [old, hash, start, grace, grace_until, at, set_expiry, expiry] =
+                    [3, 4, 5, 6, 7, 8, 9, 10].map(p);
+                format!(
+                    "UPDATE {TABLE} SET \
+                     hash = {hash}, \
+                     start = {start}, \
+                     previous_hash = {grace}, \
+                     previous_hash_until = {grace_until}, \
+                     last_rotated_at = {at}, \
+                     updated_at = {at}, \
+                     expires_at = CASE WHEN {set_expiry} THEN {expiry} ELSE expires_at END, \
+                     version = version + 1 \
+                     WHERE {checked} AND hash = {old} RETURNING {COLUMNS}"
+                )
+            },
             revoke: format!(
                 "UPDATE {TABLE} SET revoked_at = COALESCE(revoked_at, {1}), \
-                 updated_at = CASE WHEN revoked_at IS NULL THEN {1} ELSE updated_at END \
+                 updated_at = CASE WHEN revoked_at IS NULL THEN {1} ELSE updated_at END, \
+                 version = CASE WHEN revoked_at IS NULL THEN version + 1 ELSE version END \
                  WHERE id = {0} RETURNING {COLUMNS}",
                 p(1),
                 p(2)
@@ -302,6 +350,7 @@ pub(super) struct RawRecord {
     pub(super) start: String,
     pub(super) previous_hash: Option<Vec<u8>>,
     pub(super) previous_hash_until: Option<DateTime<Utc>>,
+    pub(super) version: i64,
 }
 
 impl RawRecord {
@@ -331,6 +380,7 @@ impl RawRecord {
             .map(|s| s.parse::<IpAddr>())
             .collect::<Result<_, _>>()
             .map_err(|_| corrupt("last used address"))?;
+        let version = u64::try_from(self.version).map_err(|_| corrupt("version"))?;
         Ok(TokenRecord {
             id: self.id,
             subject: self.subject,
@@ -348,17 +398,19 @@ impl RawRecord {
             hash,
             start: self.start,
             previous_hash,
+            version,
         })
     }
 }
 
-/// The scope strings of a record, as stored.
-pub(super) fn scope_strings(record: &TokenRecord) -> Vec<String> {
-    record
-        .scopes
-        .iter()
-        .map(|s| s.as_str().to_owned())
-        .collect()
+/// The scope strings of a set, as stored.
+pub(super) fn scope_strings(scopes: &ScopeSet) -> Vec<String> {
+    scopes.iter().map(|s| s.as_str().to_owned()).collect()
+}
+
+/// A version as stored (a signed 64-bit integer in both dialects).
+pub(super) fn db_version(version: u64) -> Result<i64, StoreError> {
+    i64::try_from(version).map_err(|_| StoreError::backend("a token version is out of range"))
 }
 
 /// Text forms of addresses or networks, as stored.

@@ -15,6 +15,7 @@
 //! | `created_at`, `updated_at`, `expires_at`, `revoked_at`, `last_used_at`, `last_rotated_at`, `previous_hash_until` | `INTEGER` | Unix microseconds |
 //! | `hash` | `BLOB` | 32 bytes, unique |
 //! | `previous_hash` | `BLOB` | indexed, during a rotation grace period |
+//! | `version` | `INTEGER` | management writes so far ([`TokenRecord::version`]; migration 2) |
 //!
 //! Times are kept to the microsecond (like PostgreSQL's `timestamptz`): a record read back has its
 //! times truncated to whole microseconds.
@@ -30,8 +31,17 @@
 //! # Change feed
 //!
 //! A change made through the store ([`update`](TokenStore::update),
-//! [`revoke`](TokenStore::revoke), [`delete`](TokenStore::delete)) is published to the caches
-//! subscribed to it before the call returns, as [`MemoryStore`](super::MemoryStore) does.
+//! [`rotate`](TokenStore::rotate), [`revoke`](TokenStore::revoke),
+//! [`delete`](TokenStore::delete)) is published to the caches subscribed to it before the call
+//! returns, as [`MemoryStore`](super::MemoryStore) does.
+//!
+//! # Concurrent writes
+//!
+//! [`update`](TokenStore::update) and [`rotate`](TokenStore::rotate) run in one `BEGIN
+//! IMMEDIATE` transaction: it takes the database's write lock (waiting for another process's
+//! writer, up to the busy timeout), reads and checks the record, and writes it with one
+//! conditional `UPDATE`. A revocation by another process therefore lands either before (the
+//! write is refused with [`StoreError::Revoked`]) or after (and stays): it is never undone.
 //!
 //! # Failure
 //!
@@ -54,14 +64,19 @@ use super::sql::{
     self, Dialect, Migration, Param, RawRecord, Statements, TABLE, scope_strings, store_error,
     to_strings,
 };
-use super::{ChangeHub, ChangeListener, ListQuery, Page, StoreError, TokenLookup, TokenStore};
+use super::write::check_writable;
+use super::{
+    ChangeHub, ChangeListener, ListQuery, Page, Rotation, StoreError, TokenLookup, TokenPatch,
+    TokenStore,
+};
 use crate::record::{TokenRecord, merge_usage};
 use crate::token::TokenHash;
 use crate::usage::UsageUpdate;
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: r"
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: r"
 CREATE TABLE tower_pat_tokens (
     id TEXT NOT NULL PRIMARY KEY,
     subject TEXT NOT NULL,
@@ -87,7 +102,12 @@ CREATE INDEX tower_pat_tokens_previous_hash ON tower_pat_tokens (previous_hash)
     WHERE previous_hash IS NOT NULL;
 CREATE INDEX tower_pat_tokens_subject_created ON tower_pat_tokens (subject, created_at);
 ",
-}];
+    },
+    Migration {
+        version: 2,
+        sql: "ALTER TABLE tower_pat_tokens ADD COLUMN version INTEGER NOT NULL DEFAULT 0;",
+    },
+];
 
 /// A store in one SQLite file: tokens survive restarts. See the [module docs](self) for the schema.
 ///
@@ -178,6 +198,30 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
+    /// A transaction holding the database's write lock (waiting up to the busy timeout for
+    /// another process's writer): what it reads stays true until it commits.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
+        self.inner
+            .writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(store_error)
+    }
+
+    /// Commits a conditional write of `old` that returned `row` (none: its condition failed, which
+    /// the lock makes impossible, so a [`StoreError::Stale`]), and announces the change.
+    async fn commit_write(
+        &self,
+        tx: sqlx::Transaction<'static, Sqlite>,
+        old: &TokenRecord,
+        row: Option<SqliteRow>,
+    ) -> Result<TokenRecord, StoreError> {
+        let new = decode(row.as_ref().ok_or(StoreError::Stale)?)?;
+        tx.commit().await.map_err(store_error)?;
+        self.inner.hub.announce(old);
+        Ok(new)
+    }
+
     /// Runs a statement that changes one record and returns it (its hashes unchanged), and
     /// announces the change.
     async fn change_returning(&self, q: Query<'_>) -> Result<Option<TokenRecord>, StoreError> {
@@ -230,6 +274,22 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
 
 type Query<'q> = sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>;
 
+/// The record `id` as stored, read within a write transaction.
+async fn locked(
+    tx: &mut sqlx::Transaction<'static, Sqlite>,
+    sql: &Statements,
+    id: &str,
+) -> Result<Option<TokenRecord>, StoreError> {
+    sqlx::query(&sql.get_for_update)
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(store_error)?
+        .as_ref()
+        .map(decode)
+        .transpose()
+}
+
 fn micros(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
 }
@@ -247,13 +307,13 @@ fn words(s: &str) -> Vec<String> {
     s.split_ascii_whitespace().map(str::to_owned).collect()
 }
 
-/// Binds `?1`–`?16`: every column but the usage ones.
-fn bind_record<'q>(q: Query<'q>, r: &'q TokenRecord) -> Query<'q> {
-    q.bind(&r.id)
+/// Binds `?1`–`?17`: every column but the usage ones.
+fn bind_record<'q>(q: Query<'q>, r: &'q TokenRecord) -> Result<Query<'q>, StoreError> {
+    Ok(q.bind(&r.id)
         .bind(&r.subject)
         .bind(&r.name)
         .bind(r.name.to_lowercase())
-        .bind(scope_strings(r).join(" "))
+        .bind(scope_strings(&r.scopes).join(" "))
         .bind(&r.token_type)
         .bind(to_strings(&r.ip_restriction).join(" "))
         .bind(micros(r.created_at))
@@ -265,6 +325,7 @@ fn bind_record<'q>(q: Query<'q>, r: &'q TokenRecord) -> Query<'q> {
         .bind(&r.start)
         .bind(r.previous_hash.map(|(h, _)| h.as_bytes().to_vec()))
         .bind(r.previous_hash.map(|(_, until)| micros(until)))
+        .bind(sql::db_version(r.version)?))
 }
 
 fn decode(row: &SqliteRow) -> Result<TokenRecord, StoreError> {
@@ -289,6 +350,7 @@ fn decode(row: &SqliteRow) -> Result<TokenRecord, StoreError> {
         start: get_text("start")?,
         previous_hash: row.try_get("previous_hash").map_err(store_error)?,
         previous_hash_until: opt_time(get_opt_time("previous_hash_until")?)?,
+        version: get_time("version")?,
     }
     .into_record()
 }
@@ -357,7 +419,7 @@ impl TokenLookup for SqliteStore {
 #[async_trait]
 impl TokenStore for SqliteStore {
     async fn insert(&self, record: &TokenRecord) -> Result<(), StoreError> {
-        bind_record(sqlx::query(&self.inner.sql.insert), record)
+        bind_record(sqlx::query(&self.inner.sql.insert), record)?
             .bind(record.last_used_at.map(micros))
             .bind(to_strings(&record.last_used_ips).join(" "))
             .execute(&self.inner.writer)
@@ -389,22 +451,54 @@ impl TokenStore for SqliteStore {
         .await
     }
 
-    async fn update(&self, record: &TokenRecord) -> Result<(), StoreError> {
-        let mut tx = self.inner.writer.begin().await.map_err(store_error)?;
-        let old = sqlx::query(&self.inner.sql.get_for_update)
-            .bind(&record.id)
+    async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let old = locked(&mut tx, &self.inner.sql, id).await?;
+        let old = check_writable(old.as_ref(), patch.if_version, None)?;
+        if patch.is_empty() {
+            return Ok(old.clone());
+        }
+        let row = sqlx::query(&self.inner.sql.patch)
+            .bind(id)
+            .bind(sql::db_version(old.version)?)
+            .bind(patch.name.as_deref())
+            .bind(patch.name.as_deref().map(str::to_lowercase))
+            .bind(patch.scopes.as_ref().map(|s| scope_strings(s).join(" ")))
+            .bind(patch.expires_at.is_some())
+            .bind(patch.expires_at.flatten().map(micros))
+            .bind(
+                patch
+                    .ip_restriction
+                    .as_ref()
+                    .map(|n| to_strings(n).join(" ")),
+            )
+            .bind(micros(patch.at))
             .fetch_optional(&mut *tx)
             .await
-            .map_err(store_error)?
-            .ok_or(StoreError::NotFound)?;
-        let old = decode(&old)?;
-        bind_record(sqlx::query(&self.inner.sql.update), record)
-            .execute(&mut *tx)
+            .map_err(store_error)?;
+        self.commit_write(tx, old, row).await
+    }
+
+    async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let old = locked(&mut tx, &self.inner.sql, id).await?;
+        let old = check_writable(old.as_ref(), rotation.if_version, Some(&rotation.old_hash))?;
+        let grace = rotation.grace_until.map(|until| (rotation.old_hash, until));
+        let row = sqlx::query(&self.inner.sql.rotate)
+            .bind(id)
+            .bind(sql::db_version(old.version)?)
+            .bind(rotation.old_hash.as_bytes().as_slice())
+            .bind(rotation.new_hash.as_bytes().as_slice())
+            .bind(&rotation.new_start)
+            .bind(grace.map(|(h, _)| h.as_bytes().to_vec()))
+            .bind(grace.map(|(_, until)| micros(until)))
+            .bind(micros(rotation.at))
+            .bind(rotation.expires_at.is_some())
+            .bind(rotation.expires_at.flatten().map(micros))
+            .fetch_optional(&mut *tx)
             .await
             .map_err(store_error)?;
-        tx.commit().await.map_err(store_error)?;
-        self.inner.hub.announce(&old);
-        Ok(())
+        self.commit_write(tx, old, row).await
     }
 
     async fn revoke(&self, id: &str, at: DateTime<Utc>) -> Result<Option<TokenRecord>, StoreError> {

@@ -1,0 +1,248 @@
+//! The conditional management writes: [`TokenPatch`] for [`TokenStore::update`] and [`Rotation`]
+//! for [`TokenStore::rotate`], and the one rule every store applies before either: the record
+//! exists, is not revoked and is still the version (and for a rotation, the hash) the caller read.
+//!
+//! [`TokenStore::update`]: super::TokenStore::update
+//! [`TokenStore::rotate`]: super::TokenStore::rotate
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use ipnet::IpNet;
+
+use super::StoreError;
+use crate::record::TokenRecord;
+use crate::scope::ScopeSet;
+use crate::token::TokenHash;
+
+/// The fields [`TokenStore::update`](super::TokenStore::update) changes, and the condition it
+/// changes them under. A field left `None` is kept as stored; the hashes, the revocation and the
+/// usage fields are never part of a patch.
+///
+/// ```
+/// use chrono::Utc;
+/// use tower_pat::TokenPatch;
+///
+/// let patch = TokenPatch::new(Utc::now()).if_version(3).name("laptop").expires_at(None);
+/// assert!(!patch.is_empty());
+/// assert!(TokenPatch::new(Utc::now()).if_version(3).is_empty());
+/// ```
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenPatch {
+    /// Apply only if the record still has this [`version`](TokenRecord::version) (else
+    /// [`StoreError::Stale`]); `None` applies to whatever version is stored.
+    pub if_version: Option<u64>,
+    /// A new name (unique per subject).
+    pub name: Option<String>,
+    /// New scopes.
+    pub scopes: Option<ScopeSet>,
+    /// A new expiry: `Some(None)` for never, `None` to keep it.
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+    /// New client networks (empty for anywhere).
+    pub ip_restriction: Option<Vec<IpNet>>,
+    /// When the change is made: the record's new `updated_at`.
+    pub at: DateTime<Utc>,
+}
+
+impl TokenPatch {
+    /// A patch made at `at` that changes nothing yet, under no version condition.
+    pub fn new(at: DateTime<Utc>) -> Self {
+        Self {
+            if_version: None,
+            name: None,
+            scopes: None,
+            expires_at: None,
+            ip_restriction: None,
+            at,
+        }
+    }
+
+    /// Applies only while the record's version is `version`.
+    #[must_use]
+    pub fn if_version(mut self, version: u64) -> Self {
+        self.if_version = Some(version);
+        self
+    }
+
+    /// Sets the name.
+    #[must_use]
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Sets the scopes.
+    #[must_use]
+    pub fn scopes(mut self, scopes: ScopeSet) -> Self {
+        self.scopes = Some(scopes);
+        self
+    }
+
+    /// Sets the expiry (`None`: never).
+    #[must_use]
+    pub fn expires_at(mut self, expires_at: Option<DateTime<Utc>>) -> Self {
+        self.expires_at = Some(expires_at);
+        self
+    }
+
+    /// Sets the allowed client networks (none: anywhere).
+    #[must_use]
+    pub fn ip_restriction(mut self, nets: impl IntoIterator<Item = IpNet>) -> Self {
+        self.ip_restriction = Some(nets.into_iter().collect());
+        self
+    }
+
+    /// Whether the patch names no field to change.
+    pub fn is_empty(&self) -> bool {
+        self.name.is_none()
+            && self.scopes.is_none()
+            && self.expires_at.is_none()
+            && self.ip_restriction.is_none()
+    }
+
+    /// The patch applied to `record`: the named fields, `updated_at`, and the version bumped.
+    pub(crate) fn apply(&self, record: &mut TokenRecord) -> Result<(), StoreError> {
+        record.version = next_version(record.version)?;
+        if let Some(name) = &self.name {
+            record.name.clone_from(name);
+        }
+        if let Some(scopes) = &self.scopes {
+            record.scopes = scopes.clone();
+        }
+        if let Some(expires_at) = self.expires_at {
+            record.expires_at = expires_at;
+        }
+        if let Some(nets) = &self.ip_restriction {
+            record.ip_restriction.clone_from(nets);
+        }
+        record.updated_at = self.at;
+        Ok(())
+    }
+}
+
+/// A new secret for a record, for [`TokenStore::rotate`](super::TokenStore::rotate): applied only
+/// while `old_hash` is the record's current hash, so a rotation made from a stale read can never
+/// bring back a hash that was rotated away.
+///
+/// `Debug` names neither hash.
+#[non_exhaustive]
+#[derive(Clone, PartialEq, Eq)]
+pub struct Rotation {
+    /// Apply only if the record still has this [`version`](TokenRecord::version) (else
+    /// [`StoreError::Stale`]); `None` applies to whatever version is stored.
+    pub if_version: Option<u64>,
+    /// The hash being replaced: the rotation applies only while it is the record's current hash
+    /// (else [`StoreError::Stale`]).
+    pub old_hash: TokenHash,
+    /// The new secret's hash.
+    pub new_hash: TokenHash,
+    /// The new secret's non-secret beginning ([`TokenRecord::start`]).
+    pub new_start: String,
+    /// Until when `old_hash` keeps answering; `None`: it stops at once. Any earlier grace hash
+    /// stops at once either way.
+    pub grace_until: Option<DateTime<Utc>>,
+    /// A new expiry (`Some(None)` for never), or `None` to keep it.
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+    /// When the rotation is made: the record's new `last_rotated_at` and `updated_at`.
+    pub at: DateTime<Utc>,
+}
+
+impl fmt::Debug for Rotation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rotation")
+            .field("if_version", &self.if_version)
+            .field("new_start", &self.new_start)
+            .field("grace_until", &self.grace_until)
+            .field("expires_at", &self.expires_at)
+            .field("at", &self.at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Rotation {
+    /// Replaces `old_hash` by `new_hash` (whose secret begins with `new_start`) at `at`, without
+    /// a grace period, keeping the expiry, under no version condition.
+    pub fn new(
+        old_hash: TokenHash,
+        new_hash: TokenHash,
+        new_start: impl Into<String>,
+        at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            if_version: None,
+            old_hash,
+            new_hash,
+            new_start: new_start.into(),
+            grace_until: None,
+            expires_at: None,
+            at,
+        }
+    }
+
+    /// Applies only while the record's version is `version`.
+    #[must_use]
+    pub fn if_version(mut self, version: u64) -> Self {
+        self.if_version = Some(version);
+        self
+    }
+
+    /// Until when the old secret keeps working (`None`: it stops at once).
+    #[must_use]
+    pub fn grace_until(mut self, until: Option<DateTime<Utc>>) -> Self {
+        self.grace_until = until;
+        self
+    }
+
+    /// Sets a new expiry with the rotation (`None`: never).
+    #[must_use]
+    pub fn expires_at(mut self, expires_at: Option<DateTime<Utc>>) -> Self {
+        self.expires_at = Some(expires_at);
+        self
+    }
+
+    /// The rotation applied to `record`.
+    pub(crate) fn apply(&self, record: &mut TokenRecord) -> Result<(), StoreError> {
+        record.version = next_version(record.version)?;
+        record.hash = self.new_hash;
+        record.start.clone_from(&self.new_start);
+        record.previous_hash = self.grace_until.map(|until| (self.old_hash, until));
+        record.last_rotated_at = Some(self.at);
+        record.updated_at = self.at;
+        if let Some(expires_at) = self.expires_at {
+            record.expires_at = expires_at;
+        }
+        Ok(())
+    }
+}
+
+/// The rule every store applies, under its write lock, before [`TokenStore::update`] or
+/// [`TokenStore::rotate`]: `current` (the record as stored now) exists ([`StoreError::NotFound`]),
+/// is not revoked ([`StoreError::Revoked`]), has the version `if_version` names and, for a
+/// rotation, the hash it replaces ([`StoreError::Stale`]).
+///
+/// [`TokenStore::update`]: super::TokenStore::update
+/// [`TokenStore::rotate`]: super::TokenStore::rotate
+pub(crate) fn check_writable<'r>(
+    current: Option<&'r TokenRecord>,
+    if_version: Option<u64>,
+    current_hash: Option<&TokenHash>,
+) -> Result<&'r TokenRecord, StoreError> {
+    let record = current.ok_or(StoreError::NotFound)?;
+    if record.is_revoked() {
+        return Err(StoreError::Revoked);
+    }
+    if if_version.is_some_and(|v| v != record.version)
+        || current_hash.is_some_and(|h| *h != record.hash)
+    {
+        return Err(StoreError::Stale);
+    }
+    Ok(record)
+}
+
+/// The version after a management write.
+pub(crate) fn next_version(version: u64) -> Result<u64, StoreError> {
+    version
+        .checked_add(1)
+        .ok_or_else(|| StoreError::backend("the token's version counter is exhausted"))
+}

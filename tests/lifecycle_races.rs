@@ -1,0 +1,460 @@
+//! Management writes that race each other through the HTTP API: a rename, a rotation and a
+//! revocation of one token, interleaved. Whatever the order, a revocation is never undone and a
+//! secret rotated away never works again.
+//!
+//! First deterministically (a store wrapper holds a handler between its read of the record and
+//! its write), then as a stress test over real databases: two "nodes" (two stores, two layers,
+//! two admin routers) over one SQLite file, and over one PostgreSQL database (with
+//! `DATABASE_URL`; without it those tests say they are skipped).
+
+mod common;
+mod support_admin;
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use axum::Router;
+use axum::routing;
+use chrono::{DateTime, Utc};
+use http::StatusCode;
+use support_admin::{BASE, patch, post};
+use tokio::sync::oneshot;
+use tower_pat::admin::{self, AdminConfig};
+use tower_pat::store::{ChangeListener, ListQuery, Page};
+use tower_pat::{
+    MemoryStore, NewToken, PatAuthLayer, Principal, Rotation, ScopeSet, StoreError, TokenHash,
+    TokenLookup, TokenPatch, TokenRecord, TokenStore, UsageUpdate,
+};
+
+// ---------------------------------------------------------------------------------------------
+// A store whose `get` can be held
+
+/// Holds the next `get` of one id after it has read the record, until released.
+#[derive(Clone, Default)]
+struct Gate(Arc<Mutex<Option<Armed>>>);
+
+struct Armed {
+    id: String,
+    reached: oneshot::Sender<()>,
+    release: oneshot::Receiver<()>,
+}
+
+/// The test's side of an armed gate.
+struct Held {
+    reached: oneshot::Receiver<()>,
+    release: oneshot::Sender<()>,
+}
+
+impl Gate {
+    /// Arms the gate for the next `get` of `id`.
+    fn arm(&self, id: &str) -> Held {
+        let (reached_tx, reached_rx) = oneshot::channel();
+        let (release_tx, release_rx) = oneshot::channel();
+        *self.0.lock().unwrap() = Some(Armed {
+            id: id.to_owned(),
+            reached: reached_tx,
+            release: release_rx,
+        });
+        Held {
+            reached: reached_rx,
+            release: release_tx,
+        }
+    }
+
+    fn take(&self, id: &str) -> Option<Armed> {
+        let mut armed = self.0.lock().unwrap();
+        if armed.as_ref().is_some_and(|a| a.id == id) {
+            armed.take()
+        } else {
+            None
+        }
+    }
+}
+
+/// A [`MemoryStore`] whose `get` stops at the [`Gate`] once it has read the record: the handler
+/// that called it holds a snapshot that the test then makes stale.
+#[derive(Clone, Default)]
+struct GatedStore {
+    inner: MemoryStore,
+    gate: Gate,
+}
+
+#[async_trait]
+impl TokenLookup for GatedStore {
+    async fn find_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
+        self.inner.find_by_hash(hash).await
+    }
+
+    async fn record_usage(&self, updates: &[UsageUpdate]) -> Result<(), StoreError> {
+        self.inner.record_usage(updates).await
+    }
+
+    fn subscribe(&self, listener: std::sync::Weak<dyn ChangeListener>) -> bool {
+        self.inner.subscribe(listener)
+    }
+}
+
+#[async_trait]
+impl TokenStore for GatedStore {
+    async fn insert(&self, record: &TokenRecord) -> Result<(), StoreError> {
+        self.inner.insert(record).await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let snapshot = self.inner.get(id).await;
+        if let Some(armed) = self.gate.take(id) {
+            let _ = armed.reached.send(());
+            let _ = armed.release.await;
+        }
+        snapshot
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Page, StoreError> {
+        self.inner.list(query).await
+    }
+
+    async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
+        self.inner.update(id, patch).await
+    }
+
+    async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
+        self.inner.rotate(id, rotation).await
+    }
+
+    async fn revoke(&self, id: &str, at: DateTime<Utc>) -> Result<Option<TokenRecord>, StoreError> {
+        self.inner.revoke(id, at).await
+    }
+
+    async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.inner.delete(id).await
+    }
+
+    async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
+        self.inner.count_by_subject(subject).await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A node: a store, a layer, the admin API and one protected route
+
+struct Node {
+    app: Router,
+    store: Arc<dyn TokenStore>,
+    layer: PatAuthLayer,
+}
+
+impl Node {
+    fn new<S: TokenStore + Clone>(store: S) -> Self {
+        let layer = PatAuthLayer::builder(store.clone()).build();
+        let config = AdminConfig::new(Arc::new(store.clone()), &layer);
+        let protected = Router::new()
+            .route(
+                "/hello",
+                routing::get(|p: Principal| async move { p.subject().to_owned() }),
+            )
+            .layer(layer.clone());
+        let app = Router::new()
+            .nest(BASE, admin::router(config))
+            .merge(protected);
+        Self {
+            app,
+            store: Arc::new(store),
+            layer,
+        }
+    }
+
+    /// Inserts a never-expiring token of `alice` with `scopes`; returns its id and secret.
+    async fn issue(&self, scopes: &[&str]) -> (String, String) {
+        let name = format!("t-{}", common::rand_suffix());
+        let (record, secret) = NewToken::new("alice", name, ScopeSet::parse(scopes).unwrap())
+            .issue(self.layer.format(), self.layer.hasher(), Utc::now());
+        self.store.insert(&record).await.unwrap();
+        (record.id, secret.expose_secret().to_owned())
+    }
+
+    /// A token that may manage every token of `alice`.
+    async fn manager(&self) -> String {
+        self.issue(&["personalAccessToken:*", "x:*"]).await.1
+    }
+
+    /// The status of `GET /hello` with `secret` on this node.
+    async fn hello(&self, secret: &str) -> StatusCode {
+        support_admin::get(&self.app, "/hello", secret).await.status
+    }
+
+    async fn record(&self, id: &str) -> TokenRecord {
+        self.store.get(id).await.unwrap().expect("the record")
+    }
+}
+
+fn is_refusal(status: StatusCode) -> bool {
+    status == StatusCode::CONFLICT || status == StatusCode::GONE
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic races
+
+/// A rename reads the record, a revocation lands, then the rename writes: the token stays revoked.
+#[tokio::test]
+async fn a_rename_racing_a_revocation_never_undoes_it() {
+    let store = GatedStore::default();
+    let node = Node::new(store.clone());
+    let manager = node.manager().await;
+    let (id, secret) = node.issue(&["x:read"]).await;
+    let uri = format!("{BASE}/{id}");
+    assert_eq!(node.hello(&secret).await, StatusCode::OK);
+
+    let held = store.gate.arm(&id);
+    let rename = {
+        let (app, uri, manager) = (node.app.clone(), uri.clone(), manager.clone());
+        tokio::spawn(async move { patch(&app, &uri, &manager, r#"{"name": "renamed"}"#).await })
+    };
+    held.reached.await.unwrap();
+    let revoke = patch(&node.app, &uri, &manager, r#"{"revoked": true}"#).await;
+    assert_eq!(revoke.status, StatusCode::OK, "{}", revoke.text);
+    held.release.send(()).unwrap();
+    let renamed = rename.await.unwrap();
+
+    let stored = node.record(&id).await;
+    assert!(stored.revoked_at.is_some(), "the revocation was undone");
+    assert_eq!(node.hello(&secret).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(renamed.status, StatusCode::GONE, "{}", renamed.text);
+    assert_eq!(renamed.body["code"], "token_revoked");
+    assert_ne!(stored.name, "renamed");
+}
+
+/// A rotation reads the record, a revocation lands, then the rotation writes: neither the old
+/// secret nor any new one works.
+#[tokio::test]
+async fn a_rotation_racing_a_revocation_never_undoes_it() {
+    let store = GatedStore::default();
+    let node = Node::new(store.clone());
+    let manager = node.manager().await;
+    let (id, old) = node.issue(&["x:read"]).await;
+    let uri = format!("{BASE}/{id}");
+    assert_eq!(node.hello(&old).await, StatusCode::OK);
+
+    let held = store.gate.arm(&id);
+    let rotate = {
+        let (app, uri, manager) = (node.app.clone(), uri.clone(), manager.clone());
+        tokio::spawn(async move { post(&app, &format!("{uri}/rotate"), &manager, "").await })
+    };
+    held.reached.await.unwrap();
+    let revoke = patch(&node.app, &uri, &manager, r#"{"revoked": true}"#).await;
+    assert_eq!(revoke.status, StatusCode::OK, "{}", revoke.text);
+    held.release.send(()).unwrap();
+    let rotated = rotate.await.unwrap();
+
+    assert!(
+        node.record(&id).await.revoked_at.is_some(),
+        "the revocation was undone"
+    );
+    assert_eq!(node.hello(&old).await, StatusCode::UNAUTHORIZED);
+    if let Some(new) = rotated.body["token"].as_str() {
+        assert_eq!(
+            node.hello(new).await,
+            StatusCode::UNAUTHORIZED,
+            "the new secret works"
+        );
+    }
+    assert_eq!(rotated.status, StatusCode::GONE, "{}", rotated.text);
+    assert_eq!(rotated.body["code"], "token_revoked");
+}
+
+/// A rename reads the record, a rotation lands (the old secret leaked), then the rename writes:
+/// the old secret never works again and the new one keeps working.
+#[tokio::test]
+async fn a_rename_racing_a_rotation_never_restores_the_old_secret() {
+    let store = GatedStore::default();
+    let node = Node::new(store.clone());
+    let manager = node.manager().await;
+    let (id, old) = node.issue(&["x:read"]).await;
+    let uri = format!("{BASE}/{id}");
+
+    let held = store.gate.arm(&id);
+    let rename = {
+        let (app, uri, manager) = (node.app.clone(), uri.clone(), manager.clone());
+        tokio::spawn(async move { patch(&app, &uri, &manager, r#"{"name": "renamed"}"#).await })
+    };
+    held.reached.await.unwrap();
+    let rotated = post(&node.app, &format!("{uri}/rotate"), &manager, "").await;
+    assert_eq!(rotated.status, StatusCode::CREATED, "{}", rotated.text);
+    let new = rotated.body["token"].as_str().unwrap().to_owned();
+    held.release.send(()).unwrap();
+    let renamed = rename.await.unwrap();
+
+    assert_eq!(
+        node.hello(&old).await,
+        StatusCode::UNAUTHORIZED,
+        "the old secret is back"
+    );
+    assert_eq!(node.hello(&new).await, StatusCode::OK);
+    assert_eq!(renamed.status, StatusCode::CONFLICT, "{}", renamed.text);
+    assert_eq!(renamed.body["code"], "conflict");
+    let stored = node.record(&id).await;
+    assert_eq!(stored.hash, node.layer.hasher().hash(&new));
+    assert_ne!(stored.name, "renamed");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stress: two nodes over one database
+
+/// `rounds` times: a fresh token, renamed through node `a` while node `b` revokes it. Then no
+/// revocation is undone and both nodes refuse every token.
+async fn rename_revoke_races(a: &Node, b: &Node, rounds: usize) {
+    let manager = a.manager().await;
+    let (mut undone, mut served, mut refused, mut odd) = (0, 0, 0, Vec::new());
+    for round in 0..rounds {
+        let (id, secret) = a.issue(&["x:read"]).await;
+        let uri = format!("{BASE}/{id}");
+        let rename = {
+            let (app, uri, manager) = (a.app.clone(), uri.clone(), manager.clone());
+            let body = format!(r#"{{"name": "renamed-{round}"}}"#);
+            tokio::spawn(async move { patch(&app, &uri, &manager, &body).await })
+        };
+        let revoke = {
+            let (app, uri, manager) = (b.app.clone(), uri.clone(), manager.clone());
+            tokio::spawn(async move { patch(&app, &uri, &manager, r#"{"revoked": true}"#).await })
+        };
+        let (rename, revoke) = (rename.await.unwrap(), revoke.await.unwrap());
+        if revoke.status != StatusCode::OK {
+            odd.push(format!("revoke {}: {}", revoke.status, revoke.text));
+        }
+        if is_refusal(rename.status) {
+            refused += 1;
+        } else if rename.status != StatusCode::OK {
+            odd.push(format!("rename {}: {}", rename.status, rename.text));
+        }
+        if a.record(&id).await.revoked_at.is_none() {
+            undone += 1;
+        }
+        for node in [a, b] {
+            if node.hello(&secret).await != StatusCode::UNAUTHORIZED {
+                served += 1;
+            }
+        }
+    }
+    // How often the race was lost by the other write (seen with --nocapture).
+    println!("{refused} of {rounds} writes refused after the revocation");
+    assert_eq!(undone, 0, "{undone} of {rounds} revocations undone");
+    assert_eq!(served, 0, "{served} requests with a revoked token served");
+    assert!(odd.is_empty(), "unexpected answers: {odd:?}");
+}
+
+/// `rounds` times: a fresh token, rotated through node `a` while node `b` revokes it. Then no
+/// revocation is undone and neither the old nor the new secret works on either node.
+async fn rotate_revoke_races(a: &Node, b: &Node, rounds: usize) {
+    let manager = a.manager().await;
+    let (mut undone, mut served, mut refused, mut odd) = (0, 0, 0, Vec::new());
+    for _ in 0..rounds {
+        let (id, old) = a.issue(&["x:read"]).await;
+        let uri = format!("{BASE}/{id}");
+        let rotate = {
+            let (app, uri, manager) = (a.app.clone(), uri.clone(), manager.clone());
+            tokio::spawn(async move { post(&app, &format!("{uri}/rotate"), &manager, "").await })
+        };
+        let revoke = {
+            let (app, uri, manager) = (b.app.clone(), uri.clone(), manager.clone());
+            tokio::spawn(async move { patch(&app, &uri, &manager, r#"{"revoked": true}"#).await })
+        };
+        let (rotate, revoke) = (rotate.await.unwrap(), revoke.await.unwrap());
+        if revoke.status != StatusCode::OK {
+            odd.push(format!("revoke {}: {}", revoke.status, revoke.text));
+        }
+        if is_refusal(rotate.status) {
+            refused += 1;
+        } else if rotate.status != StatusCode::CREATED {
+            odd.push(format!("rotate {}: {}", rotate.status, rotate.text));
+        }
+        if a.record(&id).await.revoked_at.is_none() {
+            undone += 1;
+        }
+        let new = rotate.body["token"].as_str().map(str::to_owned);
+        for node in [a, b] {
+            for secret in std::iter::once(&old).chain(new.as_ref()) {
+                if node.hello(secret).await != StatusCode::UNAUTHORIZED {
+                    served += 1;
+                }
+            }
+        }
+    }
+    // How often the race was lost by the other write (seen with --nocapture).
+    println!("{refused} of {rounds} writes refused after the revocation");
+    assert_eq!(undone, 0, "{undone} of {rounds} revocations undone");
+    assert_eq!(served, 0, "{served} requests with a revoked token served");
+    assert!(odd.is_empty(), "unexpected answers: {odd:?}");
+}
+
+#[cfg(feature = "sqlite")]
+mod sqlite {
+    use tower_pat::store::SqliteStore;
+
+    use super::{Node, rename_revoke_races, rotate_revoke_races};
+
+    /// Two stores over one fresh SQLite file, and the directory to remove afterwards.
+    async fn two_nodes() -> (Node, Node, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "tower-pat-races-{}-{}",
+            std::process::id(),
+            super::common::rand_suffix()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokens.db");
+        let a = SqliteStore::open(&path).await.unwrap();
+        let b = SqliteStore::open(&path).await.unwrap();
+        (Node::new(a), Node::new(b), dir)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn renames_racing_revocations_on_two_nodes() {
+        let (a, b, dir) = two_nodes().await;
+        rename_revoke_races(&a, &b, 300).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rotations_racing_revocations_on_two_nodes() {
+        let (a, b, dir) = two_nodes().await;
+        rotate_revoke_races(&a, &b, 100).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use tower_pat::store::PostgresStore;
+
+    use super::common::pg::TestDb;
+    use super::{Node, rename_revoke_races, rotate_revoke_races};
+
+    /// Two stores over one fresh database; `None` without `DATABASE_URL`.
+    async fn two_nodes() -> Option<(Node, Node, TestDb)> {
+        let db = TestDb::create("lifecycle_races").await?;
+        let a = PostgresStore::builder()
+            .connect_with(db.options.clone())
+            .await
+            .unwrap();
+        let b = PostgresStore::builder()
+            .connect_with(db.options.clone())
+            .await
+            .unwrap();
+        Some((Node::new(a), Node::new(b), db))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn renames_racing_revocations_on_two_nodes() {
+        let Some((a, b, _db)) = two_nodes().await else {
+            return;
+        };
+        rename_revoke_races(&a, &b, 300).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rotations_racing_revocations_on_two_nodes() {
+        let Some((a, b, _db)) = two_nodes().await else {
+            return;
+        };
+        rotate_revoke_races(&a, &b, 100).await;
+    }
+}
