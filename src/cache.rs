@@ -130,7 +130,11 @@ pub(crate) struct Cache {
     /// Unix ms since which the change feed is disconnected; 0 while connected.
     disconnected_since: AtomicI64,
     store_lookups: AtomicU64,
+    /// A test hook run just before a load or refresh caches what the store answered.
+    insert_hook: std::sync::OnceLock<InsertHook>,
 }
+
+type InsertHook = Box<dyn Fn() + Send + Sync>;
 
 impl Cache {
     pub(crate) fn new(
@@ -157,6 +161,7 @@ impl Cache {
             has_feed: false.into(),
             disconnected_since: AtomicI64::new(0),
             store_lookups: AtomicU64::new(0),
+            insert_hook: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&cache);
         let has_feed = cache.lookup.subscribe(weak);
@@ -178,6 +183,20 @@ impl Cache {
 
     pub(crate) fn store_lookups(&self) -> u64 {
         self.store_lookups.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn lookups_in_flight(&self) -> usize {
+        self.flights.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub(crate) fn set_insert_hook(&self, hook: InsertHook) -> bool {
+        self.insert_hook.set(hook).is_ok()
+    }
+
+    fn run_insert_hook(&self) {
+        if let Some(hook) = self.insert_hook.get() {
+            hook();
+        }
     }
 
     /// The hot path: a probe of the positive map, then of the negative cache. `None` is a miss.
@@ -245,6 +264,7 @@ impl Cache {
                 if self.epoch.load(Ordering::Acquire) != epoch {
                     return;
                 }
+                self.run_insert_hook();
                 match outcome {
                     Outcome::Found(fresh) => {
                         fresh.0.last_mark_ms.fetch_max(
@@ -301,6 +321,7 @@ impl Cache {
             Err(()) => return Outcome::Unavailable,
         };
         if self.epoch.load(Ordering::Acquire) == epoch {
+            self.run_insert_hook();
             match &outcome {
                 Outcome::Found(p) => {
                     self.positive.insert(key, p.clone());

@@ -125,6 +125,21 @@ impl PatAuthLayer {
         self.shared.cache.store_lookups()
     }
 
+    /// How many store lookups are in flight: distinct tokens being looked up right now (concurrent
+    /// requests for one token share one lookup). A metric; it returns to zero when the store is
+    /// idle, whether the requests waiting for those lookups finished or were dropped.
+    pub fn lookups_in_flight(&self) -> usize {
+        self.shared.cache.lookups_in_flight()
+    }
+
+    /// Test hook: `hook` runs on every load or refresh just before the cache stores what the store
+    /// answered (after the store query), so a test can fire an invalidation at that exact moment.
+    /// Set once; returns `false` if a hook was already set. Not part of the stable API.
+    #[doc(hidden)]
+    pub fn set_cache_insert_hook(&self, hook: impl Fn() + Send + Sync + 'static) -> bool {
+        self.shared.cache.set_insert_hook(Box::new(hook))
+    }
+
     /// How old the oldest state this layer may act on can be: zero while the store's change feed
     /// is connected; while it is down, the time since it dropped (at most the TTL plus
     /// `stale_if_error`); for a store without a change feed, the TTL plus `stale_if_error`.

@@ -1,0 +1,153 @@
+//! An invalidation that lands between a load's store query and its cache insert must win: the
+//! cache never keeps what the store said before a revocation (or a re-enable) it was told about.
+//!
+//! The layer's hidden test hook runs right before the cache stores a store answer, the one moment
+//! a real race can only hit by chance; the hook fires the invalidation there.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::Weak;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use common::*;
+use tower_pat::store::ChangeListener;
+use tower_pat::{
+    CacheConfig, MemoryStore, PatAuthLayer, StoreError, TokenHash, TokenLookup, TokenRecord,
+    UsageUpdate,
+};
+
+/// A store whose one token can be switched to revoked, or hidden, from a synchronous hook.
+#[derive(Clone, Default)]
+struct SwitchStore {
+    inner: MemoryStore,
+    revoked: Arc<AtomicBool>,
+    hidden: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl TokenLookup for SwitchStore {
+    async fn find_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
+        if self.hidden.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let mut found = self.inner.find_by_hash(hash).await?;
+        if let Some(record) = &mut found
+            && self.revoked.load(Ordering::SeqCst)
+        {
+            record.revoked_at = Some(Utc::now());
+        }
+        Ok(found)
+    }
+
+    async fn record_usage(&self, updates: &[UsageUpdate]) -> Result<(), StoreError> {
+        self.inner.record_usage(updates).await
+    }
+
+    fn subscribe(&self, listener: Weak<dyn ChangeListener>) -> bool {
+        self.inner.subscribe(listener)
+    }
+}
+
+#[tokio::test]
+async fn a_revocation_between_the_store_answer_and_the_insert_is_not_undone() {
+    let store = SwitchStore::default();
+    let (record, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let layer = PatAuthLayer::builder(store.clone()).build();
+    let fired = Arc::new(AtomicBool::new(false));
+    let hook = {
+        let (layer, store, fired) = (layer.clone(), store.clone(), Arc::clone(&fired));
+        let (id, hash) = (record.id.clone(), record.hash);
+        move || {
+            if !fired.swap(true, Ordering::SeqCst) {
+                // The revocation commits and its event is delivered: the revoke call returns.
+                store.revoked.store(true, Ordering::SeqCst);
+                layer.invalidate(&id, &hash);
+            }
+        }
+    };
+    assert!(layer.set_cache_insert_hook(hook));
+
+    // Raced the revocation: either answer is fair for this one.
+    let racing = send_token(&layer, &secret).await.status;
+    assert!(fired.load(Ordering::SeqCst));
+    assert!(racing == 200 || racing == 401, "{racing}");
+    // After the revoke call returned, never again.
+    let reply = send_token(&layer, &secret).await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(reply.json()["message"], "the access token has been revoked");
+    assert_eq!(layer.cached_tokens(), 0);
+}
+
+#[tokio::test]
+async fn a_change_between_the_store_answer_and_a_negative_insert_is_not_undone() {
+    let store = SwitchStore::default();
+    let (record, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    store.hidden.store(true, Ordering::SeqCst);
+    let layer = PatAuthLayer::builder(store.clone()).build();
+    let fired = Arc::new(AtomicBool::new(false));
+    let hook = {
+        let (layer, store, fired) = (layer.clone(), store.clone(), Arc::clone(&fired));
+        let (id, hash) = (record.id.clone(), record.hash);
+        move || {
+            if !fired.swap(true, Ordering::SeqCst) {
+                // The token becomes usable (created, re-enabled) and the cache is told.
+                store.hidden.store(false, Ordering::SeqCst);
+                layer.invalidate(&id, &hash);
+            }
+        }
+    };
+    assert!(layer.set_cache_insert_hook(hook));
+
+    let racing = send_token(&layer, &secret).await.status;
+    assert!(fired.load(Ordering::SeqCst));
+    assert!(racing == 200 || racing == 401, "{racing}");
+    // The store's old "unknown" is not remembered for the negative TTL.
+    assert_eq!(send_token(&layer, &secret).await.status, 200);
+}
+
+// Single-threaded: the background refresh runs from its hook to its end before this test's task
+// runs again.
+#[tokio::test(flavor = "current_thread")]
+async fn a_revocation_between_a_refresh_answer_and_its_insert_is_not_undone() {
+    let store = SwitchStore::default();
+    let (record, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let layer = PatAuthLayer::builder(store.clone())
+        .cache(CacheConfig {
+            ttl: Duration::from_millis(50),
+            stale_if_error: Duration::from_secs(60),
+            ..Default::default()
+        })
+        .build();
+    assert_eq!(send_token(&layer, &secret).await.status, 200);
+
+    let armed = Arc::new(AtomicBool::new(true));
+    let fired = Arc::new(tokio::sync::Notify::new());
+    let hook = {
+        let (layer, store) = (layer.clone(), store.clone());
+        let (armed, fired) = (Arc::clone(&armed), Arc::clone(&fired));
+        let (id, hash) = (record.id.clone(), record.hash);
+        move || {
+            if armed.swap(false, Ordering::SeqCst) {
+                store.revoked.store(true, Ordering::SeqCst);
+                layer.invalidate(&id, &hash);
+                fired.notify_one();
+            }
+        }
+    };
+    assert!(layer.set_cache_insert_hook(hook));
+
+    // Past the TTL the entry still serves and a background refresh starts.
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert_eq!(send_token(&layer, &secret).await.status, 200);
+    tokio::time::timeout(Duration::from_secs(5), fired.notified())
+        .await
+        .expect("the background refresh ran");
+
+    let reply = send_token(&layer, &secret).await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(reply.json()["message"], "the access token has been revoked");
+}
