@@ -76,7 +76,10 @@ async fn dropped_requests_leave_no_flight_and_no_memory_behind() {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert!(runtime.num_alive_tasks() <= tasks_before, "tasks left behind");
+        assert!(
+            runtime.num_alive_tasks() <= tasks_before,
+            "tasks left behind"
+        );
     };
 
     round(WARMUP).await;

@@ -28,9 +28,9 @@ struct Result {
     elapsed: Duration,
 }
 
-/// Sends [`FLOOD`] random tokens from `attackers` addresses, waits until they are in flight, then
-/// sends [`VALID`] valid uncached tokens from other addresses.
-async fn flood(attackers: usize) -> Result {
+/// Sends [`FLOOD`] random tokens, the `i`th from `attacker(i)`, waits until they are in flight,
+/// then sends [`VALID`] valid uncached tokens from other addresses.
+async fn flood(what: &str, attacker: impl Fn(usize) -> String) -> Result {
     // One flood at a time: the two tests would otherwise share the machine's cores.
     static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _one = ONE_AT_A_TIME.lock().await;
@@ -49,8 +49,7 @@ async fn flood(attackers: usize) -> Result {
         .into_iter()
         .enumerate()
         .map(|(i, token)| {
-            let n = i % attackers;
-            let peer = format!("10.66.{}.{}:4000", n / 250, n % 250 + 1);
+            let peer = attacker(i);
             let svc = svc.clone();
             tokio::spawn(async move {
                 svc.oneshot(request(Some(token.expose_secret()), Some(&peer)))
@@ -110,7 +109,7 @@ async fn flood(attackers: usize) -> Result {
         }
     }
     eprintln!(
-        "{attackers} attacker address(es): {}/{VALID} valid tokens got 200 within 2 s (all answered \
+        "{what}: {}/{VALID} valid tokens got 200 within 2 s (all answered \
          after {:?}; failures: {:?}); flood: {} refused, {} unavailable; {} store lookups",
         result.valid_ok,
         result.elapsed,
@@ -124,7 +123,10 @@ async fn flood(attackers: usize) -> Result {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn valid_tokens_get_through_a_flood_from_a_few_addresses() {
-    let result = flood(4).await;
+    let result = flood("4 attacker addresses", |i| {
+        format!("10.66.0.{}:4000", i % 4 + 1)
+    })
+    .await;
     assert!(
         result.valid_ok * 100 >= VALID * 95,
         "only {}/{VALID} valid tokens got through",
@@ -134,10 +136,86 @@ async fn valid_tokens_get_through_a_flood_from_a_few_addresses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn valid_tokens_get_through_a_flood_from_many_addresses() {
-    let result = flood(256).await;
+    // Four tokens per address: each address's first answer confines the rest.
+    let result = flood("1000 attacker addresses", |i| {
+        let n = i % 1000;
+        format!("10.66.{}.{}:4000", n / 250, n % 250 + 1)
+    })
+    .await;
     assert!(
         result.valid_ok * 100 >= VALID * 95,
         "only {}/{VALID} valid tokens got through",
         result.valid_ok
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn valid_tokens_get_through_a_flood_from_every_address_of_an_ipv6_subnet() {
+    // An IPv6 subscriber has a /64 or more: its addresses share one budget.
+    let result = flood("4000 addresses in one /64", |i| {
+        format!("[2001:db8:66:1::{:x}]:4000", i + 1)
+    })
+    .await;
+    assert!(
+        result.valid_ok * 100 >= VALID * 95,
+        "only {}/{VALID} valid tokens got through",
+        result.valid_ok
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_many_uncached_tokens_waits_for_its_budget_rather_than_failing() {
+    let store = CountingStore::new();
+    let mut secrets = Vec::new();
+    for _ in 0..20 {
+        secrets.push(issue(&store.inner, new_token("ci", &[])).await.1);
+    }
+    store.delay_ms.store(10, Ordering::SeqCst);
+    let layer = PatAuthLayer::builder(store.clone())
+        .cache(tower_pat::CacheConfig {
+            max_lookups_per_client: 2,
+            ..Default::default()
+        })
+        .build();
+    let svc = layer.layer(echo_service());
+    let tasks: Vec<_> = secrets
+        .iter()
+        .map(|secret| {
+            let svc = svc.clone();
+            let token = secret.expose_secret().to_owned();
+            tokio::spawn(async move {
+                svc.oneshot(request(Some(&token), Some("192.0.2.7:1")))
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(store.lookups(), 20);
+    assert_eq!(layer.lookups_in_flight(), 0);
+}
+
+#[tokio::test]
+async fn a_client_that_sent_an_unknown_token_still_gets_in_with_a_valid_one() {
+    let store = CountingStore::new();
+    let (_, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let layer = PatAuthLayer::builder(store.clone()).build();
+    let typo = TokenFormat::new().generate();
+    let peer = Some("192.0.2.8:1");
+    assert_eq!(
+        send(&layer, request(Some(typo.expose_secret()), peer))
+            .await
+            .status,
+        401
+    );
+    // Now a suspect: its lookups run in the suspects' pool, which is idle.
+    assert_eq!(
+        send(&layer, request(Some(secret.expose_secret()), peer))
+            .await
+            .status,
+        200
     );
 }

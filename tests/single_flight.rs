@@ -49,14 +49,14 @@ async fn a_dropped_waiter_does_not_cancel_the_lookup_for_the_others() {
         .await
         .unwrap()
         .call(request(Some(secret.expose_secret()), Some("192.0.2.1:1")));
-    let mut first = std::pin::pin!(first);
+    let mut first = Box::pin(first);
     assert!(poll_once(first.as_mut()).is_pending());
     let second = svc
         .ready()
         .await
         .unwrap()
         .call(request(Some(secret.expose_secret()), Some("192.0.2.2:1")));
-    let mut second = std::pin::pin!(second);
+    let mut second = Box::pin(second);
     assert!(poll_once(second.as_mut()).is_pending());
     assert_eq!(layer.lookups_in_flight(), 1);
     drop(first);
@@ -93,14 +93,18 @@ async fn a_request_dropped_mid_lookup_leaves_no_flight_and_no_slot_behind() {
         .await
         .unwrap()
         .call(request(Some(unknown.expose_secret()), Some("192.0.2.1:1")));
-    let mut hanging = std::pin::pin!(hanging);
+    let mut hanging = Box::pin(hanging);
     assert!(poll_once(hanging.as_mut()).is_pending());
     assert_eq!(layer.lookups_in_flight(), 1);
     drop(hanging);
     assert_eq!(layer.lookups_in_flight(), 0);
 
     store.delay_ms.store(0, Ordering::SeqCst);
-    let reply = send(&layer, request(Some(secret.expose_secret()), Some("192.0.2.1:1"))).await;
+    let reply = send(
+        &layer,
+        request(Some(secret.expose_secret()), Some("192.0.2.1:1")),
+    )
+    .await;
     assert_eq!(reply.status, 200);
     assert_eq!(layer.lookups_in_flight(), 0);
 }

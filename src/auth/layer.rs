@@ -174,7 +174,9 @@ impl PatAuthLayer {
         let outcome = match self.shared.find(token, now_ms())? {
             Found::Cached(outcome) => outcome,
             Found::Miss(hash, previous) => {
-                Arc::clone(&self.shared.cache).load(hash, previous).await
+                Arc::clone(&self.shared.cache)
+                    .load(hash, previous, None)
+                    .await
             }
         };
         self.shared.principal(outcome, now_ms())
@@ -601,7 +603,9 @@ where
                 // The ready service goes with the future; a clone stays for the next request.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
-                let lookup = Box::pin(Arc::clone(&self.shared.cache).load(hash, previous));
+                // The client's address, for its lookup budget (a miss only).
+                let client = self.shared.client_ip(&req);
+                let lookup = Box::pin(Arc::clone(&self.shared.cache).load(hash, previous, client));
                 ResponseFuture::lookup(lookup, ready, req, Arc::clone(&self.shared))
             }
         }
