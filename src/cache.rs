@@ -427,11 +427,12 @@ impl Cache {
     ) -> Option<(watch::Receiver<Option<Outcome>>, Waiter<'_>)> {
         let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
         let (answer, id) = match flights.map.get_mut(&key) {
-            Some(flight) => {
+            // A finished flight's task has removed it, unless it panicked: then start afresh.
+            Some(flight) if !flight.task.is_finished() => {
                 flight.waiters += 1;
                 (flight.answer.clone(), flight.id)
             }
-            None => {
+            _ => {
                 let Ok(runtime) = tokio::runtime::Handle::try_current() else {
                     tracing::error!("token lookup outside a Tokio runtime; answering 503");
                     return None;
@@ -800,6 +801,28 @@ mod tests {
         assert!(cache.suspects.contains_key(&client_key(client)));
         assert_eq!(cache.clients_in_flight(), 0);
         assert_eq!(cache.lookups_in_flight(), 0);
+    }
+
+    /// A store whose first lookup panics.
+    #[derive(Default)]
+    struct PanicsOnce(std::sync::atomic::AtomicBool);
+
+    #[async_trait::async_trait]
+    impl TokenLookup for PanicsOnce {
+        async fn find_by_hash(&self, _: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
+            assert!(self.0.swap(true, Ordering::SeqCst), "a store bug");
+            Ok(None)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lookup_whose_store_panics_answers_unavailable_and_leaves_nothing_behind() {
+        let cache = cache(PanicsOnce::default());
+        let first = Arc::clone(&cache).load(hash(1), Vec::new(), None).await;
+        assert!(matches!(first, Outcome::Unavailable));
+        assert_eq!(cache.lookups_in_flight(), 0);
+        let second = Arc::clone(&cache).load(hash(1), Vec::new(), None).await;
+        assert!(matches!(second, Outcome::Rejected(Negative::Unknown)));
     }
 
     #[test]

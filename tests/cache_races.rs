@@ -8,7 +8,7 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::Weak;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,25 +20,33 @@ use tower_pat::{
     UsageUpdate,
 };
 
-/// A store whose one token can be switched to revoked, or hidden, from a synchronous hook.
+/// A store whose one token can be switched to revoked, or hidden, from a synchronous hook, and
+/// whose lookups can take a while after reading the record (as a query's answer travels back).
 #[derive(Clone, Default)]
 struct SwitchStore {
     inner: MemoryStore,
     revoked: Arc<AtomicBool>,
     hidden: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
+    lookups: Arc<AtomicUsize>,
 }
 
 #[async_trait]
 impl TokenLookup for SwitchStore {
     async fn find_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
-        if self.hidden.load(Ordering::SeqCst) {
-            return Ok(None);
-        }
         let mut found = self.inner.find_by_hash(hash).await?;
+        if self.hidden.load(Ordering::SeqCst) {
+            found = None;
+        }
         if let Some(record) = &mut found
             && self.revoked.load(Ordering::SeqCst)
         {
             record.revoked_at = Some(Utc::now());
+        }
+        self.lookups.fetch_add(1, Ordering::SeqCst);
+        let delay = self.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
         }
         Ok(found)
     }
@@ -150,4 +158,37 @@ async fn a_revocation_between_a_refresh_answer_and_its_insert_is_not_undone() {
     let reply = send_token(&layer, &secret).await;
     assert_eq!(reply.status, 401);
     assert_eq!(reply.json()["message"], "the access token has been revoked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_after_a_revocation_does_not_join_a_lookup_that_started_before_it() {
+    use tower_pat::TokenStore;
+    let store = SwitchStore::default();
+    let (record, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    store.delay_ms.store(100, Ordering::SeqCst);
+    let layer = PatAuthLayer::builder(store.clone()).build();
+
+    // A request starts the token's lookup; the store has read the live record when the
+    // revocation commits and returns.
+    let before = tokio::spawn({
+        let layer = layer.clone();
+        let token = secret.expose_secret().to_owned();
+        async move { send(&layer, request(Some(&token), None)).await.status }
+    });
+    for _ in 0..5_000 {
+        if store.lookups.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+    store.inner.revoke(&record.id, Utc::now()).await.unwrap();
+
+    // A request that starts after the revocation returned never sees the token as valid.
+    let after = send_token(&layer, &secret).await;
+    assert_eq!(after.status, 401);
+    assert_eq!(after.json()["message"], "the access token has been revoked");
+    let raced = before.await.unwrap();
+    assert!(raced == 200 || raced == 401, "{raced}");
+    assert_eq!(send_token(&layer, &secret).await.status, 401);
 }
