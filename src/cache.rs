@@ -131,17 +131,33 @@ impl Hasher for DigestHasher {
     }
 }
 
-/// The store lookups in flight, one per token hash (single-flight).
+/// The store lookups in flight (single-flight).
 #[derive(Default)]
 struct Flights {
-    map: HashMap<TokenHash, Flight>,
+    /// Every lookup in flight, by id.
+    all: HashMap<u64, Flight>,
+    /// The one a new request for a hash joins: started since the last invalidation. An older one
+    /// keeps its waiters but takes no new ones (its answer may predate the invalidation).
+    current: HashMap<TokenHash, u64>,
     next_id: u64,
+}
+
+impl Flights {
+    /// Removes flight `id`, and makes it no longer the one to join for its hash.
+    fn remove(&mut self, id: u64) -> Option<Flight> {
+        let flight = self.all.remove(&id)?;
+        if self.current.get(&flight.key) == Some(&id) {
+            self.current.remove(&flight.key);
+        }
+        Some(flight)
+    }
 }
 
 /// One store lookup, shared by every request waiting for its token.
 struct Flight {
-    /// Tells this flight from a later one for the same hash.
-    id: u64,
+    key: TokenHash,
+    /// The cache's epoch when the lookup started.
+    epoch: u64,
     /// The lookup's answer, once it has one.
     answer: watch::Receiver<Option<Outcome>>,
     /// How many requests wait for the answer.
@@ -154,19 +170,16 @@ struct Flight {
 /// flight; the last one out removes the flight and cancels its lookup.
 struct Waiter<'a> {
     cache: &'a Cache,
-    key: TokenHash,
     id: u64,
 }
 
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
         let mut flights = self.cache.flights.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(flight) = flights.map.get_mut(&self.key)
-            && flight.id == self.id
-        {
+        if let Some(flight) = flights.all.get_mut(&self.id) {
             flight.waiters -= 1;
             if flight.waiters == 0
-                && let Some(flight) = flights.map.remove(&self.key)
+                && let Some(flight) = flights.remove(self.id)
             {
                 flight.task.abort();
             }
@@ -296,7 +309,7 @@ impl Cache {
         self.flights
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .map
+            .all
             .len()
     }
 
@@ -426,13 +439,20 @@ impl Cache {
         client: Option<IpAddr>,
     ) -> Option<(watch::Receiver<Option<Outcome>>, Waiter<'_>)> {
         let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-        let (answer, id) = match flights.map.get_mut(&key) {
-            // A finished flight's task has removed it, unless it panicked: then start afresh.
-            Some(flight) if !flight.task.is_finished() => {
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let joinable = flights.current.get(&key).copied().filter(|id| {
+            flights.all.get(id).is_some_and(|f| {
+                // Not one that started before an invalidation, nor one whose task died (a
+                // finished task has removed its flight, unless it panicked).
+                f.epoch == epoch && !f.task.is_finished()
+            })
+        });
+        let (answer, id) = match joinable.and_then(|id| Some((id, flights.all.get_mut(&id)?))) {
+            Some((id, flight)) => {
                 flight.waiters += 1;
-                (flight.answer.clone(), flight.id)
+                (flight.answer.clone(), id)
             }
-            _ => {
+            None => {
                 let Ok(runtime) = tokio::runtime::Handle::try_current() else {
                     tracing::error!("token lookup outside a Tokio runtime; answering 503");
                     return None;
@@ -442,26 +462,21 @@ impl Cache {
                 let (tx, answer) = watch::channel(None);
                 // Spawned under the lock: the flight is in the table before its task can end.
                 let task = runtime
-                    .spawn(Arc::clone(self).fly(id, key, previous, client, tx))
+                    .spawn(Arc::clone(self).fly(id, key, epoch, previous, client, tx))
                     .abort_handle();
                 let flight = Flight {
-                    id,
+                    key,
+                    epoch,
                     answer: answer.clone(),
                     waiters: 1,
                     task,
                 };
-                flights.map.insert(key, flight);
+                flights.all.insert(id, flight);
+                flights.current.insert(key, id);
                 (answer, id)
             }
         };
-        Some((
-            answer,
-            Waiter {
-                cache: self,
-                key,
-                id,
-            },
-        ))
+        Some((answer, Waiter { cache: self, id }))
     }
 
     /// A flight's task: looks the token up, retires the flight, then hands out the answer.
@@ -469,6 +484,7 @@ impl Cache {
         self: Arc<Self>,
         id: u64,
         key: TokenHash,
+        epoch: u64,
         previous: Vec<TokenHash>,
         client: Option<IpAddr>,
         answer: watch::Sender<Option<Outcome>>,
@@ -476,24 +492,24 @@ impl Cache {
         // A flight that finished just before this one started may have filled the cache.
         let outcome = match self.probe(&key, now_ms()) {
             Some(hit) => hit,
-            None => self.load_uncached(key, &previous, client).await,
+            None => self.load_uncached(key, &previous, epoch, client).await,
         };
-        {
-            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-            if flights.map.get(&key).is_some_and(|f| f.id == id) {
-                flights.map.remove(&key);
-            }
-        }
+        self.flights
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
         answer.send_replace(Some(outcome));
     }
 
+    /// Looks `key` up in the store and caches the answer, unless an invalidation came after
+    /// `epoch` (read before the lookup started).
     async fn load_uncached(
         &self,
         key: TokenHash,
         previous: &[TokenHash],
+        epoch: u64,
         client: Option<IpAddr>,
     ) -> Outcome {
-        let epoch = self.epoch.load(Ordering::Acquire);
         let client = client.map(client_key);
         // Declared before the permits, dropped after them.
         let budget = client.map(|c| self.client_budget(c));

@@ -192,3 +192,56 @@ async fn a_request_after_a_revocation_does_not_join_a_lookup_that_started_before
     assert!(raced == 200 || raced == 401, "{raced}");
     assert_eq!(send_token(&layer, &secret).await.status, 401);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_request_started_after_a_revoke_returned_is_let_through() {
+    use tower_pat::TokenStore;
+    const TOKENS: usize = 60;
+    const REQUESTERS: usize = 4;
+    let store = SwitchStore::default();
+    // Each lookup answers 2 ms after reading: loads are in flight when revocations land.
+    store.delay_ms.store(2, Ordering::SeqCst);
+    let layer = PatAuthLayer::builder(store.clone()).build();
+    let mut rounds = Vec::new();
+    for i in 0..TOKENS {
+        let (record, secret) = issue(&store.inner, new_token("alice", &[])).await;
+        let (layer, store) = (layer.clone(), store.clone());
+        rounds.push(tokio::spawn(async move {
+            let revoked = Arc::new(AtomicBool::new(false));
+            let requesters: Vec<_> = (0..REQUESTERS)
+                .map(|_| {
+                    let (layer, revoked) = (layer.clone(), Arc::clone(&revoked));
+                    let token = secret.expose_secret().to_owned();
+                    tokio::spawn(async move {
+                        // Until a request sent after the revocation is refused (bounded).
+                        for _ in 0..2_000 {
+                            let after_revoke = revoked.load(Ordering::SeqCst);
+                            let status = send(&layer, request(Some(&token), None)).await.status;
+                            if after_revoke {
+                                return status;
+                            }
+                            tokio::task::yield_now().await;
+                        }
+                        panic!("the revocation never happened");
+                    })
+                })
+                .collect();
+            // Revoke at a different moment in each round: 0 to 5 ms into the requests.
+            tokio::time::sleep(Duration::from_micros((i as u64 * 877) % 5_000)).await;
+            store.inner.revoke(&record.id, Utc::now()).await.unwrap();
+            revoked.store(true, Ordering::SeqCst);
+            let mut statuses = Vec::new();
+            for r in requesters {
+                statuses.push(r.await.unwrap());
+            }
+            statuses
+        }));
+    }
+    for (i, round) in rounds.into_iter().enumerate() {
+        let statuses = round.await.unwrap();
+        assert!(
+            statuses.iter().all(|s| *s == 401),
+            "token {i}: a request sent after its revoke returned got {statuses:?}"
+        );
+    }
+}
