@@ -125,9 +125,10 @@ impl PatAuthLayer {
         self.shared.cache.store_lookups()
     }
 
-    /// How many store lookups are in flight: distinct tokens being looked up right now (concurrent
-    /// requests for one token share one lookup). A metric; it returns to zero when the store is
-    /// idle, whether the requests waiting for those lookups finished or were dropped.
+    /// How many store lookups are in flight, running or waiting for a slot (concurrent requests
+    /// for one token share one). A metric; it returns to zero when no request waits for the store,
+    /// whether the requests finished or were dropped (a lookup nobody waits for any more is
+    /// cancelled).
     pub fn lookups_in_flight(&self) -> usize {
         self.shared.cache.lookups_in_flight()
     }
