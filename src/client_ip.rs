@@ -327,6 +327,26 @@ fn is_port(port: &str) -> bool {
     }
 }
 
+/// The network a client is counted in, by the failure limit and the lookup budgets: its address
+/// (an IPv4-mapped IPv6 address as IPv4) with the host bits past `v4_prefix` / `v6_prefix`
+/// cleared. Prefixes longer than the address keep it whole.
+pub(crate) fn network_key(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> IpAddr {
+    match canonical_ip(ip) {
+        IpAddr::V4(v4) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(v4_prefix.min(32)))
+                .unwrap_or(0);
+            IpAddr::V4(std::net::Ipv4Addr::from(u32::from(v4) & mask))
+        }
+        IpAddr::V6(v6) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(v6_prefix.min(128)))
+                .unwrap_or(0);
+            IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & mask))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,8 +7,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::error::{
     ErrorBody, NotFound, PayloadTooLarge, ReadScopeMissing, StoreFailed, TokenRevoked,
-    Unauthorized,
-    WriteScopeMissing,
+    Unauthorized, WriteScopeMissing,
 };
 use super::events::{EventKind, TokenEvent};
 use super::input::{

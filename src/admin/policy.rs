@@ -19,11 +19,11 @@
 //!   be must fit all three ceilings ([`may_receive_secret`]).
 
 use chrono::{DateTime, Utc};
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 
 use super::error::ApiError;
 use crate::principal::Principal;
-use crate::record::TokenRecord;
+use crate::record::{TokenRecord, canonical_net};
 use crate::scope::ScopeSet;
 
 /// The refusal of a lifetime beyond the caller's.
@@ -172,18 +172,6 @@ fn net_within(inner: IpNet, outer: IpNet) -> bool {
         (IpNet::V6(i), IpNet::V6(o)) => o.contains(&i),
         _ => false,
     }
-}
-
-/// `::ffff:a.b.c.d/n` (n ≥ 96) as `a.b.c.d/(n - 96)`; any other network as it is.
-fn canonical_net(net: IpNet) -> IpNet {
-    if let IpNet::V6(v6) = net
-        && v6.prefix_len() >= 96
-        && let Some(v4) = v6.network().to_ipv4_mapped()
-        && let Ok(v4) = Ipv4Net::new(v4, v6.prefix_len() - 96)
-    {
-        return IpNet::V4(v4);
-    }
-    net
 }
 
 #[cfg(test)]

@@ -127,6 +127,22 @@ impl PatAuthLayer {
         self.shared.cache.store_lookups()
     }
 
+    /// How many store lookups are in flight, running or waiting for a slot (concurrent requests
+    /// for one token share one). A metric; it returns to zero when no request waits for the store,
+    /// whether the requests finished or were dropped (a lookup nobody waits for any more is
+    /// cancelled).
+    pub fn lookups_in_flight(&self) -> usize {
+        self.shared.cache.lookups_in_flight()
+    }
+
+    /// Test hook: `hook` runs on every load or refresh just before the cache stores what the store
+    /// answered (after the store query), so a test can fire an invalidation at that exact moment.
+    /// Set once; returns `false` if a hook was already set. Not part of the stable API.
+    #[doc(hidden)]
+    pub fn set_cache_insert_hook(&self, hook: impl Fn() + Send + Sync + 'static) -> bool {
+        self.shared.cache.set_insert_hook(Box::new(hook))
+    }
+
     /// How old the oldest state this layer may act on can be: how long a change made elsewhere
     /// (a revocation through another node) may have gone unseen here.
     ///
@@ -209,7 +225,9 @@ impl PatAuthLayer {
             let now = now_ms();
             let outcome = match shared.find(token, now)? {
                 Found::Cached(outcome) => outcome,
-                Found::Miss(hash, previous) => Arc::clone(&shared.cache).load(hash, previous).await,
+                Found::Miss(hash, previous) => {
+                    Arc::clone(&shared.cache).load(hash, previous, client).await
+                }
             };
             shared.authorize(outcome, now_ms(), Some(required), || client)
         }
@@ -741,7 +759,9 @@ where
                 // The ready service goes with the future; a clone stays for the next request.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
-                let lookup = Box::pin(Arc::clone(&self.shared.cache).load(hash, previous));
+                // The client's address, for its lookup budget (a miss only).
+                let client = self.shared.client_addr(&req).limit_key();
+                let lookup = Box::pin(Arc::clone(&self.shared.cache).load(hash, previous, client));
                 ResponseFuture::lookup(lookup, ready, req, Arc::clone(&self.shared))
             }
         }

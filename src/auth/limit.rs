@@ -3,7 +3,7 @@
 
 use std::borrow::Borrow;
 use std::hash::Hash;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -116,20 +116,7 @@ impl FailureLimit {
     /// The network `ip` is counted in: its address with the host bits cleared.
     #[inline]
     fn key(&self, ip: IpAddr) -> IpAddr {
-        match crate::record::canonical_ip(ip) {
-            IpAddr::V4(v4) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.v4_prefix))
-                    .unwrap_or(0);
-                IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
-            }
-            IpAddr::V6(v6) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.v6_prefix))
-                    .unwrap_or(0);
-                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
-            }
-        }
+        crate::client_ip::network_key(ip, self.v4_prefix, self.v6_prefix)
     }
 
     /// `Some(seconds until the window ends)` while `ip`'s network is refused.
