@@ -10,6 +10,8 @@
 //! API). A store error is never read as "invalid token": a cache miss whose lookup fails is
 //! answered 503.
 
+#[cfg(feature = "test-util")]
+pub mod conformance;
 mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;

@@ -1,0 +1,1406 @@
+//! The store conformance suite (feature `test-util`): the rules every [`TokenStore`] must keep,
+//! as async checks a store author runs from their own tests.
+//!
+//! Call [`run_all`] with a factory that makes a fresh, empty store (each check gets its own), or
+//! call the checks one by one, one test each, to see which rule a store breaks. A check panics
+//! with a message naming the rule, and says which check it was. [`CHECKS`] names them all.
+//!
+//! What the checks require, in short: conditional writes ([`TokenStore::update`] and
+//! [`TokenStore::rotate`] refuse an unknown id with [`StoreError::NotFound`], a revoked record
+//! with [`StoreError::Revoked`], a stale version or hash with [`StoreError::Stale`], taken values
+//! with [`StoreError::Conflict`], and then change nothing); versions that count management writes;
+//! a revocation that is permanent; a [`StoreEvent::Changed`] for every hash a record answered to
+//! before each `update`, `rotate`, `revoke` and `delete` (so [`TokenLookup::subscribe`] must
+//! return `true`: embed a [`ChangeHub`]); usage merged by [`TokenRecord::apply_usage`]'s rule; and
+//! listings that agree with [`ListQuery::matches`] and [`ListQuery::compare`].
+//!
+//! The records are made with times truncated to the microsecond, the precision of the SQL stores;
+//! a store must give back every field it was given, at least to that precision.
+//!
+//! # Example: a store of your own
+//!
+//! A complete store over a `Mutex<HashMap>`, passing the suite. A real store would do the same
+//! checks inside one transaction or one conditional statement.
+//!
+//! ```
+//! use std::collections::HashMap;
+//! use std::sync::{Mutex, Weak};
+//!
+//! use async_trait::async_trait;
+//! use chrono::{DateTime, Utc};
+//! use tower_pat::store::{ChangeHub, ChangeListener, ListQuery, Page};
+//! use tower_pat::{
+//!     Rotation, StoreError, TokenHash, TokenLookup, TokenPatch, TokenRecord, TokenStore,
+//!     UsageUpdate,
+//! };
+//!
+//! #[derive(Default)]
+//! struct MapStore {
+//!     records: Mutex<HashMap<String, TokenRecord>>,
+//!     hub: ChangeHub,
+//! }
+//!
+//! /// The stored record `id`, if it may be written: not revoked, at the version (and for a
+//! /// rotation, the hash) the caller read.
+//! fn writable<'a>(
+//!     records: &'a HashMap<String, TokenRecord>,
+//!     id: &str,
+//!     if_version: Option<u64>,
+//!     old_hash: Option<&TokenHash>,
+//! ) -> Result<&'a TokenRecord, StoreError> {
+//!     let r = records.get(id).ok_or(StoreError::NotFound)?;
+//!     if r.revoked_at.is_some() {
+//!         return Err(StoreError::Revoked);
+//!     }
+//!     if if_version.is_some_and(|v| v != r.version) || old_hash.is_some_and(|h| *h != r.hash) {
+//!         return Err(StoreError::Stale);
+//!     }
+//!     Ok(r)
+//! }
+//!
+//! /// Whether another record than `id` answers to `hash`.
+//! fn hash_taken(records: &HashMap<String, TokenRecord>, hash: &TokenHash, id: &str) -> bool {
+//!     records.values().any(|r| {
+//!         r.id != id && (r.hash == *hash || r.previous_hash.is_some_and(|(h, _)| h == *hash))
+//!     })
+//! }
+//!
+//! /// Whether another record than `id` of `subject` is named `name`.
+//! fn name_taken(records: &HashMap<String, TokenRecord>, subject: &str, name: &str, id: &str) -> bool {
+//!     records.values().any(|r| r.id != id && r.subject == subject && r.name == name)
+//! }
+//!
+//! impl MapStore {
+//!     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, TokenRecord>> {
+//!         self.records.lock().unwrap_or_else(|e| e.into_inner())
+//!     }
+//! }
+//!
+//! #[async_trait]
+//! impl TokenLookup for MapStore {
+//!     async fn find_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
+//!         let now = Utc::now();
+//!         Ok(self.lock().values().find(|r| r.matches_hash(hash, now)).cloned())
+//!     }
+//!
+//!     async fn record_usage(&self, updates: &[UsageUpdate]) -> Result<(), StoreError> {
+//!         let mut records = self.lock();
+//!         for u in updates {
+//!             if let Some(r) = records.get_mut(&u.token_id) {
+//!                 r.apply_usage(u);
+//!             }
+//!         }
+//!         Ok(())
+//!     }
+//!
+//!     fn subscribe(&self, listener: Weak<dyn ChangeListener>) -> bool {
+//!         self.hub.subscribe(listener);
+//!         true
+//!     }
+//! }
+//!
+//! #[async_trait]
+//! impl TokenStore for MapStore {
+//!     async fn insert(&self, record: &TokenRecord) -> Result<(), StoreError> {
+//!         let mut records = self.lock();
+//!         if records.contains_key(&record.id) {
+//!             return Err(StoreError::Conflict { field: "id" });
+//!         }
+//!         if hash_taken(&records, &record.hash, &record.id) {
+//!             return Err(StoreError::Conflict { field: "hash" });
+//!         }
+//!         if name_taken(&records, &record.subject, &record.name, &record.id) {
+//!             return Err(StoreError::Conflict { field: "name" });
+//!         }
+//!         records.insert(record.id.clone(), record.clone());
+//!         Ok(())
+//!     }
+//!
+//!     async fn get(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+//!         Ok(self.lock().get(id).cloned())
+//!     }
+//!
+//!     async fn list(&self, query: &ListQuery) -> Result<Page, StoreError> {
+//!         let records = self.lock();
+//!         let mut items: Vec<&TokenRecord> = records.values().filter(|r| query.matches(r)).collect();
+//!         items.sort_by(|a, b| query.compare(a, b));
+//!         let total = items.len() as u64;
+//!         let skip = usize::try_from(query.offset).unwrap_or(usize::MAX);
+//!         let take = usize::try_from(query.limit).unwrap_or(usize::MAX);
+//!         let items = items.into_iter().skip(skip).take(take).cloned().collect();
+//!         Ok(Page { items, total })
+//!     }
+//!
+//!     async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
+//!         let (old, new) = {
+//!             let mut records = self.lock();
+//!             let old = writable(&records, id, patch.if_version, None)?.clone();
+//!             if patch.is_empty() {
+//!                 return Ok(old);
+//!             }
+//!             if let Some(name) = &patch.name {
+//!                 if name_taken(&records, &old.subject, name, id) {
+//!                     return Err(StoreError::Conflict { field: "name" });
+//!                 }
+//!             }
+//!             let mut new = old.clone();
+//!             new.version = old.version.checked_add(1).ok_or_else(|| StoreError::backend("version"))?;
+//!             if let Some(name) = &patch.name {
+//!                 new.name = name.clone();
+//!             }
+//!             if let Some(scopes) = &patch.scopes {
+//!                 new.scopes = scopes.clone();
+//!             }
+//!             if let Some(expires_at) = patch.expires_at {
+//!                 new.expires_at = expires_at;
+//!             }
+//!             if let Some(nets) = &patch.ip_restriction {
+//!                 new.ip_restriction = nets.clone();
+//!             }
+//!             new.updated_at = patch.at;
+//!             records.insert(id.to_owned(), new.clone());
+//!             (old, new)
+//!         };
+//!         // After the lock is released: listeners run synchronously.
+//!         self.hub.announce(&old);
+//!         Ok(new)
+//!     }
+//!
+//!     async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
+//!         let (old, new) = {
+//!             let mut records = self.lock();
+//!             let old = writable(&records, id, rotation.if_version, Some(&rotation.old_hash))?.clone();
+//!             if hash_taken(&records, &rotation.new_hash, id) {
+//!                 return Err(StoreError::Conflict { field: "hash" });
+//!             }
+//!             let mut new = old.clone();
+//!             new.version = old.version.checked_add(1).ok_or_else(|| StoreError::backend("version"))?;
+//!             new.hash = rotation.new_hash;
+//!             new.start = rotation.new_start.clone();
+//!             new.previous_hash = rotation.grace_until.map(|until| (rotation.old_hash, until));
+//!             new.last_rotated_at = Some(rotation.at);
+//!             new.updated_at = rotation.at;
+//!             if let Some(expires_at) = rotation.expires_at {
+//!                 new.expires_at = expires_at;
+//!             }
+//!             records.insert(id.to_owned(), new.clone());
+//!             (old, new)
+//!         };
+//!         self.hub.announce(&old);
+//!         Ok(new)
+//!     }
+//!
+//!     async fn revoke(&self, id: &str, at: DateTime<Utc>) -> Result<Option<TokenRecord>, StoreError> {
+//!         let revoked = {
+//!             let mut records = self.lock();
+//!             let Some(r) = records.get_mut(id) else {
+//!                 return Ok(None);
+//!             };
+//!             if r.revoked_at.is_none() {
+//!                 r.revoked_at = Some(at);
+//!                 r.updated_at = at;
+//!                 r.version = r.version.saturating_add(1);
+//!             }
+//!             r.clone()
+//!         };
+//!         self.hub.announce(&revoked);
+//!         Ok(Some(revoked))
+//!     }
+//!
+//!     async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+//!         let removed = self.lock().remove(id);
+//!         if let Some(r) = &removed {
+//!             self.hub.announce(r);
+//!         }
+//!         Ok(removed)
+//!     }
+//!
+//!     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
+//!         Ok(self.lock().values().filter(|r| r.subject == subject).count() as u64)
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! // In your tests: `#[tokio::test] async fn conformance() { run_all(...).await }`.
+//! tower_pat::store::conformance::run_all(|| async { MapStore::default() }).await;
+//! # }
+//! ```
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, Weak};
+
+use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
+use ipnet::IpNet;
+
+use super::{
+    ChangeListener, LastUsedFilter, ListQuery, Rotation, SortKey, StoreError, StoreEvent,
+    TokenPatch, TokenStore,
+};
+use crate::record::{MAX_LAST_USED_IPS, NewToken, TokenRecord, parse_ip_net};
+use crate::scope::ScopeSet;
+use crate::token::{TokenFormat, TokenHash, TokenHasher};
+use crate::usage::UsageUpdate;
+
+macro_rules! suite {
+    ($($check:ident),* $(,)?) => {
+        /// The names of every check, in the order [`run_all`] runs them: each is a public function
+        /// of this module taking a fresh store.
+        pub const CHECKS: &[&str] = &[$(stringify!($check)),*];
+
+        /// Runs every check, each on a fresh store from `make_store`. Panics at the first rule the
+        /// store breaks, naming the check and the rule.
+        pub async fn run_all<S, F, Fut>(mut make_store: F)
+        where
+            S: TokenStore,
+            F: FnMut() -> Fut,
+            Fut: Future<Output = S>,
+        {
+            $($check(make_store().await).await;)*
+        }
+    };
+}
+
+suite!(
+    insert_and_get_round_trip,
+    uniqueness,
+    lookup_by_hash,
+    revoked_and_expired_are_found,
+    previous_hash_only_within_grace,
+    update_changes_only_the_named_fields,
+    update_never_clears_a_revocation,
+    stale_writes_change_nothing,
+    rotate_replaces_the_secret,
+    rotate_never_restores_a_replaced_hash,
+    rotate_refuses_a_revoked_token,
+    versions_count_management_writes,
+    revoke_keeps_the_first_time,
+    delete_removes,
+    usage_is_monotonic,
+    usage_keeps_newest_addresses_capped,
+    list_matches_the_reference,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+/// A fresh record of `subject` named `name`, with scopes `repo:read user:*`, created now (to the
+/// microsecond), at version 0: what the checks insert. Its secret is discarded.
+pub fn record(subject: &str, name: &str) -> TokenRecord {
+    NewToken::new(
+        subject,
+        name,
+        ScopeSet::parse(["repo:read", "user:*"]).unwrap_or_default(),
+    )
+    .issue(&TokenFormat::new(), &TokenHasher::sha256(), now())
+    .0
+}
+
+/// Now, truncated to the microsecond.
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("a valid address")
+}
+
+fn net(s: &str) -> IpNet {
+    parse_ip_net(s).expect("a valid network")
+}
+
+fn new_hash() -> TokenHash {
+    record("x", "x").hash
+}
+
+trait Expiring {
+    fn expiring(self, at: DateTime<Utc>) -> Self;
+}
+
+impl Expiring for TokenRecord {
+    fn expiring(mut self, at: DateTime<Utc>) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+}
+
+/// Names the check in the output when it panics.
+struct Check(&'static str);
+
+impl Drop for Check {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "store conformance: check `{}` failed; see its documentation in \
+                 tower_pat::store::conformance for the rules it checks",
+                self.0
+            );
+        }
+    }
+}
+
+/// Unwrapping a store call that must succeed, with a message saying so.
+trait Must<T> {
+    fn must(self) -> T;
+}
+
+impl<T> Must<T> for Result<T, StoreError> {
+    #[track_caller]
+    fn must(self) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => panic!("store conformance: a store call that must succeed failed: {e}"),
+        }
+    }
+}
+
+/// Unwrapping a store call that must find a record.
+trait Found {
+    fn found(self) -> TokenRecord;
+}
+
+impl Found for Result<Option<TokenRecord>, StoreError> {
+    #[track_caller]
+    fn found(self) -> TokenRecord {
+        match self {
+            Ok(Some(r)) => r,
+            Ok(None) => panic!("store conformance: a record that exists was not found"),
+            Err(e) => panic!("store conformance: a store call that must succeed failed: {e}"),
+        }
+    }
+}
+
+/// Records every event it hears.
+#[derive(Default)]
+struct Events(Mutex<Vec<StoreEvent>>);
+
+impl ChangeListener for Events {
+    fn on_event(&self, event: &StoreEvent) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(event.clone());
+    }
+}
+
+impl Events {
+    #[track_caller]
+    fn subscribe<S: TokenStore>(store: &S) -> Arc<Self> {
+        let events = Arc::new(Self::default());
+        let weak: Weak<dyn ChangeListener> = Arc::downgrade(&events) as Weak<dyn ChangeListener>;
+        assert!(
+            store.subscribe(weak),
+            "store conformance: TokenLookup::subscribe must return true: a TokenStore publishes \
+             StoreEvent::Changed for its writes (embed a ChangeHub)"
+        );
+        events
+    }
+
+    /// Whether `Changed` for this id and hash was heard (a shared store may deliver it twice:
+    /// locally, then through its feed).
+    fn heard(&self, id: &str, hash: TokenHash) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&StoreEvent::Changed {
+                id: id.to_owned(),
+                hash,
+            })
+    }
+
+    fn clear(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+#[track_caller]
+fn assert_conflict<T: std::fmt::Debug>(result: Result<T, StoreError>, field: &str, rule: &str) {
+    match result {
+        Err(StoreError::Conflict { field: f }) if f == field => {}
+        other => panic!(
+            "store conformance: {rule}: expected StoreError::Conflict {{ field: {field:?} }}, \
+             got {other:?}"
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The checks
+
+/// Every field of a record survives `insert` then `get` unchanged (times to the microsecond, IPv4
+/// and IPv6 networks and addresses, a grace hash, non-ASCII names); `get` of an unknown id is
+/// `None`; `count_by_subject` counts per subject.
+pub async fn insert_and_get_round_trip<S: TokenStore>(store: S) {
+    let _check = Check("insert_and_get_round_trip");
+    let t = now();
+    let mut r = record("alice", "laptop").expiring(t + TimeDelta::days(30));
+    r.token_type = "service".to_owned();
+    r.ip_restriction = vec![net("10.0.0.0/8"), net("2001:db8::/32")];
+    r.last_used_at = Some(t - TimeDelta::seconds(5));
+    r.last_used_ips = vec![ip("10.1.2.3"), ip("2001:db8::7")];
+    r.last_rotated_at = Some(t - TimeDelta::hours(1));
+    r.previous_hash = Some((new_hash(), t + TimeDelta::minutes(10)));
+    r.name = "Ärger über CI".to_owned();
+    store.insert(&r).await.must();
+
+    assert_eq!(
+        store.get(&r.id).await.must(),
+        Some(r.clone()),
+        "insert then get must give back every field unchanged"
+    );
+    assert_eq!(
+        store.get("no-such-id").await.must(),
+        None,
+        "get of an unknown id must be None"
+    );
+
+    let plain = record("alice", "desktop");
+    store.insert(&plain).await.must();
+    assert_eq!(
+        store.get(&plain.id).await.must(),
+        Some(plain.clone()),
+        "insert then get must give back every field unchanged"
+    );
+    assert_eq!(
+        store.count_by_subject("alice").await.must(),
+        2,
+        "count_by_subject counts the subject's records"
+    );
+    assert_eq!(
+        store.count_by_subject("bob").await.must(),
+        0,
+        "count_by_subject of a subject without records is 0"
+    );
+}
+
+/// `insert` refuses a taken id, a taken hash and a name the subject already uses, each with
+/// [`StoreError::Conflict`] naming the field; names are unique per subject and compared exactly.
+pub async fn uniqueness<S: TokenStore>(store: S) {
+    let _check = Check("uniqueness");
+    let a = record("alice", "ci");
+    store.insert(&a).await.must();
+
+    let mut same_id = record("alice", "other");
+    same_id.id = a.id.clone();
+    assert_conflict(store.insert(&same_id).await, "id", "insert with a taken id");
+
+    let mut same_hash = record("alice", "third");
+    same_hash.hash = a.hash;
+    assert_conflict(
+        store.insert(&same_hash).await,
+        "hash",
+        "insert with a taken hash",
+    );
+
+    assert_conflict(
+        store.insert(&record("alice", "ci")).await,
+        "name",
+        "insert with a name the subject already uses",
+    );
+    // Names are unique per subject, and compared exactly.
+    store.insert(&record("bob", "ci")).await.must();
+    store.insert(&record("alice", "CI")).await.must();
+    assert_eq!(
+        store.count_by_subject("alice").await.must(),
+        2,
+        "a refused insert must write nothing"
+    );
+}
+
+/// `find_by_hash` finds a record by its current hash and nothing by an unknown hash.
+pub async fn lookup_by_hash<S: TokenStore>(store: S) {
+    let _check = Check("lookup_by_hash");
+    let r = record("alice", "ci");
+    store.insert(&r).await.must();
+    assert_eq!(
+        store.find_by_hash(&r.hash).await.must(),
+        Some(r.clone()),
+        "find_by_hash must find a record by its current hash"
+    );
+    assert_eq!(
+        store.find_by_hash(&new_hash()).await.must(),
+        None,
+        "find_by_hash of an unknown hash must be None"
+    );
+}
+
+/// `find_by_hash` returns revoked and expired records too: the layer names the reason.
+pub async fn revoked_and_expired_are_found<S: TokenStore>(store: S) {
+    let _check = Check("revoked_and_expired_are_found");
+    let t = now();
+    let expired = record("alice", "old").expiring(t - TimeDelta::seconds(1));
+    store.insert(&expired).await.must();
+    let found = store.find_by_hash(&expired.hash).await.found();
+    assert!(
+        found.is_expired_at(Utc::now()),
+        "find_by_hash must return an expired record as it is"
+    );
+
+    let r = record("alice", "ci");
+    store.insert(&r).await.must();
+    store.revoke(&r.id, t).await.must();
+    let found = store.find_by_hash(&r.hash).await.found();
+    assert_eq!(
+        found.revoked_at,
+        Some(t),
+        "find_by_hash must return a revoked record, revoked"
+    );
+}
+
+/// After a rotation with a grace period both hashes answer; a grace hash whose period is over
+/// answers nothing.
+pub async fn previous_hash_only_within_grace<S: TokenStore>(store: S) {
+    let _check = Check("previous_hash_only_within_grace");
+    let t = now();
+    let r = record("alice", "ci");
+    store.insert(&r).await.must();
+
+    // Rotate with a grace period: both hashes answer.
+    let new = new_hash();
+    let rotation =
+        Rotation::new(r.hash, new, "pat_new", t).grace_until(Some(t + TimeDelta::minutes(5)));
+    let rotated = store.rotate(&r.id, &rotation).await.must();
+    assert_eq!(
+        store.find_by_hash(&new).await.must(),
+        Some(rotated.clone()),
+        "after a rotation, find_by_hash must find the record by the new hash"
+    );
+    assert_eq!(
+        store.find_by_hash(&r.hash).await.must(),
+        Some(rotated),
+        "during the grace period, find_by_hash must find the record by the previous hash"
+    );
+
+    // Once the grace period is over, the old hash is unknown.
+    let mut ended = record("alice", "ended");
+    let old = new_hash();
+    ended.previous_hash = Some((old, t - TimeDelta::seconds(1)));
+    store.insert(&ended).await.must();
+    assert_eq!(
+        store.find_by_hash(&old).await.must(),
+        None,
+        "a previous hash whose grace period is over must find nothing"
+    );
+    assert!(
+        store.find_by_hash(&ended.hash).await.must().is_some(),
+        "the current hash of a record with an ended grace period must still be found"
+    );
+}
+
+/// `update` writes exactly the fields the patch names, sets `updated_at`, bumps the version by
+/// one, announces the hash and the grace hash; an empty patch writes nothing; a name another
+/// token of the subject has is a `name` conflict; an unknown id is [`StoreError::NotFound`].
+pub async fn update_changes_only_the_named_fields<S: TokenStore>(store: S) {
+    let _check = Check("update_changes_only_the_named_fields");
+    let t = now();
+    let mut r = record("alice", "ci");
+    r.previous_hash = Some((new_hash(), t + TimeDelta::minutes(5)));
+    r.expires_at = Some(t + TimeDelta::days(3));
+    r.ip_restriction = vec![net("10.0.0.0/8")];
+    let sibling = record("alice", "deploy");
+    store.insert(&r).await.must();
+    store.insert(&sibling).await.must();
+    store
+        .record_usage(&[UsageUpdate::new(&r.id, t, vec![ip("10.0.0.1")])])
+        .await
+        .must();
+    let before = store.get(&r.id).await.found();
+    assert_eq!(before.version, 0, "usage marks are not management writes");
+    let events = Events::subscribe(&store);
+
+    // One field: the others are kept.
+    let at = t + TimeDelta::seconds(1);
+    let renamed = store
+        .update(&r.id, &TokenPatch::new(at).if_version(0).name("ci-2"))
+        .await
+        .must();
+    let mut expected = before.clone();
+    expected.name = "ci-2".to_owned();
+    expected.updated_at = at;
+    expected.version = 1;
+    assert_eq!(
+        renamed, expected,
+        "update must change the named field, updated_at and the version (+1), nothing else"
+    );
+    assert_eq!(
+        store.get(&r.id).await.must(),
+        Some(expected.clone()),
+        "update must store the record it returns"
+    );
+    assert!(
+        events.heard(&r.id, r.hash),
+        "update must publish Changed for the hash"
+    );
+    assert!(
+        events.heard(&r.id, r.previous_hash.unwrap().0),
+        "update must publish Changed for the grace hash too"
+    );
+
+    // Every field at once; the expiry can be cleared.
+    let at = t + TimeDelta::seconds(2);
+    let patch = TokenPatch::new(at)
+        .scopes(ScopeSet::parse(["admin"]).unwrap())
+        .expires_at(None)
+        .ip_restriction([net("192.168.0.0/16")]);
+    let changed = store.update(&r.id, &patch).await.must();
+    expected.scopes = ScopeSet::parse(["admin"]).unwrap();
+    expected.expires_at = None;
+    expected.ip_restriction = vec![net("192.168.0.0/16")];
+    expected.updated_at = at;
+    expected.version = 2;
+    assert_eq!(
+        changed, expected,
+        "update must change every named field, and can clear the expiry"
+    );
+    assert_eq!(
+        store.get(&r.id).await.must(),
+        Some(expected.clone()),
+        "update must store the record it returns"
+    );
+    // The renamed record is found under its new name, by the search too.
+    let found = store
+        .list(&ListQuery {
+            search: Some("CI-2".to_owned()),
+            ..ListQuery::for_subject("alice")
+        })
+        .await
+        .must();
+    assert_eq!(
+        found.items,
+        vec![expected.clone()],
+        "a renamed record must be listed under its new name"
+    );
+
+    // An expiry set, an empty restriction: anywhere.
+    let exp = t + TimeDelta::days(1);
+    let patch = TokenPatch::new(at).expires_at(Some(exp)).ip_restriction([]);
+    let changed = store.update(&r.id, &patch).await.must();
+    assert_eq!(changed.expires_at, Some(exp), "update must set the expiry");
+    assert!(
+        changed.ip_restriction.is_empty(),
+        "update must set an empty IP restriction"
+    );
+    assert_eq!(
+        changed.version, 3,
+        "each update must add one to the version"
+    );
+    expected = changed;
+
+    // An empty patch writes nothing.
+    let same = store
+        .update(&r.id, &TokenPatch::new(at + TimeDelta::hours(1)))
+        .await
+        .must();
+    assert_eq!(
+        same, expected,
+        "an empty patch must return the record unchanged"
+    );
+    assert_eq!(
+        store.get(&r.id).await.must(),
+        Some(expected.clone()),
+        "an empty patch must write nothing (not even updated_at or the version)"
+    );
+
+    // A name another token of the subject has.
+    assert_conflict(
+        store
+            .update(&r.id, &TokenPatch::new(at).name(sibling.name.clone()))
+            .await,
+        "name",
+        "update to a name another token of the subject has",
+    );
+    assert_eq!(
+        store.get(&r.id).await.must(),
+        Some(expected),
+        "a refused update must write nothing"
+    );
+    assert!(
+        matches!(
+            store
+                .update("no-such-id", &TokenPatch::new(at).name("x"))
+                .await,
+            Err(StoreError::NotFound)
+        ),
+        "update of an unknown id must fail with NotFound"
+    );
+    assert!(
+        matches!(
+            store.update("no-such-id", &TokenPatch::new(at)).await,
+            Err(StoreError::NotFound)
+        ),
+        "an empty update of an unknown id must fail with NotFound"
+    );
+}
+
+/// `update` of a revoked record fails with [`StoreError::Revoked`] and writes nothing, whatever the
+/// patch and version.
+pub async fn update_never_clears_a_revocation<S: TokenStore>(store: S) {
+    let _check = Check("update_never_clears_a_revocation");
+    let t = now();
+    let r = record("alice", "ci");
+    store.insert(&r).await.must();
+    // A caller read the record, then it was revoked.
+    let read = store.get(&r.id).await.found();
+    let revoked = store.revoke(&r.id, t).await.found();
+    assert_eq!(
+        revoked.version,
+        read.version + 1,
+        "revoke must add one to the version"
+    );
+
+    for patch in [
+        TokenPatch::new(t).if_version(read.version).name("renamed"),
+        TokenPatch::new(t).name("renamed"),
+        TokenPatch::new(t).expires_at(None),
+        TokenPatch::new(t),
+    ] {
+        match store.update(&r.id, &patch).await {
+            Err(StoreError::Revoked) => {}
+            other => panic!(
+                "store conformance: update of a revoked record must fail with StoreError::Revoked \
+                 (a revocation is permanent); {patch:?} gave {other:?}"
+            ),
+        }
+    }
+    let stored = store.get(&r.id).await.found();
+    assert_eq!(
+        stored, revoked,
+        "a refused update of a revoked record must write nothing"
+    );
+    assert_eq!(
+        stored.revoked_at,
+        Some(t),
+        "a revocation is permanent: no update clears revoked_at"
+    );
+}
+
+/// `update` and `rotate` with an `if_version` that is no longer the stored version fail with
+/// [`StoreError::Stale`] and write nothing; with the current version they apply.
+pub async fn stale_writes_change_nothing<S: TokenStore>(store: S) {
+    let _check = Check("stale_writes_change_nothing");
+    let t = now();
+    let r = record("alice", "ci");
+    store.insert(&r).await.must();
+    let read = store.get(&r.id).await.found();
+    // Someone else changes the record meanwhile.
+    let current = store
+        .update(&r.id, &TokenPatch::new(t).name("theirs"))
+        .await
+        .must();
+    assert_eq!(
+        current.version,
+        read.version + 1,
+        "update must add one to the version"
+    );
+
+    let mine = TokenPatch::new(t).if_version(read.version).name("mine");
+    assert!(
+        matches!(store.update(&r.id, &mine).await, Err(StoreError::Stale)),
+        "update with an old if_version must fail with Stale"
+    );
+    // An empty patch checks the version too.
+    let empty = TokenPatch::new(t).if_version(read.version);
+    assert!(
+        matches!(store.update(&r.id, &empty).await, Err(StoreError::Stale)),
+        "an empty update with an old if_version must fail with Stale"
+    );
+    let rotation = Rotation::new(read.hash, new_hash(), "pat_x", t).if_version(read.version);
+    assert!(
+        matches!(store.rotate(&r.id, &rotation).await, Err(StoreError::Stale)),
+        "rotate with an old if_version must fail with Stale"
+    );
+    assert_eq!(
+        store.get(&r.id).await.must(),
+        Some(current.clone()),
+        "a stale write must change nothing"
+    );
+
+    // With the current version, it applies.
+    let mine = TokenPatch::new(t).if_version(current.version).name("mine");
+    assert_eq!(
+        store.update(&r.id, &mine).await.must().name,
+        "mine",
+        "update with the current if_version must apply"
+    );
+}
+
+/// `rotate` replaces hash and start, keeps the old hash as grace hash only when asked, drops an
+/// earlier grace hash, sets `last_rotated_at`/`updated_at`, changes the expiry only when asked,
+/// keeps usage, bumps the version, and announces every hash the record answered to.
+pub async fn rotate_replaces_the_secret<S: TokenStore>(store: S) {
+    let _check = Check("rotate_replaces_the_secret");
+    let t = now();
+    let mut r = record("alice", "ci");
+    r.expires_at = Some(t + TimeDelta::days(3));
+    store.insert(&r).await.must();
+    store
+        .record_usage(&[UsageUpdate::new(&r.id, t, vec![ip("10.0.0.1")])])
+        .await
+        .must();
+    let before = store.get(&r.id).await.found();
+    let events = Events::subscribe(&store);
+
+    // With a grace period, the old hash keeps answering until it ends.
+    let (first, grace) = (new_hash(), t + TimeDelta::minutes(5));
+    let at = t + TimeDelta::seconds(1);
+    let rotation = Rotation::new(r.hash, first, "pat_first", at)
+        .if_version(0)
+        .grace_until(Some(grace));
+    let rotated = store.rotate(&r.id, &rotation).await.must();
+    let mut expected = before.clone();
+    expected.hash = first;
+    expected.start = "pat_first".to_owned();
+    expected.previous_hash = Some((r.hash, grace));
+    expected.last_rotated_at = Some(at);
+    expected.updated_at = at;
+    expected.version = 1;
+    assert_eq!(
+        rotated, expected,
+        "rotate must set hash, start, previous_hash (old hash, grace end), last_rotated_at, \
+         updated_at and the version (+1), nothing else"
+    );
+    assert_eq!(
+        store.get(&r.id).await.must(),
+        Some(expected.clone()),
+        "rotate must store the record it returns"
+    );
+    assert!(
+        events.heard(&r.id, r.hash),
+        "rotate must publish Changed for the replaced hash"
+    );
+    assert_eq!(
+        store.find_by_hash(&first).await.must(),
+        Some(expected.clone()),
+        "after a rotation, find_by_hash must find the record by the new hash"
+    );
+    assert_eq!(
+        store.find_by_hash(&r.hash).await.must(),
+        Some(expected.clone()),
+        "during the grace period, find_by_hash must find the record by the previous hash"
+    );
+
+    // Rotated again without one: the grace hash stops at once, and is announced with the
+    // current one.
+    events.clear();
+    let second = new_hash();
+    let exp = t + TimeDelta::days(9);
+    let at = t + TimeDelta::seconds(2);
+    let rotation = Rotation::new(first, second, "pat_second", at).expires_at(Some(exp));
+    let rotated = store.rotate(&r.id, &rotation).await.must();
+    assert_eq!(rotated.hash, second, "rotate must set the new hash");
+    assert_eq!(
+        rotated.previous_hash, None,
+        "a rotation without a grace period must leave no previous hash (an earlier grace hash \
+         never survives a rotation)"
+    );
+    assert_eq!(
+        rotated.expires_at,
+        Some(exp),
+        "rotate must set the expiry it names"
+    );
+    assert_eq!(
+        rotated.version, 2,
+        "each rotation must add one to the version"
+    );
+    assert_eq!(
+        rotated.last_used_ips,
+        vec![ip("10.0.0.1")],
+        "rotate must keep the usage fields"
+    );
+    assert!(
+        events.heard(&r.id, first),
+        "rotate must publish Changed for the replaced hash"
+    );
+    assert!(
+        events.heard(&r.id, r.hash),
+        "rotate must publish Changed for the grace hash too"
+    );
+    assert_eq!(
+        store.find_by_hash(&r.hash).await.must(),
+        None,
+        "an earlier grace hash must find nothing after a rotation without grace"
+    );
+    assert_eq!(
+        store.find_by_hash(&first).await.must(),
+        None,
+        "a hash rotated away without grace must find nothing"
+    );
+    assert_eq!(
+        store.find_by_hash(&second).await.must(),
+        Some(rotated.clone()),
+        "after a rotation, find_by_hash must find the record by the new hash"
+    );
+
+    // The expiry can be lifted by a rotation too.
+    let rotation = Rotation::new(second, new_hash(), "pat_third", at).expires_at(None);
+    assert_eq!(
+        store.rotate(&r.id, &rotation).await.must().expires_at,
+        None,
+        "a rotation can lift the expiry"
+    );
+
+    assert!(
+        matches!(
+            store
+                .rotate(
+                    "no-such-id",
+                    &Rotation::new(r.hash, new_hash(), "pat_x", at)
+                )
+                .await,
+            Err(StoreError::NotFound)
+        ),
+        "rotate of an unknown id must fail with NotFound"
+    );
+}
+
+/// A rotation whose `old_hash` is no longer current fails with [`StoreError::Stale`] (a replaced
+/// secret never comes back); a new hash another record has is a `hash` conflict.
+pub async fn rotate_never_restores_a_replaced_hash<S: TokenStore>(store: S) {
+    let _check = Check("rotate_never_restores_a_replaced_hash");
+    let t = now();
+    let r = record("alice", "ci");
+    let sibling = record("alice", "deploy");
+    store.insert(&r).await.must();
+    store.insert(&sibling).await.must();
+    let first = new_hash();
+    let current = store
+        .rotate(&r.id, &Rotation::new(r.hash, first, "pat_first", t))
+        .await
+        .must();
+
+    // A rotation that read the record before: its old hash is no longer the record's.
+    let late = Rotation::new(r.hash, new_hash(), "pat_late", t);
+    assert!(
+        matches!(store.rotate(&r.id, &late).await, Err(StoreError::Stale)),
+        "rotate whose old_hash is no longer the record's hash must fail with Stale"
+    );
+    // The refused rotation changed nothing, and the replaced hash stays unknown.
+    assert_eq!(
+        store.get(&r.id).await.must(),
+        Some(current.clone()),
+        "a stale rotation must change nothing"
+    );
+    assert_eq!(
+        store.find_by_hash(&r.hash).await.must(),
+        None,
+        "a hash rotated away must never answer again"
+    );
+
+    // Another record's hash is taken.
+    let clash = Rotation::new(first, sibling.hash, "pat_clash", t);
+    assert_conflict(
+        store.rotate(&r.id, &clash).await,
+        "hash",
+        "rotate to another record's hash",
+    );
+    assert_eq!(
+        store.get(&r.id).await.must(),
+        Some(current),
+        "a refused rotation must change nothing"
+    );
+}
+
+/// `rotate` of a revoked record fails with [`StoreError::Revoked`], whatever the version, and the
+/// new hash answers nothing.
+pub async fn rotate_refuses_a_revoked_token<S: TokenStore>(store: S) {
+    let _check = Check("rotate_refuses_a_revoked_token");
+    let t = now();
+    let r = record("alice", "ci");
+    store.insert(&r).await.must();
+    let read = store.get(&r.id).await.found();
+    let revoked = store.revoke(&r.id, t).await.found();
+    let new = new_hash();
+    for rotation in [
+        Rotation::new(read.hash, new, "pat_x", t).if_version(read.version),
+        Rotation::new(read.hash, new, "pat_x", t),
+        Rotation::new(read.hash, new, "pat_x", t).if_version(revoked.version),
+    ] {
+        match store.rotate(&r.id, &rotation).await {
+            Err(StoreError::Revoked) => {}
+            other => panic!(
+                "store conformance: rotate of a revoked record must fail with StoreError::Revoked, \
+                 got {other:?}"
+            ),
+        }
+    }
+    assert_eq!(
+        store.get(&r.id).await.must(),
+        Some(revoked),
+        "a refused rotation of a revoked record must write nothing"
+    );
+    assert_eq!(
+        store.find_by_hash(&new).await.must(),
+        None,
+        "the new hash of a refused rotation must find nothing"
+    );
+}
+
+/// The version starts at 0 and goes up by one per `update`, `rotate` and first `revoke`; usage
+/// marks and a second revocation leave it alone.
+pub async fn versions_count_management_writes<S: TokenStore>(store: S) {
+    let _check = Check("versions_count_management_writes");
+    let t = now();
+    let r = record("alice", "ci");
+    assert_eq!(r.version, 0, "a new record is at version 0");
+    store.insert(&r).await.must();
+    let v = || async { store.get(&r.id).await.found().version };
+    assert_eq!(v().await, 0, "insert must store the version given (0)");
+    store
+        .record_usage(&[UsageUpdate::new(&r.id, t, vec![ip("10.0.0.1")])])
+        .await
+        .must();
+    assert_eq!(v().await, 0, "usage marks must not change the version");
+    store
+        .update(&r.id, &TokenPatch::new(t).name("b"))
+        .await
+        .must();
+    assert_eq!(v().await, 1, "update must add one to the version");
+    let h = store.get(&r.id).await.found().hash;
+    store
+        .rotate(&r.id, &Rotation::new(h, new_hash(), "pat_x", t))
+        .await
+        .must();
+    assert_eq!(v().await, 2, "rotate must add one to the version");
+    store.revoke(&r.id, t).await.must();
+    assert_eq!(v().await, 3, "revoke must add one to the version");
+    store.revoke(&r.id, t + TimeDelta::hours(1)).await.must();
+    assert_eq!(
+        v().await,
+        3,
+        "revoking a revoked record must not change the version"
+    );
+    store
+        .record_usage(&[UsageUpdate::new(&r.id, t + TimeDelta::seconds(1), vec![])])
+        .await
+        .must();
+    assert_eq!(v().await, 3, "usage marks must not change the version");
+}
+
+/// `revoke` sets `revoked_at` and `updated_at` once and announces the hash; revoking again keeps
+/// the first time; an unknown id is `None`.
+pub async fn revoke_keeps_the_first_time<S: TokenStore>(store: S) {
+    let _check = Check("revoke_keeps_the_first_time");
+    let t = now();
+    let r = record("alice", "ci");
+    store.insert(&r).await.must();
+    let events = Events::subscribe(&store);
+
+    let revoked = store.revoke(&r.id, t).await.found();
+    assert_eq!(revoked.revoked_at, Some(t), "revoke must set revoked_at");
+    assert_eq!(revoked.updated_at, t, "revoke must set updated_at");
+    assert!(
+        events.heard(&r.id, r.hash),
+        "revoke must publish Changed for the hash"
+    );
+
+    let again = store.revoke(&r.id, t + TimeDelta::hours(1)).await.found();
+    assert_eq!(
+        again.revoked_at,
+        Some(t),
+        "revoking again must keep the first revoked_at"
+    );
+    assert_eq!(again.updated_at, t, "revoking again must write nothing");
+    assert_eq!(
+        store.get(&r.id).await.must(),
+        Some(again),
+        "revoke must store the record it returns"
+    );
+    assert_eq!(
+        store.revoke("no-such-id", t).await.must(),
+        None,
+        "revoke of an unknown id must be None"
+    );
+}
+
+/// `delete` returns the record, announces its hash, and frees its id, hash and name; deleting
+/// again is `None`.
+pub async fn delete_removes<S: TokenStore>(store: S) {
+    let _check = Check("delete_removes");
+    let r = record("alice", "ci");
+    store.insert(&r).await.must();
+    let events = Events::subscribe(&store);
+
+    assert_eq!(
+        store.delete(&r.id).await.must(),
+        Some(r.clone()),
+        "delete must return the removed record"
+    );
+    assert!(
+        events.heard(&r.id, r.hash),
+        "delete must publish Changed for the hash"
+    );
+    assert_eq!(
+        store.get(&r.id).await.must(),
+        None,
+        "a deleted record must not be found by id"
+    );
+    assert_eq!(
+        store.find_by_hash(&r.hash).await.must(),
+        None,
+        "a deleted record must not be found by hash"
+    );
+    assert_eq!(
+        store.delete(&r.id).await.must(),
+        None,
+        "delete of an unknown id must be None"
+    );
+    assert_eq!(
+        store.count_by_subject("alice").await.must(),
+        0,
+        "a deleted record must not be counted"
+    );
+    // The name is free again.
+    store.insert(&record("alice", "ci")).await.must();
+}
+
+/// `record_usage` follows [`TokenRecord::apply_usage`]: `last_used_at` never moves backwards,
+/// late marks put their addresses after newer ones, retries change nothing, unknown ids are
+/// ignored.
+pub async fn usage_is_monotonic<S: TokenStore>(store: S) {
+    let _check = Check("usage_is_monotonic");
+    let t = now();
+    let a = record("alice", "a");
+    let b = record("alice", "b");
+    store.insert(&a).await.must();
+    store.insert(&b).await.must();
+    let (mut ref_a, mut ref_b) = (a.clone(), b.clone());
+
+    let batches = [
+        vec![
+            UsageUpdate::new(&a.id, t, vec![ip("10.0.0.2"), ip("10.0.0.1")]),
+            UsageUpdate::new(&b.id, t - TimeDelta::seconds(30), vec![]),
+            UsageUpdate::new("no-such-id", t, vec![ip("10.9.9.9")]),
+        ],
+        // Out of order: an older mark for `a` arrives late; its address goes after the newer ones.
+        vec![UsageUpdate::new(
+            &a.id,
+            t - TimeDelta::seconds(10),
+            vec![ip("10.0.0.9")],
+        )],
+        // Retried: the same batch again changes nothing.
+        vec![UsageUpdate::new(
+            &a.id,
+            t - TimeDelta::seconds(10),
+            vec![ip("10.0.0.9")],
+        )],
+        vec![UsageUpdate::new(
+            &b.id,
+            t + TimeDelta::seconds(1),
+            vec![ip("2001:db8::1")],
+        )],
+        vec![],
+    ];
+    for batch in &batches {
+        store.record_usage(batch).await.must();
+        for u in batch {
+            if u.token_id == a.id {
+                ref_a.apply_usage(u);
+            } else if u.token_id == b.id {
+                ref_b.apply_usage(u);
+            }
+        }
+    }
+    let got_a = store.get(&a.id).await.found();
+    let got_b = store.get(&b.id).await.found();
+    const RULE: &str = "record_usage must merge as TokenRecord::apply_usage does: last_used_at \
+                        never moves backwards, addresses newest first";
+    assert_eq!(got_a, ref_a, "{RULE}");
+    assert_eq!(got_b, ref_b, "{RULE}");
+    assert_eq!(got_a.last_used_at, Some(t), "{RULE}");
+    assert_eq!(
+        got_a.last_used_ips,
+        vec![ip("10.0.0.2"), ip("10.0.0.1"), ip("10.0.0.9")],
+        "{RULE}"
+    );
+    assert_eq!(
+        got_b.last_used_at,
+        Some(t + TimeDelta::seconds(1)),
+        "{RULE}"
+    );
+    assert_eq!(got_b.last_used_ips, vec![ip("2001:db8::1")], "{RULE}");
+    assert!(
+        store.get("no-such-id").await.must().is_none(),
+        "record_usage must ignore unknown ids, not create records"
+    );
+}
+
+/// `last_used_ips` keeps the newest distinct addresses first, at most [`MAX_LAST_USED_IPS`]; a
+/// repeated address moves to the front.
+pub async fn usage_keeps_newest_addresses_capped<S: TokenStore>(store: S) {
+    let _check = Check("usage_keeps_newest_addresses_capped");
+    let t = now();
+    let r = record("alice", "ci");
+    store.insert(&r).await.must();
+    let mut reference = r.clone();
+    for i in 0..8u8 {
+        let u = UsageUpdate::new(
+            &r.id,
+            t + TimeDelta::seconds(i64::from(i)),
+            vec![IpAddr::from([10, 0, 0, i])],
+        );
+        store.record_usage(std::slice::from_ref(&u)).await.must();
+        reference.apply_usage(&u);
+    }
+    // A repeat of an address already in the list moves it to the front.
+    let u = UsageUpdate::new(&r.id, t + TimeDelta::seconds(20), vec![ip("10.0.0.5")]);
+    store.record_usage(std::slice::from_ref(&u)).await.must();
+    reference.apply_usage(&u);
+
+    let got = store.get(&r.id).await.found();
+    const RULE: &str = "last_used_ips must keep the newest distinct addresses first, at most \
+                        MAX_LAST_USED_IPS, as TokenRecord::apply_usage does";
+    assert_eq!(got, reference, "{RULE}");
+    assert_eq!(got.last_used_ips.len(), MAX_LAST_USED_IPS, "{RULE}");
+    assert_eq!(
+        got.last_used_ips,
+        vec![
+            ip("10.0.0.5"),
+            ip("10.0.0.7"),
+            ip("10.0.0.6"),
+            ip("10.0.0.4"),
+            ip("10.0.0.3")
+        ],
+        "{RULE}"
+    );
+}
+
+/// `list` agrees with [`ListQuery::matches`] and [`ListQuery::compare`] for every filter, sort
+/// key, direction and page (ties broken by id; case-insensitive, Unicode-aware search), and
+/// `total` counts every match.
+pub async fn list_matches_the_reference<S: TokenStore>(store: S) {
+    let _check = Check("list_matches_the_reference");
+    let t = now();
+    let names = [
+        ("alice", "laptop"),
+        ("alice", "CI runner"),
+        ("alice", "ci-deploy"),
+        ("alice", "Ärger"),
+        ("alice", "zeta"),
+        ("bob", "laptop"),
+        ("bob", "backup"),
+        ("carol", "ci"),
+    ];
+    let mut ids = Vec::new();
+    for (i, (subject, name)) in names.iter().enumerate() {
+        let i = i64::try_from(i).unwrap();
+        let mut r = record(subject, name);
+        // Ties on created_at between some records: the id breaks them.
+        r.created_at = t - TimeDelta::minutes(i % 5);
+        r.expires_at = (i % 3 != 0).then(|| t + TimeDelta::days(i % 4));
+        store.insert(&r).await.must();
+        if i % 2 == 0 {
+            store
+                .record_usage(&[UsageUpdate::new(&r.id, t - TimeDelta::hours(i % 3), vec![])])
+                .await
+                .must();
+        }
+        ids.push(r.id);
+    }
+    let mut all = Vec::new();
+    for id in &ids {
+        all.push(store.get(id).await.found());
+    }
+
+    let reference = |q: &ListQuery| {
+        let mut matching: Vec<&TokenRecord> = all.iter().filter(|r| q.matches(r)).collect();
+        matching.sort_by(|a, b| q.compare(a, b));
+        let total = matching.len() as u64;
+        let page: Vec<TokenRecord> = matching
+            .into_iter()
+            .skip(q.offset as usize)
+            .take(q.limit as usize)
+            .cloned()
+            .collect();
+        (page, total)
+    };
+
+    let filters = [
+        (None, None, LastUsedFilter::Any),
+        (Some("alice"), None, LastUsedFilter::Any),
+        (None, Some("CI"), LastUsedFilter::Any),
+        (Some("alice"), Some("är"), LastUsedFilter::Any),
+        (None, Some(""), LastUsedFilter::Never),
+        (None, None, LastUsedFilter::Never),
+        // Not used since an instant half a microsecond after one stored use.
+        (
+            None,
+            None,
+            LastUsedFilter::Before(t - TimeDelta::hours(1) + TimeDelta::nanoseconds(500)),
+        ),
+        (Some("bob"), None, LastUsedFilter::Before(t)),
+        (Some("nobody"), None, LastUsedFilter::Any),
+    ];
+    let sorts = [
+        SortKey::CreatedAt,
+        SortKey::Name,
+        SortKey::LastUsedAt,
+        SortKey::ExpiresAt,
+    ];
+    let pages = [(0, 50), (0, 3), (3, 3), (7, 10), (20, 5), (0, 0)];
+    let mut checked = 0;
+    for (subject, search, last_used) in filters {
+        for sort in sorts {
+            for descending in [false, true] {
+                for (offset, limit) in pages {
+                    let q = ListQuery {
+                        subject: subject.map(str::to_owned),
+                        search: search.map(str::to_owned),
+                        last_used,
+                        sort,
+                        descending,
+                        offset,
+                        limit,
+                    };
+                    let page = store.list(&q).await.must();
+                    let (items, total) = reference(&q);
+                    assert_eq!(
+                        page.total, total,
+                        "list: total must count every record ListQuery::matches, for {q:?}"
+                    );
+                    assert_eq!(
+                        page.items, items,
+                        "list: the page must be the records ListQuery::matches, in \
+                         ListQuery::compare order, offset then limit applied, for {q:?}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 9 * 4 * 2 * 6);
+
+    // A few answers spelled out, so the reference cannot be wrong in the same way.
+    let ci = store
+        .list(&ListQuery {
+            search: Some("CI".to_owned()),
+            sort: SortKey::Name,
+            ..ListQuery::default()
+        })
+        .await
+        .must();
+    let names: Vec<&str> = ci.items.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["CI runner", "ci", "ci-deploy"],
+        "list: search is case-insensitive, sort by name is by the exact name"
+    );
+    let umlaut = store
+        .list(&ListQuery {
+            search: Some("ÄR".to_owned()),
+            ..ListQuery::default()
+        })
+        .await
+        .must();
+    assert_eq!(
+        umlaut.total, 1,
+        "list: search is case-insensitive beyond ASCII"
+    );
+    assert_eq!(
+        umlaut.items.first().map(|r| r.name.as_str()),
+        Some("Ärger"),
+        "list: search is case-insensitive beyond ASCII"
+    );
+    let bob = store.list(&ListQuery::for_subject("bob")).await.must();
+    assert_eq!(bob.total, 2, "list: the subject filter");
+}
