@@ -10,8 +10,9 @@
 //! with [`StoreError::Revoked`], a stale version or hash with [`StoreError::Stale`], taken values
 //! with [`StoreError::Conflict`], and then change nothing); versions that count management writes;
 //! a revocation that is permanent; a [`StoreEvent::Changed`] for every hash a record answered to
-//! before each `update`, `rotate`, `revoke` and `delete` (so [`TokenLookup::subscribe`] must
-//! return `true`: embed a [`ChangeHub`]); usage merged by [`TokenRecord::apply_usage`]'s rule; and
+//! before each `update`, `rotate`, `revoke` and `delete` (so
+//! [`TokenLookup::subscribe`](super::TokenLookup::subscribe) must return `true`: embed a
+//! [`ChangeHub`](super::ChangeHub)); usage merged by [`TokenRecord::apply_usage`]'s rule; and
 //! listings that agree with [`ListQuery::matches`] and [`ListQuery::compare`].
 //!
 //! The records are made with times truncated to the microsecond, the precision of the SQL stores;
