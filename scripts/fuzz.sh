@@ -23,11 +23,12 @@ if ! [[ "$seconds" =~ ^[0-9]+$ ]] || [[ "$seconds" -eq 0 ]]; then
     echo "usage: scripts/fuzz.sh [SECONDS]  (a positive number of seconds per target)" >&2
     exit 2
 fi
-toolchain="${FUZZ_TOOLCHAIN:-+nightly}"
+# FUZZ_TOOLCHAIN="" uses the default toolchain (with RUSTC_BOOTSTRAP=1 on stable).
+toolchain="${FUZZ_TOOLCHAIN-+nightly}"
 sanitizer="${FUZZ_SANITIZER:-none}"
 # Not the main crate's target directory: different flags and compiler would rebuild it.
 target_dir="${FUZZ_TARGET_DIR:-$PWD/target}"
-fuzz=(cargo "$toolchain" fuzz)
+fuzz=(cargo ${toolchain:+"$toolchain"} fuzz)
 opts=(--sanitizer "$sanitizer" --target-dir "$target_dir")
 
 targets="${FUZZ_TARGETS:-$("${fuzz[@]}" list)}"

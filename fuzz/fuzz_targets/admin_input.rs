@@ -3,11 +3,11 @@
 //! an earlier request of the sequence issued, or by nobody), on a fresh store each run.
 //!
 //! Properties: never panics, never a 5xx; a JSON error has the crate's error shape; no response
-//! shows a seeded token's secret or hash. And the trust rules of DESIGN.md §8 (issue 9 items 3
-//! and 4), checked against the seeded caller, whose every descendant is bounded by it: a secret
-//! handed out belongs to a token within the caller's scopes, expiry and networks; no write
-//! touches a token holding a scope the caller lacks; no write widens expiry or networks beyond
-//! the caller's.
+//! shows a seeded token's secret or hash. And the trust rules of DESIGN.md §8 (issue 9 items 2,
+//! 3 and 4), checked against the seeded caller, whose every descendant is bounded by it: a
+//! create asking for a revoked token is refused; a secret handed out belongs to a token within
+//! the caller's scopes, expiry and networks; no write touches a token holding a scope the caller
+//! lacks; no write widens expiry or networks beyond the caller's.
 #![no_main]
 
 use std::net::{IpAddr, SocketAddr};
@@ -362,6 +362,10 @@ fuzz_target!(|input: Input<'_>| {
                 serde_json::to_vec(&Value::Object(obj)).unwrap()
             }
         };
+        let create_revoked = method == Method::POST
+            && matches!(op.target, Target::Root)
+            && serde_json::from_slice::<Value>(&body)
+                .is_ok_and(|v| v.get("revoked") == Some(&Value::Bool(true)));
         let Ok(mut req) = Request::builder()
             .method(method)
             .uri(uri.as_str())
@@ -414,6 +418,10 @@ fuzz_target!(|input: Input<'_>| {
             assert_eq!(v["status"], status.as_u16(), "{text}");
             assert!(v["code"].is_string() && v["message"].is_string(), "{text}");
         }
+        assert!(
+            !(create_revoked && status.is_success()),
+            "issue 9 item 2: a create with \"revoked\": true answered {status}: {text}"
+        );
         if status.is_success() && json_body {
             let v: Value = serde_json::from_slice(&body).expect("a JSON body");
             if let (Some(id), Some(secret)) = (v["id"].as_str(), v["token"].as_str()) {
