@@ -5,7 +5,7 @@
 //! Properties: never panics, never a 5xx; a JSON error has the crate's error shape; no response
 //! shows a seeded token's secret or hash. And the trust rules of DESIGN.md §8 (issue 9 items 2,
 //! 3 and 4), checked against the seeded caller, whose every descendant is bounded by it: a
-//! create asking for a revoked token is refused; a secret handed out belongs to a token within
+//! create asking for a revoked or inactive token never yields an active one; a secret handed out belongs to a token within
 //! the caller's scopes, expiry and networks; no write touches a token holding a scope the caller
 //! lacks; no write widens expiry or networks beyond the caller's.
 #![no_main]
@@ -47,6 +47,7 @@ const FIELDS: &[&str] = &[
     "ipRestriction",
     "type",
     "revoked",
+    "active",
     "gracePeriodSeconds",
     "id",
     "token",
@@ -362,10 +363,16 @@ fuzz_target!(|input: Input<'_>| {
                 serde_json::to_vec(&Value::Object(obj)).unwrap()
             }
         };
-        let create_revoked = method == Method::POST
-            && matches!(op.target, Target::Root)
-            && serde_json::from_slice::<Value>(&body)
-                .is_ok_and(|v| v.get("revoked") == Some(&Value::Bool(true)));
+        // What a create asks for that must not be dropped: `revoked: true`, `active: false`.
+        let create_fields = (method == Method::POST && matches!(op.target, Target::Root))
+            .then(|| serde_json::from_slice::<Value>(&body).ok())
+            .flatten();
+        let asks = |field: &str, value: bool| {
+            create_fields
+                .as_ref()
+                .is_some_and(|v| v.get(field) == Some(&Value::Bool(value)))
+        };
+        let (create_revoked, create_inactive) = (asks("revoked", true), asks("active", false));
         let Ok(mut req) = Request::builder()
             .method(method)
             .uri(uri.as_str())
@@ -424,6 +431,10 @@ fuzz_target!(|input: Input<'_>| {
         );
         if status.is_success() && json_body {
             let v: Value = serde_json::from_slice(&body).expect("a JSON body");
+            assert!(
+                !(create_inactive && v["active"] == Value::Bool(true)),
+                "issue 9 item 2: a create with \"active\": false made an active token: {text}"
+            );
             if let (Some(id), Some(secret)) = (v["id"].as_str(), v["token"].as_str()) {
                 assert_eq!(v["secret"], secret);
                 let record = block_on(store.get(id))

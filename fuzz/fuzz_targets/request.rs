@@ -165,6 +165,7 @@ enum Header<'a> {
     Forwarded(Vec<(Addr, u8)>),
     XForwardedFor(Vec<(Addr, u8)>),
     ContentType(u8),
+    Te(bool),
     Raw {
         name: &'a str,
         value: &'a [u8],
@@ -261,6 +262,15 @@ fn header(h: &Header<'_>, fx: &Fixture) -> Option<(HeaderName, HeaderValue)> {
             ][usize::from(*v) % 4];
             (http::header::CONTENT_TYPE, value.as_bytes().to_vec())
         }
+        Header::Te(trailers) => (
+            http::header::TE,
+            if *trailers {
+                &b"trailers"[..]
+            } else {
+                &b"gzip"[..]
+            }
+            .to_vec(),
+        ),
         Header::Raw { name, value } => (
             HeaderName::from_bytes(name.as_bytes()).ok()?,
             value.to_vec(),
@@ -407,7 +417,7 @@ fuzz_target!(|input: Input<'_>| {
         }
     } else {
         check_refusal(status, &res_headers, &body, &headers);
-        issue9_item10(status, &res_headers, input.http2);
+        issue9_item10(status, &res_headers, input.http2, &headers);
     }
 
     // A clean request (one `Bearer` token, nothing else) gets what its token deserves.
@@ -494,8 +504,9 @@ fn check_refusal(status: StatusCode, headers: &HeaderMap, body: &[u8], req_heade
 }
 
 /// Issue 9 item 10 (DESIGN.md §8): every refusal carries `Cache-Control: no-store`, and only
-/// HTTP/2 requests get gRPC statuses.
-fn issue9_item10(status: StatusCode, headers: &HeaderMap, http2: bool) {
+/// HTTP/2 requests get gRPC statuses (or HTTP/1.1 ones that also send `te: trailers`, which the
+/// fix may choose to accept).
+fn issue9_item10(status: StatusCode, headers: &HeaderMap, http2: bool, req_headers: &HeaderMap) {
     assert_eq!(
         headers
             .get(http::header::CACHE_CONTROL)
@@ -504,6 +515,14 @@ fn issue9_item10(status: StatusCode, headers: &HeaderMap, http2: bool) {
         "a refusal ({status}) without Cache-Control: no-store"
     );
     if headers.contains_key("grpc-status") {
-        assert!(http2, "a gRPC refusal to an HTTP/1.1 request");
+        let te_trailers = req_headers.get_all(http::header::TE).iter().any(|v| {
+            v.as_bytes()
+                .windows(8)
+                .any(|w| w.eq_ignore_ascii_case(b"trailers"))
+        });
+        assert!(
+            http2 || te_trailers,
+            "a gRPC refusal to an HTTP/1.1 request without te: trailers"
+        );
     }
 }
