@@ -74,8 +74,8 @@ pub use events::{EventKind, TokenEvent, TokenEvents};
 pub use openapi::openapi;
 pub use view::{EXPIRY_WARNING_WINDOW, ExpiryWarning, TokenView};
 pub use webhook::{
-    EVENT_HEADER, InvalidWebhookUrl, SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookBuilder,
-    WebhookSink,
+    EVENT_HEADER, InvalidWebhookUrl, SIGNATURE_HEADER, SignatureError, TIMESTAMP_HEADER,
+    WebhookBuilder, WebhookSink, verify_signature,
 };
 
 /// The scope that lets a token read tokens.
