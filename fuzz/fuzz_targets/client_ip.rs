@@ -1,10 +1,13 @@
-//! Client-address parsing (`ClientIpSource::client_ip`) over arbitrary `Forwarded`,
-//! `X-Forwarded-For` (and other) header values, peers and trusted-proxy settings.
+//! Client-address parsing (`ClientIpSource::client_addr`) over arbitrary `Forwarded`,
+//! `X-Forwarded-For`, `X-Real-IP` (and other) header values, peers, trusted-proxy settings and
+//! the configured forwarded header.
 //!
 //! Properties: never panics; without a peer there is no address; a peer that is not a trusted
 //! proxy is the client whatever the headers say; otherwise the answer is `None`, the peer, or an
-//! address written in one of the headers; and it is always in canonical form (an IPv4-mapped
-//! IPv6 address is reported as IPv4).
+//! address written in the configured header; only the configured header matters (the answer is
+//! the same with every other header removed); the failure limiter always has a key when there is
+//! a peer, and it is the client address when that is known; addresses are in canonical form (an
+//! IPv4-mapped IPv6 address is reported as IPv4).
 #![no_main]
 
 use std::net::{IpAddr, SocketAddr};
@@ -13,11 +16,12 @@ use arbitrary::Arbitrary;
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 use libfuzzer_sys::fuzz_target;
-use tower_pat::ClientIpSource;
+use tower_pat::{ClientIpSource, ForwardedHeader};
 use tower_pat_fuzz::{Addr, canonical};
 
 #[derive(Arbitrary, Debug)]
 struct Input<'a> {
+    header: u8,
     peer: Option<(Addr, u16)>,
     trusted: Vec<(Addr, u8)>,
     headers: Vec<(Name<'a>, Value<'a>)>,
@@ -80,7 +84,9 @@ impl Element<'_> {
 fn written_addresses(headers: &HeaderMap) -> Vec<IpAddr> {
     let mut out = Vec::new();
     for value in headers.values() {
-        let Ok(text) = value.to_str() else { continue };
+        // Lossy: the crate walks a list from the right and may stop at a readable element before
+        // it reaches unreadable bytes further left (client-controlled, never looked at).
+        let text = String::from_utf8_lossy(value.as_bytes());
         for part in text.split([',', ';', '=']) {
             let part = part.trim_matches(|c: char| c.is_whitespace() || c == '"');
             if let Ok(ip) = part.parse::<IpAddr>() {
@@ -99,6 +105,10 @@ fn written_addresses(headers: &HeaderMap) -> Vec<IpAddr> {
     out
 }
 
+fn peer_present(extensions: &Extensions) -> bool {
+    extensions.get::<SocketAddr>().is_some()
+}
+
 fuzz_target!(|input: Input<'_>| {
     let trusted: Vec<IpNet> = input
         .trusted
@@ -110,7 +120,12 @@ fuzz_target!(|input: Input<'_>| {
             IpNet::new(ip, len % (max + 1)).ok()
         })
         .collect();
-    let source = ClientIpSource::with_trusted_proxies(trusted.clone());
+    let configured = [
+        ForwardedHeader::XForwardedFor,
+        ForwardedHeader::Forwarded,
+        ForwardedHeader::XRealIp,
+    ][usize::from(input.header) % 3];
+    let source = ClientIpSource::new().trust_proxies(trusted.clone(), configured);
 
     let mut headers = HeaderMap::new();
     for (name, value) in input.headers.iter().take(16) {
@@ -144,7 +159,28 @@ fuzz_target!(|input: Input<'_>| {
         extensions.insert(peer);
     }
 
-    let client = source.client_ip(&headers, &extensions);
+    let addr = source.client_addr(&headers, &extensions);
+    let client = addr.ip();
+    assert_eq!(client, source.client_ip(&headers, &extensions));
+
+    // Only the configured header is read: a client may send the others itself.
+    let mut only_configured = HeaderMap::new();
+    for value in headers.get_all(configured.name()) {
+        only_configured.append(HeaderName::from_static(configured.name()), value.clone());
+    }
+    let alone = source.client_addr(&only_configured, &extensions);
+    assert_eq!(
+        (alone.ip(), alone.limit_key()),
+        (client, addr.limit_key()),
+        "a header other than {configured:?} changed the address"
+    );
+    if peer_present(&extensions) {
+        assert!(addr.limit_key().is_some(), "a request with a peer is always limited");
+    }
+    if client.is_some() {
+        assert_eq!(addr.limit_key(), client, "a known client is limited as itself");
+    }
+    let headers = only_configured;
 
     if let Some(ip) = client {
         assert_eq!(ip, canonical(ip), "reported in canonical form");
@@ -154,7 +190,18 @@ fuzz_target!(|input: Input<'_>| {
         return;
     };
     let peer_ip = canonical(peer.ip());
-    let peer_trusted = trusted.iter().any(|net| net.contains(&peer_ip));
+    // As the source holds them: IPv4-mapped IPv6 networks are the IPv4 networks they stand for.
+    let peer_trusted = source
+        .trusted_proxies()
+        .iter()
+        .any(|net| net.contains(&peer_ip));
+    assert!(
+        source.trusted_proxies().iter().all(|n| match n {
+            IpNet::V6(v6) => v6.prefix_len() < 96 || v6.network().to_ipv4_mapped().is_none(),
+            IpNet::V4(_) => true,
+        }),
+        "a mapped trusted network was kept as IPv6"
+    );
     if !peer_trusted {
         assert_eq!(
             client,

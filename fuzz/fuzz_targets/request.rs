@@ -26,7 +26,7 @@ use ipnet::IpNet;
 use libfuzzer_sys::fuzz_target;
 use tower::{Layer, ServiceExt};
 use tower_pat::{
-    ClientIpSource, MemoryStore, NewToken, PatAuthLayer, Principal, ScopeSet, TokenStore,
+    ForwardedHeader, MemoryStore, NewToken, PatAuthLayer, Principal, ScopeSet, TokenStore,
 };
 use tower_pat_fuzz::{Addr, block_on, canonical};
 
@@ -55,7 +55,6 @@ struct Known {
 struct Fixture {
     layer: PatAuthLayer,
     tokens: Vec<Known>,
-    trusted: Vec<IpNet>,
 }
 
 fn nets(list: &[&str]) -> Vec<IpNet> {
@@ -73,7 +72,7 @@ fn fixture() -> &'static Fixture {
             .accept_raw_authorization()
             .accept_header(HeaderName::from_static("x-api-key"))
             .accept_query_parameter()
-            .trusted_proxies(trusted.clone())
+            .trusted_proxies(trusted, ForwardedHeader::XForwardedFor)
             .require_scopes([REQUIRED])
             // Counts every failure (the counting path runs) without ever blocking.
             .limit_failures(u32::MAX, Duration::from_secs(1))
@@ -112,7 +111,6 @@ fn fixture() -> &'static Fixture {
         Fixture {
             layer,
             tokens,
-            trusted,
         }
     })
 }
@@ -386,7 +384,7 @@ fuzz_target!(|input: Input<'_>| {
         if let Some(peer) = peer {
             ext.insert(peer);
         }
-        ClientIpSource::with_trusted_proxies(fx.trusted.clone()).client_ip(&headers, &ext)
+        fx.layer.client_ip_source().client_ip(&headers, &ext)
     };
 
     let reached = res_headers.get("x-principal-id");
