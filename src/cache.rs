@@ -1,4 +1,5 @@
-//! The verification cache in front of the store (DESIGN.md §2 step 4).
+//! The verification cache in front of the store: a token that passed the offline format check is
+//! hashed and looked up here, and only a miss reaches the store.
 //!
 //! - Positive entries: [`Principal`]s in a `DashMap` keyed by the token hash itself, hashed with the
 //!   digest's own first eight bytes (the key is already uniformly random, and only tokens that

@@ -75,7 +75,6 @@
 //! ## Features
 //!
 #![doc = include_str!("../docs/features.md")]
-
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
