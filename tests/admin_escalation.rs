@@ -1,4 +1,4 @@
-//! The management API never grants more than the caller has (DESIGN.md §8): not a scope it lacks,
+//! The management API never grants more than the caller has: not a scope it lacks,
 //! not a later expiry, not a wider network; acting on a token needs every scope it holds; no field
 //! a client sends is silently dropped when dropping it would grant more than asked; lists and
 //! bodies are bounded. Each test is what an attacker (or a careless client) would try.

@@ -1,4 +1,4 @@
-//! The client address behind trusted proxies (DESIGN.md §8): exactly one configured forwarded
+//! The client address behind trusted proxies: exactly one configured forwarded
 //! header, walked from the right; an unreadable list fails closed for IP restrictions but never
 //! escapes the failure limiter; the limiter counts IPv6 clients per /64.
 

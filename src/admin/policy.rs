@@ -1,5 +1,5 @@
-//! The trust rules of the management API (DESIGN.md §8), in one place: a token never gets more
-//! than the token that created or changed it, and acting on a token needs everything it has.
+//! The trust rules of the management API, in one place: a token never gets more than the token
+//! that created or changed it, and acting on a token needs everything it has.
 //!
 //! - **Scopes.** A created or patched token's scopes are all held by the caller
 //!   ([`scopes_held`]). Acting on a token (PATCH of any field, revoke, rotate, delete) needs every
