@@ -18,16 +18,17 @@
 //!
 //! ```
 //! use axum::{Router, routing::get};
-//! use tower_pat::{MemoryStore, NewToken, PatAuthLayer, Principal, ScopeSet, TokenStore};
+//! use tower_pat::{MemoryStore, NewToken, Principal, Tokens};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let store = MemoryStore::new();
-//! let layer = PatAuthLayer::builder(store.clone()).build();
+//! // One handle owns the store, the token format and the hasher.
+//! let tokens = Tokens::new(MemoryStore::new());
+//! let layer = tokens.layer().build();
 //!
-//! // Issue a token: show the secret once, store only its hash.
-//! let (record, secret) = NewToken::new("alice", "laptop", ScopeSet::parse(["repo:read"])?)
-//!     .issue(layer.format(), layer.hasher(), chrono::Utc::now());
-//! store.insert(&record).await?;
+//! // Issue a token: show the secret once, the store keeps only its hash.
+//! let (_record, secret) = tokens
+//!     .issue(NewToken::new("alice", "laptop").scopes(["repo:read"])?)
+//!     .await?;
 //! println!("token: {}", secret.expose_secret());
 //!
 //! let app: Router = Router::new()
@@ -84,6 +85,7 @@ pub mod record;
 pub mod scope;
 pub mod store;
 pub mod token;
+pub mod tokens;
 pub mod usage;
 
 pub use auth::{
@@ -103,6 +105,7 @@ pub use store::PostgresStore;
 pub use store::SqliteStore;
 pub use store::{MemoryStore, Rotation, StoreError, TokenLookup, TokenPatch, TokenStore};
 pub use token::{TokenFormat, TokenHash, TokenHasher, TokenSecret};
+pub use tokens::{LayerMismatch, Tokens};
 pub use usage::{UsageConfig, UsageRecorder, UsageStats, UsageUpdate};
 
 /// The README's code blocks, compiled as doc-tests.
