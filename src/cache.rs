@@ -51,7 +51,20 @@ const MAX_SHARED_SCOPE_SETS: usize = 1024;
 const REFRESH_RETRY_MS: i64 = 1_000;
 
 /// The verification cache's settings, built from [`CacheConfig::default`] with the setters below
-/// (each names its default), for example `CacheConfig::default().ttl(Duration::from_secs(30))`.
+/// (each names its default):
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_pat::{CacheConfig, MemoryStore, Tokens};
+///
+/// let tokens = Tokens::new(MemoryStore::new());
+/// let config = CacheConfig::default()
+///     .ttl(Duration::from_secs(30))
+///     .negative_ttl(Duration::from_secs(5));
+/// let layer = tokens.layer().cache(config).build();
+/// assert_eq!(layer.cache_config().ttl, Duration::from_secs(30));
+/// assert_eq!(layer.cache_config().max_concurrent_lookups, 64); // the default
+/// ```
 ///
 /// # Store lookups under a flood
 ///
@@ -78,7 +91,7 @@ const REFRESH_RETRY_MS: i64 = 1_000;
 /// 20 ms store, 3 200 queued lookups fill the 1 s wait). Suspects share their pool, including a valid
 /// client behind the same address as an attacker (a NAT), until `negative_ttl` after the
 /// attacker's last unknown token. Requests without a client address (no peer address in the
-/// request extensions; [`PatAuthLayer::authenticate`](crate::PatAuthLayer::authenticate)) have no
+/// request extensions; [`PatAuthLayer::verify`](crate::PatAuthLayer::verify) with `None`) have no
 /// budget and are never suspects. At most `negative_capacity` suspects are remembered; past that,
 /// moka's admission policy picks which.
 #[derive(Clone, Debug)]

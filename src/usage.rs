@@ -43,8 +43,9 @@ use crate::record::merge_ips;
 use crate::store::TokenLookup;
 
 /// One token's usage since the last flush: the input of
-/// [`TokenLookup::record_usage`].
+/// [`TokenLookup::record_usage`]. Made with [`UsageUpdate::new`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct UsageUpdate {
     /// The token's record id.
     pub token_id: String,
@@ -76,8 +77,17 @@ impl UsageUpdate {
     }
 }
 
-/// Settings of the [`UsageRecorder`], built from [`UsageConfig::default`] with the setters below,
-/// for example `UsageConfig::default().flush_interval(Duration::from_secs(30))`.
+/// Settings of the [`UsageRecorder`], built from [`UsageConfig::default`] with the setters below
+/// (each names its default):
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_pat::UsageConfig;
+///
+/// let config = UsageConfig::default().flush_interval(Duration::from_secs(30));
+/// assert_eq!(config.flush_interval, Duration::from_secs(30));
+/// assert_eq!(config.granularity, Duration::from_secs(1)); // the default
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct UsageConfig {

@@ -409,13 +409,21 @@ pub enum SortKey {
     ExpiresAt,
 }
 
-/// One page of a listing.
+/// One page of a listing, as a store returns it ([`Page::new`]).
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct Page {
     /// The records of this page.
     pub items: Vec<TokenRecord>,
     /// How many records match the query in all.
     pub total: u64,
+}
+
+impl Page {
+    /// A page of `items` out of `total` matching records.
+    pub fn new(items: Vec<TokenRecord>, total: u64) -> Self {
+        Self { items, total }
+    }
 }
 
 #[async_trait]
