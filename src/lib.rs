@@ -24,17 +24,18 @@
 //! use http::{Request, StatusCode, header};
 //! use http_body_util::BodyExt;
 //! use tower::ServiceExt;
-//! use tower_pat::{MemoryStore, NewToken, PatAuthLayer, Principal, ScopeSet, TokenStore};
+//! use tower_pat::{MemoryStore, NewToken, Principal, Tokens};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let store = MemoryStore::new();
-//! let layer = PatAuthLayer::builder(store.clone()).realm("example").build();
+//! // One handle owns the store, the token format and the hasher.
+//! let tokens = Tokens::new(MemoryStore::new());
+//! let layer = tokens.layer().realm("example").build();
 //!
-//! // Issue a token: show the secret once, store only its hash.
-//! let (record, secret) = NewToken::new("alice", "laptop", ScopeSet::parse(["repo:read"])?)
-//!     .issue(layer.format(), layer.hasher(), chrono::Utc::now());
-//! store.insert(&record).await?;
+//! // Issue a token: show the secret once, the store keeps only its hash.
+//! let (_record, secret) = tokens
+//!     .issue(NewToken::new("alice", "laptop").scopes(["repo:read"])?)
+//!     .await?;
 //!
 //! let app: Router = Router::new()
 //!     .route("/me", get(|p: Principal| async move { format!("hello {}", p.subject()) }))
@@ -88,6 +89,7 @@ pub mod record;
 pub mod scope;
 pub mod store;
 pub mod token;
+pub mod tokens;
 pub mod usage;
 
 pub use auth::{
@@ -107,6 +109,7 @@ pub use store::PostgresStore;
 pub use store::SqliteStore;
 pub use store::{MemoryStore, Rotation, StoreError, TokenLookup, TokenPatch, TokenStore};
 pub use token::{TokenFormat, TokenHash, TokenHasher, TokenSecret};
+pub use tokens::{LayerMismatch, Tokens};
 pub use usage::{UsageConfig, UsageRecorder, UsageStats, UsageUpdate};
 
 /// The README's code blocks, compiled as doc-tests.

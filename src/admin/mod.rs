@@ -37,15 +37,18 @@
 //! ([`AdminConfig::creation_rate_limit`]).
 //!
 //! ```
-//! use std::sync::Arc;
 //! use axum::Router;
-//! use tower_pat::{MemoryStore, PatAuthLayer, admin::{self, AdminConfig}};
+//! use tower_pat::{MemoryStore, Tokens, admin::{self, AdminConfig}};
 //!
-//! let store = MemoryStore::new();
-//! let layer = PatAuthLayer::builder(store.clone()).build();
+//! # fn main() -> Result<(), tower_pat::LayerMismatch> {
+//! let tokens = Tokens::new(MemoryStore::new());
+//! let layer = tokens.layer().build();
 //! let app: Router = Router::new()
-//!     .nest("/personal-access-tokens", admin::router(AdminConfig::new(Arc::new(store), &layer)));
+//!     .nest("/personal-access-tokens", admin::router(AdminConfig::new(&tokens, &layer)?))
+//!     .layer(layer);
 //! # let _ = app;
+//! # Ok(())
+//! # }
 //! ```
 
 mod config;

@@ -41,18 +41,19 @@ use crate::usage::{UsageConfig, UsageRecorder};
 /// use http::{Request, Response, StatusCode, header};
 /// use http_body_util::{BodyExt, Full};
 /// use tower::{ServiceBuilder, ServiceExt, service_fn};
-/// use tower_pat::{MemoryStore, NewToken, PatAuthLayer, Principal, ScopeSet, TokenStore};
+/// use tower_pat::{MemoryStore, NewToken, Principal, Tokens};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let store = MemoryStore::new();
-/// let layer = PatAuthLayer::builder(store.clone())
+/// let tokens = Tokens::new(MemoryStore::new());
+/// let layer = tokens
+///     .layer()
 ///     .realm("example")
 ///     .require_scopes(["api:read"])
 ///     .build();
-/// let (record, secret) = NewToken::new("alice", "ci", ScopeSet::parse(["api:read"])?)
-///     .issue(layer.format(), layer.hasher(), chrono::Utc::now());
-/// store.insert(&record).await?;
+/// let (_record, secret) = tokens
+///     .issue(NewToken::new("alice", "ci").scopes(["api:read"])?)
+///     .await?;
 ///
 /// // The inner service finds the caller in the request extensions.
 /// let service = ServiceBuilder::new()
