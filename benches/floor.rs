@@ -71,11 +71,9 @@ fn floor(c: &mut Criterion) {
     let store = MemoryStore::new();
     let layer = common::layer(store.clone());
     let scopes = ScopeSet::parse(["repo:read", "repo:write"]).expect("valid scopes");
-    let (record, secret) = NewToken::new("alice", "laptop", scopes).issue(
-        layer.format(),
-        layer.hasher(),
-        chrono::Utc::now(),
-    );
+    let tokens = tower_pat::Tokens::new(store.clone());
+    let new = NewToken::new("alice", "laptop").scope_set(scopes);
+    let (record, secret) = tokens.mint(new, chrono::Utc::now());
     let token = secret.expose_secret();
     assert_eq!(token.len(), 42);
     let principal = rt.block_on(async {

@@ -85,16 +85,13 @@ impl Drop for Cleanup {
 
 /// Fills a store with [`TOKENS`] tokens and returns the secret of one of them.
 async fn populate(store: &dyn TokenStore) -> TokenSecret {
-    let layer = common::layer(MemoryStore::new());
+    let tokens = tower_pat::Tokens::new(MemoryStore::new());
     let scopes = ScopeSet::parse(["repo:read", "repo:write"]).expect("valid scopes");
     let mut last = None;
     for i in 0..TOKENS {
-        let (record, secret) = NewToken::new(
-            format!("user-{}", i % 100),
-            format!("token {i}"),
-            scopes.clone(),
-        )
-        .issue(layer.format(), layer.hasher(), Utc::now());
+        let new = NewToken::new(format!("user-{}", i % 100), format!("token {i}"))
+            .scope_set(scopes.clone());
+        let (record, secret) = tokens.mint(new, Utc::now());
         store.insert(&record).await.expect("insert");
         last = Some(secret);
     }

@@ -9,28 +9,20 @@ use std::net::SocketAddr;
 
 use axum::Router;
 use axum::routing::{get, post};
-use tower_pat::{
-    NewToken, PatAuthLayer, Principal, RequireScopesLayer, ScopeSet, SqliteStore, TokenStore,
-};
+use tower_pat::{NewToken, Principal, RequireScopesLayer, SqliteStore, Tokens};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Tokens live in the SQLite file `PAT_DB` (default `./tower-pat.db`).
     let path = std::env::var("PAT_DB").unwrap_or_else(|_| "tower-pat.db".to_owned());
-    let store = SqliteStore::open(path).await?;
-    let auth = PatAuthLayer::builder(store.clone())
-        .realm("example")
-        .build();
+    let tokens = Tokens::new(SqliteStore::open(path).await?);
+    let auth = tokens.layer().realm("example").build();
 
     // Issue a token at start so a person can try it: the secret is printed once, only its hash is
     // stored.
-    let (record, secret) = NewToken::new(
-        "alice",
-        format!("example {}", chrono::Utc::now()),
-        ScopeSet::parse(["notes:read"])?,
-    )
-    .issue(auth.format(), auth.hasher(), chrono::Utc::now());
-    store.insert(&record).await?;
+    let new =
+        NewToken::new("alice", format!("example {}", chrono::Utc::now())).scopes(["notes:read"])?;
+    let (_, secret) = tokens.issue(new).await?;
 
     let protected = Router::new()
         .route("/me", get(me))

@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tower::{Layer, ServiceExt};
-use tower_pat::{NewToken, PatAuthLayer, Principal, ScopeSet, SqliteStore, TokenStore};
+use tower_pat::{NewToken, Principal, SqliteStore, Tokens};
 
 async fn hello(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let who = req
@@ -33,15 +33,10 @@ async fn hello(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallib
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Tokens live in the SQLite file `PAT_DB` (default `./tower-pat.db`).
     let path = std::env::var("PAT_DB").unwrap_or_else(|_| "tower-pat.db".to_owned());
-    let store = SqliteStore::open(path).await?;
-    let auth = PatAuthLayer::builder(store.clone()).build();
-    let (record, secret) = NewToken::new(
-        "alice",
-        format!("hyper example {}", chrono::Utc::now()),
-        ScopeSet::empty(),
-    )
-    .issue(auth.format(), auth.hasher(), chrono::Utc::now());
-    store.insert(&record).await?;
+    let tokens = Tokens::new(SqliteStore::open(path).await?);
+    let auth = tokens.layer().build();
+    let new = NewToken::new("alice", format!("hyper example {}", chrono::Utc::now()));
+    let (_, secret) = tokens.issue(new).await?;
 
     let addr = std::env::var("PAT_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let listener = tokio::net::TcpListener::bind(&addr).await?;

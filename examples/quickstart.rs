@@ -21,37 +21,29 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use axum::{Json, Router, routing::get};
 use tower_pat::admin::{self, AdminConfig};
-use tower_pat::{
-    NewToken, PatAuthLayer, Principal, ScopeSet, SqliteStore, TokenStore, UsageConfig,
-};
+use tower_pat::{NewToken, Principal, SqliteStore, Tokens, UsageConfig};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// The token store: the embedded SQLite default, one file. Swap in `PostgresStore::connect(url)`
+/// The token store, in the one handle that issues tokens: the embedded SQLite default, one file. Swap in `PostgresStore::connect(url)`
 /// for many nodes over one database, and nothing else changes.
-async fn open_store() -> Result<Arc<dyn TokenStore>, Error> {
+async fn open_store() -> Result<Tokens, Error> {
     let path = std::env::var("PAT_DB").unwrap_or_else(|_| "tower-pat.db".to_owned());
-    Ok(Arc::new(SqliteStore::open(path).await?))
+    Ok(Tokens::new(SqliteStore::open(path).await?))
 }
 
 /// Creates the bootstrap token if subject `admin` has none yet, and prints it once.
-async fn bootstrap(store: &dyn TokenStore, layer: &PatAuthLayer) -> Result<(), Error> {
-    let existing = store.count_by_subject("admin").await?;
+async fn bootstrap(tokens: &Tokens) -> Result<(), Error> {
+    let existing = tokens.store().count_by_subject("admin").await?;
     if existing > 0 {
         println!("subject admin already has {existing} token(s); the first start printed one");
         return Ok(());
     }
-    let scopes = ScopeSet::parse(["personalAccessToken:*"])?;
-    let (record, secret) = NewToken::new("admin", "bootstrap", scopes).issue(
-        layer.format(),
-        layer.hasher(),
-        chrono::Utc::now(),
-    );
-    store.insert(&record).await?;
+    let new = NewToken::new("admin", "bootstrap").scopes(["personalAccessToken:*"])?;
+    let (_, secret) = tokens.issue(new).await?;
     println!("admin token: {}", secret.expose_secret());
     Ok(())
 }
@@ -77,10 +69,8 @@ async fn healthz() -> &'static str {
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    let store = open_store().await?;
-    let layer = PatAuthLayer::builder(Arc::clone(&store))
-        .track_usage(UsageConfig::default())
-        .build();
+    let tokens = open_store().await?;
+    let layer = tokens.layer().track_usage(UsageConfig::default()).build();
 
     let protected = Router::new()
         .route("/hello", get(hello))
@@ -89,7 +79,7 @@ async fn main() -> Result<(), Error> {
     let app = Router::new()
         .nest(
             "/personal-access-tokens",
-            admin::router(AdminConfig::new(Arc::clone(&store), &layer)),
+            admin::router(AdminConfig::new(&tokens, &layer)?),
         )
         .merge(protected)
         .route("/public/ping", get(ping))
@@ -98,7 +88,7 @@ async fn main() -> Result<(), Error> {
     let addr = std::env::var("PAT_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on {}", listener.local_addr()?);
-    bootstrap(&*store, &layer).await?;
+    bootstrap(&tokens).await?;
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

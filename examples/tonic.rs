@@ -6,23 +6,16 @@
 //! ```
 
 use tonic::transport::Server;
-use tower_pat::{NewToken, PatAuthLayer, ScopeSet, SqliteStore, TokenStore};
+use tower_pat::{NewToken, SqliteStore, Tokens};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Tokens live in the SQLite file `PAT_DB` (default `./tower-pat.db`).
     let path = std::env::var("PAT_DB").unwrap_or_else(|_| "tower-pat.db".to_owned());
-    let store = SqliteStore::open(path).await?;
-    let auth = PatAuthLayer::builder(store.clone())
-        .require_scopes(["health:read"])
-        .build();
-    let (record, secret) = NewToken::new(
-        "alice",
-        "grpc example",
-        ScopeSet::parse(["health:read"])?,
-    )
-    .issue(auth.format(), auth.hasher(), chrono::Utc::now());
-    store.insert(&record).await?;
+    let tokens = Tokens::new(SqliteStore::open(path).await?);
+    let auth = tokens.layer().require_scopes(["health:read"]).build();
+    let new = NewToken::new("alice", "grpc example").scopes(["health:read"])?;
+    let (_, secret) = tokens.issue(new).await?;
 
     // The overall status (service "") starts as SERVING.
     let (_reporter, health) = tonic_health::server::health_reporter();

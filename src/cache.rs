@@ -50,7 +50,21 @@ const MAX_SHARED_SCOPE_SETS: usize = 1024;
 /// How long a retried background refresh waits after a failed one.
 const REFRESH_RETRY_MS: i64 = 1_000;
 
-/// The verification cache's settings.
+/// The verification cache's settings, built from [`CacheConfig::default`] with the setters below
+/// (each names its default):
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_pat::{CacheConfig, MemoryStore, Tokens};
+///
+/// let tokens = Tokens::new(MemoryStore::new());
+/// let config = CacheConfig::default()
+///     .ttl(Duration::from_secs(30))
+///     .negative_ttl(Duration::from_secs(5));
+/// let layer = tokens.layer().cache(config).build();
+/// assert_eq!(layer.cache_config().ttl, Duration::from_secs(30));
+/// assert_eq!(layer.cache_config().max_concurrent_lookups, 64); // the default
+/// ```
 ///
 /// # Store lookups under a flood
 ///
@@ -77,10 +91,11 @@ const REFRESH_RETRY_MS: i64 = 1_000;
 /// 20 ms store, 3 200 queued lookups fill the 1 s wait). Suspects share their pool, including a valid
 /// client behind the same address as an attacker (a NAT), until `negative_ttl` after the
 /// attacker's last unknown token. Requests without a client address (no peer address in the
-/// request extensions; [`PatAuthLayer::authenticate`](crate::PatAuthLayer::authenticate)) have no
+/// request extensions; [`PatAuthLayer::verify`](crate::PatAuthLayer::verify) with `None`) have no
 /// budget and are never suspects. At most `negative_capacity` suspects are remembered; past that,
 /// moka's admission policy picks which.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct CacheConfig {
     /// How long a positive entry is used without asking the store again. Default 60 s.
     pub ttl: Duration,
@@ -123,6 +138,75 @@ impl Default for CacheConfig {
             max_lookups_per_client: 8,
             suspect_lookups: 8,
         }
+    }
+}
+
+impl CacheConfig {
+    /// How long a positive entry is used without asking the store again. Default 60 s.
+    #[must_use]
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How long past `ttl` an entry keeps serving while its background refresh fails (the store is
+    /// down). Expiry and known revocations are still enforced. Only while the store's change feed
+    /// is connected (or the store has none): a node that can hear no revocation does not serve an
+    /// entry past `ttl`. Default 5 min; zero disables the background refresh: entries past `ttl`
+    /// are reloaded before use.
+    #[must_use]
+    pub fn stale_if_error(mut self, stale_if_error: Duration) -> Self {
+        self.stale_if_error = stale_if_error;
+        self
+    }
+
+    /// How long an unknown, revoked or expired token is remembered. Default 10 s.
+    #[must_use]
+    pub fn negative_ttl(mut self, negative_ttl: Duration) -> Self {
+        self.negative_ttl = negative_ttl;
+        self
+    }
+
+    /// How many negative entries are kept at most. Default 100 000.
+    #[must_use]
+    pub fn negative_capacity(mut self, negative_capacity: u64) -> Self {
+        self.negative_capacity = negative_capacity;
+        self
+    }
+
+    /// How many store lookups may run at once. Default 64.
+    #[must_use]
+    pub fn max_concurrent_lookups(mut self, max_concurrent_lookups: usize) -> Self {
+        self.max_concurrent_lookups = max_concurrent_lookups;
+        self
+    }
+
+    /// How long a lookup waits for one of those slots (and for its client's own budget, below)
+    /// before the request gets 503. Default 1 s.
+    #[must_use]
+    pub fn lookup_wait(mut self, lookup_wait: Duration) -> Self {
+        self.lookup_wait = lookup_wait;
+        self
+    }
+
+    /// How many store lookups one client may have running or waiting for a shared slot at once;
+    /// its further misses wait for one of these, then get 503, without taking a shared slot. The
+    /// client is the address the layer reads for the failure limit (IPv6 counted per /64).
+    /// Requests without a known address have no such budget. Default 8.
+    #[must_use]
+    pub fn max_lookups_per_client(mut self, max_lookups_per_client: usize) -> Self {
+        self.max_lookups_per_client = max_lookups_per_client;
+        self
+    }
+
+    /// How many store lookups the clients share that presented an unknown token within the last
+    /// `negative_ttl` (at most `negative_capacity` clients remembered): their lookups run in this
+    /// pool instead of the `max_concurrent_lookups` slots, so that a flood of random tokens is
+    /// confined once each of its addresses has had one lookup answered. Default 8.
+    #[must_use]
+    pub fn suspect_lookups(mut self, suspect_lookups: usize) -> Self {
+        self.suspect_lookups = suspect_lookups;
+        self
     }
 }
 

@@ -2,7 +2,7 @@
 //! address that proxy forwarded in the **one** header it is configured to set
 //! ([`ForwardedHeader`]).
 //!
-//! The rules (DESIGN.md §8):
+//! The rules:
 //!
 //! - Without trusted proxies (the default) the client is the connection's peer, and no header is
 //!   ever read.

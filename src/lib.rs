@@ -16,43 +16,56 @@
 //!
 //! ## Quickstart
 //!
+//! Issue a token, protect a router, and send it two requests: one with the token, answered 200,
+//! and one without, answered 401 with the RFC 6750 challenge.
+//!
 //! ```
-//! use axum::{Router, routing::get};
-//! use tower_pat::{MemoryStore, NewToken, PatAuthLayer, Principal, ScopeSet, TokenStore};
+//! use axum::{Router, body::Body, routing::get};
+//! use http::{Request, StatusCode, header};
+//! use http_body_util::BodyExt;
+//! use tower::ServiceExt;
+//! use tower_pat::{MemoryStore, NewToken, Principal, Tokens};
 //!
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let store = MemoryStore::new();
-//! let layer = PatAuthLayer::builder(store.clone()).build();
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // One handle owns the store, the token format and the hasher.
+//! let tokens = Tokens::new(MemoryStore::new());
+//! let layer = tokens.layer().realm("example").build();
 //!
-//! // Issue a token: show the secret once, store only its hash.
-//! let (record, secret) = NewToken::new("alice", "laptop", ScopeSet::parse(["repo:read"])?)
-//!     .issue(layer.format(), layer.hasher(), chrono::Utc::now());
-//! store.insert(&record).await?;
-//! println!("token: {}", secret.expose_secret());
+//! // Issue a token: show the secret once, the store keeps only its hash.
+//! let (_record, secret) = tokens
+//!     .issue(NewToken::new("alice", "laptop").scopes(["repo:read"])?)
+//!     .await?;
 //!
 //! let app: Router = Router::new()
 //!     .route("/me", get(|p: Principal| async move { format!("hello {}", p.subject()) }))
 //!     .layer(layer);
-//! # let _ = app;
+//!
+//! // With the token: the handler runs and sees who called.
+//! let with_token = Request::get("/me")
+//!     .header(header::AUTHORIZATION, format!("Bearer {}", secret.expose_secret()))
+//!     .body(Body::empty())?;
+//! let res = app.clone().oneshot(with_token).await?;
+//! assert_eq!(res.status(), StatusCode::OK);
+//! assert_eq!(res.into_body().collect().await?.to_bytes(), "hello alice");
+//!
+//! // Without: 401, the challenge, and a response no cache keeps.
+//! let res = app.oneshot(Request::get("/me").body(Body::empty())?).await?;
+//! assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+//! assert_eq!(res.headers()[header::WWW_AUTHENTICATE], r#"Bearer realm="example""#);
+//! assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store");
 //! # Ok(())
 //! # }
 //! ```
 //!
+//! To serve it, hand `app` to `axum::serve` as usual; for IP restrictions, serve it with
+//! `into_make_service_with_connect_info::<SocketAddr>()` so the layer sees the peer address.
+//!
 //! ## Errors
 //!
-//! | case | HTTP | gRPC |
-//! | --- | --- | --- |
-//! | no credentials | 401, `WWW-Authenticate: Bearer realm="…"` | 16 |
-//! | two different credentials, unreadable header | 400 `invalid_request` | 16 |
-//! | unknown, malformed, revoked or expired token | 401 `invalid_token` | 16 |
-//! | client address outside the IP restriction | 403 `invalid_token` | 7 |
-//! | required scope missing | 403 `insufficient_scope` with `scope="…"` | 7 |
-//! | too many failed attempts from one client network (opt-in) | 429 with `Retry-After` | 8 |
-//! | store unreachable and token not cached | 503 with `Retry-After` | 14 |
+//! Each refusal is one [`AuthError`]: one status, one challenge, one JSON body, one gRPC status.
 //!
-//! Error bodies are JSON, `{"code": "invalid_token", "message": "…", "status": 401}`. Only an
-//! HTTP/2 request with `content-type: application/grpc…` gets the gRPC column: a trailers-only
-//! response (HTTP 200, `grpc-status`). Every refusal carries `Cache-Control: no-store`.
+#![doc = include_str!("../docs/errors.md")]
 //!
 //! ## The client address
 //!
@@ -62,17 +75,9 @@
 //!
 //! ## Features
 //!
-//! - `axum` (default): [`Principal`] as an extractor; the peer address from `ConnectInfo`.
-//! - `admin` (default): the management API, [`admin::router`]: create, list, update, rotate,
-//!   revoke and delete tokens over REST, with an OpenAPI 3.1 document and webhook events.
-//! - `tonic`: the peer address from tonic's `TcpConnectInfo`.
-//! - `sqlite` (default): `SqliteStore`, tokens in one SQLite file.
-//! - `postgres`: `PostgresStore`, many nodes over one PostgreSQL database,
-//!   revocations broadcast between them with `LISTEN`/`NOTIFY`.
-//! - `postgres-tls`: TLS (rustls) for the PostgreSQL connections.
-
+#![doc = include_str!("../docs/features.md")]
 #![forbid(unsafe_code)]
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "admin")]
 pub mod admin;
@@ -84,6 +89,7 @@ pub mod record;
 pub mod scope;
 pub mod store;
 pub mod token;
+pub mod tokens;
 pub mod usage;
 
 pub use auth::{
@@ -103,6 +109,7 @@ pub use store::PostgresStore;
 pub use store::SqliteStore;
 pub use store::{MemoryStore, Rotation, StoreError, TokenLookup, TokenPatch, TokenStore};
 pub use token::{TokenFormat, TokenHash, TokenHasher, TokenSecret};
+pub use tokens::{LayerMismatch, Tokens};
 pub use usage::{UsageConfig, UsageRecorder, UsageStats, UsageUpdate};
 
 /// The README's code blocks, compiled as doc-tests.

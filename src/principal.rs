@@ -304,11 +304,12 @@ mod tests {
     fn the_lean_entry_answers_as_the_record_did() {
         let now = Utc::now();
         let scopes = ScopeSet::parse(["repo:read", "repo:*"]).unwrap();
-        let (mut record, _) = NewToken::new("zoë@example.com", "déploiement ✓", scopes.clone())
+        let (mut record, _) = NewToken::new("zoë@example.com", "déploiement ✓")
+            .scope_set(scopes.clone())
             .token_type("service")
             .expires_at(now + chrono::Duration::days(1))
             .ip_restriction([parse_ip_net("10.0.0.0/8").unwrap()])
-            .issue(&TokenFormat::new(), &TokenHasher::sha256(), now);
+            .build(&TokenFormat::new(), &TokenHasher::sha256(), now);
         record.last_used_ips = vec!["10.1.2.3".parse().unwrap()];
         let key = record.hash;
         let p = Principal(Arc::new(Entry::new(record.clone(), key, false, 0, 60_000)));
@@ -328,7 +329,7 @@ mod tests {
 
     #[test]
     fn an_entry_found_by_another_hash_remembers_the_stored_one() {
-        let (record, _) = NewToken::new("alice", "ci", ScopeSet::empty()).issue(
+        let (record, _) = NewToken::new("alice", "ci").build(
             &TokenFormat::new(),
             &TokenHasher::sha256(),
             Utc::now(),
@@ -342,18 +343,16 @@ mod tests {
 
     #[tokio::test]
     async fn entries_with_the_same_scopes_share_one_set() {
-        use crate::store::{MemoryStore, TokenStore};
-        let store = MemoryStore::new();
-        let layer = crate::PatAuthLayer::builder(store.clone()).build();
+        let tokens = crate::Tokens::new(crate::MemoryStore::new());
+        let layer = tokens.layer().build();
         let mut principals = Vec::new();
         for (name, scopes) in [
             ("a", ["repo:read", "repo:write"]),
             ("b", ["repo:write", "repo:read"]),
             ("c", ["repo:read", "admin"]),
         ] {
-            let (record, secret) = NewToken::new("alice", name, ScopeSet::parse(scopes).unwrap())
-                .issue(layer.format(), layer.hasher(), Utc::now());
-            store.insert(&record).await.unwrap();
+            let token = NewToken::new("alice", name).scopes(scopes).unwrap();
+            let (_, secret) = tokens.issue(token).await.unwrap();
             principals.push(
                 layer
                     .verify(secret.expose_secret(), None, &ScopeSet::empty())

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
 
-use crate::scope::ScopeSet;
+use crate::scope::{InvalidScope, ScopeSet};
 use crate::token::{TokenFormat, TokenHash, TokenHasher, TokenSecret};
 use crate::usage::UsageUpdate;
 
@@ -183,57 +183,86 @@ pub fn parse_ip_net(s: &str) -> Result<IpNet, ipnet::AddrParseError> {
     Ok(canonical_net(net))
 }
 
-/// What a new token is: the input of [`NewToken::issue`], which makes the secret and the record.
+/// What a new token is: the input of [`Tokens::issue`](crate::Tokens::issue), which makes the
+/// secret, stores the record and returns both.
+///
+/// ```
+/// use tower_pat::NewToken;
+///
+/// let token = NewToken::new("alice", "laptop")
+///     .scopes(["repo:read", "repo:write"])?
+///     .token_type("ci");
+/// assert_eq!(token.scopes.len(), 2);
+/// # Ok::<(), tower_pat::scope::InvalidScope>(())
+/// ```
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct NewToken {
     /// The owner.
     pub subject: String,
     /// Its name, unique per subject.
     pub name: String,
-    /// Granted scopes.
+    /// Granted scopes (none unless set).
     pub scopes: ScopeSet,
     /// The token type (`personal` unless set).
     pub token_type: String,
-    /// When it expires; `None` for never.
+    /// When it expires; `None` (the default) for never.
     pub expires_at: Option<DateTime<Utc>>,
-    /// Allowed client networks; empty for anywhere.
+    /// Allowed client networks; empty (the default) for anywhere.
     pub ip_restriction: Vec<IpNet>,
 }
 
 impl NewToken {
-    /// A personal token for `subject` named `name` with `scopes`, no expiry and no IP restriction.
-    pub fn new(subject: impl Into<String>, name: impl Into<String>, scopes: ScopeSet) -> Self {
+    /// A personal token for `subject` named `name`: no scopes, no expiry and no IP restriction
+    /// until set.
+    pub fn new(subject: impl Into<String>, name: impl Into<String>) -> Self {
         Self {
             subject: subject.into(),
             name: name.into(),
-            scopes,
+            scopes: ScopeSet::empty(),
             token_type: "personal".to_owned(),
             expires_at: None,
             ip_restriction: Vec::new(),
         }
     }
 
-    /// Sets the expiry.
+    /// Sets the scopes from strings (`repo:read`, …); fails on the first invalid one.
+    pub fn scopes<I, S>(mut self, scopes: I) -> Result<Self, InvalidScope>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.scopes = ScopeSet::parse(scopes)?;
+        Ok(self)
+    }
+
+    /// Sets the scopes from a parsed [`ScopeSet`].
+    pub fn scope_set(mut self, scopes: ScopeSet) -> Self {
+        self.scopes = scopes;
+        self
+    }
+
+    /// Sets the expiry (default: never).
     pub fn expires_at(mut self, at: DateTime<Utc>) -> Self {
         self.expires_at = Some(at);
         self
     }
 
-    /// Sets the allowed client networks.
+    /// Sets the allowed client networks (default: anywhere).
     pub fn ip_restriction(mut self, nets: impl IntoIterator<Item = IpNet>) -> Self {
         self.ip_restriction = nets.into_iter().collect();
         self
     }
 
-    /// Sets the token type.
+    /// Sets the token type (default `personal`).
     pub fn token_type(mut self, token_type: impl Into<String>) -> Self {
         self.token_type = token_type.into();
         self
     }
 
-    /// Generates the secret and builds the record that stores its hash. Show the secret once;
-    /// insert the record.
-    pub fn issue(
+    /// Generates the secret and builds the record that stores its hash. Reached through
+    /// [`Tokens`](crate::Tokens), which owns the format and the hasher.
+    pub(crate) fn build(
         self,
         format: &TokenFormat,
         hasher: &TokenHasher,
@@ -286,8 +315,8 @@ mod tests {
     use chrono::Duration;
 
     fn record() -> TokenRecord {
-        NewToken::new("alice", "ci", ScopeSet::empty())
-            .issue(&TokenFormat::new(), &TokenHasher::sha256(), Utc::now())
+        NewToken::new("alice", "ci")
+            .build(&TokenFormat::new(), &TokenHasher::sha256(), Utc::now())
             .0
     }
 

@@ -43,8 +43,9 @@ use crate::record::merge_ips;
 use crate::store::TokenLookup;
 
 /// One token's usage since the last flush: the input of
-/// [`TokenLookup::record_usage`].
+/// [`TokenLookup::record_usage`]. Made with [`UsageUpdate::new`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct UsageUpdate {
     /// The token's record id.
     pub token_id: String,
@@ -76,8 +77,19 @@ impl UsageUpdate {
     }
 }
 
-/// Settings of the [`UsageRecorder`].
+/// Settings of the [`UsageRecorder`], built from [`UsageConfig::default`] with the setters below
+/// (each names its default):
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_pat::UsageConfig;
+///
+/// let config = UsageConfig::default().flush_interval(Duration::from_secs(30));
+/// assert_eq!(config.flush_interval, Duration::from_secs(30));
+/// assert_eq!(config.granularity, Duration::from_secs(1)); // the default
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct UsageConfig {
     /// A token marked less than this long ago is not marked again. Default 1 s.
     pub granularity: Duration,
@@ -103,8 +115,46 @@ impl Default for UsageConfig {
     }
 }
 
+impl UsageConfig {
+    /// A token marked less than this long ago is not marked again. Default 1 s.
+    #[must_use]
+    pub fn granularity(mut self, granularity: Duration) -> Self {
+        self.granularity = granularity;
+        self
+    }
+
+    /// How often pending marks are written. Default 10 s.
+    #[must_use]
+    pub fn flush_interval(mut self, flush_interval: Duration) -> Self {
+        self.flush_interval = flush_interval;
+        self
+    }
+
+    /// How many tokens may have marks pending at once. Default 100 000.
+    #[must_use]
+    pub fn max_pending_tokens(mut self, max_pending_tokens: usize) -> Self {
+        self.max_pending_tokens = max_pending_tokens;
+        self
+    }
+
+    /// The first wait after a failed flush; it doubles up to `max_retry_backoff`. Default 500 ms.
+    #[must_use]
+    pub fn retry_backoff(mut self, retry_backoff: Duration) -> Self {
+        self.retry_backoff = retry_backoff;
+        self
+    }
+
+    /// The longest wait between retries. Default 30 s.
+    #[must_use]
+    pub fn max_retry_backoff(mut self, max_retry_backoff: Duration) -> Self {
+        self.max_retry_backoff = max_retry_backoff;
+        self
+    }
+}
+
 /// Counters of the [`UsageRecorder`], for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct UsageStats {
     /// Marks received.
     pub marks: u64,

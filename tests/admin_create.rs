@@ -75,7 +75,7 @@ async fn name_is_required_trimmed_at_most_256_characters_and_unique_per_subject(
     let res = post(&t.app, BASE, &t.alice, &body("\" ci \"")).await;
     assert!(res.error(409).contains("name"));
     // Another subject may use the name.
-    let bob = issue(&t.store, &t.layer, "bob", &["personalAccessToken:write"]).await;
+    let bob = issue(&t.tokens, "bob", &["personalAccessToken:write"]).await;
     create(&t.app, &bob, &body("\"ci\"")).await;
 }
 
@@ -108,7 +108,7 @@ async fn scopes_never_exceed_the_creators() {
     assert_eq!(t.store.count_by_subject("alice").await.unwrap(), 2);
 
     // `*` covers anything, `resource:*` its own resource.
-    let root = issue(&t.store, &t.layer, "root", &["*"]).await;
+    let root = issue(&t.tokens, "root", &["*"]).await;
     create(
         &t.app,
         &root,
@@ -349,7 +349,7 @@ async fn token_creation_is_rate_limited_per_subject() {
         .unwrap();
     assert!((1..=60).contains(&retry));
     // Another subject has its own budget.
-    let bob = issue(&t.store, &t.layer, "bob", &["personalAccessToken:write"]).await;
+    let bob = issue(&t.tokens, "bob", &["personalAccessToken:write"]).await;
     create(&t.app, &bob, &body(3)).await;
     // Off: no limit.
     let t = app_with(|c| c.creation_rate_limit(0, Duration::from_secs(60))).await;
@@ -361,7 +361,7 @@ async fn token_creation_is_rate_limited_per_subject() {
 #[tokio::test]
 async fn creating_needs_the_write_scope_and_a_token() {
     let t = app().await;
-    let reader = issue(&t.store, &t.layer, "alice", &["personalAccessToken:read"]).await;
+    let reader = issue(&t.tokens, "alice", &["personalAccessToken:read"]).await;
     let body = r#"{"name": "a", "userAwareTokenNeverExpires": true}"#;
     let res = post(&t.app, BASE, &reader, body).await;
     res.error(403);
@@ -375,7 +375,7 @@ async fn creating_needs_the_write_scope_and_a_token() {
     res.error(401);
     let res = post(&t.app, BASE, "pat_notarealtoken", body).await;
     res.error(401);
-    let writer = issue(&t.store, &t.layer, "alice", &["personalAccessToken:write"]).await;
+    let writer = issue(&t.tokens, "alice", &["personalAccessToken:write"]).await;
     create(&t.app, &writer, body).await;
 }
 

@@ -1,4 +1,4 @@
-//! The management API never grants more than the caller has (DESIGN.md §8): not a scope it lacks,
+//! The management API never grants more than the caller has: not a scope it lacks,
 //! not a later expiry, not a wider network; acting on a token needs every scope it holds; no field
 //! a client sends is silently dropped when dropping it would grant more than asked; lists and
 //! bodies are bounded. Each test is what an attacker (or a careless client) would try.
@@ -12,7 +12,7 @@ use http::{Method, StatusCode};
 use support_admin::*;
 use tower_pat::admin::ExpiryPolicy;
 use tower_pat::record::parse_ip_net;
-use tower_pat::{NewToken, ScopeSet, TokenRecord, TokenStore};
+use tower_pat::{NewToken, TokenRecord, TokenStore};
 
 const RW: &[&str] = &["personalAccessToken:read", "personalAccessToken:write"];
 
@@ -28,10 +28,13 @@ async fn token(
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     let name = format!("t-{}", N.fetch_add(1, Ordering::Relaxed));
-    let mut new = NewToken::new(subject, name, ScopeSet::parse(scopes).unwrap())
+    let mut new = NewToken::new(subject, name)
+        .scopes(scopes)
+        .unwrap()
         .ip_restriction(nets.iter().map(|n| parse_ip_net(n).unwrap()));
     new.expires_at = expires_in.map(|d| Utc::now() + d);
-    issue_record(&t.store, &t.layer, new).await
+    let (record, secret) = t.tokens.issue(new).await.unwrap();
+    (record, secret.expose_secret().to_owned())
 }
 
 fn hours(h: i64) -> chrono::Duration {

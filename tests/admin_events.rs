@@ -17,7 +17,8 @@ use sha2::Sha256;
 use support_admin::*;
 use tokio::sync::mpsc;
 use tower_pat::admin::{
-    EVENT_HEADER, EventKind, SIGNATURE_HEADER, TIMESTAMP_HEADER, TokenEvent, WebhookSink,
+    EVENT_HEADER, EventKind, SIGNATURE_HEADER, SignatureError, TIMESTAMP_HEADER, TokenEvent,
+    WebhookSink, verify_signature,
 };
 
 const SECRET: &[u8] = b"webhook shared secret";
@@ -100,12 +101,20 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn verify(headers: &HeaderMap, body: &[u8]) {
-    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET).unwrap();
+/// `sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">`, computed here independently of the crate.
+fn expected_signature(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
     mac.update(body);
-    let expected = format!("sha256={}", hex(&mac.finalize().into_bytes()));
+    format!("sha256={}", hex(&mac.finalize().into_bytes()))
+}
+
+fn verify(headers: &HeaderMap, body: &[u8]) {
+    let timestamp = headers[TIMESTAMP_HEADER].to_str().unwrap();
+    let expected = expected_signature(SECRET, timestamp, body);
     assert_eq!(headers[SIGNATURE_HEADER], expected.as_str());
-    let ts: i64 = headers[TIMESTAMP_HEADER].to_str().unwrap().parse().unwrap();
+    let ts: i64 = timestamp.parse().unwrap();
     assert!((chrono::Utc::now().timestamp() - ts).abs() < 60);
     assert_eq!(headers["content-type"], "application/json");
 }
@@ -143,12 +152,11 @@ async fn the_webhook_receives_a_correctly_signed_event() {
     assert_eq!(value["event"], "personalAccessToken.created");
     assert_eq!(value["data"]["userId"], "alice");
 
-    // A tampered body would not verify.
-    let mut mac = Hmac::<Sha256>::new_from_slice(b"another secret").unwrap();
-    mac.update(&body);
+    // Another secret would not verify.
+    let timestamp = headers[TIMESTAMP_HEADER].to_str().unwrap();
     assert_ne!(
         headers[SIGNATURE_HEADER],
-        format!("sha256={}", hex(&mac.finalize().into_bytes())).as_str()
+        expected_signature(b"another secret", timestamp, &body).as_str()
     );
     for _ in 0..100 {
         if sink.delivered() == 1 {
@@ -157,6 +165,133 @@ async fn the_webhook_receives_a_correctly_signed_event() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!((sink.delivered(), sink.failed(), sink.dropped()), (1, 0, 0));
+}
+
+/// A replay: the attacker captured one delivery and sends it again later with a fresh
+/// `X-Timestamp` to get past the receiver's age check. The signature covers the timestamp, so
+/// the fresh timestamp does not verify; neither does a tampered body.
+#[tokio::test]
+async fn the_signature_covers_the_timestamp_so_a_replay_with_a_fresh_one_fails() {
+    let (url, mut rx) = receiver(&[]).await;
+    let sink = WebhookSink::builder(&url, SECRET).unwrap().spawn();
+    let t = app_with(|c| c.events(sink.clone())).await;
+    create(
+        &t.app,
+        &t.alice,
+        r#"{"name": "replayed", "userAwareTokenNeverExpires": true}"#,
+    )
+    .await;
+    let (headers, body) = next(&mut rx).await;
+    let signature = headers[SIGNATURE_HEADER].to_str().unwrap();
+    let timestamp = headers[TIMESTAMP_HEADER].to_str().unwrap();
+    assert_eq!(signature, expected_signature(SECRET, timestamp, &body));
+
+    let sent: i64 = timestamp.parse().unwrap();
+    let fresh = (sent + 3600).to_string();
+    assert_ne!(
+        signature,
+        expected_signature(SECRET, &fresh, &body),
+        "a fresh timestamp must not verify under the old signature"
+    );
+    let mut tampered = body.to_vec();
+    tampered.extend_from_slice(b" ");
+    assert_ne!(signature, expected_signature(SECRET, timestamp, &tampered));
+
+    // The crate's receiver-side helper agrees: the delivery as sent verifies, the replays do not.
+    let now = chrono::Utc::now();
+    let tolerance = Duration::from_secs(300);
+    let sig = &headers[SIGNATURE_HEADER];
+    let ts = &headers[TIMESTAMP_HEADER];
+    assert_eq!(
+        verify_signature(SECRET, ts, &body, sig, now, tolerance),
+        Ok(())
+    );
+    assert_eq!(
+        verify_signature(SECRET, &fresh, &body, sig, now, tolerance),
+        Err(SignatureError::Mismatch)
+    );
+    assert_eq!(
+        verify_signature(SECRET, ts, &tampered, sig, now, tolerance),
+        Err(SignatureError::Mismatch)
+    );
+    // Replayed as is, an hour later: correctly signed, but stale.
+    let later = now + chrono::Duration::seconds(3600);
+    assert_eq!(
+        verify_signature(SECRET, ts, &body, sig, later, tolerance),
+        Err(SignatureError::Stale)
+    );
+}
+
+#[test]
+fn verify_signature_refuses_every_malformed_or_out_of_window_delivery() {
+    let body = br#"{"event":"personalAccessToken.revoked"}"#;
+    let now = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+    let tol = Duration::from_secs(300);
+    let ts = "1700000000";
+    let good = expected_signature(SECRET, ts, body);
+    assert_eq!(verify_signature(SECRET, ts, body, &good, now, tol), Ok(()));
+    // Upper-case hex is the same signature.
+    let upper = format!("sha256={}", good["sha256=".len()..].to_ascii_uppercase());
+    assert_eq!(verify_signature(SECRET, ts, body, &upper, now, tol), Ok(()));
+
+    // The tolerance holds in both directions, inclusive at its edge.
+    for (skew, ok) in [(-300, true), (300, true), (-301, false), (301, false)] {
+        let at = now + chrono::Duration::seconds(skew);
+        let expected = if ok {
+            Ok(())
+        } else {
+            Err(SignatureError::Stale)
+        };
+        assert_eq!(
+            verify_signature(SECRET, ts, body, &good, at, tol),
+            expected,
+            "{skew}"
+        );
+    }
+    assert_eq!(
+        verify_signature(b"another secret", ts, body, &good, now, tol),
+        Err(SignatureError::Mismatch)
+    );
+    // A timestamp written differently (leading zero, sign, spaces) is another message: it must
+    // be refused, not normalised into the signed one.
+    for bad_ts in ["01700000000", "+1700000000", " 1700000000", "1700000000 "] {
+        let sig = expected_signature(SECRET, ts, body);
+        assert!(
+            verify_signature(SECRET, bad_ts, body, &sig, now, tol).is_err(),
+            "{bad_ts:?}"
+        );
+    }
+    for bad_ts in ["", "-1", "17e8", "99999999999999999999", "１７"] {
+        let sig = expected_signature(SECRET, bad_ts, body);
+        assert_eq!(
+            verify_signature(SECRET, bad_ts, body, &sig, now, tol),
+            Err(SignatureError::MalformedTimestamp),
+            "{bad_ts:?}"
+        );
+    }
+    let hex_part = &good["sha256=".len()..];
+    for bad_sig in [
+        String::new(),
+        hex_part.to_owned(),
+        format!("sha1={hex_part}"),
+        format!("sha256={}", &hex_part[..62]),
+        format!("sha256={hex_part}00"),
+        format!("sha256={}zz", &hex_part[..62]),
+        format!("SHA256={hex_part}"),
+    ] {
+        assert_eq!(
+            verify_signature(SECRET, ts, body, &bad_sig, now, tol),
+            Err(SignatureError::MalformedSignature),
+            "{bad_sig:?}"
+        );
+    }
+    // The error says nothing of the secret or the expected signature.
+    let shown = format!(
+        "{:?} {}",
+        SignatureError::Mismatch,
+        SignatureError::Mismatch
+    );
+    assert!(!shown.contains(hex_part) && !shown.contains("webhook shared secret"));
 }
 
 #[tokio::test]

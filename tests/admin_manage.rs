@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use http::{Method, StatusCode};
 use support_admin::*;
-use tower_pat::{NewToken, ScopeSet, StoreError, TokenLookup, TokenStore, UsageUpdate};
+use tower_pat::{NewToken, StoreError, TokenLookup, TokenStore, UsageUpdate};
 
 fn names(res: &Res) -> Vec<&str> {
     res.body
@@ -49,7 +49,7 @@ async fn list_pages_sorts_filters_and_counts() {
         ids.push(res.body["id"].as_str().unwrap().to_owned());
     }
     // Another subject's token never shows up in alice's list.
-    issue(&t.store, &t.layer, "bob", &["personalAccessToken:*"]).await;
+    issue(&t.tokens, "bob", &["personalAccessToken:*"]).await;
 
     let res = get(&t.app, BASE, &t.alice).await;
     assert_eq!(res.status, StatusCode::OK);
@@ -160,8 +160,7 @@ async fn the_default_page_size_is_50_and_configurable() {
 async fn other_subjects_tokens_need_the_admin_scope() {
     let t = app().await;
     let bob = issue(
-        &t.store,
-        &t.layer,
+        &t.tokens,
         "bob",
         &["personalAccessToken:read", "personalAccessToken:write"],
     )
@@ -189,16 +188,15 @@ async fn other_subjects_tokens_need_the_admin_scope() {
 
     // With it (here through `personalAccessToken:*`, and through `*`).
     for admin in [
-        issue(&t.store, &t.layer, "root", &["personalAccessToken:*"]).await,
-        issue(&t.store, &t.layer, "root", &["*"]).await,
+        issue(&t.tokens, "root", &["personalAccessToken:*"]).await,
+        issue(&t.tokens, "root", &["*"]).await,
     ] {
         let res = get(&t.app, &format!("{BASE}?ownerId=alice"), &admin).await;
         assert_eq!(res.headers["x-total-count"], "2");
         assert_eq!(get(&t.app, &uri, &admin).await.body["subject"], "alice");
     }
     let admin = issue(
-        &t.store,
-        &t.layer,
+        &t.tokens,
         "root",
         &[
             "personalAccessToken:read",
@@ -222,9 +220,9 @@ async fn reads_need_read_and_changes_need_write() {
     let t = app().await;
     let (id, _) = make(&t, "target", "").await;
     let uri = format!("{BASE}/{id}");
-    let reader = issue(&t.store, &t.layer, "alice", &["personalAccessToken:read"]).await;
-    let writer = issue(&t.store, &t.layer, "alice", &["personalAccessToken:write"]).await;
-    let other = issue(&t.store, &t.layer, "alice", &["repo:read"]).await;
+    let reader = issue(&t.tokens, "alice", &["personalAccessToken:read"]).await;
+    let writer = issue(&t.tokens, "alice", &["personalAccessToken:write"]).await;
+    let other = issue(&t.tokens, "alice", &["repo:read"]).await;
 
     for token in [&reader, &t.alice] {
         assert_eq!(get(&t.app, BASE, token).await.status, StatusCode::OK);
@@ -592,9 +590,9 @@ async fn revoked_and_expired_tokens_cannot_be_rotated() {
     assert!(res.error(410).contains("revoked"));
     assert_eq!(res.body["code"], "token_revoked");
 
-    let mut expired = NewToken::new("alice", "expired", ScopeSet::empty());
+    let mut expired = NewToken::new("alice", "expired");
     expired.expires_at = Some(Utc::now() - chrono::Duration::hours(1));
-    let (record, _) = issue_record(&t.store, &t.layer, expired).await;
+    let (record, _) = t.tokens.issue(expired).await.unwrap();
     let res = post(
         &t.app,
         &format!("{BASE}/{}/rotate", record.id),
@@ -737,21 +735,16 @@ async fn a_failing_store_is_a_500_that_names_no_internals() {
         inner: tower_pat::MemoryStore::new(),
         down: Arc::new(AtomicBool::new(false)),
     };
-    let layer = tower_pat::PatAuthLayer::builder(store.clone()).build();
-    let (record, secret) = NewToken::new(
-        "alice",
-        "a",
-        ScopeSet::parse(["personalAccessToken:*"]).unwrap(),
-    )
-    .issue(layer.format(), layer.hasher(), Utc::now());
-    store.insert(&record).await.unwrap();
+    let tokens = tower_pat::Tokens::new(store.clone());
+    let layer = tokens.layer().build();
+    let new = NewToken::new("alice", "a")
+        .scopes(["personalAccessToken:*"])
+        .unwrap();
+    let (record, secret) = tokens.issue(new).await.unwrap();
     let secret = secret.expose_secret();
     let app = axum::Router::new().nest(
         BASE,
-        tower_pat::admin::router(tower_pat::admin::AdminConfig::new(
-            Arc::new(store.clone()),
-            &layer,
-        )),
+        tower_pat::admin::router(tower_pat::admin::AdminConfig::new(&tokens, &layer).unwrap()),
     );
     assert_eq!(get(&app, BASE, secret).await.status, StatusCode::OK);
     store.down.store(true, Ordering::Relaxed);
@@ -782,10 +775,10 @@ async fn a_failing_store_is_a_500_that_names_no_internals() {
 
 #[tokio::test]
 async fn behind_an_app_wide_layer_the_second_pass_is_a_cache_hit() {
-    let store = tower_pat::MemoryStore::new();
-    let layer = tower_pat::PatAuthLayer::builder(store.clone()).build();
-    let secret = issue(&store, &layer, "alice", &["personalAccessToken:read"]).await;
-    let config = tower_pat::admin::AdminConfig::new(Arc::new(store.clone()), &layer);
+    let tokens = tower_pat::Tokens::new(tower_pat::MemoryStore::new());
+    let layer = tokens.layer().build();
+    let secret = issue(&tokens, "alice", &["personalAccessToken:read"]).await;
+    let config = tower_pat::admin::AdminConfig::new(&tokens, &layer).unwrap();
     let app = axum::Router::new()
         .nest(BASE, tower_pat::admin::router(config))
         .layer(layer.clone());

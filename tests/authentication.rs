@@ -10,7 +10,10 @@ use tower_pat::{MemoryStore, PatAuthLayer, TokenFormat};
 #[tokio::test]
 async fn valid_token_reaches_the_handler_with_its_principal() {
     let store = MemoryStore::new();
-    let (record, secret) = issue(&store, new_token("alice", &["repo:read", "repo:write"])).await;
+    let (record, secret) = Tokens::new(store.clone())
+        .issue(new_token("alice", &["repo:read", "repo:write"]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store).build();
     let reply = send_token(&layer, &secret).await;
     assert_eq!(reply.status, 200);
@@ -36,7 +39,10 @@ async fn no_credentials_get_a_bare_challenge() {
 #[tokio::test]
 async fn malformed_and_bad_checksum_tokens_never_reach_the_store() {
     let store = CountingStore::new();
-    let (_, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let (_, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store.clone()).build();
     let good = secret.expose_secret();
     let mut bad_checksum = good.to_owned();
@@ -75,7 +81,10 @@ async fn unknown_well_formed_token_is_rejected_and_negatively_cached() {
 #[tokio::test]
 async fn cached_token_needs_no_further_lookups() {
     let store = CountingStore::new();
-    let (_, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let (_, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store.clone()).build();
     for _ in 0..10 {
         let reply = send_token(&layer, &secret).await;
@@ -88,7 +97,10 @@ async fn cached_token_needs_no_further_lookups() {
 #[tokio::test]
 async fn scheme_is_case_insensitive() {
     let store = MemoryStore::new();
-    let (_, secret) = issue(&store, new_token("alice", &[])).await;
+    let (_, secret) = Tokens::new(store.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store).build();
     for scheme in ["bearer", "BEARER", "BeArEr"] {
         let req = Request::builder()
@@ -105,8 +117,14 @@ async fn scheme_is_case_insensitive() {
 #[tokio::test]
 async fn two_different_credentials_are_an_invalid_request() {
     let store = MemoryStore::new();
-    let (_, a) = issue(&store, new_token("alice", &[])).await;
-    let (_, b) = issue(&store, new_token("bob", &[])).await;
+    let (_, a) = Tokens::new(store.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
+    let (_, b) = Tokens::new(store.clone())
+        .issue(new_token("bob", &[]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store)
         .accept_header(http::HeaderName::from_static("x-api-key"))
         .build();
@@ -144,7 +162,10 @@ async fn two_different_credentials_are_an_invalid_request() {
 #[tokio::test]
 async fn optional_sources_are_off_until_configured() {
     let store = MemoryStore::new();
-    let (_, secret) = issue(&store, new_token("alice", &[])).await;
+    let (_, secret) = Tokens::new(store.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let t = secret.expose_secret();
     let strict = PatAuthLayer::builder(store.clone()).build();
     let open = PatAuthLayer::builder(store)
@@ -214,7 +235,10 @@ async fn errors_never_echo_the_token() {
 #[tokio::test]
 async fn repeated_failures_from_one_client_are_throttled() {
     let store = CountingStore::new();
-    let (_, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let (_, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store.clone())
         .limit_failures(3, std::time::Duration::from_secs(60))
         .build();
@@ -250,8 +274,14 @@ async fn repeated_failures_from_one_client_are_throttled() {
 async fn anonymous_mode_does_not_bypass_required_scopes() {
     // A token lacking the scope gets 403: a request with no token at all must not do better.
     let store = MemoryStore::new();
-    let (_, unscoped) = issue(&store, new_token("alice", &["other:read"])).await;
-    let (_, scoped) = issue(&store, new_token("bob", &["repo:read"])).await;
+    let (_, unscoped) = Tokens::new(store.clone())
+        .issue(new_token("alice", &["other:read"]))
+        .await
+        .unwrap();
+    let (_, scoped) = Tokens::new(store.clone())
+        .issue(new_token("bob", &["repo:read"]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store)
         .realm("acme")
         .require_scopes(["repo:read"])
@@ -271,12 +301,14 @@ async fn verify_applies_the_layers_rules_and_fails_closed_without_an_address() {
 
     let store = MemoryStore::new();
     let net = parse_ip_net("203.0.113.0/24").unwrap();
-    let (_, restricted) = issue(
-        &store,
-        new_token("alice", &["api:read", "deploy:write"]).ip_restriction([net]),
-    )
-    .await;
-    let (record, open) = issue(&store, new_token("bob", &["api:read"])).await;
+    let (_, restricted) = Tokens::new(store.clone())
+        .issue(new_token("alice", &["api:read", "deploy:write"]).ip_restriction([net]))
+        .await
+        .unwrap();
+    let (record, open) = Tokens::new(store.clone())
+        .issue(new_token("bob", &["api:read"]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store.clone())
         .require_scopes(["api:read"])
         .build();
@@ -348,7 +380,10 @@ async fn verify_counts_failures_like_requests() {
     use tower_pat::{AuthError, ScopeSet};
 
     let store = MemoryStore::new();
-    let (_, secret) = issue(&store, new_token("alice", &[])).await;
+    let (_, secret) = Tokens::new(store.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store)
         .limit_failures(2, std::time::Duration::from_secs(60))
         .build();

@@ -63,7 +63,10 @@ impl TokenLookup for SwitchStore {
 #[tokio::test]
 async fn a_revocation_between_the_store_answer_and_the_insert_is_not_undone() {
     let store = SwitchStore::default();
-    let (record, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let (record, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store.clone()).build();
     let fired = Arc::new(AtomicBool::new(false));
     let hook = {
@@ -93,7 +96,10 @@ async fn a_revocation_between_the_store_answer_and_the_insert_is_not_undone() {
 #[tokio::test]
 async fn a_change_between_the_store_answer_and_a_negative_insert_is_not_undone() {
     let store = SwitchStore::default();
-    let (record, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let (record, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     store.hidden.store(true, Ordering::SeqCst);
     let layer = PatAuthLayer::builder(store.clone()).build();
     let fired = Arc::new(AtomicBool::new(false));
@@ -122,13 +128,16 @@ async fn a_change_between_the_store_answer_and_a_negative_insert_is_not_undone()
 #[tokio::test(flavor = "current_thread")]
 async fn a_revocation_between_a_refresh_answer_and_its_insert_is_not_undone() {
     let store = SwitchStore::default();
-    let (record, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let (record, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store.clone())
-        .cache(CacheConfig {
-            ttl: Duration::from_millis(50),
-            stale_if_error: Duration::from_secs(60),
-            ..Default::default()
-        })
+        .cache(
+            CacheConfig::default()
+                .ttl(Duration::from_millis(50))
+                .stale_if_error(Duration::from_secs(60)),
+        )
         .build();
     assert_eq!(send_token(&layer, &secret).await.status, 200);
 
@@ -164,7 +173,10 @@ async fn a_revocation_between_a_refresh_answer_and_its_insert_is_not_undone() {
 async fn a_request_after_a_revocation_does_not_join_a_lookup_that_started_before_it() {
     use tower_pat::TokenStore;
     let store = SwitchStore::default();
-    let (record, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let (record, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     store.delay_ms.store(100, Ordering::SeqCst);
     let layer = PatAuthLayer::builder(store.clone()).build();
 
@@ -204,7 +216,10 @@ async fn no_request_started_after_a_revoke_returned_is_let_through() {
     let layer = PatAuthLayer::builder(store.clone()).build();
     let mut rounds = Vec::new();
     for i in 0..TOKENS {
-        let (record, secret) = issue(&store.inner, new_token("alice", &[])).await;
+        let (record, secret) = Tokens::new(store.inner.clone())
+            .issue(new_token("alice", &[]))
+            .await
+            .unwrap();
         let (layer, store) = (layer.clone(), store.clone());
         rounds.push(tokio::spawn(async move {
             let revoked = Arc::new(AtomicBool::new(false));

@@ -1,4 +1,4 @@
-//! The client address behind trusted proxies (DESIGN.md §8): exactly one configured forwarded
+//! The client address behind trusted proxies: exactly one configured forwarded
 //! header, walked from the right; an unreadable list fails closed for IP restrictions but never
 //! escapes the failure limiter; the limiter counts IPv6 clients per /64.
 
@@ -40,7 +40,10 @@ fn behind_real_ip(b: PatAuthLayerBuilder) -> PatAuthLayerBuilder {
 async fn restricted(nets: &[&str]) -> (MemoryStore, TokenSecret) {
     let store = MemoryStore::new();
     let nets = nets.iter().map(|n| parse_ip_net(n).unwrap());
-    let (_, secret) = issue(&store, new_token("alice", &[]).ip_restriction(nets)).await;
+    let (_, secret) = Tokens::new(store.clone())
+        .issue(new_token("alice", &[]).ip_restriction(nets))
+        .await
+        .unwrap();
     (store, secret)
 }
 
@@ -206,7 +209,10 @@ async fn an_unreadable_forwarded_list_fails_closed() {
 #[tokio::test]
 async fn an_unreadable_forwarded_list_still_counts_failures_against_the_proxy_hop() {
     let store = CountingStore::new();
-    let (_, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let (_, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let valid = Some(secret.expose_secret());
     let layer = behind_xff(PatAuthLayer::builder(store.clone()))
         .limit_failures(3, Duration::from_secs(60))
@@ -255,7 +261,10 @@ async fn an_unreadable_forwarded_list_still_counts_failures_against_the_proxy_ho
 #[tokio::test]
 async fn ipv6_failures_count_per_64() {
     let store = MemoryStore::new();
-    let (_, secret) = issue(&store, new_token("alice", &[])).await;
+    let (_, secret) = Tokens::new(store.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let valid = Some(secret.expose_secret());
     let layer = PatAuthLayer::builder(store)
         .limit_failures(3, Duration::from_secs(60))
@@ -277,7 +286,10 @@ async fn ipv6_failures_count_per_64() {
 #[tokio::test]
 async fn failure_limit_prefixes_are_configurable() {
     let store = MemoryStore::new();
-    let (_, secret) = issue(&store, new_token("alice", &[])).await;
+    let (_, secret) = Tokens::new(store.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let valid = Some(secret.expose_secret());
     let layer = PatAuthLayer::builder(store)
         .limit_failures(2, Duration::from_secs(60))
@@ -322,7 +334,10 @@ async fn failure_limit_prefixes_are_configurable() {
 #[tokio::test]
 async fn ipv4_mapped_peers_count_as_ipv4() {
     let store = MemoryStore::new();
-    let (_, secret) = issue(&store, new_token("alice", &[])).await;
+    let (_, secret) = Tokens::new(store.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store)
         .limit_failures(2, Duration::from_secs(60))
         .build();
@@ -352,12 +367,15 @@ async fn ipv4_mapped_peers_count_as_ipv4() {
 #[tokio::test]
 async fn usage_records_only_addresses_from_trusted_information() {
     let store = MemoryStore::new();
-    let (record, secret) = issue(&store, new_token("alice", &[])).await;
+    let (record, secret) = Tokens::new(store.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let t = Some(secret.expose_secret());
-    let usage = || UsageConfig {
-        granularity: Duration::ZERO,
-        flush_interval: Duration::from_secs(3600),
-        ..UsageConfig::default()
+    let usage = || {
+        UsageConfig::default()
+            .granularity(Duration::ZERO)
+            .flush_interval(Duration::from_secs(3600))
     };
     let layer = behind_xff(PatAuthLayer::builder(store.clone()))
         .track_usage(usage())
@@ -391,7 +409,10 @@ async fn usage_records_only_addresses_from_trusted_information() {
 #[tokio::test]
 async fn a_client_cannot_get_another_address_locked_out() {
     let store = MemoryStore::new();
-    let (_, secret) = issue(&store, new_token("alice", &[])).await;
+    let (_, secret) = Tokens::new(store.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let valid = Some(secret.expose_secret());
     let layer = behind_xff(PatAuthLayer::builder(store))
         .limit_failures(2, Duration::from_secs(60))

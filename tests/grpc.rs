@@ -47,8 +47,14 @@ async fn check(addr: SocketAddr, token: Option<&str>) -> Result<i32, tonic::Stat
 #[tokio::test]
 async fn tonic_client_sees_grpc_status_codes() {
     let store = MemoryStore::new();
-    let (_, good) = issue(&store, new_token("alice", &["health:read"])).await;
-    let (_, unscoped) = issue(&store, new_token("bob", &["other:read"])).await;
+    let (_, good) = Tokens::new(store.clone())
+        .issue(new_token("alice", &["health:read"]))
+        .await
+        .unwrap();
+    let (_, unscoped) = Tokens::new(store.clone())
+        .issue(new_token("bob", &["other:read"]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store)
         .require_scopes(["health:read"])
         .build();

@@ -9,7 +9,10 @@ use tower_pat::{ForwardedHeader, MemoryStore, PatAuthLayer, TokenSecret};
 async fn restricted(nets: &[&str]) -> (MemoryStore, TokenSecret) {
     let store = MemoryStore::new();
     let nets = nets.iter().map(|n| parse_ip_net(n).unwrap());
-    let (_, secret) = issue(&store, new_token("alice", &[]).ip_restriction(nets)).await;
+    let (_, secret) = Tokens::new(store.clone())
+        .issue(new_token("alice", &[]).ip_restriction(nets))
+        .await
+        .unwrap();
     (store, secret)
 }
 
@@ -130,7 +133,10 @@ async fn ipv4_mapped_restriction_matches_an_ipv4_peer() {
     // A mapped network built by hand (not through `parse_ip_net`) matches too.
     let store = MemoryStore::new();
     let net: ipnet::IpNet = "::ffff:192.0.2.0/120".parse().unwrap();
-    let (_, secret) = issue(&store, new_token("alice", &[]).ip_restriction([net])).await;
+    let (_, secret) = Tokens::new(store.clone())
+        .issue(new_token("alice", &[]).ip_restriction([net]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store).build();
     let t = Some(secret.expose_secret());
     assert_eq!(

@@ -22,8 +22,8 @@ use tokio::sync::oneshot;
 use tower_pat::admin::{self, AdminConfig};
 use tower_pat::store::{ChangeListener, ListQuery, Page};
 use tower_pat::{
-    MemoryStore, NewToken, PatAuthLayer, Principal, Rotation, ScopeSet, StoreError, TokenHash,
-    TokenLookup, TokenPatch, TokenRecord, TokenStore, UsageUpdate,
+    MemoryStore, NewToken, PatAuthLayer, Principal, Rotation, StoreError, TokenHash, TokenLookup,
+    TokenPatch, TokenRecord, TokenStore, Tokens, UsageUpdate,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -140,13 +140,15 @@ impl TokenStore for GatedStore {
 struct Node {
     app: Router,
     store: Arc<dyn TokenStore>,
+    tokens: Tokens,
     layer: PatAuthLayer,
 }
 
 impl Node {
     fn new<S: TokenStore + Clone>(store: S) -> Self {
-        let layer = PatAuthLayer::builder(store.clone()).build();
-        let config = AdminConfig::new(Arc::new(store.clone()), &layer);
+        let tokens = Tokens::new(store);
+        let layer = tokens.layer().build();
+        let config = AdminConfig::new(&tokens, &layer).unwrap();
         let protected = Router::new()
             .route(
                 "/hello",
@@ -158,7 +160,8 @@ impl Node {
             .merge(protected);
         Self {
             app,
-            store: Arc::new(store),
+            store: Arc::clone(tokens.store()),
+            tokens,
             layer,
         }
     }
@@ -166,9 +169,8 @@ impl Node {
     /// Inserts a never-expiring token of `alice` with `scopes`; returns its id and secret.
     async fn issue(&self, scopes: &[&str]) -> (String, String) {
         let name = format!("t-{}", common::rand_suffix());
-        let (record, secret) = NewToken::new("alice", name, ScopeSet::parse(scopes).unwrap())
-            .issue(self.layer.format(), self.layer.hasher(), Utc::now());
-        self.store.insert(&record).await.unwrap();
+        let new = NewToken::new("alice", name).scopes(scopes).unwrap();
+        let (record, secret) = self.tokens.issue(new).await.unwrap();
         (record.id, secret.expose_secret().to_owned())
     }
 

@@ -37,7 +37,13 @@ async fn flood(what: &str, attacker: impl Fn(usize) -> String) -> Result {
     let store = CountingStore::new();
     let mut secrets = Vec::with_capacity(VALID);
     for _ in 0..VALID {
-        secrets.push(issue(&store.inner, new_token("alice", &[])).await.1);
+        secrets.push(
+            Tokens::new(store.inner.clone())
+                .issue(new_token("alice", &[]))
+                .await
+                .unwrap()
+                .1,
+        );
     }
     store.delay_ms.store(STORE_DELAY_MS, Ordering::SeqCst);
     let layer = PatAuthLayer::builder(store.clone()).build();
@@ -168,14 +174,17 @@ async fn a_client_with_many_uncached_tokens_waits_for_its_budget_rather_than_fai
     let store = CountingStore::new();
     let mut secrets = Vec::new();
     for _ in 0..20 {
-        secrets.push(issue(&store.inner, new_token("ci", &[])).await.1);
+        secrets.push(
+            Tokens::new(store.inner.clone())
+                .issue(new_token("ci", &[]))
+                .await
+                .unwrap()
+                .1,
+        );
     }
     store.delay_ms.store(10, Ordering::SeqCst);
     let layer = PatAuthLayer::builder(store.clone())
-        .cache(tower_pat::CacheConfig {
-            max_lookups_per_client: 2,
-            ..Default::default()
-        })
+        .cache(tower_pat::CacheConfig::default().max_lookups_per_client(2))
         .build();
     let svc = layer.layer(echo_service());
     let tasks: Vec<_> = secrets
@@ -201,7 +210,10 @@ async fn a_client_with_many_uncached_tokens_waits_for_its_budget_rather_than_fai
 #[tokio::test]
 async fn a_client_that_sent_an_unknown_token_still_gets_in_with_a_valid_one() {
     let store = CountingStore::new();
-    let (_, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let (_, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store.clone()).build();
     let typo = TokenFormat::new().generate();
     let peer = Some("192.0.2.8:1");

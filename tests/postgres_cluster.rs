@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tower_pat::store::PostgresStore;
-use tower_pat::{CacheConfig, NewToken, PatAuthLayer, ScopeSet, TokenRecord, TokenStore};
+use tower_pat::{CacheConfig, NewToken, PatAuthLayer, TokenRecord, TokenStore, Tokens};
 
 use common::pg::TestDb;
 
@@ -171,6 +171,7 @@ impl Drop for Proxy {
 /// One node: its store and its layer.
 struct Node {
     store: PostgresStore,
+    tokens: Tokens,
     layer: PatAuthLayer,
 }
 
@@ -198,14 +199,13 @@ impl Node {
         self.status(token).await.0
     }
 
-    /// Issues a token with the node's format and hasher and stores it through this node.
+    /// Issues a token of `alice` with scope `api` through this node's handle.
     async fn issue(&self, name: &str, expires_in: Option<TimeDelta>) -> (TokenRecord, String) {
-        let mut new = NewToken::new("alice", name, ScopeSet::parse(["api"]).unwrap());
+        let mut new = NewToken::new("alice", name).scopes(["api"]).unwrap();
         if let Some(d) = expires_in {
             new = new.expires_at(Utc::now() + d);
         }
-        let (record, secret) = new.issue(self.layer.format(), self.layer.hasher(), Utc::now());
-        self.store.insert(&record).await.unwrap();
+        let (record, secret) = self.tokens.issue(new).await.unwrap();
         (record, secret.expose_secret().to_owned())
     }
 }
@@ -216,8 +216,13 @@ async fn node_a(db: &TestDb) -> Node {
         .connect_with(db.options.clone())
         .await
         .unwrap();
-    let layer = PatAuthLayer::builder(store.clone()).build();
-    Node { store, layer }
+    let tokens = Tokens::new(store.clone());
+    let layer = tokens.layer().build();
+    Node {
+        store,
+        tokens,
+        layer,
+    }
 }
 
 /// Node B: pool and listener through `pool_port` and `listener_port`, a heartbeat each second.
@@ -230,11 +235,17 @@ async fn node_b(db: &TestDb, pool_port: u16, listener_port: u16, cache: CacheCon
         .connect_with(db.via(pool_port))
         .await
         .unwrap();
-    let layer = PatAuthLayer::builder(store.clone())
+    let tokens = Tokens::new(store.clone());
+    let layer = tokens
+        .layer()
         .cache(cache)
         .unavailable_retry_after(7)
         .build();
-    Node { store, layer }
+    Node {
+        store,
+        tokens,
+        layer,
+    }
 }
 
 /// Node B's heartbeat interval and timeout in these tests.
@@ -248,10 +259,7 @@ const HEARTBEAT_BOUND: Duration = Duration::from_secs(2);
 const SLACK: Duration = Duration::from_millis(1500);
 
 fn long_ttl() -> CacheConfig {
-    CacheConfig {
-        ttl: Duration::from_secs(600),
-        ..CacheConfig::default()
-    }
+    CacheConfig::default().ttl(Duration::from_secs(600))
 }
 
 /// Polls `cond` every millisecond for at most `limit`; how long it took, or `None` if it never held.
@@ -400,11 +408,9 @@ async fn with_the_database_unreachable_node_b_serves_what_it_knows() {
     };
     let proxy = Proxy::start(db.server_addr()).await;
     let a = node_a(&db).await;
-    let cache = CacheConfig {
-        ttl: Duration::from_millis(200),
-        stale_if_error: Duration::from_secs(60),
-        ..CacheConfig::default()
-    };
+    let cache = CacheConfig::default()
+        .ttl(Duration::from_millis(200))
+        .stale_if_error(Duration::from_secs(60));
     let b = node_b(&db, proxy.port, port(&db), cache).await;
 
     let (_, cached) = a.issue("cached", None).await;
@@ -471,10 +477,7 @@ async fn a_silent_partition_stops_node_b_accepting_a_revoked_token_within_heartb
     let proxy = Proxy::start(db.server_addr()).await;
     let a = node_a(&db).await;
     let ttl = Duration::from_secs(2);
-    let cache = CacheConfig {
-        ttl,
-        ..CacheConfig::default()
-    };
+    let cache = CacheConfig::default().ttl(ttl);
     let b = node_b(&db, proxy.port, proxy.port, cache).await;
     let (record, token) = a.issue("leaked", None).await;
     assert_eq!(b.code(&token).await, StatusCode::OK);
@@ -537,11 +540,9 @@ async fn failing_refreshes_show_in_max_staleness_while_the_feed_is_connected() {
     };
     let proxy = Proxy::start(db.server_addr()).await;
     let a = node_a(&db).await;
-    let cache = CacheConfig {
-        ttl: Duration::from_millis(200),
-        stale_if_error: Duration::from_secs(60),
-        ..CacheConfig::default()
-    };
+    let cache = CacheConfig::default()
+        .ttl(Duration::from_millis(200))
+        .stale_if_error(Duration::from_secs(60));
     let b = node_b(&db, proxy.port, port(&db), cache).await;
     let (_, cached) = a.issue("cached", None).await;
     let (revoked_rec, revoked) = a.issue("revoked", None).await;

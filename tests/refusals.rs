@@ -43,14 +43,25 @@ fn grpc_request(
 #[tokio::test]
 async fn every_refusal_of_the_layer_is_no_store() {
     let store = CountingStore::new();
-    let (_, plain) = issue(&store.inner, new_token("alice", &["a:read"])).await;
-    let (_, unscoped) = issue(&store.inner, new_token("alice", &[])).await;
-    let (_, restricted) = issue(
-        &store.inner,
-        new_token("alice", &["a:read"]).ip_restriction([parse_ip_net("203.0.113.0/24").unwrap()]),
-    )
-    .await;
-    let (_, uncached) = issue(&store.inner, new_token("alice", &["a:read"])).await;
+    let (_, plain) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &["a:read"]))
+        .await
+        .unwrap();
+    let (_, unscoped) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
+    let (_, restricted) = Tokens::new(store.inner.clone())
+        .issue(
+            new_token("alice", &["a:read"])
+                .ip_restriction([parse_ip_net("203.0.113.0/24").unwrap()]),
+        )
+        .await
+        .unwrap();
+    let (_, uncached) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &["a:read"]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store.clone())
         .require_scopes(["a:read"])
         .limit_failures(1, Duration::from_secs(60))
@@ -97,7 +108,10 @@ async fn every_refusal_of_the_layer_is_no_store() {
 #[tokio::test]
 async fn grpc_refusals_are_no_store() {
     let store = CountingStore::new();
-    let (_, unscoped) = issue(&store.inner, new_token("alice", &[])).await;
+    let (_, unscoped) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store.clone())
         .require_scopes(["a:read"])
         .build();
@@ -157,7 +171,10 @@ async fn grpc_content_type_over_http1_gets_a_real_http_refusal() {
 #[tokio::test]
 async fn require_scopes_refusals_are_no_store_and_http1_is_never_grpc() {
     let store = CountingStore::new();
-    let (_, unscoped) = issue(&store.inner, new_token("alice", &[])).await;
+    let (_, unscoped) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let auth = PatAuthLayer::builder(store.clone())
         .allow_anonymous()
         .build();

@@ -11,7 +11,10 @@ use tower_pat::{CacheConfig, MemoryStore, PatAuthLayer, TokenPatch, TokenStore};
 #[tokio::test]
 async fn revoked_token_is_refused_on_the_very_next_request() {
     let store = CountingStore::new();
-    let (record, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let (record, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store.clone()).build();
     assert_eq!(send_token(&layer, &secret).await.status, 200);
     assert_eq!(layer.cached_tokens(), 1);
@@ -27,7 +30,10 @@ async fn revoked_token_is_refused_on_the_very_next_request() {
 #[tokio::test]
 async fn deleted_token_is_refused_on_the_very_next_request() {
     let store = MemoryStore::new();
-    let (record, secret) = issue(&store, new_token("alice", &[])).await;
+    let (record, secret) = Tokens::new(store.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store.clone()).build();
     assert_eq!(send_token(&layer, &secret).await.status, 200);
     store.delete(&record.id).await.unwrap();
@@ -39,11 +45,10 @@ async fn deleted_token_is_refused_on_the_very_next_request() {
 #[tokio::test]
 async fn expired_token_is_refused() {
     let store = MemoryStore::new();
-    let (_, secret) = issue(
-        &store,
-        new_token("alice", &[]).expires_at(Utc::now() - chrono::Duration::seconds(1)),
-    )
-    .await;
+    let (_, secret) = Tokens::new(store.clone())
+        .issue(new_token("alice", &[]).expires_at(Utc::now() - chrono::Duration::seconds(1)))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store).build();
     let reply = send_token(&layer, &secret).await;
     assert_eq!(reply.status, 401);
@@ -54,13 +59,13 @@ async fn expired_token_is_refused() {
 async fn token_expiring_while_cached_is_refused_from_then_on() {
     let store = CountingStore::new();
     let expires = Utc::now() + chrono::Duration::milliseconds(600);
-    let (_, secret) = issue(&store.inner, new_token("alice", &[]).expires_at(expires)).await;
+    let (_, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]).expires_at(expires))
+        .await
+        .unwrap();
     // A long TTL: only the clock can end the entry.
     let layer = PatAuthLayer::builder(store.clone())
-        .cache(CacheConfig {
-            ttl: Duration::from_secs(3600),
-            ..CacheConfig::default()
-        })
+        .cache(CacheConfig::default().ttl(Duration::from_secs(3600)))
         .build();
     assert_eq!(send_token(&layer, &secret).await.status, 200);
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -81,12 +86,12 @@ async fn entry_is_refreshed_in_the_background_after_the_ttl() {
         no_feed: true,
         ..CountingStore::new()
     };
-    let (record, secret) = issue(&store.inner, new_token("alice", &["a"])).await;
+    let (record, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &["a"]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store.clone())
-        .cache(CacheConfig {
-            ttl: Duration::from_millis(200),
-            ..CacheConfig::default()
-        })
+        .cache(CacheConfig::default().ttl(Duration::from_millis(200)))
         .build();
     assert_eq!(send_token(&layer, &secret).await.status, 200);
     let patch = TokenPatch::new(Utc::now()).scopes(scopes(&["b"]));
@@ -109,7 +114,10 @@ async fn entry_is_refreshed_in_the_background_after_the_ttl() {
 #[tokio::test]
 async fn store_outage_on_a_miss_is_503_never_401() {
     let store = CountingStore::new();
-    let (_, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let (_, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     store
         .failing
         .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -128,13 +136,16 @@ async fn store_outage_on_a_miss_is_503_never_401() {
 #[tokio::test]
 async fn cached_token_survives_a_store_outage_within_stale_if_error() {
     let store = CountingStore::new();
-    let (_, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let (_, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store.clone())
-        .cache(CacheConfig {
-            ttl: Duration::from_millis(100),
-            stale_if_error: Duration::from_millis(600),
-            ..CacheConfig::default()
-        })
+        .cache(
+            CacheConfig::default()
+                .ttl(Duration::from_millis(100))
+                .stale_if_error(Duration::from_millis(600)),
+        )
         .build();
     assert_eq!(send_token(&layer, &secret).await.status, 200);
     store

@@ -14,7 +14,10 @@ use tower_pat::{MemoryStore, PatAuthLayer, Principal, RequireScopesLayer};
 #[tokio::test]
 async fn missing_scope_is_forbidden_with_insufficient_scope() {
     let store = MemoryStore::new();
-    let (_, secret) = issue(&store, new_token("alice", &["repo:read"])).await;
+    let (_, secret) = Tokens::new(store.clone())
+        .issue(new_token("alice", &["repo:read"]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store)
         .require_scopes(["repo:write", "repo:read"])
         .build();
@@ -35,9 +38,18 @@ async fn missing_scope_is_forbidden_with_insufficient_scope() {
 #[tokio::test]
 async fn resource_wildcard_and_global_wildcard_grant() {
     let store = MemoryStore::new();
-    let (_, repo_all) = issue(&store, new_token("alice", &["repo:*"])).await;
-    let (_, everything) = issue(&store, new_token("root", &["*"])).await;
-    let (_, other) = issue(&store, new_token("bob", &["issues:*"])).await;
+    let (_, repo_all) = Tokens::new(store.clone())
+        .issue(new_token("alice", &["repo:*"]))
+        .await
+        .unwrap();
+    let (_, everything) = Tokens::new(store.clone())
+        .issue(new_token("root", &["*"]))
+        .await
+        .unwrap();
+    let (_, other) = Tokens::new(store.clone())
+        .issue(new_token("bob", &["issues:*"]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store)
         .require_scopes(["repo:write"])
         .build();
@@ -79,8 +91,14 @@ async fn call(app: &Router, path: &str, token: Option<&str>) -> (u16, String) {
 #[tokio::test]
 async fn extractor_and_route_layer_in_a_real_router() {
     let store = MemoryStore::new();
-    let (record, reader) = issue(&store, new_token("alice", &["docs:read"])).await;
-    let (_, writer) = issue(&store, new_token("bob", &["docs:read", "docs:write"])).await;
+    let (record, reader) = Tokens::new(store.clone())
+        .issue(new_token("alice", &["docs:read"]))
+        .await
+        .unwrap();
+    let (_, writer) = Tokens::new(store.clone())
+        .issue(new_token("bob", &["docs:read", "docs:write"]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store).build();
 
     let app = Router::new()
@@ -114,7 +132,10 @@ async fn extractor_and_route_layer_in_a_real_router() {
 #[tokio::test]
 async fn optional_principal_and_missing_layer() {
     let store = MemoryStore::new();
-    let (_, secret) = issue(&store, new_token("alice", &[])).await;
+    let (_, secret) = Tokens::new(store.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let optional = PatAuthLayer::builder(store).allow_anonymous().build();
     let who = |p: Option<Principal>| async move {
         p.map_or("nobody".to_owned(), |p| p.subject().to_owned())

@@ -10,7 +10,10 @@ use tower_pat::PatAuthLayer;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_concurrent_requests_make_one_lookup() {
     let store = CountingStore::new();
-    let (_, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let (_, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     store.delay_ms.store(100, Ordering::SeqCst);
     let layer = PatAuthLayer::builder(store.clone()).build();
     let statuses = concurrent_statuses(&layer, secret.expose_secret(), 1000).await;
@@ -38,7 +41,10 @@ fn poll_once<F: std::future::Future>(fut: std::pin::Pin<&mut F>) -> std::task::P
 async fn a_dropped_waiter_does_not_cancel_the_lookup_for_the_others() {
     use tower::{Layer, Service, ServiceExt};
     let store = CountingStore::new();
-    let (_, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let (_, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     store.delay_ms.store(200, Ordering::SeqCst);
     let layer = PatAuthLayer::builder(store.clone()).build();
     let mut svc = layer.layer(echo_service());
@@ -75,14 +81,17 @@ async fn a_dropped_waiter_does_not_cancel_the_lookup_for_the_others() {
 async fn a_request_dropped_mid_lookup_leaves_no_flight_and_no_slot_behind() {
     use tower::{Layer, Service, ServiceExt};
     let store = CountingStore::new();
-    let (_, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let (_, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     // One lookup slot: if the dropped request kept it, the next lookup could never run.
     let layer = PatAuthLayer::builder(store.clone())
-        .cache(tower_pat::CacheConfig {
-            max_concurrent_lookups: 1,
-            lookup_wait: std::time::Duration::from_millis(500),
-            ..Default::default()
-        })
+        .cache(
+            tower_pat::CacheConfig::default()
+                .max_concurrent_lookups(1)
+                .lookup_wait(std::time::Duration::from_millis(500)),
+        )
         .build();
     let mut svc = layer.layer(echo_service());
 

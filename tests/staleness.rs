@@ -13,7 +13,7 @@ use tower_pat::{
     CacheConfig, PatAuthLayer, StoreError, TokenHash, TokenLookup, TokenRecord, UsageUpdate,
 };
 
-use common::{CountingStore, issue, new_token, send_token};
+use common::{CountingStore, Tokens, new_token, send_token};
 
 /// Polls `cond` every millisecond for at most `limit`; whether it held.
 async fn wait_for(limit: Duration, mut cond: impl AsyncFnMut() -> bool) -> bool {
@@ -52,11 +52,9 @@ impl TokenLookup for FeedStore {
 }
 
 fn short_ttl() -> CacheConfig {
-    CacheConfig {
-        ttl: Duration::from_millis(100),
-        stale_if_error: Duration::from_secs(60),
-        ..CacheConfig::default()
-    }
+    CacheConfig::default()
+        .ttl(Duration::from_millis(100))
+        .stale_if_error(Duration::from_secs(60))
 }
 
 /// The feed is connected but every refresh fails: the entry serves on (stale-if-error), and
@@ -64,7 +62,10 @@ fn short_ttl() -> CacheConfig {
 #[tokio::test]
 async fn failing_refreshes_raise_max_staleness_until_the_store_answers() {
     let store = CountingStore::new();
-    let (_, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let (_, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store.clone())
         .cache(short_ttl())
         .build();
@@ -103,7 +104,10 @@ async fn failing_refreshes_raise_max_staleness_until_the_store_answers() {
 #[tokio::test]
 async fn no_entry_is_served_past_its_ttl_while_the_feed_is_down() {
     let store = FeedStore::default();
-    let (_, secret) = issue(&store.inner.inner, new_token("alice", &[])).await;
+    let (_, secret) = Tokens::new(store.inner.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store.clone())
         .cache(short_ttl())
         .build();

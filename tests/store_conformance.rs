@@ -7,24 +7,16 @@
 mod common;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use tower_pat::{TokenLookup, TokenPatch, TokenRecord, TokenStore};
+use tower_pat::{MemoryStore, NewToken, TokenLookup, TokenPatch, TokenRecord, TokenStore, Tokens};
 
 fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
 fn token(subject: &str, name: &str) -> TokenRecord {
-    tower_pat::NewToken::new(
-        subject,
-        name,
-        tower_pat::ScopeSet::parse(["repo:read"]).unwrap(),
-    )
-    .issue(
-        &tower_pat::TokenFormat::new(),
-        &tower_pat::TokenHasher::sha256(),
-        now(),
-    )
-    .0
+    let new = NewToken::new(subject, name).scopes(["repo:read"]).unwrap();
+    // A record made as the handle makes them, without storing it: each test inserts it itself.
+    Tokens::new(MemoryStore::new()).mint(new, now()).0
 }
 
 #[cfg(feature = "test-util")]

@@ -18,13 +18,11 @@ use tower_pat::{
 };
 
 fn config(flush_ms: u64) -> UsageConfig {
-    UsageConfig {
-        granularity: Duration::ZERO,
-        flush_interval: Duration::from_millis(flush_ms),
-        retry_backoff: Duration::from_millis(20),
-        max_retry_backoff: Duration::from_millis(200),
-        ..UsageConfig::default()
-    }
+    UsageConfig::default()
+        .granularity(Duration::ZERO)
+        .flush_interval(Duration::from_millis(flush_ms))
+        .retry_backoff(Duration::from_millis(20))
+        .max_retry_backoff(Duration::from_millis(200))
 }
 
 async fn wait_until(mut cond: impl FnMut() -> bool, limit: Duration) {
@@ -51,7 +49,10 @@ fn rows_for(store: &CountingStore, id: &str) -> Vec<UsageUpdate> {
 #[tokio::test]
 async fn ten_thousand_requests_over_two_flushes_write_two_rows() {
     let store = CountingStore::new();
-    let (record, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let (record, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store.clone())
         .track_usage(config(400))
         .build();
@@ -94,12 +95,12 @@ async fn ten_thousand_requests_over_two_flushes_write_two_rows() {
 #[tokio::test]
 async fn granularity_limits_marks_and_principal_sees_fresh_time() {
     let store = CountingStore::new();
-    let (record, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let (record, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store.clone())
-        .track_usage(UsageConfig {
-            granularity: Duration::from_secs(60),
-            ..config(10_000)
-        })
+        .track_usage(config(10_000).granularity(Duration::from_secs(60)))
         .build();
     for _ in 0..100 {
         assert_eq!(send_token(&layer, &secret).await.status, 200);
@@ -157,7 +158,10 @@ async fn a_stuck_flush_never_delays_requests() {
         gate: Arc::new(tokio::sync::Semaphore::new(0)),
         entered: Arc::default(),
     };
-    let (_, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let (_, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store.clone())
         .track_usage(config(50))
         .build();
@@ -188,7 +192,10 @@ async fn a_stuck_flush_never_delays_requests() {
 #[tokio::test]
 async fn shutdown_writes_what_is_pending() {
     let store = CountingStore::new();
-    let (record, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let (record, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store.clone())
         .track_usage(config(3_600_000))
         .build();
@@ -243,8 +250,14 @@ impl TokenLookup for FlakyStore {
 async fn three_failures_then_success_lose_no_mark() {
     let store = FlakyStore::default();
     store.failures_left.store(3, Ordering::SeqCst);
-    let (a, _) = issue(&store.inner, new_token("alice", &[])).await;
-    let (b, _) = issue(&store.inner, new_token("bob", &[])).await;
+    let (a, _) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
+    let (b, _) = Tokens::new(store.inner.clone())
+        .issue(new_token("bob", &[]))
+        .await
+        .unwrap();
     let recorder = UsageRecorder::new(store.clone(), config(30));
     let t0 = Utc::now();
     recorder.record(&a.id, t0, Some("192.0.2.1".parse().unwrap()));
@@ -279,7 +292,10 @@ async fn three_failures_then_success_lose_no_mark() {
 #[tokio::test]
 async fn late_and_retried_marks_never_move_last_used_back() {
     let store = MemoryStore::new();
-    let (record, _) = issue(&store, new_token("alice", &[])).await;
+    let (record, _) = Tokens::new(store.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let recorder = UsageRecorder::new(store.clone(), config(3_600_000));
     let now = Utc::now();
     recorder.record(&record.id, now, None);
@@ -302,13 +318,7 @@ async fn late_and_retried_marks_never_move_last_used_back() {
 async fn pending_marks_are_bounded_during_an_outage() {
     let store = FlakyStore::default();
     store.failures_left.store(usize::MAX, Ordering::SeqCst);
-    let recorder = UsageRecorder::new(
-        store.clone(),
-        UsageConfig {
-            max_pending_tokens: 1_000,
-            ..config(20)
-        },
-    );
+    let recorder = UsageRecorder::new(store.clone(), config(20).max_pending_tokens(1_000));
     let now = Utc::now();
     for i in 0..100_000 {
         recorder.record(&format!("token-{i}"), now, None);
@@ -327,7 +337,10 @@ async fn pending_marks_are_bounded_during_an_outage() {
 #[tokio::test]
 async fn last_ips_keep_the_five_most_recent_distinct() {
     let store = CountingStore::new();
-    let (record, secret) = issue(&store.inner, new_token("alice", &[])).await;
+    let (record, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
     let layer = PatAuthLayer::builder(store.clone())
         .track_usage(config(3_600_000))
         .build();
@@ -358,12 +371,16 @@ async fn management_api_shows_usage_not_yet_written() {
     use http_body_util::BodyExt;
     use tower_pat::admin::{self, AdminConfig};
 
-    let store = MemoryStore::new();
-    let (record, secret) = issue(&store, new_token("alice", &["personalAccessToken:read"])).await;
-    let layer = PatAuthLayer::builder(store.clone())
+    let tokens = Tokens::new(MemoryStore::new());
+    let (record, secret) = tokens
+        .issue(new_token("alice", &["personalAccessToken:read"]))
+        .await
+        .unwrap();
+    let layer = tokens
+        .layer()
         .track_usage(config(3_600_000)) // nothing is flushed during the test
         .build();
-    let app = admin::router(AdminConfig::new(Arc::new(store.clone()), &layer));
+    let app = admin::router(AdminConfig::new(&tokens, &layer).unwrap());
     let get = |path: &'static str| {
         let app = app.clone();
         let token = secret.expose_secret().to_owned();
@@ -390,7 +407,7 @@ async fn management_api_shows_usage_not_yet_written() {
     assert!(list[0]["lastUsedAt"].is_string(), "{list}");
     // The store itself has not been written yet.
     assert_eq!(
-        store.get(&record.id).await.unwrap().unwrap().last_used_at,
+        tokens.get(&record.id).await.unwrap().unwrap().last_used_at,
         None
     );
 }

@@ -248,11 +248,7 @@ impl TokenLookup for ManyTokens {
 pub fn layer<L: TokenLookup>(lookup: L) -> PatAuthLayer {
     let hour = Duration::from_secs(3600);
     PatAuthLayer::builder(lookup)
-        .cache(CacheConfig {
-            ttl: hour,
-            negative_ttl: hour,
-            ..CacheConfig::default()
-        })
+        .cache(CacheConfig::default().ttl(hour).negative_ttl(hour))
         .build()
 }
 

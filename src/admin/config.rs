@@ -11,6 +11,7 @@ use super::events::TokenEvents;
 use super::input::{Limits, MAX_PAGE_SIZE};
 use crate::auth::PatAuthLayer;
 use crate::store::TokenStore;
+use crate::tokens::{LayerMismatch, Tokens};
 
 /// What a new token without `expiresAt` gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -28,27 +29,31 @@ pub enum ExpiryPolicy {
     DefaultLifetime(Duration),
 }
 
-/// The configuration of [`router`](super::router): the store and the layer it shares (so that the
-/// API issues tokens the layer accepts, and every change reaches the layer's cache at once), and
-/// the policies.
+/// The configuration of [`router`](super::router): the [`Tokens`] handle it issues and changes
+/// tokens through, the layer built from that handle (so that the API issues tokens the layer
+/// accepts, and every change reaches the layer's cache at once), and the policies.
 ///
 /// ```
-/// use std::{sync::Arc, time::Duration};
+/// use std::time::Duration;
 /// use tower_pat::admin::{AdminConfig, ExpiryPolicy};
-/// use tower_pat::{MemoryStore, PatAuthLayer};
+/// use tower_pat::{MemoryStore, Tokens};
 ///
-/// let store = MemoryStore::new();
-/// let layer = PatAuthLayer::builder(store.clone()).build();
-/// let config = AdminConfig::new(Arc::new(store), &layer)
+/// # fn main() -> Result<(), tower_pat::LayerMismatch> {
+/// let tokens = Tokens::new(MemoryStore::new());
+/// let layer = tokens.layer().build();
+/// let config = AdminConfig::new(&tokens, &layer)?
 ///     .expiry_policy(ExpiryPolicy::DefaultLifetime(Duration::from_secs(30 * 86_400)))
 ///     .max_lifetime(Duration::from_secs(365 * 86_400))
 ///     .max_tokens_per_subject(20);
 /// let api: axum::Router = tower_pat::admin::router(config);
 /// # let _ = api;
+/// # Ok(())
+/// # }
 /// ```
 #[must_use]
 #[derive(Clone)]
 pub struct AdminConfig {
+    pub(crate) tokens: Tokens,
     pub(crate) store: Arc<dyn TokenStore>,
     pub(crate) layer: PatAuthLayer,
     pub(crate) expiry: ExpiryPolicy,
@@ -84,14 +89,17 @@ impl fmt::Debug for AdminConfig {
 const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 
 impl AdminConfig {
-    /// The API over `store`, which must be the store `layer` reads (or share its change feed),
-    /// with the defaults: [`ExpiryPolicy::RequireAcknowledgment`], no maximum lifetime, 100
+    /// The API over `tokens`, for requests authenticated by `layer`, which must be built from the
+    /// same handle ([`Tokens::layer`]): a layer with another token format or hasher would refuse
+    /// the tokens the API issues, and is refused with [`LayerMismatch`]. The defaults: [`ExpiryPolicy::RequireAcknowledgment`], no maximum lifetime, 100
     /// tokens per subject, rotation grace periods of at most a day, pages of 50, at most 30 new
     /// tokens per subject per minute, at most 100 scopes and 100 networks per token, request
     /// bodies of at most 64 KiB, no events.
-    pub fn new(store: Arc<dyn TokenStore>, layer: &PatAuthLayer) -> Self {
-        Self {
-            store,
+    pub fn new(tokens: &Tokens, layer: &PatAuthLayer) -> Result<Self, LayerMismatch> {
+        tokens.check_layer(layer)?;
+        Ok(Self {
+            tokens: tokens.clone(),
+            store: Arc::clone(tokens.store()),
             layer: layer.clone(),
             expiry: ExpiryPolicy::default(),
             max_lifetime: None,
@@ -102,7 +110,7 @@ impl AdminConfig {
             limits: Limits::default(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             events: None,
-        }
+        })
     }
 
     /// What a token created without `expiresAt` gets.

@@ -3,21 +3,10 @@
 //!
 //! [`router`] returns an [`axum::Router`] to nest where the application likes. It applies the
 //! [`PatAuthLayer`](crate::PatAuthLayer) it is configured with, so it is protected on its own
-//! (behind an application-wide layer too, the second pass is a cache hit):
-//! `personalAccessToken:read` reads, `personalAccessToken:write` creates, updates, rotates,
-//! revokes and deletes, and `personalAccessToken:admin` acts on other subjects' tokens
-//! (`personalAccessToken:*` and `*` cover them all).
+//! (behind an application-wide layer too, the second pass is a cache hit). The scope column names
+//! [`READ_SCOPE`], [`WRITE_SCOPE`] and [`ADMIN_SCOPE`] by their last word.
 //!
-//! | method and path | answer |
-//! | --- | --- |
-//! | `POST /` | 201, `Location`, the token view plus the secret as `token`, `secret` and `accessToken` |
-//! | `GET /` | 200, the caller's tokens (`?ownerId=` with the admin scope), total in `X-Total-Count` |
-//! | `GET /self` | 200, the token that authenticated the request |
-//! | `GET /{id}` | 200, or 404 (also for another subject's token without the admin scope) |
-//! | `PATCH /{id}` | 200, a JSON merge patch of `name`, `scopes`, `expiresAt`, `ipRestriction`, `revoked` |
-//! | `POST /{id}/rotate` | 201, a new secret; the old one stops at once or after `gracePeriodSeconds` |
-//! | `DELETE /{id}` | 200, `{"message": "Personal access token revoked", "status": 200}` |
-//! | `GET /openapi.json` | the OpenAPI 3.1 document (public) |
+#![doc = include_str!("../../docs/admin-endpoints.md")]
 //!
 //! A token never gets more than the token that created or changed it:
 //! - **scopes**: a created or patched token's scopes are all the caller's; acting on a token
@@ -48,15 +37,18 @@
 //! ([`AdminConfig::creation_rate_limit`]).
 //!
 //! ```
-//! use std::sync::Arc;
 //! use axum::Router;
-//! use tower_pat::{MemoryStore, PatAuthLayer, admin::{self, AdminConfig}};
+//! use tower_pat::{MemoryStore, Tokens, admin::{self, AdminConfig}};
 //!
-//! let store = MemoryStore::new();
-//! let layer = PatAuthLayer::builder(store.clone()).build();
+//! # fn main() -> Result<(), tower_pat::LayerMismatch> {
+//! let tokens = Tokens::new(MemoryStore::new());
+//! let layer = tokens.layer().build();
 //! let app: Router = Router::new()
-//!     .nest("/personal-access-tokens", admin::router(AdminConfig::new(Arc::new(store), &layer)));
+//!     .nest("/personal-access-tokens", admin::router(AdminConfig::new(&tokens, &layer)?))
+//!     .layer(layer);
 //! # let _ = app;
+//! # Ok(())
+//! # }
 //! ```
 
 mod config;
@@ -74,8 +66,8 @@ pub use events::{EventKind, TokenEvent, TokenEvents};
 pub use openapi::openapi;
 pub use view::{EXPIRY_WARNING_WINDOW, ExpiryWarning, TokenView};
 pub use webhook::{
-    EVENT_HEADER, InvalidWebhookUrl, SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookBuilder,
-    WebhookSink,
+    EVENT_HEADER, InvalidWebhookUrl, SIGNATURE_HEADER, SignatureError, TIMESTAMP_HEADER,
+    WebhookBuilder, WebhookSink, verify_signature,
 };
 
 /// The scope that lets a token read tokens.
@@ -88,8 +80,9 @@ pub const ADMIN_SCOPE: &str = "personalAccessToken:admin";
 /// The management API as an axum router, protected by the configured layer. Nest it where the
 /// application likes (the examples use `/personal-access-tokens`).
 ///
-/// Every response it sends carries `Cache-Control: no-store` (DESIGN.md §8), also the errors
-/// axum itself makes (405 for a method a path does not have).
+/// Every response it sends carries `Cache-Control: no-store`, also the errors axum itself makes
+/// (405 for a method a path does not have): a response of this API may hold a secret or say which
+/// tokens exist, and no shared cache or browser may keep it.
 pub fn router(config: AdminConfig) -> axum::Router {
     routes::router(config).layer(axum::middleware::map_response(no_store))
 }

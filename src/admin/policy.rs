@@ -1,5 +1,5 @@
-//! The trust rules of the management API (DESIGN.md §8), in one place: a token never gets more
-//! than the token that created or changed it, and acting on a token needs everything it has.
+//! The trust rules of the management API, in one place: a token never gets more than the token
+//! that created or changed it, and acting on a token needs everything it has.
 //!
 //! - **Scopes.** A created or patched token's scopes are all held by the caller
 //!   ([`scopes_held`]). Acting on a token (PATCH of any field, revoke, rotate, delete) needs every
@@ -190,10 +190,11 @@ mod tests {
     }
 
     fn principal(nets: &[IpNet], expires_at: Option<DateTime<Utc>>) -> Principal {
-        let mut new = NewToken::new("alice", "p", ScopeSet::parse(["a:*"]).unwrap())
+        let mut new = NewToken::new("alice", "p")
+            .scope_set(ScopeSet::parse(["a:*"]).unwrap())
             .ip_restriction(nets.to_vec());
         new.expires_at = expires_at;
-        let (record, _) = new.issue(&TokenFormat::new(), &TokenHasher::sha256(), Utc::now());
+        let (record, _) = new.build(&TokenFormat::new(), &TokenHasher::sha256(), Utc::now());
         let key = record.hash;
         Principal(Arc::new(Entry::new(record, key, false, 0, 60_000)))
     }
@@ -244,11 +245,8 @@ mod tests {
     #[test]
     fn a_superseded_secret_expires_with_its_grace_period() {
         let now = Utc::now();
-        let (mut record, _) = NewToken::new("alice", "p", ScopeSet::empty()).issue(
-            &TokenFormat::new(),
-            &TokenHasher::sha256(),
-            now,
-        );
+        let (mut record, _) =
+            NewToken::new("alice", "p").build(&TokenFormat::new(), &TokenHasher::sha256(), now);
         let until = now + Duration::minutes(10);
         record.previous_hash = Some((record.hash, until));
         let key = record.hash;

@@ -31,7 +31,6 @@ use crate::auth::RequireScopesLayer;
 use crate::auth::limit::WindowCounter;
 use crate::principal::Principal;
 use crate::record::{NewToken, TokenRecord};
-use crate::scope::ScopeSet;
 use crate::store::{Rotation, TokenPatch};
 
 /// The tag of every operation.
@@ -202,12 +201,12 @@ pub(crate) async fn create(
             .try_count(caller.subject().to_owned())
             .map_err(ApiError::too_many)?;
     }
-    let mut token = NewToken::new(caller.subject(), req.name, req.scopes)
+    let mut token = NewToken::new(caller.subject(), req.name)
+        .scope_set(req.scopes)
         .token_type(req.token_type)
         .ip_restriction(ip_restriction);
     token.expires_at = expires_at;
-    let layer = &admin.config.layer;
-    let (record, secret) = token.issue(layer.format(), layer.hasher(), now);
+    let (record, secret) = admin.config.tokens.mint(token, now);
     {
         let _one_at_a_time = admin.create.lock().await;
         let max = admin.config.max_tokens_per_subject;
@@ -490,12 +489,10 @@ pub(crate) async fn rotate(
         .ok()
         .filter(|g| !g.is_zero())
         .and_then(|g| now.checked_add_signed(g));
-    let layer = &admin.config.layer;
-    let (fresh, secret) = NewToken::new(&*record.subject, &*record.name, ScopeSet::empty()).issue(
-        layer.format(),
-        layer.hasher(),
-        now,
-    );
+    let (fresh, secret) = admin
+        .config
+        .tokens
+        .mint(NewToken::new(&*record.subject, &*record.name), now);
     // Applied only while the secret read above is still the token's, at the version read: a
     // rotation racing another change never brings back a secret rotated away or a revoked token.
     let mut rotation = Rotation::new(record.hash, fresh.hash, fresh.start, now)

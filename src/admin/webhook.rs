@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
 use http_body_util::Full;
@@ -19,9 +20,11 @@ use tokio::sync::mpsc;
 use super::events::{TokenEvent, TokenEvents};
 use crate::token::TokenHash;
 
-/// The header holding `sha256=<hex HMAC-SHA256 of the body under the shared secret>`.
+/// The header holding `sha256=<hex HMAC-SHA256 of "<timestamp>.<body>" under the shared secret>`,
+/// where `<timestamp>` is the [`TIMESTAMP_HEADER`] value exactly as sent.
 pub const SIGNATURE_HEADER: &str = "x-signature";
-/// The header holding the Unix time (seconds) of the delivery attempt.
+/// The header holding the Unix time (seconds) of the delivery attempt; it is covered by the
+/// signature.
 pub const TIMESTAMP_HEADER: &str = "x-timestamp";
 /// The header holding the event name, such as `personalAccessToken.created`.
 pub const EVENT_HEADER: &str = "x-event";
@@ -30,11 +33,29 @@ pub const EVENT_HEADER: &str = "x-event";
 ///
 /// Each event is serialized and queued by [`TokenEvents::publish`] with `try_send`: a full queue
 /// drops the event (counted in [`WebhookSink::dropped`] and logged), so the API call never waits.
-/// A background task posts the queue in order as `application/json` with
-/// `X-Signature: sha256=<hex HMAC-SHA256 of the body>`, `X-Timestamp` and `X-Event`; a failed
-/// delivery (connection error, timeout, 408, 429 or 5xx) is retried with exponential backoff.
-/// Plain `http://` only. The task ends when every clone of the sink is dropped and the queue is
-/// drained.
+/// A background task posts the queue in order as `application/json` with `X-Timestamp: <Unix
+/// seconds>`, `X-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">` and `X-Event`; a
+/// failed delivery (connection error, timeout, 408, 429 or 5xx) is retried with exponential
+/// backoff, each attempt with a fresh timestamp and signature. Plain `http://` only. The task ends
+/// when every clone of the sink is dropped and the queue is drained.
+///
+/// # Verifying a delivery (the receiver's side)
+///
+/// The signed message is the `X-Timestamp` header value exactly as received, a `.`, then the raw
+/// request body (before any JSON parsing), the scheme Stripe- and GitHub-style receivers use. A
+/// receiver:
+///
+/// 1. computes `HMAC-SHA256(secret, timestamp + "." + body)` and compares it with the hex after
+///    `sha256=` in `X-Signature` **in constant time** (never with `==` on strings);
+/// 2. refuses a timestamp further than a tolerance (5 minutes is usual) from its own clock: a
+///    captured delivery replayed later fails here, and replaying it with a fresh `X-Timestamp`
+///    fails step 1, because the timestamp is signed;
+/// 3. to refuse a replay *within* the tolerance too, remembers the `X-Signature` values it
+///    accepted during the last tolerance window and refuses a repeat. (A retry of the same event
+///    carries a new timestamp and signature; deduplicate events by their content, such as
+///    `event`, `data.id` and `triggeredAt`, if handling one twice matters.)
+///
+/// In Rust, [`verify_signature`] does steps 1 and 2.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -215,9 +236,11 @@ impl WebhookBuilder {
         WebhookSink { tx, stats }
     }
 
-    /// `sha256=<hex HMAC-SHA256 of body>`.
-    fn signature(&self, body: &[u8]) -> HeaderValue {
+    /// `sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">`.
+    fn signature(&self, timestamp: &str, body: &[u8]) -> HeaderValue {
         let mut mac = self.key.clone();
+        mac.update(timestamp.as_bytes());
+        mac.update(b".");
         mac.update(body);
         let hex = TokenHash::hex_of(&mac.finalize().into_bytes());
         HeaderValue::try_from(format!("sha256={hex}")).expect("hex is a valid header value")
@@ -233,10 +256,9 @@ async fn deliver_all(
     stats: Arc<Stats>,
 ) {
     while let Some(delivery) = rx.recv().await {
-        let signature = config.signature(&delivery.body);
         let mut backoff = config.initial_backoff;
         for attempt in 1..=config.max_attempts {
-            let outcome = attempt_once(&config, &client, &delivery, &signature).await;
+            let outcome = attempt_once(&config, &client, &delivery).await;
             let retry = match outcome {
                 Ok(status) if status.is_success() => {
                     stats.delivered.fetch_add(1, Ordering::Relaxed);
@@ -269,9 +291,9 @@ async fn attempt_once(
     config: &WebhookBuilder,
     client: &HttpClient,
     delivery: &Delivery,
-    signature: &HeaderValue,
 ) -> Result<StatusCode, String> {
-    let timestamp = chrono::Utc::now().timestamp();
+    let timestamp = Utc::now().timestamp().to_string();
+    let signature = config.signature(&timestamp, &delivery.body);
     let request = Request::builder()
         .method(Method::POST)
         .uri(config.url.clone())
@@ -280,7 +302,7 @@ async fn attempt_once(
             header::USER_AGENT,
             concat!("tower-pat/", env!("CARGO_PKG_VERSION")),
         )
-        .header(SIGNATURE_HEADER, signature.clone())
+        .header(SIGNATURE_HEADER, signature)
         .header(TIMESTAMP_HEADER, timestamp)
         .header(EVENT_HEADER, delivery.event)
         .body(Full::new(delivery.body.clone()))
@@ -290,4 +312,93 @@ async fn attempt_once(
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("timed out".to_owned()),
     }
+}
+
+/// Why [`verify_signature`] refused a delivery. Says nothing about the secret or the expected
+/// signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SignatureError {
+    /// The timestamp is not a Unix time in seconds (1 to 19 ASCII digits).
+    MalformedTimestamp,
+    /// The signature is not `sha256=` followed by 64 hex digits.
+    MalformedSignature,
+    /// The signature does not match: another secret, or an altered body or timestamp.
+    Mismatch,
+    /// Correctly signed, but the timestamp is further from `now` than the tolerance: a replay, or
+    /// a clock far off.
+    Stale,
+}
+
+impl fmt::Display for SignatureError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::MalformedTimestamp => "the webhook timestamp is not a Unix time in seconds",
+            Self::MalformedSignature => "the webhook signature is not sha256=<64 hex digits>",
+            Self::Mismatch => "the webhook signature does not match",
+            Self::Stale => "the webhook timestamp is outside the accepted tolerance",
+        })
+    }
+}
+
+impl std::error::Error for SignatureError {}
+
+/// Verifies a [`WebhookSink`] delivery on the receiver's side: `signature` (the
+/// [`SIGNATURE_HEADER`] value) must be the HMAC-SHA256 under `secret` of `timestamp` (the
+/// [`TIMESTAMP_HEADER`] value, as received), `.` and the raw `body`, compared in constant time;
+/// and `timestamp` must be within `tolerance` of `now`, in either direction.
+///
+/// Header values may be passed as `&str`, `&[u8]` or [`HeaderValue`]. This refuses a replay
+/// older than `tolerance`; to refuse one within it, remember the signatures accepted during the
+/// last `tolerance` and refuse a repeat (see [`WebhookSink`]).
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_pat::admin::{SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature};
+///
+/// fn accept(secret: &[u8], headers: &http::HeaderMap, body: &[u8]) -> bool {
+///     let (Some(timestamp), Some(signature)) =
+///         (headers.get(TIMESTAMP_HEADER), headers.get(SIGNATURE_HEADER))
+///     else {
+///         return false;
+///     };
+///     let now = chrono::Utc::now();
+///     verify_signature(secret, timestamp, body, signature, now, Duration::from_secs(300)).is_ok()
+/// }
+/// # assert!(!accept(b"k", &http::HeaderMap::new(), b"{}"));
+/// ```
+pub fn verify_signature(
+    secret: impl AsRef<[u8]>,
+    timestamp: impl AsRef<[u8]>,
+    body: &[u8],
+    signature: impl AsRef<[u8]>,
+    now: DateTime<Utc>,
+    tolerance: Duration,
+) -> Result<(), SignatureError> {
+    let timestamp = timestamp.as_ref();
+    if timestamp.is_empty() || timestamp.len() > 19 || !timestamp.iter().all(u8::is_ascii_digit) {
+        return Err(SignatureError::MalformedTimestamp);
+    }
+    let sent: i64 = std::str::from_utf8(timestamp)
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .ok_or(SignatureError::MalformedTimestamp)?;
+    let given = signature
+        .as_ref()
+        .strip_prefix(b"sha256=")
+        .and_then(|hex| std::str::from_utf8(hex).ok())
+        .and_then(TokenHash::from_hex)
+        .ok_or(SignatureError::MalformedSignature)?;
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_ref())
+        .map_err(|_| SignatureError::Mismatch)?;
+    mac.update(timestamp);
+    mac.update(b".");
+    mac.update(body);
+    // `verify_slice` compares in constant time.
+    mac.verify_slice(given.as_bytes())
+        .map_err(|_| SignatureError::Mismatch)?;
+    if now.timestamp().abs_diff(sent) > tolerance.as_secs() {
+        return Err(SignatureError::Stale);
+    }
+    Ok(())
 }

@@ -1,4 +1,5 @@
-//! The errors a client sees (DESIGN.md §3): status, RFC 6750 challenge, JSON body, gRPC status.
+//! The errors a client sees: for each refusal one status, one RFC 6750 challenge, one JSON body
+//! and one gRPC status, every one marked `Cache-Control: no-store`.
 
 use std::fmt;
 

@@ -28,17 +28,57 @@ use crate::usage::{UsageConfig, UsageRecorder};
 /// Build it once with [`PatAuthLayer::builder`] and apply it with `.layer(…)`; clones share the
 /// cache. For each request it extracts the token, checks its format offline, hashes it, finds it in
 /// the cache (or, once per token, in the store) and enforces revocation, expiry, IP restriction and
-/// scopes, then puts the [`Principal`] in the request extensions.
+/// scopes, then puts the [`Principal`] in the request extensions. A refused request never reaches
+/// the inner service; it gets one of the answers of [`AuthError`].
+///
+/// Any [`Service`] that takes an [`http::Request`] and returns an [`http::Response`] can sit
+/// behind it, here a `tower::service_fn`:
 ///
 /// ```
-/// use tower_pat::{MemoryStore, PatAuthLayer};
+/// use std::convert::Infallible;
 ///
-/// let store = MemoryStore::new();
-/// let layer = PatAuthLayer::builder(store.clone())
+/// use bytes::Bytes;
+/// use http::{Request, Response, StatusCode, header};
+/// use http_body_util::{BodyExt, Full};
+/// use tower::{ServiceBuilder, ServiceExt, service_fn};
+/// use tower_pat::{MemoryStore, NewToken, Principal, Tokens};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let tokens = Tokens::new(MemoryStore::new());
+/// let layer = tokens
+///     .layer()
 ///     .realm("example")
 ///     .require_scopes(["api:read"])
 ///     .build();
-/// # let _ = layer;
+/// let (_record, secret) = tokens
+///     .issue(NewToken::new("alice", "ci").scopes(["api:read"])?)
+///     .await?;
+///
+/// // The inner service finds the caller in the request extensions.
+/// let service = ServiceBuilder::new()
+///     .layer(layer)
+///     .service(service_fn(|req: Request<Full<Bytes>>| async move {
+///         let principal = req.extensions().get::<Principal>().expect("set by the layer");
+///         let body = Full::new(Bytes::from(principal.subject().to_owned()));
+///         Ok::<_, Infallible>(Response::new(body))
+///     }));
+///
+/// // A request with the token: 200, and the service saw alice.
+/// let request = Request::get("/")
+///     .header(header::AUTHORIZATION, format!("Bearer {}", secret.expose_secret()))
+///     .body(Full::default())?;
+/// let response = service.clone().oneshot(request).await?;
+/// assert_eq!(response.status(), StatusCode::OK);
+/// assert_eq!(response.into_body().collect().await?.to_bytes(), "alice");
+///
+/// // A request without: 401 with the RFC 6750 challenge; the service is not called.
+/// let response = service.oneshot(Request::get("/").body(Full::default())?).await?;
+/// assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+/// assert_eq!(response.headers()[header::WWW_AUTHENTICATE], r#"Bearer realm="example""#);
+/// assert_eq!(response.headers()[header::CACHE_CONTROL], "no-store");
+/// # Ok(())
+/// # }
 /// ```
 #[derive(Clone, Debug)]
 pub struct PatAuthLayer {

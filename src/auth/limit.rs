@@ -1,5 +1,6 @@
-//! Fixed-window counting per key: the failed-authentication limit per client network (DESIGN.md
-//! §3: 429 with `Retry-After`) and the management API's token-creation limit per subject.
+//! Fixed-window counting per key: the failed-authentication limit per client network (past it, a
+//! client gets 429 with `Retry-After` until its window ends) and the management API's
+//! token-creation limit per subject.
 
 use std::borrow::Borrow;
 use std::hash::Hash;

@@ -129,7 +129,7 @@
 //!         let skip = usize::try_from(query.offset).unwrap_or(usize::MAX);
 //!         let take = usize::try_from(query.limit).unwrap_or(usize::MAX);
 //!         let items = items.into_iter().skip(skip).take(take).cloned().collect();
-//!         Ok(Page { items, total })
+//!         Ok(Page::new(items, total))
 //!     }
 //!
 //!     async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
@@ -289,13 +289,11 @@ suite!(
 /// A fresh record of `subject` named `name`, with scopes `repo:read user:*`, created now (to the
 /// microsecond), at version 0: what the checks insert. Its secret is discarded.
 pub fn record(subject: &str, name: &str) -> TokenRecord {
-    NewToken::new(
-        subject,
-        name,
-        ScopeSet::parse(["repo:read", "user:*"]).unwrap_or_default(),
-    )
-    .issue(&TokenFormat::new(), &TokenHasher::sha256(), now())
-    .0
+    NewToken::new(subject, name)
+        .scopes(["repo:read", "user:*"])
+        .expect("valid scopes")
+        .build(&TokenFormat::new(), &TokenHasher::sha256(), now())
+        .0
 }
 
 /// Now, truncated to the microsecond.

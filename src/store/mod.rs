@@ -253,8 +253,12 @@ pub trait TokenStore: TokenLookup {
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError>;
 }
 
-/// Which records [`TokenStore::list`] returns, in which order.
+/// Which records [`TokenStore::list`] returns, in which order: built from
+/// [`ListQuery::default`] (every record, oldest first, 50 at a time) or
+/// [`ListQuery::for_subject`] with the setters below, for example
+/// `ListQuery::for_subject("alice").search("ci").limit(10)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ListQuery {
     /// Only this subject's records; `None` for all.
     pub subject: Option<String>,
@@ -283,6 +287,57 @@ impl Default for ListQuery {
             offset: 0,
             limit: 50,
         }
+    }
+}
+
+impl ListQuery {
+    /// Only this subject's records. Default: all subjects.
+    #[must_use]
+    pub fn subject(mut self, subject: impl Into<String>) -> Self {
+        self.subject = Some(subject.into());
+        self
+    }
+
+    /// Only records whose name contains this text (case-insensitive). Default: no filter.
+    #[must_use]
+    pub fn search(mut self, search: impl Into<String>) -> Self {
+        self.search = Some(search.into());
+        self
+    }
+
+    /// A filter on the last use. Default [`LastUsedFilter::Any`].
+    #[must_use]
+    pub fn last_used(mut self, last_used: LastUsedFilter) -> Self {
+        self.last_used = last_used;
+        self
+    }
+
+    /// The order. Default [`SortKey::CreatedAt`].
+    #[must_use]
+    pub fn sort(mut self, sort: SortKey) -> Self {
+        self.sort = sort;
+        self
+    }
+
+    /// Reverse the order. Default `false`.
+    #[must_use]
+    pub fn descending(mut self, descending: bool) -> Self {
+        self.descending = descending;
+        self
+    }
+
+    /// How many matching records to skip. Default 0.
+    #[must_use]
+    pub fn offset(mut self, offset: u64) -> Self {
+        self.offset = offset;
+        self
+    }
+
+    /// How many to return at most. Default 50.
+    #[must_use]
+    pub fn limit(mut self, limit: u64) -> Self {
+        self.limit = limit;
+        self
     }
 }
 
@@ -356,13 +411,21 @@ pub enum SortKey {
     ExpiresAt,
 }
 
-/// One page of a listing.
+/// One page of a listing, as a store returns it ([`Page::new`]).
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct Page {
     /// The records of this page.
     pub items: Vec<TokenRecord>,
     /// How many records match the query in all.
     pub total: u64,
+}
+
+impl Page {
+    /// A page of `items` out of `total` matching records.
+    pub fn new(items: Vec<TokenRecord>, total: u64) -> Self {
+        Self { items, total }
+    }
 }
 
 #[async_trait]

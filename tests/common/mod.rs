@@ -1,5 +1,5 @@
 //! Shared test helpers: a counting store, token issuing, requests through the layer.
-#![allow(dead_code, unreachable_pub, missing_docs)]
+#![allow(dead_code, unused_imports, unreachable_pub, missing_docs)]
 
 #[cfg(feature = "postgres")]
 pub mod pg;
@@ -13,14 +13,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use chrono::Utc;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tower::{Layer, Service, ServiceExt};
+/// Every test issues tokens through the crate's one handle.
+pub use tower_pat::Tokens;
 use tower_pat::store::ChangeListener;
 use tower_pat::{
     MemoryStore, NewToken, PatAuthLayer, Principal, ScopeSet, StoreError, TokenHash, TokenLookup,
-    TokenRecord, TokenSecret, TokenStore, UsageUpdate,
+    TokenRecord, TokenSecret, UsageUpdate,
 };
 
 /// A `MemoryStore` that counts lookups and can be slowed down or made to fail.
@@ -69,24 +70,12 @@ impl TokenLookup for CountingStore {
     }
 }
 
-/// Issues a token into `store` with the default format and hasher.
-pub async fn issue(store: &MemoryStore, token: NewToken) -> (TokenRecord, TokenSecret) {
-    let layer = PatAuthLayer::builder(store.clone()).build();
-    let (record, secret) = token.issue(layer.format(), layer.hasher(), Utc::now());
-    store.insert(&record).await.unwrap();
-    (record, secret)
-}
-
 pub fn scopes(s: &[&str]) -> ScopeSet {
     ScopeSet::parse(s).unwrap()
 }
 
 pub fn new_token(subject: &str, scope_list: &[&str]) -> NewToken {
-    NewToken::new(
-        subject,
-        format!("token-{}", rand_suffix()),
-        scopes(scope_list),
-    )
+    NewToken::new(subject, format!("token-{}", rand_suffix())).scope_set(scopes(scope_list))
 }
 
 pub fn rand_suffix() -> u64 {

@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
@@ -13,16 +12,15 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
 use tower_pat::admin::{self, AdminConfig};
-use tower_pat::{
-    MemoryStore, NewToken, PatAuthLayer, Principal, RequireScopesLayer, ScopeSet, TokenRecord,
-    TokenStore,
-};
+use tower_pat::{MemoryStore, NewToken, PatAuthLayer, Principal, RequireScopesLayer, Tokens};
 
 pub(crate) const BASE: &str = "/personal-access-tokens";
 
 pub(crate) struct TestApp {
     pub(crate) app: Router,
     pub(crate) store: MemoryStore,
+    /// The handle the admin API and the layer are built from.
+    pub(crate) tokens: Tokens,
     pub(crate) layer: PatAuthLayer,
     /// A token of subject `alice` with `personalAccessToken:*` and `x:*`.
     pub(crate) alice: String,
@@ -36,8 +34,9 @@ pub(crate) async fn app() -> TestApp {
 /// The app with a configuration changed by `configure`.
 pub(crate) async fn app_with(configure: impl FnOnce(AdminConfig) -> AdminConfig) -> TestApp {
     let store = MemoryStore::new();
-    let layer = PatAuthLayer::builder(store.clone()).build();
-    let config = configure(AdminConfig::new(Arc::new(store.clone()), &layer));
+    let tokens = Tokens::new(store.clone());
+    let layer = tokens.layer().build();
+    let config = configure(AdminConfig::new(&tokens, &layer).unwrap());
     let protected = Router::new()
         .route(
             "/hello",
@@ -51,36 +50,23 @@ pub(crate) async fn app_with(configure: impl FnOnce(AdminConfig) -> AdminConfig)
     let app = Router::new()
         .nest(BASE, admin::router(config))
         .merge(protected);
-    let alice = issue(&store, &layer, "alice", &["personalAccessToken:*", "x:*"]).await;
+    let alice = issue(&tokens, "alice", &["personalAccessToken:*", "x:*"]).await;
     TestApp {
         app,
         store,
+        tokens,
         layer,
         alice,
     }
 }
 
-/// Inserts a never-expiring token straight into the store and returns its secret.
-pub(crate) async fn issue(
-    store: &MemoryStore,
-    layer: &PatAuthLayer,
-    subject: &str,
-    scopes: &[&str],
-) -> String {
-    let name = format!("seed-{}", rand_suffix());
-    let new = NewToken::new(subject, name, ScopeSet::parse(scopes).unwrap());
-    issue_record(store, layer, new).await.1
-}
-
-/// Inserts the token described by `new` and returns its record and secret.
-pub(crate) async fn issue_record(
-    store: &MemoryStore,
-    layer: &PatAuthLayer,
-    new: NewToken,
-) -> (TokenRecord, String) {
-    let (record, secret) = new.issue(layer.format(), layer.hasher(), chrono::Utc::now());
-    store.insert(&record).await.unwrap();
-    (record, secret.expose_secret().to_owned())
+/// Issues a never-expiring token named `seed-N` through `tokens` and returns its secret.
+pub(crate) async fn issue(tokens: &Tokens, subject: &str, scopes: &[&str]) -> String {
+    let new = NewToken::new(subject, format!("seed-{}", rand_suffix()))
+        .scopes(scopes)
+        .unwrap();
+    let (_, secret) = tokens.issue(new).await.unwrap();
+    secret.expose_secret().to_owned()
 }
 
 fn rand_suffix() -> String {
