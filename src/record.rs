@@ -16,7 +16,7 @@ pub const MAX_LAST_USED_IPS: usize = 5;
 /// Everything a store keeps about one token. The secret itself is never part of it: only its
 /// [`TokenHash`] and a short non-secret [`start`](TokenRecord::start).
 ///
-/// `Debug` is safe to log: the hash is one-way and nothing else is secret.
+/// `Debug` is safe to log: the hashes print as `TokenHash(..)` and nothing else is secret.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenRecord {
     /// Stable identifier (a random UUID in its 36-character form), used by the management API.

@@ -7,8 +7,9 @@ use sha2::{Digest, Sha256};
 /// The SHA-256 digest of a token (or its HMAC-SHA256 under a server pepper): the only form in which
 /// a token is stored, cached or logged.
 ///
-/// It is the key of the verification cache and of the stores' unique index. `Debug` and `Display`
-/// print it in lowercase hex.
+/// It is the key of the verification cache and of the stores' unique index. `Display` and
+/// [`to_hex`](Self::to_hex) give it in lowercase hex (for the stores and their change feeds);
+/// `Debug` never does, so that a record or an error printed with `{:?}` cannot leak it into a log.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TokenHash([u8; 32]);
 
@@ -77,7 +78,7 @@ impl std::hash::Hash for TokenHash {
 
 impl fmt::Debug for TokenHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "TokenHash({})", self.to_hex())
+        f.write_str("TokenHash(..)")
     }
 }
 
@@ -195,6 +196,23 @@ mod tests {
             TokenHasher::sha256().hash("abc").to_hex(),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn debug_never_prints_the_digest() {
+        let hash = TokenHasher::sha256().hash("pat_example");
+        let hex = hash.to_hex();
+        assert_eq!(format!("{hash:?}"), "TokenHash(..)");
+        let record = crate::record::NewToken::new("alice", "ci")
+            .build(
+                &crate::token::TokenFormat::new(),
+                &TokenHasher::sha256(),
+                chrono::Utc::now(),
+            )
+            .0;
+        let printed = format!("{record:?}");
+        assert!(!printed.contains(&record.hash.to_hex()), "{printed}");
+        assert!(!printed.contains(&hex[..16]));
     }
 
     #[test]
