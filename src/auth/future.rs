@@ -9,7 +9,7 @@ use pin_project::pin_project;
 use tower::Service;
 
 use super::body::ResponseBody;
-use super::layer::Shared;
+use super::verify::Verifier;
 use crate::cache::{Outcome, now_ms};
 
 type Lookup = Pin<Box<dyn Future<Output = Outcome> + Send>>;
@@ -42,14 +42,14 @@ where
         lookup: Lookup,
         pending: Option<Box<Pending<S, ReqB>>>,
     },
-    Rejected {
+    Refused {
         response: Option<Box<Response<Bytes>>>,
     },
 }
 
 /// What a cache miss holds while it waits for the store: the ready service, the request and the
 /// layer's state.
-type Pending<S, ReqB> = (S, Request<ReqB>, Arc<Shared>);
+type Pending<S, ReqB> = (S, Request<ReqB>, Arc<Verifier>);
 
 impl<S, ReqB> std::fmt::Debug for ResponseFuture<S, ReqB>
 where
@@ -59,7 +59,7 @@ where
         let state = match &self.state {
             State::Called { .. } => "called",
             State::Lookup { .. } => "lookup",
-            State::Rejected { .. } => "rejected",
+            State::Refused { .. } => "refused",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
@@ -77,9 +77,9 @@ where
         }
     }
 
-    pub(crate) fn rejected(response: Response<Bytes>) -> Self {
+    pub(crate) fn refused(response: Response<Bytes>) -> Self {
         Self {
-            state: State::Rejected {
+            state: State::Refused {
                 response: Some(Box::new(response)),
             },
         }
@@ -89,12 +89,12 @@ where
         lookup: Lookup,
         service: S,
         request: Request<ReqB>,
-        shared: Arc<Shared>,
+        verifier: Arc<Verifier>,
     ) -> Self {
         Self {
             state: State::Lookup {
                 lookup,
-                pending: Some(Box::new((service, request, shared))),
+                pending: Some(Box::new((service, request, verifier))),
             },
         }
     }
@@ -112,7 +112,7 @@ where
                 StateProj::Called { future } => {
                     return future.poll(cx).map_ok(|res| res.map(ResponseBody::inner));
                 }
-                StateProj::Rejected { response } => {
+                StateProj::Refused { response } => {
                     let res = response
                         .take()
                         .expect("ResponseFuture polled after completion");
@@ -120,15 +120,15 @@ where
                 }
                 StateProj::Lookup { lookup, pending } => {
                     let outcome = ready!(lookup.as_mut().poll(cx));
-                    let (mut service, mut request, shared) = *pending
+                    let (mut service, mut request, verifier) = *pending
                         .take()
                         .expect("ResponseFuture polled after completion");
-                    let next = match shared.admit(outcome, &mut request, now_ms()) {
+                    let next = match verifier.admit(outcome, &mut request, now_ms()) {
                         Ok(()) => State::Called {
                             future: service.call(request),
                         },
-                        Err(e) => State::Rejected {
-                            response: Some(Box::new(shared.refuse(&e, &request))),
+                        Err(e) => State::Refused {
+                            response: Some(Box::new(verifier.refuse(&e, &request))),
                         },
                     };
                     self.as_mut().project().state.set(next);

@@ -2,16 +2,22 @@
 //! checks per-route scopes.
 
 mod body;
+mod builder;
 mod error;
+mod extract;
 mod future;
 mod layer;
 pub(crate) mod limit;
 mod scopes;
+mod service;
+mod verify;
 
 pub use body::ResponseBody;
 pub use error::{Anonymous, AuthError};
 pub use future::ResponseFuture;
-pub use layer::{PatAuth, PatAuthLayer, PatAuthLayerBuilder};
+pub use builder::PatAuthLayerBuilder;
+pub use layer::PatAuthLayer;
+pub use service::PatAuth;
 pub use scopes::{RequireScopes, RequireScopesLayer};
 
 #[cfg(feature = "axum")]

@@ -1,0 +1,66 @@
+//! [`PatAuth`]: the service [`PatAuthLayer`] wraps around an inner service.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower::{Layer, Service};
+
+use super::ResponseBody;
+use super::future::ResponseFuture;
+use super::layer::PatAuthLayer;
+use super::verify::{Admission, Verifier};
+
+impl<S> Layer<S> for PatAuthLayer {
+    type Service = PatAuth<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        PatAuth {
+            inner,
+            verifier: Arc::clone(&self.verifier),
+        }
+    }
+}
+
+/// The service [`PatAuthLayer`] wraps around an inner service.
+#[derive(Clone, Debug)]
+pub struct PatAuth<S> {
+    inner: S,
+    verifier: Arc<Verifier>,
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for PatAuth<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqB>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        match self.verifier.admit_request(&mut req) {
+            // `self.inner` is the service `poll_ready` prepared: call it directly.
+            Admission::Admitted => ResponseFuture::called(self.inner.call(req)),
+            Admission::Refused(res) => ResponseFuture::refused(res),
+            Admission::Uncached(keys) => {
+                // The ready service goes with the future; a clone stays for the next request.
+                let clone = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, clone);
+                // The client's address, for its lookup budget (a miss only).
+                let client = self.verifier.client_addr(&req).limit_key();
+                let lookup = Box::pin(Arc::clone(&self.verifier.cache).load(
+                    keys.hash,
+                    keys.previous,
+                    client,
+                ));
+                ResponseFuture::lookup(lookup, ready, req, Arc::clone(&self.verifier))
+            }
+        }
+    }
+}
