@@ -95,7 +95,7 @@ pub use client_ip::{ClientAddr, ClientIpSource, ForwardedHeader};
 pub use principal::Principal;
 #[cfg(feature = "axum")]
 pub use principal::PrincipalRejection;
-pub use record::{NewToken, TokenRecord};
+pub use record::{NewToken, TokenRecord, UsageUpdate};
 pub use scope::{Scope, ScopeSet};
 #[cfg(feature = "postgres")]
 pub use store::PostgresStore;
@@ -103,7 +103,7 @@ pub use store::PostgresStore;
 pub use store::SqliteStore;
 pub use store::{MemoryStore, Rotation, StoreError, TokenLookup, TokenPatch, TokenStore};
 pub use token::{TokenFormat, TokenHash, TokenHasher, TokenSecret};
-pub use usage::{UsageConfig, UsageRecorder, UsageStats, UsageUpdate};
+pub use usage::{UsageConfig, UsageRecorder, UsageStats};
 
 /// The README's code blocks, compiled as doc-tests.
 #[cfg(doctest)]

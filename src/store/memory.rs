@@ -11,7 +11,7 @@ use super::{
 };
 use crate::record::TokenRecord;
 use crate::token::TokenHash;
-use crate::usage::UsageUpdate;
+use crate::record::UsageUpdate;
 
 /// A store in process memory: for tests, examples and ephemeral setups. Nothing survives a restart.
 ///

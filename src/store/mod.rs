@@ -37,7 +37,7 @@ pub use write::{Rotation, TokenPatch};
 
 use crate::record::TokenRecord;
 use crate::token::TokenHash;
-use crate::usage::UsageUpdate;
+use crate::record::UsageUpdate;
 
 /// Why a store operation failed.
 #[derive(Debug)]

@@ -111,7 +111,7 @@ use super::{
 };
 use crate::record::{MAX_LAST_USED_IPS, TokenRecord};
 use crate::token::TokenHash;
-use crate::usage::UsageUpdate;
+use crate::record::UsageUpdate;
 
 const MIGRATIONS: &[Migration] = &[
     Migration {

@@ -71,7 +71,7 @@ use super::{
 };
 use crate::record::{TokenRecord, merge_usage};
 use crate::token::TokenHash;
-use crate::usage::UsageUpdate;
+use crate::record::UsageUpdate;
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
