@@ -444,7 +444,7 @@ impl Cache {
                 self.remember(key, &outcome, epoch);
             }
             Err(()) => {
-                tracing::warn!(token_id = %stale.token_id(), "token refresh failed; serving the cached entry");
+                tracing::warn!(target: "tower_pat::store", token_id = %stale.token_id(), "token refresh failed; serving the cached entry");
             }
         }
     }
@@ -650,7 +650,7 @@ impl Cache {
             self.store_lookups.fetch_add(1, Ordering::Relaxed);
             let sent = now_ms();
             let found = self.lookup.find_by_hash(hash).await.map_err(|e| {
-                tracing::warn!(error = %e, "token lookup failed");
+                tracing::warn!(target: "tower_pat::store", error = %e, "token lookup failed");
                 self.store_failed(sent);
             })?;
             self.store_answered(sent);

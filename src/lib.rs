@@ -87,8 +87,8 @@ pub mod token;
 pub mod usage;
 
 pub use auth::{
-    AuthError, PatAuth, PatAuthLayer, PatAuthLayerBuilder, RequireScopes, RequireScopesLayer,
-    ResponseBody,
+    AuthError, ForeignCredential, PatAuth, PatAuthLayer, PatAuthLayerBuilder, RequireScopes,
+    RequireScopesLayer, ResponseBody,
 };
 pub use cache::CacheConfig;
 pub use client_ip::{ClientAddr, ClientIpSource, ForwardedHeader};

@@ -253,7 +253,7 @@ impl Shared {
             }
             Err(e) => {
                 self.retries.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, rows = batch.len(), "usage flush failed; will retry");
+                tracing::warn!(target: "tower_pat::store", error = %e, rows = batch.len(), "usage flush failed; will retry");
                 // Put the batch back; marks made meanwhile merge with it, newest wins.
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
                 for update in batch {

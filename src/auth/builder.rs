@@ -3,23 +3,25 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::Response;
+
 use http::HeaderName;
 use ipnet::IpNet;
 
-use super::error::Challenge;
+use super::error::{AuthError, Challenge};
 use super::extract::Sources;
 use super::layer::PatAuthLayer;
 use super::limit::FailureLimit;
-use super::verify::Verifier;
+use super::verify::{RejectHook, Verifier};
 use crate::cache::{Cache, CacheConfig};
 use crate::client_ip::{ClientIpSource, ForwardedHeader};
-use crate::scope::ScopeSet;
+use crate::scope::{InvalidScope, ScopeSet};
 use crate::store::TokenLookup;
 use crate::token::{TokenFormat, TokenHasher};
 use crate::usage::{UsageConfig, UsageRecorder};
 
 /// Configures a [`PatAuthLayer`].
-#[derive(Debug)]
 #[must_use]
 pub struct PatAuthLayerBuilder {
     pub(super) lookup: Arc<dyn TokenLookup>,
@@ -35,11 +37,34 @@ pub struct PatAuthLayerBuilder {
     usage: Option<UsageConfig>,
     limit_failures: Option<(u32, Duration)>,
     limit_prefixes: (u8, u8),
+    pass_foreign: bool,
+    on_reject: Option<RejectHook>,
+    expiration_header: bool,
 }
 
 impl std::fmt::Debug for dyn TokenLookup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("dyn TokenLookup")
+    }
+}
+
+impl std::fmt::Debug for PatAuthLayerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PatAuthLayerBuilder")
+            .field("format", &self.format)
+            .field("hasher", &self.hasher)
+            .field("cache", &self.cache)
+            .field("sources", &self.sources)
+            .field("realm", &self.realm)
+            .field("client_ip", &self.client_ip)
+            .field("required", &self.required)
+            .field("anonymous", &self.anonymous)
+            .field("usage", &self.usage)
+            .field("limit_failures", &self.limit_failures)
+            .field("pass_foreign", &self.pass_foreign)
+            .field("on_reject", &self.on_reject.is_some())
+            .field("expiration_header", &self.expiration_header)
+            .finish_non_exhaustive()
     }
 }
 
@@ -59,6 +84,9 @@ impl PatAuthLayerBuilder {
             usage: None,
             limit_failures: None,
             limit_prefixes: FailureLimit::DEFAULT_PREFIXES,
+            pass_foreign: false,
+            on_reject: None,
+            expiration_header: false,
         }
     }
 }
@@ -143,14 +171,32 @@ impl PatAuthLayerBuilder {
     /// # Panics
     ///
     /// If a scope string is invalid (see [`Scope::new`](crate::Scope::new)): layers are built from
-    /// static configuration, where this is a programming error.
-    pub fn require_scopes<I, S>(mut self, scopes: I) -> Self
+    /// static configuration, where this is a programming error. For scopes read from
+    /// configuration, use [`try_require_scopes`](Self::try_require_scopes).
+    pub fn require_scopes<I, S>(self, scopes: I) -> Self
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        self.required = ScopeSet::parse(scopes).unwrap_or_else(|e| panic!("invalid scope: {e}"));
-        self
+        self.try_require_scopes(scopes)
+            .unwrap_or_else(|e| panic!("invalid scope: {e}"))
+    }
+
+    /// [`require_scopes`](Self::require_scopes), or the first invalid scope string.
+    ///
+    /// ```
+    /// use tower_pat::{MemoryStore, PatAuthLayer};
+    ///
+    /// let builder = PatAuthLayer::builder(MemoryStore::new());
+    /// assert!(builder.try_require_scopes(["not a scope"]).is_err());
+    /// ```
+    pub fn try_require_scopes<I, S>(mut self, scopes: I) -> Result<Self, InvalidScope>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.required = ScopeSet::parse(scopes)?;
+        Ok(self)
     }
 
     /// Lets requests without any credentials through without a principal (handlers see
@@ -207,6 +253,70 @@ impl PatAuthLayerBuilder {
         self
     }
 
+    /// Lets a request whose credential is not one of this layer's tokens through, without a
+    /// [`Principal`](crate::Principal) and with a [`ForeignCredential`](crate::ForeignCredential)
+    /// marker in its extensions, so that an authentication layer behind it (JWT, sessions) can
+    /// decide. Off by default: such a credential gets 401 `invalid_token`.
+    ///
+    /// Foreign means: the credential read from the configured sources does not start with the
+    /// token prefix ([`TokenFormat::prefix`]), or the request carries no credential the layer reads
+    /// but an `Authorization` header of another scheme (`Basic`, …). A credential with the
+    /// prefix that fails any check (malformed, unknown, revoked, expired, wrong address, missing
+    /// scope) is still refused, and counts against [`limit_failures`](Self::limit_failures) as
+    /// before; a foreign one does not. A network the failure limit refuses is refused whatever
+    /// it sends. A request without any credential is treated as before (see
+    /// [`allow_anonymous`](Self::allow_anonymous)).
+    ///
+    /// Not together with [`require_scopes`](Self::require_scopes), for the same reason as
+    /// `allow_anonymous`: a foreign credential has no scopes the layer knows, so it is then refused.
+    /// Require scopes per route instead, once the layer behind has decided.
+    pub fn pass_foreign_credentials(mut self) -> Self {
+        self.pass_foreign = true;
+        self
+    }
+
+    /// Lets the application shape refusal responses: `hook` gets the error and the response the
+    /// layer built (JSON body `{"code","message","status"}`), and may replace its body or add
+    /// headers. What the protocol needs stays the layer's and is put back after the hook runs: the
+    /// status, `WWW-Authenticate`, `Retry-After`, `Cache-Control: no-store`, `grpc-status` and
+    /// `grpc-message` (none on an HTTP refusal); for a gRPC request also its content type and the
+    /// empty body. It shapes the
+    /// refusals of this layer only (not those of a [`RequireScopesLayer`](crate::RequireScopesLayer)
+    /// or of the `Principal` extractor).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use tower_pat::{MemoryStore, PatAuthLayer};
+    ///
+    /// let layer = PatAuthLayer::builder(MemoryStore::new())
+    ///     .on_reject(|err, res| {
+    ///         *res.body_mut() = Bytes::from(format!("<h1>{}</h1>", err.message()));
+    ///         res.headers_mut()
+    ///             .insert(http::header::CONTENT_TYPE, "text/html".parse().unwrap());
+    ///     })
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn on_reject(
+        mut self,
+        hook: impl Fn(&AuthError, &mut Response<Bytes>) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_reject = Some(Arc::new(hook));
+        self
+    }
+
+    /// Adds `X-Token-Expiration` to every response to a request authenticated with a token that
+    /// expires, as GitHub sends `GitHub-Authentication-Token-Expiration`, so that clients see a
+    /// token is about to expire. The value is the time the token stops working, in RFC 3339, UTC,
+    /// to the second: `X-Token-Expiration: 2025-01-01T00:00:00Z` (for a token found under a
+    /// previous pepper, the earlier of its expiry and the end of its rotation grace). Tokens that
+    /// never expire get no header, nor do refusals and anonymous requests. Off by default; off, it
+    /// costs nothing.
+    pub fn token_expiration_header(mut self) -> Self {
+        self.expiration_header = true;
+        self
+    }
+
     /// Builds the layer and subscribes its cache to the store's change feed.
     ///
     /// # Panics
@@ -219,7 +329,14 @@ impl PatAuthLayerBuilder {
         let cache = Cache::new(self.lookup, self.hasher, self.cache);
         if self.anonymous && !self.required.is_empty() {
             tracing::warn!(
+                target: "tower_pat::auth",
                 "allow_anonymous has no effect with require_scopes: anonymous requests get 401"
+            );
+        }
+        if self.pass_foreign && !self.required.is_empty() {
+            tracing::warn!(
+                target: "tower_pat::auth",
+                "pass_foreign_credentials has no effect with require_scopes: foreign credentials get 401"
             );
         }
         let limiter = self
@@ -233,6 +350,9 @@ impl PatAuthLayerBuilder {
                 challenge: Challenge::new(&self.realm),
                 client_ip: self.client_ip,
                 anonymous: self.anonymous && self.required.is_empty(),
+                pass_foreign: self.pass_foreign && self.required.is_empty(),
+                on_reject: self.on_reject,
+                expiration_header: self.expiration_header,
                 required: self.required,
                 unavailable_retry_after: self.unavailable_retry_after,
                 usage,

@@ -4,6 +4,19 @@ use http::{HeaderMap, HeaderName, Uri, header};
 
 use super::error::AuthError;
 
+/// Put in the request extensions by a [`PatAuthLayer`](crate::PatAuthLayer) built with
+/// [`pass_foreign_credentials`](crate::PatAuthLayerBuilder::pass_foreign_credentials) when the
+/// request carried a credential that is not one of its tokens (no token prefix: a JWT, a session
+/// token, another `Authorization` scheme) and was let through without a [`Principal`]. An
+/// authentication layer behind it can look for this marker and verify the credential itself.
+///
+/// It holds nothing of the credential: read it from the request again.
+///
+/// [`Principal`]: crate::Principal
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ForeignCredential;
+
 /// The configured credential sources. `Authorization: Bearer` is always read; the others are
 /// opt-in ([`PatAuthLayerBuilder`](crate::PatAuthLayerBuilder)'s `accept_*` methods).
 #[derive(Clone, Debug, Default)]
@@ -63,6 +76,13 @@ impl Sources {
             }
         }
         Ok(found)
+    }
+
+    /// Whether a request without a credential the layer reads still carries an `Authorization`
+    /// header: a credential of another scheme (`Basic`, a custom one), foreign to the layer.
+    #[cold]
+    pub(super) fn other_authorization(headers: &HeaderMap) -> bool {
+        headers.contains_key(header::AUTHORIZATION)
     }
 }
 

@@ -9,7 +9,8 @@ use pin_project::pin_project;
 use tower::Service;
 
 use super::body::ResponseBody;
-use super::verify::Verifier;
+use super::verify::{TOKEN_EXPIRATION, Verifier, expiration_value};
+use crate::principal::Principal;
 use crate::cache::{Outcome, now_ms};
 
 type Lookup = Pin<Box<dyn Future<Output = Outcome> + Send>>;
@@ -36,6 +37,13 @@ where
         #[pin]
         future: S::Future,
     },
+    /// Called, and the response gets `X-Token-Expiration` (only with
+    /// `PatAuthLayerBuilder::token_expiration_header`, for a token that expires).
+    Expiring {
+        #[pin]
+        future: S::Future,
+        expires_ms: i64,
+    },
     // The two cold variants are boxed: the future is then no larger than the inner service's,
     // which is what a cache hit moves around (a request alone is some 250 bytes).
     Lookup {
@@ -57,7 +65,7 @@ where
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
-            State::Called { .. } => "called",
+            State::Called { .. } | State::Expiring { .. } => "called",
             State::Lookup { .. } => "lookup",
             State::Refused { .. } => "refused",
         };
@@ -74,6 +82,16 @@ where
     pub(crate) fn called(future: S::Future) -> Self {
         Self {
             state: State::Called { future },
+        }
+    }
+
+    /// Called; the response gets `X-Token-Expiration` when the request's token expires.
+    pub(crate) fn called_expiring(future: S::Future, expires_ms: Option<i64>) -> Self {
+        Self {
+            state: match expires_ms {
+                Some(expires_ms) if expires_ms != i64::MAX => State::Expiring { future, expires_ms },
+                _ => State::Called { future },
+            },
         }
     }
 
@@ -112,6 +130,15 @@ where
                 StateProj::Called { future } => {
                     return future.poll(cx).map_ok(|res| res.map(ResponseBody::inner));
                 }
+                StateProj::Expiring { future, expires_ms } => {
+                    let expires_ms = *expires_ms;
+                    return future.poll(cx).map_ok(|mut res| {
+                        if let Some(value) = expiration_value(expires_ms) {
+                            res.headers_mut().insert(TOKEN_EXPIRATION, value);
+                        }
+                        res.map(ResponseBody::inner)
+                    });
+                }
                 StateProj::Refused { response } => {
                     let res = response
                         .take()
@@ -124,11 +151,18 @@ where
                         .take()
                         .expect("ResponseFuture polled after completion");
                     let next = match verifier.admit(outcome, &mut request, now_ms()) {
+                        Ok(()) if verifier.expiration_header => {
+                            let expires_ms = request
+                                .extensions()
+                                .get::<Principal>()
+                                .map(|p| p.0.expires_ms);
+                            ResponseFuture::called_expiring(service.call(request), expires_ms).state
+                        }
                         Ok(()) => State::Called {
                             future: service.call(request),
                         },
-                        Err(e) => State::Refused {
-                            response: Some(Box::new(verifier.refuse(&e, &request))),
+                        Err(refusal) => State::Refused {
+                            response: Some(Box::new(verifier.refuse(refusal, &request))),
                         },
                     };
                     self.as_mut().project().state.set(next);

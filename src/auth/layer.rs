@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::builder::PatAuthLayerBuilder;
 use super::error::AuthError;
-use super::verify::{Probe, Verifier};
+use super::verify::{Probe, Refusal, Verifier};
 use crate::cache::{CacheConfig, now_ms};
 use crate::client_ip::ClientIpSource;
 use crate::principal::Principal;
@@ -179,9 +179,10 @@ impl PatAuthLayer {
             verifier.authorize(outcome, now_ms(), Some(required), || client)
         }
         .await;
-        if let Err(e) = &result {
-            verifier.count_failure(e, client);
-        }
+        let result = result.map_err(|refusal: Refusal| {
+            verifier.refused(&refusal, client, client);
+            refusal.error
+        });
         result
     }
 }

@@ -10,6 +10,7 @@ use super::ResponseBody;
 use super::future::ResponseFuture;
 use super::layer::PatAuthLayer;
 use super::verify::{Admission, Verifier};
+use crate::principal::Principal;
 
 impl<S> Layer<S> for PatAuthLayer {
     type Service = PatAuth<S>;
@@ -29,6 +30,23 @@ pub struct PatAuth<S> {
     verifier: Arc<Verifier>,
 }
 
+impl<S> PatAuth<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the middleware and returns the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
 impl<S, ReqB, ResB> Service<Request<ReqB>> for PatAuth<S>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
@@ -46,6 +64,10 @@ where
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
         match self.verifier.admit_request(&mut req) {
             // `self.inner` is the service `poll_ready` prepared: call it directly.
+            Admission::Admitted if self.verifier.expiration_header => {
+                let expires_ms = req.extensions().get::<Principal>().map(|p| p.0.expires_ms);
+                ResponseFuture::called_expiring(self.inner.call(req), expires_ms)
+            }
             Admission::Admitted => ResponseFuture::called(self.inner.call(req)),
             Admission::Refused(res) => ResponseFuture::refused(res),
             Admission::Uncached(keys) => {
