@@ -138,14 +138,23 @@ async fn a_pat_prefixed_credential_that_fails_is_still_refused() {
     let prefixed_garbage = format!("Bearer {}", "pat_".to_owned() + &"x".repeat(10));
     // The IP refusal does not count (the token is good, the place is wrong); the two others do.
     for (value, code) in [
-        (format!("Bearer {}", restricted.expose_secret()), "invalid_token"),
+        (
+            format!("Bearer {}", restricted.expose_secret()),
+            "invalid_token",
+        ),
         (prefixed_garbage, "invalid_token"),
-        (format!("Bearer {}", revoked.expose_secret()), "invalid_token"),
+        (
+            format!("Bearer {}", revoked.expose_secret()),
+            "invalid_token",
+        ),
     ] {
         let r = call(&svc, with_authorization(&value)).await;
         assert!(r.status == StatusCode::UNAUTHORIZED || r.status == StatusCode::FORBIDDEN);
         assert!(r.www_authenticate().contains(code), "{value}: {}", r.body);
-        assert!(!r.body.starts_with("jwt"), "{value} reached the layer behind");
+        assert!(
+            !r.body.starts_with("jwt"),
+            "{value} reached the layer behind"
+        );
     }
     // Two failed PATs from this client: the network is now refused, foreign credential or not.
     let r = call(&svc, with_authorization("Bearer eyJ.good.sig")).await;

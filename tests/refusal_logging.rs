@@ -88,7 +88,11 @@ async fn refusals_log_the_reason_the_token_id_and_the_client_never_the_token() {
 
     let store = CountingStore::new();
     let (revoked_rec, revoked) = issue(&store.inner, new_token("alice", &["a:read"])).await;
-    store.inner.revoke(&revoked_rec.id, Utc::now()).await.unwrap();
+    store
+        .inner
+        .revoke(&revoked_rec.id, Utc::now())
+        .await
+        .unwrap();
     let (restricted_rec, restricted) = issue(
         &store.inner,
         new_token("alice", &["a:read"]).ip_restriction([parse_ip_net("203.0.113.0/24").unwrap()]),
@@ -134,7 +138,10 @@ async fn refusals_log_the_reason_the_token_id_and_the_client_never_the_token() {
         let e = refusals[0];
         assert_eq!(e.level, Level::DEBUG);
         assert_eq!(e.field("reason"), Some(reason), "{e:?}");
-        assert_eq!(e.field("status"), Some(r.status.as_u16().to_string().as_str()));
+        assert_eq!(
+            e.field("status"),
+            Some(r.status.as_u16().to_string().as_str())
+        );
         assert_eq!(e.field("token_id"), token_id, "{e:?}");
         assert_eq!(e.field("client"), Some("192.0.2.44"), "{e:?}");
         let text = all_text(&events);
@@ -168,12 +175,7 @@ async fn refusals_log_the_reason_the_token_id_and_the_client_never_the_token() {
     let (_, good) = issue(&store.inner, new_token("alice", &["a:read"])).await;
     capture.take();
     assert_eq!(send_token(&layer, &good).await.status, StatusCode::OK);
-    assert!(
-        capture
-            .take()
-            .iter()
-            .all(|e| e.target != "tower_pat::auth"),
-    );
+    assert!(capture.take().iter().all(|e| e.target != "tower_pat::auth"),);
 }
 
 #[tokio::test]
@@ -186,7 +188,11 @@ async fn a_store_failure_is_a_warning_on_tower_pat_store() {
     store.failing.store(true, Ordering::SeqCst);
     let layer = PatAuthLayer::builder(store.clone()).build();
     capture.take();
-    let r = send(&layer, request(Some(secret.expose_secret()), Some("192.0.2.5:1"))).await;
+    let r = send(
+        &layer,
+        request(Some(secret.expose_secret()), Some("192.0.2.5:1")),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     let events = capture.take();
     let warn = events

@@ -10,8 +10,8 @@ use tower::Service;
 
 use super::body::ResponseBody;
 use super::verify::{TOKEN_EXPIRATION, Verifier, expiration_value};
-use crate::principal::Principal;
 use crate::cache::{Outcome, now_ms};
+use crate::principal::Principal;
 
 type Lookup = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
@@ -89,7 +89,9 @@ where
     pub(crate) fn called_expiring(future: S::Future, expires_ms: Option<i64>) -> Self {
         Self {
             state: match expires_ms {
-                Some(expires_ms) if expires_ms != i64::MAX => State::Expiring { future, expires_ms },
+                Some(expires_ms) if expires_ms != i64::MAX => {
+                    State::Expiring { future, expires_ms }
+                }
                 _ => State::Called { future },
             },
         }

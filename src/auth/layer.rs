@@ -179,11 +179,9 @@ impl PatAuthLayer {
             verifier.authorize(outcome, now_ms(), Some(required), || client)
         }
         .await;
-        let result = result.map_err(|refusal: Refusal| {
+        result.map_err(|refusal: Refusal| {
             verifier.refused(&refusal, client, client);
             refusal.error
-        });
-        result
+        })
     }
 }
-

@@ -33,13 +33,13 @@ mod service;
 mod verify;
 
 pub use body::ResponseBody;
+pub use builder::PatAuthLayerBuilder;
 pub use error::{Anonymous, AuthError};
 pub use extract::ForeignCredential;
 pub use future::ResponseFuture;
-pub use builder::PatAuthLayerBuilder;
 pub use layer::PatAuthLayer;
-pub use service::PatAuth;
 pub use scopes::{RequireScopes, RequireScopesLayer};
+pub use service::PatAuth;
 
 #[cfg(feature = "axum")]
 pub(crate) use error::json_response;

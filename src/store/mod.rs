@@ -36,8 +36,8 @@ pub use sqlx;
 pub use write::{Rotation, TokenPatch};
 
 use crate::record::TokenRecord;
-use crate::token::TokenHash;
 use crate::record::UsageUpdate;
+use crate::token::TokenHash;
 
 /// Why a store operation failed.
 #[derive(Debug)]
