@@ -77,7 +77,7 @@ const REFRESH_RETRY_MS: i64 = 1_000;
 /// 20 ms store, 3 200 queued lookups fill the 1 s wait). Suspects share their pool, including a valid
 /// client behind the same address as an attacker (a NAT), until `negative_ttl` after the
 /// attacker's last unknown token. Requests without a client address (no peer address in the
-/// request extensions; [`PatAuthLayer::authenticate`](crate::PatAuthLayer::authenticate)) have no
+/// request extensions; [`PatAuthLayer::verify`](crate::PatAuthLayer::verify) without one) have no
 /// budget and are never suspects. At most `negative_capacity` suspects are remembered; past that,
 /// moka's admission policy picks which.
 #[derive(Clone, Debug)]
