@@ -141,7 +141,8 @@ impl PatAuthLayer {
     /// format check, the cache and store lookup, revocation, expiry, the token's IP restriction
     /// against `client`, the layer's own required scopes plus `required`, the failure limit (when
     /// [`limit_failures`](PatAuthLayerBuilder::limit_failures) is on, counted against `client`)
-    /// and usage tracking. It is the request path's own code.
+    /// and usage tracking. It is the request path's own code, and its refusals are logged as a
+    /// request's are (see [Logging](crate::auth#logging)).
     ///
     /// `client` is the caller's address as far as it is known from trusted information; `None`
     /// when it is not known, and a token with an IP restriction is then refused
