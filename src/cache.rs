@@ -91,7 +91,7 @@ const REFRESH_RETRY_MS: i64 = 1_000;
 /// 20 ms store, 3 200 queued lookups fill the 1 s wait). Suspects share their pool, including a valid
 /// client behind the same address as an attacker (a NAT), until `negative_ttl` after the
 /// attacker's last unknown token. Requests without a client address (no peer address in the
-/// request extensions; [`PatAuthLayer::verify`](crate::PatAuthLayer::verify) with `None`) have no
+/// request extensions; [`PatAuthLayer::verify`](crate::PatAuthLayer::verify) without one) have no
 /// budget and are never suspects. At most `negative_capacity` suspects are remembered; past that,
 /// moka's admission policy picks which.
 #[derive(Clone, Debug)]
@@ -528,7 +528,7 @@ impl Cache {
                 self.remember(key, &outcome, epoch);
             }
             Err(()) => {
-                tracing::warn!(token_id = %stale.token_id(), "token refresh failed; serving the cached entry");
+                tracing::warn!(target: "tower_pat::store", token_id = %stale.token_id(), "token refresh failed; serving the cached entry");
             }
         }
     }
@@ -734,7 +734,7 @@ impl Cache {
             self.store_lookups.fetch_add(1, Ordering::Relaxed);
             let sent = now_ms();
             let found = self.lookup.find_by_hash(hash).await.map_err(|e| {
-                tracing::warn!(error = %e, "token lookup failed");
+                tracing::warn!(target: "tower_pat::store", error = %e, "token lookup failed");
                 self.store_failed(sent);
             })?;
             self.store_answered(sent);

@@ -93,15 +93,15 @@ pub mod tokens;
 pub mod usage;
 
 pub use auth::{
-    AuthError, PatAuth, PatAuthLayer, PatAuthLayerBuilder, RequireScopes, RequireScopesLayer,
-    ResponseBody,
+    AuthError, ForeignCredential, PatAuth, PatAuthLayer, PatAuthLayerBuilder, RequireScopes,
+    RequireScopesLayer, ResponseBody,
 };
 pub use cache::CacheConfig;
 pub use client_ip::{ClientAddr, ClientIpSource, ForwardedHeader};
 pub use principal::Principal;
 #[cfg(feature = "axum")]
 pub use principal::PrincipalRejection;
-pub use record::{NewToken, TokenRecord};
+pub use record::{NewToken, TokenRecord, UsageUpdate};
 pub use scope::{Scope, ScopeSet};
 #[cfg(feature = "postgres")]
 pub use store::PostgresStore;
@@ -110,7 +110,7 @@ pub use store::SqliteStore;
 pub use store::{MemoryStore, Rotation, StoreError, TokenLookup, TokenPatch, TokenStore};
 pub use token::{TokenFormat, TokenHash, TokenHasher, TokenSecret};
 pub use tokens::{LayerMismatch, Tokens};
-pub use usage::{UsageConfig, UsageRecorder, UsageStats, UsageUpdate};
+pub use usage::{UsageConfig, UsageRecorder, UsageStats};
 
 /// The README's code blocks, compiled as doc-tests.
 #[cfg(doctest)]

@@ -8,7 +8,6 @@ use ipnet::IpNet;
 
 use crate::scope::{InvalidScope, ScopeSet};
 use crate::token::{TokenFormat, TokenHash, TokenHasher, TokenSecret};
-use crate::usage::UsageUpdate;
 
 /// How many distinct recent client addresses a record keeps in [`TokenRecord::last_used_ips`].
 pub const MAX_LAST_USED_IPS: usize = 5;
@@ -96,6 +95,44 @@ impl TokenRecord {
     /// matters.
     pub fn apply_usage(&mut self, update: &UsageUpdate) {
         merge_usage(&mut self.last_used_at, &mut self.last_used_ips, update);
+    }
+}
+
+/// One token's usage since the last flush: the input of
+/// [`TokenLookup::record_usage`](crate::TokenLookup::record_usage), written by the
+/// [`UsageRecorder`](crate::UsageRecorder) and merged into records with
+/// [`TokenRecord::apply_usage`]. It lives beside the record it updates, below the store contract and
+/// the recorder, which both use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UsageUpdate {
+    /// The token's record id.
+    pub token_id: String,
+    /// The latest use.
+    pub last_used_at: DateTime<Utc>,
+    /// The most recent distinct client addresses, newest first.
+    pub ips: Vec<IpAddr>,
+}
+
+impl UsageUpdate {
+    /// A usage mark for one token.
+    pub fn new(token_id: &str, last_used_at: DateTime<Utc>, ips: Vec<IpAddr>) -> Self {
+        Self {
+            token_id: token_id.to_owned(),
+            last_used_at,
+            ips,
+        }
+    }
+
+    /// Merges a later or earlier mark of the same token: the later time wins, addresses keep the
+    /// newest first.
+    pub(crate) fn merge(&mut self, last_used_at: DateTime<Utc>, ips: &[IpAddr]) {
+        if last_used_at >= self.last_used_at {
+            self.ips = merge_ips(ips, &self.ips);
+            self.last_used_at = last_used_at;
+        } else {
+            self.ips = merge_ips(&self.ips, ips);
+        }
     }
 }
 

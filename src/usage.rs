@@ -39,43 +39,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 
-use crate::record::merge_ips;
+pub use crate::record::UsageUpdate;
 use crate::store::TokenLookup;
-
-/// One token's usage since the last flush: the input of
-/// [`TokenLookup::record_usage`]. Made with [`UsageUpdate::new`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct UsageUpdate {
-    /// The token's record id.
-    pub token_id: String,
-    /// The latest use.
-    pub last_used_at: DateTime<Utc>,
-    /// The most recent distinct client addresses, newest first.
-    pub ips: Vec<IpAddr>,
-}
-
-impl UsageUpdate {
-    /// A usage mark for one token.
-    pub fn new(token_id: &str, last_used_at: DateTime<Utc>, ips: Vec<IpAddr>) -> Self {
-        Self {
-            token_id: token_id.to_owned(),
-            last_used_at,
-            ips,
-        }
-    }
-
-    /// Merges a later or earlier mark of the same token: the later time wins, addresses keep the
-    /// newest first.
-    fn merge(&mut self, last_used_at: DateTime<Utc>, ips: &[IpAddr]) {
-        if last_used_at >= self.last_used_at {
-            self.ips = merge_ips(ips, &self.ips);
-            self.last_used_at = last_used_at;
-        } else {
-            self.ips = merge_ips(&self.ips, ips);
-        }
-    }
-}
 
 /// Settings of the [`UsageRecorder`], built from [`UsageConfig::default`] with the setters below
 /// (each names its default):
@@ -337,7 +302,7 @@ impl Shared {
             }
             Err(e) => {
                 self.retries.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, rows = batch.len(), "usage flush failed; will retry");
+                tracing::warn!(target: "tower_pat::store", error = %e, rows = batch.len(), "usage flush failed; will retry");
                 // Put the batch back; marks made meanwhile merge with it, newest wins.
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
                 for update in batch {

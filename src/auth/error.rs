@@ -95,6 +95,22 @@ impl AuthError {
         }
     }
 
+    /// A short name of the reason, finer than [`code`](Self::code) (`revoked`, `expired`,
+    /// `ip_not_allowed`, …): the `reason` field of the layer's refusal events.
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            Self::MissingCredentials => "missing_credentials",
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::InvalidToken => "invalid_token",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
+            Self::IpNotAllowed => "ip_not_allowed",
+            Self::InsufficientScope(_) => "insufficient_scope",
+            Self::TooManyAttempts { .. } => "too_many_attempts",
+            Self::Unavailable { .. } => "unavailable",
+        }
+    }
+
     fn retry_after(&self) -> Option<u64> {
         match self {
             Self::TooManyAttempts { retry_after_secs } | Self::Unavailable { retry_after_secs } => {

@@ -9,8 +9,9 @@ use pin_project::pin_project;
 use tower::Service;
 
 use super::body::ResponseBody;
-use super::layer::Shared;
+use super::verify::{TOKEN_EXPIRATION, Verifier, expiration_value};
 use crate::cache::{Outcome, now_ms};
+use crate::principal::Principal;
 
 type Lookup = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
@@ -36,20 +37,27 @@ where
         #[pin]
         future: S::Future,
     },
+    /// Called, and the response gets `X-Token-Expiration` (only with
+    /// `PatAuthLayerBuilder::token_expiration_header`, for a token that expires).
+    Expiring {
+        #[pin]
+        future: S::Future,
+        expires_ms: i64,
+    },
     // The two cold variants are boxed: the future is then no larger than the inner service's,
     // which is what a cache hit moves around (a request alone is some 250 bytes).
     Lookup {
         lookup: Lookup,
         pending: Option<Box<Pending<S, ReqB>>>,
     },
-    Rejected {
+    Refused {
         response: Option<Box<Response<Bytes>>>,
     },
 }
 
 /// What a cache miss holds while it waits for the store: the ready service, the request and the
 /// layer's state.
-type Pending<S, ReqB> = (S, Request<ReqB>, Arc<Shared>);
+type Pending<S, ReqB> = (S, Request<ReqB>, Arc<Verifier>);
 
 impl<S, ReqB> std::fmt::Debug for ResponseFuture<S, ReqB>
 where
@@ -57,9 +65,9 @@ where
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
-            State::Called { .. } => "called",
+            State::Called { .. } | State::Expiring { .. } => "called",
             State::Lookup { .. } => "lookup",
-            State::Rejected { .. } => "rejected",
+            State::Refused { .. } => "refused",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
@@ -77,9 +85,21 @@ where
         }
     }
 
-    pub(crate) fn rejected(response: Response<Bytes>) -> Self {
+    /// Called; the response gets `X-Token-Expiration` when the request's token expires.
+    pub(crate) fn called_expiring(future: S::Future, expires_ms: Option<i64>) -> Self {
         Self {
-            state: State::Rejected {
+            state: match expires_ms {
+                Some(expires_ms) if expires_ms != i64::MAX => {
+                    State::Expiring { future, expires_ms }
+                }
+                _ => State::Called { future },
+            },
+        }
+    }
+
+    pub(crate) fn refused(response: Response<Bytes>) -> Self {
+        Self {
+            state: State::Refused {
                 response: Some(Box::new(response)),
             },
         }
@@ -89,12 +109,12 @@ where
         lookup: Lookup,
         service: S,
         request: Request<ReqB>,
-        shared: Arc<Shared>,
+        verifier: Arc<Verifier>,
     ) -> Self {
         Self {
             state: State::Lookup {
                 lookup,
-                pending: Some(Box::new((service, request, shared))),
+                pending: Some(Box::new((service, request, verifier))),
             },
         }
     }
@@ -112,7 +132,16 @@ where
                 StateProj::Called { future } => {
                     return future.poll(cx).map_ok(|res| res.map(ResponseBody::inner));
                 }
-                StateProj::Rejected { response } => {
+                StateProj::Expiring { future, expires_ms } => {
+                    let expires_ms = *expires_ms;
+                    return future.poll(cx).map_ok(|mut res| {
+                        if let Some(value) = expiration_value(expires_ms) {
+                            res.headers_mut().insert(TOKEN_EXPIRATION, value);
+                        }
+                        res.map(ResponseBody::inner)
+                    });
+                }
+                StateProj::Refused { response } => {
                     let res = response
                         .take()
                         .expect("ResponseFuture polled after completion");
@@ -120,15 +149,22 @@ where
                 }
                 StateProj::Lookup { lookup, pending } => {
                     let outcome = ready!(lookup.as_mut().poll(cx));
-                    let (mut service, mut request, shared) = *pending
+                    let (mut service, mut request, verifier) = *pending
                         .take()
                         .expect("ResponseFuture polled after completion");
-                    let next = match shared.admit(outcome, &mut request, now_ms()) {
+                    let next = match verifier.admit(outcome, &mut request, now_ms()) {
+                        Ok(()) if verifier.expiration_header => {
+                            let expires_ms = request
+                                .extensions()
+                                .get::<Principal>()
+                                .map(|p| p.0.expires_ms);
+                            ResponseFuture::called_expiring(service.call(request), expires_ms).state
+                        }
                         Ok(()) => State::Called {
                             future: service.call(request),
                         },
-                        Err(e) => State::Rejected {
-                            response: Some(Box::new(shared.refuse(&e, &request))),
+                        Err(refusal) => State::Refused {
+                            response: Some(Box::new(verifier.refuse(refusal, &request))),
                         },
                     };
                     self.as_mut().project().state.set(next);

@@ -1,18 +1,45 @@
 //! The Tower middleware: [`PatAuthLayer`] authenticates every request, [`RequireScopesLayer`]
 //! checks per-route scopes.
+//!
+//! Laid out as tower-http lays out a middleware: `builder` ([`PatAuthLayerBuilder`]), `layer`
+//! ([`PatAuthLayer`] and [`PatAuthLayer::verify`]), `service` ([`PatAuth`]), `future`
+//! ([`ResponseFuture`]), `body` ([`ResponseBody`]), `extract` (where a credential is read from), and
+//! `verify`, the verification steps in request order (failure limit, format, cache and store
+//! lookup, expiry, IP restriction, scopes, usage mark) with the one refusal path.
+//!
+//! # Logging
+//!
+//! The crate logs with [`tracing`], never a token, a hash, a pepper or a webhook key. Targets:
+//!
+//! | Target | Level | Event |
+//! |---|---|---|
+//! | `tower_pat::auth` | debug | every refusal of [`PatAuthLayer`] and of [`PatAuthLayer::verify`]: `reason` (`missing_credentials`, `invalid_request`, `invalid_token`, `revoked`, `expired`, `ip_not_allowed`, `insufficient_scope`, `too_many_attempts`, `unavailable`), `status`, `token_id` when the layer held the token's record (expired, IP, scope refusals), `client` when the client address is known |
+//! | `tower_pat::auth` | warn | a builder setting that has no effect |
+//! | `tower_pat::store` | warn | a store query that failed: a token lookup (the request gets 503 unless a cached entry serves on), a background refresh, a usage flush (retried) |
+//!
+//! Other events (the change feed, the management API, webhooks) use their module path as target,
+//! such as `tower_pat::store::postgres` or `tower_pat::admin::webhook`. For example
+//! `RUST_LOG=tower_pat::auth=debug,tower_pat::store=warn` with `tracing-subscriber`'s `EnvFilter`.
 
 mod body;
+mod builder;
 mod error;
+mod extract;
 mod future;
 mod layer;
 pub(crate) mod limit;
 mod scopes;
+mod service;
+mod verify;
 
 pub use body::ResponseBody;
+pub use builder::PatAuthLayerBuilder;
 pub use error::{Anonymous, AuthError};
+pub use extract::ForeignCredential;
 pub use future::ResponseFuture;
-pub use layer::{PatAuth, PatAuthLayer, PatAuthLayerBuilder};
+pub use layer::PatAuthLayer;
 pub use scopes::{RequireScopes, RequireScopesLayer};
+pub use service::PatAuth;
 
 #[cfg(feature = "axum")]
 pub(crate) use error::json_response;

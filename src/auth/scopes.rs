@@ -99,14 +99,14 @@ where
             Some(_) => AuthError::InsufficientScope(self.layer.scopes.clone()),
             None => match req.extensions().get::<Anonymous>() {
                 Some(anon) => {
-                    return ResponseFuture::rejected(
+                    return ResponseFuture::refused(
                         anon.challenge()
                             .error_response(&AuthError::MissingCredentials, grpc),
                     );
                 }
                 None => {
                     tracing::error!("RequireScopesLayer without a PatAuthLayer in front of it");
-                    return ResponseFuture::rejected(json_response(
+                    return ResponseFuture::refused(json_response(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         "server_error",
                         "authentication is not configured for this route",
@@ -114,6 +114,6 @@ where
                 }
             },
         };
-        ResponseFuture::rejected(self.layer.challenge.error_response(&error, grpc))
+        ResponseFuture::refused(self.layer.challenge.error_response(&error, grpc))
     }
 }

@@ -10,8 +10,8 @@ use super::{
     TokenStore,
 };
 use crate::record::TokenRecord;
+use crate::record::UsageUpdate;
 use crate::token::TokenHash;
-use crate::usage::UsageUpdate;
 
 /// A store in process memory: for tests, examples and ephemeral setups. Nothing survives a restart.
 ///

@@ -38,8 +38,8 @@ pub use sqlx;
 pub use write::{Rotation, TokenPatch};
 
 use crate::record::TokenRecord;
+use crate::record::UsageUpdate;
 use crate::token::TokenHash;
-use crate::usage::UsageUpdate;
 
 /// Why a store operation failed.
 #[derive(Debug)]

@@ -109,9 +109,9 @@ use super::{
     ChangeHub, ChangeListener, ListQuery, Page, Rotation, StoreError, StoreEvent, TokenLookup,
     TokenPatch, TokenStore,
 };
+use crate::record::UsageUpdate;
 use crate::record::{MAX_LAST_USED_IPS, TokenRecord};
 use crate::token::TokenHash;
-use crate::usage::UsageUpdate;
 
 const MIGRATIONS: &[Migration] = &[
     Migration {

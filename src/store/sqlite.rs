@@ -69,9 +69,9 @@ use super::{
     ChangeHub, ChangeListener, ListQuery, Page, Rotation, StoreError, TokenLookup, TokenPatch,
     TokenStore,
 };
+use crate::record::UsageUpdate;
 use crate::record::{TokenRecord, merge_usage};
 use crate::token::TokenHash;
-use crate::usage::UsageUpdate;
 
 const MIGRATIONS: &[Migration] = &[
     Migration {

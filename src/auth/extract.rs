@@ -1,0 +1,99 @@
+//! Credential extraction: where the layer looks for a token in a request.
+
+use http::{HeaderMap, HeaderName, Uri, header};
+
+use super::error::AuthError;
+
+/// Put in the request extensions by a [`PatAuthLayer`](crate::PatAuthLayer) built with
+/// [`pass_foreign_credentials`](crate::PatAuthLayerBuilder::pass_foreign_credentials) when the
+/// request carried a credential that is not one of its tokens (no token prefix: a JWT, a session
+/// token, another `Authorization` scheme) and was let through without a [`Principal`]. An
+/// authentication layer behind it can look for this marker and verify the credential itself.
+///
+/// It holds nothing of the credential: read it from the request again.
+///
+/// [`Principal`]: crate::Principal
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ForeignCredential;
+
+/// The configured credential sources. `Authorization: Bearer` is always read; the others are
+/// opt-in ([`PatAuthLayerBuilder`](crate::PatAuthLayerBuilder)'s `accept_*` methods).
+#[derive(Clone, Debug, Default)]
+pub(super) struct Sources {
+    pub(super) token_scheme: bool,
+    pub(super) raw_authorization: bool,
+    pub(super) headers: Vec<HeaderName>,
+    pub(super) query: bool,
+}
+
+impl Sources {
+    /// The credential of a request from the configured sources; `Ok(None)` without any, an
+    /// `invalid_request` error for two different ones or unreadable bytes.
+    #[inline]
+    pub(super) fn extract<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        uri: &'a Uri,
+    ) -> Result<Option<&'a str>, AuthError> {
+        const TWO: AuthError =
+            AuthError::InvalidRequest("the request carries more than one credential");
+        const BYTES: AuthError =
+            AuthError::InvalidRequest("a credential header has invalid characters");
+        let mut found: Option<&'a str> = None;
+        let mut add = |token: &'a str| match found {
+            Some(f) if f != token => Err(TWO),
+            _ => {
+                found = Some(token);
+                Ok(())
+            }
+        };
+        for value in headers.get_all(header::AUTHORIZATION) {
+            let value = value.to_str().map_err(|_| BYTES)?;
+            if let Some(token) = strip_scheme(value, "bearer") {
+                add(token)?;
+            } else if self.token_scheme
+                && let Some(token) = strip_scheme(value, "token")
+            {
+                add(token)?;
+            } else if self.raw_authorization && !value.trim().contains(' ') {
+                add(value.trim())?;
+            }
+        }
+        for name in &self.headers {
+            for value in headers.get_all(name) {
+                add(value.to_str().map_err(|_| BYTES)?.trim())?;
+            }
+        }
+        if self.query
+            && let Some(query) = uri.query()
+        {
+            for value in query
+                .split('&')
+                .filter_map(|p| p.strip_prefix("access_token="))
+            {
+                add(value)?;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Whether a request without a credential the layer reads still carries an `Authorization`
+    /// header: a credential of another scheme (`Basic`, a custom one), foreign to the layer.
+    #[cold]
+    pub(super) fn other_authorization(headers: &HeaderMap) -> bool {
+        headers.contains_key(header::AUTHORIZATION)
+    }
+}
+
+/// The credential after an auth scheme, matched case-insensitively (RFC 7235 §2.1).
+#[inline]
+fn strip_scheme<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
+    let n = scheme.len();
+    let bytes = value.as_bytes();
+    if bytes.len() > n && bytes[..n].eq_ignore_ascii_case(scheme.as_bytes()) && bytes[n] == b' ' {
+        Some(value[n + 1..].trim())
+    } else {
+        None
+    }
+}

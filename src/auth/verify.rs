@@ -1,0 +1,423 @@
+//! The verification steps, in request order: the failure limit, the offline format check and the
+//! cache probe ([`Verifier::probe`]), then, with what the cache or the store said, expiry, the
+//! token's IP restriction, scopes and the usage mark ([`Verifier::authorize`]). The request path
+//! ([`PatAuth`](crate::PatAuth)) and [`PatAuthLayer::verify`](crate::PatAuthLayer::verify) both
+//! run these, and every refusal of either goes through [`Verifier::refuse`].
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http::{HeaderName, HeaderValue, Request, Response, header};
+
+use super::error::{Anonymous, AuthError, Challenge};
+use super::extract::{ForeignCredential, Sources};
+use super::is_grpc;
+use super::limit::FailureLimit;
+use crate::cache::{Cache, Negative, Outcome, now_ms};
+use crate::client_ip::{ClientAddr, ClientIpSource};
+use crate::principal::Principal;
+use crate::record::ip_allowed;
+use crate::scope::ScopeSet;
+use crate::token::{TokenFormat, TokenHash};
+use crate::usage::UsageRecorder;
+
+/// The layer's configuration and state, shared by its clones, its services and their futures.
+pub(crate) struct Verifier {
+    pub(super) format: TokenFormat,
+    pub(super) cache: Arc<Cache>,
+    pub(super) sources: Sources,
+    pub(super) challenge: Challenge,
+    pub(super) client_ip: ClientIpSource,
+    pub(super) required: ScopeSet,
+    pub(super) anonymous: bool,
+    pub(super) unavailable_retry_after: u64,
+    pub(super) usage: Option<UsageRecorder>,
+    pub(super) limiter: Option<FailureLimit>,
+    pub(super) pass_foreign: bool,
+    pub(super) on_reject: Option<RejectHook>,
+    pub(super) expiration_header: bool,
+}
+
+/// The application's hook that shapes refusal responses
+/// ([`PatAuthLayerBuilder::on_reject`](crate::PatAuthLayerBuilder::on_reject)).
+pub(super) type RejectHook = Arc<dyn Fn(&AuthError, &mut Response<Bytes>) + Send + Sync>;
+
+/// The name of the header with the token's expiry
+/// ([`PatAuthLayerBuilder::token_expiration_header`](crate::PatAuthLayerBuilder::token_expiration_header)).
+pub(super) const TOKEN_EXPIRATION: HeaderName = HeaderName::from_static("x-token-expiration");
+
+/// The `X-Token-Expiration` value of a token expiring at `expires_ms`: RFC 3339 in UTC to the
+/// second (`2025-01-01T00:00:00Z`); `None` for a token that never expires.
+#[cold]
+pub(super) fn expiration_value(expires_ms: i64) -> Option<HeaderValue> {
+    if expires_ms == i64::MAX {
+        return None;
+    }
+    let at = DateTime::from_timestamp_millis(expires_ms)?;
+    HeaderValue::try_from(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)).ok()
+}
+
+/// A refused verification: the error, and the principal when the token matched a record (for the
+/// refusal event's token id).
+pub(super) struct Refusal {
+    pub(super) error: AuthError,
+    pub(super) principal: Option<Principal>,
+}
+
+impl From<AuthError> for Refusal {
+    #[inline]
+    fn from(error: AuthError) -> Self {
+        Self {
+            error,
+            principal: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PatAuthLayer")
+            .field("format", &self.format)
+            .field("sources", &self.sources)
+            .field("challenge", &self.challenge)
+            .field("client_ip", &self.client_ip)
+            .field("required", &self.required)
+            .field("anonymous", &self.anonymous)
+            .field("usage", &self.usage)
+            .field("limiter", &self.limiter)
+            .field("pass_foreign", &self.pass_foreign)
+            .field("on_reject", &self.on_reject.is_some())
+            .field("expiration_header", &self.expiration_header)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The hashes a store lookup searches for a token the cache does not know: under the current
+/// pepper, then under the previous ones.
+pub(super) struct LookupKeys {
+    pub(super) hash: TokenHash,
+    pub(super) previous: Vec<TokenHash>,
+}
+
+/// What the cache knows about a well-formed token.
+pub(super) enum Probe {
+    /// The cache's answer: a principal, a remembered refusal, or the store being unavailable.
+    Cached(Outcome),
+    /// Nothing: the store must be asked for these hashes.
+    Uncached(LookupKeys),
+}
+
+/// What the synchronous part of the request path decided.
+pub(super) enum Admission {
+    /// The request may go on (with a principal, or anonymous).
+    Admitted,
+    /// The refusal to send.
+    Refused(Response<Bytes>),
+    /// The cache does not know the token: the store must be asked for these hashes.
+    Uncached(LookupKeys),
+}
+
+impl Verifier {
+    /// The synchronous part of the request path: everything up to and including the cache probe.
+    #[inline]
+    pub(super) fn admit_request<B>(&self, req: &mut Request<B>) -> Admission {
+        if self.limiter.is_some()
+            && let Err(e) = self.check_limit(self.client_addr(req).limit_key())
+        {
+            return Admission::Refused(self.refuse(e.into(), req));
+        }
+        let token = match self.sources.extract(req.headers(), req.uri()) {
+            Ok(Some(token)) if self.pass_foreign && !token.starts_with(self.format.prefix()) => {
+                return self.pass_foreign(req);
+            }
+            Ok(Some(token)) => token,
+            Ok(None) if self.pass_foreign && Sources::other_authorization(req.headers()) => {
+                return self.pass_foreign(req);
+            }
+            Ok(None) if self.anonymous => {
+                req.extensions_mut()
+                    .insert(Anonymous(self.challenge.clone()));
+                return Admission::Admitted;
+            }
+            Ok(None) => {
+                return Admission::Refused(self.refuse(AuthError::MissingCredentials.into(), req));
+            }
+            Err(e) => return Admission::Refused(self.refuse(e.into(), req)),
+        };
+        // One clock read serves the probe and the expiry check.
+        let now = now_ms();
+        match self.probe(token, now) {
+            Ok(Probe::Cached(outcome)) => match self.admit(outcome, req, now) {
+                Ok(()) => Admission::Admitted,
+                Err(refusal) => Admission::Refused(self.refuse(refusal, req)),
+            },
+            Ok(Probe::Uncached(keys)) => Admission::Uncached(keys),
+            Err(e) => Admission::Refused(self.refuse(e.into(), req)),
+        }
+    }
+
+    /// Lets a request with a foreign credential through without a principal, marked for the
+    /// authentication layer behind.
+    #[cold]
+    fn pass_foreign<B>(&self, req: &mut Request<B>) -> Admission {
+        let extensions = req.extensions_mut();
+        extensions.insert(ForeignCredential);
+        // The `Principal` extractor answers with this layer's 401 challenge if nothing behind
+        // authenticated the request.
+        extensions.insert(Anonymous(self.challenge.clone()));
+        Admission::Admitted
+    }
+
+    /// The offline format check, the hash and the cache probe of a token.
+    #[inline]
+    pub(super) fn probe(&self, token: &str, now: i64) -> Result<Probe, AuthError> {
+        if self.format.check(token).is_err() {
+            return Err(AuthError::InvalidToken);
+        }
+        let hasher = self.cache.hasher();
+        let hash = hasher.hash(token);
+        Ok(match self.cache.probe(&hash, now) {
+            Some(outcome) => Probe::Cached(outcome),
+            // Without previous peppers this is an empty `Vec`: no allocation.
+            None => Probe::Uncached(LookupKeys {
+                hash,
+                previous: hasher.previous_hashes(token),
+            }),
+        })
+    }
+
+    /// The one refusal path of requests: [`refused`](Self::refused), then the error response,
+    /// HTTP or gRPC as the request speaks, shaped by the application's
+    /// [`on_reject`](crate::PatAuthLayerBuilder::on_reject) hook.
+    #[cold]
+    pub(super) fn refuse<B>(&self, refusal: Refusal, req: &Request<B>) -> Response<Bytes> {
+        let client = self.client_addr(req);
+        self.refused(&refusal, client.limit_key(), client.ip());
+        let grpc = is_grpc(req);
+        let res = self.challenge.error_response(&refusal.error, grpc);
+        match &self.on_reject {
+            Some(hook) => shape(hook, &refusal.error, res, grpc),
+            None => res,
+        }
+    }
+
+    /// What every refusal, of a request or of [`PatAuthLayer::verify`], does besides answering:
+    /// a failed credential counts against the failure limit (`key`), and a debug event names the
+    /// reason, the token id when the token matched a record, and the client address.
+    ///
+    /// [`PatAuthLayer::verify`]: crate::PatAuthLayer::verify
+    #[cold]
+    pub(super) fn refused(&self, refusal: &Refusal, key: Option<IpAddr>, client: Option<IpAddr>) {
+        self.count_failure(&refusal.error, key);
+        tracing::debug!(
+            target: "tower_pat::auth",
+            reason = refusal.error.reason(),
+            status = refusal.error.status().as_u16(),
+            token_id = refusal.principal.as_ref().map(Principal::token_id),
+            client = client.map(tracing::field::display),
+            "request refused"
+        );
+    }
+
+    /// The request's client address, and the address its failures count against.
+    #[inline]
+    pub(super) fn client_addr<B>(&self, req: &Request<B>) -> ClientAddr {
+        self.client_ip.client_addr(req.headers(), req.extensions())
+    }
+
+    /// `Err(TooManyAttempts)` while the failure limit refuses `key`'s network.
+    #[inline]
+    pub(super) fn check_limit(&self, key: Option<IpAddr>) -> Result<(), AuthError> {
+        if let Some(limiter) = &self.limiter
+            && let Some(key) = key
+            && let Some(retry_after_secs) = limiter.blocked(key)
+        {
+            return Err(AuthError::TooManyAttempts { retry_after_secs });
+        }
+        Ok(())
+    }
+
+    /// Counts a failed credential against `key`'s network.
+    #[cold]
+    pub(super) fn count_failure(&self, err: &AuthError, key: Option<IpAddr>) {
+        if let Some(limiter) = &self.limiter
+            && matches!(
+                err,
+                AuthError::InvalidToken | AuthError::Revoked | AuthError::Expired
+            )
+            && let Some(key) = key
+        {
+            limiter.count(key);
+        }
+    }
+
+    /// Enforces what the cache or the store said, plus the per-request rules (IP, scopes), and puts
+    /// the principal in the request. On a cache hit this is the rest of the hot path.
+    #[inline]
+    pub(super) fn admit<B>(
+        &self,
+        outcome: Outcome,
+        req: &mut Request<B>,
+        now: i64,
+    ) -> Result<(), Refusal> {
+        let principal = self.authorize(outcome, now, None, || self.client_addr(req).ip())?;
+        req.extensions_mut().insert(principal);
+        Ok(())
+    }
+
+    /// The rules after the lookup, shared by requests and [`PatAuthLayer::verify`]: expiry, the
+    /// token's IP restriction against the client address (`client` is only called when needed),
+    /// the layer's required scopes and `extra` ones, and the usage mark.
+    ///
+    /// [`PatAuthLayer::verify`]: crate::PatAuthLayer::verify
+    #[inline]
+    pub(super) fn authorize(
+        &self,
+        outcome: Outcome,
+        now: i64,
+        extra: Option<&ScopeSet>,
+        client: impl Fn() -> Option<IpAddr>,
+    ) -> Result<Principal, Refusal> {
+        let principal = self.principal(outcome, now)?;
+        let restriction = principal.ip_restriction();
+        let mut ip = None;
+        if !restriction.is_empty() {
+            ip = client();
+            if !ip_allowed(restriction, ip) {
+                return Err(Refusal {
+                    error: AuthError::IpNotAllowed,
+                    principal: Some(principal),
+                });
+            }
+        }
+        let scopes = principal.scopes();
+        if (!self.required.is_empty() && !scopes.grants_all(&self.required))
+            || extra.is_some_and(|extra| !scopes.grants_all(extra))
+        {
+            return Err(Refusal {
+                error: self.insufficient_scope(extra),
+                principal: Some(principal),
+            });
+        }
+        if let Some(usage) = &self.usage {
+            // One relaxed load while the token was marked within the granularity.
+            let last = principal.0.last_mark_ms.load(Ordering::Relaxed);
+            if now.saturating_sub(last) >= usage.granularity_ms() {
+                self.mark(usage, &principal, last, now, || ip.or_else(&client));
+            }
+        }
+        Ok(principal)
+    }
+
+    /// The 403 naming every scope required: the layer's and `extra`.
+    #[cold]
+    fn insufficient_scope(&self, extra: Option<&ScopeSet>) -> AuthError {
+        AuthError::InsufficientScope(match extra {
+            Some(extra) if !extra.is_empty() => {
+                self.required.iter().chain(extra).cloned().collect()
+            }
+            _ => self.required.clone(),
+        })
+    }
+
+    /// Hands a usage mark to the recorder, once per token per granularity however many requests
+    /// race for it. The address recorded is the client's as read from trusted information, or
+    /// none.
+    #[cold]
+    fn mark(
+        &self,
+        usage: &UsageRecorder,
+        principal: &Principal,
+        last: i64,
+        now: i64,
+        ip: impl FnOnce() -> Option<IpAddr>,
+    ) {
+        if principal
+            .0
+            .last_mark_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        let at = DateTime::from_timestamp_millis(now).unwrap_or_else(Utc::now);
+        usage.record(principal.token_id(), at, ip());
+    }
+
+    /// The principal of a cache or store outcome, with expiry checked against the clock.
+    #[inline]
+    fn principal(&self, outcome: Outcome, now: i64) -> Result<Principal, Refusal> {
+        Err(match outcome {
+            Outcome::Found(p) if now < p.0.expires_ms => return Ok(p),
+            Outcome::Found(p) => {
+                self.cache.expire(&p);
+                return Err(Refusal {
+                    error: AuthError::Expired,
+                    principal: Some(p),
+                });
+            }
+            Outcome::Rejected(Negative::Unknown) => AuthError::InvalidToken,
+            Outcome::Rejected(Negative::Revoked) => AuthError::Revoked,
+            Outcome::Rejected(Negative::Expired) => AuthError::Expired,
+            Outcome::Unavailable => AuthError::Unavailable {
+                retry_after_secs: self.unavailable_retry_after,
+            },
+        }
+        .into())
+    }
+}
+
+/// Runs the application's hook on a refusal, then puts back what stays the layer's: the status,
+/// `WWW-Authenticate`, `Retry-After`, `Cache-Control: no-store`, `grpc-status` and `grpc-message`
+/// (absent on HTTP refusals), and for gRPC the content type and the empty (trailers-only) body.
+#[cold]
+fn shape(
+    hook: &RejectHook,
+    err: &AuthError,
+    mut res: Response<Bytes>,
+    grpc: bool,
+) -> Response<Bytes> {
+    const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+    const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+    let status = res.status();
+    // `grpc-status` and `grpc-message` are kept (or kept absent) for HTTP refusals too: a gRPC
+    // status on an HTTP refusal could read as success to a gRPC-Web proxy.
+    let mut kept = vec![
+        header::WWW_AUTHENTICATE,
+        header::RETRY_AFTER,
+        header::CACHE_CONTROL,
+        GRPC_STATUS,
+        GRPC_MESSAGE,
+    ];
+    if grpc {
+        kept.push(header::CONTENT_TYPE);
+    }
+    let kept: Vec<_> = kept
+        .into_iter()
+        .map(|name| {
+            let value = res.headers().get(&name).cloned();
+            (name, value)
+        })
+        .collect();
+    hook(err, &mut res);
+    *res.status_mut() = status;
+    let headers = res.headers_mut();
+    for (name, value) in kept {
+        match value {
+            Some(value) => {
+                headers.insert(name, value);
+            }
+            None => {
+                headers.remove(name);
+            }
+        }
+    }
+    if grpc {
+        headers.remove(header::CONTENT_LENGTH);
+        *res.body_mut() = Bytes::new();
+    }
+    res
+}
