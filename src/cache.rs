@@ -742,10 +742,9 @@ impl Cache {
             if record.is_revoked() {
                 return Ok(Outcome::Rejected(Negative::Revoked));
             }
-            let via_previous = record.hash != *hash;
             record.scopes = self.shared_scopes(std::mem::take(&mut record.scopes));
             let now = now_ms();
-            let entry = Entry::new(record, *key, via_previous, now, self.ttl_ms);
+            let entry = Entry::new(record, *key, *hash, now, self.ttl_ms);
             // The entry's expiry is the token's, or the end of the rotation grace period.
             if entry.expires_ms <= now {
                 return Ok(Outcome::Rejected(Negative::Expired));

@@ -48,7 +48,9 @@ pub(crate) struct Entry {
     pub(crate) loaded_ms: i64,
     /// The cache key: the token's hash under the current pepper.
     pub(crate) key: TokenHash,
-    /// The hash the store keeps for the token, when it is not `key` (an older pepper's hash).
+    /// The hash the store found the token under, when it is not `key` (an older pepper's hash of
+    /// the same secret). Never the record's hash after a match on its rotation grace hash: a
+    /// refresh must look up the secret that was presented, not the one that replaced it.
     stored_hash: Option<Box<TokenHash>>,
     names: Names,
     last_used_ips: Box<[IpAddr]>,
@@ -98,16 +100,23 @@ impl Names {
 }
 
 impl Entry {
+    /// The entry for `record`, cached under `key` and found in the store under `matched`: the
+    /// record's hash, or its rotation grace hash (then the entry expires with the grace period).
     pub(crate) fn new(
         record: TokenRecord,
         key: TokenHash,
-        via_previous: bool,
+        matched: TokenHash,
         now_ms: i64,
         ttl_ms: i64,
     ) -> Self {
         let mut expires_ms = record.expires_at.map_or(i64::MAX, |t| t.timestamp_millis());
-        if via_previous && let Some((_, until)) = record.previous_hash {
-            expires_ms = expires_ms.min(until.timestamp_millis());
+        if record.hash != matched {
+            // Found by the superseded secret: it works until the grace period ends, if at all.
+            let until = record
+                .previous_hash
+                .filter(|(h, _)| *h == matched)
+                .map_or(i64::MIN, |(_, until)| until.timestamp_millis());
+            expires_ms = expires_ms.min(until);
         }
         let last_mark = record.last_used_at.map_or(0, |t| t.timestamp_millis());
         Self {
@@ -118,7 +127,7 @@ impl Entry {
             scopes: record.scopes,
             loaded_ms: now_ms,
             key,
-            stored_hash: (record.hash != key).then(|| Box::new(record.hash)),
+            stored_hash: (matched != key).then(|| Box::new(matched)),
             names: Names::new(
                 &record.id,
                 &record.subject,
@@ -131,7 +140,7 @@ impl Entry {
         }
     }
 
-    /// The hash the store keeps for the token: what a refresh looks up.
+    /// The hash the store found the token under: what a refresh looks up.
     pub(crate) fn stored_hash(&self) -> TokenHash {
         self.stored_hash.as_deref().copied().unwrap_or(self.key)
     }
@@ -312,7 +321,7 @@ mod tests {
             .build(&TokenFormat::new(), &TokenHasher::sha256(), now);
         record.last_used_ips = vec!["10.1.2.3".parse().unwrap()];
         let key = record.hash;
-        let p = Principal(Arc::new(Entry::new(record.clone(), key, false, 0, 60_000)));
+        let p = Principal(Arc::new(Entry::new(record.clone(), key, key, 0, 60_000)));
         assert_eq!(p.token_id(), record.id);
         assert_eq!(p.subject(), "zoë@example.com");
         assert_eq!(p.token_name(), "déploiement ✓");
@@ -335,7 +344,7 @@ mod tests {
             Utc::now(),
         );
         let key = TokenHasher::with_pepper("pepper").hash("pat_x");
-        let entry = Entry::new(record.clone(), key, true, 0, 60_000);
+        let entry = Entry::new(record.clone(), key, record.hash, 0, 60_000);
         assert_eq!(entry.key, key);
         assert_eq!(entry.stored_hash(), record.hash);
         assert_eq!(Principal(Arc::new(entry)).token_id(), record.id);

@@ -95,6 +95,16 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
 
+    /// 401: the caller's token was revoked, deleted or expired while the request was processed
+    /// (its body arrived after the layer let it in).
+    pub(crate) fn caller_gone() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            "the access token was revoked, deleted or expired while this request was processed",
+        )
+    }
+
     /// 403: the caller may not do this.
     pub(crate) fn forbidden(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(StatusCode::FORBIDDEN, code, message)

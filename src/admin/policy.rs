@@ -145,6 +145,28 @@ pub(crate) fn child_networks(
     Ok(requested)
 }
 
+/// Giving a token scopes it did not have hands those scopes its lifetime and networks: the token
+/// as it will be must then fit the caller's ceilings, as if the caller had created it.
+pub(crate) fn grants_within(
+    caller: &Principal,
+    before: &TokenRecord,
+    after: &TokenRecord,
+) -> Result<(), ApiError> {
+    if before.scopes.grants_all(&after.scopes) {
+        return Ok(());
+    }
+    let widened = |mut e: ApiError| {
+        e.message = format!(
+            "{}; the token is given scopes it did not have, so it must fit the caller's ceilings",
+            e.message
+        )
+        .into();
+        e
+    };
+    expiry_within(caller, after.expires_at).map_err(widened)?;
+    networks_within(caller, &after.ip_restriction).map_err(widened)
+}
+
 /// A rotation hands the caller `target`'s new secret: the target, with the expiry it will have
 /// after the rotation, must fit the caller's scopes, lifetime and networks.
 pub(crate) fn may_receive_secret(
@@ -196,7 +218,7 @@ mod tests {
         new.expires_at = expires_at;
         let (record, _) = new.build(&TokenFormat::new(), &TokenHasher::sha256(), Utc::now());
         let key = record.hash;
-        Principal(Arc::new(Entry::new(record, key, false, 0, 60_000)))
+        Principal(Arc::new(Entry::new(record, key, key, 0, 60_000)))
     }
 
     #[test]
@@ -248,14 +270,15 @@ mod tests {
         let (mut record, _) =
             NewToken::new("alice", "p").build(&TokenFormat::new(), &TokenHasher::sha256(), now);
         let until = now + Duration::minutes(10);
-        record.previous_hash = Some((record.hash, until));
-        let key = record.hash;
-        let via_old = Principal(Arc::new(Entry::new(record.clone(), key, true, 0, 60_000)));
+        let old = TokenHasher::sha256().hash("pat_superseded");
+        record.previous_hash = Some((old, until));
+        let via_old = Principal(Arc::new(Entry::new(record.clone(), old, old, 0, 60_000)));
         assert_eq!(
             caller_expiry(&via_old),
             DateTime::from_timestamp_millis(until.timestamp_millis())
         );
-        let via_new = Principal(Arc::new(Entry::new(record, key, false, 0, 60_000)));
+        let key = record.hash;
+        let via_new = Principal(Arc::new(Entry::new(record, key, key, 0, 60_000)));
         assert_eq!(caller_expiry(&via_new), None);
     }
 }

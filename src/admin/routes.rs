@@ -115,6 +115,26 @@ impl<S: Send + Sync> FromRequestParts<S> for Base {
 }
 
 impl Admin {
+    /// Whether the caller's own token may still act, read from the store after the request body
+    /// arrived: the layer authenticated the headers, and a slow body must not carry a token past
+    /// its revocation (or deletion, or expiry). A secret superseded by a rotation, still in its
+    /// grace period, may authenticate requests but not manage tokens.
+    async fn caller_may_act(&self, caller: &Principal) -> Result<(), ApiError> {
+        let now = Utc::now();
+        match self.config.store.get(caller.token_id()).await? {
+            Some(own) if own.is_active_at(now) && own.hash == caller.0.stored_hash() => Ok(()),
+            Some(own)
+                if own.is_active_at(now) && own.matches_hash(&caller.0.stored_hash(), now) =>
+            {
+                Err(ApiError::forbidden(
+                    "forbidden",
+                    "a secret replaced by a rotation cannot manage tokens; use the new secret",
+                ))
+            }
+            _ => Err(ApiError::caller_gone()),
+        }
+    }
+
     /// The record `id` if the caller may act on it: its own, or any with the admin scope.
     /// Anything else is 404, so ids of other subjects' tokens cannot be probed.
     async fn load(&self, caller: &Principal, id: &str) -> Result<TokenRecord, ApiError> {
@@ -181,6 +201,7 @@ pub(crate) async fn create(
     RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     let req = CreateTokenRequest::from_json(&body, admin.config.limits)?;
+    admin.caller_may_act(&caller).await?;
     let now = Utc::now();
     req.check_owner(caller.subject())?;
     policy::scopes_held(&caller, &req.scopes)?;
@@ -360,6 +381,7 @@ pub(crate) async fn update(
     RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     let patch = PatchTokenRequest::from_json(&body, admin.config.limits)?;
+    admin.caller_may_act(&caller).await?;
     let mut record = admin.load(&caller, &id).await?;
     let now = Utc::now();
     policy::may_act_on(&caller, &record)?;
@@ -408,6 +430,7 @@ pub(crate) async fn update(
     if let Some(nets) = patch.ip_restriction {
         record.ip_restriction = nets;
     }
+    policy::grants_within(&caller, &before, &record)?;
     if record != before {
         // Only what this request changes, and only if nobody changed the token since it was read:
         // a write from a stale read would undo the other change (a revocation, a rotation).
@@ -464,6 +487,7 @@ pub(crate) async fn rotate(
     RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     let req = RotateTokenRequest::from_json(&body)?;
+    admin.caller_may_act(&caller).await?;
     let mut record = admin.load(&caller, &id).await?;
     let now = Utc::now();
     policy::may_act_on(&caller, &record)?;
@@ -550,6 +574,7 @@ pub(crate) async fn delete(
     caller: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    admin.caller_may_act(&caller).await?;
     let record = admin.load(&caller, &id).await?;
     policy::may_act_on(&caller, &record)?;
     let removed = admin
