@@ -1,4 +1,4 @@
-//! The verification cache in front of the store (DESIGN.md §2 step 4).
+//! The verification cache in front of the store: what a request needs to know about a token, without a store query on a hit.
 //!
 //! - Positive entries: [`Principal`]s in a `DashMap` keyed by the token hash itself, hashed with the
 //!   digest's own first eight bytes (the key is already uniformly random, and only tokens that

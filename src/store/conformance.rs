@@ -242,7 +242,7 @@ use super::{
 use crate::record::{MAX_LAST_USED_IPS, NewToken, TokenRecord, parse_ip_net};
 use crate::scope::ScopeSet;
 use crate::token::{TokenFormat, TokenHash, TokenHasher};
-use crate::usage::UsageUpdate;
+use crate::record::UsageUpdate;
 
 macro_rules! suite {
     ($($check:ident),* $(,)?) => {
