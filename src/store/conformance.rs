@@ -239,10 +239,10 @@ use super::{
     ChangeListener, LastUsedFilter, ListQuery, Rotation, SortKey, StoreError, StoreEvent,
     TokenPatch, TokenStore,
 };
+use crate::record::UsageUpdate;
 use crate::record::{MAX_LAST_USED_IPS, NewToken, TokenRecord, parse_ip_net};
 use crate::scope::ScopeSet;
 use crate::token::{TokenFormat, TokenHash, TokenHasher};
-use crate::record::UsageUpdate;
 
 macro_rules! suite {
     ($($check:ident),* $(,)?) => {
