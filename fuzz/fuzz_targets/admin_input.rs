@@ -11,7 +11,6 @@
 #![no_main]
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 
 use arbitrary::Arbitrary;
 use bytes::Bytes;
@@ -23,7 +22,7 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
 use tower::ServiceExt;
 use tower_pat::admin::{self, AdminConfig, ExpiryPolicy};
-use tower_pat::{MemoryStore, NewToken, PatAuthLayer, ScopeSet, TokenRecord, TokenStore};
+use tower_pat::{MemoryStore, NewToken, TokenRecord, TokenStore, Tokens};
 use tower_pat_fuzz::block_on;
 
 const CALLER_SCOPES: &[&str] = &[
@@ -250,7 +249,7 @@ fn canonical_net(net: IpNet) -> IpNet {
     }
 }
 
-fn seed(store: &MemoryStore, layer: &PatAuthLayer, now: DateTime<Utc>) -> Vec<Seeded> {
+fn seed(store: &MemoryStore, tokens: &Tokens, now: DateTime<Utc>) -> Vec<Seeded> {
     let specs: [(&str, &[&str], bool); 6] = [
         ("alice", CALLER_SCOPES, false),
         ("alice", &["x:read"], false),
@@ -261,17 +260,15 @@ fn seed(store: &MemoryStore, layer: &PatAuthLayer, now: DateTime<Utc>) -> Vec<Se
     ];
     let mut out = Vec::new();
     for (i, (subject, scopes, revoked)) in specs.into_iter().enumerate() {
-        let mut new = NewToken::new(
-            subject,
-            format!("seed{i}"),
-            ScopeSet::parse(scopes).unwrap(),
-        );
+        let mut new = NewToken::new(subject, format!("seed{i}"))
+            .scopes(scopes)
+            .unwrap();
         if i == 0 {
             new = new
                 .expires_at(now + Duration::days(1))
                 .ip_restriction(CALLER_NETS.iter().map(|n| n.parse().unwrap()));
         }
-        let (mut record, secret) = new.issue(layer.format(), layer.hasher(), now);
+        let (mut record, secret) = tokens.mint(new, now);
         if revoked {
             record.revoked_at = Some(now);
         }
@@ -290,8 +287,9 @@ fuzz_target!(|input: Input<'_>| {
     }
     let now = Utc::now();
     let store = MemoryStore::new();
-    let layer = PatAuthLayer::builder(store.clone()).build();
-    let mut config = AdminConfig::new(Arc::new(store.clone()), &layer);
+    let tokens = Tokens::new(store.clone());
+    let layer = tokens.layer().build();
+    let mut config = AdminConfig::new(&tokens, &layer).expect("the handle's own layer");
     match input.policy % 3 {
         0 => {}
         1 => {
@@ -302,7 +300,7 @@ fuzz_target!(|input: Input<'_>| {
         _ => config = config.max_lifetime(std::time::Duration::from_secs(7 * 86_400)),
     }
     let app = admin::router(config);
-    let seeds = seed(&store, &layer, now);
+    let seeds = seed(&store, &tokens, now);
     let caller = &seeds[0].record;
 
     let mut last_issued: Option<(String, String)> = None; // (id, secret)

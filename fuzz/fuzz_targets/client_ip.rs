@@ -175,10 +175,17 @@ fuzz_target!(|input: Input<'_>| {
         "a header other than {configured:?} changed the address"
     );
     if peer_present(&extensions) {
-        assert!(addr.limit_key().is_some(), "a request with a peer is always limited");
+        assert!(
+            addr.limit_key().is_some(),
+            "a request with a peer is always limited"
+        );
     }
     if client.is_some() {
-        assert_eq!(addr.limit_key(), client, "a known client is limited as itself");
+        assert_eq!(
+            addr.limit_key(),
+            client,
+            "a known client is limited as itself"
+        );
     }
     let headers = only_configured;
 

@@ -26,7 +26,7 @@ use ipnet::IpNet;
 use libfuzzer_sys::fuzz_target;
 use tower::{Layer, ServiceExt};
 use tower_pat::{
-    ForwardedHeader, MemoryStore, NewToken, PatAuthLayer, Principal, ScopeSet, TokenStore,
+    ForwardedHeader, MemoryStore, NewToken, PatAuthLayer, Principal, TokenStore, Tokens,
 };
 use tower_pat_fuzz::{Addr, block_on, canonical};
 
@@ -66,7 +66,9 @@ fn fixture() -> &'static Fixture {
     FIXTURE.get_or_init(|| {
         let store = MemoryStore::new();
         let trusted = nets(TRUSTED);
-        let layer = PatAuthLayer::builder(store.clone())
+        let handle = Tokens::new(store.clone());
+        let layer = handle
+            .layer()
             .realm("fuzz")
             .accept_token_scheme()
             .accept_raw_authorization()
@@ -89,11 +91,13 @@ fn fixture() -> &'static Fixture {
         ];
         let mut tokens = Vec::new();
         for (i, (scopes, expect)) in specs.into_iter().enumerate() {
-            let mut new = NewToken::new("fuzz", format!("t{i}"), ScopeSet::parse(scopes).unwrap());
+            let mut new = NewToken::new("fuzz", format!("t{i}"))
+                .scopes(scopes)
+                .unwrap();
             if let Expect::Restricted(nets) = &expect {
                 new = new.ip_restriction(nets.clone());
             }
-            let (mut record, secret) = new.issue(layer.format(), layer.hasher(), now);
+            let (mut record, secret) = handle.mint(new, now);
             match expect {
                 Expect::Revoked => record.revoked_at = Some(now),
                 Expect::Expired => record.expires_at = Some(now - chrono::Duration::hours(1)),
@@ -108,10 +112,7 @@ fn fixture() -> &'static Fixture {
                 expect,
             });
         }
-        Fixture {
-            layer,
-            tokens,
-        }
+        Fixture { layer, tokens }
     })
 }
 
