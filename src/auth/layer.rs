@@ -23,7 +23,7 @@ use crate::usage::UsageRecorder;
 /// scopes, then puts the [`Principal`] in the request extensions. A refused request never reaches
 /// the inner service; it gets one of the answers of [`AuthError`].
 ///
-/// Any [`Service`] that takes an [`http::Request`] and returns an [`http::Response`] can sit
+/// Any [`Service`](tower::Service) that takes an [`http::Request`] and returns an [`http::Response`] can sit
 /// behind it, here a `tower::service_fn`:
 ///
 /// ```
