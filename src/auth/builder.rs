@@ -256,13 +256,16 @@ impl PatAuthLayerBuilder {
     /// Lets a request whose credential is not one of this layer's tokens through, without a
     /// [`Principal`](crate::Principal) and with a [`ForeignCredential`](crate::ForeignCredential)
     /// marker in its extensions, so that an authentication layer behind it (JWT, sessions) can
-    /// decide. Off by default: such a credential gets 401 `invalid_token`.
+    /// decide. Off by default: such a credential gets 401 (`invalid_token` for a bearer value,
+    /// the bare challenge for another scheme).
     ///
     /// Foreign means: the credential read from the configured sources does not start with the
     /// token prefix ([`TokenFormat::prefix`]), or the request carries no credential the layer reads
     /// but an `Authorization` header of another scheme (`Basic`, …). A credential with the
     /// prefix that fails any check (malformed, unknown, revoked, expired, wrong address, missing
-    /// scope) is still refused, and counts against [`limit_failures`](Self::limit_failures) as
+    /// scope) is still refused — also in any other spelling (`Bearer<TAB>`, a scheme the layer does
+    /// not read, a percent-encoded query value): a request where a credential *starts* with the
+    /// prefix is never foreign — and counts against [`limit_failures`](Self::limit_failures) as
     /// before; a foreign one does not. A network the failure limit refuses is refused whatever
     /// it sends. A request without any credential is treated as before (see
     /// [`allow_anonymous`](Self::allow_anonymous)).
@@ -308,9 +311,10 @@ impl PatAuthLayerBuilder {
     /// Adds `X-Token-Expiration` to every response to a request authenticated with a token that
     /// expires, as GitHub sends `GitHub-Authentication-Token-Expiration`, so that clients see a
     /// token is about to expire. The value is the time the token stops working, in RFC 3339, UTC,
-    /// to the second: `X-Token-Expiration: 2025-01-01T00:00:00Z` (for a token found under a
-    /// previous pepper, the earlier of its expiry and the end of its rotation grace). Tokens that
-    /// never expire get no header, nor do refusals and anonymous requests. Off by default; off, it
+    /// to the second: `X-Token-Expiration: 2025-01-01T00:00:00Z` (for a secret superseded by a
+    /// rotation, the earlier of the token's expiry and the end of the grace period). Tokens that
+    /// never expire get no header, nor do refusals (this layer's, and 401/403 answers from behind
+    /// it such as a route's `RequireScopesLayer`) and anonymous requests. Off by default; off, it
     /// costs nothing.
     pub fn token_expiration_header(mut self) -> Self {
         self.expiration_header = true;

@@ -135,7 +135,10 @@ where
                 StateProj::Expiring { future, expires_ms } => {
                     let expires_ms = *expires_ms;
                     return future.poll(cx).map_ok(|mut res| {
-                        if let Some(value) = expiration_value(expires_ms) {
+                        // Not on a refusal from behind (a route's `RequireScopesLayer`): the
+                        // header is for authenticated answers only.
+                        let refused = matches!(res.status().as_u16(), 401 | 403);
+                        if !refused && let Some(value) = expiration_value(expires_ms) {
                             res.headers_mut().insert(TOKEN_EXPIRATION, value);
                         }
                         res.map(ResponseBody::inner)

@@ -130,11 +130,19 @@ impl Verifier {
             return Admission::Refused(self.refuse(e.into(), req));
         }
         let token = match self.sources.extract(req.headers(), req.uri()) {
-            Ok(Some(token)) if self.pass_foreign && !token.starts_with(self.format.prefix()) => {
+            Ok(Some(token))
+                if self.pass_foreign
+                    && !token.starts_with(self.format.prefix())
+                    && !self.mentions_prefix(req) =>
+            {
                 return self.pass_foreign(req);
             }
             Ok(Some(token)) => token,
-            Ok(None) if self.pass_foreign && Sources::other_authorization(req.headers()) => {
+            Ok(None)
+                if self.pass_foreign
+                    && Sources::other_authorization(req.headers())
+                    && !self.mentions_prefix(req) =>
+            {
                 return self.pass_foreign(req);
             }
             Ok(None) if self.anonymous => {
@@ -157,6 +165,49 @@ impl Verifier {
             Ok(Probe::Uncached(keys)) => Admission::Uncached(keys),
             Err(e) => Admission::Refused(self.refuse(e.into(), req)),
         }
+    }
+
+    /// Whether a credential that starts with the token prefix (in any letter case) is anywhere a
+    /// credential can be, in any spelling: an `Authorization` value after its scheme and any
+    /// spaces or tabs (`Bearer<TAB>pat_…`, an unaccepted scheme) or as a whole, a configured
+    /// header, or the query's `access_token` after percent-decoding (`+pat_…`, `%70at_…`). Such a
+    /// request is never passed on as foreign: it gets the answer it would get without
+    /// `pass_foreign_credentials`. Only the start of a credential counts, so a JWT that happens
+    /// to contain the prefix is still foreign.
+    #[cold]
+    fn mentions_prefix<B>(&self, req: &Request<B>) -> bool {
+        let prefix = self.format.prefix().as_bytes();
+        let starts = |v: &[u8]| {
+            let v = v.trim_ascii_start();
+            !prefix.is_empty()
+                && v.len() >= prefix.len()
+                && v[..prefix.len()].eq_ignore_ascii_case(prefix)
+        };
+        let credential = |v: &[u8]| {
+            let v = v.trim_ascii();
+            starts(v)
+                || v.iter()
+                    .position(|b| *b == b' ' || *b == b'\t')
+                    .is_some_and(|i| starts(&v[i..]))
+        };
+        let headers = req.headers();
+        let in_headers = headers
+            .get_all(http::header::AUTHORIZATION)
+            .iter()
+            .chain(self.sources.headers.iter().flat_map(|n| headers.get_all(n)))
+            .any(|v| credential(v.as_bytes()));
+        in_headers
+            || req.uri().query().is_some_and(|q| {
+                q.split('&')
+                    .filter_map(|pair| pair.split_once('='))
+                    .filter(|(k, _)| {
+                        percent_decode(k.as_bytes()).eq_ignore_ascii_case(b"access_token")
+                    })
+                    .any(|(_, v)| {
+                        let v = percent_decode(v.as_bytes());
+                        starts(&v)
+                    })
+            })
     }
 
     /// Lets a request with a foreign credential through without a principal, marked for the
@@ -420,4 +471,27 @@ fn shape(
         *res.body_mut() = Bytes::new();
     }
     res
+}
+
+/// `application/x-www-form-urlencoded` decoding of one key or value: `%XX` and `+` (a space).
+/// Malformed escapes are kept as they are.
+fn percent_decode(s: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < s.len() => match (hex(s[i + 1]), hex(s[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
 }
