@@ -10,8 +10,8 @@ use bytes::Bytes;
 use chrono::{TimeZone, Utc};
 use common::*;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use tower::{Layer, Service, ServiceExt};
+use http_body_util::Full;
+use tower::{Layer, Service};
 use tower_pat::{
     ForeignCredential, PatAuthLayer, Principal, RequireScopesLayer, TokenStore, Tokens,
 };
@@ -34,23 +34,6 @@ fn probe() -> impl Service<
         };
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
     })
-}
-
-async fn call<S, B>(svc: &S, req: Request<Full<Bytes>>) -> Reply
-where
-    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
-    S::Error: std::fmt::Debug,
-    B: http_body::Body,
-    B::Error: std::fmt::Debug,
-{
-    let res = svc.clone().oneshot(req).await.unwrap();
-    let (parts, body) = res.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body: String::from_utf8(body.to_vec()).unwrap(),
-    }
 }
 
 fn with_header(name: &str, value: &str, uri: &str) -> Request<Full<Bytes>> {

@@ -10,8 +10,8 @@ use bytes::Bytes;
 use chrono::{TimeZone, Utc};
 use common::*;
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Full};
-use tower::{Layer, Service, ServiceExt};
+use http_body_util::Full;
+use tower::{Layer, Service};
 use tower_pat::record::parse_ip_net;
 use tower_pat::{ForeignCredential, PatAuth, PatAuthLayer, Principal, TokenStore, Tokens};
 
@@ -44,23 +44,6 @@ fn jwt_then_echo() -> impl Service<
             _ => reply(StatusCode::UNAUTHORIZED, "jwt: bad token".to_owned()),
         }
     })
-}
-
-async fn call<S, B>(svc: &S, req: Request<Full<Bytes>>) -> Reply
-where
-    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
-    S::Error: std::fmt::Debug,
-    B: http_body::Body,
-    B::Error: std::fmt::Debug,
-{
-    let res = svc.clone().oneshot(req).await.unwrap();
-    let (parts, body) = res.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body: String::from_utf8(body.to_vec()).unwrap(),
-    }
 }
 
 fn with_authorization(value: &str) -> Request<Full<Bytes>> {

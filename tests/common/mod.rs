@@ -141,8 +141,18 @@ impl Reply {
 
 /// Sends one request through `layer` in front of [`echo_service`].
 pub async fn send(layer: &PatAuthLayer, req: Request<Full<Bytes>>) -> Reply {
-    let svc = layer.layer(echo_service());
-    let res = svc.oneshot(req).await.unwrap();
+    call(&layer.layer(echo_service()), req).await
+}
+
+/// Sends `req` through any service and reads the whole answer.
+pub async fn call<S, B>(svc: &S, req: Request<Full<Bytes>>) -> Reply
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let res = svc.clone().oneshot(req).await.unwrap();
     let (parts, body) = res.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
     Reply {
