@@ -19,9 +19,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let auth = tokens.layer().realm("example").build();
 
     // Issue a token at start so a person can try it: the secret is printed once, only its hash is
-    // stored.
-    let new =
-        NewToken::new("alice", format!("example {}", chrono::Utc::now())).scopes(["notes:read"])?;
+    // stored. Each run issues a new one (names are unique per subject) that expires in an hour, so
+    // runs over the same database neither collide nor leave usable demo tokens behind.
+    let now = chrono::Utc::now();
+    let new = NewToken::new("alice", format!("axum example {now}"))
+        .scopes(["notes:read"])?
+        .expires_at(now + chrono::TimeDelta::hours(1));
     let (_, secret) = tokens.issue(new).await?;
 
     let protected = Router::new()

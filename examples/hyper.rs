@@ -35,7 +35,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::var("PAT_DB").unwrap_or_else(|_| "tower-pat.db".to_owned());
     let tokens = Tokens::new(SqliteStore::open(path).await?);
     let auth = tokens.layer().build();
-    let new = NewToken::new("alice", format!("hyper example {}", chrono::Utc::now()));
+    // A token to try, printed once. Each run issues a new one (names are unique per subject) that
+    // expires in an hour, so runs over one database neither collide nor leave usable tokens.
+    let now = chrono::Utc::now();
+    let new = NewToken::new("alice", format!("hyper example {now}"))
+        .expires_at(now + chrono::TimeDelta::hours(1));
     let (_, secret) = tokens.issue(new).await?;
 
     let addr = std::env::var("PAT_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());

@@ -9,7 +9,10 @@
 //!
 //! Tokens live in the SQLite file `PAT_DB` (default `./tower-pat.db`), so they survive a restart.
 //! On first start it creates a bootstrap token for subject `admin` with `personalAccessToken:*`
-//! and prints it on a line `admin token: <token>` (only then: the file keeps just its hash).
+//! and prints it on a line `admin token: <token>` (only then: the file keeps just its hash). A
+//! later start prints a new one whenever `admin` has no usable token left that can manage tokens
+//! (all revoked, disabled, expired or deleted), so an admin who lost theirs recovers by revoking
+//! it, or by waiting for it to expire, and restarting.
 //! Usage (`lastUsedAt`, last client addresses) is written behind and flushed on Ctrl-C or SIGTERM.
 //! Then, for example:
 //!
@@ -24,6 +27,7 @@ use std::net::SocketAddr;
 
 use axum::{Json, Router, routing::get};
 use tower_pat::admin::{self, AdminConfig};
+use tower_pat::store::{ListQuery, TokenState};
 use tower_pat::{NewToken, Principal, SqliteStore, Tokens, UsageConfig};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -35,15 +39,41 @@ async fn open_store() -> Result<Tokens, Error> {
     Ok(Tokens::new(SqliteStore::open(path).await?))
 }
 
-/// Creates the bootstrap token if subject `admin` has none yet, and prints it once.
+/// Creates a bootstrap token, and prints it once, unless subject `admin` still has a usable token
+/// that can manage tokens (active, with `personalAccessToken:write`).
 async fn bootstrap(tokens: &Tokens) -> Result<(), Error> {
-    let existing = tokens.store().count_by_subject("admin").await?;
-    if existing > 0 {
-        println!("subject admin already has {existing} token(s); the first start printed one");
+    let now = chrono::Utc::now();
+    let active = tokens
+        .list(
+            &ListQuery::for_subject("admin")
+                .state(TokenState::Active, now)
+                .limit(1000),
+        )
+        .await?;
+    let usable = active
+        .items
+        .iter()
+        .filter(|t| t.scopes.grants(admin::WRITE_SCOPE))
+        .count();
+    if usable > 0 {
+        println!(
+            "subject admin has {usable} usable token(s); an earlier start printed one \
+             (lost it? revoke or delete it, and restart for a new one)"
+        );
         return Ok(());
     }
-    let new = NewToken::new("admin", "bootstrap").scopes(["personalAccessToken:*"])?;
+    // Names are unique per subject: a revoked or expired "bootstrap" keeps its name.
+    let first = tokens.store().count_by_subject("admin").await? == 0;
+    let name = if first {
+        "bootstrap".to_owned()
+    } else {
+        format!("bootstrap {}", now.format("%Y-%m-%d %H:%M:%S%.6f"))
+    };
+    let new = NewToken::new("admin", name).scopes(["personalAccessToken:*"])?;
     let (_, secret) = tokens.issue(new).await?;
+    if !first {
+        println!("subject admin had no usable token left: a new bootstrap token follows");
+    }
     println!("admin token: {}", secret.expose_secret());
     Ok(())
 }

@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # Load test on loopback: the quickstart's trivial "pong" handler on an unauthenticated route
 # (/public/ping) and behind PatAuthLayer (/ping, with the admin token the quickstart prints), in
-# alternating runs of 50 connections. Prints requests/s and p99 of each run, then the medians and
-# the ratio authenticated / unauthenticated (median of the pairs, with its spread).
+# rounds of 50 connections: the public route without a header, the control (the public route
+# with the same `Authorization` header, so that hyper parses the same bytes) and the protected
+# route, the order rotated each round. Prints requests/s and p99 of each run, then the medians and
+# the ratio authenticated / control (median of the rounds, with its spread). With two cores or
+# more, the server runs on core 0 and the load generator on core 1 (`taskset`).
 #
-#   scripts/load.sh                      # 4 pairs of 8-second runs: about 75 s after the build
-#   PAIRS=6 DURATION=5 scripts/load.sh   # other settings: CONNECTIONS, THREADS, PORT, WARMUP,
+#   scripts/load.sh                      # 8 rounds of 5-second runs: about 2 min after the build
+#   PAIRS=12 DURATION=8 scripts/load.sh  # other settings: CONNECTIONS, THREADS, PORT, WARMUP,
 #                                        # LOAD_FEATURES (cargo feature flags for the build)
+#   SMOKE=1 scripts/load.sh              # one round of 1-second runs on a debug build (CI)
 #
 # Needs wrk (installed with apt-get if missing) or oha (installed with `cargo install oha` if
 # apt-get cannot install wrk). Only 127.0.0.1 is ever loaded; the server is always stopped.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-PAIRS=${PAIRS:-4}
-DURATION=${DURATION:-8}
+if [[ -n "${SMOKE:-}" ]]; then PAIRS=1 DURATION=1 WARMUP=1; fi
+PAIRS=${PAIRS:-8}
+DURATION=${DURATION:-5}
 CONNECTIONS=${CONNECTIONS:-50}
 THREADS=${THREADS:-1}
 WARMUP=${WARMUP:-2}
@@ -51,9 +56,17 @@ for p in json.load(sys.stdin)["packages"]:
             print(",".join(t.get("required-features", [])))')
 # LOAD_FEATURES overrides them (scripts/bench.sh passes --all-features, to reuse its build).
 feature_flags=${LOAD_FEATURES:-${features:+--features $features}}
-log "building the quickstart (release${feature_flags:+, $feature_flags})…"
+profile=release profile_flag=--release
+if [[ -n "${SMOKE:-}" ]]; then profile=debug profile_flag=; fi
+log "building the quickstart ($profile${feature_flags:+, $feature_flags})…"
 # shellcheck disable=SC2086 # the flags are words
-cargo build --release --quiet --example quickstart $feature_flags
+cargo build $profile_flag --quiet --example quickstart $feature_flags
+
+# Server and load generator on different cores, when there are two.
+server_cpu=() load_cpu=()
+if command -v taskset >/dev/null && (($(nproc) >= 2)); then
+    server_cpu=(taskset -c 0) load_cpu=(taskset -c 1)
+fi
 
 port=${PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 addr="127.0.0.1:$port"
@@ -70,7 +83,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 # The quickstart runs in a scratch directory, so that whatever files it makes go away with it.
-(cd "$workdir" && exec env PAT_ADDR="$addr" "$target_dir/release/examples/quickstart") >"$server_log" 2>&1 &
+(cd "$workdir" && exec ${server_cpu[@]+"${server_cpu[@]}"} env PAT_ADDR="$addr" "$target_dir/$profile/examples/quickstart") >"$server_log" 2>&1 &
 server_pid=$!
 
 token=""
@@ -95,7 +108,7 @@ status=$(curl -s -o /dev/null -w '%{http_code}' "http://$addr/ping")
 run() { # route seconds [header]
     local url="http://$addr$1" seconds=$2 header=${3:-}
     if [[ $tool == wrk ]]; then
-        wrk -t "$THREADS" -c "$CONNECTIONS" -d "${seconds}s" --latency ${header:+-H "$header"} "$url" |
+        ${load_cpu[@]+"${load_cpu[@]}"} wrk -t "$THREADS" -c "$CONNECTIONS" -d "${seconds}s" --latency ${header:+-H "$header"} "$url" |
             python3 -c '
 import re, sys
 out = sys.stdin.read()
@@ -107,7 +120,7 @@ if errors:
     sys.exit(f"{errors.group(1)} failed responses:\n{out}")
 print(f"{rps:.0f} {p99:.3f}")'
     else
-        oha -z "${seconds}s" -c "$CONNECTIONS" --no-tui --output-format json ${header:+-H "$header"} "$url" |
+        ${load_cpu[@]+"${load_cpu[@]}"} oha -z "${seconds}s" -c "$CONNECTIONS" --no-tui --output-format json ${header:+-H "$header"} "$url" |
             python3 -c '
 import json, sys
 r = json.load(sys.stdin)
@@ -118,23 +131,23 @@ print(f"{r[\"summary\"][\"requestsPerSec\"]:.0f} {r[\"latencyPercentiles\"][\"p9
     fi
 }
 
-log "loading $addr with $tool: $CONNECTIONS connections, $PAIRS pairs of ${DURATION}s runs"
+log "loading $addr with $tool: $CONNECTIONS connections, $PAIRS rounds of ${DURATION}s runs${load_cpu[*]:+, server on core 0, load on core 1}"
 run /public/ping "$WARMUP" >/dev/null
 run /ping "$WARMUP" "Authorization: Bearer $token" >/dev/null
 
 results="$workdir/results"
 : >"$results"
+orders=("public control auth" "control auth public" "auth public control")
 for i in $(seq 1 "$PAIRS"); do
-    # Alternate which route goes first, so that a drift in the machine's load hits both alike.
-    if ((i % 2)); then order="public auth"; else order="auth public"; fi
-    for which in $order; do
-        if [[ $which == public ]]; then
-            r=$(run /public/ping "$DURATION")
-        else
-            r=$(run /ping "$DURATION" "Authorization: Bearer $token")
-        fi
+    # Rotate which route goes first, so that a drift in the machine's load hits all alike.
+    for which in ${orders[$(((i - 1) % 3))]}; do
+        case $which in
+        public) r=$(run /public/ping "$DURATION") ;;
+        control) r=$(run /public/ping "$DURATION" "Authorization: Bearer $token") ;;
+        auth) r=$(run /ping "$DURATION" "Authorization: Bearer $token") ;;
+        esac
         printf '%s %s %s\n' "$i" "$which" "$r" >>"$results"
-        printf '  pair %d  %-6s %9s req/s   p99 %s ms\n' "$i" "$which" ${r% *} ${r#* }
+        printf '  round %d  %-7s %9s req/s   p99 %s ms\n' "$i" "$which" ${r% *} ${r#* }
     done
 done
 
@@ -144,12 +157,13 @@ runs = {}
 for line in open(sys.argv[1]):
     pair, which, rps, p99 = line.split()
     runs.setdefault(int(pair), {})[which] = (float(rps), float(p99))
-pub = [r["public"] for r in runs.values()]
-auth = [r["auth"] for r in runs.values()]
-ratios = sorted(r["auth"][0] / r["public"][0] for r in runs.values())
 med = statistics.median
 print("== load: the same handler without and with PatAuthLayer ==")
-print(f"  /public/ping (no auth)   {med(r for r, _ in pub):>9.0f} req/s   p99 {med(p for _, p in pub):.3f} ms   (medians)")
-print(f"  /ping (tower-pat)        {med(r for r, _ in auth):>9.0f} req/s   p99 {med(p for _, p in auth):.3f} ms")
-print(f"  ratio auth / public      {med(ratios):>9.3f}   (spread {ratios[0]:.3f} to {ratios[-1]:.3f} over {len(ratios)} pairs; target >= 0.95)")
+for which, label in [("public", "/public/ping (no header)"), ("control", "/public/ping + header  "), ("auth", "/ping (tower-pat)       ")]:
+    rs = [r[which] for r in runs.values()]
+    print(f"  {label} {med(r for r, _ in rs):>9.0f} req/s   p99 {med(p for _, p in rs):.3f} ms   (medians)")
+ratios = sorted(r["auth"][0] / r["control"][0] for r in runs.values())
+plain = sorted(r["auth"][0] / r["public"][0] for r in runs.values())
+print(f"  ratio auth / control     {med(ratios):>9.3f}   (spread {ratios[0]:.3f} to {ratios[-1]:.3f} over {len(ratios)} rounds; target >= 0.95)")
+print(f"  ratio auth / no header   {med(plain):>9.3f}   (spread {plain[0]:.3f} to {plain[-1]:.3f})")
 EOF

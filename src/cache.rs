@@ -1,8 +1,13 @@
 //! The verification cache in front of the store: what a request needs to know about a token, without a store query on a hit.
 //!
-//! - Positive entries: [`Principal`]s in a `DashMap` keyed by the token hash itself, hashed with the
-//!   digest's own first eight bytes (the key is already uniformly random, and only tokens that
-//!   exist in the store get in, so no one can flood it).
+//! - Positive entries: [`Principal`]s in a `DashMap` keyed by a slot, a 128-bit keyed PRF of
+//!   the token (SipHash-2-4-128, a random key per cache), hashed with its own first eight bytes (it
+//!   is uniformly random, and only tokens that exist in the store get in, so no one can flood it).
+//!   A hit computes no SHA-256 and no checksum: see the [crate docs](crate#the-cache-index-and-what-it-reveals).
+//!   An index from the hash the store found each token under to its slot lets store events (which
+//!   name hashes) drop entries.
+//! - Negative entries are keyed by the token's hash, probed only after a positive miss and the
+//!   format check.
 //! - Negative entries (unknown, revoked or expired tokens) in a bounded `moka` cache with a short
 //!   TTL: an attacker can create those, so they get admission control and a hard bound.
 //! - Concurrent misses for one hash make one store query (single-flight), run in its own task: a
@@ -37,11 +42,85 @@ use crate::scope::ScopeSet;
 use crate::store::{ChangeListener, StoreEvent, TokenLookup};
 use crate::token::{TokenHash, TokenHasher};
 
-/// Unix time in milliseconds from the coarse clock (`CLOCK_REALTIME_COARSE` on Linux: a few
-/// nanoseconds, a few milliseconds of resolution).
+/// Unix time in milliseconds from the coarse wall clock: `CLOCK_REALTIME_COARSE` through the
+/// vDSO on Linux (a few nanoseconds, no system call; it advances once per kernel tick, 1–10 ms),
+/// `SystemTime::now()` elsewhere. Expiry is enforced against it, so to within one tick.
 #[inline]
 pub(crate) fn now_ms() -> i64 {
-    coarsetime::Clock::now_since_epoch().as_millis() as i64
+    #[cfg(target_os = "linux")]
+    {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
+        // `tv_nsec` is an `i64` on some targets, a `c_long` on others.
+        #[allow(clippy::useless_conversion)]
+        let nanos = i64::from(t.tv_nsec);
+        t.tv_sec.saturating_mul(1_000) + nanos / 1_000_000
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    }
+}
+
+/// Where a token's positive entry lives: a 128-bit keyed PRF (SipHash-2-4-128) of the token,
+/// under a key drawn from the OS CSPRNG when the cache is made, which never leaves it. See
+/// [the crate docs](crate#the-cache-index-and-what-it-reveals) for why this is as strong as a
+/// probe keyed by the SHA-256 digest, and what a memory dump reveals.
+///
+/// Two `u64`s rather than a `u128`: 8-byte alignment keeps the map's buckets at 24 bytes (a
+/// `u128` would pad them to 32).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Slot([u64; 2]);
+
+impl Slot {
+    /// A made-up slot, for tests.
+    #[cfg(test)]
+    pub(crate) fn test(n: u128) -> Self {
+        Self([n as u64, (n >> 64) as u64])
+    }
+}
+
+impl std::hash::Hash for Slot {
+    /// The PRF output is uniformly random: its low 64 bits are the map's hash.
+    #[inline]
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.0[0]);
+    }
+}
+
+/// The PRF's key. Its `Debug` prints no key material.
+struct SlotKey {
+    k0: u64,
+    k1: u64,
+}
+
+impl SlotKey {
+    fn random() -> Self {
+        let mut key = [0u8; 16];
+        getrandom::fill(&mut key).expect("the operating system CSPRNG failed");
+        let (k0, k1) = key.split_at(8);
+        let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default());
+        Self {
+            k0: word(k0),
+            k1: word(k1),
+        }
+    }
+
+    #[inline]
+    fn slot(&self, token: &str) -> Slot {
+        use siphasher::sip128::Hasher128;
+        let mut h = siphasher::sip128::SipHasher24::new_with_keys(self.k0, self.k1);
+        h.write(token.as_bytes());
+        let h = h.finish128();
+        Slot([h.h1, h.h2])
+    }
+}
+
+impl std::fmt::Debug for SlotKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SlotKey(..)")
+    }
 }
 
 /// How many distinct scope sets [`Cache::shared_scopes`] remembers.
@@ -215,6 +294,7 @@ impl CacheConfig {
 pub(crate) enum Negative {
     Unknown,
     Revoked,
+    Disabled,
     Expired,
 }
 
@@ -226,7 +306,7 @@ pub(crate) enum Outcome {
     Unavailable,
 }
 
-/// The digest is uniformly random: its first eight bytes are the hash.
+/// For keys that are uniformly random (slots, digests): their first eight bytes are the hash.
 #[derive(Default)]
 pub(crate) struct DigestHasher(u64);
 
@@ -337,7 +417,17 @@ impl Drop for ClientUse<'_> {
 }
 
 pub(crate) struct Cache {
-    positive: DashMap<TokenHash, Principal, BuildHasherDefault<DigestHasher>>,
+    /// The positive entries, by [`Slot`]: a hit computes no SHA-256.
+    positive: DashMap<Slot, Principal, BuildHasherDefault<DigestHasher>>,
+    /// The slot of each positive entry by the first eight bytes of the hash the store found it
+    /// under (what store events name). Changed only under the positive map's shard lock of the
+    /// slot, so that it always agrees with the map: see [`Self::remember`] and
+    /// [`Self::invalidate`].
+    index: DashMap<u64, Slot, BuildHasherDefault<DigestHasher>>,
+    /// How many times two cached tokens' hashes shared their first eight bytes (about once in
+    /// 2^64 / n² at n tokens): from then on, an invalidation also scans the map.
+    index_collisions: AtomicU64,
+    slot_key: SlotKey,
     negative: moka::sync::Cache<TokenHash, Negative>,
     flights: Mutex<Flights>,
     scope_sets: Mutex<HashSet<ScopeSet>>,
@@ -363,6 +453,8 @@ pub(crate) struct Cache {
     /// was sent, or the cache was cleared (a failure of a query sent before that is old news).
     failing_since: AtomicI64,
     store_lookups: AtomicU64,
+    /// The layer's counters ([`crate::PatAuthLayer::stats`]).
+    pub(crate) stats: crate::stats::Stats,
     /// A test hook run just before a load or refresh caches what the store answered.
     insert_hook: std::sync::OnceLock<InsertHook>,
 }
@@ -385,6 +477,9 @@ impl Cache {
             .build();
         let cache = Arc::new(Self {
             positive: DashMap::default(),
+            index: DashMap::default(),
+            index_collisions: AtomicU64::new(0),
+            slot_key: SlotKey::random(),
             negative,
             flights: Mutex::default(),
             scope_sets: Mutex::default(),
@@ -402,6 +497,7 @@ impl Cache {
             disconnected_since: AtomicI64::new(0),
             failing_since: AtomicI64::new(0),
             store_lookups: AtomicU64::new(0),
+            stats: crate::stats::Stats::default(),
             insert_hook: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&cache);
@@ -414,12 +510,37 @@ impl Cache {
         &self.hasher
     }
 
+    /// The slot of `token`'s positive entry.
+    #[inline]
+    pub(crate) fn slot(&self, token: &str) -> Slot {
+        self.slot_key.slot(token)
+    }
+
     pub(crate) fn config(&self) -> &CacheConfig {
         &self.config
     }
 
     pub(crate) fn len(&self) -> usize {
         self.positive.len()
+    }
+
+    /// Entries in the negative cache (approximate: moka evicts lazily).
+    pub(crate) fn negative_len(&self) -> u64 {
+        self.negative.entry_count()
+    }
+
+    /// The change feed's state.
+    pub(crate) fn feed_state(&self) -> crate::stats::FeedState {
+        use crate::stats::FeedState;
+        if !self.has_feed.load(Ordering::Relaxed) {
+            return FeedState::None;
+        }
+        match self.disconnected_since.load(Ordering::Acquire) {
+            0 => FeedState::Connected,
+            since => FeedState::Disconnected(Duration::from_millis(
+                u64::try_from(now_ms() - since).unwrap_or(0).max(1),
+            )),
+        }
     }
 
     pub(crate) fn store_lookups(&self) -> u64 {
@@ -450,21 +571,25 @@ impl Cache {
         }
     }
 
-    /// The hot path: a probe of the positive map, then of the negative cache. `None` is a miss.
-    /// Triggers a background refresh of an entry past its TTL.
+    /// The hot path: a probe of the positive map. `None` is a miss (also for an entry too old
+    /// to serve). Triggers a background refresh of an entry past its TTL.
     #[inline]
-    pub(crate) fn probe(self: &Arc<Self>, hash: &TokenHash, now: i64) -> Option<Outcome> {
-        if let Some(p) = self.positive.get(hash) {
-            let refresh_at = p.value().0.refresh_at_ms.load(Ordering::Relaxed);
-            let principal = p.value().clone();
-            // The shard's read lock ends here: the stale path may need its write lock.
-            drop(p);
-            if now < refresh_at {
-                return Some(Outcome::Found(principal));
-            }
-            return self.probe_stale(principal, now, refresh_at);
+    pub(crate) fn probe(self: &Arc<Self>, slot: Slot, now: i64) -> Option<Principal> {
+        let p = self.positive.get(&slot)?;
+        let refresh_at = p.value().0.refresh_at_ms.load(Ordering::Relaxed);
+        let principal = p.value().clone();
+        // The shard's read lock ends here: the stale path may need its write lock.
+        drop(p);
+        if now < refresh_at {
+            return Some(principal);
         }
-        self.negative.get(hash).map(Outcome::Rejected)
+        self.probe_stale(principal, now, refresh_at)
+    }
+
+    /// The negative cache's answer for a token the positive map does not hold, by its hash.
+    #[inline]
+    pub(crate) fn probe_negative(&self, hash: &TokenHash) -> Option<Negative> {
+        self.negative.get(hash)
     }
 
     #[cold]
@@ -473,7 +598,7 @@ impl Cache {
         principal: Principal,
         now: i64,
         refresh_at: i64,
-    ) -> Option<Outcome> {
+    ) -> Option<Principal> {
         let entry = &principal.0;
         let hard_limit = entry.loaded_ms.saturating_add(self.ttl_ms + self.stale_ms);
         if self.stale_ms == 0
@@ -482,8 +607,7 @@ impl Cache {
             || self.disconnected_since.load(Ordering::Acquire) != 0
         {
             // Too old to serve: reload before use.
-            self.positive
-                .remove_if(&entry.key, |_, v| Arc::ptr_eq(&v.0, entry));
+            self.evict(entry);
             return None;
         }
         // One refresh at a time: whoever moves `refresh_at` runs it.
@@ -503,18 +627,35 @@ impl Cache {
             let stale = principal.clone();
             rt.spawn(async move { cache.refresh(stale).await });
         }
-        Some(Outcome::Found(principal))
+        Some(principal)
+    }
+
+    /// Removes `entry` from the positive map (if it is still the one there) and from the index.
+    fn evict(&self, entry: &Arc<Entry>) {
+        if let dashmap::Entry::Occupied(o) = self.positive.entry(entry.slot)
+            && Arc::ptr_eq(&o.get().0, entry)
+        {
+            // Under the slot's shard lock, like every change of the index.
+            self.unindex(entry.hash, entry.slot);
+            o.remove();
+        }
+    }
+
+    /// Drops the index's pointer from `hash` to `slot`. Call only under `slot`'s shard lock of
+    /// the positive map.
+    fn unindex(&self, hash: TokenHash, slot: Slot) {
+        self.index.remove_if(&hash.prefix_u64(), |_, s| *s == slot);
     }
 
     async fn refresh(self: Arc<Self>, stale: Principal) {
-        let key = stale.0.key;
+        let entry = &stale.0;
         let epoch = self.epoch.load(Ordering::Acquire);
         // Refreshes share the lookup slots, but never wait: the store is busy enough already.
         let Ok(_permit) = self.lookups.try_acquire() else {
             return;
         };
-        let token_hashes = [stale.0.stored_hash()];
-        match self.fetch(&key, &token_hashes).await {
+        // The hash the store found the token under: the secret that was presented.
+        match self.fetch(entry.slot, &entry.hash, &[]).await {
             Ok(outcome) => {
                 if let Outcome::Found(fresh) = &outcome {
                     fresh.0.last_mark_ms.fetch_max(
@@ -523,9 +664,9 @@ impl Cache {
                     );
                 }
                 if let Outcome::Rejected(_) = outcome {
-                    self.positive.remove(&key);
+                    self.evict(entry);
                 }
-                self.remember(key, &outcome, epoch);
+                self.remember(entry.slot, entry.hash, &outcome, epoch);
             }
             Err(()) => {
                 tracing::warn!(target: "tower_pat::store", token_id = %stale.token_id(), "token refresh failed; serving the cached entry");
@@ -542,11 +683,12 @@ impl Cache {
     /// invalidation: its answer may predate the change.
     pub(crate) async fn load(
         self: Arc<Self>,
+        slot: Slot,
         key: TokenHash,
         previous: Vec<TokenHash>,
         client: Option<IpAddr>,
     ) -> Outcome {
-        let Some((mut answer, _waiter)) = self.join(key, previous, client) else {
+        let Some((mut answer, _waiter)) = self.join(slot, key, previous, client) else {
             return Outcome::Unavailable;
         };
         let outcome = match answer.wait_for(Option::is_some).await {
@@ -560,6 +702,7 @@ impl Cache {
     /// Joins the flight for `key`, starting it if there is none. `None` outside a Tokio runtime.
     fn join(
         self: &Arc<Self>,
+        slot: Slot,
         key: TokenHash,
         previous: Vec<TokenHash>,
         client: Option<IpAddr>,
@@ -588,7 +731,7 @@ impl Cache {
                 let (tx, answer) = watch::channel(None);
                 // Spawned under the lock: the flight is in the table before its task can end.
                 let task = runtime
-                    .spawn(Arc::clone(self).fly(id, key, epoch, previous, client, tx))
+                    .spawn(Arc::clone(self).fly(id, slot, key, epoch, previous, client, tx))
                     .abort_handle();
                 let flight = Flight {
                     key,
@@ -606,9 +749,11 @@ impl Cache {
     }
 
     /// A flight's task: looks the token up, retires the flight, then hands out the answer.
+    #[allow(clippy::too_many_arguments)]
     async fn fly(
         self: Arc<Self>,
         id: u64,
+        slot: Slot,
         key: TokenHash,
         epoch: u64,
         previous: Vec<TokenHash>,
@@ -616,9 +761,16 @@ impl Cache {
         answer: watch::Sender<Option<Outcome>>,
     ) {
         // A flight that finished just before this one started may have filled the cache.
-        let outcome = match self.probe(&key, now_ms()) {
-            Some(hit) => hit,
-            None => self.load_uncached(key, &previous, epoch, client).await,
+        let cached = match self.probe(slot, now_ms()) {
+            Some(hit) => Some(Outcome::Found(hit)),
+            None => self.probe_negative(&key).map(Outcome::Rejected),
+        };
+        let outcome = match cached {
+            Some(outcome) => outcome,
+            None => {
+                self.load_uncached(slot, key, &previous, epoch, client)
+                    .await
+            }
         };
         self.flights
             .lock()
@@ -631,6 +783,7 @@ impl Cache {
     /// `epoch` (read before the lookup started).
     async fn load_uncached(
         &self,
+        slot: Slot,
         key: TokenHash,
         previous: &[TokenHash],
         epoch: u64,
@@ -666,7 +819,7 @@ impl Cache {
             tracing::warn!("too many concurrent token lookups; answering 503");
             return Outcome::Unavailable;
         };
-        let outcome = match self.fetch(&key, previous).await {
+        let outcome = match self.fetch(slot, &key, previous).await {
             Ok(o) => o,
             Err(()) => return Outcome::Unavailable,
         };
@@ -676,7 +829,7 @@ impl Cache {
             self.suspects.insert(c.client, ());
             c.budget.suspected.notify_waiters();
         }
-        self.remember(key, &outcome, epoch);
+        self.remember(slot, key, &outcome, epoch);
         outcome
     }
 
@@ -698,19 +851,46 @@ impl Cache {
         }
     }
 
-    /// Caches what the store answered for `key` by a load or refresh that started at `epoch`,
-    /// unless an invalidation came since: the invalidation always wins.
-    fn remember(&self, key: TokenHash, outcome: &Outcome, epoch: u64) {
+    /// Caches what the store answered for the token in `slot` (looked up under `key`) by a load or
+    /// refresh that started at `epoch`, unless an invalidation came since: the invalidation always
+    /// wins.
+    fn remember(&self, slot: Slot, key: TokenHash, outcome: &Outcome, epoch: u64) {
         self.run_insert_hook();
         match outcome {
             Outcome::Found(p) => {
-                // The epoch is read under the shard's write lock: an invalidation either bumped it
-                // before (nothing is cached) or removes the entry after (its removal takes that
-                // same lock). No request can see the entry after an invalidation returned.
-                let slot = self.positive.entry(key);
-                if self.epoch.load(Ordering::SeqCst) == epoch {
-                    slot.insert(p.clone());
+                // Under the slot's shard write lock: the index entry, then the epoch, then the
+                // entry. An invalidation bumps the epoch, then reads the index, then takes this
+                // lock to remove the entry: either it bumped before the check below (nothing is
+                // cached), or its index read comes after the index write below and finds the
+                // entry, which it removes after this lock is released. No request can see the
+                // entry after an invalidation returned.
+                let slot_entry = self.positive.entry(slot);
+                let hash = p.0.hash;
+                let prefix = hash.prefix_u64();
+                let indexed = match self.index.entry(prefix) {
+                    dashmap::Entry::Vacant(v) => {
+                        v.insert(slot);
+                        true
+                    }
+                    dashmap::Entry::Occupied(o) if *o.get() == slot => false,
+                    dashmap::Entry::Occupied(_) => {
+                        // Another cached token's hash starts with the same eight bytes.
+                        self.index_collisions.fetch_add(1, Ordering::SeqCst);
+                        false
+                    }
+                };
+                if self.epoch.load(Ordering::SeqCst) != epoch {
+                    if indexed {
+                        self.index.remove_if(&prefix, |_, s| *s == slot);
+                    }
+                    return;
                 }
+                if let dashmap::Entry::Occupied(old) = &slot_entry
+                    && old.get().0.hash != hash
+                {
+                    self.unindex(old.get().0.hash, slot);
+                }
+                slot_entry.insert(p.clone());
             }
             Outcome::Rejected(n) => {
                 // The negative cache has no such lock: insert, then take the entry back if an
@@ -729,11 +909,19 @@ impl Cache {
 
     /// Queries the store for `key`, then for each of `previous` (older peppers). `Err` when the
     /// store failed.
-    async fn fetch(&self, key: &TokenHash, previous: &[TokenHash]) -> Result<Outcome, ()> {
+    async fn fetch(
+        &self,
+        slot: Slot,
+        key: &TokenHash,
+        previous: &[TokenHash],
+    ) -> Result<Outcome, ()> {
         for hash in std::iter::once(key).chain(previous.iter().filter(|h| *h != key)) {
             self.store_lookups.fetch_add(1, Ordering::Relaxed);
             let sent = now_ms();
-            let found = self.lookup.find_by_hash(hash).await.map_err(|e| {
+            let started = std::time::Instant::now();
+            let found = self.lookup.find_by_hash(hash).await;
+            self.stats.lookup(started.elapsed(), found.is_err());
+            let found = found.map_err(|e| {
                 tracing::warn!(target: "tower_pat::store", error = %e, "token lookup failed");
                 self.store_failed(sent);
             })?;
@@ -742,9 +930,12 @@ impl Cache {
             if record.is_revoked() {
                 return Ok(Outcome::Rejected(Negative::Revoked));
             }
+            if record.is_disabled() {
+                return Ok(Outcome::Rejected(Negative::Disabled));
+            }
             record.scopes = self.shared_scopes(std::mem::take(&mut record.scopes));
             let now = now_ms();
-            let entry = Entry::new(record, *key, *hash, now, self.ttl_ms);
+            let entry = Entry::new(record, slot, *hash, now, self.ttl_ms);
             // The entry's expiry is the token's, or the end of the rotation grace period.
             if entry.expires_ms <= now {
                 return Ok(Outcome::Rejected(Negative::Expired));
@@ -771,20 +962,28 @@ impl Cache {
 
     /// Drops a positive entry that expired while cached and remembers why.
     pub(crate) fn expire(&self, principal: &Principal) {
-        let key = principal.0.key;
-        self.positive
-            .remove_if(&key, |_, v| Arc::ptr_eq(&v.0, &principal.0));
-        self.negative.insert(key, Negative::Expired);
+        self.evict(&principal.0);
+        self.negative.insert(principal.0.hash, Negative::Expired);
     }
 
-    /// Drops everything cached for this hash or id.
+    /// Drops everything cached for the record with this id, which the store found under `hash`
+    /// (events name every hash a record answered to).
     pub(crate) fn invalidate(&self, id: &str, hash: &TokenHash) {
         self.bump_epoch();
-        let removed = self.positive.remove(hash).is_some();
         self.negative.invalidate(hash);
-        if !removed && self.hasher.has_previous() {
-            // Cached under the current pepper's hash while stored under an older one.
-            self.positive.retain(|_, p| p.token_id() != id);
+        // Copied out: no index lock is held while a shard lock of the map is taken.
+        let slot = self.index.get(&hash.prefix_u64()).map(|s| *s);
+        if let Some(slot) = slot
+            && let dashmap::Entry::Occupied(o) = self.positive.entry(slot)
+            && o.get().0.hash == *hash
+        {
+            self.unindex(*hash, slot);
+            o.remove();
+        }
+        if self.index_collisions.load(Ordering::SeqCst) != 0 {
+            // An entry may be missing from the index: look at them all.
+            self.positive
+                .retain(|_, p| p.0.hash != *hash && p.token_id() != id);
         }
     }
 
@@ -797,6 +996,9 @@ impl Cache {
     /// Drops every entry.
     pub(crate) fn clear(&self) {
         self.bump_epoch();
+        // The index first: an entry cached after the map's shard was cleared keeps its index
+        // entry (written after this, under that shard's lock).
+        self.index.clear();
         self.positive.clear();
         self.negative.invalidate_all();
         // Nothing is left that a failed refresh could not confirm.
@@ -924,13 +1126,126 @@ mod tests {
         TokenHasher::default().hash(&format!("token-{n}"))
     }
 
+    /// A positive entry for a record found under `hash`, cached in `slot`, as a load makes it.
+    fn found(slot: Slot, hash: TokenHash, id: &str) -> Outcome {
+        let (mut record, _) = crate::record::NewToken::new("alice", id).build(
+            &crate::TokenFormat::new(),
+            &TokenHasher::sha256(),
+            chrono::Utc::now(),
+        );
+        record.id = id.to_owned();
+        record.hash = hash;
+        Outcome::Found(Principal(Arc::new(Entry::new(
+            record,
+            slot,
+            hash,
+            now_ms(),
+            60_000,
+        ))))
+    }
+
+    /// Caches `outcome` as a load that started now would.
+    fn cache_now(cache: &Cache, slot: Slot, outcome: &Outcome) {
+        let key = match outcome {
+            Outcome::Found(p) => p.0.hash,
+            _ => hash(0),
+        };
+        cache.remember(slot, key, outcome, cache.epoch.load(Ordering::SeqCst));
+    }
+
+    fn cached(cache: &Arc<Cache>, slot: Slot) -> bool {
+        cache.probe(slot, now_ms()).is_some()
+    }
+
+    #[test]
+    fn slots_are_keyed_per_cache_and_differ_per_token() {
+        let (a, b) = (cache(Empty), cache(Empty));
+        let token = "pat_0123456789abcdefghijABCDEFGHIJ0123";
+        assert!(a.slot(token) == a.slot(token));
+        // Another cache draws another key: the same token lands elsewhere.
+        assert!(a.slot(token) != b.slot(token));
+        // Near misses (one character, a suffix, the letter case) land elsewhere.
+        for other in [
+            "pat_0123456789abcdefghijABCDEFGHIJ0124",
+            "pat_0123456789abcdefghijABCDEFGHIJ0123 ",
+            "PAT_0123456789abcdefghijABCDEFGHIJ0123",
+            "pat_0123456789abcdefghijABCDEFGHIJ012",
+        ] {
+            assert!(a.slot(token) != a.slot(other), "{other}");
+        }
+        assert_eq!(format!("{:?}", a.slot_key), "SlotKey(..)");
+    }
+
+    #[test]
+    fn an_invalidation_finds_the_entry_through_the_index() {
+        let cache = cache(Empty);
+        let (slot, h) = (Slot::test(7), hash(7));
+        cache_now(&cache, slot, &found(slot, h, "t7"));
+        assert!(cached(&cache, slot));
+        // An event for another hash leaves it.
+        cache.invalidate("t8", &hash(8));
+        assert!(cached(&cache, slot));
+        cache.invalidate("t7", &h);
+        assert!(!cached(&cache, slot));
+        assert_eq!(cache.index.len(), 0, "the index entry goes with it");
+    }
+
+    #[test]
+    fn a_load_that_started_before_an_invalidation_caches_nothing_and_indexes_nothing() {
+        let cache = cache(Empty);
+        let (slot, h) = (Slot::test(3), hash(3));
+        let epoch = cache.epoch.load(Ordering::SeqCst);
+        cache.invalidate("t3", &h);
+        cache.remember(slot, h, &found(slot, h, "t3"), epoch);
+        assert!(!cached(&cache, slot));
+        assert_eq!(cache.index.len(), 0);
+    }
+
+    #[test]
+    fn hashes_sharing_their_first_eight_bytes_are_still_invalidated() {
+        let cache = cache(Empty);
+        let mut bytes = *hash(1).as_bytes();
+        let first = TokenHash::from_bytes(bytes);
+        bytes[31] ^= 1;
+        let second = TokenHash::from_bytes(bytes);
+        assert_eq!(first.prefix_u64(), second.prefix_u64());
+        let (s1, s2) = (Slot::test(11), Slot::test(12));
+        cache_now(&cache, s1, &found(s1, first, "one"));
+        cache_now(&cache, s2, &found(s2, second, "two"));
+        assert!(cached(&cache, s1) && cached(&cache, s2));
+        // The second is not in the index: its invalidation scans the map.
+        cache.invalidate("two", &second);
+        assert!(cached(&cache, s1));
+        assert!(!cached(&cache, s2));
+        cache.invalidate("one", &first);
+        assert!(!cached(&cache, s1));
+    }
+
+    #[test]
+    fn evicted_and_cleared_entries_leave_no_index_behind() {
+        let cache = cache(Empty);
+        for n in 0..10u8 {
+            let slot = Slot::test(u128::from(n));
+            cache_now(&cache, slot, &found(slot, hash(n), &format!("t{n}")));
+        }
+        assert_eq!(cache.index.len(), 10);
+        let Some(p) = cache.probe(Slot::test(4), now_ms()) else {
+            panic!("cached")
+        };
+        cache.expire(&p);
+        assert_eq!((cache.len(), cache.index.len()), (9, 9));
+        cache.clear();
+        assert_eq!((cache.len(), cache.index.len()), (0, 0));
+    }
+
     #[tokio::test]
     async fn abandoned_lookups_leave_no_flight_no_client_budget_and_no_task() {
         let cache = cache(Hanging);
         let metrics = tokio::runtime::Handle::current().metrics();
         let client = Some("192.0.2.1".parse().unwrap());
         for n in 0..20 {
-            let load = Arc::clone(&cache).load(hash(n), Vec::new(), client);
+            let load =
+                Arc::clone(&cache).load(Slot::test(u128::from(n)), hash(n), Vec::new(), client);
             let mut load = Box::pin(load);
             let poll = load
                 .as_mut()
@@ -963,7 +1278,7 @@ mod tests {
         let cache = cache(Empty);
         let client: IpAddr = "2001:db8:1:2:3:4:5:6".parse().unwrap();
         let outcome = Arc::clone(&cache)
-            .load(hash(1), Vec::new(), Some(client))
+            .load(Slot::test(1), hash(1), Vec::new(), Some(client))
             .await;
         assert!(matches!(outcome, Outcome::Rejected(Negative::Unknown)));
         assert!(cache.suspects.contains_key(&client_key(client)));
@@ -986,10 +1301,14 @@ mod tests {
     #[tokio::test]
     async fn a_lookup_whose_store_panics_answers_unavailable_and_leaves_nothing_behind() {
         let cache = cache(PanicsOnce::default());
-        let first = Arc::clone(&cache).load(hash(1), Vec::new(), None).await;
+        let first = Arc::clone(&cache)
+            .load(Slot::test(1), hash(1), Vec::new(), None)
+            .await;
         assert!(matches!(first, Outcome::Unavailable));
         assert_eq!(cache.lookups_in_flight(), 0);
-        let second = Arc::clone(&cache).load(hash(1), Vec::new(), None).await;
+        let second = Arc::clone(&cache)
+            .load(Slot::test(1), hash(1), Vec::new(), None)
+            .await;
         assert!(matches!(second, Outcome::Rejected(Negative::Unknown)));
     }
 

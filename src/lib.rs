@@ -6,12 +6,15 @@
 //!
 //! For each request, [`PatAuthLayer`]
 //! 1. extracts the token (`Authorization: Bearer …`, and optionally other sources),
-//! 2. checks its format offline (prefix, length, alphabet, CRC32 checksum): a mistyped or invented
-//!    token never reaches the cache or the store,
-//! 3. hashes it (SHA-256, or HMAC-SHA256 with a pepper): only hashes are stored and cached,
-//! 4. looks the hash up in an in-process cache backed by a store (one store query per token per
-//!    TTL, however many requests arrive at once),
-//! 5. enforces revocation, expiry, IP restriction (CIDR) and scopes on every request,
+//! 2. looks it up in an in-process cache by a keyed PRF of the token (SipHash-2-4-128 under a
+//!    per-process random key: see [below](#the-cache-index-and-what-it-reveals)); on a hit that is
+//!    all, since only tokens that passed the steps below get an entry,
+//! 3. on a miss, checks its format offline (prefix, length, alphabet, CRC32 checksum: a mistyped
+//!    or invented token never reaches the store), hashes it (SHA-256, or HMAC-SHA256 with a
+//!    pepper: only hashes are stored) and asks the store (one query per token per TTL, however
+//!    many requests arrive at once),
+//! 4. enforces revocation, expiry, IP restriction (CIDR) and scopes on every request,
+//! 5. records usage (last used, last addresses) write-behind,
 //! 6. puts the [`Principal`] in the request extensions.
 //!
 //! ## Quickstart
@@ -73,6 +76,34 @@
 //! proxies, the address they put in the one header configured with
 //! [`PatAuthLayerBuilder::trusted_proxies`] ([`ForwardedHeader`]); see [`client_ip`].
 //!
+//! ## The cache index and what it reveals
+//!
+//! The store keeps only the SHA-256 of each token (or its HMAC under a server pepper); the layer
+//! computes it only on a cache miss, to ask the store. A cache hit is found by another value: a
+//! 128-bit keyed PRF of the token, SipHash-2-4-128 under a 128-bit key drawn from the operating
+//! system's CSPRNG when the layer is built. The key stays in the process: it is never stored,
+//! logged, printed in `Debug` or shared between layers, and a restart draws a new one. Why this is
+//! as strong as a probe keyed by the digest:
+//!
+//! - **No forgery.** A request hits an entry only if its token's PRF value equals one the cache
+//!   holds, and only tokens the store confirmed get an entry. Finding another string with the same
+//!   128-bit value needs the key (SipHash is a PRF: without the key its outputs are
+//!   indistinguishable from random), and even then a collision would have to be found among the
+//!   cached tokens' values, which an attacker does not see. A guess succeeds with probability
+//!   n / 2^128 for n cached tokens, where a guess of the token itself succeeds with n / 62^32 ≈
+//!   n / 2^190.5: the slot is the weaker of the two, and it is far beyond reach.
+//! - **The format check is not skipped, it is remembered.** A token gets an entry only after it
+//!   passed the offline format check and the store found it; a request that hits presents that
+//!   same string, so the check (CRC32 and base62) would pass again. Malformed and unknown tokens
+//!   miss, and on a miss everything runs as before: format check, digest, negative cache, store.
+//! - **Revocation still reaches the entry.** Store events name records by their stored hash;
+//!   an index from the hash to the slot, kept under the map's own lock, finds the entry to drop.
+//! - **A memory dump** of the process shows the PRF key, the slots and the stored hashes of cached
+//!   tokens: no token. The stored hashes are what the store holds anyway; the key and slots let
+//!   an attacker test guesses offline exactly as the hashes already do, at the cost of one
+//!   SipHash instead of one SHA-256 per guess; with 190 bits of randomness per token neither is
+//!   a way in. Without the dump (the usual case) the slots are worth nothing: they are keyed.
+//!
 //! ## Features
 //!
 #![doc = include_str!("../docs/features.md")]
@@ -84,17 +115,20 @@ pub mod admin;
 pub mod auth;
 pub mod cache;
 pub mod client_ip;
+#[cfg(feature = "gateway")]
+pub mod gateway;
 pub mod principal;
 pub mod record;
 pub mod scope;
+pub mod stats;
 pub mod store;
 pub mod token;
 pub mod tokens;
 pub mod usage;
 
 pub use auth::{
-    AuthError, ForeignCredential, PatAuth, PatAuthLayer, PatAuthLayerBuilder, RequireScopes,
-    RequireScopesLayer, ResponseBody,
+    AuthError, ForeignCredential, PatAuth, PatAuthLayer, PatAuthLayerBuilder, RefusedToken,
+    RequireScopes, RequireScopesLayer, ResponseBody,
 };
 pub use cache::CacheConfig;
 pub use client_ip::{ClientAddr, ClientIpSource, ForwardedHeader};
@@ -103,6 +137,7 @@ pub use principal::Principal;
 pub use principal::PrincipalRejection;
 pub use record::{NewToken, TokenRecord, UsageUpdate};
 pub use scope::{Scope, ScopeSet};
+pub use stats::AuthStats;
 #[cfg(feature = "postgres")]
 pub use store::PostgresStore;
 #[cfg(feature = "sqlite")]

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
 
+use crate::cache::Slot;
 use crate::record::TokenRecord;
 use crate::scope::ScopeSet;
 use crate::token::TokenHash;
@@ -46,12 +47,13 @@ pub(crate) struct Entry {
     scopes: ScopeSet,
     /// When the entry was loaded from the store (coarse clock, Unix ms).
     pub(crate) loaded_ms: i64,
-    /// The cache key: the token's hash under the current pepper.
-    pub(crate) key: TokenHash,
-    /// The hash the store found the token under, when it is not `key` (an older pepper's hash of
-    /// the same secret). Never the record's hash after a match on its rotation grace hash: a
-    /// refresh must look up the secret that was presented, not the one that replaced it.
-    stored_hash: Option<Box<TokenHash>>,
+    /// Where the entry is cached: the keyed PRF of the token.
+    pub(crate) slot: Slot,
+    /// The hash the store found the token under (the current pepper's or an older one's): what
+    /// store events name and a refresh looks up. Never the record's hash after a match on its
+    /// rotation grace hash: a refresh must look up the secret that was presented, not the one
+    /// that replaced it.
+    pub(crate) hash: TokenHash,
     names: Names,
     last_used_ips: Box<[IpAddr]>,
     expires_at: Option<DateTime<Utc>>,
@@ -100,11 +102,11 @@ impl Names {
 }
 
 impl Entry {
-    /// The entry for `record`, cached under `key` and found in the store under `matched`: the
+    /// The entry for `record`, cached in `slot` and found in the store under `matched`: the
     /// record's hash, or its rotation grace hash (then the entry expires with the grace period).
     pub(crate) fn new(
         record: TokenRecord,
-        key: TokenHash,
+        slot: Slot,
         matched: TokenHash,
         now_ms: i64,
         ttl_ms: i64,
@@ -126,8 +128,8 @@ impl Entry {
             ip_restriction: record.ip_restriction.into_boxed_slice(),
             scopes: record.scopes,
             loaded_ms: now_ms,
-            key,
-            stored_hash: (matched != key).then(|| Box::new(matched)),
+            slot,
+            hash: matched,
             names: Names::new(
                 &record.id,
                 &record.subject,
@@ -141,8 +143,9 @@ impl Entry {
     }
 
     /// The hash the store found the token under: what a refresh looks up.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) fn stored_hash(&self) -> TokenHash {
-        self.stored_hash.as_deref().copied().unwrap_or(self.key)
+        self.hash
     }
 }
 
@@ -321,7 +324,13 @@ mod tests {
             .build(&TokenFormat::new(), &TokenHasher::sha256(), now);
         record.last_used_ips = vec!["10.1.2.3".parse().unwrap()];
         let key = record.hash;
-        let p = Principal(Arc::new(Entry::new(record.clone(), key, key, 0, 60_000)));
+        let p = Principal(Arc::new(Entry::new(
+            record.clone(),
+            crate::cache::Slot::test(1),
+            key,
+            0,
+            60_000,
+        )));
         assert_eq!(p.token_id(), record.id);
         assert_eq!(p.subject(), "zoë@example.com");
         assert_eq!(p.token_name(), "déploiement ✓");
@@ -334,20 +343,6 @@ mod tests {
         assert_eq!(p.last_used_at(), None);
         // Stored under its own hash: a refresh looks that hash up.
         assert_eq!(p.0.stored_hash(), key);
-    }
-
-    #[test]
-    fn an_entry_found_by_another_hash_remembers_the_stored_one() {
-        let (record, _) = NewToken::new("alice", "ci").build(
-            &TokenFormat::new(),
-            &TokenHasher::sha256(),
-            Utc::now(),
-        );
-        let key = TokenHasher::with_pepper("pepper").hash("pat_x");
-        let entry = Entry::new(record.clone(), key, record.hash, 0, 60_000);
-        assert_eq!(entry.key, key);
-        assert_eq!(entry.stored_hash(), record.hash);
-        assert_eq!(Principal(Arc::new(entry)).token_id(), record.id);
     }
 
     #[tokio::test]

@@ -38,6 +38,9 @@ pub struct TokenRecord {
     pub expires_at: Option<DateTime<Utc>>,
     /// When the token was revoked, if it was.
     pub revoked_at: Option<DateTime<Utc>>,
+    /// Since when the token is disabled, if it is: refused like a revoked one, but reversible
+    /// ([`TokenPatch::enable`](crate::TokenPatch::enable)).
+    pub disabled_at: Option<DateTime<Utc>>,
     /// When the token was last used (the "seenAt" of some APIs); written behind, so it may lag.
     pub last_used_at: Option<DateTime<Utc>>,
     /// The most recent distinct client addresses, newest first, at most [`MAX_LAST_USED_IPS`].
@@ -70,9 +73,14 @@ impl TokenRecord {
         self.expires_at.is_some_and(|exp| exp <= now)
     }
 
-    /// Whether the token is usable at `now`: neither revoked nor expired.
+    /// Whether the token is disabled (reversibly).
+    pub fn is_disabled(&self) -> bool {
+        self.disabled_at.is_some()
+    }
+
+    /// Whether the token is usable at `now`: neither revoked, disabled nor expired.
     pub fn is_active_at(&self, now: DateTime<Utc>) -> bool {
-        !self.is_revoked() && !self.is_expired_at(now)
+        !self.is_revoked() && !self.is_disabled() && !self.is_expired_at(now)
     }
 
     /// Whether the record answers to `hash`: its current hash, or its previous hash while the
@@ -220,6 +228,17 @@ pub fn parse_ip_net(s: &str) -> Result<IpNet, ipnet::AddrParseError> {
     Ok(canonical_net(net))
 }
 
+/// `t` to the microsecond: what every store keeps (PostgreSQL's `timestamptz`, SQLite's integer
+/// microseconds), so that a record answered at its creation and read back later show one time.
+pub(crate) fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
+}
+
+/// The current time to the microsecond ([`micros`]): the time of every management write.
+pub(crate) fn now() -> DateTime<Utc> {
+    micros(Utc::now())
+}
+
 /// What a new token is: the input of [`Tokens::issue`](crate::Tokens::issue), which makes the
 /// secret, stores the record and returns both.
 ///
@@ -281,7 +300,7 @@ impl NewToken {
 
     /// Sets the expiry (default: never).
     pub fn expires_at(mut self, at: DateTime<Utc>) -> Self {
-        self.expires_at = Some(at);
+        self.expires_at = Some(micros(at));
         self
     }
 
@@ -306,6 +325,7 @@ impl NewToken {
         now: DateTime<Utc>,
     ) -> (TokenRecord, TokenSecret) {
         let secret = format.generate();
+        let now = micros(now);
         let record = TokenRecord {
             id: new_id(),
             subject: self.subject,
@@ -315,8 +335,9 @@ impl NewToken {
             ip_restriction: self.ip_restriction,
             created_at: now,
             updated_at: now,
-            expires_at: self.expires_at,
+            expires_at: self.expires_at.map(micros),
             revoked_at: None,
+            disabled_at: None,
             last_used_at: None,
             last_used_ips: Vec::new(),
             last_rotated_at: None,

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 
 use crate::auth::{PatAuthLayer, PatAuthLayerBuilder};
 use crate::record::{NewToken, TokenRecord};
-use crate::store::{ListQuery, Page, StoreError, TokenStore};
+use crate::store::{ListQuery, Page, Rotation, StoreError, TokenStore};
 use crate::token::{TokenFormat, TokenHasher, TokenSecret};
 
 /// The one place tokens are issued: a store together with the [`TokenFormat`] and
@@ -176,7 +176,7 @@ impl Tokens {
     /// Fails with the store's error, for example [`StoreError::Conflict`] (`name`) when the
     /// subject already has a token of that name.
     pub async fn issue(&self, token: NewToken) -> Result<(TokenRecord, TokenSecret), StoreError> {
-        self.issue_at(token, Utc::now()).await
+        self.issue_at(token, crate::record::now()).await
     }
 
     /// [`issue`](Self::issue) with the creation time given.
@@ -203,7 +203,34 @@ impl Tokens {
     /// Revokes the token now ([`TokenStore::revoke`]); every layer reading the store refuses it
     /// from the moment this returns. `None` if the id is unknown.
     pub async fn revoke(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
-        self.store.revoke(id, Utc::now()).await
+        self.store.revoke(id, crate::record::now()).await
+    }
+
+    /// Replaces the token's secret now and returns the record and the new secret (show it once).
+    /// The old secret keeps working for `grace` (zero: it stops at once). The rotation is
+    /// conditional on the record read here: it fails with [`StoreError::Stale`], changing
+    /// nothing, if the token changed in between (retry), with [`StoreError::NotFound`] for an
+    /// unknown id and [`StoreError::Revoked`] for a revoked token. The expiry is kept.
+    pub async fn rotate(
+        &self,
+        id: &str,
+        grace: std::time::Duration,
+    ) -> Result<(TokenRecord, TokenSecret), StoreError> {
+        let record = self.store.get(id).await?.ok_or(StoreError::NotFound)?;
+        if record.is_revoked() {
+            return Err(StoreError::Revoked);
+        }
+        let now = crate::record::now();
+        let grace_until = chrono::Duration::from_std(grace)
+            .ok()
+            .filter(|g| !g.is_zero())
+            .and_then(|g| now.checked_add_signed(g));
+        let (fresh, secret) = self.mint(NewToken::new(&*record.subject, &*record.name), now);
+        let rotation = Rotation::new(record.hash, fresh.hash, fresh.start, now)
+            .if_version(record.version)
+            .grace_until(grace_until);
+        let record = self.store.rotate(id, &rotation).await?;
+        Ok((record, secret))
     }
 
     /// Removes the record ([`TokenStore::delete`]). `None` if the id is unknown.

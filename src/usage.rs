@@ -147,6 +147,11 @@ pub struct UsageRecorder {
 
 struct Shared {
     pending: Mutex<HashMap<String, UsageUpdate>>,
+    /// The batch a flush is writing now: still shown by `pending()` until the store has it.
+    writing: Mutex<HashMap<String, UsageUpdate>>,
+    /// One flush at a time: a `flush()` called while the flusher writes waits for that write, so
+    /// that when it returns every mark made before the call is in the store.
+    flush_lock: tokio::sync::Mutex<()>,
     lookup: Arc<dyn TokenLookup>,
     config: UsageConfig,
     granularity_ms: i64,
@@ -184,6 +189,8 @@ impl UsageRecorder {
             .expect("usage tracking needs a Tokio runtime: build the layer inside one");
         let shared = Arc::new(Shared {
             pending: Mutex::default(),
+            writing: Mutex::default(),
+            flush_lock: tokio::sync::Mutex::new(()),
             lookup,
             granularity_ms: i64::try_from(config.granularity.as_millis()).unwrap_or(i64::MAX),
             config,
@@ -225,7 +232,7 @@ impl UsageRecorder {
             return;
         }
         let ips = ip.as_slice();
-        let mut pending = s.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pending = lock(&s.pending);
         if let Some(entry) = pending.get_mut(token_id) {
             entry.merge(at, ips);
         } else if pending.len() < s.config.max_pending_tokens {
@@ -240,19 +247,37 @@ impl UsageRecorder {
 
     /// What is pending for a token and not yet written, if anything: merge it into a stored record
     /// with [`TokenRecord::apply_usage`](crate::TokenRecord::apply_usage) to show fresh data.
+    ///
+    /// This includes a batch a flush is writing at this moment.
     pub fn pending(&self, token_id: &str) -> Option<UsageUpdate> {
-        let pending = self
-            .shared
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        pending.get(token_id).cloned()
+        let s = &self.shared;
+        // `pending` first, then `writing`: a flush moves a batch from one to the other while
+        // holding `writing`, so a mark is seen in one of them or is already in the store.
+        let queued = lock(&s.pending).get(token_id).cloned();
+        let writing = lock(&s.writing).get(token_id).cloned();
+        match (queued, writing) {
+            (Some(mut a), Some(b)) => {
+                a.merge(b.last_used_at, &b.ips);
+                Some(a)
+            }
+            (a, b) => a.or(b),
+        }
     }
 
-    /// Writes everything pending now, without waiting for the interval. On failure the marks stay
-    /// pending for the next attempt.
+    /// Writes everything pending now, without waiting for the interval, and returns the number of
+    /// tokens written. If the flusher is writing at that moment, this waits for its write first:
+    /// when it returns `Ok`, every mark made before the call is in the store. The write runs in a
+    /// task of its own, so dropping this future loses nothing. On failure the marks stay pending
+    /// for the next attempt.
+    ///
+    /// # Errors
+    /// The store's error.
     pub async fn flush(&self) -> Result<usize, crate::StoreError> {
-        self.shared.flush().await
+        let shared = Arc::clone(&self.shared);
+        match tokio::spawn(async move { shared.flush().await }).await {
+            Ok(result) => result,
+            Err(e) => Err(crate::StoreError::backend(format!("usage flush task: {e}"))),
+        }
     }
 
     /// Stops the flusher after writing everything pending (retrying with backoff for at most one
@@ -272,7 +297,7 @@ impl UsageRecorder {
     /// The counters.
     pub fn stats(&self) -> UsageStats {
         let s = &self.shared;
-        let pending = s.pending.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let pending = lock(&s.pending).len();
         UsageStats {
             marks: s.marks.load(Ordering::Relaxed),
             flushes: s.flushes.load(Ordering::Relaxed),
@@ -286,15 +311,20 @@ impl UsageRecorder {
 
 impl Shared {
     async fn flush(&self) -> Result<usize, crate::StoreError> {
+        let _one_at_a_time = self.flush_lock.lock().await;
         let batch: Vec<UsageUpdate> = {
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            std::mem::take(&mut *pending).into_values().collect()
+            let mut writing = lock(&self.writing);
+            let taken = std::mem::take(&mut *lock(&self.pending));
+            *writing = taken;
+            writing.values().cloned().collect()
         };
         if batch.is_empty() {
             return Ok(0);
         }
-        match self.lookup.record_usage(&batch).await {
+        let result = self.lookup.record_usage(&batch).await;
+        match result {
             Ok(()) => {
+                lock(&self.writing).clear();
                 self.flushes.fetch_add(1, Ordering::Relaxed);
                 self.rows_written
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -304,7 +334,7 @@ impl Shared {
                 self.retries.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(target: "tower_pat::store", error = %e, rows = batch.len(), "usage flush failed; will retry");
                 // Put the batch back; marks made meanwhile merge with it, newest wins.
-                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                let mut pending = lock(&self.pending);
                 for update in batch {
                     if let Some(entry) = pending.get_mut(&update.token_id) {
                         entry.merge(update.last_used_at, &update.ips);
@@ -314,10 +344,18 @@ impl Shared {
                         self.dropped.fetch_add(1, Ordering::Relaxed);
                     }
                 }
+                // Not nested: `flush` takes `writing` before `pending`, never the other way.
+                drop(pending);
+                lock(&self.writing).clear();
                 Err(e)
             }
         }
     }
+}
+
+/// A std mutex's guard, through poisoning (the maps stay consistent: no code panics holding them).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Drop for Shared {
@@ -371,7 +409,7 @@ impl Shared {
             backoff = (backoff * 2).min(max_backoff);
         }
         let lost = {
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pending = lock(&self.pending);
             std::mem::take(&mut *pending).len()
         };
         if lost > 0 {

@@ -492,3 +492,39 @@ async fn cryptlex_requests() {
     assert_eq!(res.body["active"], false);
     assert_eq!(hello(&t.app, &secret).await, StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn the_201_and_a_later_get_show_the_same_times_to_the_microsecond() {
+    // SQLite keeps microseconds; the clock and a client's expiresAt have nanoseconds. The record
+    // answered at creation is truncated as the store keeps it, so both reads agree.
+    let path = std::env::temp_dir().join(format!(
+        "tower-pat-precision-{}-{}.db",
+        std::process::id(),
+        Utc::now().timestamp_nanos_opt().unwrap_or_default()
+    ));
+    let store = tower_pat::SqliteStore::open(&path).await.unwrap();
+    let tokens = tower_pat::Tokens::new(store.clone());
+    let layer = tokens.layer().build();
+    let app = axum::Router::new().nest(
+        BASE,
+        tower_pat::admin::router(tower_pat::admin::AdminConfig::new(&tokens, &layer).unwrap()),
+    );
+    let alice = issue(&tokens, "alice", &["personalAccessToken:*"]).await;
+    let res = create(
+        &app,
+        &alice,
+        r#"{"name": "precise", "expiresAt": "2031-01-02T03:04:05.123456789Z"}"#,
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::CREATED);
+    let id = res.body["id"].as_str().unwrap();
+    let later = get(&app, &format!("{BASE}/{id}"), &alice).await;
+    for field in ["createdAt", "updatedAt", "expiresAt"] {
+        assert_eq!(res.body[field], later.body[field], "{field}");
+    }
+    assert_eq!(res.body["expiresAt"], "2031-01-02T03:04:05.123456Z");
+    drop(store);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}

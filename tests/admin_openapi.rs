@@ -50,6 +50,7 @@ async fn every_route_and_status_is_documented() {
         set(&[
             BASE,
             &format!("{BASE}/self"),
+            &format!("{BASE}/self/rotate"),
             &id,
             &format!("{BASE}/{{id}}/rotate"),
             &format!("{BASE}/openapi.json"),
@@ -66,6 +67,18 @@ async fn every_route_and_status_is_documented() {
             format!("{BASE}/self"),
             "get",
             &["200", "401", "403", "404", "500"],
+        ),
+        (
+            format!("{BASE}/self"),
+            "delete",
+            &["204", "401", "403", "404", "500"],
+        ),
+        (
+            format!("{BASE}/self/rotate"),
+            "post",
+            &[
+                "201", "400", "401", "403", "404", "409", "410", "413", "500",
+            ],
         ),
         (id.clone(), "get", &["200", "401", "403", "404", "500"]),
         (
@@ -119,7 +132,12 @@ async fn every_route_and_status_is_documented() {
             "search",
             "lastUsed",
             "lastUsedBefore",
-            "ownerId"
+            "lastUsedAfter",
+            "createdAfter",
+            "createdBefore",
+            "state",
+            "ownerId",
+            "subject"
         ])
     );
 }
@@ -188,6 +206,8 @@ async fn the_schemas_are_what_the_api_answers() {
         "updatedAt",
         "expiresAt",
         "active",
+        "disabled",
+        "disabledAt",
         "revoked",
         "expiryWarning",
         "lastUsedAt",
@@ -216,6 +236,7 @@ async fn the_schemas_are_what_the_api_answers() {
     assert_eq!(
         properties(&doc, "PatchTokenRequest"),
         set(&[
+            "active",
             "name",
             "scopes",
             "expiresAt",
@@ -236,6 +257,13 @@ fn the_unprefixed_document_is_available_to_merge() {
     let paths: BTreeSet<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();
     assert_eq!(
         paths,
-        set(&["/", "/self", "/{id}", "/{id}/rotate", "/openapi.json"])
+        set(&[
+            "/",
+            "/self",
+            "/self/rotate",
+            "/{id}",
+            "/{id}/rotate",
+            "/openapi.json"
+        ])
     );
 }

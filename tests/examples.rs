@@ -46,6 +46,7 @@ fn start(name: &str, last_prefix: &str) -> Server {
 fn start_with_db(name: &str, db: &std::path::Path, last_prefix: &str) -> Server {
     let mut child = Command::new(example_binary(name))
         .env("PAT_ADDR", "127.0.0.1:0")
+        .env("PAT_GRPC_ADDR", "127.0.0.1:0")
         .env("PAT_DB", db)
         .stdout(Stdio::piped())
         .spawn()
@@ -204,7 +205,7 @@ fn quickstart_restarts_with_its_tokens_intact() {
         // The server is killed here.
     };
 
-    let server = start_with_db("quickstart", &db, "subject admin already has");
+    let server = start_with_db("quickstart", &db, "subject admin has 1 usable token");
     assert!(
         !server.lines.iter().any(|l| l.starts_with("admin token: ")),
         "no second bootstrap token: {:?}",
@@ -225,4 +226,83 @@ fn quickstart_restarts_with_its_tokens_intact() {
     assert!(body.contains("\"name\":\"laptop\""), "{body}");
     drop(server);
     let _ = std::fs::remove_file(&db);
+}
+
+#[test]
+fn quickstart_issues_a_new_bootstrap_token_when_admin_has_no_usable_one() {
+    let db = temp_db("quickstart-lockout");
+    let _ = std::fs::remove_file(&db);
+    let first = {
+        let server = start_with_db("quickstart", &db, "admin token: ");
+        let admin = printed(&server, "admin token: ");
+        // The admin revokes its only token (or loses it and has it revoked).
+        let (status, body) = call(
+            &server.addr,
+            "DELETE",
+            "/personal-access-tokens/self",
+            Some(&admin),
+        );
+        assert_eq!(status, 204, "{body}");
+        assert_eq!(get(&server.addr, "/ping", Some(&admin)).0, 401);
+        admin
+    };
+    // A restart is the way back in: a new bootstrap token, said so.
+    let server = start_with_db("quickstart", &db, "admin token: ");
+    assert!(
+        server
+            .lines
+            .iter()
+            .any(|l| l.contains("no usable token left")),
+        "{:?}",
+        server.lines
+    );
+    let second = printed(&server, "admin token: ");
+    assert_ne!(first, second);
+    assert_eq!(get(&server.addr, "/ping", Some(&first)).0, 401);
+    assert_eq!(get(&server.addr, "/ping", Some(&second)).0, 200);
+    let (status, body) = get(&server.addr, "/personal-access-tokens", Some(&second));
+    assert_eq!(status, 200, "{body}");
+    drop(server);
+    // With a usable token, a restart issues none.
+    let server = start_with_db("quickstart", &db, "subject admin has 1 usable token");
+    assert!(!server.lines.iter().any(|l| l.starts_with("admin token: ")));
+    drop(server);
+    let _ = std::fs::remove_file(&db);
+}
+
+/// Runs `name` twice over one database (reading its output up to the line starting with
+/// `last_prefix[run]`): the second start must work as the first did.
+fn twice(name: &str, last_prefix: [&str; 2], check: impl Fn(&Server)) {
+    let db = temp_db(&format!("{name}-twice"));
+    let _ = std::fs::remove_file(&db);
+    for (run, last_prefix) in last_prefix.into_iter().enumerate() {
+        let server = start_with_db(name, &db, last_prefix);
+        assert!(
+            server.lines.iter().any(|l| l.starts_with(last_prefix)),
+            "run {} of {name}: {:?}",
+            run + 1,
+            server.lines
+        );
+        check(&server);
+    }
+    let _ = std::fs::remove_file(&db);
+}
+
+#[test]
+fn every_example_survives_a_second_run_on_the_same_database() {
+    twice("axum", ["token: "; 2], |s| {
+        assert_eq!(get(&s.addr, "/me", Some(&printed(s, "token: "))).0, 200);
+    });
+    twice("hyper", ["token: "; 2], |s| {
+        assert_eq!(get(&s.addr, "/", Some(&printed(s, "token: "))).0, 200);
+    });
+    let again = "subject admin has 1 usable token";
+    twice("quickstart", ["admin token: ", again], |s| {
+        assert_eq!(get(&s.addr, "/healthz", None).0, 200);
+    });
+    #[cfg(feature = "tonic")]
+    twice("tonic", ["token: "; 2], |s| {
+        // A gRPC server answers an HTTP/1.1 request, however briefly: it is up.
+        assert!(TcpStream::connect(&s.addr).is_ok());
+    });
 }

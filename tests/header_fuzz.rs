@@ -59,3 +59,60 @@ proptest! {
         prop_assert!(status == 400 || status == 401, "status {}", status);
     }
 }
+
+/// The layer's answer to `values` as `Authorization` headers: status, body and challenge.
+async fn answer(layer: &PatAuthLayer, values: &[Vec<u8>]) -> (u16, String, String) {
+    let mut req = Request::get("/").body(Full::default()).unwrap();
+    for v in values {
+        req.headers_mut().append(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_bytes(v).unwrap(),
+        );
+    }
+    let reply = send(layer, req).await;
+    let challenge = reply.www_authenticate().to_owned();
+    (reply.status.as_u16(), reply.body, challenge)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// With `Authorization: Bearer` as the only source the layer takes a specialised path; a
+    /// layer with one more source (a header no request here carries) takes the general one. Both
+    /// must answer every request alike: one, two or three `Authorization` headers of arbitrary
+    /// bytes, with a valid token, its near misses and odd spellings of the scheme among them.
+    #[test]
+    fn the_bearer_fast_path_answers_exactly_as_the_general_path(
+        picks in proptest::collection::vec((0usize..9, header_bytes()), 0..4),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let store = MemoryStore::new();
+            let (_, secret) = Tokens::new(store.clone())
+                .issue(new_token("alice", &[]))
+                .await
+                .unwrap();
+            let token = secret.expose_secret();
+            let fast = PatAuthLayer::builder(store.clone()).build();
+            let general = PatAuthLayer::builder(store)
+                .accept_header(http::HeaderName::from_static("x-unused-credential"))
+                .build();
+            let values: Vec<Vec<u8>> = picks
+                .into_iter()
+                .map(|(kind, noise)| match kind {
+                    0 => format!("Bearer {token}").into_bytes(),
+                    1 => format!("bearer   {token}  ").into_bytes(),
+                    2 => format!("Bearer\t{token}").into_bytes(),
+                    3 => format!("Bearer {}", &token[..token.len() - 1]).into_bytes(),
+                    4 => b"Bearer".to_vec(),
+                    5 => format!("Basic {token}").into_bytes(),
+                    6 => [b"Bearer ".to_vec(), noise].concat(),
+                    7 => noise,
+                    _ => format!("Bearer {token}\u{e9}").into_bytes(),
+                })
+                .collect();
+            prop_assert_eq!(answer(&fast, &values).await, answer(&general, &values).await);
+            Ok(())
+        })?;
+    }
+}

@@ -220,3 +220,78 @@ async fn management_api_errors_are_no_store() {
     assert_eq!(res.status, 405);
     assert!(no_store(&res.headers), "{:?}", res.headers);
 }
+
+#[tokio::test]
+async fn a_credential_where_the_layer_does_not_read_one_is_told_where_the_token_goes() {
+    let store = tower_pat::MemoryStore::new();
+    let (_, secret) = Tokens::new(store.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
+    let token = secret.expose_secret();
+    let layer = tower_pat::PatAuthLayer::builder(store.clone())
+        .realm("acme")
+        .build();
+    let cases: [(&str, String, &str); 6] = [
+        (
+            "authorization",
+            format!("Token {token}"),
+            "the `Token` scheme",
+        ),
+        (
+            "authorization",
+            format!("Basic {token}"),
+            "this `Authorization` scheme",
+        ),
+        ("authorization", token.to_owned(), "without a scheme"),
+        ("authorization", "Bearer".to_owned(), "carries no token"),
+        ("x-api-key", token.to_owned(), "the `X-API-Key` header"),
+        (
+            "private-token",
+            token.to_owned(),
+            "the `PRIVATE-TOKEN` header",
+        ),
+    ];
+    for (name, value, says) in cases {
+        let mut req = request(None, None);
+        req.headers_mut()
+            .insert(http::HeaderName::from_static(name), value.parse().unwrap());
+        let reply = send(&layer, req).await;
+        assert_eq!(reply.status, 401, "{name}: {value}");
+        // The bare challenge, as for no credentials: nothing the layer reads was wrong.
+        assert_eq!(reply.www_authenticate(), "Bearer realm=\"acme\"");
+        let body = reply.json();
+        assert_eq!(body["code"], "unauthorized");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains(says), "{message}");
+        assert!(
+            message.contains("`Authorization: Bearer <token>`"),
+            "{message}"
+        );
+        assert!(
+            !reply.body.contains(token),
+            "the credential is never echoed"
+        );
+    }
+    let mut req = request(None, None);
+    *req.uri_mut() = format!("/?access_token={token}").parse().unwrap();
+    let reply = send(&layer, req).await;
+    assert_eq!(reply.status, 401);
+    assert!(
+        reply.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("`access_token` query parameter")
+    );
+    // Nothing like a credential: the plain message.
+    let reply = send(&layer, request(None, None)).await;
+    assert_eq!(reply.json()["message"], "an access token is required");
+    // A source that is enabled is read, not refused with a hint.
+    let layer = tower_pat::PatAuthLayer::builder(store)
+        .accept_header(http::HeaderName::from_static("x-api-key"))
+        .build();
+    let mut req = request(None, None);
+    req.headers_mut()
+        .insert("x-api-key", token.parse().unwrap());
+    assert_eq!(send(&layer, req).await.status, 200);
+}

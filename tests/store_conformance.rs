@@ -58,7 +58,7 @@ mod suite {
             #[cfg(feature = "sqlite")]
             mod sqlite_file {
                 use super::conformance;
-                use super::super::tempdir;
+                use crate::common::tempdir;
                 use tower_pat::store::SqliteStore;
                 $(
                     #[tokio::test]
@@ -105,6 +105,7 @@ mod suite {
         previous_hash_only_within_grace,
         update_changes_only_the_named_fields,
         update_never_clears_a_revocation,
+        disable_and_enable,
         stale_writes_change_nothing,
         rotate_replaces_the_secret,
         rotate_never_restores_a_replaced_hash,
@@ -255,27 +256,12 @@ mod suite {
     }
 }
 
-/// A fresh directory under the system's temporary one.
-#[cfg(feature = "sqlite")]
-fn tempdir() -> std::path::PathBuf {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "tower-pat-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// Tokens in a SQLite file survive closing and reopening it; migrations run once.
 #[cfg(feature = "sqlite")]
 #[tokio::test]
 async fn sqlite_file_survives_reopen() {
     use tower_pat::store::SqliteStore;
-    let dir = tempdir();
+    let dir = common::tempdir();
     let path = dir.join("tokens.db");
     let r = token("alice", "ci");
     {
@@ -297,7 +283,7 @@ async fn sqlite_file_survives_reopen() {
 async fn sqlite_schema_1_gains_versions() {
     use tower_pat::store::SqliteStore;
     use tower_pat::store::sqlx::{self, ConnectOptions, Executor};
-    let dir = tempdir();
+    let dir = common::tempdir();
     let path = dir.join("tokens.db");
     let r = token("alice", "ci");
     {
@@ -313,7 +299,9 @@ async fn sqlite_schema_1_gains_versions() {
         .unwrap();
     conn.execute(
         "ALTER TABLE tower_pat_tokens DROP COLUMN version; \
-         DELETE FROM tower_pat_schema_version WHERE version = 2;",
+         ALTER TABLE tower_pat_tokens DROP COLUMN disabled_at; \
+         DROP TABLE tower_pat_changes; \
+         DELETE FROM tower_pat_schema_version WHERE version >= 2;",
     )
     .await
     .unwrap();
@@ -347,7 +335,8 @@ async fn postgres_schema_1_gains_versions() {
             .pool()
             .execute(
                 "ALTER TABLE tower_pat_tokens DROP COLUMN version; \
-                 DELETE FROM tower_pat_schema_version WHERE version = 2;",
+                 ALTER TABLE tower_pat_tokens DROP COLUMN disabled_at; \
+                 DELETE FROM tower_pat_schema_version WHERE version >= 2;",
             )
             .await
             .unwrap();

@@ -411,3 +411,94 @@ async fn management_api_shows_usage_not_yet_written() {
         None
     );
 }
+
+/// The admin list flushes before it filters on last use: a flush called while the flusher is
+/// writing must wait for that write, and the batch being written still shows as pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_during_the_flushers_write_waits_for_it() {
+    let store = BlockingStore {
+        inner: MemoryStore::new(),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        entered: Arc::default(),
+    };
+    let (record, _) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
+    let usage = UsageRecorder::new(store.clone(), config(10));
+    usage.record(&record.id, Utc::now(), None);
+    // The flusher took the mark and is stuck writing it.
+    wait_until(
+        || store.entered.load(Ordering::SeqCst) > 0,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        usage.pending(&record.id).is_some(),
+        "a mark being written must still show as pending"
+    );
+    let flush = tokio::spawn({
+        let usage = usage.clone();
+        async move { usage.flush().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !flush.is_finished(),
+        "flush() returned while the flusher's write of an earlier mark was still under way"
+    );
+    store.gate.add_permits(1000);
+    flush.await.unwrap().unwrap();
+    let stored = store.inner.get(&record.id).await.unwrap().unwrap();
+    assert!(
+        stored.last_used_at.is_some(),
+        "after flush() returns, the mark is in the store"
+    );
+    assert!(usage.pending(&record.id).is_none());
+    usage.shutdown().await;
+}
+
+/// A caller that gives up on `flush()` (a dropped request future) loses no mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_flush_loses_nothing() {
+    let store = BlockingStore {
+        inner: MemoryStore::new(),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        entered: Arc::default(),
+    };
+    let (record, _) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
+    // The interval is long: only the explicit flush writes.
+    let usage = UsageRecorder::new(store.clone(), config(3_600_000));
+    usage.record(&record.id, Utc::now(), None);
+    let gave_up = tokio::time::timeout(Duration::from_millis(100), usage.flush()).await;
+    assert!(
+        gave_up.is_err(),
+        "the store is blocked: the flush cannot finish"
+    );
+    assert_eq!(store.entered.load(Ordering::SeqCst), 1);
+    store.gate.add_permits(1000);
+    let inner = store.inner.clone();
+    let id = record.id.clone();
+    let start = Instant::now();
+    loop {
+        if inner
+            .get(&id)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_used_at
+            .is_some()
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the mark of a dropped flush never reached the store"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(usage.stats().dropped_marks, 0);
+    usage.shutdown().await;
+}

@@ -201,6 +201,7 @@ pub fn record_for(hash: TokenHash, n: u64) -> TokenRecord {
         updated_at: now,
         expires_at: Some(now + chrono::Duration::days(90)),
         revoked_at: None,
+        disabled_at: None,
         last_used_at: None,
         last_used_ips: Vec::new(),
         last_rotated_at: None,

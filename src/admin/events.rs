@@ -60,6 +60,12 @@ pub enum EventKind {
     /// It was deleted.
     #[serde(rename = "personalAccessToken.deleted")]
     Deleted,
+    /// It was disabled (`active: false`): refused until enabled again.
+    #[serde(rename = "personalAccessToken.disabled")]
+    Disabled,
+    /// It was enabled again (`active: true`).
+    #[serde(rename = "personalAccessToken.enabled")]
+    Enabled,
 }
 
 impl EventKind {
@@ -71,6 +77,8 @@ impl EventKind {
             Self::Rotated => "personalAccessToken.rotated",
             Self::Revoked => "personalAccessToken.revoked",
             Self::Deleted => "personalAccessToken.deleted",
+            Self::Disabled => "personalAccessToken.disabled",
+            Self::Enabled => "personalAccessToken.enabled",
         }
     }
 }

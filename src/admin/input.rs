@@ -11,7 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::ApiError;
 use crate::record::{TokenRecord, parse_ip_net};
 use crate::scope::{Scope, ScopeSet};
-use crate::store::{LastUsedFilter, ListQuery, SortKey};
+use crate::store::{LastUsedFilter, ListQuery, SortKey, StateFilter, TokenState};
 
 /// The longest name, in characters.
 pub(crate) const MAX_NAME_CHARS: usize = 256;
@@ -86,9 +86,10 @@ pub(crate) struct CreateTokenRequest {
 ///
 /// The caller must hold every scope the token holds, and the new scopes, expiry and networks must
 /// be within the caller's own (so a token may narrow, never widen, itself). `type`, `subject`,
-/// `userId` and `ownerId` cannot change: they are accepted only with the token's current value;
-/// `active` only as `true` on an active token (`revoked: true` revokes). Unknown fields are refused
-/// and server-set ones ignored, as in a create.
+/// `userId` and `ownerId` cannot change: they are accepted only with the token's current value.
+/// `active: false` disables the token and `active: true` enables it again (reversible);
+/// `revoked: true` revokes it for good. Unknown fields are refused and server-set ones ignored, as
+/// in a create.
 #[derive(Debug, Clone, Default, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct PatchTokenRequest {
@@ -112,8 +113,9 @@ pub(crate) struct PatchTokenRequest {
     pub(crate) ip_restriction: Option<Vec<IpNet>>,
     /// `true` revokes the token (the record is kept); `false` on a revoked token is refused.
     pub(crate) revoked: Option<bool>,
-    /// `active`, accepted only as `true` on an active token.
-    #[schema(ignore)]
+    /// `false` disables the token (refused by every layer with "the access token is disabled"
+    /// until enabled again), `true` enables it; reversible, unlike `revoked`. `true` on a
+    /// revoked or expired token is refused (400); any `active` on a revoked token is 410.
     pub(crate) active: Option<bool>,
     /// `type`, accepted only as the token's current type.
     #[schema(ignore)]
@@ -175,8 +177,33 @@ pub(crate) struct ListParams {
     pub(crate) last_used: Option<LastUsedParam>,
     /// Only tokens not used since this time (RFC 3339); never-used ones included.
     pub(crate) last_used_before: Option<DateTime<Utc>>,
+    /// Only tokens used after this time (RFC 3339); never-used ones excluded.
+    pub(crate) last_used_after: Option<DateTime<Utc>>,
+    /// Only tokens created after this time (RFC 3339).
+    pub(crate) created_after: Option<DateTime<Utc>>,
+    /// Only tokens created before this time (RFC 3339).
+    pub(crate) created_before: Option<DateTime<Utc>>,
+    /// Only tokens in this state now.
+    #[param(inline)]
+    pub(crate) state: Option<StateParam>,
     /// Another subject's tokens (needs `personalAccessToken:admin`).
     pub(crate) owner_id: Option<String>,
+    /// The same as `ownerId` (GitLab's and GitHub's name); both at once must agree.
+    pub(crate) subject: Option<String>,
+}
+
+/// The `state` values: exactly one holds for a token (revoked before disabled before expired).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) enum StateParam {
+    /// Neither revoked, disabled nor expired.
+    Active,
+    /// Revoked.
+    Revoked,
+    /// Expired (and neither revoked nor disabled).
+    Expired,
+    /// Disabled (and not revoked).
+    Disabled,
 }
 
 /// The `sort` values: a key, `-` first for descending.
@@ -377,7 +404,7 @@ impl PatchTokenRequest {
     }
 
     /// Refuses the fields a PATCH cannot honour on `record` rather than dropping them: another
-    /// type or subject, `active: false`, `active: true` on a token that is not active.
+    /// type or subject, `active: true` on a revoked or expired token.
     pub(crate) fn check_unchangeable(
         &self,
         record: &TokenRecord,
@@ -399,14 +426,12 @@ impl PatchTokenRequest {
             "a token's subject cannot be changed",
         )?;
         match self.active {
-            Some(false) => Err(ApiError::invalid(
-                "active",
-                "cannot be set to false; send revoked: true to revoke the token",
-            )),
-            Some(true) if !record.is_active_at(now) => Err(ApiError::invalid(
-                "active",
-                "a revoked or expired token cannot be made active again; create a new one",
-            )),
+            Some(true) if record.is_revoked() || record.is_expired_at(now) => {
+                Err(ApiError::invalid(
+                    "active",
+                    "a revoked or expired token cannot be made active again; create a new one",
+                ))
+            }
             _ => Ok(()),
         }
     }
@@ -475,23 +500,49 @@ impl ListParams {
                 "search" => params.search = Some(value.to_owned()).filter(|s| !s.is_empty()),
                 "lastUsed" => params.last_used = Some(keyword("lastUsed", value)?),
                 "lastUsedBefore" => {
-                    params.last_used_before = Some(
-                        DateTime::parse_from_rfc3339(value)
-                            .map_err(|_| {
-                                ApiError::invalid("lastUsedBefore", "must be an RFC 3339 date-time")
-                            })?
-                            .to_utc(),
-                    );
+                    params.last_used_before = Some(rfc3339("lastUsedBefore", value)?)
                 }
+                "lastUsedAfter" => params.last_used_after = Some(rfc3339("lastUsedAfter", value)?),
+                "createdAfter" => params.created_after = Some(rfc3339("createdAfter", value)?),
+                "createdBefore" => params.created_before = Some(rfc3339("createdBefore", value)?),
+                "state" => params.state = Some(keyword("state", value)?),
                 "ownerId" => params.owner_id = Some(value.to_owned()).filter(|s| !s.is_empty()),
+                "subject" => params.subject = Some(value.to_owned()).filter(|s| !s.is_empty()),
                 _ => {}
             }
+        }
+        match (&params.owner_id, &params.subject) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(ApiError::invalid(
+                    "subject",
+                    "names another subject than ownerId; send one of them",
+                ));
+            }
+            (None, Some(_)) => params.owner_id = params.subject.clone(),
+            _ => {}
         }
         Ok(params)
     }
 
-    /// The store query for `subject`'s tokens.
-    pub(crate) fn to_query(&self, subject: &str, default_limit: u64) -> ListQuery {
+    /// Whether the query reads the last use (a filter or the order), which must then include the
+    /// usage marks not yet written.
+    pub(crate) fn reads_last_use(&self) -> bool {
+        self.last_used.is_some()
+            || self.last_used_before.is_some()
+            || self.last_used_after.is_some()
+            || matches!(
+                self.sort,
+                Some(SortParam::LastUsedAt | SortParam::LastUsedAtDesc)
+            )
+    }
+
+    /// The store query for `subject`'s tokens, states judged at `now`.
+    pub(crate) fn to_query(
+        &self,
+        subject: &str,
+        default_limit: u64,
+        now: DateTime<Utc>,
+    ) -> ListQuery {
         let limit = self.limit.unwrap_or(default_limit);
         let (sort, descending) = self.sort.unwrap_or(SortParam::CreatedAt).key();
         ListQuery {
@@ -502,6 +553,18 @@ impl ListParams {
                 (None, Some(t)) => LastUsedFilter::Before(t),
                 (None, None) => LastUsedFilter::Any,
             },
+            last_used_after: self.last_used_after,
+            created_after: self.created_after,
+            created_before: self.created_before,
+            state: self.state.map(|s| StateFilter {
+                state: match s {
+                    StateParam::Active => TokenState::Active,
+                    StateParam::Revoked => TokenState::Revoked,
+                    StateParam::Expired => TokenState::Expired,
+                    StateParam::Disabled => TokenState::Disabled,
+                },
+                at: now,
+            }),
             sort,
             descending,
             offset: self
@@ -512,6 +575,13 @@ impl ListParams {
             limit,
         }
     }
+}
+
+/// An RFC 3339 date-time query parameter.
+fn rfc3339(field: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
+    DateTime::parse_from_rfc3339(value)
+        .map(|t| t.to_utc())
+        .map_err(|_| ApiError::invalid(field, "must be an RFC 3339 date-time"))
 }
 
 /// The body as a JSON object (an empty body as an empty object if `empty_ok`).
@@ -865,7 +935,7 @@ mod tests {
     fn query() {
         let p =
             ListParams::from_query("page=2&limit=10&sort=-lastUsedAt&lastUsed=never&x=1").unwrap();
-        let q = p.to_query("alice", 50);
+        let q = p.to_query("alice", 50, Utc::now());
         assert_eq!(
             (q.offset, q.limit, q.sort, q.descending),
             (10, 10, SortKey::LastUsedAt, true)

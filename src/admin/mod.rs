@@ -24,7 +24,7 @@
 //!
 //! So a token can narrow itself with a PATCH, never widen itself, and a rotation never hands out a
 //! secret that is more than the caller. Every field of a request is honoured or refused with a 400
-//! naming it (`revoked: true` at creation, `active: false`, another subject, a field a rotation
+//! naming it (`revoked: true` or `active: false` at creation, another subject, a field a rotation
 //! keeps, an unknown field); only fields the server sets (`id`, `token`, `createdAt`, …) are
 //! ignored. A token has at most 100 scopes and 100 networks
 //! ([`AdminConfig::max_scopes_per_token`], [`AdminConfig::max_networks_per_token`]), and a body

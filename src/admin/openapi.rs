@@ -31,6 +31,8 @@ use super::view::{Deleted, ExpiryWarning, IssuedToken, TokenView};
         routes::create,
         routes::list,
         routes::get_self,
+        routes::rotate_self,
+        routes::revoke_self,
         routes::get_one,
         routes::update,
         routes::rotate,

@@ -218,7 +218,13 @@ mod tests {
         new.expires_at = expires_at;
         let (record, _) = new.build(&TokenFormat::new(), &TokenHasher::sha256(), Utc::now());
         let key = record.hash;
-        Principal(Arc::new(Entry::new(record, key, key, 0, 60_000)))
+        Principal(Arc::new(Entry::new(
+            record,
+            crate::cache::Slot::test(1),
+            key,
+            0,
+            60_000,
+        )))
     }
 
     #[test]
@@ -242,7 +248,7 @@ mod tests {
 
     #[test]
     fn networks_and_expiry_ceilings() {
-        let hour = Utc::now() + Duration::hours(1);
+        let hour = crate::record::now() + Duration::hours(1);
         let p = principal(&nets(&["127.0.0.1", "10.0.0.0/8"]), Some(hour));
         assert!(networks_within(&p, &nets(&["10.2.0.0/16", "127.0.0.1"])).is_ok());
         assert!(networks_within(&p, &nets(&["10.2.0.0/16", "192.0.2.1"])).is_err());
@@ -272,13 +278,25 @@ mod tests {
         let until = now + Duration::minutes(10);
         let old = TokenHasher::sha256().hash("pat_superseded");
         record.previous_hash = Some((old, until));
-        let via_old = Principal(Arc::new(Entry::new(record.clone(), old, old, 0, 60_000)));
+        let via_old = Principal(Arc::new(Entry::new(
+            record.clone(),
+            crate::cache::Slot::test(2),
+            old,
+            0,
+            60_000,
+        )));
         assert_eq!(
             caller_expiry(&via_old),
             DateTime::from_timestamp_millis(until.timestamp_millis())
         );
         let key = record.hash;
-        let via_new = Principal(Arc::new(Entry::new(record, key, key, 0, 60_000)));
+        let via_new = Principal(Arc::new(Entry::new(
+            record,
+            crate::cache::Slot::test(1),
+            key,
+            0,
+            60_000,
+        )));
         assert_eq!(caller_expiry(&via_new), None);
     }
 }

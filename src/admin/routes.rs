@@ -65,7 +65,11 @@ pub(crate) fn router(config: AdminConfig) -> Router {
             "/",
             get(list.layer(read.clone())).post(create.layer(write.clone())),
         )
-        .route("/self", get(get_self.layer(read.clone())))
+        .route(
+            "/self",
+            get(get_self.layer(read.clone())).delete(revoke_self),
+        )
+        .route("/self/rotate", post(rotate_self))
         .route(
             "/{id}",
             get(get_one.layer(read))
@@ -162,9 +166,19 @@ impl Admin {
         }
     }
 
+    /// Logs the change (one info line: the event, the token's id and subject, never a secret)
+    /// and publishes its event.
     fn emit(&self, kind: EventKind, view: impl FnOnce() -> TokenView, at: DateTime<Utc>) {
+        let view = view();
+        tracing::info!(
+            target: "tower_pat::admin",
+            event = kind.as_str(),
+            token_id = %view.id,
+            subject = %view.subject,
+            "token changed"
+        );
         if let Some(sink) = &self.config.events {
-            sink.publish(TokenEvent::new(kind, view(), at));
+            sink.publish(TokenEvent::new(kind, view, at));
         }
     }
 }
@@ -202,7 +216,7 @@ pub(crate) async fn create(
 ) -> Result<Response, ApiError> {
     let req = CreateTokenRequest::from_json(&body, admin.config.limits)?;
     admin.caller_may_act(&caller).await?;
-    let now = Utc::now();
+    let now = crate::record::now();
     req.check_owner(caller.subject())?;
     policy::scopes_held(&caller, &req.scopes)?;
     let expires_at =
@@ -226,7 +240,7 @@ pub(crate) async fn create(
         .scope_set(req.scopes)
         .token_type(req.token_type)
         .ip_restriction(ip_restriction);
-    token.expires_at = expires_at;
+    token.expires_at = expires_at.map(crate::record::micros);
     let (record, secret) = admin.config.tokens.mint(token, now);
     {
         let _one_at_a_time = admin.create.lock().await;
@@ -254,7 +268,8 @@ pub(crate) async fn create(
     Ok(res)
 }
 
-/// List personal access tokens: the caller's, or another subject's with `ownerId` (admin scope).
+/// List personal access tokens: the caller's, or another subject's with `ownerId` or `subject`
+/// (admin scope), filtered by name, last use, creation time and state.
 ///
 /// The total number of matching tokens is in `X-Total-Count`.
 #[utoipa::path(
@@ -282,18 +297,27 @@ pub(crate) async fn list(
         Some(owner) if owner != caller.subject() && !caller.has_scope(ADMIN_SCOPE) => {
             return Err(ApiError::forbidden(
                 "insufficient_scope",
-                format!("ownerId: another subject's tokens need the {ADMIN_SCOPE} scope"),
+                format!(
+                    "ownerId: another subject's tokens need the {ADMIN_SCOPE} scope (also as subject)"
+                ),
             ));
         }
         Some(owner) => owner,
         None => caller.subject(),
     };
+    // A filter or order on the last use must see the marks not yet written behind, as the
+    // views do: they are written first.
+    if params.reads_last_use()
+        && let Some(usage) = admin.config.layer.usage()
+    {
+        usage.flush().await?;
+    }
+    let now = crate::record::now();
     let page = admin
         .config
         .store
-        .list(&params.to_query(subject, admin.config.default_page_size))
+        .list(&params.to_query(subject, admin.config.default_page_size, now))
         .await?;
-    let now = Utc::now();
     let views: Vec<TokenView> = page.items.iter().map(|r| admin.view(r, now)).collect();
     let mut res = json(StatusCode::OK, &views);
     res.headers_mut()
@@ -350,7 +374,11 @@ pub(crate) async fn get_one(
     Ok(json(StatusCode::OK, &admin.view(&record, Utc::now())))
 }
 
-/// Update or revoke a personal access token (JSON merge patch).
+/// Update, disable, enable or revoke a personal access token (JSON merge patch).
+///
+/// `active: false` disables the token (every layer refuses it, "the access token is disabled",
+/// from the next request on) and `active: true` enables it again; `revoked: true` revokes it for
+/// good.
 ///
 /// The caller must hold every scope the token holds, whoever owns it; new scopes must be the
 /// caller's, a new expiry no later than the caller's and new networks within the caller's (so a
@@ -363,7 +391,7 @@ pub(crate) async fn get_one(
     request_body(content = PatchTokenRequest, content_type = "application/merge-patch+json"),
     responses(
         (status = 200, description = "The updated token", body = TokenView),
-        (status = 400, description = "A field is unknown, of the wrong type or invalid (the message names it; also a change of `type` or subject, `active: false`, too many scopes or networks), or `revoked: false` on a revoked token", body = ErrorBody),
+        (status = 400, description = "A field is unknown, of the wrong type or invalid (the message names it; also a change of `type` or subject, too many scopes or networks), `revoked: false` or `active: true` on a revoked token, or `active: true` on an expired one", body = ErrorBody),
         (status = 401, response = Unauthorized),
         (status = 403, description = "`personalAccessToken:write` is missing, the caller lacks a scope the token holds or a requested one (`insufficient_scope`), or the change would make the token outlive the caller or reach beyond its networks (`forbidden`)", body = ErrorBody),
         (status = 404, response = NotFound),
@@ -383,7 +411,7 @@ pub(crate) async fn update(
     let patch = PatchTokenRequest::from_json(&body, admin.config.limits)?;
     admin.caller_may_act(&caller).await?;
     let mut record = admin.load(&caller, &id).await?;
-    let now = Utc::now();
+    let now = crate::record::now();
     policy::may_act_on(&caller, &record)?;
     patch.check_unchangeable(&record, now)?;
     if let Some(scopes) = &patch.scopes {
@@ -413,7 +441,8 @@ pub(crate) async fn update(
         && (patch.name.is_some()
             || patch.scopes.is_some()
             || patch.expires_at.is_some()
-            || patch.ip_restriction.is_some())
+            || patch.ip_restriction.is_some()
+            || patch.active.is_some())
     {
         return Err(ApiError::token_revoked());
     }
@@ -430,6 +459,11 @@ pub(crate) async fn update(
     if let Some(nets) = patch.ip_restriction {
         record.ip_restriction = nets;
     }
+    match patch.active {
+        Some(false) if !record.is_disabled() => record.disabled_at = Some(now),
+        Some(true) => record.disabled_at = None,
+        _ => {}
+    }
     policy::grants_within(&caller, &before, &record)?;
     if record != before {
         // Only what this request changes, and only if nobody changed the token since it was read:
@@ -439,7 +473,12 @@ pub(crate) async fn update(
             .store
             .update(&id, &changes(&before, &record, now))
             .await?;
-        admin.emit(EventKind::Updated, || TokenView::new(&record, now), now);
+        let kind = match (before.is_disabled(), record.is_disabled()) {
+            (false, true) => EventKind::Disabled,
+            (true, false) => EventKind::Enabled,
+            _ => EventKind::Updated,
+        };
+        admin.emit(kind, || TokenView::new(&record, now), now);
     }
     if patch.revoked == Some(true) && !record.is_revoked() {
         record = admin
@@ -486,10 +525,85 @@ pub(crate) async fn rotate(
     Path(id): Path<String>,
     RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
-    let req = RotateTokenRequest::from_json(&body)?;
+    rotate_token(&admin, &caller, id, &body).await
+}
+
+/// Rotate the secret of the token that authenticates this request (GitLab's self-rotation).
+///
+/// Needs no scope: any token may replace its own secret, under the rules of a rotation (it keeps
+/// its name, scopes, networks and, unless `expiresAt` is given, its expiry; a new expiry is no later
+/// than the current one). Only the current secret may rotate (not one in its grace period), and
+/// the new secret is answered once.
+#[utoipa::path(
+    post,
+    path = "/self/rotate",
+    tag = TAG,
+    request_body(content = Option<RotateTokenRequest>, description = "Optional"),
+    responses(
+        (status = 201, description = "Rotated; the new secret is shown this once", body = IssuedToken),
+        (status = 400, description = "A field is unknown, invalid or one a rotation keeps (name, scopes, type, networks)", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 403, description = "The request used a secret replaced by a rotation (`forbidden`), or asked for an expiry later than the token's own (`forbidden`)", body = ErrorBody),
+        (status = 404, description = "The token was deleted meanwhile", body = ErrorBody),
+        (status = 409, description = "The token changed while the request was processed (`conflict`: retry)", body = ErrorBody),
+        (status = 410, response = TokenRevoked),
+        (status = 413, response = PayloadTooLarge),
+        (status = 500, response = StoreFailed),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn rotate_self(
+    State(admin): AppState,
+    caller: Principal,
+    RequestBody(body): RequestBody,
+) -> Result<Response, ApiError> {
+    let id = caller.token_id().to_owned();
+    rotate_token(&admin, &caller, id, &body).await
+}
+
+/// Revoke the token that authenticates this request (GitLab's self-revocation): it stops working
+/// at once, for good.
+#[utoipa::path(
+    delete,
+    path = "/self",
+    tag = TAG,
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 401, response = Unauthorized),
+        (status = 403, description = "The request used a secret replaced by a rotation (`forbidden`)", body = ErrorBody),
+        (status = 404, description = "The token was deleted meanwhile", body = ErrorBody),
+        (status = 500, response = StoreFailed),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn revoke_self(
+    State(admin): AppState,
+    caller: Principal,
+) -> Result<Response, ApiError> {
+    admin.caller_may_act(&caller).await?;
+    let now = crate::record::now();
+    let record = admin
+        .config
+        .store
+        .revoke(caller.token_id(), now)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    admin.emit(EventKind::Revoked, || TokenView::new(&record, now), now);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A rotation of token `id` by `caller`: the shared body of [`rotate`] and [`rotate_self`].
+async fn rotate_token(
+    admin: &Admin,
+    caller: &Principal,
+    id: String,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let caller = caller.clone();
+    let req = RotateTokenRequest::from_json(body)?;
     admin.caller_may_act(&caller).await?;
     let mut record = admin.load(&caller, &id).await?;
-    let now = Utc::now();
+    let now = crate::record::now();
     policy::may_act_on(&caller, &record)?;
     req.check_owner(&record)?;
     if record.is_revoked() {
@@ -549,6 +663,11 @@ fn changes(before: &TokenRecord, after: &TokenRecord, at: DateTime<Utc>) -> Toke
     if after.ip_restriction != before.ip_restriction {
         patch = patch.ip_restriction(after.ip_restriction.iter().copied());
     }
+    match (before.is_disabled(), after.is_disabled()) {
+        (false, true) => patch = patch.disable(),
+        (true, false) => patch = patch.enable(),
+        _ => {}
+    }
     patch
 }
 
@@ -583,7 +702,7 @@ pub(crate) async fn delete(
         .delete(&id)
         .await?
         .ok_or_else(ApiError::not_found)?;
-    let now = Utc::now();
+    let now = crate::record::now();
     admin.emit(EventKind::Deleted, || TokenView::new(&removed, now), now);
     Ok(json(StatusCode::OK, &Deleted::OK))
 }

@@ -48,8 +48,12 @@ pub struct TokenView {
     pub updated_at: DateTime<Utc>,
     /// When it stops working; `null` for never.
     pub expires_at: Option<DateTime<Utc>>,
-    /// Neither revoked nor expired.
+    /// Neither revoked, disabled nor expired.
     pub active: bool,
+    /// Whether it is disabled (reversibly: PATCH `active`).
+    pub disabled: bool,
+    /// Since when it is disabled.
+    pub disabled_at: Option<DateTime<Utc>>,
     /// Whether it was revoked.
     pub revoked: bool,
     /// When it was revoked.
@@ -98,6 +102,8 @@ impl TokenView {
             updated_at: record.updated_at,
             expires_at: record.expires_at,
             active: record.is_active_at(now),
+            disabled: record.is_disabled(),
+            disabled_at: record.disabled_at,
             revoked: record.is_revoked(),
             revoked_at: record.revoked_at,
             expiry_warning,

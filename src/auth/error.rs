@@ -10,17 +10,29 @@ use crate::scope::ScopeSet;
 
 /// Why the layer refused a request. Each maps to one status, one `WWW-Authenticate` challenge, one
 /// JSON body and one gRPC status code.
+///
+/// Every refusal response of [`PatAuthLayer`](crate::PatAuthLayer) and
+/// [`RequireScopesLayer`](crate::RequireScopesLayer) carries its `AuthError` in the response
+/// extensions, for a layer outside (logging, metrics, a gateway) to read the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AuthError {
     /// No credentials: 401 with a bare `Bearer realm="…"` challenge.
     MissingCredentials,
+    /// No credentials where the layer reads them, but something like one where it does not (an
+    /// `Authorization` scheme other than `Bearer`, an `X-API-Key` or `PRIVATE-TOKEN` header, an
+    /// `access_token` query parameter, none of them enabled): 401 with the bare challenge, like
+    /// [`MissingCredentials`](Self::MissingCredentials), and a message that says where the token
+    /// goes instead. The message never repeats what the client sent.
+    CredentialNotAccepted(&'static str),
     /// A malformed request (two different credentials, unreadable header bytes): 400.
     InvalidRequest(&'static str),
     /// An unknown or malformed token: 401. The message never says which.
     InvalidToken,
     /// The token was revoked: 401.
     Revoked,
+    /// The token is disabled (reversibly, by a management change): 401.
+    Disabled,
     /// The token expired: 401.
     Expired,
     /// The client address is outside the token's IP restriction: 403.
@@ -44,9 +56,12 @@ impl AuthError {
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::MissingCredentials | Self::InvalidToken | Self::Revoked | Self::Expired => {
-                StatusCode::UNAUTHORIZED
-            }
+            Self::MissingCredentials
+            | Self::CredentialNotAccepted(_)
+            | Self::InvalidToken
+            | Self::Revoked
+            | Self::Disabled
+            | Self::Expired => StatusCode::UNAUTHORIZED,
             Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             Self::IpNotAllowed | Self::InsufficientScope(_) => StatusCode::FORBIDDEN,
             Self::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -57,11 +72,13 @@ impl AuthError {
     /// The machine-readable code of the JSON body (and of the RFC 6750 `error` attribute).
     pub fn code(&self) -> &'static str {
         match self {
-            Self::MissingCredentials => "unauthorized",
+            Self::MissingCredentials | Self::CredentialNotAccepted(_) => "unauthorized",
             Self::InvalidRequest(_) => "invalid_request",
-            Self::InvalidToken | Self::Revoked | Self::Expired | Self::IpNotAllowed => {
-                "invalid_token"
-            }
+            Self::InvalidToken
+            | Self::Revoked
+            | Self::Disabled
+            | Self::Expired
+            | Self::IpNotAllowed => "invalid_token",
             Self::InsufficientScope(_) => "insufficient_scope",
             Self::TooManyAttempts { .. } => "too_many_requests",
             Self::Unavailable { .. } => "temporarily_unavailable",
@@ -73,9 +90,11 @@ impl AuthError {
     pub fn message(&self) -> &'static str {
         match self {
             Self::MissingCredentials => "an access token is required",
+            Self::CredentialNotAccepted(why) => why,
             Self::InvalidRequest(why) => why,
             Self::InvalidToken => "the access token is invalid",
             Self::Revoked => "the access token has been revoked",
+            Self::Disabled => "the access token is disabled",
             Self::Expired => "the access token has expired",
             Self::IpNotAllowed => "the access token may not be used from this address",
             Self::InsufficientScope(_) => "the access token lacks a required scope",
@@ -100,9 +119,11 @@ impl AuthError {
     pub(crate) fn reason(&self) -> &'static str {
         match self {
             Self::MissingCredentials => "missing_credentials",
+            Self::CredentialNotAccepted(_) => "credential_not_accepted",
             Self::InvalidRequest(_) => "invalid_request",
             Self::InvalidToken => "invalid_token",
             Self::Revoked => "revoked",
+            Self::Disabled => "disabled",
             Self::Expired => "expired",
             Self::IpNotAllowed => "ip_not_allowed",
             Self::InsufficientScope(_) => "insufficient_scope",
@@ -159,7 +180,9 @@ impl Challenge {
 
     fn header(&self, err: &AuthError) -> Option<HeaderValue> {
         match err {
-            AuthError::MissingCredentials => Some(self.bare.clone()),
+            AuthError::MissingCredentials | AuthError::CredentialNotAccepted(_) => {
+                Some(self.bare.clone())
+            }
             AuthError::TooManyAttempts { .. } | AuthError::Unavailable { .. } => None,
             AuthError::InsufficientScope(scopes) => HeaderValue::try_from(format!(
                 "Bearer realm=\"{}\", error=\"insufficient_scope\", error_description=\"{}\", scope=\"{}\"",
@@ -181,9 +204,17 @@ impl Challenge {
     /// The full error response: JSON for HTTP, trailers-only for gRPC, `Cache-Control: no-store`
     /// either way. The body is returned as bytes for the caller to wrap in its body type.
     pub(crate) fn error_response(&self, err: &AuthError, grpc: bool) -> Response<Bytes> {
-        if grpc {
-            return grpc_response(err);
-        }
+        let mut res = if grpc {
+            grpc_response(err)
+        } else {
+            self.http_error_response(err)
+        };
+        res.extensions_mut().insert(err.clone());
+        res
+    }
+
+    /// The HTTP form of [`error_response`](Self::error_response).
+    fn http_error_response(&self, err: &AuthError) -> Response<Bytes> {
         let mut res = json_response(err.status(), err.code(), err.message());
         let headers = res.headers_mut();
         if let Some(v) = self.header(err) {
@@ -237,6 +268,24 @@ fn grpc_response(err: &AuthError) -> Response<Bytes> {
     // The messages are plain ASCII without '%', so they need no percent-encoding.
     headers.insert("grpc-message", HeaderValue::from_static(err.message()));
     res
+}
+
+/// In the extensions of a refusal of a token that matched a record (revoked, expired, outside its
+/// networks, lacking a scope): which token it was, for the logs and metrics of a layer outside.
+/// Never on the refusal of an unknown token.
+#[derive(Clone, Debug)]
+pub struct RefusedToken(pub(crate) crate::Principal);
+
+impl RefusedToken {
+    /// The refused token's id.
+    pub fn token_id(&self) -> &str {
+        self.0.token_id()
+    }
+
+    /// The refused token's subject.
+    pub fn subject(&self) -> &str {
+        self.0.subject()
+    }
 }
 
 /// Put in the request extensions by an optional layer (see

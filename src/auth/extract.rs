@@ -17,6 +17,11 @@ use super::error::AuthError;
 #[non_exhaustive]
 pub struct ForeignCredential;
 
+/// Two different credentials in one request.
+const TWO: AuthError = AuthError::InvalidRequest("the request carries more than one credential");
+/// A credential header that is not visible ASCII.
+const BYTES: AuthError = AuthError::InvalidRequest("a credential header has invalid characters");
+
 /// The configured credential sources. `Authorization: Bearer` is always read; the others are
 /// opt-in ([`PatAuthLayerBuilder`](crate::PatAuthLayerBuilder)'s `accept_*` methods).
 #[derive(Clone, Debug, Default)]
@@ -36,10 +41,35 @@ impl Sources {
         headers: &'a HeaderMap,
         uri: &'a Uri,
     ) -> Result<Option<&'a str>, AuthError> {
-        const TWO: AuthError =
-            AuthError::InvalidRequest("the request carries more than one credential");
-        const BYTES: AuthError =
-            AuthError::InvalidRequest("a credential header has invalid characters");
+        if self.bearer_only() {
+            // The common case: `Authorization: Bearer` is the only source, and the request has
+            // one `Authorization` header. Anything else takes the general path below.
+            let mut values = headers.get_all(header::AUTHORIZATION).iter();
+            match (values.next(), values.next()) {
+                (None, _) => return Ok(None),
+                (Some(value), None) => {
+                    let value = value.to_str().map_err(|_| BYTES)?;
+                    return Ok(strip_scheme(value, "bearer"));
+                }
+                _ => {}
+            }
+        }
+        self.extract_general(headers, uri)
+    }
+
+    /// Whether `Authorization: Bearer` is the only source configured.
+    #[inline]
+    fn bearer_only(&self) -> bool {
+        !self.token_scheme && !self.raw_authorization && !self.query && self.headers.is_empty()
+    }
+
+    /// [`extract`](Self::extract) for any configuration and any number of headers.
+    #[inline(never)]
+    fn extract_general<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        uri: &'a Uri,
+    ) -> Result<Option<&'a str>, AuthError> {
         let mut found: Option<&'a str> = None;
         let mut add = |token: &'a str| match found {
             Some(f) if f != token => Err(TWO),
@@ -76,6 +106,62 @@ impl Sources {
             }
         }
         Ok(found)
+    }
+
+    /// Where a request without a credential the layer reads put one the layer does not read
+    /// (this configuration's sources left out), as the message of the 401: `None` when there is
+    /// nothing like a credential. Never echoes the request.
+    #[cold]
+    pub(super) fn unread_credential(&self, headers: &HeaderMap, uri: &Uri) -> Option<&'static str> {
+        if let Some(value) = headers.get(header::AUTHORIZATION) {
+            let value = value.as_bytes().trim_ascii();
+            let scheme = value
+                .split(|b| *b == b' ' || *b == b'\t')
+                .next()
+                .unwrap_or_default();
+            return Some(if scheme.eq_ignore_ascii_case(b"bearer") {
+                // `Bearer` with nothing after it.
+                "the `Authorization: Bearer` header carries no token: send the token as `Authorization: Bearer <token>`"
+            } else if scheme.eq_ignore_ascii_case(b"token") {
+                "the `Token` scheme is not accepted here: send the token as `Authorization: Bearer <token>`"
+            } else if scheme.len() == value.len() {
+                "an `Authorization` value without a scheme is not accepted here: send the token as `Authorization: Bearer <token>`"
+            } else {
+                "this `Authorization` scheme is not accepted here: send the token as `Authorization: Bearer <token>`"
+            });
+        }
+        for (name, message) in [
+            (
+                "x-api-key",
+                "the `X-API-Key` header is not read here: send the token as `Authorization: Bearer <token>`",
+            ),
+            (
+                "private-token",
+                "the `PRIVATE-TOKEN` header is not read here: send the token as `Authorization: Bearer <token>`",
+            ),
+            (
+                "x-auth-token",
+                "the `X-Auth-Token` header is not read here: send the token as `Authorization: Bearer <token>`",
+            ),
+        ] {
+            if headers.contains_key(name) && !self.headers.iter().any(|h| h == name) {
+                return Some(message);
+            }
+        }
+        if !self.query
+            && uri.query().is_some_and(|q| {
+                q.split('&').any(|p| {
+                    p.split('=')
+                        .next()
+                        .is_some_and(|k| k.eq_ignore_ascii_case("access_token"))
+                })
+            })
+        {
+            return Some(
+                "the `access_token` query parameter is not accepted here: send the token as `Authorization: Bearer <token>`",
+            );
+        }
+        None
     }
 
     /// Whether a request without a credential the layer reads still carries an `Authorization`

@@ -12,6 +12,7 @@ use super::body::ResponseBody;
 use super::verify::{TOKEN_EXPIRATION, Verifier, expiration_value};
 use crate::cache::{Outcome, now_ms};
 use crate::principal::Principal;
+use crate::stats::Counter;
 
 type Lookup = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
@@ -155,7 +156,11 @@ where
                     let (mut service, mut request, verifier) = *pending
                         .take()
                         .expect("ResponseFuture polled after completion");
-                    let next = match verifier.admit(outcome, &mut request, now_ms()) {
+                    let admitted = verifier.admit(outcome, &mut request, now_ms());
+                    if admitted.is_ok() {
+                        verifier.cache.stats.add(Counter::OkMiss);
+                    }
+                    let next = match admitted {
                         Ok(()) if verifier.expiration_header => {
                             let expires_ms = request
                                 .extensions()

@@ -7,10 +7,11 @@ use std::time::Duration;
 use super::builder::PatAuthLayerBuilder;
 use super::error::AuthError;
 use super::verify::{Probe, Refusal, Verifier};
-use crate::cache::{CacheConfig, now_ms};
+use crate::cache::{CacheConfig, Outcome, now_ms};
 use crate::client_ip::ClientIpSource;
 use crate::principal::Principal;
 use crate::scope::ScopeSet;
+use crate::stats::{AuthStats, Counter};
 use crate::store::TokenLookup;
 use crate::token::{TokenFormat, TokenHash, TokenHasher};
 use crate::usage::UsageRecorder;
@@ -99,6 +100,45 @@ impl PatAuthLayer {
     /// Drops every cached entry.
     pub fn clear_cache(&self) {
         self.verifier.cache.clear();
+    }
+
+    /// A snapshot of the layer's counters, for metrics: requests by outcome, cache hits and
+    /// misses, store lookups and their latency, cache sizes, usage tracking and the change feed.
+    /// Counting costs the request path one relaxed add into a per-thread shard (see
+    /// [`stats`](crate::stats)).
+    ///
+    /// ```
+    /// # async fn run() {
+    /// use tower_pat::{MemoryStore, PatAuthLayer};
+    ///
+    /// let layer = PatAuthLayer::builder(MemoryStore::new()).build();
+    /// let stats = layer.stats();
+    /// assert_eq!(stats.outcomes.ok, 0);
+    /// assert_eq!(stats.cache.misses, 0);
+    /// # }
+    /// ```
+    pub fn stats(&self) -> AuthStats {
+        let cache = &self.verifier.cache;
+        let (outcomes, counts, lookup_latency, store_lookup_failures) = cache.stats.snapshot();
+        AuthStats {
+            outcomes,
+            cache: counts,
+            store_lookups: cache.store_lookups(),
+            store_lookup_failures,
+            lookup_latency,
+            cached_tokens: cache.len() as u64,
+            negative_entries: cache.negative_len(),
+            lookups_in_flight: cache.lookups_in_flight() as u64,
+            usage: self.verifier.usage.as_ref().map(UsageRecorder::stats),
+            feed: cache.feed_state(),
+        }
+    }
+
+    /// The layer's HTTP refusal for `err` (status, challenge, JSON body), for a gateway that
+    /// refuses a request before it reaches the layer.
+    #[cfg(feature = "gateway")]
+    pub(crate) fn error_response(&self, err: &AuthError) -> http::Response<bytes::Bytes> {
+        self.verifier.challenge.error_response(err, false)
     }
 
     /// Number of tokens in the positive cache.
@@ -206,20 +246,32 @@ impl PatAuthLayer {
         required: &ScopeSet,
     ) -> Result<Principal, AuthError> {
         let verifier = &self.verifier;
+        let stats = &verifier.cache.stats;
+        let mut positive = false;
         let result = async {
             verifier.check_limit(client)?;
             let now = now_ms();
             let outcome = match verifier.probe(token, now)? {
-                Probe::Cached(outcome) => outcome,
+                Probe::Cached(outcome) => {
+                    positive = matches!(outcome, Outcome::Found(_));
+                    outcome
+                }
                 Probe::Uncached(keys) => {
+                    stats.add(Counter::Miss);
                     Arc::clone(&verifier.cache)
-                        .load(keys.hash, keys.previous, client)
+                        .load(keys.slot, keys.hash, keys.previous, client)
                         .await
                 }
             };
             verifier.authorize(outcome, now_ms(), Some(required), || client)
         }
         .await;
+        match (&result, positive) {
+            (Ok(_), true) => stats.add(Counter::OkHit),
+            (Ok(_), false) => stats.add(Counter::OkMiss),
+            (Err(_), true) => stats.add(Counter::HitRefused),
+            (Err(_), false) => {}
+        }
         result.map_err(|refusal: Refusal| {
             verifier.refused(&refusal, client, client);
             refusal.error

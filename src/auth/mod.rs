@@ -34,7 +34,7 @@ mod verify;
 
 pub use body::ResponseBody;
 pub use builder::PatAuthLayerBuilder;
-pub use error::{Anonymous, AuthError};
+pub use error::{Anonymous, AuthError, RefusedToken};
 pub use extract::ForeignCredential;
 pub use future::ResponseFuture;
 pub use layer::PatAuthLayer;

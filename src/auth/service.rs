@@ -77,6 +77,7 @@ where
                 // The client's address, for its lookup budget (a miss only).
                 let client = self.verifier.client_addr(&req).limit_key();
                 let lookup = Box::pin(Arc::clone(&self.verifier.cache).load(
+                    keys.slot,
                     keys.hash,
                     keys.previous,
                     client,

@@ -12,15 +12,16 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http::{HeaderName, HeaderValue, Request, Response, header};
 
-use super::error::{Anonymous, AuthError, Challenge};
+use super::error::{Anonymous, AuthError, Challenge, RefusedToken};
 use super::extract::{ForeignCredential, Sources};
 use super::is_grpc;
 use super::limit::FailureLimit;
-use crate::cache::{Cache, Negative, Outcome, now_ms};
+use crate::cache::{Cache, Negative, Outcome, Slot, now_ms};
 use crate::client_ip::{ClientAddr, ClientIpSource};
 use crate::principal::Principal;
 use crate::record::ip_allowed;
 use crate::scope::ScopeSet;
+use crate::stats::Counter;
 use crate::token::{TokenFormat, TokenHash};
 use crate::usage::UsageRecorder;
 
@@ -98,6 +99,8 @@ impl std::fmt::Debug for Verifier {
 /// The hashes a store lookup searches for a token the cache does not know: under the current
 /// pepper, then under the previous ones.
 pub(super) struct LookupKeys {
+    /// Where the answer is cached.
+    pub(super) slot: Slot,
     pub(super) hash: TokenHash,
     pub(super) previous: Vec<TokenHash>,
 }
@@ -148,21 +151,40 @@ impl Verifier {
             Ok(None) if self.anonymous => {
                 req.extensions_mut()
                     .insert(Anonymous(self.challenge.clone()));
+                self.cache.stats.add(Counter::Anonymous);
                 return Admission::Admitted;
             }
             Ok(None) => {
-                return Admission::Refused(self.refuse(AuthError::MissingCredentials.into(), req));
+                let error = match self.sources.unread_credential(req.headers(), req.uri()) {
+                    Some(why) => AuthError::CredentialNotAccepted(why),
+                    None => AuthError::MissingCredentials,
+                };
+                return Admission::Refused(self.refuse(error.into(), req));
             }
             Err(e) => return Admission::Refused(self.refuse(e.into(), req)),
         };
         // One clock read serves the probe and the expiry check.
         let now = now_ms();
         match self.probe(token, now) {
-            Ok(Probe::Cached(outcome)) => match self.admit(outcome, req, now) {
-                Ok(()) => Admission::Admitted,
-                Err(refusal) => Admission::Refused(self.refuse(refusal, req)),
-            },
-            Ok(Probe::Uncached(keys)) => Admission::Uncached(keys),
+            Ok(Probe::Cached(outcome)) => {
+                let positive = matches!(outcome, Outcome::Found(_));
+                match self.admit(outcome, req, now) {
+                    Ok(()) => {
+                        self.cache.stats.add(Counter::OkHit);
+                        Admission::Admitted
+                    }
+                    Err(refusal) => {
+                        if positive {
+                            self.cache.stats.add(Counter::HitRefused);
+                        }
+                        Admission::Refused(self.refuse(refusal, req))
+                    }
+                }
+            }
+            Ok(Probe::Uncached(keys)) => {
+                self.cache.stats.add(Counter::Miss);
+                Admission::Uncached(keys)
+            }
             Err(e) => Admission::Refused(self.refuse(e.into(), req)),
         }
     }
@@ -219,21 +241,44 @@ impl Verifier {
         // The `Principal` extractor answers with this layer's 401 challenge if nothing behind
         // authenticated the request.
         extensions.insert(Anonymous(self.challenge.clone()));
+        self.cache.stats.add(Counter::Anonymous);
         Admission::Admitted
     }
 
-    /// The offline format check, the hash and the cache probe of a token.
+    /// The cache probe of a token: its keyed PRF, then the positive map. Only on a miss the
+    /// offline format check, the SHA-256 (or HMAC) and the negative cache: a hit is a token that
+    /// passed them when it was cached, and no other string has its slot (see the crate docs on
+    /// the cache index).
     #[inline]
     pub(super) fn probe(&self, token: &str, now: i64) -> Result<Probe, AuthError> {
+        // A token of another length is malformed and never cached: refused before the PRF, which
+        // would otherwise hash whatever length a client sends.
+        if token.len() != self.format.token_len() {
+            return Err(AuthError::InvalidToken);
+        }
+        let slot = self.cache.slot(token);
+        match self.cache.probe(slot, now) {
+            Some(principal) => Ok(Probe::Cached(Outcome::Found(principal))),
+            None => self.probe_miss(token, slot),
+        }
+    }
+
+    /// The rest of [`probe`](Self::probe) for a token the positive map does not hold.
+    #[inline(never)]
+    fn probe_miss(&self, token: &str, slot: Slot) -> Result<Probe, AuthError> {
         if self.format.check(token).is_err() {
             return Err(AuthError::InvalidToken);
         }
         let hasher = self.cache.hasher();
         let hash = hasher.hash(token);
-        Ok(match self.cache.probe(&hash, now) {
-            Some(outcome) => Probe::Cached(outcome),
+        Ok(match self.cache.probe_negative(&hash) {
+            Some(negative) => {
+                self.cache.stats.add(Counter::NegativeHit);
+                Probe::Cached(Outcome::Rejected(negative))
+            }
             // Without previous peppers this is an empty `Vec`: no allocation.
             None => Probe::Uncached(LookupKeys {
+                slot,
                 hash,
                 previous: hasher.previous_hashes(token),
             }),
@@ -249,10 +294,14 @@ impl Verifier {
         self.refused(&refusal, client.limit_key(), client.ip());
         let grpc = is_grpc(req);
         let res = self.challenge.error_response(&refusal.error, grpc);
-        match &self.on_reject {
+        let mut res = match &self.on_reject {
             Some(hook) => shape(hook, &refusal.error, res, grpc),
             None => res,
+        };
+        if let Some(principal) = refusal.principal {
+            res.extensions_mut().insert(RefusedToken(principal));
         }
+        res
     }
 
     /// What every refusal, of a request or of [`PatAuthLayer::verify`], does besides answering:
@@ -263,6 +312,7 @@ impl Verifier {
     #[cold]
     pub(super) fn refused(&self, refusal: &Refusal, key: Option<IpAddr>, client: Option<IpAddr>) {
         self.count_failure(&refusal.error, key);
+        self.cache.stats.refused(&refusal.error);
         tracing::debug!(
             target: "tower_pat::auth",
             reason = refusal.error.reason(),
@@ -297,7 +347,10 @@ impl Verifier {
         if let Some(limiter) = &self.limiter
             && matches!(
                 err,
-                AuthError::InvalidToken | AuthError::Revoked | AuthError::Expired
+                AuthError::InvalidToken
+                    | AuthError::Revoked
+                    | AuthError::Disabled
+                    | AuthError::Expired
             )
             && let Some(key) = key
         {
@@ -412,6 +465,7 @@ impl Verifier {
             }
             Outcome::Rejected(Negative::Unknown) => AuthError::InvalidToken,
             Outcome::Rejected(Negative::Revoked) => AuthError::Revoked,
+            Outcome::Rejected(Negative::Disabled) => AuthError::Disabled,
             Outcome::Rejected(Negative::Expired) => AuthError::Expired,
             Outcome::Unavailable => AuthError::Unavailable {
                 retry_after_secs: self.unavailable_retry_after,

@@ -145,20 +145,7 @@
 //!                 }
 //!             }
 //!             let mut new = old.clone();
-//!             new.version = old.version.checked_add(1).ok_or_else(|| StoreError::backend("version"))?;
-//!             if let Some(name) = &patch.name {
-//!                 new.name = name.clone();
-//!             }
-//!             if let Some(scopes) = &patch.scopes {
-//!                 new.scopes = scopes.clone();
-//!             }
-//!             if let Some(expires_at) = patch.expires_at {
-//!                 new.expires_at = expires_at;
-//!             }
-//!             if let Some(nets) = &patch.ip_restriction {
-//!                 new.ip_restriction = nets.clone();
-//!             }
-//!             new.updated_at = patch.at;
+//!             patch.apply(&mut new)?;
 //!             records.insert(id.to_owned(), new.clone());
 //!             (old, new)
 //!         };
@@ -175,15 +162,7 @@
 //!                 return Err(StoreError::Conflict { field: "hash" });
 //!             }
 //!             let mut new = old.clone();
-//!             new.version = old.version.checked_add(1).ok_or_else(|| StoreError::backend("version"))?;
-//!             new.hash = rotation.new_hash;
-//!             new.start = rotation.new_start.clone();
-//!             new.previous_hash = rotation.grace_until.map(|until| (rotation.old_hash, until));
-//!             new.last_rotated_at = Some(rotation.at);
-//!             new.updated_at = rotation.at;
-//!             if let Some(expires_at) = rotation.expires_at {
-//!                 new.expires_at = expires_at;
-//!             }
+//!             rotation.apply(&mut new)?;
 //!             records.insert(id.to_owned(), new.clone());
 //!             (old, new)
 //!         };
@@ -237,7 +216,7 @@ use ipnet::IpNet;
 
 use super::{
     ChangeListener, LastUsedFilter, ListQuery, Rotation, SortKey, StoreError, StoreEvent,
-    TokenPatch, TokenStore,
+    TokenPatch, TokenState, TokenStore,
 };
 use crate::record::UsageUpdate;
 use crate::record::{MAX_LAST_USED_IPS, NewToken, TokenRecord, parse_ip_net};
@@ -271,6 +250,7 @@ suite!(
     previous_hash_only_within_grace,
     update_changes_only_the_named_fields,
     update_never_clears_a_revocation,
+    disable_and_enable,
     stale_writes_change_nothing,
     rotate_replaces_the_secret,
     rotate_never_restores_a_replaced_hash,
@@ -772,6 +752,70 @@ pub async fn update_never_clears_a_revocation<S: TokenStore>(store: S) {
         Some(t),
         "a revocation is permanent: no update clears revoked_at"
     );
+}
+
+/// A patch that disables a record stores `disabled_at` (the record is still found by its hash, so
+/// the layer can say why it refuses it), an enabling patch clears it, each as one management write
+/// under the version condition; other fields are untouched; a revoked record stays revoked.
+pub async fn disable_and_enable<S: TokenStore>(store: S) {
+    let _check = Check("disable_and_enable");
+    let t = now();
+    let r = record("alice", "ci");
+    store.insert(&r).await.must();
+    let disabled = store
+        .update(&r.id, &TokenPatch::new(t).if_version(r.version).disable())
+        .await
+        .must();
+    assert_eq!(
+        disabled.disabled_at,
+        Some(t),
+        "disable must store disabled_at"
+    );
+    assert_eq!(
+        disabled.version,
+        r.version + 1,
+        "disable is one management write"
+    );
+    assert_eq!(
+        (
+            disabled.name.as_str(),
+            &disabled.scopes,
+            disabled.expires_at
+        ),
+        (r.name.as_str(), &r.scopes, r.expires_at),
+        "disable must change nothing else"
+    );
+    let found = store.find_by_hash(&r.hash).await.must();
+    assert_eq!(
+        found.as_ref().and_then(|f| f.disabled_at),
+        Some(t),
+        "a disabled record must still be found by its hash, disabled"
+    );
+    // An enable from a read older than the disable changes nothing.
+    match store
+        .update(&r.id, &TokenPatch::new(t).if_version(r.version).enable())
+        .await
+    {
+        Err(StoreError::Stale) => {}
+        other => panic!(
+            "store conformance: update with an old if_version must fail with Stale (an enable \
+             from a read older than the disable); got {other:?}"
+        ),
+    }
+    let enabled = store
+        .update(
+            &r.id,
+            &TokenPatch::new(t).if_version(disabled.version).enable(),
+        )
+        .await
+        .must();
+    assert_eq!(enabled.disabled_at, None, "enable must clear disabled_at");
+    assert_eq!(store.get(&r.id).await.found(), enabled);
+    store.revoke(&r.id, t).await.found();
+    match store.update(&r.id, &TokenPatch::new(t).enable()).await {
+        Err(StoreError::Revoked) => {}
+        other => panic!("store conformance: enabling a revoked record must fail; got {other:?}"),
+    }
 }
 
 /// `update` and `rotate` with an `if_version` that is no longer the stored version fail with
@@ -1296,6 +1340,16 @@ pub async fn list_matches_the_reference<S: TokenStore>(store: S) {
         }
         ids.push(r.id);
     }
+    // One of each state: revoked, disabled, expired (the rest are active or expire later).
+    store.revoke(&ids[1], t).await.found();
+    let read = store.get(&ids[2]).await.found();
+    store
+        .update(
+            &ids[2],
+            &TokenPatch::new(t).if_version(read.version).disable(),
+        )
+        .await
+        .must();
     let mut all = Vec::new();
     for id in &ids {
         all.push(store.get(id).await.found());
@@ -1350,6 +1404,7 @@ pub async fn list_matches_the_reference<S: TokenStore>(store: S) {
                         descending,
                         offset,
                         limit,
+                        ..ListQuery::default()
                     };
                     let page = store.list(&q).await.must();
                     let (items, total) = reference(&q);
@@ -1368,6 +1423,68 @@ pub async fn list_matches_the_reference<S: TokenStore>(store: S) {
         }
     }
     assert_eq!(checked, 9 * 4 * 2 * 6);
+
+    // The time and state filters, each alone and with a subject, at instants between stored
+    // microseconds too.
+    let half = TimeDelta::nanoseconds(500);
+    let mut extra: Vec<ListQuery> = Vec::new();
+    for subject in [None, Some("alice")] {
+        let base = ListQuery {
+            subject: subject.map(str::to_owned),
+            ..ListQuery::default()
+        };
+        for at in [
+            t - TimeDelta::minutes(2),
+            t - TimeDelta::minutes(2) + half,
+            t,
+        ] {
+            extra.push(base.clone().created_after(at));
+            extra.push(base.clone().created_before(at));
+        }
+        for at in [t - TimeDelta::hours(2), t - TimeDelta::hours(1) + half, t] {
+            extra.push(base.clone().last_used_after(at));
+        }
+        for state in [
+            TokenState::Active,
+            TokenState::Revoked,
+            TokenState::Disabled,
+            TokenState::Expired,
+        ] {
+            for at in [t, t + TimeDelta::days(2), t + TimeDelta::days(1) + half] {
+                extra.push(base.clone().state(state, at));
+            }
+        }
+    }
+    for q in &extra {
+        let page = store.list(q).await.must();
+        let (items, total) = reference(q);
+        assert_eq!(
+            (page.items, page.total),
+            (items, total),
+            "list: the time and state filters must match ListQuery::matches, for {q:?}"
+        );
+    }
+    let revoked = store
+        .list(&ListQuery::default().state(TokenState::Revoked, t))
+        .await
+        .must();
+    assert_eq!(
+        revoked
+            .items
+            .iter()
+            .map(|r| r.id.as_str())
+            .collect::<Vec<_>>(),
+        [ids[1].as_str()],
+        "list: state=revoked finds exactly the revoked record"
+    );
+    let disabled = store
+        .list(&ListQuery::default().state(TokenState::Disabled, t))
+        .await
+        .must();
+    assert_eq!(
+        disabled.total, 1,
+        "list: state=disabled finds the disabled record"
+    );
 
     // A few answers spelled out, so the reference cannot be wrong in the same way.
     let ci = store

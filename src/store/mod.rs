@@ -266,6 +266,14 @@ pub struct ListQuery {
     pub search: Option<String>,
     /// A filter on the last use.
     pub last_used: LastUsedFilter,
+    /// Only records used after this time (never-used ones excluded).
+    pub last_used_after: Option<DateTime<Utc>>,
+    /// Only records created after this time.
+    pub created_after: Option<DateTime<Utc>>,
+    /// Only records created before this time.
+    pub created_before: Option<DateTime<Utc>>,
+    /// Only records in this state at its time.
+    pub state: Option<StateFilter>,
     /// The order.
     pub sort: SortKey,
     /// Reverse the order.
@@ -282,6 +290,10 @@ impl Default for ListQuery {
             subject: None,
             search: None,
             last_used: LastUsedFilter::Any,
+            last_used_after: None,
+            created_after: None,
+            created_before: None,
+            state: None,
             sort: SortKey::CreatedAt,
             descending: false,
             offset: 0,
@@ -309,6 +321,34 @@ impl ListQuery {
     #[must_use]
     pub fn last_used(mut self, last_used: LastUsedFilter) -> Self {
         self.last_used = last_used;
+        self
+    }
+
+    /// Only records used after `t` (never-used ones excluded). Default: no filter.
+    #[must_use]
+    pub fn last_used_after(mut self, t: DateTime<Utc>) -> Self {
+        self.last_used_after = Some(t);
+        self
+    }
+
+    /// Only records created after `t`. Default: no filter.
+    #[must_use]
+    pub fn created_after(mut self, t: DateTime<Utc>) -> Self {
+        self.created_after = Some(t);
+        self
+    }
+
+    /// Only records created before `t`. Default: no filter.
+    #[must_use]
+    pub fn created_before(mut self, t: DateTime<Utc>) -> Self {
+        self.created_before = Some(t);
+        self
+    }
+
+    /// Only records in `state` at `at` (expiry is judged at `at`). Default: every state.
+    #[must_use]
+    pub fn state(mut self, state: TokenState, at: DateTime<Utc>) -> Self {
+        self.state = Some(StateFilter { state, at });
         self
     }
 
@@ -363,6 +403,14 @@ impl ListQuery {
                 LastUsedFilter::Never => record.last_used_at.is_none(),
                 LastUsedFilter::Before(t) => record.last_used_at.is_none_or(|u| u < t),
             }
+            && self
+                .last_used_after
+                .is_none_or(|t| record.last_used_at.is_some_and(|u| u > t))
+            && self.created_after.is_none_or(|t| record.created_at > t)
+            && self.created_before.is_none_or(|t| record.created_at < t)
+            && self
+                .state
+                .is_none_or(|f| TokenState::of(record, f.at) == f.state)
     }
 
     /// The order of two records under this query: the sort key, then the id. A never-used token
@@ -383,6 +431,44 @@ impl ListQuery {
         let ord = by_key.then_with(|| a.id.cmp(&b.id));
         if self.descending { ord.reverse() } else { ord }
     }
+}
+
+/// The state of a token at a time: exactly one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TokenState {
+    /// Usable: neither revoked, disabled nor expired.
+    Active,
+    /// Revoked (for good), whatever else holds.
+    Revoked,
+    /// Disabled and not revoked.
+    Disabled,
+    /// Expired, and neither revoked nor disabled.
+    Expired,
+}
+
+impl TokenState {
+    /// The state of `record` at `at`: revoked before disabled before expired.
+    pub fn of(record: &TokenRecord, at: DateTime<Utc>) -> Self {
+        if record.is_revoked() {
+            Self::Revoked
+        } else if record.is_disabled() {
+            Self::Disabled
+        } else if record.is_expired_at(at) {
+            Self::Expired
+        } else {
+            Self::Active
+        }
+    }
+}
+
+/// A [`TokenState`] filter and the time it is judged at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateFilter {
+    /// The state records must be in.
+    pub state: TokenState,
+    /// The time expiry is judged at (usually now).
+    pub at: DateTime<Utc>,
 }
 
 /// A filter on when a token was last used.

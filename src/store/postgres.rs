@@ -18,6 +18,7 @@
 //! | `hash` | `bytea` | 32 bytes, unique index (`tower_pat_tokens_hash_key`) |
 //! | `previous_hash` | `bytea` | partial index, during a rotation grace period |
 //! | `version` | `bigint` | management writes so far ([`TokenRecord::version`]; migration 2) |
+//! | `disabled_at` | `timestamptz` | while the token is disabled (migration 3) |
 //!
 //! [`record_usage`](TokenLookup::record_usage) writes a whole batch in one `UPDATE … FROM
 //! unnest(…)` statement: `last_used_at` becomes the later of the stored and the given time, and
@@ -148,6 +149,10 @@ CREATE INDEX tower_pat_tokens_subject_created_idx ON tower_pat_tokens (subject, 
     Migration {
         version: 2,
         sql: "ALTER TABLE tower_pat_tokens ADD COLUMN version bigint NOT NULL DEFAULT 0;",
+    },
+    Migration {
+        version: 3,
+        sql: "ALTER TABLE tower_pat_tokens ADD COLUMN disabled_at timestamptz;",
     },
 ];
 
@@ -681,7 +686,8 @@ fn bind_record<'q>(q: Query<'q>, r: &'q TokenRecord) -> Result<Query<'q>, StoreE
         .bind(&r.start)
         .bind(r.previous_hash.map(|(h, _)| h.as_bytes().to_vec()))
         .bind(r.previous_hash.map(|(_, until)| until))
-        .bind(sql::db_version(r.version)?))
+        .bind(sql::db_version(r.version)?)
+        .bind(r.disabled_at))
 }
 
 fn bind_params<'q>(mut q: Query<'q>, params: &[Param]) -> Query<'q> {
@@ -720,6 +726,7 @@ fn decode(row: &PgRow) -> Result<TokenRecord, StoreError> {
         previous_hash: get(row, "previous_hash")?,
         previous_hash_until: get(row, "previous_hash_until")?,
         version: get(row, "version")?,
+        disabled_at: get(row, "disabled_at")?,
     }
     .into_record()
 }
@@ -845,6 +852,8 @@ impl TokenStore for PostgresStore {
             .bind(patch.expires_at.flatten())
             .bind(patch.ip_restriction.as_deref().map(to_strings))
             .bind(patch.at)
+            .bind(patch.disabled_at.is_some())
+            .bind(patch.disabled_at.flatten())
             .fetch_optional(&mut *tx)
             .await
             .map_err(store_error)?;

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
 
-use super::{LastUsedFilter, ListQuery, Page, SortKey, StoreError};
+use super::{LastUsedFilter, ListQuery, Page, SortKey, StoreError, TokenState};
 use crate::record::{TokenRecord, parse_ip_net};
 use crate::scope::ScopeSet;
 use crate::token::TokenHash;
@@ -16,7 +16,7 @@ pub(super) const TABLE: &str = "tower_pat_tokens";
 /// The columns every query that returns records selects, in this order.
 pub(super) const COLUMNS: &str = "id, subject, name, scopes, token_type, ip_restriction, \
      created_at, updated_at, expires_at, revoked_at, last_used_at, last_used_ips, \
-     last_rotated_at, hash, start, previous_hash, previous_hash_until, version";
+     last_rotated_at, hash, start, previous_hash, previous_hash_until, version, disabled_at";
 
 /// The differences between the SQL dialects that matter to [`list_sql`].
 #[derive(Clone, Copy)]
@@ -59,9 +59,9 @@ impl Dialect {
     }
 }
 
-/// The columns the stores' `bind_record` binds, in this order, as parameters 1 to 17: every column
-/// but the usage ones. An insert binds `last_used_at` and `last_used_ips` as 18 and 19.
-const WRITTEN: [&str; 17] = [
+/// The columns the stores' `bind_record` binds, in this order, as parameters 1 to 18: every column
+/// but the usage ones. An insert binds `last_used_at` and `last_used_ips` as 19 and 20.
+const WRITTEN: [&str; 18] = [
     "id",
     "subject",
     "name",
@@ -79,6 +79,7 @@ const WRITTEN: [&str; 17] = [
     "previous_hash",
     "previous_hash_until",
     "version",
+    "disabled_at",
 ];
 
 /// The fixed statements of a store, in its dialect.
@@ -98,11 +99,12 @@ pub(super) struct Statements {
     pub(super) get: String,
     /// `$1` = id, locking the row until the end of the transaction where the dialect can.
     pub(super) get_for_update: String,
-    /// Parameters 1–17 as `WRITTEN`, then `last_used_at`, `last_used_ips`.
+    /// Parameters 1–18 as `WRITTEN`, then `last_used_at`, `last_used_ips`.
     pub(super) insert: String,
     /// `$1` = id, `$2` = the version checked; `$3` name, `$4` its lowercase form, `$5` scopes,
     /// `$6` whether to set the expiry, `$7` the expiry, `$8` the IP restriction, each `NULL` to
-    /// keep; `$9` = the time. Returns the record, or nothing if the condition failed.
+    /// keep; `$9` = the time; `$10` whether to set `disabled_at`, `$11` its value. Returns the
+    /// record, or nothing if the condition failed.
     pub(super) patch: String,
     /// `$1` = id, `$2` = the version checked, `$3` = the hash replaced; `$4` the new hash, `$5`
     /// its start, `$6` and `$7` the grace hash and its end (or `NULL`s), `$8` the time, `$9`
@@ -147,8 +149,17 @@ impl Statements {
                 insert_vals.join(", ")
             ),
             patch: {
-                let [name, lower, scopes, set_expiry, expiry, nets, at] =
-                    [3, 4, 5, 6, 7, 8, 9].map(p);
+                let [
+                    name,
+                    lower,
+                    scopes,
+                    set_expiry,
+                    expiry,
+                    nets,
+                    at,
+                    set_disabled,
+                    disabled,
+                ] = [3, 4, 5, 6, 7, 8, 9, 10, 11].map(p);
                 format!(
                     "UPDATE {TABLE} SET \
                      name = COALESCE({name}, name), \
@@ -156,6 +167,7 @@ impl Statements {
                      scopes = COALESCE({scopes}, scopes), \
                      expires_at = CASE WHEN {set_expiry} THEN {expiry} ELSE expires_at END, \
                      ip_restriction = COALESCE({nets}, ip_restriction), \
+                     disabled_at = CASE WHEN {set_disabled} THEN {disabled} ELSE disabled_at END, \
                      updated_at = {at}, \
                      version = version + 1 \
                      WHERE {checked} RETURNING {COLUMNS}"
@@ -248,6 +260,35 @@ pub(super) fn list_sql(query: &ListQuery, dialect: Dialect) -> ListSql {
             let t = bind(Param::Time(ceil_micros(t)));
             filter.push(format!("(last_used_at IS NULL OR last_used_at < {t})"));
         }
+    }
+    // Stored times have microsecond precision: `u > t` is `u > floor(t)` for them.
+    if let Some(t) = query.last_used_after {
+        let t = bind(Param::Time(crate::record::micros(t)));
+        filter.push(format!("last_used_at > {t}"));
+    }
+    if let Some(t) = query.created_after {
+        let t = bind(Param::Time(crate::record::micros(t)));
+        filter.push(format!("created_at > {t}"));
+    }
+    if let Some(t) = query.created_before {
+        let t = bind(Param::Time(ceil_micros(t)));
+        filter.push(format!("created_at < {t}"));
+    }
+    if let Some(f) = query.state {
+        // `expires_at <= at` is `expires_at < floor(at) + 1µs`, i.e. `expires_at <= floor(at)`.
+        let at = bind(Param::Time(crate::record::micros(f.at)));
+        filter.push(match f.state {
+            TokenState::Revoked => "revoked_at IS NOT NULL".to_owned(),
+            TokenState::Disabled => "(revoked_at IS NULL AND disabled_at IS NOT NULL)".to_owned(),
+            TokenState::Expired => format!(
+                "(revoked_at IS NULL AND disabled_at IS NULL AND expires_at IS NOT NULL \
+                 AND expires_at <= {at})"
+            ),
+            TokenState::Active => format!(
+                "(revoked_at IS NULL AND disabled_at IS NULL \
+                 AND (expires_at IS NULL OR expires_at > {at}))"
+            ),
+        });
     }
     let filter = if filter.is_empty() {
         "1 = 1".to_owned()
@@ -343,6 +384,7 @@ pub(super) struct RawRecord {
     pub(super) updated_at: DateTime<Utc>,
     pub(super) expires_at: Option<DateTime<Utc>>,
     pub(super) revoked_at: Option<DateTime<Utc>>,
+    pub(super) disabled_at: Option<DateTime<Utc>>,
     pub(super) last_used_at: Option<DateTime<Utc>>,
     pub(super) last_used_ips: Vec<String>,
     pub(super) last_rotated_at: Option<DateTime<Utc>>,
@@ -392,6 +434,7 @@ impl RawRecord {
             updated_at: self.updated_at,
             expires_at: self.expires_at,
             revoked_at: self.revoked_at,
+            disabled_at: self.disabled_at,
             last_used_at: self.last_used_at,
             last_used_ips,
             last_rotated_at: self.last_rotated_at,

@@ -16,6 +16,11 @@
 //! | `hash` | `BLOB` | 32 bytes, unique |
 //! | `previous_hash` | `BLOB` | indexed, during a rotation grace period |
 //! | `version` | `INTEGER` | management writes so far ([`TokenRecord::version`]; migration 2) |
+//! | `disabled_at` | `INTEGER` | Unix microseconds, while the token is disabled (migration 4) |
+//!
+//! and the change log `tower_pat_changes` (migration 3): `seq` (`INTEGER PRIMARY KEY
+//! AUTOINCREMENT`), `token_id`, `hash` (the hash the change invalidates), `origin` (a random tag
+//! of the handle that wrote it) and `at` (Unix microseconds).
 //!
 //! Times are kept to the microsecond (like PostgreSQL's `timestamptz`): a record read back has its
 //! times truncated to whole microseconds.
@@ -25,8 +30,7 @@
 //! The file is opened in WAL mode with `synchronous = NORMAL`: readers never wait for the writer.
 //! Writes go through one connection, so they never conflict with each other; reads through a small
 //! pool of read-only connections. Another process may open the same file (SQLite's locks and a
-//! 5 s busy timeout keep it consistent), but it will not hear this one's changes: its caches see
-//! them when their TTL runs out.
+//! 5 s busy timeout keep it consistent), and hears this one's changes through the change feed.
 //!
 //! # Change feed
 //!
@@ -34,6 +38,22 @@
 //! [`rotate`](TokenStore::rotate), [`revoke`](TokenStore::revoke),
 //! [`delete`](TokenStore::delete)) is published to the caches subscribed to it before the call
 //! returns, as [`MemoryStore`](super::MemoryStore) does.
+//!
+//! Changes made by another handle or process on the same file arrive through the change log:
+//! each of those writes appends, in its own transaction, one `tower_pat_changes` row per hash it
+//! invalidates, and prunes the log to its last [`CHANGE_LOG_KEEP`] rows. A store opened on a file
+//! runs a poller on a read-only connection of its own: every [`DEFAULT_POLL_INTERVAL`] (100 ms;
+//! [`SqliteStore::open_with_poll_interval`]) it reads `PRAGMA data_version`, which changes only
+//! when another connection committed, and then the rows past the last one it saw, publishing
+//! [`StoreEvent::Changed`] for those another handle wrote (its own were announced at commit). A
+//! revocation by another process is therefore refused within about one interval.
+//!
+//! A poll that fails or takes over 1 s marks the feed down ([`StoreEvent::Disconnected`],
+//! [`SqliteStore::feed_connected`] false): the caches stop serving on trust past their TTL, as for
+//! a lost PostgreSQL feed. The next successful poll publishes [`StoreEvent::Reconnected`] and the
+//! caches drop everything loaded before. A poller that finds rows it never saw already pruned (it
+//! fell more than [`CHANGE_LOG_KEEP`] rows behind) does the same. An in-memory store has no
+//! poller: no other connection can reach it.
 //!
 //! # Concurrent writes
 //!
@@ -49,7 +69,8 @@
 //! up with 503 and keeps serving cached tokens for `stale_if_error`.
 
 use std::path::Path;
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -66,8 +87,8 @@ use super::sql::{
 };
 use super::write::check_writable;
 use super::{
-    ChangeHub, ChangeListener, ListQuery, Page, Rotation, StoreError, TokenLookup, TokenPatch,
-    TokenStore,
+    ChangeHub, ChangeListener, ListQuery, Page, Rotation, StoreError, StoreEvent, TokenLookup,
+    TokenPatch, TokenStore,
 };
 use crate::record::UsageUpdate;
 use crate::record::{TokenRecord, merge_usage};
@@ -107,7 +128,33 @@ CREATE INDEX tower_pat_tokens_subject_created ON tower_pat_tokens (subject, crea
         version: 2,
         sql: "ALTER TABLE tower_pat_tokens ADD COLUMN version INTEGER NOT NULL DEFAULT 0;",
     },
+    Migration {
+        version: 3,
+        sql: r"
+CREATE TABLE tower_pat_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    token_id TEXT NOT NULL,
+    hash BLOB NOT NULL,
+    origin INTEGER NOT NULL,
+    at INTEGER NOT NULL
+) STRICT;
+",
+    },
+    Migration {
+        version: 4,
+        sql: "ALTER TABLE tower_pat_tokens ADD COLUMN disabled_at INTEGER;",
+    },
 ];
+
+/// How many change-log rows are kept: older ones are pruned by the write that adds a new one. A
+/// poller that falls further behind than this treats its feed as interrupted (its caches reload).
+pub const CHANGE_LOG_KEEP: i64 = 1_000;
+
+/// How often a [`SqliteStore`] opened on a file checks for other connections' writes, by default.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How long one poll may take before the feed counts as down.
+const POLL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A store in one SQLite file: tokens survive restarts. See the [module docs](self) for the schema.
 ///
@@ -137,11 +184,37 @@ struct Shared {
     writer: SqlitePool,
     hub: ChangeHub,
     sql: Statements,
+    /// Tags this handle's change-log rows, so that its poller does not announce them twice.
+    origin: i64,
+    /// Whether the cross-process feed is polling successfully (always true in memory).
+    feed_up: AtomicBool,
+    /// Held while the feed state changes and is announced, and while a listener subscribes.
+    feed_lock: Mutex<()>,
+    poller: OnceLock<tokio::task::AbortHandle>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(task) = self.poller.get() {
+            task.abort();
+        }
+    }
 }
 
 impl SqliteStore {
-    /// Opens (creating it if missing) the database file at `path` and applies the migrations.
+    /// Opens (creating it if missing) the database file at `path`, applies the migrations and
+    /// starts the cross-process change feed, polling every [`DEFAULT_POLL_INTERVAL`].
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with_poll_interval(path, DEFAULT_POLL_INTERVAL).await
+    }
+
+    /// [`open`](Self::open), checking for other connections' writes every `interval` (at least
+    /// 10 ms). Each check is one `PRAGMA data_version` on the feed's own read-only connection; the
+    /// change log is read only when it changed.
+    pub async fn open_with_poll_interval(
+        path: impl AsRef<Path>,
+        interval: Duration,
+    ) -> Result<Self, StoreError> {
         let base = SqliteConnectOptions::new()
             .filename(path)
             .busy_timeout(Duration::from_secs(5));
@@ -156,12 +229,33 @@ impl SqliteStore {
             .await
             .map_err(store_error)?;
         migrate(&writer).await?;
+        let read_only = base.read_only(true);
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(base.read_only(true))
+            .connect_with(read_only.clone())
             .await
             .map_err(store_error)?;
-        Ok(Self::from_pools(reader, writer))
+        let mut feed = Feed {
+            options: read_only,
+            conn: None,
+            data_version: None,
+            last: 0,
+        };
+        feed.last = feed.start().await.map_err(store_error)?;
+        let store = Self::from_pools(reader, writer);
+        let task = tokio::spawn(feed.run(
+            Arc::downgrade(&store.inner),
+            interval.max(Duration::from_millis(10)),
+        ));
+        let _ = store.inner.poller.set(task.abort_handle());
+        Ok(store)
+    }
+
+    /// Whether the cross-process change feed is working right now: false from a failed poll until
+    /// the next successful one (always true for [`in_memory`](Self::in_memory), which no other
+    /// connection can reach).
+    pub fn feed_connected(&self) -> bool {
+        self.inner.feed_up.load(Ordering::Acquire)
     }
 
     /// A database in memory, gone when the last handle is dropped: for tests.
@@ -186,6 +280,10 @@ impl SqliteStore {
                 writer,
                 hub: ChangeHub::new(),
                 sql: Statements::new(Dialect::Sqlite),
+                origin: origin(),
+                feed_up: AtomicBool::new(true),
+                feed_lock: Mutex::new(()),
+                poller: OnceLock::new(),
             }),
         }
     }
@@ -212,28 +310,223 @@ impl SqliteStore {
     /// the lock makes impossible, so a [`StoreError::Stale`]), and announces the change.
     async fn commit_write(
         &self,
-        tx: sqlx::Transaction<'static, Sqlite>,
+        mut tx: sqlx::Transaction<'static, Sqlite>,
         old: &TokenRecord,
         row: Option<SqliteRow>,
     ) -> Result<TokenRecord, StoreError> {
         let new = decode(row.as_ref().ok_or(StoreError::Stale)?)?;
+        self.log_change(&mut tx, old).await?;
         tx.commit().await.map_err(store_error)?;
         self.inner.hub.announce(old);
         Ok(new)
     }
 
-    /// Runs a statement that changes one record and returns it (its hashes unchanged), and
-    /// announces the change.
+    /// Runs a statement that changes one record and returns it (its hashes unchanged), logs the
+    /// change in the same transaction, and announces it once committed.
     async fn change_returning(&self, q: Query<'_>) -> Result<Option<TokenRecord>, StoreError> {
-        let row = q
-            .fetch_optional(&self.inner.writer)
+        let mut tx = self.begin_write().await?;
+        let row = q.fetch_optional(&mut *tx).await.map_err(store_error)?;
+        let Some(record) = row.as_ref().map(decode).transpose()? else {
+            return Ok(None);
+        };
+        self.log_change(&mut tx, &record).await?;
+        tx.commit().await.map_err(store_error)?;
+        self.inner.hub.announce(&record);
+        Ok(Some(record))
+    }
+
+    /// Appends to the change log, within a write's transaction, every hash `old` answered to
+    /// (what [`ChangeHub::announce`] publishes here), and prunes the log to its last
+    /// [`CHANGE_LOG_KEEP`] rows.
+    async fn log_change(
+        &self,
+        tx: &mut sqlx::Transaction<'static, Sqlite>,
+        old: &TokenRecord,
+    ) -> Result<(), StoreError> {
+        let at = Utc::now().timestamp_micros();
+        for hash in std::iter::once(old.hash).chain(old.previous_hash.map(|(h, _)| h)) {
+            sqlx::query(
+                "INSERT INTO tower_pat_changes (token_id, hash, origin, at) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .bind(&old.id)
+            .bind(hash.as_bytes().as_slice())
+            .bind(self.inner.origin)
+            .bind(at)
+            .execute(&mut **tx)
             .await
             .map_err(store_error)?;
-        let record = row.as_ref().map(decode).transpose()?;
-        if let Some(r) = &record {
-            self.inner.hub.announce(r);
         }
-        Ok(record)
+        sqlx::query(
+            "DELETE FROM tower_pat_changes
+             WHERE seq <= (SELECT MAX(seq) FROM tower_pat_changes) - ?1",
+        )
+        .bind(CHANGE_LOG_KEEP)
+        .execute(&mut **tx)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+}
+
+/// A random tag for one handle's change-log rows.
+fn origin() -> i64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("the operating system CSPRNG failed");
+    i64::from_ne_bytes(b)
+}
+
+impl Shared {
+    /// Sets and announces the feed's state, if it changed.
+    fn feed_state(&self, up: bool) {
+        let _guard = self.feed_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let was = self.feed_up.swap(up, Ordering::AcqRel);
+        if was != up {
+            self.hub.publish(if up {
+                &StoreEvent::Reconnected
+            } else {
+                &StoreEvent::Disconnected
+            });
+        }
+    }
+}
+
+/// The cross-process change feed: its own read-only connection, which checks `PRAGMA
+/// data_version` (it changes when any other connection, in this process or another, commits)
+/// and then reads the change-log rows past the last one it saw.
+struct Feed {
+    options: SqliteConnectOptions,
+    conn: Option<sqlx::SqliteConnection>,
+    data_version: Option<i64>,
+    /// The last change-log row seen.
+    last: i64,
+}
+
+/// What one poll found.
+enum Polled {
+    /// Nothing new.
+    Quiet,
+    /// Rows past the last one seen: `(token id, hash, origin)`.
+    Changes(Vec<(String, TokenHash, i64)>),
+    /// Rows were pruned before this feed read them: changes may have been missed.
+    Missed,
+}
+
+impl Feed {
+    /// Opens the feed's connection and returns the newest change-log row.
+    async fn start(&mut self) -> Result<i64, sqlx::Error> {
+        use sqlx::ConnectOptions;
+        let mut conn = self.options.connect().await?;
+        let last = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM tower_pat_changes")
+            .fetch_one(&mut conn)
+            .await?;
+        self.conn = Some(conn);
+        Ok(last)
+    }
+
+    /// One check, on the feed's connection (reopened if a check failed: it is dropped then).
+    async fn poll(&mut self) -> Result<Polled, sqlx::Error> {
+        use sqlx::ConnectOptions;
+        let mut conn = match self.conn.take() {
+            Some(c) => c,
+            None => {
+                self.data_version = None;
+                self.options.connect().await?
+            }
+        };
+        let polled = self.poll_on(&mut conn).await;
+        if polled.is_ok() {
+            self.conn = Some(conn);
+        }
+        polled
+    }
+
+    async fn poll_on(&mut self, conn: &mut sqlx::SqliteConnection) -> Result<Polled, sqlx::Error> {
+        let version: i64 = sqlx::query_scalar("PRAGMA data_version")
+            .fetch_one(&mut *conn)
+            .await?;
+        if self.data_version == Some(version) {
+            return Ok(Polled::Quiet);
+        }
+        // One statement, one snapshot: the rows and the oldest row kept.
+        let rows = sqlx::query(
+            "SELECT seq, token_id, hash, origin, (SELECT MIN(seq) FROM tower_pat_changes) AS oldest
+             FROM tower_pat_changes WHERE seq > ?1 ORDER BY seq",
+        )
+        .bind(self.last)
+        .fetch_all(&mut *conn)
+        .await?;
+        self.data_version = Some(version);
+        let Some(first) = rows.first() else {
+            return Ok(Polled::Quiet);
+        };
+        let oldest: i64 = first.try_get("oldest")?;
+        let missed = oldest > self.last + 1;
+        let mut changes = Vec::with_capacity(rows.len());
+        for row in &rows {
+            self.last = row.try_get("seq")?;
+            let hash: Vec<u8> = row.try_get("hash")?;
+            match <[u8; 32]>::try_from(hash.as_slice()) {
+                Ok(h) => changes.push((
+                    row.try_get("token_id")?,
+                    TokenHash::from_bytes(h),
+                    row.try_get("origin")?,
+                )),
+                Err(_) => tracing::warn!("ignoring a change-log row whose hash is not 32 bytes"),
+            }
+        }
+        Ok(if missed {
+            Polled::Missed
+        } else {
+            Polled::Changes(changes)
+        })
+    }
+
+    /// Polls every `interval` until the store is dropped.
+    async fn run(mut self, store: Weak<Shared>, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let polled = tokio::time::timeout(POLL_TIMEOUT, self.poll()).await;
+            let Some(shared) = store.upgrade() else {
+                return;
+            };
+            match polled {
+                Ok(Ok(polled)) => {
+                    let was_down = !shared.feed_up.load(Ordering::Acquire);
+                    match polled {
+                        Polled::Quiet => {}
+                        Polled::Changes(changes) => {
+                            for (id, hash, origin) in changes {
+                                // This handle's own writes were announced when they committed.
+                                if origin != shared.origin {
+                                    shared.hub.changed(&id, hash);
+                                }
+                            }
+                        }
+                        Polled::Missed => {
+                            tracing::warn!(
+                                "token change feed fell behind the change log; caches reload"
+                            );
+                            shared.feed_state(false);
+                            shared.feed_state(true);
+                            continue;
+                        }
+                    }
+                    if was_down {
+                        shared.feed_state(true);
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "token change feed poll failed");
+                    shared.feed_state(false);
+                }
+                Err(_) => {
+                    tracing::warn!("token change feed poll timed out");
+                    shared.feed_state(false);
+                }
+            }
+        }
     }
 }
 
@@ -307,7 +600,7 @@ fn words(s: &str) -> Vec<String> {
     s.split_ascii_whitespace().map(str::to_owned).collect()
 }
 
-/// Binds `?1`–`?17`: every column but the usage ones.
+/// Binds `?1`–`?18`: every column but the usage ones.
 fn bind_record<'q>(q: Query<'q>, r: &'q TokenRecord) -> Result<Query<'q>, StoreError> {
     Ok(q.bind(&r.id)
         .bind(&r.subject)
@@ -325,7 +618,8 @@ fn bind_record<'q>(q: Query<'q>, r: &'q TokenRecord) -> Result<Query<'q>, StoreE
         .bind(&r.start)
         .bind(r.previous_hash.map(|(h, _)| h.as_bytes().to_vec()))
         .bind(r.previous_hash.map(|(_, until)| micros(until)))
-        .bind(sql::db_version(r.version)?))
+        .bind(sql::db_version(r.version)?)
+        .bind(r.disabled_at.map(micros)))
 }
 
 fn decode(row: &SqliteRow) -> Result<TokenRecord, StoreError> {
@@ -351,6 +645,7 @@ fn decode(row: &SqliteRow) -> Result<TokenRecord, StoreError> {
         previous_hash: row.try_get("previous_hash").map_err(store_error)?,
         previous_hash_until: opt_time(get_opt_time("previous_hash_until")?)?,
         version: get_time("version")?,
+        disabled_at: opt_time(get_opt_time("disabled_at")?)?,
     }
     .into_record()
 }
@@ -411,7 +706,17 @@ impl TokenLookup for SqliteStore {
     }
 
     fn subscribe(&self, listener: Weak<dyn ChangeListener>) -> bool {
-        self.inner.hub.subscribe(listener);
+        let _guard = self
+            .inner
+            .feed_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.inner.hub.subscribe(listener.clone());
+        if !self.inner.feed_up.load(Ordering::Acquire)
+            && let Some(l) = listener.upgrade()
+        {
+            l.on_event(&StoreEvent::Disconnected);
+        }
         true
     }
 }
@@ -473,6 +778,8 @@ impl TokenStore for SqliteStore {
                     .map(|n| to_strings(n).join(" ")),
             )
             .bind(micros(patch.at))
+            .bind(patch.disabled_at.is_some())
+            .bind(patch.disabled_at.flatten().map(micros))
             .fetch_optional(&mut *tx)
             .await
             .map_err(store_error)?;

@@ -41,6 +41,8 @@ pub struct TokenPatch {
     pub expires_at: Option<Option<DateTime<Utc>>>,
     /// New client networks (empty for anywhere).
     pub ip_restriction: Option<Vec<IpNet>>,
+    /// Disable (`Some(Some(at))`) or enable (`Some(None)`) the token, `None` to keep it as it is.
+    pub disabled_at: Option<Option<DateTime<Utc>>>,
     /// When the change is made: the record's new `updated_at`.
     pub at: DateTime<Utc>,
 }
@@ -54,6 +56,7 @@ impl TokenPatch {
             scopes: None,
             expires_at: None,
             ip_restriction: None,
+            disabled_at: None,
             at,
         }
     }
@@ -82,7 +85,7 @@ impl TokenPatch {
     /// Sets the expiry (`None`: never).
     #[must_use]
     pub fn expires_at(mut self, expires_at: Option<DateTime<Utc>>) -> Self {
-        self.expires_at = Some(expires_at);
+        self.expires_at = Some(expires_at.map(crate::record::micros));
         self
     }
 
@@ -93,16 +96,38 @@ impl TokenPatch {
         self
     }
 
+    /// Disables the token from the patch's time on: every layer refuses it ("the access token is
+    /// disabled") until a patch [enables](Self::enable) it again. Unlike a revocation, reversible.
+    #[must_use]
+    pub fn disable(mut self) -> Self {
+        self.disabled_at = Some(Some(self.at));
+        self
+    }
+
+    /// Enables a disabled token again.
+    #[must_use]
+    pub fn enable(mut self) -> Self {
+        self.disabled_at = Some(None);
+        self
+    }
+
     /// Whether the patch names no field to change.
     pub fn is_empty(&self) -> bool {
         self.name.is_none()
             && self.scopes.is_none()
             && self.expires_at.is_none()
             && self.ip_restriction.is_none()
+            && self.disabled_at.is_none()
     }
 
     /// The patch applied to `record`: the named fields, `updated_at`, and the version bumped.
-    pub(crate) fn apply(&self, record: &mut TokenRecord) -> Result<(), StoreError> {
+    ///
+    /// What the built-in stores do once the write's conditions hold; a store written outside this
+    /// crate that keeps whole records calls it too, so that it changes exactly what they change.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] if the version would overflow.
+    pub fn apply(&self, record: &mut TokenRecord) -> Result<(), StoreError> {
         record.version = next_version(record.version)?;
         if let Some(name) = &self.name {
             record.name.clone_from(name);
@@ -115,6 +140,9 @@ impl TokenPatch {
         }
         if let Some(nets) = &self.ip_restriction {
             record.ip_restriction.clone_from(nets);
+        }
+        if let Some(disabled_at) = self.disabled_at {
+            record.disabled_at = disabled_at.map(crate::record::micros);
         }
         record.updated_at = self.at;
         Ok(())
@@ -197,12 +225,17 @@ impl Rotation {
     /// Sets a new expiry with the rotation (`None`: never).
     #[must_use]
     pub fn expires_at(mut self, expires_at: Option<DateTime<Utc>>) -> Self {
-        self.expires_at = Some(expires_at);
+        self.expires_at = Some(expires_at.map(crate::record::micros));
         self
     }
 
-    /// The rotation applied to `record`.
-    pub(crate) fn apply(&self, record: &mut TokenRecord) -> Result<(), StoreError> {
+    /// The rotation applied to `record`: the new hash and start, the old hash kept for the grace
+    /// period (if any), `last_rotated_at`, `updated_at`, the new expiry (if any) and the version
+    /// bumped. Like [`TokenPatch::apply`], for stores that keep whole records.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] if the version would overflow.
+    pub fn apply(&self, record: &mut TokenRecord) -> Result<(), StoreError> {
         record.version = next_version(record.version)?;
         record.hash = self.new_hash;
         record.start.clone_from(&self.new_start);

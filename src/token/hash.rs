@@ -167,11 +167,6 @@ impl TokenHasher {
             })
             .collect()
     }
-
-    /// Whether any previous peppers are configured.
-    pub(crate) fn has_previous(&self) -> bool {
-        !self.previous.is_empty()
-    }
 }
 
 fn hmac_key(pepper: &[u8]) -> Hmac<Sha256> {

@@ -188,3 +188,17 @@ pub async fn concurrent_statuses(layer: &PatAuthLayer, token: &str, n: usize) ->
     }
     out
 }
+
+/// A fresh directory under the system's temporary one.
+pub fn tempdir() -> std::path::PathBuf {
+    use std::sync::atomic::AtomicU32;
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "tower-pat-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

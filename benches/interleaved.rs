@@ -1,0 +1,794 @@
+//! The source of the ratios in BENCHMARKS.md: every variant measured in the same process, in
+//! rounds, the order rotated every round, so that what the machine does meanwhile (other builds,
+//! frequency changes) falls on all of them alike. Each round runs each variant for `CALLS` calls
+//! and records its ns per call; a ratio is taken per round and reported as the median of the
+//! rounds with the 10th and 90th percentiles. `scripts/bench.sh` runs it in several processes.
+//!
+//! Sets (a filter argument keeps only the sets whose name contains it):
+//!
+//! - `hit`: the layer's cache hit with 1 000 tokens cached (`PatAuth::call` on a ready trivial
+//!   service, one poll), the trivial service alone (`no_layer`), and each step of a hit alone: the
+//!   bearer parse, the keyed PRF, a probe of a 1 000-entry map with the `Arc` clone, the clock,
+//!   the extension insert. The layer's own work is `layer_hit_1k − no_layer`.
+//! - `prf`: the cache key candidates on a 40-character token: SipHash-1-3-128, SipHash-2-4-128,
+//!   AES-128-CMAC (AES-NI when the CPU has it), and SHA-256 (the store's hash).
+//! - `peers`: the same trivial handler behind tower-http's static bearer, a competent
+//!   do-it-yourself layer (moka `future::Cache` keyed by SHA-256 in tower-http's
+//!   `AsyncRequireAuthorizationLayer`, and the same in axum's `middleware::from_fn`), and
+//!   tower-pat, all driven the same way (one `block_on` per round); and `jsonwebtoken`'s HS256
+//!   verification of a 171-byte JWT alone.
+//! - `contention`: two threads authenticating with one hot token against two threads on two
+//!   different tokens; per-thread calls per second.
+//! - `spread_1m` (only with `SPREAD_1M=1`: filling a million entries takes a while): hits spread
+//!   over 1 000 000 cached tokens against a bare probe of a 1 000 000-entry map, the same keys in
+//!   the same order.
+//!
+//! `cargo bench --bench interleaved` (`ROUNDS`, default 60, and `CALLS`, default 10 000); under
+//! `cargo test` it runs 3 rounds of 200 calls as a smoke test.
+
+mod common;
+
+use std::convert::Infallible;
+use std::future::ready;
+use std::hash::Hasher;
+use std::sync::Arc;
+use std::time::Instant;
+
+use dashmap::DashMap;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use sha2::{Digest, Sha256};
+use tower::{Layer, Service, ServiceExt};
+use tower_pat::{PatAuthLayer, TokenSecret};
+
+/// One variant: runs its operation `n` times and returns the nanoseconds per call.
+type Variant = Box<dyn FnMut(usize) -> f64>;
+
+struct Settings {
+    rounds: usize,
+    calls: usize,
+    filter: Option<String>,
+}
+
+impl Settings {
+    fn from_env() -> Self {
+        let full = common::full_run();
+        let env = |name: &str, default: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let filter = std::env::args()
+            .skip(1)
+            .find(|a| !a.starts_with('-'))
+            .filter(|a| !a.is_empty());
+        Self {
+            rounds: if full { env("ROUNDS", 60) } else { 3 },
+            calls: if full { env("CALLS", 10_000) } else { 200 },
+            filter,
+        }
+    }
+
+    fn wants(&self, set: &str) -> bool {
+        self.filter.as_deref().is_none_or(|f| set.contains(f))
+    }
+}
+
+/// Runs `variants` in rotated rounds; returns each one's ns per call, one value per round.
+///
+/// With `ONLY=<name>` in the environment it runs just that variant, once, for `CALLS` calls and
+/// returns `None`: what `scripts/callgrind.sh` counts instructions of.
+fn rounds(settings: &Settings, variants: &mut [(&'static str, Variant)]) -> Option<Vec<Vec<f64>>> {
+    if let Ok(only) = std::env::var("ONLY") {
+        for (name, v) in variants.iter_mut() {
+            if *name == only {
+                v(settings.calls);
+            }
+        }
+        return None;
+    }
+    let n = variants.len();
+    let mut out = vec![Vec::with_capacity(settings.rounds); n];
+    // One untimed round first: caches, branch predictors, lazy initialisation.
+    for (_, v) in variants.iter_mut() {
+        v(settings.calls.min(1_000));
+    }
+    for round in 0..settings.rounds {
+        for k in 0..n {
+            let i = (round + k) % n;
+            out[i].push((variants[i].1)(settings.calls));
+        }
+    }
+    Some(out)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+/// Median with 10th and 90th percentiles, as `m (p10–p90)`.
+fn spread(values: &[f64]) -> (f64, f64, f64) {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    (
+        percentile(&v, 0.5),
+        percentile(&v, 0.1),
+        percentile(&v, 0.9),
+    )
+}
+
+fn show(name: &str, values: &[f64], unit: &str) {
+    let (m, lo, hi) = spread(values);
+    println!("  {name:<34} {m:>10.1} {unit}  ({lo:.1} to {hi:.1})");
+}
+
+/// Per-round values of `f(round)`: ratios and differences taken within a round.
+fn per_round(rounds: usize, f: impl Fn(usize) -> f64) -> Vec<f64> {
+    (0..rounds).map(f).collect()
+}
+
+/// How many inputs are prepared at a time: a batch of requests stays in the CPU's caches (10 000
+/// requests of ~250 bytes would not, and moving them would be what is timed).
+const BATCH: usize = 128;
+
+/// Times `n` calls of `op` on inputs prepared untimed, a batch at a time; the outputs are dropped
+/// after the clock stops.
+fn timed<I, O>(mut inputs: impl FnMut(usize) -> I, n: usize, mut op: impl FnMut(I) -> O) -> f64 {
+    let mut batch: Vec<I> = Vec::with_capacity(BATCH);
+    let mut outputs: Vec<O> = Vec::with_capacity(BATCH);
+    let mut elapsed = std::time::Duration::ZERO;
+    let mut done = 0;
+    while done < n {
+        let size = BATCH.min(n - done);
+        batch.extend((done..done + size).map(&mut inputs));
+        let start = Instant::now();
+        for input in batch.drain(..) {
+            outputs.push(op(input));
+        }
+        elapsed += start.elapsed();
+        outputs.clear();
+        done += size;
+    }
+    elapsed.as_nanos() as f64 / n as f64
+}
+
+/// A request whose `Authorization` value is a fresh copy, as a server that just parsed it holds
+/// it: in the CPU's caches, wherever the original lies among a million others.
+fn fresh(auth: &HeaderValue) -> Request<()> {
+    common::request(&HeaderValue::from_bytes(auth.as_bytes()).expect("a header value"))
+}
+
+/// `PatAuth::call` on a ready `echo` service, one poll: what `benches/verify.rs` times.
+fn layer_calls(layer: &PatAuthLayer, headers: Vec<HeaderValue>) -> Variant {
+    let mut svc = layer.layer(common::echo());
+    let mut check = layer.layer(common::needs_principal());
+    for h in &headers {
+        let res = common::poll_now(check.call(common::request(h))).expect("infallible");
+        assert_eq!(res.status(), StatusCode::OK, "every header authenticates");
+    }
+    Box::new(move |n| {
+        timed(
+            |i| fresh(&headers[i % headers.len()]),
+            n,
+            |req| {
+                common::poll_now(std::future::poll_fn(|cx| svc.poll_ready(cx))).expect("ready");
+                common::poll_now(svc.call(req))
+            },
+        )
+    })
+}
+
+fn issue(rt: &tokio::runtime::Runtime, n: usize) -> (PatAuthLayer, Vec<TokenSecret>) {
+    let (store, secrets) = common::ManyTokens::issue(n);
+    let layer = common::layer(store);
+    rt.block_on(common::fill(&layer, &secrets));
+    (layer, secrets)
+}
+
+fn sip24(k: (u64, u64), token: &str) -> u128 {
+    use siphasher::sip128::Hasher128;
+    let mut h = siphasher::sip128::SipHasher24::new_with_keys(k.0, k.1);
+    h.write(token.as_bytes());
+    h.finish128().as_u128()
+}
+
+fn sip13(k: (u64, u64), token: &str) -> u128 {
+    use siphasher::sip128::Hasher128;
+    let mut h = siphasher::sip128::SipHasher13::new_with_keys(k.0, k.1);
+    h.write(token.as_bytes());
+    h.finish128().as_u128()
+}
+
+/// The identity hash of a uniformly random key, as the cache uses.
+#[derive(Default, Clone)]
+struct Identity(u64);
+
+impl Hasher for Identity {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes.iter().take(8) {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.0 = n as u64;
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type SlotMap<V> = DashMap<u128, Arc<V>, std::hash::BuildHasherDefault<Identity>>;
+
+/// An entry of the size the cache's is, for the bare probes; `next` chains the 1M probes.
+struct Payload {
+    expires_ms: i64,
+    next: u128,
+    _rest: [u8; 200],
+}
+
+#[cfg(target_os = "linux")]
+fn coarse_ms() -> i64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
+    t.tv_sec * 1_000 + t.tv_nsec / 1_000_000
+}
+
+#[cfg(not(target_os = "linux"))]
+fn coarse_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn hit_set(settings: &Settings, rt: &tokio::runtime::Runtime) {
+    let (layer, secrets) = issue(rt, 1_000);
+    let headers = common::spread(&secrets);
+    let tokens: Arc<Vec<String>> = Arc::new(
+        headers
+            .iter()
+            .map(|h| h.to_str().unwrap()["Bearer ".len()..].to_owned())
+            .collect(),
+    );
+    let key = (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210);
+    let map: Arc<SlotMap<Payload>> = Arc::new(DashMap::default());
+    for t in tokens.iter() {
+        let p = Payload {
+            expires_ms: i64::MAX,
+            next: 0,
+            _rest: [0; 200],
+        };
+        map.insert(sip24(key, t), Arc::new(p));
+    }
+    let slots: Vec<u128> = tokens.iter().map(|t| sip24(key, t)).collect();
+    let h2 = headers.clone();
+    let h3 = headers.clone();
+    let t1 = Arc::clone(&tokens);
+    let mut variants: Vec<(&'static str, Variant)> = vec![
+        ("layer_hit_1k", layer_calls(&layer, headers.clone())),
+        ("no_layer", {
+            let mut svc = common::echo();
+            Box::new(move |n| {
+                timed(
+                    |i| fresh(&h2[i % h2.len()]),
+                    n,
+                    |req| {
+                        common::poll_now(std::future::poll_fn(|cx| svc.poll_ready(cx)))
+                            .expect("ready");
+                        common::poll_now(svc.call(req))
+                    },
+                )
+            })
+        }),
+        (
+            "step_bearer_parse",
+            Box::new(move |n| {
+                timed(
+                    |i| fresh(&h3[i % h3.len()]),
+                    n,
+                    |req| {
+                        let len = req
+                            .headers()
+                            .get(header::AUTHORIZATION)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.get(7..))
+                            .map_or(0, str::len);
+                        (req, len)
+                    },
+                )
+            }),
+        ),
+        (
+            "step_prf_sip24",
+            Box::new(move |n| timed(|i| &t1[i % t1.len()], n, |t| sip24(key, t))),
+        ),
+        ("step_probe_1k_arc", {
+            let map = Arc::clone(&map);
+            Box::new(move |n| {
+                timed(
+                    |i| slots[i % slots.len()],
+                    n,
+                    |s| map.get(&s).map(|e| Arc::clone(e.value())),
+                )
+            })
+        }),
+        (
+            "step_clock",
+            Box::new(|n| timed(|_| (), n, |()| coarse_ms())),
+        ),
+        (
+            "step_extension_insert",
+            Box::new(move |n| {
+                let value = Arc::new(0u64);
+                timed(
+                    |_| (Request::new(()), Arc::clone(&value)),
+                    n,
+                    |(mut req, v)| {
+                        req.extensions_mut().insert(v);
+                        req
+                    },
+                )
+            }),
+        ),
+    ];
+    let Some(r) = rounds(settings, &mut variants) else {
+        return;
+    };
+    println!("== hit: 1 000 tokens cached, ns per call");
+    for ((name, _), values) in variants.iter().zip(&r) {
+        show(name, values, "ns");
+    }
+    let own = per_round(settings.rounds, |i| r[0][i] - r[1][i]);
+    let steps = per_round(settings.rounds, |i| (2..7).map(|v| r[v][i]).sum());
+    show("layer's own work (hit − no_layer)", &own, "ns");
+    show("sum of the steps alone", &steps, "ns");
+    show(
+        "own work ÷ sum of steps",
+        &per_round(settings.rounds, |i| own[i] / steps[i]),
+        "×",
+    );
+}
+
+fn prf_set(settings: &Settings) {
+    use aes::cipher::KeyInit;
+    use cmac::Mac;
+    let tokens: Arc<Vec<String>> = Arc::new(
+        (0..4_096)
+            .map(|_| {
+                tower_pat::TokenFormat::new()
+                    .generate()
+                    .expose_secret()
+                    .to_owned()
+            })
+            .collect(),
+    );
+    let key = (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210);
+    let cmac = <cmac::Cmac<aes::Aes128> as KeyInit>::new_from_slice(&[7u8; 16]).expect("a key");
+    let (t1, t2, t3, t4) = (
+        Arc::clone(&tokens),
+        Arc::clone(&tokens),
+        Arc::clone(&tokens),
+        Arc::clone(&tokens),
+    );
+    let mut variants: Vec<(&'static str, Variant)> = vec![
+        (
+            "siphash_1_3_128",
+            Box::new(move |n| timed(|i| &t1[i % t1.len()], n, |t| sip13(key, t))),
+        ),
+        (
+            "siphash_2_4_128",
+            Box::new(move |n| timed(|i| &t2[i % t2.len()], n, |t| sip24(key, t))),
+        ),
+        (
+            "aes_128_cmac",
+            Box::new(move |n| {
+                timed(
+                    |i| &t3[i % t3.len()],
+                    n,
+                    |t| {
+                        let mut m = cmac.clone();
+                        m.update(t.as_bytes());
+                        u128::from_le_bytes(m.finalize().into_bytes().into())
+                    },
+                )
+            }),
+        ),
+        (
+            "sha256",
+            Box::new(move |n| {
+                timed(
+                    |i| &t4[i % t4.len()],
+                    n,
+                    |t| <[u8; 32]>::from(Sha256::digest(t.as_bytes())),
+                )
+            }),
+        ),
+    ];
+    let Some(r) = rounds(settings, &mut variants) else {
+        return;
+    };
+    println!("== prf: the cache key of a 42-character token, ns per call");
+    for ((name, _), values) in variants.iter().zip(&r) {
+        show(name, values, "ns");
+    }
+}
+
+/// `n` requests through `svc` inside one `block_on`: ready, call, await.
+fn driven<S, B>(
+    rt: Arc<tokio::runtime::Runtime>,
+    mut svc: S,
+    make: impl Fn(usize) -> Request<B> + 'static,
+) -> Variant
+where
+    S: Service<Request<B>> + 'static,
+    S::Error: std::fmt::Debug,
+    S::Response: 'static,
+    B: 'static,
+{
+    Box::new(move |n| {
+        let mut elapsed = std::time::Duration::ZERO;
+        let mut outputs = Vec::with_capacity(BATCH);
+        let mut done = 0;
+        while done < n {
+            let size = BATCH.min(n - done);
+            let requests: Vec<Request<B>> = (done..done + size).map(&make).collect();
+            let start = Instant::now();
+            rt.block_on(async {
+                for req in requests {
+                    let svc = svc.ready().await.expect("ready");
+                    outputs.push(svc.call(req).await.expect("a response"));
+                }
+            });
+            elapsed += start.elapsed();
+            outputs.clear();
+            done += size;
+        }
+        elapsed.as_nanos() as f64 / n as f64
+    })
+}
+
+/// The do-it-yourself cache: SHA-256 of the bearer token → the record, in moka's async cache.
+type DiyCache = moka::future::Cache<[u8; 32], Arc<tower_pat::TokenRecord>>;
+
+fn bearer_digest<B>(req: &Request<B>) -> Option<[u8; 32]> {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")?;
+    Some(Sha256::digest(token.as_bytes()).into())
+}
+
+fn unauthorized<B: Default>() -> Response<B> {
+    let mut res = Response::new(B::default());
+    *res.status_mut() = StatusCode::UNAUTHORIZED;
+    res
+}
+
+fn peers_set(settings: &Settings) {
+    use tower_http::auth::AsyncRequireAuthorizationLayer;
+    use tower_http::validate_request::ValidateRequestHeaderLayer;
+    let rt = Arc::new(common::runtime());
+    let (layer, secrets) = issue(&rt, 1_000);
+    let headers: Arc<Vec<HeaderValue>> = Arc::new(common::spread(&secrets));
+    let diy: DiyCache = moka::future::Cache::builder().max_capacity(100_000).build();
+    rt.block_on(async {
+        for (n, s) in secrets.iter().enumerate() {
+            let digest: [u8; 32] = Sha256::digest(s.expose_secret().as_bytes()).into();
+            let record = common::record_for(tower_pat::TokenHash::from_bytes(digest), n as u64);
+            diy.insert(digest, Arc::new(record)).await;
+        }
+    });
+    let req = {
+        let headers = Arc::clone(&headers);
+        move |i: usize| common::request(&headers[i % headers.len()])
+    };
+    let body_req = {
+        let headers = Arc::clone(&headers);
+        move |i: usize| {
+            let (parts, ()) = common::request(&headers[i % headers.len()]).into_parts();
+            Request::from_parts(parts, axum::body::Body::empty())
+        }
+    };
+    let pong_body = || {
+        tower::service_fn(|_req: Request<axum::body::Body>| {
+            ready(Ok::<_, Infallible>(
+                Response::new(axum::body::Body::empty()),
+            ))
+        })
+    };
+    #[allow(deprecated)] // "too basic to be useful in real applications": the point of comparing.
+    let static_bearer = ValidateRequestHeaderLayer::bearer(secrets[0].expose_secret());
+    let diy_tower = {
+        let diy = diy.clone();
+        AsyncRequireAuthorizationLayer::new(move |mut req: Request<()>| {
+            let diy = diy.clone();
+            async move {
+                let digest = bearer_digest(&req).ok_or_else(unauthorized)?;
+                match diy.get(&digest).await {
+                    Some(record) if record.is_active_at(chrono::Utc::now()) => {
+                        req.extensions_mut().insert(record);
+                        Ok(req)
+                    }
+                    _ => Err(unauthorized()),
+                }
+            }
+        })
+    };
+    let diy_axum = {
+        let diy = diy.clone();
+        axum::middleware::from_fn(
+            move |mut req: axum::extract::Request, next: axum::middleware::Next| {
+                let diy = diy.clone();
+                async move {
+                    let Some(digest) = bearer_digest(&req) else {
+                        return unauthorized();
+                    };
+                    match diy.get(&digest).await {
+                        Some(record) if record.is_active_at(chrono::Utc::now()) => {
+                            req.extensions_mut().insert(record);
+                            next.run(req).await
+                        }
+                        _ => unauthorized(),
+                    }
+                }
+            },
+        )
+    };
+    let jwt_key = jsonwebtoken::EncodingKey::from_secret(b"a secret of thirty-two bytes....");
+    let claims = serde_json::json!({
+        "sub": "user-1", "iat": 1_700_000_000u64, "exp": 4_100_000_000u64,
+        "scope": "repo:read"
+    });
+    let jwt =
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jwt_key).expect("a JWT");
+    let decoding = jsonwebtoken::DecodingKey::from_secret(b"a secret of thirty-two bytes....");
+    let validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    let jwt_len = jwt.len();
+    let mut variants: Vec<(&'static str, Variant)> = vec![
+        (
+            "no_auth",
+            driven(Arc::clone(&rt), common::pong(), req.clone()),
+        ),
+        (
+            "tower_http_static_bearer",
+            driven(Arc::clone(&rt), static_bearer.layer(common::pong()), {
+                let secret = common::bearer(secrets[0].expose_secret());
+                move |_| common::request(&secret)
+            }),
+        ),
+        (
+            "diy_moka_tower_http",
+            driven(
+                Arc::clone(&rt),
+                diy_tower.layer(common::pong()),
+                req.clone(),
+            ),
+        ),
+        (
+            "tower_pat",
+            driven(Arc::clone(&rt), layer.layer(common::pong()), req.clone()),
+        ),
+        (
+            "axum_no_auth",
+            driven(Arc::clone(&rt), pong_body(), body_req.clone()),
+        ),
+        (
+            "diy_moka_axum_from_fn",
+            driven(
+                Arc::clone(&rt),
+                diy_axum.layer(pong_body()),
+                body_req.clone(),
+            ),
+        ),
+        (
+            "axum_tower_pat",
+            driven(Arc::clone(&rt), layer.layer(pong_body()), body_req.clone()),
+        ),
+        (
+            "jwt_hs256_verify",
+            Box::new(move |n| {
+                timed(
+                    |_| (),
+                    n,
+                    |()| {
+                        jsonwebtoken::decode::<serde_json::Value>(&jwt, &decoding, &validation)
+                            .expect("a valid JWT")
+                    },
+                )
+            }),
+        ),
+    ];
+    // Every variant answers 200 with this input (untimed).
+    let _ = rt.block_on(
+        diy_tower
+            .layer(common::pong())
+            .oneshot(common::request(&headers[0])),
+    );
+    let Some(r) = rounds(settings, &mut variants) else {
+        return;
+    };
+    println!("== peers: ns per request (the JWT is {jwt_len} bytes)");
+    for ((name, _), values) in variants.iter().zip(&r) {
+        show(name, values, "ns");
+    }
+    let r = &r;
+    let over = |v: usize, base: usize| per_round(settings.rounds, move |i| r[v][i] - r[base][i]);
+    let pat = over(3, 0);
+    let ratio = |a: &[f64], b: &[f64]| per_round(settings.rounds, |i| a[i] / b[i]);
+    show("tower-pat over no_auth", &pat, "ns");
+    show(
+        "diy (tower-http) ÷ tower-pat, over no_auth",
+        &ratio(&over(2, 0), &pat),
+        "×",
+    );
+    let axum_pat = over(6, 4);
+    show("tower-pat over axum_no_auth", &axum_pat, "ns");
+    show(
+        "diy (axum from_fn) ÷ tower-pat, over no_auth",
+        &ratio(&over(5, 4), &axum_pat),
+        "×",
+    );
+    show("jwt HS256 ÷ tower-pat", &ratio(&r[7], &pat), "×");
+}
+
+fn contention_set(settings: &Settings, rt: &tokio::runtime::Runtime) {
+    let (layer, secrets) = issue(rt, 2);
+    let headers = common::spread(&secrets);
+    let run = |shared: bool| -> [f64; 2] {
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let calls = settings.calls;
+        let per_thread: Vec<f64> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2)
+                .map(|t| {
+                    let header = if shared {
+                        headers[0].clone()
+                    } else {
+                        headers[t].clone()
+                    };
+                    let mut svc = layer.layer(common::echo());
+                    let barrier = Arc::clone(&barrier);
+                    s.spawn(move || {
+                        barrier.wait();
+                        let ns = timed(
+                            |_| common::request(&header),
+                            calls,
+                            |req| {
+                                common::poll_now(std::future::poll_fn(|cx| svc.poll_ready(cx)))
+                                    .expect("ready");
+                                common::poll_now(svc.call(req))
+                            },
+                        );
+                        1e3 / ns
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a thread"))
+                .collect()
+        });
+        [per_thread[0], per_thread[1]]
+    };
+    let mut hot = Vec::new();
+    let mut apart = Vec::new();
+    run(true);
+    for round in 0..settings.rounds {
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for shared in order {
+            let r = run(shared);
+            if shared { &mut hot } else { &mut apart }.extend(r);
+        }
+    }
+    println!("== contention: millions of hits per second per thread, 2 threads");
+    show("one hot token", &hot, "M/s");
+    show("two different tokens", &apart, "M/s");
+    let ratio: Vec<f64> = hot.iter().zip(&apart).map(|(h, a)| h / a).collect();
+    show("hot ÷ different (per thread)", &ratio, "×");
+}
+
+fn spread_1m_set(settings: &Settings, rt: &tokio::runtime::Runtime) {
+    let n = if common::full_run() { 1_000_000 } else { 2_000 };
+    let (layer, secrets) = issue(rt, n);
+    let headers = common::spread(&secrets);
+    let key = (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210);
+    let map: Arc<SlotMap<Payload>> = Arc::new(DashMap::default());
+    let slots: Vec<u128> = headers
+        .iter()
+        .map(|h| sip24(key, &h.to_str().unwrap()["Bearer ".len()..]))
+        .collect();
+    // Inserted in issue order, probed in hash order, as the layer's entries are; each probe
+    // reads the next key from the entry it found: one request at a time, so their memory
+    // accesses cannot overlap (the layer's requests are too long to overlap either).
+    let next_of: std::collections::HashMap<u128, u128> = slots
+        .iter()
+        .zip(slots.iter().cycle().skip(1))
+        .map(|(a, b)| (*a, *b))
+        .collect();
+    for s in secrets.iter() {
+        let slot = sip24(key, s.expose_secret());
+        let p = Payload {
+            expires_ms: i64::MAX,
+            next: next_of[&slot],
+            _rest: [0; 200],
+        };
+        map.insert(slot, Arc::new(p));
+    }
+    drop(next_of);
+    let h2 = headers.clone();
+    let mut variants: Vec<(&'static str, Variant)> = vec![
+        ("layer_hit_spread", layer_calls(&layer, headers)),
+        ("no_layer", {
+            let mut svc = common::echo();
+            Box::new(move |n| {
+                timed(
+                    |i| fresh(&h2[i % h2.len()]),
+                    n,
+                    |req| {
+                        common::poll_now(std::future::poll_fn(|cx| svc.poll_ready(cx)))
+                            .expect("ready");
+                        common::poll_now(svc.call(req))
+                    },
+                )
+            })
+        }),
+        ("bare_probe", {
+            let mut at = slots[0];
+            Box::new(move |n| {
+                timed(
+                    |_| (),
+                    n,
+                    |()| {
+                        let e = map.get(&at).expect("every key is in the map");
+                        at = e.value().next;
+                        e.value().expires_ms
+                    },
+                )
+            })
+        }),
+    ];
+    let Some(r) = rounds(settings, &mut variants) else {
+        return;
+    };
+    println!("== spread: {n} tokens cached, each request to the next token in hash order");
+    for ((name, _), values) in variants.iter().zip(&r) {
+        show(name, values, "ns");
+    }
+    let own = per_round(settings.rounds, |i| r[0][i] - r[1][i]);
+    show("layer's own work", &own, "ns");
+    show(
+        "own work ÷ bare probe",
+        &per_round(settings.rounds, |i| own[i] / r[2][i]),
+        "×",
+    );
+}
+
+fn main() {
+    let settings = Settings::from_env();
+    let rt = common::runtime();
+    println!(
+        "interleaved: {} rounds × {} calls, order rotated each round; median (10th to 90th percentile)",
+        settings.rounds, settings.calls
+    );
+    if settings.wants("hit") {
+        hit_set(&settings, &rt);
+    }
+    if settings.wants("prf") {
+        prf_set(&settings);
+    }
+    if settings.wants("peers") {
+        peers_set(&settings);
+    }
+    if settings.wants("contention") {
+        contention_set(&settings, &rt);
+    }
+    if settings.wants("spread_1m")
+        && (std::env::var_os("SPREAD_1M").is_some() || !common::full_run())
+    {
+        spread_1m_set(&settings, &rt);
+    }
+}

@@ -1,0 +1,961 @@
+//! `patd`'s configuration: `patd.toml`, every key overridable by a `PATD_*` environment variable
+//! and by `--set key=value`.
+//!
+//! Every value is checked while the file is read, so that a bad one is refused with the file, its
+//! line and its key (or the variable or flag that set it); an unknown key is refused the same way.
+//! With no file at all, the defaults run the embedded default: SQLite in `./patd.db`, listening on
+//! `127.0.0.1:8080`.
+//!
+//! ```toml
+//! store = "sqlite:./patd.db"          # or "postgres://user:password@host/db"
+//! listen = "127.0.0.1:8080"           # forward-auth, health, metrics (and the management API)
+//! admin_listen = "127.0.0.1:8081"     # optional: the management API on its own address
+//! realm = "patd"
+//! log_format = "text"                 # or "json"
+//!
+//! [forward_auth]
+//! original_headers = "forwarded"      # X-Forwarded-Method/-Uri (Traefik, Caddy); "original" for nginx
+//! nginx_compat = false
+//!
+//! [proxy]
+//! trusted = ["10.0.0.0/8"]            # peers whose forwarded header is believed; none by default
+//! header = "x-forwarded-for"          # or "forwarded", "x-real-ip"
+//!
+//! [[rule]]
+//! path_prefix = "/admin"
+//! methods = ["POST"]
+//! scopes = ["admin:write"]
+//!
+//! [[rule]]
+//! path_prefix = "/public"
+//! anonymous = true
+//!
+//! [default_rule]
+//! scopes = []
+//! ```
+//!
+//! Environment variables: `PATD_` and the key in capitals, with `__` between a table and its key:
+//! `PATD_STORE`, `PATD_ADMIN_LISTEN`, `PATD_CACHE__TTL`, `PATD_PROXY__TRUSTED='["10.0.0.0/8"]'`.
+//! A value is read as TOML when it parses as one (`true`, `64`, `["a"]`), else as a string.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::ForwardedHeader;
+use crate::scope::ScopeSet;
+
+/// A configuration that could not be read: the message names the file and line, or the variable
+/// or flag, and the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The whole configuration. See the [module docs](self) for the file format.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct Config {
+    /// The store: `sqlite:PATH` or a `postgres://` URL.
+    pub store: StoreUrl,
+    /// Where the forward-auth endpoint, `/healthz`, `/readyz` and `/metrics` listen (and the
+    /// management API, without `admin_listen`).
+    pub listen: SocketAddr,
+    /// Where the management API listens instead, if set.
+    pub admin_listen: Option<SocketAddr>,
+    /// The realm of `WWW-Authenticate` challenges.
+    pub realm: String,
+    /// The token prefix (default `pat_`).
+    pub token_prefix: Option<String>,
+    /// A pepper: token hashes are HMAC-SHA-256 under it. A secret: never printed.
+    pub pepper: Option<Secret>,
+    /// Peppers used before, still accepted for lookups. Secrets.
+    pub previous_peppers: Vec<Secret>,
+    /// `text` or `json` log lines.
+    pub log_format: LogFormat,
+    /// How long a shutdown waits for requests in flight.
+    pub shutdown_timeout: Dur,
+    /// Whether `/metrics` is served.
+    pub metrics: bool,
+    /// The forward-auth contract.
+    pub forward_auth: ForwardAuthConfig,
+    /// Trusted proxies.
+    pub proxy: ProxyConfig,
+    /// Where tokens are read from, besides `Authorization: Bearer`.
+    pub sources: SourcesConfig,
+    /// The token cache.
+    pub cache: CacheSection,
+    /// lastUsedAt tracking.
+    pub usage: UsageSection,
+    /// The failure limit, off unless `max_failures` is set.
+    pub failure_limit: FailureLimitSection,
+    /// The management API's expiry policy.
+    pub expiry: ExpirySection,
+    /// The names of the identity headers.
+    pub identity_headers: IdentitySection,
+    /// Route rules, first match wins (`[[rule]]`).
+    pub rule: Vec<RuleConfig>,
+    /// The rule for requests no rule matches.
+    pub default_rule: DefaultRuleConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            store: StoreUrl::Sqlite(PathBuf::from("./patd.db")),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: None,
+            realm: "patd".to_owned(),
+            token_prefix: None,
+            pepper: None,
+            previous_peppers: Vec::new(),
+            log_format: LogFormat::Text,
+            shutdown_timeout: Dur(Duration::from_secs(10)),
+            metrics: true,
+            forward_auth: ForwardAuthConfig::default(),
+            proxy: ProxyConfig::default(),
+            sources: SourcesConfig::default(),
+            cache: CacheSection::default(),
+            usage: UsageSection::default(),
+            failure_limit: FailureLimitSection::default(),
+            expiry: ExpirySection::default(),
+            identity_headers: IdentitySection::default(),
+            rule: Vec::new(),
+            default_rule: DefaultRuleConfig::default(),
+        }
+    }
+}
+
+/// `[forward_auth]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct ForwardAuthConfig {
+    /// `forwarded` (X-Forwarded-Method/-Uri: Traefik, Caddy) or `original` (X-Original-Method/-URI:
+    /// nginx).
+    pub original_headers: OriginalHeaders,
+    /// Refusals other than 401/403 become 403 with `X-Auth-Status` (for nginx's `auth_request`).
+    pub nginx_compat: bool,
+}
+
+/// Which headers carry the original request (see
+/// [`OriginalRequestHeaders`](super::forward_auth::OriginalRequestHeaders)).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum OriginalHeaders {
+    /// `X-Forwarded-Method` and `X-Forwarded-Uri`.
+    #[default]
+    Forwarded,
+    /// `X-Original-Method` and `X-Original-URI`.
+    Original,
+}
+
+/// `[proxy]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct ProxyConfig {
+    /// Networks of the proxies whose forwarded header is believed.
+    pub trusted: Vec<Cidr>,
+    /// The header they put the client address in.
+    pub header: ForwardedHeaderName,
+}
+
+/// A forwarded header's name in the configuration.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum ForwardedHeaderName {
+    /// `X-Forwarded-For`.
+    #[default]
+    XForwardedFor,
+    /// `Forwarded` (RFC 7239).
+    Forwarded,
+    /// `X-Real-IP`.
+    XRealIp,
+}
+
+impl From<ForwardedHeaderName> for ForwardedHeader {
+    fn from(h: ForwardedHeaderName) -> Self {
+        match h {
+            ForwardedHeaderName::XForwardedFor => Self::XForwardedFor,
+            ForwardedHeaderName::Forwarded => Self::Forwarded,
+            ForwardedHeaderName::XRealIp => Self::XRealIp,
+        }
+    }
+}
+
+/// `[sources]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct SourcesConfig {
+    /// `Authorization: Token …`.
+    pub token_scheme: bool,
+    /// A bare token as the whole `Authorization` value.
+    pub raw_authorization: bool,
+    /// Headers that carry a bare token (`x-api-key`).
+    pub headers: Vec<HeaderNameValue>,
+    /// The `access_token` query parameter.
+    pub query: bool,
+}
+
+/// `[cache]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct CacheSection {
+    /// How long an entry serves before it is refreshed.
+    pub ttl: Dur,
+    /// How long past the TTL an entry serves while the store fails (feed connected).
+    pub stale_if_error: Dur,
+    /// How long an unknown, revoked or expired token is remembered.
+    pub negative_ttl: Dur,
+    /// Store lookups at once.
+    pub max_concurrent_lookups: usize,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        let c = crate::CacheConfig::default();
+        Self {
+            ttl: Dur(c.ttl),
+            stale_if_error: Dur(c.stale_if_error),
+            negative_ttl: Dur(c.negative_ttl),
+            max_concurrent_lookups: c.max_concurrent_lookups,
+        }
+    }
+}
+
+/// `[usage]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct UsageSection {
+    /// Whether lastUsedAt is recorded.
+    pub enabled: bool,
+    /// At most one mark per token per this long.
+    pub granularity: Dur,
+    /// How often marks are written.
+    pub flush_interval: Dur,
+}
+
+impl Default for UsageSection {
+    fn default() -> Self {
+        let u = crate::UsageConfig::default();
+        Self {
+            enabled: true,
+            granularity: Dur(u.granularity),
+            flush_interval: Dur(u.flush_interval),
+        }
+    }
+}
+
+/// `[failure_limit]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct FailureLimitSection {
+    /// Failed tokens per client network within `window` before 429; unset: no limit.
+    pub max_failures: Option<u32>,
+    /// The window.
+    pub window: Dur,
+}
+
+impl Default for FailureLimitSection {
+    fn default() -> Self {
+        Self {
+            max_failures: None,
+            window: Dur(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// `[expiry]`: the management API's policy.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct ExpirySection {
+    /// A token created without `expiresAt` gets this lifetime; unset: `expiresAt` or
+    /// `userAwareTokenNeverExpires` is required.
+    pub default_lifetime: Option<Dur>,
+    /// The longest lifetime a token may be given.
+    pub max_lifetime: Option<Dur>,
+}
+
+/// `[identity_headers]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct IdentitySection {
+    /// Default `x-auth-subject`.
+    pub subject: HeaderNameValue,
+    /// Default `x-auth-token-id`.
+    pub token_id: HeaderNameValue,
+    /// Default `x-auth-token-name`.
+    pub token_name: HeaderNameValue,
+    /// Default `x-auth-scopes`.
+    pub scopes: HeaderNameValue,
+}
+
+impl Default for IdentitySection {
+    fn default() -> Self {
+        let d = super::IdentityHeaders::default();
+        Self {
+            subject: HeaderNameValue(d.subject),
+            token_id: HeaderNameValue(d.token_id),
+            token_name: HeaderNameValue(d.token_name),
+            scopes: HeaderNameValue(d.scopes),
+        }
+    }
+}
+
+impl From<&IdentitySection> for super::IdentityHeaders {
+    fn from(s: &IdentitySection) -> Self {
+        Self {
+            subject: s.subject.0.clone(),
+            token_id: s.token_id.0.clone(),
+            token_name: s.token_name.0.clone(),
+            scopes: s.scopes.0.clone(),
+        }
+    }
+}
+
+/// `[[rule]]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RuleConfig {
+    /// The path prefix (whole segments).
+    pub path_prefix: PathPrefix,
+    /// Methods; empty or absent for all.
+    #[serde(default)]
+    pub methods: Vec<MethodValue>,
+    /// Scopes a token needs.
+    #[serde(default)]
+    pub scopes: Scopes,
+    /// Requests without a token pass.
+    #[serde(default)]
+    pub anonymous: bool,
+}
+
+/// `[default_rule]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct DefaultRuleConfig {
+    /// Scopes a token needs.
+    pub scopes: Scopes,
+    /// Requests without a token pass.
+    pub anonymous: bool,
+}
+
+impl Config {
+    /// The route rules.
+    pub fn route_rules(&self) -> super::rules::RouteRules {
+        use super::rules::{RouteRule, RouteRules};
+        RouteRules::new(
+            self.rule
+                .iter()
+                .map(|r| RouteRule {
+                    path_prefix: r.path_prefix.0.clone(),
+                    methods: r.methods.iter().map(|m| m.0.clone()).collect(),
+                    scopes: r.scopes.0.clone(),
+                    anonymous: r.anonymous,
+                })
+                .collect(),
+        )
+        .default_rule(RouteRule {
+            scopes: self.default_rule.scopes.0.clone(),
+            anonymous: self.default_rule.anonymous,
+            ..RouteRule::new("/")
+        })
+    }
+
+    /// Reads the configuration: `path` (`None`: `./patd.toml` if it exists, else the defaults),
+    /// then the `PATD_*` variables of `env`, then the `--set` overrides of `sets`
+    /// (`key.path=value`), each later one winning.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        sets: &[String],
+    ) -> Result<Self, ConfigError> {
+        let (text, file) = match path {
+            Some(path) => (
+                std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("{}: cannot be read: {e}", path.display())))?,
+                path.display().to_string(),
+            ),
+            None => match std::fs::read_to_string("patd.toml") {
+                Ok(text) => (text, "patd.toml".to_owned()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    (String::new(), "(no file)".to_owned())
+                }
+                Err(e) => return Err(ConfigError(format!("patd.toml: cannot be read: {e}"))),
+            },
+        };
+        // The file alone first, so that its errors name its lines.
+        toml::from_str::<Config>(&text).map_err(|e| ConfigError(format!("{file}: {e}")))?;
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e| ConfigError(format!("{file}: {e}")))?;
+        let mut overrides: Vec<(String, String, String)> = env
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let key = name.strip_prefix("PATD_")?;
+                if key == "CONFIG" || key.is_empty() {
+                    return None;
+                }
+                Some((
+                    name.clone(),
+                    key.to_ascii_lowercase().replace("__", "."),
+                    value,
+                ))
+            })
+            .collect();
+        // Stable order: variables by name.
+        overrides.sort();
+        for set in sets {
+            let (key, value) = set.split_once('=').ok_or_else(|| {
+                ConfigError(format!("--set {set}: expected key=value (key.path=value)"))
+            })?;
+            overrides.push((
+                format!("--set {set}"),
+                key.trim().to_owned(),
+                value.to_owned(),
+            ));
+        }
+        let mut config = toml::from_str::<Config>(&text).unwrap_or_default();
+        for (source, key, value) in overrides {
+            insert(&mut table, &key, parse_value(&value))
+                .map_err(|why| ConfigError(format!("{source}: {why}")))?;
+            config = Config::deserialize(toml::Value::Table(table.clone()))
+                .map_err(|e| ConfigError(format!("{source}: key `{key}`: {}", e.message())))?;
+        }
+        Ok(config)
+    }
+
+    /// The configuration as TOML, secrets redacted: what `patd config check` prints.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+/// A value from a variable or flag: TOML if it parses as a value, else the string itself.
+fn parse_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+/// Sets `key` (`a.b.c`) in `table`, creating tables on the way.
+fn insert(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<(), String> {
+    let mut parts = key.split('.').peekable();
+    let mut current = table;
+    while let Some(part) = parts.next() {
+        if part.is_empty() {
+            return Err(format!("`{key}` is not a key"));
+        }
+        if parts.peek().is_none() {
+            current.insert(part.to_owned(), value);
+            return Ok(());
+        }
+        let next = current
+            .entry(part.to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = match next {
+            toml::Value::Table(t) => t,
+            _ => return Err(format!("`{part}` in `{key}` is not a table")),
+        };
+    }
+    Err(format!("`{key}` is not a key"))
+}
+
+/// Implements string (de)serialization through `FromStr` and `Display`.
+macro_rules! string_value {
+    ($ty:ty, $what:literal) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse()
+                    .map_err(|e: String| serde::de::Error::custom(format!("{}: `{s}` {e}", $what)))
+            }
+        }
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+    };
+}
+
+/// Where tokens are stored.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreUrl {
+    /// `sqlite:PATH`.
+    Sqlite(PathBuf),
+    /// A `postgres://` or `postgresql://` URL (it may hold a password: printed redacted).
+    Postgres(String),
+}
+
+impl FromStr for StoreUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s
+            .strip_prefix("sqlite://")
+            .or_else(|| s.strip_prefix("sqlite:"))
+        {
+            if path.is_empty() {
+                return Err("names no file (sqlite:PATH)".to_owned());
+            }
+            return Ok(Self::Sqlite(PathBuf::from(path)));
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Ok(Self::Postgres(s.to_owned()));
+        }
+        Err("is not a store: expected sqlite:PATH or postgres://…".to_owned())
+    }
+}
+
+impl fmt::Display for StoreUrl {
+    /// The URL with any password replaced by `<redacted>`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sqlite(path) => write!(f, "sqlite:{}", path.display()),
+            Self::Postgres(url) => {
+                let (scheme, rest) = url.split_once("://").unwrap_or(("postgres", url));
+                let (authority, tail) = match rest.find(['/', '?']) {
+                    Some(i) => rest.split_at(i),
+                    None => (rest, ""),
+                };
+                match authority.rsplit_once('@') {
+                    Some((userinfo, host)) => {
+                        let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+                        let redacted = if userinfo.contains(':') {
+                            ":<redacted>"
+                        } else {
+                            ""
+                        };
+                        write!(f, "{scheme}://{user}{redacted}@{host}")?;
+                    }
+                    None => write!(f, "{scheme}://{authority}")?,
+                }
+                // Query parameters may hold a password too.
+                match tail.split_once('?') {
+                    Some((path, _)) => write!(f, "{path}?<redacted>"),
+                    None => f.write_str(tail),
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+string_value!(StoreUrl, "store");
+
+/// A secret (a pepper): printed as `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() < 16 {
+            return Err(serde::de::Error::custom(
+                "a pepper must be at least 16 bytes long",
+            ));
+        }
+        Ok(Self(s))
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// A duration: `90d`, `12h`, `30m`, `15s`, `250ms`, or combined (`1h30m`); an integer is seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_duration(s).map(Dur)
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        match ms {
+            0 => f.write_str("0s"),
+            ms if ms % 86_400_000 == 0 => write!(f, "{}d", ms / 86_400_000),
+            ms if ms % 3_600_000 == 0 => write!(f, "{}h", ms / 3_600_000),
+            ms if ms % 60_000 == 0 => write!(f, "{}m", ms / 60_000),
+            ms if ms % 1_000 == 0 => write!(f, "{}s", ms / 1_000),
+            ms => write!(f, "{ms}ms"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(Dur(Duration::from_secs(s))),
+            Raw::Text(s) => s
+                .parse()
+                .map_err(|e: String| serde::de::Error::custom(format!("duration: `{s}` {e}"))),
+        }
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Parses `90d`, `12h`, `30m`, `15s`, `250ms` and combinations (`1h30m`); a bare number is
+/// seconds. At most 100 years.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    const UNITS: [(&str, u64); 6] = [
+        ("ms", 1),
+        ("s", 1_000),
+        ("m", 60_000),
+        ("h", 3_600_000),
+        ("d", 86_400_000),
+        ("w", 7 * 86_400_000),
+    ];
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("is empty: expected a duration such as 90d, 12h, 30m, 15s or 250ms".to_owned());
+    }
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs)).and_then(check_duration);
+    }
+    let bad = || "is not a duration: expected 90d, 12h, 30m, 15s, 250ms or 1h30m".to_owned();
+    let mut total: u64 = 0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        let (_, ms) = UNITS.iter().find(|(u, _)| *u == unit).ok_or_else(bad)?;
+        total = n
+            .checked_mul(*ms)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(bad)?;
+        rest = &rest[unit_len..];
+    }
+    check_duration(Duration::from_millis(total))
+}
+
+fn check_duration(d: Duration) -> Result<Duration, String> {
+    if d > Duration::from_secs(100 * 365 * 86_400) {
+        return Err("is longer than 100 years".to_owned());
+    }
+    Ok(d)
+}
+
+/// The log line format.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A network (`10.0.0.0/8`) or an address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr(pub ipnet::IpNet);
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        crate::record::parse_ip_net(s.trim())
+            .map(Cidr)
+            .map_err(|_| "is not a CIDR network or an IP address".to_owned())
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+string_value!(Cidr, "network");
+
+/// An HTTP header name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeaderNameValue(pub http::HeaderName);
+
+impl FromStr for HeaderNameValue {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        http::HeaderName::from_bytes(s.trim().as_bytes())
+            .map(HeaderNameValue)
+            .map_err(|_| "is not an HTTP header name".to_owned())
+    }
+}
+
+impl fmt::Display for HeaderNameValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.as_str())
+    }
+}
+
+string_value!(HeaderNameValue, "header");
+
+/// An HTTP method (upper case).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MethodValue(pub http::Method);
+
+impl FromStr for MethodValue {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err("is not an HTTP method in capitals (GET, POST, …)".to_owned());
+        }
+        http::Method::from_bytes(s.as_bytes())
+            .map(MethodValue)
+            .map_err(|_| "is not an HTTP method".to_owned())
+    }
+}
+
+impl fmt::Display for MethodValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.as_str())
+    }
+}
+
+string_value!(MethodValue, "method");
+
+/// A rule's path prefix: starts with `/`, no query, no dot segments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathPrefix(pub String);
+
+impl FromStr for PathPrefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if !s.starts_with('/') {
+            return Err("must start with /".to_owned());
+        }
+        if super::rules::normalize_path(s) != s {
+            return Err(format!(
+                "is not in normal form: write `{}`",
+                super::rules::normalize_path(s)
+            ));
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Display for PathPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+string_value!(PathPrefix, "path_prefix");
+
+/// A list of scopes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scopes(pub ScopeSet);
+
+impl<'de> Deserialize<'de> for Scopes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let list = Vec::<String>::deserialize(d)?;
+        ScopeSet::parse(&list)
+            .map(Scopes)
+            .map_err(|e| serde::de::Error::custom(format!("scopes: {e}")))
+    }
+}
+
+impl Serialize for Scopes {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|s| s.as_str()))
+    }
+}
+
+/// What the environment holds for `patd`: the `PATD_*` variables (sorted, for stable errors).
+pub fn patd_env() -> Vec<(String, String)> {
+    let vars: BTreeMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("PATD_"))
+        .collect();
+    vars.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)], sets: &[&str]) -> Result<Config, ConfigError> {
+        let dir = std::env::temp_dir().join(format!(
+            "patd-config-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("patd.toml");
+        std::fs::write(&path, text).unwrap();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let r = Config::load(Some(&path), env, &sets);
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    fn rand_suffix() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        N.fetch_add(1, Ordering::Relaxed)
+    }
+
+    #[test]
+    fn defaults_run_the_embedded_store() {
+        let c = load("", &[], &[]).unwrap();
+        assert_eq!(c.store, StoreUrl::Sqlite("./patd.db".into()));
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn bad_values_name_the_line_and_key() {
+        let e = load(
+            "listen = \"127.0.0.1:80\"\n[cache]\nttl = \"5 parsecs\"\n",
+            &[],
+            &[],
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("ttl"), "{e}");
+        let e = load("[proxy]\ntrusted = [\"10.0.0.0/33\"]\n", &[], &[])
+            .unwrap_err()
+            .0;
+        assert!(e.contains("line 2") && e.contains("10.0.0.0/33"), "{e}");
+        let e = load("lisen = \"x\"\n", &[], &[]).unwrap_err().0;
+        assert!(
+            e.contains("unknown field `lisen`") && e.contains("line 1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn environment_and_flags_override_the_file() {
+        let c = load(
+            "listen = \"127.0.0.1:1\"\n[cache]\nttl = \"1m\"\n",
+            &[("PATD_LISTEN", "127.0.0.1:2"), ("PATD_CACHE__TTL", "2m")],
+            &["listen=127.0.0.1:3"],
+        )
+        .unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:3");
+        assert_eq!(c.cache.ttl, Dur(Duration::from_secs(120)));
+        let e = load("", &[("PATD_CACHE__TTL", "soon")], &[]).unwrap_err().0;
+        assert!(e.starts_with("PATD_CACHE__TTL") && e.contains("ttl"), "{e}");
+        let e = load("", &[("PATD_NOPE", "1")], &[]).unwrap_err().0;
+        assert!(e.contains("PATD_NOPE") && e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let c = load(
+            "store = \"postgres://app:hunter2hunter2@db/tokens?password=x\"\npepper = \"0123456789abcdef-secret\"\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+        let printed = c.to_redacted_toml();
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(!printed.contains("secret"), "{printed}");
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(
+            printed.contains("postgres://app:<redacted>@db/tokens?<redacted>"),
+            "{printed}"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        for (s, ms) in [
+            ("90d", 90 * 86_400_000),
+            ("1h30m", 5_400_000),
+            ("250ms", 250),
+            ("15", 15_000),
+        ] {
+            assert_eq!(parse_duration(s).unwrap(), Duration::from_millis(ms), "{s}");
+        }
+        for s in ["", "d", "5x", "1.5h", "-1s", "99999999999999999999d"] {
+            assert!(parse_duration(s).is_err(), "{s}");
+        }
+    }
+
+    #[test]
+    fn rule_prefixes_must_be_normal() {
+        let e = load("[[rule]]\npath_prefix = \"/a/../b\"\n", &[], &[])
+            .unwrap_err()
+            .0;
+        assert!(e.contains("/b"), "{e}");
+        let e = load(
+            "[[rule]]\npath_prefix = \"/a\"\nmethods = [\"get\"]\n",
+            &[],
+            &[],
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("capitals"), "{e}");
+    }
+}

@@ -1,0 +1,210 @@
+//! Forward auth: the contract of nginx's `auth_request`, Caddy's `forward_auth` and Traefik's
+//! `forwardAuth`. The gateway sends each client request's headers to an endpoint of the
+//! authenticator (without the body), adding the original method and URI in headers of its own;
+//! a 2xx lets the request through, with headers of the answer copied onto it; anything else is
+//! the client's answer.
+//!
+//! [`ForwardAuth::check`] reads the original method and URI from the headers of the configured
+//! [`OriginalRequestHeaders`] only, and refuses (400) a request without them: a client could
+//! send the other pair itself, and a request judged as some other path could pass a rule meant
+//! for that path. The client address is the connection's peer (the gateway) unless the layer
+//! trusts it as a proxy, in which case the layer's forwarded header names the client, exactly as
+//! for a request through the layer. Everything the layer enforces applies (expiry, revocation,
+//! IP restriction, scopes, failure limit), plus the matching [route rule](super::rules).
+//!
+//! - Accepted: 200 with the identity headers ([`IdentityHeaders`]); on an anonymous route
+//!   without a token they are present and empty. Configure the gateway to set these headers on the upstream request from
+//!   the answer (and so to overwrite any the client sent).
+//! - Refused: the layer's status, `WWW-Authenticate`, `Retry-After` and JSON body. In
+//!   [`nginx compatibility`](ForwardAuth::nginx_compat) mode a status other than 401 and 403
+//!   becomes 403 (nginx turns any other into 500), and `X-Auth-Status` carries the real one on
+//!   every refusal.
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Empty;
+
+use super::IdentityHeaders;
+use super::gate::{Decision, Gate};
+use crate::AuthError;
+use crate::client_ip::peer_addr;
+
+/// The header a refusal's real status is in, in [nginx compatibility](ForwardAuth::nginx_compat)
+/// mode.
+pub const AUTH_STATUS: HeaderName = HeaderName::from_static("x-auth-status");
+
+/// Which headers carry the original request's method and URI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OriginalRequestHeaders {
+    /// `X-Forwarded-Method` and `X-Forwarded-Uri`: what Traefik and Caddy send.
+    #[default]
+    Forwarded,
+    /// `X-Original-Method` and `X-Original-URI`: what the nginx recipe sets
+    /// (`proxy_set_header X-Original-URI $request_uri;`).
+    Original,
+}
+
+impl OriginalRequestHeaders {
+    /// The names of the method and URI headers.
+    pub fn names(self) -> (HeaderName, HeaderName) {
+        match self {
+            Self::Forwarded => (
+                HeaderName::from_static("x-forwarded-method"),
+                HeaderName::from_static("x-forwarded-uri"),
+            ),
+            Self::Original => (
+                HeaderName::from_static("x-original-method"),
+                HeaderName::from_static("x-original-uri"),
+            ),
+        }
+    }
+}
+
+/// The forward-auth endpoint: see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct ForwardAuth {
+    gate: Gate,
+    identity: IdentityHeaders,
+    original: OriginalRequestHeaders,
+    nginx_compat: bool,
+}
+
+impl ForwardAuth {
+    /// Decides through `gate`, reading the original request from `original`'s headers, with the
+    /// default identity headers.
+    pub fn new(gate: Gate, original: OriginalRequestHeaders) -> Self {
+        Self {
+            gate,
+            identity: IdentityHeaders::default(),
+            original,
+            nginx_compat: false,
+        }
+    }
+
+    /// The names of the identity headers (default `X-Auth-Subject`, …).
+    pub fn identity_headers(mut self, identity: IdentityHeaders) -> Self {
+        self.identity = identity;
+        self
+    }
+
+    /// nginx compatibility: refusals other than 401 and 403 are sent as 403, and every refusal
+    /// carries its real status in `X-Auth-Status` (nginx's `auth_request` turns any status but
+    /// 2xx, 401 and 403 into 500).
+    pub fn nginx_compat(mut self, on: bool) -> Self {
+        self.nginx_compat = on;
+        self
+    }
+
+    /// The gate: its layer, rules and decisions.
+    pub fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    /// Answers one forward-auth request (any method; its body is ignored). The request is read
+    /// before the returned future starts, which does not borrow it.
+    pub fn check<B>(&self, req: &Request<B>) -> impl Future<Output = Response<Bytes>> + Send + '_ {
+        let original = self.original_request(req);
+        async move {
+            let decision = match original {
+                Ok(original) => self.gate.check(original).await,
+                Err(error) => self.gate.refuse(error),
+            };
+            self.respond(decision)
+        }
+    }
+
+    /// The original request as the gateway describes it: method and URI from the configured
+    /// headers, every other header as sent, and the connection's peer address.
+    fn original_request<B>(&self, req: &Request<B>) -> Result<Request<Empty<Bytes>>, AuthError> {
+        let (method_header, uri_header) = self.original.names();
+        let one = |name: &HeaderName, missing: &'static str| {
+            let mut values = req.headers().get_all(name).iter();
+            match (values.next(), values.next()) {
+                (Some(v), None) => Ok(v),
+                _ => Err(AuthError::InvalidRequest(missing)),
+            }
+        };
+        let (method_missing, uri_missing) = match self.original {
+            OriginalRequestHeaders::Forwarded => (
+                "the gateway must send exactly one X-Forwarded-Method",
+                "the gateway must send exactly one X-Forwarded-Uri",
+            ),
+            OriginalRequestHeaders::Original => (
+                "the gateway must send exactly one X-Original-Method",
+                "the gateway must send exactly one X-Original-URI",
+            ),
+        };
+        let method = Method::from_bytes(one(&method_header, method_missing)?.as_bytes())
+            .map_err(|_| AuthError::InvalidRequest("the original method is not a method"))?;
+        let uri: http::Uri = one(&uri_header, uri_missing)?
+            .as_bytes()
+            .try_into()
+            .map_err(|_| AuthError::InvalidRequest("the original URI is not a valid URI"))?;
+        // Origin form only: an absolute URI's path could differ from what the gateway routes.
+        if uri.scheme().is_some() || !uri.path().starts_with('/') {
+            return Err(AuthError::InvalidRequest(
+                "the original URI must be a path (origin form)",
+            ));
+        }
+        let mut original = Request::new(Empty::new());
+        *original.method_mut() = method;
+        *original.uri_mut() = uri;
+        let headers = original.headers_mut();
+        for (name, value) in req.headers() {
+            if name != method_header
+                && name != uri_header
+                && name != header::CONTENT_LENGTH
+                && name != header::TRANSFER_ENCODING
+            {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        if let Some(peer) = peer_addr(req.extensions()) {
+            original.extensions_mut().insert(peer);
+        }
+        Ok(original)
+    }
+
+    fn respond(&self, decision: Decision) -> Response<Bytes> {
+        match decision {
+            Decision::Allowed(principal) => {
+                let mut res = Response::new(Bytes::new());
+                res.headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                match &principal {
+                    Some(p) => {
+                        for (name, value) in self.identity.for_principal(p) {
+                            // Names and subjects hold no control characters; other bytes go as
+                            // they are.
+                            if let Ok(value) = HeaderValue::from_bytes(value.as_bytes()) {
+                                res.headers_mut().insert(name.clone(), value);
+                            }
+                        }
+                    }
+                    // Present and empty: a gateway that copies them then overwrites whatever the
+                    // client sent (Caddy before 2.10 would otherwise copy its placeholder text).
+                    None => {
+                        for name in self.identity.names() {
+                            res.headers_mut()
+                                .insert(name.clone(), HeaderValue::from_static(""));
+                        }
+                    }
+                }
+                res
+            }
+            Decision::Denied { mut response, .. } => {
+                let status = response.status();
+                if self.nginx_compat {
+                    response
+                        .headers_mut()
+                        .insert(AUTH_STATUS, HeaderValue::from(status.as_u16()));
+                    if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
+                        *response.status_mut() = StatusCode::FORBIDDEN;
+                    }
+                }
+                response
+            }
+        }
+    }
+}

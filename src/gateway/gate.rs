@@ -1,0 +1,176 @@
+//! [`Gate`]: the one check behind every gateway contract. A gateway's question (forward-auth,
+//! ext_authz) becomes an HTTP request through [`PatAuthLayer`], the layer's answer and the
+//! matching route rule's scopes become a [`Decision`].
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::{Request, Response, header};
+use http_body_util::{BodyExt, Empty};
+use tower::{Layer, ServiceExt};
+
+use super::rules::RouteRules;
+use crate::stats::{Counter, Outcomes, Stats};
+use crate::{AuthError, PatAuthLayer, Principal, RefusedToken};
+
+/// What the gate decided for one request.
+#[derive(Debug)]
+pub enum Decision {
+    /// The request may go on: with the token's principal, or without one on an anonymous route
+    /// when it carried no token.
+    Allowed(Option<Principal>),
+    /// Refused: the layer's response (status, `WWW-Authenticate`, `Retry-After`, JSON body) and
+    /// the reason.
+    Denied {
+        /// The refusal as the layer answered it, its body collected.
+        response: Response<Bytes>,
+        /// Why.
+        error: AuthError,
+    },
+}
+
+/// Verifies gateway requests through a layer and route rules. Cloning is cheap and clones share
+/// the counters.
+#[derive(Clone, Debug)]
+pub struct Gate {
+    layer: PatAuthLayer,
+    rules: RouteRules,
+    decisions: std::sync::Arc<Stats>,
+}
+
+impl Gate {
+    /// Verifies with `layer` (its token sources, trusted proxies, required scopes, cache and
+    /// store), with no route rules: every request needs a valid token.
+    pub fn new(layer: PatAuthLayer) -> Self {
+        Self::with_rules(layer, RouteRules::default())
+    }
+
+    /// Verifies with `layer` and `rules`: the first matching rule's scopes on top of the layer's,
+    /// or the default rule's.
+    pub fn with_rules(layer: PatAuthLayer, rules: RouteRules) -> Self {
+        Self {
+            layer,
+            rules,
+            decisions: Default::default(),
+        }
+    }
+
+    /// The layer the gate verifies with.
+    pub fn layer(&self) -> &PatAuthLayer {
+        &self.layer
+    }
+
+    /// The route rules.
+    pub fn rules(&self) -> &RouteRules {
+        &self.rules
+    }
+
+    /// The gate's decisions so far, by outcome (a route rule's scope refusal counts as
+    /// `scope_denied`; an anonymous route's pass without a token as `anonymous`).
+    pub fn decisions(&self) -> Outcomes {
+        self.decisions.snapshot().0
+    }
+
+    /// Refuses a request the gateway could not translate, with the layer's response for `error`.
+    pub fn refuse(&self, error: AuthError) -> Decision {
+        self.decisions.refused(&error);
+        tracing::info!(
+            target: "tower_pat::gateway",
+            reason = error.reason(),
+            message = error.message(),
+            "request refused"
+        );
+        Decision::Denied {
+            response: self.layer.error_response(&error),
+            error,
+        }
+    }
+
+    /// Decides `req`: its method, URI, headers and peer address (the `SocketAddr` or
+    /// `ConnectInfo` extension) are what the layer sees. The request's `Content-Type` is dropped,
+    /// so that a gRPC request gets the layer's HTTP answer, which the gateway translates.
+    ///
+    /// Every refusal is logged (target `tower_pat::gateway`, level info) with its reason, the
+    /// route rule, the method, the client address and, for a token that matched a record, its
+    /// id; never the path (its query may hold a token) nor a secret.
+    pub async fn check(&self, mut req: Request<Empty<Bytes>>) -> Decision {
+        req.headers_mut().remove(header::CONTENT_TYPE);
+        let index = self.rules.position(req.method(), req.uri().path());
+        let rule = index.map_or(self.rules.default_route(), |i| {
+            &self.rules.iter().as_slice()[i]
+        });
+        let route = index.map_or("(default)", |_| rule.path_prefix.as_str());
+        let method = req.method().clone();
+        let client = self
+            .layer
+            .client_ip_source()
+            .client_addr(req.headers(), req.extensions())
+            .ip();
+        let Ok(res) = self
+            .layer
+            .layer(tower::service_fn(accepted))
+            .oneshot(req)
+            .await;
+        let (parts, body) = res.into_parts();
+        let error = parts.extensions.get::<AuthError>().cloned();
+        let principal = parts.extensions.get::<Principal>().cloned();
+        let decision = match (error, principal) {
+            (None, Some(principal)) if parts.status.is_success() => {
+                if principal.scopes().grants_all(&rule.scopes) {
+                    Decision::Allowed(Some(principal))
+                } else {
+                    let error = AuthError::InsufficientScope(rule.scopes.clone());
+                    let mut response = self.layer.error_response(&error);
+                    response.extensions_mut().insert(RefusedToken(principal));
+                    Decision::Denied { response, error }
+                }
+            }
+            (Some(AuthError::MissingCredentials | AuthError::CredentialNotAccepted(_)), _)
+                if rule.anonymous =>
+            {
+                Decision::Allowed(None)
+            }
+            (error, _) => {
+                // A pass without a principal is no identity: refused like a missing token.
+                let error = error.unwrap_or(AuthError::MissingCredentials);
+                let body = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let mut response = Response::from_parts(parts, body);
+                if response.status().is_success() {
+                    *response.status_mut() = error.status();
+                }
+                Decision::Denied { response, error }
+            }
+        };
+        match &decision {
+            Decision::Allowed(Some(_)) => self.decisions.add(Counter::OkHit),
+            Decision::Allowed(None) => self.decisions.add(Counter::Anonymous),
+            Decision::Denied { response, error } => {
+                self.decisions.refused(error);
+                tracing::info!(
+                    target: "tower_pat::gateway",
+                    reason = error.reason(),
+                    status = response.status().as_u16(),
+                    route,
+                    method = %method,
+                    client = client.map(tracing::field::display),
+                    token_id = response.extensions().get::<RefusedToken>().map(RefusedToken::token_id),
+                    "request refused"
+                );
+            }
+        }
+        decision
+    }
+}
+
+/// The inner service behind the layer: answers 200 carrying the request's principal.
+async fn accepted(req: Request<Empty<Bytes>>) -> Result<Response<Empty<Bytes>>, Infallible> {
+    let mut res = Response::new(Empty::new());
+    if let Some(p) = req.extensions().get::<Principal>() {
+        res.extensions_mut().insert(p.clone());
+    }
+    Ok(res)
+}

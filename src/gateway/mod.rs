@@ -1,0 +1,62 @@
+//! Pieces of the `patd` gateway program (feature `gateway`): route rules, the identity headers a
+//! gateway hands to the upstream, and (feature `ext-authz`) Envoy's external authorization service.
+//!
+//! Everything here verifies through [`PatAuthLayer`](crate::PatAuthLayer) itself: a gateway
+//! contract is a translation of the gateway's request into an HTTP request through the layer, and
+//! of the layer's answer back.
+
+pub mod cli;
+pub mod config;
+#[cfg(feature = "ext-authz")]
+pub mod ext_authz;
+pub mod forward_auth;
+pub mod gate;
+pub mod metrics;
+pub mod rules;
+pub mod serve;
+
+/// The names of the headers that carry a verified principal to the upstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityHeaders {
+    /// The token's subject (default `x-auth-subject`).
+    pub subject: http::HeaderName,
+    /// The token's id (default `x-auth-token-id`).
+    pub token_id: http::HeaderName,
+    /// The token's name (default `x-auth-token-name`).
+    pub token_name: http::HeaderName,
+    /// The token's scopes, space-separated (default `x-auth-scopes`).
+    pub scopes: http::HeaderName,
+}
+
+impl Default for IdentityHeaders {
+    fn default() -> Self {
+        Self {
+            subject: http::HeaderName::from_static("x-auth-subject"),
+            token_id: http::HeaderName::from_static("x-auth-token-id"),
+            token_name: http::HeaderName::from_static("x-auth-token-name"),
+            scopes: http::HeaderName::from_static("x-auth-scopes"),
+        }
+    }
+}
+
+impl IdentityHeaders {
+    /// The four header names.
+    pub fn names(&self) -> [&http::HeaderName; 4] {
+        [
+            &self.subject,
+            &self.token_id,
+            &self.token_name,
+            &self.scopes,
+        ]
+    }
+
+    /// The identity headers for `principal`, as `(name, value)` pairs.
+    pub fn for_principal(&self, principal: &crate::Principal) -> [(&http::HeaderName, String); 4] {
+        [
+            (&self.subject, principal.subject().to_owned()),
+            (&self.token_id, principal.token_id().to_owned()),
+            (&self.token_name, principal.token_name().to_owned()),
+            (&self.scopes, principal.scopes().to_space_separated()),
+        ]
+    }
+}

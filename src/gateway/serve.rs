@@ -1,0 +1,347 @@
+//! `patd serve`: the store, the layer and the gate from a [`Config`], and the HTTP servers.
+//!
+//! - `listen`: `/auth` (forward-auth, any method), `/healthz` (the process is up), `/readyz` (the
+//!   store answers and its change feed is connected; 503 with the reason otherwise), `/metrics`
+//!   (Prometheus text), and the management API under `/personal-access-tokens` unless
+//!   `admin_listen` is set, which then serves it alone.
+//! - SIGTERM or SIGINT: stop accepting, let requests in flight finish (at most
+//!   `shutdown_timeout`), write the pending usage marks, exit 0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use http::{HeaderValue, StatusCode, header};
+
+use super::config::{Config, OriginalHeaders, StoreUrl};
+use super::forward_auth::{ForwardAuth, OriginalRequestHeaders};
+use super::gate::Gate;
+use super::metrics::Metrics;
+use crate::admin::{self, AdminConfig, ExpiryPolicy};
+use crate::stats::FeedState;
+use crate::store::TokenStore;
+use crate::{CacheConfig, PatAuthLayer, TokenFormat, TokenHasher, Tokens, UsageConfig};
+
+/// Opens the configured store (creating and migrating an SQLite file, connecting to
+/// PostgreSQL and applying its migrations).
+pub async fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, String> {
+    match &config.store {
+        StoreUrl::Sqlite(path) => crate::SqliteStore::open(path)
+            .await
+            .map(|s| Arc::new(s) as Arc<dyn TokenStore>)
+            .map_err(|e| format!("cannot open the store sqlite:{}: {e}", path.display())),
+        StoreUrl::Postgres(url) => crate::PostgresStore::connect(url)
+            .await
+            .map(|s| Arc::new(s) as Arc<dyn TokenStore>)
+            .map_err(|e| format!("cannot open the store {}: {e}", config.store)),
+    }
+}
+
+/// The [`Tokens`] handle of the configuration: its token prefix and pepper over `store`.
+pub fn tokens(config: &Config, store: Arc<dyn TokenStore>) -> Result<Tokens, String> {
+    let mut tokens = Tokens::from_arc(store);
+    if let Some(prefix) = &config.token_prefix {
+        let format =
+            TokenFormat::with_prefix(prefix.clone()).map_err(|e| format!("token_prefix: {e}"))?;
+        tokens = tokens.with_format(format);
+    }
+    if let Some(pepper) = &config.pepper {
+        let hasher = TokenHasher::with_pepper(pepper.expose()).with_previous_peppers(
+            config
+                .previous_peppers
+                .iter()
+                .map(|p| p.expose().as_bytes().to_vec()),
+        );
+        tokens = tokens.with_hasher(hasher);
+    }
+    Ok(tokens)
+}
+
+/// The layer of the configuration: token sources, trusted proxies, cache, usage tracking and
+/// failure limit.
+pub fn layer(config: &Config, tokens: &Tokens) -> PatAuthLayer {
+    let mut b = tokens.layer().realm(config.realm.clone());
+    if config.sources.token_scheme {
+        b = b.accept_token_scheme();
+    }
+    if config.sources.raw_authorization {
+        b = b.accept_raw_authorization();
+    }
+    for h in &config.sources.headers {
+        b = b.accept_header(h.0.clone());
+    }
+    if config.sources.query {
+        b = b.accept_query_parameter();
+    }
+    if !config.proxy.trusted.is_empty() {
+        b = b.trusted_proxies(
+            config.proxy.trusted.iter().map(|c| c.0),
+            config.proxy.header.into(),
+        );
+    }
+    let c = &config.cache;
+    b = b.cache(
+        CacheConfig::default()
+            .ttl(c.ttl.0)
+            .stale_if_error(c.stale_if_error.0)
+            .negative_ttl(c.negative_ttl.0)
+            .max_concurrent_lookups(c.max_concurrent_lookups),
+    );
+    if config.usage.enabled {
+        b = b.track_usage(
+            UsageConfig::default()
+                .granularity(config.usage.granularity.0)
+                .flush_interval(config.usage.flush_interval.0),
+        );
+    }
+    if let Some(max) = config.failure_limit.max_failures {
+        b = b.limit_failures(max, config.failure_limit.window.0);
+    }
+    b.build()
+}
+
+/// Everything `patd serve` runs: built from a [`Config`] and an open store.
+#[derive(Clone, Debug)]
+pub struct Gateway {
+    config: Arc<Config>,
+    tokens: Tokens,
+    layer: PatAuthLayer,
+    forward_auth: Arc<ForwardAuth>,
+    metrics: Arc<Metrics>,
+}
+
+impl Gateway {
+    /// Builds the gateway over `store`.
+    pub fn new(config: Config, store: Arc<dyn TokenStore>) -> Result<Self, String> {
+        let tokens = tokens(&config, store)?;
+        let layer = layer(&config, &tokens);
+        let gate = Gate::with_rules(layer.clone(), config.route_rules());
+        let original = match config.forward_auth.original_headers {
+            OriginalHeaders::Original => OriginalRequestHeaders::Original,
+            _ => OriginalRequestHeaders::Forwarded,
+        };
+        let forward_auth = ForwardAuth::new(gate.clone(), original)
+            .identity_headers((&config.identity_headers).into())
+            .nginx_compat(config.forward_auth.nginx_compat);
+        let metrics = Metrics::new(layer.clone(), gate);
+        Ok(Self {
+            config: Arc::new(config),
+            tokens,
+            layer,
+            forward_auth: Arc::new(forward_auth),
+            metrics: Arc::new(metrics),
+        })
+    }
+
+    /// The layer.
+    pub fn layer(&self) -> &PatAuthLayer {
+        &self.layer
+    }
+
+    /// The management API's router (to nest under `/personal-access-tokens`).
+    pub fn admin_router(&self) -> Result<Router, String> {
+        let mut config = AdminConfig::new(&self.tokens, &self.layer).map_err(|e| e.to_string())?;
+        if let Some(lifetime) = &self.config.expiry.default_lifetime {
+            config = config.expiry_policy(ExpiryPolicy::DefaultLifetime(lifetime.0));
+        }
+        if let Some(max) = &self.config.expiry.max_lifetime {
+            config = config.max_lifetime(max.0);
+        }
+        Ok(Router::new().nest("/personal-access-tokens", admin::router(config)))
+    }
+
+    /// The router of `listen`: `/auth`, `/healthz`, `/readyz`, `/metrics`, and the management API
+    /// when it has no listener of its own.
+    pub fn router(&self) -> Result<Router, String> {
+        let mut router = Router::new()
+            .route("/auth", any(forward_auth))
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz));
+        if self.config.metrics {
+            router = router.route("/metrics", get(metrics));
+        }
+        let mut router = router.with_state(self.clone());
+        if self.config.admin_listen.is_none() {
+            router = router.merge(self.admin_router()?);
+        }
+        Ok(router)
+    }
+}
+
+async fn forward_auth(State(gw): State<Gateway>, req: Request) -> Response {
+    gw.forward_auth
+        .check(&req)
+        .await
+        .map(axum::body::Body::from)
+}
+
+async fn healthz() -> Response {
+    (
+        StatusCode::OK,
+        [(header::CACHE_CONTROL, "no-store")],
+        "ok\n",
+    )
+        .into_response()
+}
+
+async fn readyz(State(gw): State<Gateway>) -> Response {
+    let unready = |why: &str| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CACHE_CONTROL, "no-store")],
+            format!("not ready: {why}\n"),
+        )
+            .into_response()
+    };
+    // Any answer, even "no such token", means the store is reachable.
+    if let Err(e) = gw.tokens.store().get("patd-readiness-probe").await {
+        return unready(&format!("the store does not answer ({e})"));
+    }
+    if let FeedState::Disconnected(d) = gw.layer.stats().feed {
+        return unready(&format!(
+            "the store's change feed has been disconnected for {} s",
+            d.as_secs()
+        ));
+    }
+    (
+        StatusCode::OK,
+        [(header::CACHE_CONTROL, "no-store")],
+        "ready\n",
+    )
+        .into_response()
+}
+
+async fn metrics(State(gw): State<Gateway>) -> Response {
+    let mut res = gw.metrics.render().into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    res
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Runs `patd serve` until SIGTERM or SIGINT, then drains and flushes. `ready` is called with
+/// the bound addresses once both listeners accept.
+pub async fn serve(
+    config: Config,
+    ready: impl FnOnce(SocketAddr, Option<SocketAddr>),
+) -> Result<(), String> {
+    let store = open_store(&config).await?;
+    let gateway = Gateway::new(config.clone(), Arc::clone(&store))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let admin_listener = match config.admin_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} (admin_listen): {e}"))?,
+        ),
+        None => None,
+    };
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let admin_local = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mut servers = tokio::task::JoinSet::new();
+    let app = gateway.router()?;
+    let stop = stopped();
+    servers.spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop)
+        .await
+    });
+    if let Some(admin_listener) = admin_listener {
+        let app = gateway.admin_router()?;
+        let stop = stopped();
+        servers.spawn(async move {
+            axum::serve(
+                admin_listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(stop)
+            .await
+        });
+    }
+    tracing::info!(
+        listen = %local,
+        admin_listen = admin_local.map(tracing::field::display),
+        store = %config.store,
+        "patd serving"
+    );
+    ready(local, admin_local);
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        Some(done) = servers.join_next() => {
+            // A server ended by itself: an error.
+            let why = match done {
+                Ok(Ok(())) => "a server stopped".to_owned(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            return Err(why);
+        }
+    }
+    tracing::info!("shutting down: draining requests in flight");
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(config.shutdown_timeout.0, async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            timeout_secs = config.shutdown_timeout.0.as_secs(),
+            "requests still in flight at the shutdown timeout: closing them"
+        );
+        servers.abort_all();
+    }
+    if let Some(usage) = gateway.layer.usage() {
+        usage.shutdown().await;
+        let s = usage.stats();
+        tracing::info!(
+            rows_written = s.rows_written,
+            dropped = s.dropped_marks,
+            "usage marks flushed"
+        );
+    }
+    drop(gateway);
+    drop(store);
+    tracing::info!("patd stopped");
+    Ok(())
+}

@@ -1,0 +1,340 @@
+//! Envoy ext_authz (`envoy.service.auth.v3.Authorization/Check`) over the layer, called through a
+//! tonic client of the same protos (Envoy itself is not packaged here).
+#![cfg(all(feature = "ext-authz", feature = "sqlite"))]
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    Address as CoreAddress, HeaderMap, HeaderValue, SocketAddress, address::Address,
+    header_value_option::HeaderAppendAction, socket_address::PortSpecifier,
+};
+use envoy_types::pb::envoy::service::auth::v3::{
+    AttributeContext, CheckRequest, CheckResponse, attribute_context,
+    authorization_client::AuthorizationClient, check_response::HttpResponse,
+};
+use tonic::transport::{Channel, Server};
+use tower_pat::gateway::ext_authz::ExtAuthz;
+use tower_pat::gateway::rules::{RouteRule, RouteRules};
+use tower_pat::{MemoryStore, NewToken, PatAuthLayer, TokenRecord, Tokens};
+
+async fn serve(service: ExtAuthz) -> AuthorizationClient<Channel> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        Server::builder()
+            .add_service(service.into_server())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    AuthorizationClient::new(channel)
+}
+
+/// A `CheckRequest` for `GET path` from `source` with these headers.
+fn check_request(path: &str, source: &str, headers: &[(&str, &str)]) -> CheckRequest {
+    let source: SocketAddr = source.parse().unwrap();
+    let headers: HashMap<String, String> = headers
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .chain([(":path".to_owned(), path.to_owned())])
+        .collect();
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(attribute_context::Peer {
+                address: Some(CoreAddress {
+                    address: Some(Address::SocketAddress(SocketAddress {
+                        address: source.ip().to_string(),
+                        port_specifier: Some(PortSpecifier::PortValue(u32::from(source.port()))),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            }),
+            request: Some(attribute_context::Request {
+                http: Some(attribute_context::HttpRequest {
+                    method: "GET".to_owned(),
+                    path: path.to_owned(),
+                    headers,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+async fn check(client: &mut AuthorizationClient<Channel>, req: CheckRequest) -> CheckResponse {
+    client.check(req).await.unwrap().into_inner()
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// The OK response's headers, as name → (value, overwrites).
+fn ok_headers(res: &CheckResponse) -> HashMap<String, (String, bool)> {
+    let Some(HttpResponse::OkResponse(ok)) = &res.http_response else {
+        panic!("not an OK response: {res:?}");
+    };
+    ok.headers
+        .iter()
+        .map(|h| {
+            let v = h.header.as_ref().unwrap();
+            (
+                v.key.clone(),
+                (
+                    v.value.clone(),
+                    h.append_action == HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+                ),
+            )
+        })
+        .collect()
+}
+
+/// The denied response's HTTP status, `WWW-Authenticate` and JSON body.
+fn denied(res: &CheckResponse) -> (i32, Option<String>, serde_json::Value) {
+    let Some(HttpResponse::DeniedResponse(d)) = &res.http_response else {
+        panic!("not a denied response: {res:?}");
+    };
+    let www = d
+        .headers
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .find(|h| h.key.eq_ignore_ascii_case("www-authenticate"))
+        .map(|h| h.value.clone());
+    (
+        d.status.as_ref().unwrap().code,
+        www,
+        serde_json::from_str(&d.body).unwrap(),
+    )
+}
+
+fn grpc_code(res: &CheckResponse) -> i32 {
+    res.status.as_ref().unwrap().code
+}
+
+struct Setup {
+    tokens: Tokens,
+    layer: PatAuthLayer,
+}
+
+fn setup() -> Setup {
+    let tokens = Tokens::new(MemoryStore::new());
+    let layer = tokens.layer().build();
+    Setup { tokens, layer }
+}
+
+async fn issue(tokens: &Tokens, new: NewToken) -> (TokenRecord, String) {
+    let (r, s) = tokens.issue(new).await.unwrap();
+    (r, s.expose_secret().to_owned())
+}
+
+#[tokio::test]
+async fn a_valid_token_is_ok_with_identity_headers_that_overwrite_the_clients() {
+    let s = setup();
+    let (record, token) = issue(&s.tokens, common::new_token("alice", &["api", "read"])).await;
+    let mut client = serve(ExtAuthz::new(s.layer.clone())).await;
+    let res = check(
+        &mut client,
+        check_request(
+            "/thing",
+            "192.0.2.1:4000",
+            &[
+                ("authorization", &bearer(&token)),
+                ("x-auth-subject", "root"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(grpc_code(&res), 0);
+    let h = ok_headers(&res);
+    assert_eq!(h["x-auth-subject"], ("alice".to_owned(), true));
+    assert_eq!(h["x-auth-token-id"], (record.id.clone(), true));
+    assert_eq!(h["x-auth-token-name"].0, record.name);
+    assert_eq!(h["x-auth-scopes"].0, "api read");
+    let Some(HttpResponse::OkResponse(ok)) = &res.http_response else {
+        unreachable!()
+    };
+    assert!(ok.headers_to_remove.is_empty());
+
+    // hide_credentials: the credential header is removed before the request goes upstream.
+    let mut client = serve(ExtAuthz::new(s.layer.clone()).hide_credentials(true)).await;
+    let res = check(
+        &mut client,
+        check_request(
+            "/thing",
+            "192.0.2.1:4000",
+            &[("authorization", &bearer(&token))],
+        ),
+    )
+    .await;
+    let Some(HttpResponse::OkResponse(ok)) = &res.http_response else {
+        panic!("refused: {res:?}")
+    };
+    assert_eq!(ok.headers_to_remove, vec!["authorization".to_owned()]);
+}
+
+#[tokio::test]
+async fn the_credential_is_read_from_header_map_too() {
+    let s = setup();
+    let (_, token) = issue(&s.tokens, common::new_token("alice", &["api"])).await;
+    let mut client = serve(ExtAuthz::new(s.layer.clone())).await;
+    let mut req = check_request("/", "192.0.2.1:4000", &[]);
+    let http = req
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap();
+    http.header_map = Some(HeaderMap {
+        headers: vec![HeaderValue {
+            key: "authorization".to_owned(),
+            raw_value: bearer(&token).into_bytes(),
+            ..Default::default()
+        }],
+    });
+    let res = check(&mut client, req).await;
+    assert_eq!(grpc_code(&res), 0, "{res:?}");
+}
+
+#[tokio::test]
+async fn no_token_is_401_with_a_challenge_and_a_json_body() {
+    let s = setup();
+    let mut client = serve(ExtAuthz::new(s.layer.clone())).await;
+    let res = check(&mut client, check_request("/", "192.0.2.1:4000", &[])).await;
+    assert_eq!(grpc_code(&res), 16);
+    let (status, www, body) = denied(&res);
+    assert_eq!(status, 401);
+    assert!(www.unwrap().starts_with("Bearer"));
+    assert_eq!(body["code"], "unauthorized", "{body}");
+    assert_eq!(body["status"], 401);
+}
+
+#[tokio::test]
+async fn a_route_rule_scope_the_token_lacks_is_403() {
+    let s = setup();
+    let (_, token) = issue(&s.tokens, common::new_token("alice", &["api"])).await;
+    let rules = RouteRules::new(vec![RouteRule {
+        scopes: common::scopes(&["admin:write"]),
+        ..RouteRule::new("/admin")
+    }]);
+    let mut client = serve(ExtAuthz::new(s.layer.clone()).rules(rules)).await;
+    let auth = bearer(&token);
+    let res = check(
+        &mut client,
+        check_request(
+            "/admin/users",
+            "192.0.2.1:4000",
+            &[("authorization", &auth)],
+        ),
+    )
+    .await;
+    assert_eq!(grpc_code(&res), 7);
+    let (status, _, body) = denied(&res);
+    assert_eq!(status, 403);
+    assert_eq!(body["code"], "insufficient_scope", "{body}");
+    let res = check(
+        &mut client,
+        check_request("/public", "192.0.2.1:4000", &[("authorization", &auth)]),
+    )
+    .await;
+    assert_eq!(grpc_code(&res), 0);
+}
+
+#[tokio::test]
+async fn the_client_address_comes_from_the_source_never_from_a_forwarded_header() {
+    let s = setup();
+    let new = common::new_token("alice", &["api"]).ip_restriction(["10.0.0.0/8".parse().unwrap()]);
+    let (_, token) = issue(&s.tokens, new).await;
+    let mut client = serve(ExtAuthz::new(s.layer.clone())).await;
+    let auth = bearer(&token);
+    let res = check(
+        &mut client,
+        check_request("/", "10.1.2.3:4000", &[("authorization", &auth)]),
+    )
+    .await;
+    assert_eq!(grpc_code(&res), 0);
+    let res = check(
+        &mut client,
+        check_request("/", "192.0.2.1:4000", &[("authorization", &auth)]),
+    )
+    .await;
+    assert_eq!(denied(&res).0, 403);
+    // A client-supplied X-Forwarded-For (or Forwarded) naming an allowed address changes nothing.
+    for (name, value) in [
+        ("x-forwarded-for", "10.1.2.3"),
+        ("forwarded", "for=10.1.2.3"),
+    ] {
+        let res = check(
+            &mut client,
+            check_request(
+                "/",
+                "192.0.2.1:4000",
+                &[("authorization", &auth), (name, value)],
+            ),
+        )
+        .await;
+        assert_eq!(denied(&res).0, 403, "{name} was believed");
+    }
+}
+
+#[tokio::test]
+async fn a_revoked_token_is_401() {
+    let s = setup();
+    let (record, token) = issue(&s.tokens, common::new_token("alice", &["api"])).await;
+    let mut client = serve(ExtAuthz::new(s.layer.clone())).await;
+    let auth = bearer(&token);
+    let req = || check_request("/", "192.0.2.1:4000", &[("authorization", &auth)]);
+    assert_eq!(grpc_code(&check(&mut client, req()).await), 0);
+    s.tokens.revoke(&record.id).await.unwrap().unwrap();
+    let res = check(&mut client, req()).await;
+    assert_eq!(grpc_code(&res), 16);
+    let (status, www, body) = denied(&res);
+    assert_eq!(status, 401);
+    assert!(www.is_some());
+    assert_eq!(body["code"], "invalid_token", "{body}");
+}
+
+/// With an explicit trusted-proxy configuration on the layer, `X-Forwarded-For` counts, but only
+/// when the source itself is a trusted proxy.
+#[tokio::test]
+async fn a_forwarded_header_counts_only_from_a_configured_trusted_proxy() {
+    let tokens = Tokens::new(MemoryStore::new());
+    let layer = tokens
+        .layer()
+        .trusted_proxies(
+            ["127.0.0.0/8".parse().unwrap()],
+            tower_pat::ForwardedHeader::XForwardedFor,
+        )
+        .build();
+    let new = common::new_token("alice", &["api"]).ip_restriction(["10.0.0.0/8".parse().unwrap()]);
+    let (_, token) = issue(&tokens, new).await;
+    let mut client = serve(ExtAuthz::new(layer)).await;
+    let auth = bearer(&token);
+    let via = |source| {
+        check_request(
+            "/",
+            source,
+            &[("authorization", &auth), ("x-forwarded-for", "10.1.2.3")],
+        )
+    };
+    assert_eq!(
+        grpc_code(&check(&mut client, via("127.0.0.1:5000")).await),
+        0
+    );
+    assert_eq!(
+        denied(&check(&mut client, via("192.0.2.1:5000")).await).0,
+        403
+    );
+}

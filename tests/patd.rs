@@ -1,0 +1,646 @@
+//! `patd`: the token CLI with good and bad input, the configuration, and `patd serve`'s
+//! forward-auth contract, health, metrics, a CLI revocation reaching the server, and a SIGTERM
+//! under load that loses no usage mark. Gateways themselves: tests/gateways.rs.
+#![cfg(feature = "gateway")]
+
+mod support_patd;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use support_patd::{Dir, http, stderr, stdout};
+
+const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+
+#[test]
+fn every_token_command_works_on_the_store() {
+    let dir = Dir::new("");
+    let (secret, id) = dir.issue(&[
+        "--subject",
+        "admin",
+        "--name",
+        "bootstrap",
+        "--scope",
+        "*",
+        "--never-expires",
+    ]);
+    assert!(secret.starts_with("pat_"));
+    let list = dir.cli(&["token", "list"]);
+    assert!(list.status.success());
+    let table = stdout(&list);
+    assert!(table.starts_with("ID"), "{table}");
+    assert!(table.contains(&id) && table.contains("bootstrap") && table.contains("active"));
+    assert!(!table.contains(&secret), "a list never shows a secret");
+    let json: serde_json::Value = serde_json::from_slice(
+        &dir.cli(&["token", "list", "--subject", "admin", "--json"])
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 1);
+    assert!(!json.to_string().contains(&secret));
+    let none: serde_json::Value = serde_json::from_slice(
+        &dir.cli(&["token", "list", "--subject", "bob", "--json"])
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(none.as_array().unwrap().len(), 0);
+
+    let show = dir.cli(&["token", "show", &id, "--json"]);
+    let view: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(view["name"], "bootstrap");
+    assert!(!stdout(&show).contains(&secret));
+
+    let rotated = dir.cli(&["token", "rotate", &id, "--grace", "1h", "--json"]);
+    assert!(rotated.status.success(), "{}", stderr(&rotated));
+    let rotated: serde_json::Value = serde_json::from_slice(&rotated.stdout).unwrap();
+    let new_secret = rotated["token"].as_str().unwrap();
+    assert_ne!(new_secret, secret);
+    assert_eq!(rotated["id"], id.as_str());
+
+    let revoked = dir.cli(&["token", "revoke", &id]);
+    assert!(revoked.status.success());
+    let view: serde_json::Value =
+        serde_json::from_slice(&dir.cli(&["token", "show", &id, "--json"]).stdout).unwrap();
+    assert_eq!(view["revoked"], true);
+    // A revoked token cannot be rotated back to life.
+    let again = dir.cli(&["token", "rotate", &id]);
+    assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
+    assert!(stderr(&again).contains("revoked"));
+
+    let deleted = dir.cli(&["token", "delete", &id]);
+    assert!(deleted.status.success());
+    let gone = dir.cli(&["token", "show", &id]);
+    assert_eq!(gone.status.code(), Some(2));
+
+    let migrate = dir.cli(&["migrate"]);
+    assert!(migrate.status.success(), "{}", stderr(&migrate));
+}
+
+#[test]
+fn bad_input_is_refused_with_a_message_and_exit_code_2() {
+    let dir = Dir::new("");
+    for (args, says) in [
+        (
+            vec!["token", "show", "no-such-id"],
+            "no token with id no-such-id",
+        ),
+        (
+            vec!["token", "revoke", "no-such-id"],
+            "no token with id no-such-id",
+        ),
+        (
+            vec!["token", "delete", "no-such-id"],
+            "no token with id no-such-id",
+        ),
+        (
+            vec!["token", "rotate", "no-such-id"],
+            "no token with id no-such-id",
+        ),
+        (
+            vec![
+                "token",
+                "create",
+                "--subject",
+                "a",
+                "--name",
+                "n",
+                "--expires-in",
+                "5x",
+            ],
+            "`5x` is not a duration",
+        ),
+        (
+            vec![
+                "token",
+                "create",
+                "--subject",
+                "a",
+                "--name",
+                "n",
+                "--never-expires",
+                "--ip",
+                "10.0.0.0/33",
+            ],
+            "`10.0.0.0/33` is not a CIDR",
+        ),
+        (
+            vec![
+                "token",
+                "create",
+                "--subject",
+                "a",
+                "--name",
+                "n",
+                "--expires-at",
+                "yesterday",
+            ],
+            "not an RFC 3339 time",
+        ),
+        (
+            vec![
+                "token",
+                "create",
+                "--subject",
+                "a",
+                "--name",
+                "n",
+                "--expires-at",
+                "2001-01-01T00:00:00Z",
+            ],
+            "in the past",
+        ),
+        (
+            vec!["token", "create", "--subject", "a", "--name", "n"],
+            "--never-expires",
+        ),
+        (
+            vec![
+                "token",
+                "create",
+                "--subject",
+                "a",
+                "--name",
+                "n",
+                "--never-expires",
+                "--scope",
+                "bad scope",
+            ],
+            "--scope",
+        ),
+        (
+            vec![
+                "token",
+                "create",
+                "--subject",
+                " ",
+                "--name",
+                "n",
+                "--never-expires",
+            ],
+            "--subject must be",
+        ),
+        (
+            vec!["token", "rotate", "x", "--grace", "forever"],
+            "`forever` is not a duration",
+        ),
+        (
+            vec!["--set", "cache.ttl=soon", "token", "list"],
+            "--set cache.ttl=soon",
+        ),
+        (
+            vec!["--set", "nonsense", "token", "list"],
+            "expected key=value",
+        ),
+    ] {
+        let out = dir.cli(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
+    // Two tokens of one name for one subject: a conflict, exit 2, the first one kept.
+    dir.issue(&["--subject", "a", "--name", "same", "--never-expires"]);
+    let out = dir.cli(&[
+        "token",
+        "create",
+        "--subject",
+        "a",
+        "--name",
+        "same",
+        "--never-expires",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("name"), "{}", stderr(&out));
+}
+
+#[test]
+fn an_unreadable_or_invalid_configuration_is_named_with_its_line() {
+    let dir = Dir::new("[cache]\nttl = \"ages\"\n");
+    let out = dir.cli(&["token", "list"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("patd.toml") && err.contains("line 3") && err.contains("ttl"),
+        "{err}"
+    );
+    let out = dir.cli(&["config", "check"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    let dir = Dir::new("unknown_key = 1\n");
+    let err = stderr(&dir.cli(&["config", "check"]));
+    assert!(
+        err.contains("unknown field `unknown_key`") && err.contains("line 2"),
+        "{err}"
+    );
+
+    let out = std::process::Command::new(support_patd::PATD)
+        .args(["--config", "/nonexistent/patd.toml", "token", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("/nonexistent/patd.toml: cannot be read"));
+}
+
+#[test]
+fn config_check_prints_the_effective_configuration_without_secrets() {
+    let dir = Dir::new("pepper = \"0123456789abcdef-do-not-print\"\n");
+    let out = std::process::Command::new(support_patd::PATD)
+        .args([
+            "--config",
+            dir.config().to_str().unwrap(),
+            "config",
+            "check",
+        ])
+        .env("PATD_CACHE__TTL", "2m")
+        .env("PATD_ADMIN_LISTEN", "127.0.0.1:9999")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("ttl = \"2m\""), "{text}");
+    assert!(text.contains("admin_listen = \"127.0.0.1:9999\""), "{text}");
+    assert!(text.contains("pepper = \"<redacted>\""), "{text}");
+    assert!(!text.contains("do-not-print"));
+}
+
+const FORWARDED: &str = r#"
+[proxy]
+trusted = ["127.0.0.1/32"]
+header = "x-forwarded-for"
+
+[[rule]]
+path_prefix = "/admin"
+scopes = ["admin"]
+
+[[rule]]
+path_prefix = "/public"
+anonymous = true
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forward_auth_answers_with_the_identity_or_the_layers_refusal() {
+    let dir = Dir::new(FORWARDED);
+    let (token, id) = dir.issue(&[
+        "--subject",
+        "alice",
+        "--name",
+        "ci",
+        "--scope",
+        "read",
+        "--never-expires",
+    ]);
+    let server = dir.serve();
+    let bearer = format!("Bearer {token}");
+    let auth = |uri: &'static str, extra: Vec<(&'static str, String)>| {
+        let bearer = bearer.clone();
+        async move {
+            let mut headers = vec![
+                ("X-Forwarded-Method", "GET".to_owned()),
+                ("X-Forwarded-Uri", uri.to_owned()),
+            ];
+            headers.extend(extra);
+            let _ = &bearer;
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            http(CLIENT, server.addr, "GET", "/auth", &h).await
+        }
+    };
+    let ok = auth("/api/x", vec![("Authorization", bearer.clone())]).await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.header("x-auth-subject"), Some("alice"));
+    assert_eq!(ok.header("x-auth-token-id"), Some(id.as_str()));
+    assert_eq!(ok.header("x-auth-token-name"), Some("ci"));
+    assert_eq!(ok.header("x-auth-scopes"), Some("read"));
+
+    let missing = auth("/api/x", vec![]).await;
+    assert_eq!(missing.status, 401);
+    assert_eq!(
+        missing.header("www-authenticate"),
+        Some("Bearer realm=\"patd\"")
+    );
+    assert!(missing.body.contains("\"code\":\"unauthorized\""));
+
+    let scope = auth("/admin/users", vec![("Authorization", bearer.clone())]).await;
+    assert_eq!(scope.status, 403);
+    assert!(
+        scope
+            .header("www-authenticate")
+            .unwrap()
+            .contains("insufficient_scope")
+    );
+
+    // An anonymous route: no token passes without identity, a bad token is still refused.
+    let public = auth("/public/a", vec![]).await;
+    assert_eq!(public.status, 200);
+    assert_eq!(
+        public.header("x-auth-subject"),
+        Some(""),
+        "present and empty"
+    );
+    let bad = auth(
+        "/public/a",
+        vec![("Authorization", "Bearer pat_nope".to_owned())],
+    )
+    .await;
+    assert_eq!(bad.status, 401);
+
+    // The attacker: a path that starts like the public route but is the admin route.
+    for sneaky in [
+        "/public/../admin/users",
+        "/public/%2e%2e/admin",
+        "/%70ublic/../admin",
+        "//admin/users",
+    ] {
+        let r = http(
+            CLIENT,
+            server.addr,
+            "GET",
+            "/auth",
+            &[("X-Forwarded-Method", "GET"), ("X-Forwarded-Uri", sneaky)],
+        )
+        .await;
+        assert_eq!(r.status, 401, "{sneaky} must be judged by the /admin rule");
+    }
+    // Without the configured original-request headers (or with two), nothing is decided.
+    let r = http(
+        CLIENT,
+        server.addr,
+        "GET",
+        "/auth",
+        &[("X-Original-URI", "/public/a")],
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let r = http(
+        CLIENT,
+        server.addr,
+        "GET",
+        "/auth",
+        &[
+            ("X-Forwarded-Method", "GET"),
+            ("X-Forwarded-Uri", "/public/a"),
+            ("X-Forwarded-Uri", "/admin"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    // A gRPC content type still gets an HTTP answer, never a 200 with grpc-status.
+    let r = http(
+        CLIENT,
+        server.addr,
+        "POST",
+        "/auth",
+        &[
+            ("X-Forwarded-Method", "POST"),
+            ("X-Forwarded-Uri", "/api.Svc/Call"),
+            ("Content-Type", "application/grpc"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ip_restriction_uses_the_trusted_proxys_header_only() {
+    let dir = Dir::new(FORWARDED);
+    let (token, _) = dir.issue(&[
+        "--subject",
+        "a",
+        "--name",
+        "lan",
+        "--never-expires",
+        "--ip",
+        "10.0.0.0/8",
+    ]);
+    let server = dir.serve();
+    let bearer = format!("Bearer {token}");
+    let ask = |from: IpAddr, xff: &'static str| {
+        let bearer = bearer.clone();
+        let addr = server.addr;
+        async move {
+            let mut h = vec![
+                ("X-Forwarded-Method", "GET"),
+                ("X-Forwarded-Uri", "/x"),
+                ("Authorization", bearer.as_str()),
+            ];
+            if !xff.is_empty() {
+                h.push(("X-Forwarded-For", xff));
+            }
+            http(from, addr, "GET", "/auth", &h).await.status
+        }
+    };
+    let trusted: IpAddr = "127.0.0.1".parse().unwrap();
+    // Through the trusted proxy (127.0.0.1), the client it names counts.
+    assert_eq!(ask(trusted, "10.1.2.3").await, 200);
+    assert_eq!(ask(trusted, "192.0.2.1").await, 403);
+    // A client that is not the proxy cannot name itself into the network.
+    assert_eq!(ask(CLIENT, "10.1.2.3").await, 403);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nginx_mode_reads_only_x_original_and_maps_other_refusals_to_403() {
+    let dir = Dir::new(
+        "[forward_auth]\noriginal_headers = \"original\"\nnginx_compat = true\n[[rule]]\npath_prefix = \"/public\"\nanonymous = true\n",
+    );
+    let server = dir.serve();
+    // A client's own X-Forwarded-Uri is not read in nginx mode.
+    let r = http(
+        CLIENT,
+        server.addr,
+        "GET",
+        "/auth",
+        &[
+            ("X-Original-Method", "GET"),
+            ("X-Original-URI", "/private"),
+            ("X-Forwarded-Uri", "/public"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("x-auth-status"), Some("401"));
+    // A 400 (no original URI) becomes 403 with the real status beside it.
+    let r = http(
+        CLIENT,
+        server.addr,
+        "GET",
+        "/auth",
+        &[("X-Forwarded-Uri", "/public")],
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("x-auth-status"), Some("400"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revocation_from_the_cli_reaches_the_server_within_a_second() {
+    let dir = Dir::new("");
+    let (token, id) = dir.issue(&["--subject", "a", "--name", "t", "--never-expires"]);
+    let server = dir.serve();
+    let bearer = format!("Bearer {token}");
+    let h = [
+        ("X-Forwarded-Method", "GET"),
+        ("X-Forwarded-Uri", "/"),
+        ("Authorization", bearer.as_str()),
+    ];
+    assert_eq!(
+        http(CLIENT, server.addr, "GET", "/auth", &h).await.status,
+        200
+    );
+    // Cached now: only the change feed can tell the server.
+    assert_eq!(
+        http(CLIENT, server.addr, "GET", "/auth", &h).await.status,
+        200
+    );
+    let out = dir.cli(&["token", "revoke", &id]);
+    assert!(out.status.success());
+    let revoked_at = Instant::now();
+    loop {
+        let r = http(CLIENT, server.addr, "GET", "/auth", &h).await;
+        if r.status == 401 {
+            assert!(r.body.contains("revoked"), "{}", r.body);
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "still accepted after 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_readiness_and_metrics_count_what_happened() {
+    let dir = Dir::new("[[rule]]\npath_prefix = \"/admin\"\nscopes = [\"admin\"]\n");
+    let (token, _) = dir.issue(&["--subject", "a", "--name", "t", "--never-expires"]);
+    let server = dir.serve();
+    assert_eq!(
+        http(CLIENT, server.addr, "GET", "/healthz", &[])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        http(CLIENT, server.addr, "GET", "/readyz", &[])
+            .await
+            .status,
+        200
+    );
+    let bearer = format!("Bearer {token}");
+    for (uri, auth) in [("/x", true), ("/x", true), ("/x", false), ("/admin", true)] {
+        let mut h = vec![("X-Forwarded-Method", "GET"), ("X-Forwarded-Uri", uri)];
+        if auth {
+            h.push(("Authorization", bearer.as_str()));
+        }
+        http(CLIENT, server.addr, "GET", "/auth", &h).await;
+    }
+    let metrics = http(CLIENT, server.addr, "GET", "/metrics", &[]).await;
+    assert_eq!(metrics.status, 200);
+    let m = metrics.body;
+    for line in [
+        "patd_forward_auth_decisions_total{outcome=\"ok\"} 2",
+        "patd_forward_auth_decisions_total{outcome=\"missing\"} 1",
+        "patd_forward_auth_decisions_total{outcome=\"scope_denied\"} 1",
+        "patd_cache_misses_total 1",
+        "patd_store_lookups_total 1",
+        "patd_cached_tokens 1",
+        "patd_feed_connected 1",
+        "patd_store_lookup_seconds_count 1",
+    ] {
+        assert!(m.contains(line), "missing {line} in\n{m}");
+    }
+    assert!(!m.contains(&token));
+    // One log line per refusal, with the reason and the route, never the token.
+    let log = server.log();
+    assert!(log.contains("missing_credentials"), "{log}");
+    assert!(
+        log.contains("insufficient_scope") && log.contains("/admin"),
+        "{log}"
+    );
+    assert!(!log.contains(&token));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_under_load_exits_0_and_loses_no_usage_mark() {
+    let dir = Dir::new("[usage]\ngranularity = \"1ms\"\nflush_interval = \"1h\"\n");
+    let tokens: Vec<(String, String)> = (0..20)
+        .map(|i| {
+            dir.issue(&[
+                "--subject",
+                "a",
+                "--name",
+                &format!("t{i}"),
+                "--never-expires",
+            ])
+        })
+        .collect();
+    let mut server = dir.serve();
+    let addr = server.addr;
+    // Every token used once, answered before the signal: each answered request's mark must land.
+    let mut answered = Vec::new();
+    for (token, id) in &tokens {
+        let bearer = format!("Bearer {token}");
+        let r = http(
+            CLIENT,
+            addr,
+            "GET",
+            "/auth",
+            &[
+                ("X-Forwarded-Method", "GET"),
+                ("X-Forwarded-Uri", "/"),
+                ("Authorization", &bearer),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        answered.push(id.clone());
+    }
+    // Load still running while the signal arrives.
+    let load = tokio::spawn({
+        let (token, _) = tokens[0].clone();
+        async move {
+            for _ in 0..200 {
+                let bearer = format!("Bearer {token}");
+                let socket = tokio::net::TcpStream::connect(addr).await;
+                if socket.is_err() {
+                    break;
+                }
+                drop(socket);
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    http(
+                        CLIENT,
+                        addr,
+                        "GET",
+                        "/auth",
+                        &[
+                            ("X-Forwarded-Method", "GET"),
+                            ("X-Forwarded-Uri", "/"),
+                            ("Authorization", &bearer),
+                        ],
+                    ),
+                )
+                .await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let s = server.terminate();
+        (s, server.log())
+    })
+    .await
+    .unwrap();
+    let _ = load.await;
+    assert!(
+        status.0.success(),
+        "exit status {:?}; log:\n{}",
+        status.0,
+        status.1
+    );
+    // The flush interval is an hour: only the shutdown can have written these.
+    for id in answered {
+        let view: serde_json::Value =
+            serde_json::from_slice(&dir.cli(&["token", "show", &id, "--json"]).stdout).unwrap();
+        assert!(
+            view["lastUsedAt"].is_string(),
+            "no lastUsedAt for {id}: {view}"
+        );
+    }
+}
