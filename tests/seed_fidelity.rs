@@ -101,6 +101,8 @@ async fn unleash_rows() {
     let res = send(&app, Method::GET, &format!("{base}/{id}"), &alice, None).await;
     assert_eq!(res.status, StatusCode::OK);
     assert_eq!(res.body["name"], "my-token");
+    assert!(res.body["seenAt"].is_string(), "{}", res.text);
+    assert_eq!(res.body["seenAt"], res.body["lastUsedAt"]);
 }
 
 // ---- Avisi Cloud: provision, list, revoke ----

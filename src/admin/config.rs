@@ -133,8 +133,8 @@ impl AdminConfig {
         self
     }
 
-    /// The longest `gracePeriodSeconds` a rotation gets; longer requests are cut to it. Default
-    /// one day.
+    /// The longest `gracePeriodSeconds` a rotation may ask for; a longer one is refused (400), and
+    /// the OpenAPI document the router serves states this maximum. Default one day.
     pub fn max_rotation_grace(mut self, max: Duration) -> Self {
         self.max_rotation_grace = max;
         self
@@ -184,6 +184,16 @@ impl AdminConfig {
 
     /// The expiry of a token given `expires_at` and the never-expires acknowledgment at `now`,
     /// under the expiry policy and the maximum lifetime.
+    /// The request rules of this configuration that the served OpenAPI document states.
+    pub(crate) fn openapi_rules(&self) -> super::openapi::Rules {
+        super::openapi::Rules {
+            max_grace_seconds: self.max_rotation_grace.as_secs(),
+            max_scopes: self.limits.scopes,
+            max_networks: self.limits.networks,
+            expiry_needs_acknowledgment: matches!(self.expiry, ExpiryPolicy::RequireAcknowledgment),
+        }
+    }
+
     pub(crate) fn resolve_expiry(
         &self,
         expires_at: Option<DateTime<Utc>>,

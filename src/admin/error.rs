@@ -146,6 +146,12 @@ impl ApiError {
         )
     }
 
+    /// 409: the token expired, so it cannot be rotated or made active again (a state of the
+    /// token, not a fault of the request: create a new one).
+    pub(crate) fn token_expired(message: &'static str) -> Self {
+        Self::new(StatusCode::CONFLICT, "token_expired", message)
+    }
+
     /// 410: the token is revoked, for good.
     pub(crate) fn token_revoked() -> Self {
         Self::new(

@@ -19,6 +19,8 @@ pub(crate) const MAX_NAME_CHARS: usize = 256;
 const MAX_TYPE_CHARS: usize = 64;
 /// The largest page.
 pub(crate) const MAX_PAGE_SIZE: u64 = 100;
+/// The last page number a query may ask for (so that an offset always fits the stores' integers).
+const MAX_PAGE: u64 = 10_000_000;
 
 /// How many entries a token's `scopes` and `ipRestriction` may have (each request's list is
 /// refused beyond, with a 400 naming the field). Every request on a token scans its networks.
@@ -51,7 +53,8 @@ impl Default for Limits {
 #[derive(Debug, Clone, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct CreateTokenRequest {
-    /// 1–256 characters after trimming, unique among the caller's tokens. Alias: `description`.
+    /// At most 256 characters, no control characters, not blank; unique among the caller's tokens
+    /// (leading and trailing white space is trimmed). Alias: `description`.
     #[schema(min_length = 1, max_length = 256)]
     pub(crate) name: String,
     /// Scopes, each held by the caller (a token never exceeds its owner); none if left out. Alias:
@@ -72,9 +75,10 @@ pub(crate) struct CreateTokenRequest {
     /// token gets the caller's networks (anywhere for an unrestricted caller).
     #[schema(value_type = Option<IpRestriction>)]
     pub(crate) ip_restriction: Vec<IpNet>,
-    /// A free-form type, `personal` by default.
+    /// A free-form type, `personal` by default: at most 64 characters, no control characters,
+    /// not blank (trimmed like the name).
     #[serde(rename = "type")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 64)]
     pub(crate) token_type: String,
     /// The subjects the request names (`subject`, `userId`, `ownerId`): each must be the caller's.
     #[schema(ignore)]
@@ -93,8 +97,9 @@ pub(crate) struct CreateTokenRequest {
 #[derive(Debug, Clone, Default, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct PatchTokenRequest {
-    /// A new name. Alias: `description`.
-    #[schema(min_length = 1, max_length = 256)]
+    /// A new name, under the rules of a create's; it cannot be removed (`null`). Alias:
+    /// `description`.
+    #[schema(nullable = false, min_length = 1, max_length = 256)]
     pub(crate) name: Option<String>,
     /// New scopes, each held by the caller. Alias: `scope`. At most 100 (configurable).
     #[schema(value_type = Option<Vec<String>>)]
@@ -114,8 +119,8 @@ pub(crate) struct PatchTokenRequest {
     /// `true` revokes the token (the record is kept); `false` on a revoked token is refused.
     pub(crate) revoked: Option<bool>,
     /// `false` disables the token (refused by every layer with "the access token is disabled"
-    /// until enabled again), `true` enables it; reversible, unlike `revoked`. `true` on a
-    /// revoked or expired token is refused (400); any `active` on a revoked token is 410.
+    /// until enabled again), `true` enables it; reversible, unlike `revoked`. `true` on an
+    /// expired token is refused (409 `token_expired`); any `active` on a revoked token is 410.
     pub(crate) active: Option<bool>,
     /// `type`, accepted only as the token's current type.
     #[schema(ignore)]
@@ -135,8 +140,10 @@ pub(crate) struct PatchTokenRequest {
 #[derive(Debug, Clone, Default, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct RotateTokenRequest {
-    /// How long the previous secret keeps working, in seconds (default 0: it stops at once;
-    /// capped by the server's configuration).
+    /// How long the previous secret keeps working, in seconds (default 0: it stops at once). At
+    /// most the server's configured maximum (86 400 by default; the document a server serves
+    /// states its own); more is refused.
+    #[schema(maximum = 86_400)]
     pub(crate) grace_period_seconds: Option<u64>,
     /// A new expiry (RFC 3339, in the future, no later than the caller's); the current one is
     /// kept without it. Aliases: `expirationDate`, `expireAt`.
@@ -161,8 +168,8 @@ pub(crate) enum IpRestriction {
 #[derive(Debug, Clone, Default, IntoParams)]
 #[into_params(parameter_in = Query, rename_all = "camelCase")]
 pub(crate) struct ListParams {
-    /// The page, from 1 (default 1).
-    #[param(minimum = 1)]
+    /// The page, from 1 (default 1) to 10 000 000.
+    #[param(minimum = 1, maximum = 10_000_000)]
     pub(crate) page: Option<u64>,
     /// Tokens per page, 1–100 (default 50, or the server's configured page size).
     #[param(minimum = 1, maximum = 100)]
@@ -188,7 +195,8 @@ pub(crate) struct ListParams {
     pub(crate) state: Option<StateParam>,
     /// Another subject's tokens (needs `personalAccessToken:admin`).
     pub(crate) owner_id: Option<String>,
-    /// The same as `ownerId` (GitLab's and GitHub's name); both at once must agree.
+    /// The same as `ownerId` (GitLab's and GitHub's name). Filters combine: `ownerId` and
+    /// `subject` naming two subjects match no token.
     pub(crate) subject: Option<String>,
 }
 
@@ -426,12 +434,10 @@ impl PatchTokenRequest {
             "a token's subject cannot be changed",
         )?;
         match self.active {
-            Some(true) if record.is_revoked() || record.is_expired_at(now) => {
-                Err(ApiError::invalid(
-                    "active",
-                    "a revoked or expired token cannot be made active again; create a new one",
-                ))
-            }
+            Some(true) if record.is_revoked() => Err(ApiError::token_revoked()),
+            Some(true) if record.is_expired_at(now) => Err(ApiError::token_expired(
+                "active: an expired token cannot be made active again; create a new one",
+            )),
             _ => Ok(()),
         }
     }
@@ -465,7 +471,7 @@ impl RotateTokenRequest {
         Ok(Self {
             grace_period_seconds: field(&obj, GRACE)?
                 .map(|(f, v)| {
-                    v.as_u64()
+                    whole_number(v)
                         .ok_or_else(|| ApiError::invalid(f, "must be a non-negative integer"))
                 })
                 .transpose()?,
@@ -494,7 +500,7 @@ impl ListParams {
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             let value = value.trim();
             match &*key {
-                "page" => params.page = Some(count("page", value, 1, u64::MAX)?),
+                "page" => params.page = Some(count("page", value, 1, MAX_PAGE)?),
                 "limit" => params.limit = Some(count("limit", value, 1, MAX_PAGE_SIZE)?),
                 "sort" => params.sort = Some(keyword("sort", value)?),
                 "search" => params.search = Some(value.to_owned()).filter(|s| !s.is_empty()),
@@ -511,17 +517,25 @@ impl ListParams {
                 _ => {}
             }
         }
-        match (&params.owner_id, &params.subject) {
-            (Some(a), Some(b)) if a != b => {
-                return Err(ApiError::invalid(
-                    "subject",
-                    "names another subject than ownerId; send one of them",
-                ));
-            }
-            (None, Some(_)) => params.owner_id = params.subject.clone(),
-            _ => {}
+        if params.owner_id.is_none() {
+            params.owner_id = params.subject.clone();
         }
         Ok(params)
+    }
+
+    /// The subjects whose tokens the query names (`ownerId`, `subject`), each once.
+    pub(crate) fn named_subjects(&self) -> impl Iterator<Item = &str> {
+        let other = self
+            .subject
+            .as_deref()
+            .filter(|s| Some(*s) != self.owner_id.as_deref());
+        self.owner_id.as_deref().into_iter().chain(other)
+    }
+
+    /// Whether `ownerId` and `subject` name two subjects: filters combine, and no token has two
+    /// subjects, so the answer is an empty list.
+    pub(crate) fn names_two_subjects(&self) -> bool {
+        self.named_subjects().nth(1).is_some()
     }
 
     /// Whether the query reads the last use (a filter or the order), which must then include the
@@ -584,13 +598,14 @@ fn rfc3339(field: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
         .map_err(|_| ApiError::invalid(field, "must be an RFC 3339 date-time"))
 }
 
-/// The body as a JSON object (an empty body as an empty object if `empty_ok`).
+/// The body as a JSON object (an empty body, or `null`, as an empty object if `empty_ok`).
 fn object(body: &[u8], empty_ok: bool) -> Result<Map<String, Value>, ApiError> {
     if empty_ok && body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
     match serde_json::from_slice(body) {
         Ok(Value::Object(map)) => Ok(map),
+        Ok(Value::Null) if empty_ok => Ok(Map::new()),
         Ok(_) => Err(ApiError::bad_request(
             "the request body must be a JSON object",
         )),
@@ -683,6 +698,17 @@ fn patched<'a>(
     Ok(found)
 }
 
+/// A non-negative integer, also written with a zero fraction (`60.0`), as JSON Schema's
+/// `integer` allows.
+fn whole_number(value: &Value) -> Option<u64> {
+    value.as_u64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && (0.0..u64::MAX as f64).contains(f))
+            .map(|f| f as u64)
+    })
+}
+
 fn string<'a>(field: &str, value: &'a Value) -> Result<&'a str, ApiError> {
     value
         .as_str()
@@ -695,34 +721,34 @@ fn boolean(field: &str, value: &Value) -> Result<bool, ApiError> {
         .ok_or_else(|| ApiError::invalid(field, "must be a boolean"))
 }
 
-fn name(field: &str, value: &Value) -> Result<String, ApiError> {
-    let name = string(field, value)?.trim();
-    let chars = name.chars().count();
-    if chars == 0 || chars > MAX_NAME_CHARS {
+/// A name or type as the schema states it (the `pattern` and `maxLength` of both): at most `max`
+/// characters as sent, none of them a control character, not blank; returned trimmed.
+fn label(field: &str, value: &Value, max: usize) -> Result<String, ApiError> {
+    let sent = string(field, value)?;
+    if sent.chars().count() > max {
         return Err(ApiError::invalid(
             field,
-            format!("must be 1 to {MAX_NAME_CHARS} characters long"),
+            format!("must be at most {max} characters long"),
         ));
     }
-    if name.chars().any(char::is_control) {
+    if sent.chars().any(char::is_control) {
         return Err(ApiError::invalid(
             field,
             "must not contain control characters",
         ));
     }
-    Ok(name.to_owned())
+    match sent.trim() {
+        "" => Err(ApiError::invalid(field, "must not be blank")),
+        trimmed => Ok(trimmed.to_owned()),
+    }
+}
+
+fn name(field: &str, value: &Value) -> Result<String, ApiError> {
+    label(field, value, MAX_NAME_CHARS)
 }
 
 fn token_type(field: &str, value: &Value) -> Result<String, ApiError> {
-    let t = string(field, value)?.trim();
-    let chars = t.chars().count();
-    if chars == 0 || chars > MAX_TYPE_CHARS || t.chars().any(char::is_control) {
-        return Err(ApiError::invalid(
-            field,
-            format!("must be 1 to {MAX_TYPE_CHARS} printable characters"),
-        ));
-    }
-    Ok(t.to_owned())
+    label(field, value, MAX_TYPE_CHARS)
 }
 
 /// An RFC 3339 date-time; an empty string is no date.

@@ -1,6 +1,7 @@
 //! The OpenAPI 3.1 document, generated with utoipa from the handlers' attributes and the real
 //! request and response types, so it cannot drift from the code.
 
+use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{OpenApi as Document, Paths};
 use utoipa::{Modify, OpenApi};
@@ -79,15 +80,17 @@ impl Modify for BearerAuth {
 }
 
 /// The management API's OpenAPI 3.1 document, with paths relative to where the router is nested
-/// (`/`, `/{id}`, …): merge it into an application's document, or read it at
-/// `GET <base>/openapi.json`, where the paths carry the base.
+/// (`/`, `/{id}`, …), stating the request rules of the default [`AdminConfig`](super::AdminConfig):
+/// merge it into an application's document, or read it at `GET <base>/openapi.json`, where the
+/// paths carry the base and the rules are the server's own configuration.
 pub fn openapi() -> Document {
-    AdminApi::openapi()
+    with_rules(AdminApi::openapi(), &Rules::default())
 }
 
-/// The document with every path under `base` (`/personal-access-tokens`; empty at the root).
-pub(crate) fn document(base: &str) -> Document {
-    let mut doc = openapi();
+/// The document a server serves: every path under `base` (`/personal-access-tokens`; empty at
+/// the root), and the request rules it is configured with.
+pub(crate) fn document(base: &str, rules: &Rules) -> Document {
+    let mut doc = with_rules(AdminApi::openapi(), rules);
     if !base.is_empty() {
         let paths = std::mem::take(&mut doc.paths.paths);
         let mut prefixed = Paths::new();
@@ -102,4 +105,213 @@ pub(crate) fn document(base: &str) -> Document {
         doc.paths = prefixed;
     }
     doc
+}
+
+/// The request rules that depend on a server's configuration, stated in the document it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Rules {
+    /// The longest `gracePeriodSeconds`.
+    pub(crate) max_grace_seconds: u64,
+    /// The most scopes a request may give.
+    pub(crate) max_scopes: usize,
+    /// The most networks a request may give.
+    pub(crate) max_networks: usize,
+    /// Whether a create without `expiresAt`, or a PATCH removing it, needs
+    /// `userAwareTokenNeverExpires: true` ([`ExpiryPolicy::RequireAcknowledgment`](super::ExpiryPolicy)).
+    pub(crate) expiry_needs_acknowledgment: bool,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        let limits = super::input::Limits::default();
+        Self {
+            max_grace_seconds: 86_400,
+            max_scopes: limits.scopes,
+            max_networks: limits.networks,
+            expiry_needs_acknowledgment: true,
+        }
+    }
+}
+
+/// White space as the server trims it (`char::is_whitespace`), for a regular expression's class.
+const WS: &str = r"\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000";
+/// One scope (RFC 6749 scope-token, 1 to 128 characters), for a regular expression.
+const SCOPE: &str = r"[!#-\[\]-~]{1,128}";
+/// An IPv4 address.
+const V4: &str = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}";
+/// An IPv6 address (the forms without an embedded IPv4 address).
+const V6: &str = concat!(
+    r"(([0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}|([0-9a-fA-F]{1,4}:){1,7}:",
+    r"|([0-9a-fA-F]{1,4}:){1,6}:[0-9a-fA-F]{1,4}|([0-9a-fA-F]{1,4}:){1,5}(:[0-9a-fA-F]{1,4}){1,2}",
+    r"|([0-9a-fA-F]{1,4}:){1,4}(:[0-9a-fA-F]{1,4}){1,3}|([0-9a-fA-F]{1,4}:){1,3}(:[0-9a-fA-F]{1,4}){1,4}",
+    r"|([0-9a-fA-F]{1,4}:){1,2}(:[0-9a-fA-F]{1,4}){1,5}|[0-9a-fA-F]{1,4}:(:[0-9a-fA-F]{1,4}){1,6}",
+    r"|:((:[0-9a-fA-F]{1,4}){1,7}|:))"
+);
+
+/// The patterns of the request fields, as the parsers in `input.rs` apply them.
+struct Patterns {
+    /// A name or type: no control character, not blank.
+    label: String,
+    /// A scope in an array (trimmed; a blank one is dropped).
+    scope: String,
+    /// Scopes in one string, separated by white space.
+    scopes: String,
+    /// A network in an array: an address or CIDR (trimmed; a blank one is dropped).
+    net: String,
+    /// Networks in one string, separated by commas.
+    nets: String,
+    /// A blank string (no date).
+    blank: String,
+}
+
+impl Patterns {
+    fn new() -> Self {
+        let net = format!(
+            "[{WS}]*({V4}(/(3[0-2]|[12]?[0-9]))?|{V6}(/(12[0-8]|1[01][0-9]|[1-9]?[0-9]))?)?[{WS}]*"
+        );
+        Self {
+            label: format!(
+                r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x1f\x7f-\x9f{WS}][^\x00-\x1f\x7f-\x9f]*$"
+            ),
+            scope: format!("^[{WS}]*({SCOPE})?[{WS}]*$"),
+            scopes: format!("^[{WS}]*({SCOPE}([{WS}]+{SCOPE})*)?[{WS}]*$"),
+            nets: format!("^{net}(,{net})*$"),
+            net: format!("^{net}$"),
+            blank: format!("^[{WS}]*$"),
+        }
+    }
+}
+
+/// States in the request schemas the rules the derive cannot: the patterns of names, types, scopes
+/// and networks, `""` as no date, the values `revoked` and `active` may take, unknown fields
+/// refused, the configured limits, and `userAwareTokenNeverExpires` where the expiry policy needs
+/// it. A test runs Schemathesis against the served document (`scripts/schemathesis.sh`).
+fn with_rules(doc: Document, rules: &Rules) -> Document {
+    let mut value = match serde_json::to_value(&doc) {
+        Ok(value) => value,
+        Err(e) => {
+            tracing::error!(error = %e, "could not state the request rules in the OpenAPI document");
+            return doc;
+        }
+    };
+    let Some(schemas) = value
+        .pointer_mut("/components/schemas")
+        .and_then(Value::as_object_mut)
+    else {
+        return doc;
+    };
+    let p = Patterns::new();
+    let expires_at = json!({"anyOf": [
+        {"type": "string", "format": "date-time"},
+        {"type": "string", "pattern": p.blank},
+        {"type": "null"},
+    ]});
+    let scopes = json!({"anyOf": [
+        {"type": "array", "items": {"type": "string", "pattern": p.scope}, "maxItems": rules.max_scopes},
+        {"type": "string", "pattern": p.scopes},
+        {"type": "null"},
+    ]});
+    let networks = json!({"anyOf": [
+        {"type": "array", "items": {"type": "string", "pattern": p.net}, "maxItems": rules.max_networks},
+        {"type": "string", "pattern": p.nets},
+        {"type": "null"},
+    ]});
+    let only = |v: bool| json!({"type": ["boolean", "null"], "enum": [v, null]});
+    for (name, schema) in schemas.iter_mut() {
+        let create = name == "CreateTokenRequest";
+        let patch = name == "PatchTokenRequest";
+        let rotate = name == "RotateTokenRequest";
+        if !(create || patch || rotate) {
+            continue;
+        }
+        schema["additionalProperties"] = json!(false);
+        let props = &mut schema["properties"];
+        restate(&mut props["expiresAt"], &expires_at);
+        if rotate {
+            props["gracePeriodSeconds"]["maximum"] = json!(rules.max_grace_seconds);
+        } else {
+            props["name"]["pattern"] = json!(p.label);
+            restate(&mut props["scopes"], &scopes);
+            restate(&mut props["ipRestriction"], &networks);
+        }
+        if create || rotate {
+            restate(&mut props["revoked"], &only(false));
+            restate(&mut props["active"], &only(true));
+        }
+        if create {
+            props["type"]["pattern"] = json!(p.label);
+        }
+        if (create || patch) && rules.expiry_needs_acknowledgment {
+            *schema = expiry_acknowledged(schema, patch);
+        }
+    }
+    match serde_json::from_value(value) {
+        Ok(stated) => stated,
+        Err(e) => {
+            tracing::error!(error = %e, "could not state the request rules in the OpenAPI document");
+            doc
+        }
+    }
+}
+
+/// `schema` split into the bodies the expiry policy accepts (each a whole object schema, which
+/// generators and validators read alike): one with a date in `expiresAt`, one with
+/// `userAwareTokenNeverExpires: true`, and for a PATCH (`patch`) one that leaves the expiry alone.
+fn expiry_acknowledged(schema: &Value, patch: bool) -> Value {
+    let mut base = schema.clone();
+    let description = base.as_object_mut().and_then(|o| o.remove("description"));
+    let with = |field: &str, property: Value| {
+        let mut branch = base.clone();
+        restate(&mut branch["properties"][field], &property);
+        match branch["required"].as_array_mut() {
+            Some(required) => required.push(json!(field)),
+            None => branch["required"] = json!([field]),
+        }
+        branch
+    };
+    let mut branches = vec![
+        with(
+            "expiresAt",
+            json!({"type": "string", "format": "date-time"}),
+        ),
+        with(
+            "userAwareTokenNeverExpires",
+            json!({"type": "boolean", "enum": [true]}),
+        ),
+    ];
+    if patch {
+        let mut unchanged = base.clone();
+        if let Some(props) = unchanged["properties"].as_object_mut() {
+            props.remove("expiresAt");
+        }
+        branches.push(unchanged);
+    }
+    let mut split = json!({"anyOf": branches});
+    if let Some(description) = description {
+        split["description"] = description;
+    }
+    split
+}
+
+/// Replaces a property's schema with `with`, keeping its description.
+fn restate(property: &mut Value, with: &Value) {
+    let description = property.get("description").cloned();
+    *property = with.clone();
+    if let Some(description) = description {
+        property["description"] = description;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rules_survive_into_the_document() {
+        let doc = AdminApi::openapi();
+        let stated = with_rules(doc, &Rules::default());
+        let v = serde_json::to_value(&stated).unwrap();
+        let rotate = &v["components"]["schemas"]["RotateTokenRequest"];
+        assert_eq!(rotate["additionalProperties"], json!(false), "{rotate}");
+    }
 }

@@ -293,18 +293,22 @@ pub(crate) async fn list(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let params = ListParams::from_query(query.as_deref().unwrap_or(""))?;
-    let subject = match params.owner_id.as_deref() {
-        Some(owner) if owner != caller.subject() && !caller.has_scope(ADMIN_SCOPE) => {
-            return Err(ApiError::forbidden(
-                "insufficient_scope",
-                format!(
-                    "ownerId: another subject's tokens need the {ADMIN_SCOPE} scope (also as subject)"
-                ),
-            ));
-        }
-        Some(owner) => owner,
-        None => caller.subject(),
-    };
+    if !caller.has_scope(ADMIN_SCOPE) && params.named_subjects().any(|s| s != caller.subject()) {
+        return Err(ApiError::forbidden(
+            "insufficient_scope",
+            format!(
+                "ownerId: another subject's tokens need the {ADMIN_SCOPE} scope (also as subject)"
+            ),
+        ));
+    }
+    if params.names_two_subjects() {
+        // No token has two subjects.
+        let mut res = json(StatusCode::OK, &Vec::<TokenView>::new());
+        res.headers_mut()
+            .insert("x-total-count", HeaderValue::from(0u64));
+        return Ok(res);
+    }
+    let subject = params.owner_id.as_deref().unwrap_or(caller.subject());
     // A filter or order on the last use must see the marks not yet written behind, as the
     // views do: they are written first.
     if params.reads_last_use()
@@ -395,7 +399,7 @@ pub(crate) async fn get_one(
         (status = 401, response = Unauthorized),
         (status = 403, description = "`personalAccessToken:write` is missing, the caller lacks a scope the token holds or a requested one (`insufficient_scope`), or the change would make the token outlive the caller or reach beyond its networks (`forbidden`)", body = ErrorBody),
         (status = 404, response = NotFound),
-        (status = 409, description = "The subject already has a token with this name, or the token changed while the request was processed (`conflict`: read it again and retry)", body = ErrorBody),
+        (status = 409, description = "The subject already has a token with this name, or the token changed while the request was processed (`conflict`: read it again and retry), or `active: true` for an expired token (`token_expired`)", body = ErrorBody),
         (status = 410, response = TokenRevoked),
         (status = 413, response = PayloadTooLarge),
         (status = 500, response = StoreFailed),
@@ -512,7 +516,7 @@ pub(crate) async fn update(
         (status = 401, response = Unauthorized),
         (status = 403, description = "`personalAccessToken:write` is missing, the caller lacks a scope the token holds (`insufficient_scope`), or the token would outlive the caller or reaches beyond its networks (`forbidden`)", body = ErrorBody),
         (status = 404, response = NotFound),
-        (status = 409, description = "The token changed (another rotation, an update) while the request was processed (`conflict`: read it again and retry)", body = ErrorBody),
+        (status = 409, description = "The token changed (another rotation, an update) while the request was processed (`conflict`: read it again and retry), or it expired (`token_expired`)", body = ErrorBody),
         (status = 410, response = TokenRevoked),
         (status = 413, response = PayloadTooLarge),
         (status = 500, response = StoreFailed),
@@ -545,7 +549,7 @@ pub(crate) async fn rotate(
         (status = 401, response = Unauthorized),
         (status = 403, description = "The request used a secret replaced by a rotation (`forbidden`), or asked for an expiry later than the token's own (`forbidden`)", body = ErrorBody),
         (status = 404, description = "The token was deleted meanwhile", body = ErrorBody),
-        (status = 409, description = "The token changed while the request was processed (`conflict`: retry)", body = ErrorBody),
+        (status = 409, description = "The token changed while the request was processed (`conflict`: retry), or it expired (`token_expired`)", body = ErrorBody),
         (status = 410, response = TokenRevoked),
         (status = 413, response = PayloadTooLarge),
         (status = 500, response = StoreFailed),
@@ -601,6 +605,13 @@ async fn rotate_token(
 ) -> Result<Response, ApiError> {
     let caller = caller.clone();
     let req = RotateTokenRequest::from_json(body)?;
+    let max_grace = admin.config.max_rotation_grace.as_secs();
+    if req.grace_period_seconds.is_some_and(|g| g > max_grace) {
+        return Err(ApiError::invalid(
+            "gracePeriodSeconds",
+            format!("at most {max_grace} seconds on this server"),
+        ));
+    }
     admin.caller_may_act(&caller).await?;
     let mut record = admin.load(&caller, &id).await?;
     let now = crate::record::now();
@@ -610,7 +621,9 @@ async fn rotate_token(
         return Err(ApiError::token_revoked());
     }
     if record.is_expired_at(now) {
-        return Err(ApiError::bad_request("an expired token cannot be rotated"));
+        return Err(ApiError::token_expired(
+            "an expired token cannot be rotated; create a new one",
+        ));
     }
     let expires_at = match req.expires_at {
         Some(at) => admin.config.resolve_expiry(Some(at), false, now)?,
@@ -621,8 +634,7 @@ async fn rotate_token(
     let grace = req
         .grace_period_seconds
         .map(std::time::Duration::from_secs)
-        .unwrap_or_default()
-        .min(admin.config.max_rotation_grace);
+        .unwrap_or_default();
     let grace_until = chrono::Duration::from_std(grace)
         .ok()
         .filter(|g| !g.is_zero())
@@ -715,8 +727,8 @@ pub(crate) async fn delete(
     responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")),
     security(())
 )]
-pub(crate) async fn openapi_json(Base(base): Base) -> Response {
-    match openapi::document(&base).to_json() {
+pub(crate) async fn openapi_json(State(admin): AppState, Base(base): Base) -> Response {
+    match openapi::document(&base, &admin.config.openapi_rules()).to_json() {
         Ok(doc) => ([(header::CONTENT_TYPE, "application/json")], doc).into_response(),
         Err(e) => {
             tracing::error!(error = %e, "could not serialize the OpenAPI document");
