@@ -201,6 +201,24 @@
 //!     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
 //!         Ok(self.lock().values().filter(|r| r.subject == subject).count() as u64)
 //!     }
+//!
+//!     // Optional (the default answers `StoreError::Unsupported`): what retention calls.
+//!     async fn purge(&self, cutoff: DateTime<Utc>, limit: usize) -> Result<Vec<TokenRecord>, StoreError> {
+//!         let removed: Vec<TokenRecord> = {
+//!             let mut records = self.lock();
+//!             let ids: Vec<String> = records
+//!                 .values()
+//!                 .filter(|r| r.is_purgeable(cutoff))
+//!                 .take(limit)
+//!                 .map(|r| r.id.clone())
+//!                 .collect();
+//!             ids.iter().filter_map(|id| records.remove(id)).collect()
+//!         };
+//!         for r in &removed {
+//!             self.hub.announce(r);
+//!         }
+//!         Ok(removed)
+//!     }
 //! }
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -1604,7 +1622,7 @@ pub async fn purge_removes_only_old_revoked_and_expired<S: TokenStore>(store: S)
         "purge must remove and return exactly the records revoked or expired before the cutoff"
     );
     assert!(
-        removed.iter().any(|r| *r == rotated),
+        removed.contains(&rotated),
         "purge must return the records as they were stored"
     );
     for r in gone {
