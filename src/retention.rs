@@ -246,7 +246,7 @@ impl RetentionBuilder {
         let task = tokio::spawn(run_every(
             Arc::downgrade(shared),
             shared.stop.subscribe(),
-            shared.config.interval,
+            shared.config.interval.max(Duration::from_millis(1)),
         ));
         *lock(&shared.task) = Some(task);
         retention
@@ -314,7 +314,7 @@ impl Retention {
     /// [`purge`](TokenStore::purge), [`StoreError::Backend`] when it fails. Batches removed
     /// before the failure stay removed, and are reported in the run's event.
     pub async fn run_once(&self) -> Result<Option<PurgeReport>, StoreError> {
-        self.shared.run().await
+        self.shared.run(false).await
     }
 
     /// The counters.
@@ -340,21 +340,27 @@ impl Retention {
 }
 
 impl Shared {
-    async fn run(&self) -> Result<Option<PurgeReport>, StoreError> {
+    /// One run; the task's (`stoppable`) ends early, between two batches, at shutdown.
+    async fn run(&self, stoppable: bool) -> Result<Option<PurgeReport>, StoreError> {
         let Some(cutoff) = self.config.cutoff(Utc::now()) else {
             return Ok(None);
         };
         let limit = self.config.batch_size.max(1);
         let mut count = 0u64;
         let mut batches = 0u64;
+        // Nothing is revoked or expired before the earliest time there is (an age too large to
+        // subtract): no store call, which could not represent it anyway.
         let result = loop {
+            if cutoff == DateTime::<Utc>::MIN_UTC {
+                break Ok(());
+            }
             match self.store.purge(cutoff, limit).await {
                 Ok(removed) => {
                     batches += 1;
                     count += removed.len() as u64;
                     self.purged
                         .fetch_add(removed.len() as u64, Ordering::Relaxed);
-                    if removed.len() < limit || *self.stop.borrow() {
+                    if removed.len() < limit || (stoppable && *self.stop.borrow()) {
                         break Ok(());
                     }
                 }
@@ -424,6 +430,6 @@ async fn run_every(shared: Weak<Shared>, mut stop: watch::Receiver<bool>, interv
             return;
         }
         // Logged and counted by `run`; retried at the next tick.
-        let _ = shared.run().await;
+        let _ = shared.run(true).await;
     }
 }

@@ -509,6 +509,36 @@ async fn the_task_purges_in_batches_with_one_report_per_run() {
 
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(retention.stats().runs, runs, "no run after shutdown");
+
+    // `run_once` still works after shutdown, every batch of it.
+    for i in 0..3 {
+        let (r, _) = issue(&tokens, &format!("later-{i}"), now - days(90), None).await;
+        tokens.store().revoke(&r.id, now - days(60)).await.unwrap();
+    }
+    let report = retention.run_once().await.unwrap().unwrap();
+    assert_eq!((report.count, report.batches), (3, 2));
+    assert_eq!(tokens.list(&ListQuery::default()).await.unwrap().total, 1);
+}
+
+/// An age too large to subtract from now removes nothing and asks the store nothing.
+#[tokio::test]
+async fn an_enormous_max_age_removes_nothing() {
+    let tokens = Tokens::new(MemoryStore::new());
+    let (r, _) = issue(&tokens, "old", Utc::now() - days(3650), None).await;
+    tokens
+        .store()
+        .revoke(&r.id, Utc::now() - days(3650))
+        .await
+        .unwrap();
+    let report = tokens
+        .retention(RetentionConfig::default().max_age(Duration::MAX))
+        .build()
+        .run_once()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((report.count, report.batches), (0, 0));
+    assert!(tokens.get(&r.id).await.unwrap().is_some());
 }
 
 /// Dropping every handle stops the task.
