@@ -8,11 +8,12 @@
 //!
 //! Every [`RetentionConfig::interval`] (1 hour by default; the first run starts at once) the task
 //! calls [`TokenStore::purge`] with the run's cutoff, [`RetentionConfig::batch_size`] records at a
-//! time, until a batch comes back short. Each batch is one conditional, atomic statement, so a
-//! record that changes meanwhile (revoked only now, its expiry extended) is judged as it is when
-//! it is deleted, and several nodes purging one PostgreSQL database at once never remove a record
-//! twice nor count it twice. A removed record is dropped from every cache, in this process and,
-//! through the store's change feed, in the others, like a deleted one.
+//! time ([`RetentionConfig::pause`] apart), until a batch comes back short. Each batch is one
+//! conditional, atomic statement, so a record that changes meanwhile (revoked only now, its
+//! expiry extended) is judged as it is when it is deleted, and several nodes purging one
+//! PostgreSQL database at once never remove a record twice nor count it twice. A removed record
+//! is dropped from every cache, in this process and, through the store's change feed, in the
+//! others, like a deleted one.
 //!
 //! After each run, one event (feature `admin`: [`RetentionBuilder::events`] sends a
 //! [`PurgeEvent`](crate::admin::PurgeEvent), `personalAccessToken.purged` with `{count, cutoff}`,
@@ -62,6 +63,9 @@ pub const DEFAULT_BATCH_SIZE: usize = 500;
 /// The default [`RetentionConfig::interval`]: 1 hour.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(3600);
 
+/// The default [`RetentionConfig::pause`]: 100 ms, the SQLite change feed's poll interval.
+pub const DEFAULT_PAUSE: Duration = Duration::from_millis(100);
+
 /// Settings of [`Retention`], built from [`RetentionConfig::default`] with the setters below
 /// (each names its default).
 ///
@@ -83,6 +87,11 @@ pub struct RetentionConfig {
     pub batch_size: usize,
     /// How often a run starts. Default 1 hour.
     pub interval: Duration,
+    /// The wait after a full batch, before the next one. It lets other writers in (SQLite has one
+    /// writer at a time) and lets other processes' change-feed pollers read the batch's change-log
+    /// rows before the log is pruned (a poller that falls behind makes its caches drop every
+    /// entry). Default 100 ms.
+    pub pause: Duration,
 }
 
 impl Default for RetentionConfig {
@@ -91,6 +100,7 @@ impl Default for RetentionConfig {
             max_age: DEFAULT_MAX_AGE,
             batch_size: DEFAULT_BATCH_SIZE,
             interval: DEFAULT_INTERVAL,
+            pause: DEFAULT_PAUSE,
         }
     }
 }
@@ -115,6 +125,13 @@ impl RetentionConfig {
     #[must_use]
     pub fn interval(mut self, interval: Duration) -> Self {
         self.interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The wait after a full batch, before the next one (zero: none). Default 100 ms.
+    #[must_use]
+    pub fn pause(mut self, pause: Duration) -> Self {
+        self.pause = pause;
         self
     }
 
@@ -362,6 +379,9 @@ impl Shared {
                         .fetch_add(removed.len() as u64, Ordering::Relaxed);
                     if removed.len() < limit || (stoppable && *self.stop.borrow()) {
                         break Ok(());
+                    }
+                    if !self.config.pause.is_zero() {
+                        tokio::time::sleep(self.config.pause).await;
                     }
                 }
                 Err(e) => break Err(e),

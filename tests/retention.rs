@@ -433,7 +433,9 @@ async fn concurrent_purgers_over_postgres_never_purge_or_count_twice() {
         issue(&ta, &format!("active-{i}"), long_ago, None).await;
     }
 
-    let config = RetentionConfig::default().batch_size(7);
+    let config = RetentionConfig::default()
+        .batch_size(7)
+        .pause(Duration::ZERO);
     let (ra, rb) = (
         ta.retention(config.clone()).build(),
         tb.retention(config).build(),
@@ -854,6 +856,7 @@ fn defaults() {
     assert_eq!(c.max_age, 30 * DAY);
     assert_eq!(c.batch_size, 500);
     assert_eq!(c.interval, Duration::from_secs(3600));
+    assert_eq!(c.pause, Duration::from_millis(100));
     assert!(c.is_enabled());
     let now = Utc::now();
     assert_eq!(c.cutoff(now), Some(now - days(30)));
