@@ -683,6 +683,18 @@ async fn retention_removes_old_revoked_and_expired_tokens() {
         http(CLIENT, server.addr, "GET", "/auth", &h).await.status,
         200
     );
+    // The counters move right after the rows go.
+    let mut m = String::new();
+    for _ in 0..50 {
+        m = http(CLIENT, server.addr, "GET", "/metrics", &[]).await.body;
+        if m.contains("patd_retention_purged_total 2") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(m.contains("patd_retention_purged_total 2"), "{m}");
+    assert!(m.contains("patd_retention_errors_total 0"), "{m}");
+    assert!(!m.contains("patd_retention_runs_total 0"), "{m}");
     let log = server.log();
     assert!(
         log.contains("removed tokens revoked or expired before the cutoff"),

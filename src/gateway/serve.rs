@@ -266,6 +266,7 @@ pub async fn serve(
     let store = open_store(&config).await?;
     let gateway = Gateway::new(config.clone(), Arc::clone(&store))?;
     let retention = gateway.retention().spawn();
+    gateway.metrics.track_retention(retention.clone());
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
