@@ -342,7 +342,13 @@ pub async fn serve(
         );
         servers.abort_all();
     }
-    retention.shutdown().await;
+    // A run in progress ends after its current batch; a store that hangs does not hold the exit.
+    if tokio::time::timeout(config.shutdown_timeout.0, retention.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the retention run did not end within the shutdown timeout");
+    }
     if let Some(usage) = gateway.layer.usage() {
         usage.shutdown().await;
         let s = usage.stats();
