@@ -472,6 +472,48 @@ async fn concurrent_purgers_over_postgres_never_purge_or_count_twice() {
     b.pool().close().await;
 }
 
+/// A row another transaction holds (an update in progress on another node) is skipped, not
+/// waited for: the purge returns at once with the others. When that transaction extends the
+/// token's expiry, the next purge keeps it.
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn a_locked_row_is_skipped_and_judged_again_after_its_change() {
+    use tower_pat::store::sqlx;
+    let Some(db) = common::pg::TestDb::create("retention").await else {
+        return;
+    };
+    let (a, _b) = pg_nodes(&db).await;
+    let tokens = Tokens::new(a.clone());
+    let now = Utc::now();
+    let (held, _) = issue(&tokens, "held", now - days(90), Some(now - days(60))).await;
+    let (other, _) = issue(&tokens, "other", now - days(90), Some(now - days(60))).await;
+
+    let mut tx = a.pool().begin().await.unwrap();
+    sqlx::query("SELECT id FROM tower_pat_tokens WHERE id = $1 FOR UPDATE")
+        .bind(&held.id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let retention = tokens.retention(RetentionConfig::default()).build();
+    let report = tokio::time::timeout(Duration::from_secs(2), retention.run_once())
+        .await
+        .expect("the purge must not wait for a locked row")
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.count, 1);
+    assert_eq!(tokens.get(&other.id).await.unwrap(), None);
+    sqlx::query("UPDATE tower_pat_tokens SET expires_at = $2 WHERE id = $1")
+        .bind(&held.id)
+        .bind(now + days(10))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(retention.run_once().await.unwrap().unwrap().count, 0);
+    assert!(tokens.get(&held.id).await.unwrap().is_some());
+    a.pool().close().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The background task and its events
 
