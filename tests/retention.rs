@@ -908,3 +908,85 @@ fn defaults() {
         Some(DateTime::<Utc>::MIN_UTC)
     );
 }
+
+/// The migrations add the indexes the purge statement reads (SQLite migration 5, PostgreSQL
+/// migration 4), and the purge's lookup uses them rather than scanning the table.
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn sqlite_migration_5_indexes_revocation_and_expiry() {
+    use tower_pat::store::sqlx::{self, ConnectOptions};
+    let dir = common::tempdir();
+    let path = dir.join("tokens.db");
+    let store = tower_pat::SqliteStore::open(&path).await.unwrap();
+    store.close().await;
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .connect()
+        .await
+        .unwrap();
+    let version: i64 = sqlx::query_scalar("SELECT MAX(version) FROM tower_pat_schema_version")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(version, 5);
+    let mut indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE '%_at'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    indexes.sort();
+    assert_eq!(
+        indexes,
+        ["tower_pat_tokens_expires_at", "tower_pat_tokens_revoked_at"]
+    );
+    let plan: Vec<String> = sqlx::query(
+        "EXPLAIN QUERY PLAN SELECT id FROM tower_pat_tokens \
+         WHERE (revoked_at < 1 OR expires_at < 1) LIMIT 10",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap()
+    .iter()
+    .map(|row| sqlx::Row::get::<String, _>(row, "detail"))
+    .collect();
+    let plan = plan.join("; ");
+    assert!(
+        plan.contains("tower_pat_tokens_revoked_at")
+            && plan.contains("tower_pat_tokens_expires_at"),
+        "{plan}"
+    );
+    drop(conn);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres_migration_4_indexes_revocation_and_expiry() {
+    use tower_pat::store::sqlx;
+    let Some(db) = common::pg::TestDb::create("retention").await else {
+        return;
+    };
+    let (a, _b) = pg_nodes(&db).await;
+    let version: i64 = sqlx::query_scalar("SELECT MAX(version) FROM tower_pat_schema_version")
+        .fetch_one(a.pool())
+        .await
+        .unwrap();
+    assert_eq!(version, 4);
+    let mut indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT indexname::text FROM pg_indexes WHERE tablename = 'tower_pat_tokens' \
+         AND indexname IN ('tower_pat_tokens_revoked_at_idx', 'tower_pat_tokens_expires_at_idx')",
+    )
+    .fetch_all(a.pool())
+    .await
+    .unwrap();
+    indexes.sort();
+    assert_eq!(
+        indexes,
+        [
+            "tower_pat_tokens_expires_at_idx",
+            "tower_pat_tokens_revoked_at_idx"
+        ]
+    );
+    a.pool().close().await;
+}
