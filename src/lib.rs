@@ -119,6 +119,7 @@ pub mod client_ip;
 pub mod gateway;
 pub mod principal;
 pub mod record;
+pub mod retention;
 pub mod scope;
 pub mod stats;
 pub mod store;
@@ -136,6 +137,7 @@ pub use principal::Principal;
 #[cfg(feature = "axum")]
 pub use principal::PrincipalRejection;
 pub use record::{NewToken, TokenRecord, UsageUpdate};
+pub use retention::{Retention, RetentionConfig};
 pub use scope::{Scope, ScopeSet};
 pub use stats::AuthStats;
 #[cfg(feature = "postgres")]

@@ -78,6 +78,15 @@ impl TokenRecord {
         self.disabled_at.is_some()
     }
 
+    /// Whether [retention](crate::retention) may remove the record at `cutoff`: revoked before
+    /// `cutoff`, or expired before it. Never a record that is not revoked and has no expiry or a
+    /// later one, whatever else holds (a disabled token that has not expired is kept).
+    /// [`TokenStore::purge`](crate::TokenStore::purge) removes exactly these.
+    pub fn is_purgeable(&self, cutoff: DateTime<Utc>) -> bool {
+        self.revoked_at.is_some_and(|at| at < cutoff)
+            || self.expires_at.is_some_and(|exp| exp < cutoff)
+    }
+
     /// Whether the token is usable at `now`: neither revoked, disabled nor expired.
     pub fn is_active_at(&self, now: DateTime<Utc>) -> bool {
         !self.is_revoked() && !self.is_disabled() && !self.is_expired_at(now)

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 
 use crate::auth::{PatAuthLayer, PatAuthLayerBuilder};
 use crate::record::{NewToken, TokenRecord};
+use crate::retention::{Retention, RetentionBuilder, RetentionConfig};
 use crate::store::{ListQuery, Page, Rotation, StoreError, TokenStore};
 use crate::token::{TokenFormat, TokenHasher, TokenSecret};
 
@@ -231,6 +232,16 @@ impl Tokens {
             .grace_until(grace_until);
         let record = self.store.rotate(id, &rotation).await?;
         Ok((record, secret))
+    }
+
+    /// Retention over this handle's store: revoked and expired records older than
+    /// [`max_age`](crate::RetentionConfig::max_age) removed in batches. Finish with
+    /// [`spawn`](crate::retention::RetentionBuilder::spawn) for the background task (after
+    /// [`events`](crate::retention::RetentionBuilder::events), feature `admin`, to send an event
+    /// per run), or [`build`](crate::retention::RetentionBuilder::build) to purge only on
+    /// demand. See [`retention`](crate::retention).
+    pub fn retention(&self, config: RetentionConfig) -> RetentionBuilder {
+        Retention::builder(Arc::clone(&self.store), config)
     }
 
     /// Removes the record ([`TokenStore::delete`]). `None` if the id is unknown.

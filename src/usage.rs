@@ -354,7 +354,7 @@ impl Shared {
 }
 
 /// A std mutex's guard, through poisoning (the maps stay consistent: no code panics holding them).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 

@@ -644,3 +644,90 @@ async fn sigterm_under_load_exits_0_and_loses_no_usage_mark() {
         );
     }
 }
+
+/// `[retention]`: `patd serve` removes revoked and expired records once older than `max_age`
+/// (here 1 s, checked every 200 ms), logs one line per run without a secret, and keeps an active
+/// token, which still passes; `patd token purge` runs one pass on demand, and `max_age = 0` turns
+/// retention off.
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_removes_old_revoked_and_expired_tokens() {
+    let dir = Dir::new("[retention]\nmax_age = \"1s\"\ninterval = \"200ms\"\n");
+    let (active, active_id) = dir.issue(&["--subject", "a", "--name", "active", "--never-expires"]);
+    let (revoked, revoked_id) =
+        dir.issue(&["--subject", "a", "--name", "revoked", "--never-expires"]);
+    assert!(dir.cli(&["token", "revoke", &revoked_id]).status.success());
+    let (expiring, expiring_id) =
+        dir.issue(&["--subject", "a", "--name", "expiring", "--expires-in", "1s"]);
+    let server = dir.serve();
+    let gone = |id: &str| {
+        let out = dir.cli(&["token", "show", id]);
+        !out.status.success() && stderr(&out).contains("no token with id")
+    };
+    let start = Instant::now();
+    while !(gone(&revoked_id) && gone(&expiring_id)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not purged within 10 s; log:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!gone(&active_id));
+    let bearer = format!("Bearer {active}");
+    let h = [
+        ("X-Forwarded-Method", "GET"),
+        ("X-Forwarded-Uri", "/"),
+        ("Authorization", bearer.as_str()),
+    ];
+    assert_eq!(
+        http(CLIENT, server.addr, "GET", "/auth", &h).await.status,
+        200
+    );
+    // The counters move right after the rows go.
+    let mut m = String::new();
+    for _ in 0..50 {
+        m = http(CLIENT, server.addr, "GET", "/metrics", &[]).await.body;
+        if m.contains("patd_retention_purged_total 2") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(m.contains("patd_retention_purged_total 2"), "{m}");
+    assert!(m.contains("patd_retention_errors_total 0"), "{m}");
+    assert!(!m.contains("patd_retention_runs_total 0"), "{m}");
+    let log = server.log();
+    assert!(
+        log.contains("removed tokens revoked or expired before the cutoff"),
+        "{log}"
+    );
+    for secret in [&active, &revoked, &expiring] {
+        assert!(!log.contains(secret.as_str()), "{log}");
+    }
+    for id in [&revoked_id, &expiring_id] {
+        assert!(!log.contains(id.as_str()), "the log names no token: {log}");
+    }
+
+    // On demand, and off, with the server stopped.
+    let mut server = server;
+    assert!(server.terminate().success());
+    let (_, late_id) = dir.issue(&["--subject", "a", "--name", "late", "--never-expires"]);
+    assert!(dir.cli(&["token", "revoke", &late_id]).status.success());
+    let off = dir.cli(&["token", "purge", "--set", "retention.max_age=0"]);
+    assert!(off.status.success(), "{}", stderr(&off));
+    assert!(
+        stdout(&off).contains("retention is off"),
+        "{}",
+        stdout(&off)
+    );
+    assert!(!gone(&late_id));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let out = dir.cli(&["token", "purge"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("purged 1 tokens revoked or expired before "),
+        "{}",
+        stdout(&out)
+    );
+    assert!(gone(&late_id));
+    assert!(!gone(&active_id));
+}

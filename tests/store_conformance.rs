@@ -116,6 +116,9 @@ mod suite {
         usage_is_monotonic,
         usage_keeps_newest_addresses_capped,
         list_matches_the_reference,
+        purge_removes_only_old_revoked_and_expired,
+        purge_respects_the_limit,
+        purge_keeps_what_changed_after_the_cutoff,
     );
 
     /// The suite catches a store that breaks a rule, and says which: a memory store with one

@@ -1,5 +1,6 @@
 //! Change events: [`TokenEvents`] receives a [`TokenEvent`] after every change the management API
-//! makes. [`WebhookSink`](super::WebhookSink) posts them to a URL.
+//! makes, and a [`PurgeEvent`] after every run of [retention](crate::retention).
+//! [`WebhookSink`](super::WebhookSink) posts both to a URL.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -14,6 +15,20 @@ use super::view::TokenView;
 pub trait TokenEvents: Send + Sync + 'static {
     /// Takes one event.
     fn publish(&self, event: TokenEvent);
+
+    /// Takes the event of one [retention](crate::retention) run: how many records it removed and
+    /// the cutoff it removed them before.
+    ///
+    /// The default drops it (logged at debug), for sinks written before it existed and for the
+    /// channel sink, whose item type is [`TokenEvent`]; [`WebhookSink`](super::WebhookSink)
+    /// posts it like the others.
+    fn publish_purge(&self, event: PurgeEvent) {
+        tracing::debug!(
+            event = event.event.as_str(),
+            count = event.data.count,
+            "this token event sink does not take purge events; dropped"
+        );
+    }
 }
 
 /// What changed: `{"event": "personalAccessToken.created", "data": <token view>, "triggeredAt":
@@ -41,7 +56,45 @@ impl TokenEvent {
     }
 }
 
-/// The kinds of [`TokenEvent`].
+/// What one [retention](crate::retention) run did: `{"event": "personalAccessToken.purged",
+/// "data": {"count": 3, "cutoff": <RFC 3339>}, "triggeredAt": <RFC 3339>}`. It names no token:
+/// no id, no subject, no hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[non_exhaustive]
+pub struct PurgeEvent {
+    /// Always [`EventKind::Purged`].
+    pub event: EventKind,
+    /// What the run removed.
+    pub data: PurgeSummary,
+    /// When the run ended.
+    pub triggered_at: DateTime<Utc>,
+}
+
+/// The data of a [`PurgeEvent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[non_exhaustive]
+pub struct PurgeSummary {
+    /// How many records the run removed (zero included: one event per run).
+    pub count: u64,
+    /// Records revoked or expired before this time were removed.
+    pub cutoff: DateTime<Utc>,
+}
+
+impl PurgeEvent {
+    /// The event of a run that removed `count` records revoked or expired before `cutoff`,
+    /// ending at `at`.
+    pub fn new(count: u64, cutoff: DateTime<Utc>, at: DateTime<Utc>) -> Self {
+        Self {
+            event: EventKind::Purged,
+            data: PurgeSummary { count, cutoff },
+            triggered_at: at,
+        }
+    }
+}
+
+/// The kinds of [`TokenEvent`] (and [`EventKind::Purged`], the kind of [`PurgeEvent`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[non_exhaustive]
 pub enum EventKind {
@@ -66,6 +119,10 @@ pub enum EventKind {
     /// It was enabled again (`active: true`).
     #[serde(rename = "personalAccessToken.enabled")]
     Enabled,
+    /// Revoked and expired records past the retention period were removed: a [`PurgeEvent`],
+    /// one per [retention](crate::retention) run.
+    #[serde(rename = "personalAccessToken.purged")]
+    Purged,
 }
 
 impl EventKind {
@@ -79,6 +136,7 @@ impl EventKind {
             Self::Deleted => "personalAccessToken.deleted",
             Self::Disabled => "personalAccessToken.disabled",
             Self::Enabled => "personalAccessToken.enabled",
+            Self::Purged => "personalAccessToken.purged",
         }
     }
 }
@@ -102,5 +160,9 @@ impl TokenEvents for tokio::sync::mpsc::Sender<TokenEvent> {
 impl<T: TokenEvents + ?Sized> TokenEvents for std::sync::Arc<T> {
     fn publish(&self, event: TokenEvent) {
         (**self).publish(event);
+    }
+
+    fn publish_purge(&self, event: PurgeEvent) {
+        (**self).publish_purge(event);
     }
 }

@@ -62,7 +62,7 @@ mod view;
 mod webhook;
 
 pub use config::{AdminConfig, ExpiryPolicy};
-pub use events::{EventKind, TokenEvent, TokenEvents};
+pub use events::{EventKind, PurgeEvent, PurgeSummary, TokenEvent, TokenEvents};
 pub use openapi::openapi;
 pub use view::{EXPIRY_WARNING_WINDOW, ExpiryWarning, TokenView};
 pub use webhook::{

@@ -10,7 +10,7 @@ use super::error::{
     ErrorBody, NotFound, PayloadTooLarge, ReadScopeMissing, StoreFailed, TokenRevoked,
     Unauthorized, WriteScopeMissing,
 };
-use super::events::{EventKind, TokenEvent};
+use super::events::{EventKind, PurgeEvent, PurgeSummary, TokenEvent};
 use super::input::{
     CreateTokenRequest, IpRestriction, LastUsedParam, PatchTokenRequest, RotateTokenRequest,
     SortParam,
@@ -53,6 +53,8 @@ use super::view::{Deleted, ExpiryWarning, IssuedToken, TokenView};
         SortParam,
         LastUsedParam,
         TokenEvent,
+        PurgeEvent,
+        PurgeSummary,
         EventKind,
     ), responses(
         Unauthorized,

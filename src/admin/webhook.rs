@@ -1,4 +1,4 @@
-//! [`WebhookSink`]: posts [`TokenEvent`]s to a URL as signed JSON, from a bounded queue, with
+//! [`WebhookSink`]: posts [`TokenEvent`]s (and [`PurgeEvent`]s) to a URL as signed JSON, from a bounded queue, with
 //! retries and backoff, without ever delaying the API call that caused them.
 
 use std::fmt;
@@ -17,7 +17,7 @@ use hyper_util::rt::TokioExecutor;
 use sha2::Sha256;
 use tokio::sync::mpsc;
 
-use super::events::{TokenEvent, TokenEvents};
+use super::events::{EventKind, PurgeEvent, TokenEvent, TokenEvents};
 use crate::token::TokenHash;
 
 /// The header holding `sha256=<hex HMAC-SHA256 of "<timestamp>.<body>" under the shared secret>`,
@@ -171,9 +171,11 @@ impl WebhookSink {
     }
 }
 
-impl TokenEvents for WebhookSink {
-    fn publish(&self, event: TokenEvent) {
-        let body = match serde_json::to_vec(&event) {
+impl WebhookSink {
+    /// Serializes and queues one event; `token_id` (none for a purge) only names it in the log
+    /// line of a drop.
+    fn enqueue(&self, kind: EventKind, event: &impl serde::Serialize, token_id: Option<&str>) {
+        let body = match serde_json::to_vec(event) {
             Ok(body) => Bytes::from(body),
             Err(e) => {
                 tracing::error!(error = %e, "could not serialize a token event");
@@ -181,18 +183,28 @@ impl TokenEvents for WebhookSink {
             }
         };
         let delivery = Delivery {
-            event: event.event.as_str(),
+            event: kind.as_str(),
             body,
         };
         if self.tx.try_send(delivery).is_err() {
             let dropped = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!(
-                event = event.event.as_str(),
-                token_id = %event.data.id,
+                event = kind.as_str(),
+                token_id,
                 dropped,
                 "webhook queue full or closed; token event dropped"
             );
         }
+    }
+}
+
+impl TokenEvents for WebhookSink {
+    fn publish(&self, event: TokenEvent) {
+        self.enqueue(event.event, &event, Some(&event.data.id));
+    }
+
+    fn publish_purge(&self, event: PurgeEvent) {
+        self.enqueue(event.event, &event, None);
     }
 }
 

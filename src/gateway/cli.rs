@@ -115,6 +115,9 @@ enum TokenCommand {
         /// The token's id.
         id: String,
     },
+    /// Removes, now, the records revoked or expired for longer than `retention.max_age` (what
+    /// `patd serve` does every `retention.interval`); `--set retention.max_age=7d` to choose.
+    Purge,
 }
 
 #[derive(Debug, Args)]
@@ -292,11 +295,36 @@ async fn execute(command: Command, config: Config) -> Result<(), Failure> {
             let _ = writeln!(out, "the store {} is migrated", config.store);
             Ok(())
         }
+        Command::Token(TokenCommand::Purge) => purge(&config, &tokens, &mut out).await,
         Command::Token(cmd) => token(cmd, &tokens, &mut out).await,
         Command::Serve(_) | Command::Config(_) => Ok(()),
     };
     let _ = out.flush();
     result
+}
+
+/// `patd token purge`: one retention pass with the configuration's `[retention]`.
+async fn purge(config: &Config, tokens: &Tokens, out: &mut impl Write) -> Result<(), Failure> {
+    let retention = tokens.retention((&config.retention).into()).build();
+    match retention.run_once().await.map_err(Failure::store)? {
+        Some(report) => {
+            let _ = writeln!(
+                out,
+                "purged {} tokens revoked or expired before {}",
+                report.count,
+                report
+                    .cutoff
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "retention is off (retention.max_age = 0): nothing purged"
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn token(cmd: TokenCommand, tokens: &Tokens, out: &mut impl Write) -> Result<(), Failure> {
@@ -405,6 +433,8 @@ async fn token(cmd: TokenCommand, tokens: &Tokens, out: &mut impl Write) -> Resu
             let _ = writeln!(out, "deleted {} ({})", record.id, record.name);
             Ok(())
         }
+        // Handled by `purge`, which needs the configuration.
+        TokenCommand::Purge => Ok(()),
     }
 }
 

@@ -21,6 +21,10 @@
 //! trusted = ["10.0.0.0/8"]            # peers whose forwarded header is believed; none by default
 //! header = "x-forwarded-for"          # or "forwarded", "x-real-ip"
 //!
+//! [retention]
+//! max_age = "30d"                     # revoked and expired records removed after this; 0 keeps all
+//! interval = "1h"
+//!
 //! [[rule]]
 //! path_prefix = "/admin"
 //! methods = ["POST"]
@@ -99,6 +103,8 @@ pub struct Config {
     pub cache: CacheSection,
     /// lastUsedAt tracking.
     pub usage: UsageSection,
+    /// Removal of old revoked and expired records.
+    pub retention: RetentionSection,
     /// The failure limit, off unless `max_failures` is set.
     pub failure_limit: FailureLimitSection,
     /// The management API's expiry policy.
@@ -129,6 +135,7 @@ impl Default for Config {
             sources: SourcesConfig::default(),
             cache: CacheSection::default(),
             usage: UsageSection::default(),
+            retention: RetentionSection::default(),
             failure_limit: FailureLimitSection::default(),
             expiry: ExpirySection::default(),
             identity_headers: IdentitySection::default(),
@@ -261,6 +268,41 @@ impl Default for UsageSection {
             granularity: Dur(u.granularity),
             flush_interval: Dur(u.flush_interval),
         }
+    }
+}
+
+/// `[retention]`: revoked and expired records are removed once they have been so for longer
+/// than `max_age` (see [`crate::retention`]).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct RetentionSection {
+    /// How long a revoked or expired record is kept; `0` keeps every record forever. Default
+    /// 30 days.
+    pub max_age: Dur,
+    /// How often the removal runs (the first run starts with `patd serve`). Default 1 hour.
+    pub interval: Dur,
+    /// Records removed per statement. Default 500.
+    pub batch_size: usize,
+}
+
+impl Default for RetentionSection {
+    fn default() -> Self {
+        let r = crate::RetentionConfig::default();
+        Self {
+            max_age: Dur(r.max_age),
+            interval: Dur(r.interval),
+            batch_size: r.batch_size,
+        }
+    }
+}
+
+impl From<&RetentionSection> for crate::RetentionConfig {
+    fn from(s: &RetentionSection) -> Self {
+        Self::default()
+            .max_age(s.max_age.0)
+            .interval(s.interval.0)
+            .batch_size(s.batch_size)
     }
 }
 
@@ -926,6 +968,23 @@ mod tests {
             printed.contains("postgres://app:<redacted>@db/tokens?<redacted>"),
             "{printed}"
         );
+    }
+
+    #[test]
+    fn retention_defaults_to_30_days_and_zero_keeps_everything() {
+        let c = load("", &[], &[]).unwrap();
+        assert_eq!(c.retention.max_age.0, Duration::from_secs(30 * 86_400));
+        assert_eq!(c.retention.interval.0, Duration::from_secs(3600));
+        assert_eq!(c.retention.batch_size, 500);
+        let r = crate::RetentionConfig::from(&c.retention);
+        assert_eq!(r, crate::RetentionConfig::default());
+        let c = load("[retention]\nmax_age = 0\n", &[], &[]).unwrap();
+        assert!(!crate::RetentionConfig::from(&c.retention).is_enabled());
+        let c = load("", &[("PATD_RETENTION__MAX_AGE", "7d")], &[]).unwrap();
+        assert_eq!(c.retention.max_age.0, Duration::from_secs(7 * 86_400));
+        let err = load("[retention]\nmax_age = \"soon\"\n", &[], &[]).unwrap_err();
+        assert!(err.0.contains("max_age"), "{err}");
+        assert!(c.to_redacted_toml().contains("[retention]"));
     }
 
     #[test]

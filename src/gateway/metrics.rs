@@ -1,5 +1,6 @@
-//! `/metrics`: the layer's and the gate's counters in the Prometheus text format, read at each
-//! scrape from [`PatAuthLayer::stats`] and [`Gate::decisions`].
+//! `/metrics`: the layer's, the gate's and the retention task's counters in the Prometheus text
+//! format, read at each scrape from [`PatAuthLayer::stats`], [`Gate::decisions`] and
+//! [`Retention::stats`].
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -10,6 +11,7 @@ use prometheus_client::registry::Registry;
 
 use super::gate::Gate;
 use crate::PatAuthLayer;
+use crate::retention::Retention;
 use crate::stats::{FeedState, Outcomes};
 
 /// The collector behind `/metrics`.
@@ -17,13 +19,23 @@ use crate::stats::{FeedState, Outcomes};
 pub struct Metrics {
     layer: PatAuthLayer,
     gate: Gate,
+    retention: std::sync::OnceLock<Retention>,
 }
 
 impl Metrics {
     /// Metrics of `layer` (every request it verified: forward-auth and the management API) and of
     /// `gate` (forward-auth decisions, route rules included).
     pub fn new(layer: PatAuthLayer, gate: Gate) -> Self {
-        Self { layer, gate }
+        Self {
+            layer,
+            gate,
+            retention: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Adds the counters of the retention task (`patd_retention_*`); the first call wins.
+    pub fn track_retention(&self, retention: Retention) {
+        let _ = self.retention.set(retention);
     }
 
     /// The Prometheus text exposition.
@@ -201,6 +213,26 @@ impl Collector for Metrics {
                 "patd_usage_pending_tokens",
                 "Tokens with usage marks pending",
                 u.pending_tokens as i64,
+            )?;
+        }
+        if let Some(r) = self.retention.get().map(Retention::stats) {
+            counter(
+                &mut e,
+                "patd_retention_runs",
+                "Retention runs completed",
+                r.runs,
+            )?;
+            counter(
+                &mut e,
+                "patd_retention_purged",
+                "Revoked and expired records removed by retention",
+                r.purged,
+            )?;
+            counter(
+                &mut e,
+                "patd_retention_errors",
+                "Retention runs that failed",
+                r.errors,
             )?;
         }
         let (connected, disconnected_secs) = match s.feed {

@@ -4,8 +4,10 @@
 //!   store answers and its change feed is connected; 503 with the reason otherwise), `/metrics`
 //!   (Prometheus text), and the management API under `/personal-access-tokens` unless
 //!   `admin_listen` is set, which then serves it alone.
+//! - `[retention]`: a background task removes revoked and expired records older than `max_age`
+//!   (30 days by default; `0` keeps them), every `interval`, logging one line per run.
 //! - SIGTERM or SIGINT: stop accepting, let requests in flight finish (at most
-//!   `shutdown_timeout`), write the pending usage marks, exit 0.
+//!   `shutdown_timeout`), stop the retention task, write the pending usage marks, exit 0.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -141,6 +143,13 @@ impl Gateway {
         &self.layer
     }
 
+    /// The retention of the configuration (`[retention]`) over the gateway's store, not started:
+    /// [`spawn`](crate::retention::RetentionBuilder::spawn) it, or
+    /// [`build`](crate::retention::RetentionBuilder::build) it to purge once.
+    pub fn retention(&self) -> crate::retention::RetentionBuilder {
+        self.tokens.retention((&self.config.retention).into())
+    }
+
     /// The management API's router (to nest under `/personal-access-tokens`).
     pub fn admin_router(&self) -> Result<Router, String> {
         let mut config = AdminConfig::new(&self.tokens, &self.layer).map_err(|e| e.to_string())?;
@@ -256,6 +265,8 @@ pub async fn serve(
 ) -> Result<(), String> {
     let store = open_store(&config).await?;
     let gateway = Gateway::new(config.clone(), Arc::clone(&store))?;
+    let retention = gateway.retention().spawn();
+    gateway.metrics.track_retention(retention.clone());
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
@@ -330,6 +341,13 @@ pub async fn serve(
             "requests still in flight at the shutdown timeout: closing them"
         );
         servers.abort_all();
+    }
+    // A run in progress ends after its current batch; a store that hangs does not hold the exit.
+    if tokio::time::timeout(config.shutdown_timeout.0, retention.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the retention run did not end within the shutdown timeout");
     }
     if let Some(usage) = gateway.layer.usage() {
         usage.shutdown().await;

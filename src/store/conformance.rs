@@ -13,7 +13,10 @@
 //! before each `update`, `rotate`, `revoke` and `delete` (so
 //! [`TokenLookup::subscribe`](super::TokenLookup::subscribe) must return `true`: embed a
 //! [`ChangeHub`](super::ChangeHub)); usage merged by [`TokenRecord::apply_usage`]'s rule; and
-//! listings that agree with [`ListQuery::matches`] and [`ListQuery::compare`].
+//! listings that agree with [`ListQuery::matches`] and [`ListQuery::compare`]; and a
+//! [`TokenStore::purge`] that removes exactly the records [`TokenRecord::is_purgeable`] names, at
+//! most the limit, announcing each (a store whose `purge` answers [`StoreError::Unsupported`],
+//! the trait's default, passes those checks: it removes nothing, and retention reports it).
 //!
 //! The records are made with times truncated to the microsecond, the precision of the SQL stores;
 //! a store must give back every field it was given, at least to that precision.
@@ -198,6 +201,24 @@
 //!     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
 //!         Ok(self.lock().values().filter(|r| r.subject == subject).count() as u64)
 //!     }
+//!
+//!     // Optional (the default answers `StoreError::Unsupported`): what retention calls.
+//!     async fn purge(&self, cutoff: DateTime<Utc>, limit: usize) -> Result<Vec<TokenRecord>, StoreError> {
+//!         let removed: Vec<TokenRecord> = {
+//!             let mut records = self.lock();
+//!             let ids: Vec<String> = records
+//!                 .values()
+//!                 .filter(|r| r.is_purgeable(cutoff))
+//!                 .take(limit)
+//!                 .map(|r| r.id.clone())
+//!                 .collect();
+//!             ids.iter().filter_map(|id| records.remove(id)).collect()
+//!         };
+//!         for r in &removed {
+//!             self.hub.announce(r);
+//!         }
+//!         Ok(removed)
+//!     }
 //! }
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -261,6 +282,9 @@ suite!(
     usage_is_monotonic,
     usage_keeps_newest_addresses_capped,
     list_matches_the_reference,
+    purge_removes_only_old_revoked_and_expired,
+    purge_respects_the_limit,
+    purge_keeps_what_changed_after_the_cutoff,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1519,4 +1543,222 @@ pub async fn list_matches_the_reference<S: TokenStore>(store: S) {
     );
     let bob = store.list(&ListQuery::for_subject("bob")).await.must();
     assert_eq!(bob.total, 2, "list: the subject filter");
+}
+
+/// The records `purge` removes, or `None` (after saying so on stderr) for a store that does not
+/// support it.
+async fn purged<S: TokenStore>(
+    store: &S,
+    cutoff: DateTime<Utc>,
+    limit: usize,
+) -> Option<Vec<TokenRecord>> {
+    match store.purge(cutoff, limit).await {
+        Ok(removed) => Some(removed),
+        Err(StoreError::Unsupported { .. }) => {
+            eprintln!("store conformance: purge is not supported by this store; skipped");
+            None
+        }
+        Err(e) => panic!("store conformance: a store call that must succeed failed: {e}"),
+    }
+}
+
+/// Sorted ids, to compare sets of records.
+fn ids<'a>(records: impl IntoIterator<Item = &'a TokenRecord>) -> Vec<String> {
+    let mut ids: Vec<String> = records.into_iter().map(|r| r.id.clone()).collect();
+    ids.sort();
+    ids
+}
+
+/// `purge(cutoff, limit)` removes and returns records revoked before `cutoff` and records expired
+/// before it, announcing every hash they answered to (a grace hash too); it keeps a record revoked
+/// after the cutoff, an active one however old, one that never expires, one that expires after
+/// the cutoff (expired or not), and a disabled one that has not expired.
+pub async fn purge_removes_only_old_revoked_and_expired<S: TokenStore>(store: S) {
+    let _check = Check("purge_removes_only_old_revoked_and_expired");
+    let t = now();
+    let cutoff = t - TimeDelta::days(30);
+    let long_ago = t - TimeDelta::days(400);
+
+    let mut old_revoked = record("alice", "old-revoked");
+    old_revoked.created_at = long_ago;
+    old_revoked.revoked_at = Some(cutoff - TimeDelta::days(1));
+    let old_expired = record("alice", "old-expired").expiring(cutoff - TimeDelta::seconds(1));
+    let mut rotated = record("alice", "old-rotated").expiring(cutoff - TimeDelta::days(2));
+    rotated.previous_hash = Some((new_hash(), t + TimeDelta::hours(1)));
+    let mut recent_revoked = record("alice", "recent-revoked");
+    recent_revoked.created_at = long_ago;
+    recent_revoked.revoked_at = Some(t - TimeDelta::days(1));
+    let mut active_old = record("alice", "active-old").expiring(t + TimeDelta::days(1));
+    active_old.created_at = long_ago;
+    active_old.updated_at = long_ago;
+    let mut never_expires = record("alice", "never-expires");
+    never_expires.created_at = long_ago;
+    let recently_expired = record("alice", "recently-expired").expiring(t - TimeDelta::days(1));
+    let at_cutoff = record("alice", "at-cutoff").expiring(cutoff);
+    let mut disabled_old = record("alice", "disabled-old");
+    disabled_old.created_at = long_ago;
+    disabled_old.disabled_at = Some(long_ago);
+
+    let gone = [&old_revoked, &old_expired, &rotated];
+    let kept = [
+        &recent_revoked,
+        &active_old,
+        &never_expires,
+        &recently_expired,
+        &at_cutoff,
+        &disabled_old,
+    ];
+    for r in gone.iter().chain(&kept) {
+        store.insert(r).await.must();
+    }
+    let events = Events::subscribe(&store);
+
+    let Some(removed) = purged(&store, cutoff, 100).await else {
+        return;
+    };
+    assert_eq!(
+        ids(&removed),
+        ids(gone),
+        "purge must remove and return exactly the records revoked or expired before the cutoff"
+    );
+    assert!(
+        removed.contains(&rotated),
+        "purge must return the records as they were stored"
+    );
+    for r in gone {
+        assert_eq!(
+            store.get(&r.id).await.must(),
+            None,
+            "a purged record must be gone"
+        );
+        assert_eq!(
+            store.find_by_hash(&r.hash).await.must(),
+            None,
+            "a purged record must not be found by hash"
+        );
+        assert!(
+            events.heard(&r.id, r.hash),
+            "purge must publish Changed for every removed record's hash"
+        );
+    }
+    let (grace, _) = rotated.previous_hash.expect("a grace hash");
+    assert!(
+        events.heard(&rotated.id, grace),
+        "purge must publish Changed for a removed record's grace hash too"
+    );
+    for r in kept {
+        assert_eq!(
+            store.get(&r.id).await.must().as_ref(),
+            Some(r),
+            "purge must keep (unchanged) a record not revoked or expired before the cutoff"
+        );
+    }
+    assert_eq!(
+        purged(&store, cutoff, 100).await.map(|r| r.len()),
+        Some(0),
+        "a second purge with the same cutoff must remove nothing"
+    );
+    assert_eq!(
+        store.count_by_subject("alice").await.must(),
+        kept.len() as u64,
+        "purged records must not be counted"
+    );
+}
+
+/// `purge` removes at most `limit` records per call (none for 0), and successive calls remove
+/// the rest, each record once.
+pub async fn purge_respects_the_limit<S: TokenStore>(store: S) {
+    let _check = Check("purge_respects_the_limit");
+    let t = now();
+    let cutoff = t - TimeDelta::days(1);
+    let mut all = Vec::new();
+    for i in 0..7 {
+        let r = record("alice", &format!("old-{i}")).expiring(cutoff - TimeDelta::hours(i + 1));
+        store.insert(&r).await.must();
+        all.push(r);
+    }
+    let Some(none) = purged(&store, cutoff, 0).await else {
+        return;
+    };
+    assert!(
+        none.is_empty(),
+        "purge with a limit of 0 must remove nothing"
+    );
+    let mut removed = Vec::new();
+    for expected in [3, 3, 1, 0] {
+        let batch = purged(&store, cutoff, 3).await.unwrap_or_default();
+        assert_eq!(
+            batch.len(),
+            expected,
+            "purge must remove at most `limit` records, and all of them over successive calls"
+        );
+        removed.extend(batch);
+    }
+    assert_eq!(
+        ids(&removed),
+        ids(&all),
+        "successive purges must remove every purgeable record exactly once"
+    );
+    assert_eq!(store.count_by_subject("alice").await.must(), 0);
+}
+
+/// `purge` judges each record as it is when it removes it: a record revoked after the cutoff
+/// (even one that had expired long before and was extended) stays, and so does one whose
+/// expiry was extended past the cutoff; revoking a record again never moves its revocation into
+/// the purge window.
+pub async fn purge_keeps_what_changed_after_the_cutoff<S: TokenStore>(store: S) {
+    let _check = Check("purge_keeps_what_changed_after_the_cutoff");
+    let t = now();
+    let cutoff = t - TimeDelta::days(30);
+    let long_ago = t - TimeDelta::days(90);
+
+    // Expired long ago, then given a new expiry: active again.
+    let extended = record("alice", "extended").expiring(long_ago);
+    store.insert(&extended).await.must();
+    store
+        .update(
+            &extended.id,
+            &TokenPatch::new(t).expires_at(Some(t + TimeDelta::days(10))),
+        )
+        .await
+        .must();
+
+    // Revoked just after the cutoff, then revoked again with an old time: the first time stays.
+    let revoked_late = record("alice", "revoked-late");
+    store.insert(&revoked_late).await.must();
+    store
+        .revoke(&revoked_late.id, cutoff + TimeDelta::seconds(1))
+        .await
+        .must();
+    store.revoke(&revoked_late.id, long_ago).await.must();
+
+    // Revoked exactly at the cutoff: not before it.
+    let revoked_at_cutoff = record("alice", "revoked-at-cutoff");
+    store.insert(&revoked_at_cutoff).await.must();
+    store.revoke(&revoked_at_cutoff.id, cutoff).await.must();
+
+    let Some(removed) = purged(&store, cutoff, 100).await else {
+        return;
+    };
+    assert!(
+        removed.is_empty(),
+        "purge must keep a record extended past the cutoff and one revoked at or after it, \
+         removed {:?}",
+        ids(&removed)
+    );
+    for r in [&extended, &revoked_late, &revoked_at_cutoff] {
+        assert!(
+            store.get(&r.id).await.must().is_some(),
+            "purge must keep a record that changed after the cutoff"
+        );
+    }
+    // A minute later the late revocation falls in the window.
+    let removed = purged(&store, cutoff + TimeDelta::minutes(1), 100)
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        ids(&removed),
+        ids([&revoked_late, &revoked_at_cutoff]),
+        "purge must remove records revoked before a later cutoff"
+    );
 }

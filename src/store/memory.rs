@@ -236,4 +236,32 @@ impl TokenStore for MemoryStore {
             .filter(|r| r.subject == subject)
             .count() as u64)
     }
+
+    async fn purge(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<TokenRecord>, StoreError> {
+        let removed: Vec<TokenRecord> = {
+            let mut data = self.write();
+            let ids: Vec<String> = data
+                .by_id
+                .values()
+                .filter(|r| r.is_purgeable(cutoff))
+                .take(limit)
+                .map(|r| r.id.clone())
+                .collect();
+            ids.iter()
+                .filter_map(|id| {
+                    let r = data.by_id.remove(id)?;
+                    data.unindex(&r);
+                    Some(r)
+                })
+                .collect()
+        };
+        for r in &removed {
+            self.inner.hub.announce(r);
+        }
+        Ok(removed)
+    }
 }

@@ -59,6 +59,12 @@ pub enum StoreError {
     Stale,
     /// The backend failed or could not be reached.
     Backend(Box<dyn std::error::Error + Send + Sync>),
+    /// The store does not implement this operation (for example
+    /// [`TokenStore::purge`] on a store written before it existed).
+    Unsupported {
+        /// The operation, such as `purge`.
+        operation: &'static str,
+    },
 }
 
 impl StoreError {
@@ -76,6 +82,9 @@ impl fmt::Display for StoreError {
             Self::Revoked => f.write_str("the token is revoked; it cannot be changed"),
             Self::Stale => f.write_str("the token changed meanwhile: read it again and retry"),
             Self::Backend(e) => write!(f, "token store unavailable: {e}"),
+            Self::Unsupported { operation } => {
+                write!(f, "this token store does not support {operation}")
+            }
         }
     }
 }
@@ -204,8 +213,8 @@ pub trait TokenLookup: Send + Sync + 'static {
 /// whatever the writes it races.
 ///
 /// Implementations publish [`StoreEvent::Changed`] for every hash the record answered to before
-/// the change (its hash and its grace hash, if any) from `update`, `rotate`, `revoke` and
-/// `delete`, so that caches drop the entry at once.
+/// the change (its hash and its grace hash, if any) from `update`, `rotate`, `revoke`, `delete`
+/// and `purge`, so that caches drop the entry at once.
 #[async_trait]
 pub trait TokenStore: TokenLookup {
     /// Inserts a new record. Fails with [`StoreError::Conflict`] if the id, the hash, or the name for
@@ -251,6 +260,32 @@ pub trait TokenStore: TokenLookup {
 
     /// How many records the subject has (revoked and expired ones included).
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError>;
+
+    /// Removes at most `limit` records that are revoked since before `cutoff` or expired before
+    /// it ([`TokenRecord::is_purgeable`]), and returns them: one batch of
+    /// [retention](crate::retention). A record that is active, or disabled but not expired, is
+    /// never removed, however old; nor is one revoked at or after `cutoff`.
+    ///
+    /// Each batch is one conditional, atomic write: the condition is checked where the record is
+    /// deleted (one `DELETE … WHERE id IN (SELECT … LIMIT n) AND <condition>` in the SQL stores,
+    /// under the write lock in memory), so a record whose expiry was extended, or that is revoked
+    /// only now, is kept. Concurrent purges (other nodes of a shared store) never remove, nor
+    /// return, one record twice. Like [`delete`](Self::delete), the store publishes
+    /// [`StoreEvent::Changed`] for every hash a removed record answered to, here and through its
+    /// change feed.
+    ///
+    /// # Errors
+    /// [`StoreError::Unsupported`] from the default implementation, for stores that do not
+    /// implement it (retention then reports the error and removes nothing);
+    /// [`StoreError::Backend`] if the store fails, in which case nothing of the batch is removed.
+    async fn purge(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<TokenRecord>, StoreError> {
+        let _ = (cutoff, limit);
+        Err(StoreError::Unsupported { operation: "purge" })
+    }
 }
 
 /// Which records [`TokenStore::list`] returns, in which order: built from

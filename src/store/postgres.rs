@@ -20,6 +20,9 @@
 //! | `version` | `bigint` | management writes so far ([`TokenRecord::version`]; migration 2) |
 //! | `disabled_at` | `timestamptz` | while the token is disabled (migration 3) |
 //!
+//! Migration 4 adds partial indexes on `revoked_at` and `expires_at`, for
+//! [`purge`](TokenStore::purge).
+//!
 //! [`record_usage`](TokenLookup::record_usage) writes a whole batch in one `UPDATE … FROM
 //! unnest(…)` statement: `last_used_at` becomes the later of the stored and the given time, and
 //! the address lists merge newest first, without repeats, at most
@@ -28,7 +31,8 @@
 //! # Change feed
 //!
 //! Every [`update`](TokenStore::update), [`rotate`](TokenStore::rotate),
-//! [`revoke`](TokenStore::revoke) and [`delete`](TokenStore::delete) sends, in the same transaction, `NOTIFY <channel>` with the
+//! [`revoke`](TokenStore::revoke), [`delete`](TokenStore::delete) and
+//! [`purge`](TokenStore::purge) sends, in the same transaction, `NOTIFY <channel>` with the
 //! payload `<id> <hex hash>` for each hash the record answered to before the change (its hash and,
 //! during a grace period, its previous hash). PostgreSQL delivers it when the transaction commits.
 //! The change is also published to this process's caches before the call returns.
@@ -153,6 +157,15 @@ CREATE INDEX tower_pat_tokens_subject_created_idx ON tower_pat_tokens (subject, 
     Migration {
         version: 3,
         sql: "ALTER TABLE tower_pat_tokens ADD COLUMN disabled_at timestamptz;",
+    },
+    Migration {
+        version: 4,
+        sql: r"
+CREATE INDEX IF NOT EXISTS tower_pat_tokens_revoked_at_idx ON tower_pat_tokens (revoked_at)
+    WHERE revoked_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tower_pat_tokens_expires_at_idx ON tower_pat_tokens (expires_at)
+    WHERE expires_at IS NOT NULL;
+",
     },
 ];
 
@@ -419,7 +432,9 @@ impl PostgresStore {
         row: Option<PgRow>,
     ) -> Result<TokenRecord, StoreError> {
         let new = decode(row.as_ref().ok_or(StoreError::Stale)?)?;
-        self.inner.notify(&mut *tx, old).await?;
+        self.inner
+            .notify(&mut *tx, std::slice::from_ref(old))
+            .await?;
         tx.commit().await.map_err(store_error)?;
         self.inner.hub.announce(old);
         Ok(new)
@@ -433,7 +448,9 @@ impl PostgresStore {
         let Some(record) = row.as_ref().map(decode).transpose()? else {
             return Ok(None);
         };
-        self.inner.notify(&mut *tx, &record).await?;
+        self.inner
+            .notify(&mut *tx, std::slice::from_ref(&record))
+            .await?;
         tx.commit().await.map_err(store_error)?;
         self.inner.hub.announce(&record);
         Ok(Some(record))
@@ -466,14 +483,19 @@ impl Shared {
         }
     }
 
-    /// Sends the notifications for a change to `old`, within the change's transaction.
-    async fn notify<'e, E>(&self, executor: E, old: &TokenRecord) -> Result<(), StoreError>
+    /// Sends the notifications for a change to each record of `olds`, within the change's
+    /// transaction: one per hash it answered to.
+    async fn notify<'e, E>(&self, executor: E, olds: &[TokenRecord]) -> Result<(), StoreError>
     where
         E: Executor<'e, Database = Postgres>,
     {
-        let payloads: Vec<String> = std::iter::once(old.hash)
-            .chain(old.previous_hash.map(|(h, _)| h))
-            .map(|h| format!("{} {}", old.id, h.to_hex()))
+        let payloads: Vec<String> = olds
+            .iter()
+            .flat_map(|old| {
+                std::iter::once(old.hash)
+                    .chain(old.previous_hash.map(|(h, _)| h))
+                    .map(|h| format!("{} {}", old.id, h.to_hex()))
+            })
             .collect();
         sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
             .bind(&self.channel)
@@ -899,5 +921,32 @@ impl TokenStore for PostgresStore {
             .await
             .map_err(store_error)?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn purge(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<TokenRecord>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.inner.pool.begin().await.map_err(store_error)?;
+        let rows = sqlx::query(&self.inner.sql.purge)
+            .bind(sql::ceil_micros(cutoff))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        let removed = rows.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+        if removed.is_empty() {
+            return Ok(removed);
+        }
+        self.inner.notify(&mut *tx, &removed).await?;
+        tx.commit().await.map_err(store_error)?;
+        for r in &removed {
+            self.inner.hub.announce(r);
+        }
+        Ok(removed)
     }
 }

@@ -118,6 +118,13 @@ pub(super) struct Statements {
     pub(super) delete: String,
     /// `$1` = subject.
     pub(super) count_by_subject: String,
+    /// `$1` = the cutoff (rounded up to the microsecond: [`ceil_micros`]), `$2` = the most
+    /// records to remove: deletes records revoked or expired before the cutoff
+    /// ([`TokenRecord::is_purgeable`]) and returns them. The condition is stated twice, in the
+    /// subselect that picks the batch and on the row deleted, so a row changed in between is
+    /// kept; PostgreSQL locks the batch `FOR UPDATE SKIP LOCKED`, so that purges on two nodes
+    /// never pick the same row and a row another transaction holds is left for the next batch.
+    pub(super) purge: String,
 }
 
 impl Statements {
@@ -202,6 +209,21 @@ impl Statements {
                 p(1)
             ),
             count_by_subject: format!("SELECT COUNT(*) FROM {TABLE} WHERE subject = {}", p(1)),
+            purge: {
+                let (cutoff, limit) = (p(1), p(2));
+                let purgeable = format!("(revoked_at < {cutoff} OR expires_at < {cutoff})");
+                let lock = match d {
+                    #[cfg(feature = "sqlite")]
+                    Dialect::Sqlite => "",
+                    #[cfg(feature = "postgres")]
+                    Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+                };
+                format!(
+                    "DELETE FROM {TABLE} WHERE id IN \
+                     (SELECT id FROM {TABLE} WHERE {purgeable} LIMIT {limit}{lock}) \
+                     AND {purgeable} RETURNING {COLUMNS}"
+                )
+            },
         }
     }
 }
@@ -362,8 +384,9 @@ where
     })
 }
 
-/// The smallest microsecond-precision time not before `t`.
-fn ceil_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+/// The smallest microsecond-precision time not before `t`: for a stored time `u`, `u < t` is
+/// `u < ceil_micros(t)`.
+pub(super) fn ceil_micros(t: DateTime<Utc>) -> DateTime<Utc> {
     let down = t.trunc_subsecs(6);
     if down < t {
         down + TimeDelta::microseconds(1)

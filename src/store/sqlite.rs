@@ -18,6 +18,9 @@
 //! | `version` | `INTEGER` | management writes so far ([`TokenRecord::version`]; migration 2) |
 //! | `disabled_at` | `INTEGER` | Unix microseconds, while the token is disabled (migration 4) |
 //!
+//! Migration 5 adds partial indexes on `revoked_at` and `expires_at`, for
+//! [`purge`](TokenStore::purge).
+//!
 //! and the change log `tower_pat_changes` (migration 3): `seq` (`INTEGER PRIMARY KEY
 //! AUTOINCREMENT`), `token_id`, `hash` (the hash the change invalidates), `origin` (a random tag
 //! of the handle that wrote it) and `at` (Unix microseconds).
@@ -36,7 +39,7 @@
 //!
 //! A change made through the store ([`update`](TokenStore::update),
 //! [`rotate`](TokenStore::rotate), [`revoke`](TokenStore::revoke),
-//! [`delete`](TokenStore::delete)) is published to the caches subscribed to it before the call
+//! [`delete`](TokenStore::delete), [`purge`](TokenStore::purge)) is published to the caches subscribed to it before the call
 //! returns, as [`MemoryStore`](super::MemoryStore) does.
 //!
 //! Changes made by another handle or process on the same file arrive through the change log:
@@ -143,6 +146,15 @@ CREATE TABLE tower_pat_changes (
     Migration {
         version: 4,
         sql: "ALTER TABLE tower_pat_tokens ADD COLUMN disabled_at INTEGER;",
+    },
+    Migration {
+        version: 5,
+        sql: r"
+CREATE INDEX IF NOT EXISTS tower_pat_tokens_revoked_at ON tower_pat_tokens (revoked_at)
+    WHERE revoked_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tower_pat_tokens_expires_at ON tower_pat_tokens (expires_at)
+    WHERE expires_at IS NOT NULL;
+",
     },
 ];
 
@@ -315,7 +327,7 @@ impl SqliteStore {
         row: Option<SqliteRow>,
     ) -> Result<TokenRecord, StoreError> {
         let new = decode(row.as_ref().ok_or(StoreError::Stale)?)?;
-        self.log_change(&mut tx, old).await?;
+        self.log_change(&mut tx, std::slice::from_ref(old)).await?;
         tx.commit().await.map_err(store_error)?;
         self.inner.hub.announce(old);
         Ok(new)
@@ -329,32 +341,36 @@ impl SqliteStore {
         let Some(record) = row.as_ref().map(decode).transpose()? else {
             return Ok(None);
         };
-        self.log_change(&mut tx, &record).await?;
+        self.log_change(&mut tx, std::slice::from_ref(&record))
+            .await?;
         tx.commit().await.map_err(store_error)?;
         self.inner.hub.announce(&record);
         Ok(Some(record))
     }
 
-    /// Appends to the change log, within a write's transaction, every hash `old` answered to
-    /// (what [`ChangeHub::announce`] publishes here), and prunes the log to its last
+    /// Appends to the change log, within a write's transaction, every hash the records in `olds`
+    /// answered to (what [`ChangeHub::announce`] publishes here), and prunes the log to its last
     /// [`CHANGE_LOG_KEEP`] rows.
     async fn log_change(
         &self,
         tx: &mut sqlx::Transaction<'static, Sqlite>,
-        old: &TokenRecord,
+        olds: &[TokenRecord],
     ) -> Result<(), StoreError> {
         let at = Utc::now().timestamp_micros();
-        for hash in std::iter::once(old.hash).chain(old.previous_hash.map(|(h, _)| h)) {
-            sqlx::query(
-                "INSERT INTO tower_pat_changes (token_id, hash, origin, at) VALUES (?1, ?2, ?3, ?4)",
-            )
-            .bind(&old.id)
-            .bind(hash.as_bytes().as_slice())
-            .bind(self.inner.origin)
-            .bind(at)
-            .execute(&mut **tx)
-            .await
-            .map_err(store_error)?;
+        for old in olds {
+            for hash in std::iter::once(old.hash).chain(old.previous_hash.map(|(h, _)| h)) {
+                sqlx::query(
+                    "INSERT INTO tower_pat_changes (token_id, hash, origin, at) \
+                     VALUES (?1, ?2, ?3, ?4)",
+                )
+                .bind(&old.id)
+                .bind(hash.as_bytes().as_slice())
+                .bind(self.inner.origin)
+                .bind(at)
+                .execute(&mut **tx)
+                .await
+                .map_err(store_error)?;
+            }
         }
         sqlx::query(
             "DELETE FROM tower_pat_changes
@@ -827,5 +843,32 @@ impl TokenStore for SqliteStore {
             .await
             .map_err(store_error)?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn purge(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<TokenRecord>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.begin_write().await?;
+        let rows = sqlx::query(&self.inner.sql.purge)
+            .bind(micros(sql::ceil_micros(cutoff)))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        let removed = rows.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+        if removed.is_empty() {
+            return Ok(removed);
+        }
+        self.log_change(&mut tx, &removed).await?;
+        tx.commit().await.map_err(store_error)?;
+        for r in &removed {
+            self.inner.hub.announce(r);
+        }
+        Ok(removed)
     }
 }
