@@ -55,6 +55,8 @@ mod config;
 mod error;
 mod events;
 mod input;
+#[cfg(feature = "secret-scanning")]
+mod leaks;
 mod openapi;
 mod policy;
 mod routes;
@@ -62,7 +64,9 @@ mod view;
 mod webhook;
 
 pub use config::{AdminConfig, ExpiryPolicy};
-pub use events::{EventKind, TokenEvent, TokenEvents};
+pub use events::{EventKind, LeakSource, TokenEvent, TokenEvents};
+#[cfg(feature = "secret-scanning")]
+pub use leaks::{InvalidPublicKey, KEY_IDENTIFIER_HEADER, KEY_SIGNATURE_HEADER, LeakReports};
 pub use openapi::openapi;
 pub use view::{EXPIRY_WARNING_WINDOW, ExpiryWarning, TokenView};
 pub use webhook::{

@@ -9,7 +9,7 @@ use super::error::{
     ErrorBody, NotFound, PayloadTooLarge, ReadScopeMissing, StoreFailed, TokenRevoked,
     Unauthorized, WriteScopeMissing,
 };
-use super::events::{EventKind, TokenEvent};
+use super::events::{EventKind, LeakSource, TokenEvent};
 use super::input::{
     CreateTokenRequest, IpRestriction, LastUsedParam, PatchTokenRequest, RotateTokenRequest,
     SortParam,
@@ -53,6 +53,7 @@ use super::view::{Deleted, ExpiryWarning, IssuedToken, TokenView};
         LastUsedParam,
         TokenEvent,
         EventKind,
+        LeakSource,
     ), responses(
         Unauthorized,
         ReadScopeMissing,
@@ -82,8 +83,20 @@ impl Modify for BearerAuth {
 /// (`/`, `/{id}`, …): merge it into an application's document, or read it at
 /// `GET <base>/openapi.json`, where the paths carry the base.
 pub fn openapi() -> Document {
-    AdminApi::openapi()
+    let doc = AdminApi::openapi();
+    #[cfg(feature = "secret-scanning")]
+    let doc = doc.merge_from(LeakApi::openapi());
+    doc
 }
+
+/// The leaked-token report endpoint (feature `secret-scanning`): listed only where it exists.
+#[cfg(feature = "secret-scanning")]
+#[derive(OpenApi)]
+#[openapi(
+    paths(super::leaks::report),
+    components(schemas(super::leaks::LeakedToken, super::leaks::LeakLabel))
+)]
+struct LeakApi;
 
 /// The document with every path under `base` (`/personal-access-tokens`; empty at the root).
 pub(crate) fn document(base: &str) -> Document {
