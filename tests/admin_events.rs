@@ -415,6 +415,9 @@ fn event_names_match_their_json() {
         EventKind::Rotated,
         EventKind::Revoked,
         EventKind::Deleted,
+        EventKind::Disabled,
+        EventKind::Enabled,
+        EventKind::Leaked,
     ] {
         assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
         assert_eq!(kind.to_string(), kind.as_str());
