@@ -2,6 +2,8 @@
 //! partner format, signed with ECDSA P-256, revokes the tokens it names; and the regular
 //! expression a scanner registers for the token format.
 
+mod common;
+
 use regex::Regex;
 use tower_pat::TokenFormat;
 
@@ -65,15 +67,11 @@ fn the_readme_documents_the_default_pattern() {
 #[cfg(feature = "secret-scanning")]
 mod reports {
     use std::net::SocketAddr;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use async_trait::async_trait;
     use axum::Router;
     use axum::body::Body;
     use axum::routing;
     use base64ct::{Base64, Encoding};
-    use chrono::{DateTime, Utc};
     use http::{Request, StatusCode};
     use http_body_util::BodyExt;
     use p256::ecdsa::signature::Signer;
@@ -87,94 +85,14 @@ mod reports {
         self, AdminConfig, EventKind, InvalidPublicKey, KEY_IDENTIFIER_HEADER,
         KEY_SIGNATURE_HEADER, LeakReports, TokenEvent,
     };
-    use tower_pat::store::{ChangeListener, ListQuery, Page, Rotation, TokenPatch};
     use tower_pat::{
-        MemoryStore, NewToken, Principal, StoreError, TokenFormat, TokenHash, TokenLookup,
-        TokenRecord, TokenStore, Tokens, UsageUpdate,
+        MemoryStore, NewToken, Principal, TokenFormat, TokenRecord, TokenStore, Tokens,
     };
+
+    use super::common::{CountingStore, rand_suffix};
 
     const BASE: &str = "/personal-access-tokens";
     const PATH: &str = "/personal-access-tokens/leak-reports";
-
-    /// A [`MemoryStore`] that counts every call, and lookups and revocations apart.
-    #[derive(Clone, Default)]
-    struct CountingStore {
-        inner: MemoryStore,
-        calls: Arc<AtomicUsize>,
-        lookups: Arc<AtomicUsize>,
-        revokes: Arc<AtomicUsize>,
-    }
-
-    impl CountingStore {
-        fn count(&self) {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    #[async_trait]
-    impl TokenLookup for CountingStore {
-        async fn find_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
-            self.count();
-            self.lookups.fetch_add(1, Ordering::SeqCst);
-            self.inner.find_by_hash(hash).await
-        }
-
-        async fn record_usage(&self, updates: &[UsageUpdate]) -> Result<(), StoreError> {
-            self.inner.record_usage(updates).await
-        }
-
-        fn subscribe(&self, listener: std::sync::Weak<dyn ChangeListener>) -> bool {
-            self.inner.subscribe(listener)
-        }
-    }
-
-    #[async_trait]
-    impl TokenStore for CountingStore {
-        async fn insert(&self, record: &TokenRecord) -> Result<(), StoreError> {
-            self.count();
-            self.inner.insert(record).await
-        }
-
-        async fn get(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
-            self.count();
-            self.inner.get(id).await
-        }
-
-        async fn list(&self, query: &ListQuery) -> Result<Page, StoreError> {
-            self.count();
-            self.inner.list(query).await
-        }
-
-        async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
-            self.count();
-            self.inner.update(id, patch).await
-        }
-
-        async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
-            self.count();
-            self.inner.rotate(id, rotation).await
-        }
-
-        async fn revoke(
-            &self,
-            id: &str,
-            at: DateTime<Utc>,
-        ) -> Result<Option<TokenRecord>, StoreError> {
-            self.count();
-            self.revokes.fetch_add(1, Ordering::SeqCst);
-            self.inner.revoke(id, at).await
-        }
-
-        async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
-            self.count();
-            self.inner.delete(id).await
-        }
-
-        async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
-            self.count();
-            self.inner.count_by_subject(subject).await
-        }
-    }
 
     /// A P-256 key made from a label, so that every run signs with the same keys.
     fn key(label: &str) -> SigningKey {
@@ -307,21 +225,16 @@ mod reports {
         }
 
         fn store_calls(&self) -> usize {
-            self.store.calls.load(Ordering::SeqCst)
+            self.store.calls()
         }
 
         fn revokes(&self) -> usize {
-            self.store.revokes.load(Ordering::SeqCst)
+            self.store.revokes()
         }
 
         fn events(&mut self) -> Vec<TokenEvent> {
             std::iter::from_fn(|| self.events.try_recv().ok()).collect()
         }
-    }
-
-    fn rand_suffix() -> usize {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        N.fetch_add(1, Ordering::Relaxed)
     }
 
     fn entry(token: &str) -> Value {
@@ -555,11 +468,11 @@ mod reports {
     async fn a_well_formed_token_nobody_issued_is_a_false_positive_after_one_lookup() {
         let mut t = app();
         let unknown = TokenFormat::new().generate();
-        let before = t.store.lookups.load(Ordering::SeqCst);
+        let before = t.store.lookups();
         let res = t.report(&body(&[entry(unknown.expose_secret())])).await;
         assert_eq!(res.status, StatusCode::OK, "{}", res.text);
         assert_eq!(res.body[0]["label"], "false_positive");
-        assert_eq!(t.store.lookups.load(Ordering::SeqCst), before + 1);
+        assert_eq!(t.store.lookups(), before + 1);
         assert_eq!(t.revokes(), 0);
         assert!(t.events().is_empty());
     }
