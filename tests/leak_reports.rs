@@ -371,6 +371,25 @@ mod reports {
         assert_eq!(t.hello(&token).await, StatusCode::UNAUTHORIZED);
     }
 
+    /// Go's ECDSA (GitHub's signer) does not normalize `s`: both forms of a signature verify.
+    #[tokio::test]
+    async fn high_and_low_s_signatures_both_verify() {
+        let t = app();
+        let (_, token) = t.issue("alice").await;
+        let report = body(&[entry(&token)]);
+        let signature: Signature = t.github.sign(&report);
+        let (r, s) = signature.split_scalars();
+        let flipped = Signature::from_scalars(r, -*s).unwrap();
+        assert_ne!(flipped, signature);
+        for sig in [signature, flipped] {
+            let sig = Base64::encode_string(sig.to_der().as_bytes());
+            let res = t.post(&report, Some("github-1"), Some(&sig)).await;
+            assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+            assert_eq!(res.body[0]["label"], "true_positive");
+        }
+        assert_eq!(t.hello(&token).await, StatusCode::UNAUTHORIZED);
+    }
+
     #[tokio::test]
     async fn a_body_changed_after_signing_is_refused() {
         let mut t = app();
