@@ -213,15 +213,8 @@ mod reports {
             self.post(body, Some("github-1"), Some(&signature)).await
         }
 
-        async fn send(&self, mut req: Request<Body>) -> Res {
-            req.extensions_mut()
-                .insert(SocketAddr::from(([127, 0, 0, 1], 40000)));
-            let res = self.app.clone().oneshot(req).await.unwrap();
-            let status = res.status();
-            let bytes = res.into_body().collect().await.unwrap().to_bytes();
-            let text = String::from_utf8_lossy(&bytes).into_owned();
-            let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            Res { status, text, body }
+        async fn send(&self, req: Request<Body>) -> Res {
+            send(&self.app, req).await
         }
 
         fn store_calls(&self) -> usize {
@@ -235,6 +228,18 @@ mod reports {
         fn events(&mut self) -> Vec<TokenEvent> {
             std::iter::from_fn(|| self.events.try_recv().ok()).collect()
         }
+    }
+
+    /// One request through `app`, from 127.0.0.1.
+    async fn send(app: &Router, mut req: Request<Body>) -> Res {
+        req.extensions_mut()
+            .insert(SocketAddr::from(([127, 0, 0, 1], 40000)));
+        let res = app.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Res { status, text, body }
     }
 
     fn entry(token: &str) -> Value {
@@ -606,6 +611,69 @@ mod reports {
         let res = app.oneshot(req).await.unwrap();
         assert_ne!(res.status(), StatusCode::OK);
         assert!(!store.get(&record.id).await.unwrap().unwrap().is_revoked());
+    }
+
+    /// A report to node A revokes the token on node B, which had it cached: PostgreSQL's
+    /// `LISTEN`/`NOTIFY` carries the revocation, as it does any other.
+    #[cfg(feature = "postgres")]
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_report_to_one_node_revokes_the_token_on_another() {
+        use std::time::{Duration, Instant};
+        use tower_pat::PostgresStore;
+
+        let Some(db) = super::common::pg::TestDb::create("leak reports across nodes").await else {
+            return;
+        };
+        let node = || async {
+            let store = PostgresStore::builder()
+                .connect_with(db.options.clone())
+                .await
+                .unwrap();
+            let tokens = Tokens::new(store);
+            let layer = tokens.layer().build();
+            (tokens, layer)
+        };
+        let (a_tokens, a_layer) = node().await;
+        let (_, b_layer) = node().await;
+        let github = key("github-1");
+        let reports = LeakReports::new()
+            .public_key("github-1", &pem(&github))
+            .unwrap();
+        let config = AdminConfig::new(&a_tokens, &a_layer)
+            .unwrap()
+            .leak_reports(reports);
+        let a_app = Router::new().nest(BASE, admin::router(config));
+        let (_, secret) = a_tokens
+            .issue(NewToken::new("alice", "ci").scopes(["x:read"]).unwrap())
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            let res = super::common::send_token(&b_layer, &secret).await;
+            assert_eq!(
+                res.status,
+                StatusCode::OK,
+                "node B serves it, then from its cache"
+            );
+        }
+
+        let report = body(&[entry(secret.expose_secret())]);
+        let req = Request::post(PATH)
+            .header(KEY_IDENTIFIER_HEADER, "github-1")
+            .header(KEY_SIGNATURE_HEADER, sign(&github, &report))
+            .body(Body::from(report))
+            .unwrap();
+        let res = send(&a_app, req).await;
+        assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+        assert_eq!(res.body[0]["label"], "true_positive");
+        let revoked = Instant::now();
+        while super::common::send_token(&b_layer, &secret).await.status != StatusCode::UNAUTHORIZED
+        {
+            assert!(
+                revoked.elapsed() < Duration::from_secs(1),
+                "node B still accepts the token 1 s after the report"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[test]
