@@ -9,6 +9,11 @@
 //! `{"token_hash", "token_type", "label"}` per entry, in order, where `token_hash` is the hex
 //! SHA-256 of the reported string (never the string itself) and `label` is `true_positive` for a
 //! token of this deployment (revoked now, or already) and `false_positive` for anything else.
+//! (Without a pepper, `token_hash` is also the hash the store keeps; the scanner sent the token
+//! itself, so it learns nothing from it, and nobody else sees the answer.)
+//!
+//! A store failure midway answers 500 after revoking the entries before it; the scanner's retry
+//! finds those already revoked (`true_positive`, no second event) and goes on.
 
 use std::collections::HashMap;
 use std::fmt;

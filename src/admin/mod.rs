@@ -30,6 +30,10 @@
 //! ([`AdminConfig::max_scopes_per_token`], [`AdminConfig::max_networks_per_token`]), and a body
 //! larger than 64 KiB is a 413 ([`AdminConfig::max_body_bytes`]).
 //!
+//! With feature `secret-scanning`, `AdminConfig::leak_reports` adds `POST /leak-reports`:
+//! GitHub secret-scanning reports, signed with a configured ECDSA P-256 key instead of a token,
+//! revoke the tokens they name (see `LeakReports`).
+//!
 //! Every change goes through the [`TokenStore`](crate::TokenStore), whose change feed drops the
 //! layer's cache entry before the call returns: the very next request sees it. Errors are the
 //! crate's one JSON shape, `{"code", "message", "status"}`; a bad field's message starts with its
