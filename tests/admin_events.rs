@@ -418,6 +418,7 @@ fn event_names_match_their_json() {
         EventKind::Disabled,
         EventKind::Enabled,
         EventKind::Purged,
+        EventKind::Leaked,
     ] {
         assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
         assert_eq!(kind.to_string(), kind.as_str());

@@ -45,17 +45,18 @@ async fn every_route_and_status_is_documented() {
 
     let id = format!("{BASE}/{{id}}");
     let paths: BTreeSet<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();
-    assert_eq!(
-        paths,
-        set(&[
-            BASE,
-            &format!("{BASE}/self"),
-            &format!("{BASE}/self/rotate"),
-            &id,
-            &format!("{BASE}/{{id}}/rotate"),
-            &format!("{BASE}/openapi.json"),
-        ])
-    );
+    let mut expected = set(&[
+        BASE,
+        &format!("{BASE}/self"),
+        &format!("{BASE}/self/rotate"),
+        &id,
+        &format!("{BASE}/{{id}}/rotate"),
+        &format!("{BASE}/openapi.json"),
+    ]);
+    if cfg!(feature = "secret-scanning") {
+        expected.insert(format!("{BASE}/leak-reports"));
+    }
+    assert_eq!(paths, expected);
     let expect = [
         (
             BASE.to_owned(),
@@ -98,7 +99,17 @@ async fn every_route_and_status_is_documented() {
         ),
         (format!("{BASE}/openapi.json"), "get", &["200"]),
     ];
-    for (path, method, codes) in expect {
+    let leaks = [(
+        format!("{BASE}/leak-reports"),
+        "post",
+        &["200", "400", "401", "413", "500"][..],
+    )];
+    let leaks = if cfg!(feature = "secret-scanning") {
+        &leaks[..]
+    } else {
+        &[]
+    };
+    for (path, method, codes) in expect.iter().chain(leaks).cloned() {
         assert_eq!(statuses(&doc, &path, method), set(codes), "{method} {path}");
     }
     // The scopes each operation needs.
@@ -247,7 +258,7 @@ async fn the_schemas_are_what_the_api_answers() {
     );
     assert_eq!(
         properties(&doc, "TokenEvent"),
-        set(&["event", "data", "triggeredAt"])
+        set(&["event", "data", "triggeredAt", "leak"])
     );
 }
 
@@ -255,15 +266,16 @@ async fn the_schemas_are_what_the_api_answers() {
 fn the_unprefixed_document_is_available_to_merge() {
     let doc = serde_json::to_value(tower_pat::admin::openapi()).unwrap();
     let paths: BTreeSet<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();
-    assert_eq!(
-        paths,
-        set(&[
-            "/",
-            "/self",
-            "/self/rotate",
-            "/{id}",
-            "/{id}/rotate",
-            "/openapi.json"
-        ])
-    );
+    let mut expected = set(&[
+        "/",
+        "/self",
+        "/self/rotate",
+        "/{id}",
+        "/{id}/rotate",
+        "/openapi.json",
+    ]);
+    if cfg!(feature = "secret-scanning") {
+        expected.insert("/leak-reports".to_owned());
+    }
+    assert_eq!(paths, expected);
 }

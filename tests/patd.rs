@@ -8,7 +8,7 @@ mod support_patd;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use support_patd::{Dir, http, stderr, stdout};
+use support_patd::{Dir, http, http_with_body, stderr, stdout};
 
 const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
 
@@ -503,6 +503,80 @@ async fn a_revocation_from_the_cli_reaches_the_server_within_a_second() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `[leak_reports]` names a key file; a report signed by that key revokes the token it names, and
+/// one signed by another key changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signed_leak_report_revokes_the_token_in_patd() {
+    use base64ct::{Base64, Encoding};
+    use p256::ecdsa::signature::Signer;
+    use p256::ecdsa::{Signature, SigningKey};
+    use p256::pkcs8::{EncodePublicKey, LineEnding};
+    use sha2::{Digest, Sha256};
+
+    let key = SigningKey::from_slice(&Sha256::digest(b"patd leak key")).unwrap();
+    let pem = key
+        .verifying_key()
+        .to_public_key_pem(LineEnding::LF)
+        .unwrap();
+    let dir = Dir::new("");
+    let pem_path = dir.path.join("github-1.pem");
+    std::fs::write(&pem_path, pem).unwrap();
+    let config = std::fs::read_to_string(dir.config()).unwrap();
+    std::fs::write(
+        dir.config(),
+        format!(
+            "{config}[leak_reports]\nkeys = {{ github-1 = '{}' }}\n",
+            pem_path.display()
+        ),
+    )
+    .unwrap();
+    let (token, _) = dir.issue(&["--subject", "a", "--name", "t", "--never-expires"]);
+    let server = dir.serve();
+    let bearer = format!("Bearer {token}");
+    let auth = [
+        ("X-Forwarded-Method", "GET"),
+        ("X-Forwarded-Uri", "/"),
+        ("Authorization", bearer.as_str()),
+    ];
+    let report = format!(
+        r#"[{{"token":"{token}","type":"patd_token","url":"https://github.com/o/r/blob/1/x","source":"content"}}]"#
+    );
+    let addr = server.addr;
+    let post = |signer: SigningKey| {
+        let report = report.clone();
+        async move {
+            let signature: Signature = signer.sign(report.as_bytes());
+            let signature = Base64::encode_string(signature.to_der().as_bytes());
+            let headers = [
+                ("Content-Type", "application/json"),
+                ("GITHUB-PUBLIC-KEY-IDENTIFIER", "github-1"),
+                ("GITHUB-PUBLIC-KEY-SIGNATURE", signature.as_str()),
+            ];
+            let path = "/personal-access-tokens/leak-reports";
+            http_with_body(CLIENT, addr, "POST", path, &headers, report.as_bytes()).await
+        }
+    };
+    let other = SigningKey::from_slice(&Sha256::digest(b"someone else")).unwrap();
+    assert_eq!(post(other).await.status, 401);
+    assert_eq!(
+        http(CLIENT, server.addr, "GET", "/auth", &auth)
+            .await
+            .status,
+        200
+    );
+    let res = post(key).await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    let labels: serde_json::Value = serde_json::from_str(&res.body).unwrap();
+    assert_eq!(labels[0]["label"], "true_positive", "{}", res.body);
+    assert!(!res.body.contains(&token));
+    assert_eq!(
+        http(CLIENT, server.addr, "GET", "/auth", &auth)
+            .await
+            .status,
+        401
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

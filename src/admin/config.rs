@@ -65,12 +65,14 @@ pub struct AdminConfig {
     pub(crate) limits: Limits,
     pub(crate) max_body_bytes: usize,
     pub(crate) events: Option<Arc<dyn TokenEvents>>,
+    #[cfg(feature = "secret-scanning")]
+    pub(crate) leak_reports: Option<super::leaks::LeakReports>,
 }
 
 impl fmt::Debug for AdminConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AdminConfig")
-            .field("layer", &self.layer)
+        let mut f = f.debug_struct("AdminConfig");
+        f.field("layer", &self.layer)
             .field("expiry", &self.expiry)
             .field("max_lifetime", &self.max_lifetime)
             .field("max_tokens_per_subject", &self.max_tokens_per_subject)
@@ -80,8 +82,10 @@ impl fmt::Debug for AdminConfig {
             .field("max_scopes_per_token", &self.limits.scopes)
             .field("max_networks_per_token", &self.limits.networks)
             .field("max_body_bytes", &self.max_body_bytes)
-            .field("events", &self.events.is_some())
-            .finish_non_exhaustive()
+            .field("events", &self.events.is_some());
+        #[cfg(feature = "secret-scanning")]
+        f.field("leak_reports", &self.leak_reports);
+        f.finish_non_exhaustive()
     }
 }
 
@@ -110,6 +114,8 @@ impl AdminConfig {
             limits: Limits::default(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             events: None,
+            #[cfg(feature = "secret-scanning")]
+            leak_reports: None,
         })
     }
 
@@ -179,6 +185,16 @@ impl AdminConfig {
     /// Where change events go (for example a [`WebhookSink`](super::WebhookSink)).
     pub fn events(mut self, sink: impl TokenEvents) -> Self {
         self.events = Some(Arc::new(sink));
+        self
+    }
+
+    /// Adds `POST <base>/leak-reports`: secret-scanning reports in GitHub's partner format,
+    /// signed by one of the configured keys, revoke the tokens they name (feature
+    /// `secret-scanning`; see [`LeakReports`](super::LeakReports)). Off by default: without it
+    /// the path does not exist.
+    #[cfg(feature = "secret-scanning")]
+    pub fn leak_reports(mut self, reports: super::leaks::LeakReports) -> Self {
+        self.leak_reports = Some(reports);
         self
     }
 

@@ -105,6 +105,17 @@ impl ApiError {
         )
     }
 
+    /// 401: a leaked-token report whose signature is missing, malformed, by an unknown key or
+    /// not over this body.
+    #[cfg(feature = "secret-scanning")]
+    pub(crate) fn bad_signature() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the report's signature is missing or does not verify with a configured public key",
+        )
+    }
+
     /// 403: the caller may not do this.
     pub(crate) fn forbidden(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(StatusCode::FORBIDDEN, code, message)

@@ -32,7 +32,8 @@ pub trait TokenEvents: Send + Sync + 'static {
 }
 
 /// What changed: `{"event": "personalAccessToken.created", "data": <token view>, "triggeredAt":
-/// <RFC 3339>}`. The data never holds the secret.
+/// <RFC 3339>}`, with `"leak": {"url", "source"}` for `personalAccessToken.leaked`. The data never
+/// holds the secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 #[non_exhaustive]
@@ -43,6 +44,30 @@ pub struct TokenEvent {
     pub data: TokenView,
     /// When the change happened.
     pub triggered_at: DateTime<Utc>,
+    /// Where the token was found, for [`EventKind::Leaked`]; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leak: Option<LeakSource>,
+}
+
+/// Where a leaked token was found, as the secret-scanning report says: never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct LeakSource {
+    /// The public location of the leak (for GitHub, the URL of the commit, issue or gist).
+    pub url: String,
+    /// Where the scanner found it (for GitHub: `content`, `commit`, `pull_request_description`,
+    /// …).
+    pub source: String,
+}
+
+impl LeakSource {
+    /// A leak found at `url` by the scanner's `source`.
+    pub fn new(url: impl Into<String>, source: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            source: source.into(),
+        }
+    }
 }
 
 impl TokenEvent {
@@ -52,7 +77,15 @@ impl TokenEvent {
             event: kind,
             data,
             triggered_at: at,
+            leak: None,
         }
+    }
+
+    /// The event with where the token leaked ([`EventKind::Leaked`]).
+    #[must_use]
+    pub fn with_leak(mut self, leak: LeakSource) -> Self {
+        self.leak = Some(leak);
+        self
     }
 }
 
@@ -123,6 +156,11 @@ pub enum EventKind {
     /// one per [retention](crate::retention) run.
     #[serde(rename = "personalAccessToken.purged")]
     Purged,
+    /// A secret-scanning report named it as leaked in public, and it was revoked (the record is
+    /// kept). The event carries the report's `url` and `source`; no
+    /// `personalAccessToken.revoked` is sent for this revocation.
+    #[serde(rename = "personalAccessToken.leaked")]
+    Leaked,
 }
 
 impl EventKind {
@@ -137,6 +175,7 @@ impl EventKind {
             Self::Disabled => "personalAccessToken.disabled",
             Self::Enabled => "personalAccessToken.enabled",
             Self::Purged => "personalAccessToken.purged",
+            Self::Leaked => "personalAccessToken.leaked",
         }
     }
 }

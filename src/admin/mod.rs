@@ -30,6 +30,10 @@
 //! ([`AdminConfig::max_scopes_per_token`], [`AdminConfig::max_networks_per_token`]), and a body
 //! larger than 64 KiB is a 413 ([`AdminConfig::max_body_bytes`]).
 //!
+//! With feature `secret-scanning`, `AdminConfig::leak_reports` adds `POST /leak-reports`:
+//! GitHub secret-scanning reports, signed with a configured ECDSA P-256 key instead of a token,
+//! revoke the tokens they name (see `LeakReports`).
+//!
 //! Every change goes through the [`TokenStore`](crate::TokenStore), whose change feed drops the
 //! layer's cache entry before the call returns: the very next request sees it. Errors are the
 //! crate's one JSON shape, `{"code", "message", "status"}`; a bad field's message starts with its
@@ -55,6 +59,8 @@ mod config;
 mod error;
 mod events;
 mod input;
+#[cfg(feature = "secret-scanning")]
+mod leaks;
 mod openapi;
 mod policy;
 mod routes;
@@ -62,7 +68,9 @@ mod view;
 mod webhook;
 
 pub use config::{AdminConfig, ExpiryPolicy};
-pub use events::{EventKind, PurgeEvent, PurgeSummary, TokenEvent, TokenEvents};
+pub use events::{EventKind, LeakSource, PurgeEvent, PurgeSummary, TokenEvent, TokenEvents};
+#[cfg(feature = "secret-scanning")]
+pub use leaks::{InvalidPublicKey, KEY_IDENTIFIER_HEADER, KEY_SIGNATURE_HEADER, LeakReports};
 pub use openapi::openapi;
 pub use view::{EXPIRY_WARNING_WINDOW, ExpiryWarning, TokenView};
 pub use webhook::{

@@ -10,7 +10,7 @@ use super::error::{
     ErrorBody, NotFound, PayloadTooLarge, ReadScopeMissing, StoreFailed, TokenRevoked,
     Unauthorized, WriteScopeMissing,
 };
-use super::events::{EventKind, PurgeEvent, PurgeSummary, TokenEvent};
+use super::events::{EventKind, LeakSource, PurgeEvent, PurgeSummary, TokenEvent};
 use super::input::{
     CreateTokenRequest, IpRestriction, LastUsedParam, PatchTokenRequest, RotateTokenRequest,
     SortParam,
@@ -56,6 +56,7 @@ use super::view::{Deleted, ExpiryWarning, IssuedToken, TokenView};
         PurgeEvent,
         PurgeSummary,
         EventKind,
+        LeakSource,
     ), responses(
         Unauthorized,
         ReadScopeMissing,
@@ -86,13 +87,31 @@ impl Modify for BearerAuth {
 /// merge it into an application's document, or read it at `GET <base>/openapi.json`, where the
 /// paths carry the base and the rules are the server's own configuration.
 pub fn openapi() -> Document {
-    with_rules(AdminApi::openapi(), &Rules::default())
+    with_rules(base_document(), &Rules::default())
 }
+
+/// The derived document, with the leaked-token report endpoint where feature `secret-scanning`
+/// is on.
+fn base_document() -> Document {
+    let doc = AdminApi::openapi();
+    #[cfg(feature = "secret-scanning")]
+    let doc = doc.merge_from(LeakApi::openapi());
+    doc
+}
+
+/// The leaked-token report endpoint (feature `secret-scanning`): listed only where it exists.
+#[cfg(feature = "secret-scanning")]
+#[derive(OpenApi)]
+#[openapi(
+    paths(super::leaks::report),
+    components(schemas(super::leaks::LeakedToken, super::leaks::LeakLabel))
+)]
+struct LeakApi;
 
 /// The document a server serves: every path under `base` (`/personal-access-tokens`; empty at
 /// the root), and the request rules it is configured with.
 pub(crate) fn document(base: &str, rules: &Rules) -> Document {
-    let mut doc = with_rules(AdminApi::openapi(), rules);
+    let mut doc = with_rules(base_document(), rules);
     if !base.is_empty() {
         let paths = std::mem::take(&mut doc.paths.paths);
         let mut prefixed = Paths::new();

@@ -51,6 +51,11 @@ type AppState = State<Arc<Admin>>;
 pub(crate) fn router(config: AdminConfig) -> Router {
     let layer = config.layer.clone();
     let body_limit = DefaultBodyLimit::max(config.max_body_bytes);
+    #[cfg(feature = "secret-scanning")]
+    let leak_body_limit = config
+        .leak_reports
+        .as_ref()
+        .map(|r| DefaultBodyLimit::max(r.max_body_bytes));
     let scope = |scope: &str| RequireScopesLayer::new([scope]).realm(layer.realm());
     let (read, write) = (scope(READ_SCOPE), scope(WRITE_SCOPE));
     let state = Arc::new(Admin {
@@ -60,7 +65,7 @@ pub(crate) fn router(config: AdminConfig) -> Router {
         create: Mutex::new(()),
         config,
     });
-    Router::new()
+    let router = Router::new()
         .route(
             "/",
             get(list.layer(read.clone())).post(create.layer(write.clone())),
@@ -80,13 +85,19 @@ pub(crate) fn router(config: AdminConfig) -> Router {
         .layer(body_limit)
         .layer(layer)
         // The document is public: it describes the API, it reveals nothing about tokens.
-        .route("/openapi.json", get(openapi_json))
-        .with_state(state)
+        .route("/openapi.json", get(openapi_json));
+    // Called by a secret scanner, not with a token: its signature is its authentication.
+    #[cfg(feature = "secret-scanning")]
+    let router = match leak_body_limit {
+        Some(limit) => router.route(super::leaks::PATH, post(super::leaks::report.layer(limit))),
+        None => router,
+    };
+    router.with_state(state)
 }
 
 /// The request body, read up to [`AdminConfig::max_body_bytes`]: a larger one is a 413 in the
 /// API's error shape, before any of it is parsed.
-pub(crate) struct RequestBody(Bytes);
+pub(crate) struct RequestBody(pub(crate) Bytes);
 
 impl<S: Send + Sync> FromRequest<S> for RequestBody {
     type Rejection = ApiError;
@@ -119,6 +130,12 @@ impl<S: Send + Sync> FromRequestParts<S> for Base {
 }
 
 impl Admin {
+    /// The configuration.
+    #[cfg(feature = "secret-scanning")]
+    pub(crate) fn config(&self) -> &AdminConfig {
+        &self.config
+    }
+
     /// Whether the caller's own token may still act, read from the store after the request body
     /// arrived: the layer authenticated the headers, and a slow body must not carry a token past
     /// its revocation (or deletion, or expiry). A secret superseded by a rotation, still in its
@@ -177,8 +194,13 @@ impl Admin {
             subject = %view.subject,
             "token changed"
         );
+        self.publish(TokenEvent::new(kind, view, at));
+    }
+
+    /// Hands `event` to the configured sink, if any.
+    pub(crate) fn publish(&self, event: TokenEvent) {
         if let Some(sink) = &self.config.events {
-            sink.publish(TokenEvent::new(kind, view, at));
+            sink.publish(event);
         }
     }
 }

@@ -36,6 +36,12 @@
 //!
 //! [default_rule]
 //! scopes = []
+//!
+//! [leak_reports]                      # GitHub secret scanning reports at
+//!                                     # /personal-access-tokens/leak-reports; off without keys
+//! keys = { "90a421169f0a406205f1563a953312f0be898d3c7b6c06b681aa86a874555f4a" = "/etc/patd/github-1.pem" }
+//! max_entries = 1000                  # a longer report is a 400
+//! max_body_bytes = 1048576            # a larger body is a 413
 //! ```
 //!
 //! Environment variables: `PATD_` and the key in capitals, with `__` between a table and its key:
@@ -115,6 +121,8 @@ pub struct Config {
     pub rule: Vec<RuleConfig>,
     /// The rule for requests no rule matches.
     pub default_rule: DefaultRuleConfig,
+    /// Leaked-token reports from GitHub secret scanning.
+    pub leak_reports: LeakReportsSection,
 }
 
 impl Default for Config {
@@ -141,6 +149,7 @@ impl Default for Config {
             identity_headers: IdentitySection::default(),
             rule: Vec::new(),
             default_rule: DefaultRuleConfig::default(),
+            leak_reports: LeakReportsSection::default(),
         }
     }
 }
@@ -338,6 +347,57 @@ pub struct ExpirySection {
     pub max_lifetime: Option<Dur>,
 }
 
+/// `[leak_reports]`: the endpoint `POST /personal-access-tokens/leak-reports` that takes GitHub
+/// secret scanning reports and revokes the tokens they name (see
+/// [`LeakReports`](crate::admin::LeakReports)). Off unless `keys` names a key.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct LeakReportsSection {
+    /// The public keys reports may be signed with: each key identifier (the
+    /// `GITHUB-PUBLIC-KEY-IDENTIFIER` value) and the PEM file of its key, as GitHub publishes them
+    /// at `https://api.github.com/meta/public_keys/secret_scanning`. Read when the configuration
+    /// is loaded; nothing is fetched at run time.
+    pub keys: BTreeMap<String, PathBuf>,
+    /// The most entries one report may have (default 1000).
+    pub max_entries: Option<usize>,
+    /// The largest report body, in bytes (default 1 MiB).
+    pub max_body_bytes: Option<usize>,
+}
+
+impl LeakReportsSection {
+    /// The endpoint's configuration, `None` without keys.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the key when its file cannot be read or is not an ECDSA P-256
+    /// public key in PEM.
+    pub fn build(&self) -> Result<Option<crate::admin::LeakReports>, ConfigError> {
+        if self.keys.is_empty() {
+            return Ok(None);
+        }
+        let mut reports = crate::admin::LeakReports::new();
+        for (id, path) in &self.keys {
+            let pem = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!(
+                    "leak_reports.keys.{id}: {} cannot be read: {e}",
+                    path.display()
+                ))
+            })?;
+            reports = reports.public_key(id.as_str(), &pem).map_err(|e| {
+                ConfigError(format!("leak_reports.keys.{id}: {}: {e}", path.display()))
+            })?;
+        }
+        if let Some(max) = self.max_entries {
+            reports = reports.max_entries(max);
+        }
+        if let Some(max) = self.max_body_bytes {
+            reports = reports.max_body_bytes(max);
+        }
+        Ok(Some(reports))
+    }
+}
+
 /// `[identity_headers]`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -487,6 +547,8 @@ impl Config {
             config = Config::deserialize(toml::Value::Table(table.clone()))
                 .map_err(|e| ConfigError(format!("{source}: key `{key}`: {}", e.message())))?;
         }
+        // The key files are checked now: a bad one stops `patd` (and `patd config check`).
+        config.leak_reports.build()?;
         Ok(config)
     }
 
@@ -905,6 +967,48 @@ mod tests {
         use std::sync::atomic::{AtomicU64, Ordering};
         static N: AtomicU64 = AtomicU64::new(0);
         N.fetch_add(1, Ordering::Relaxed)
+    }
+
+    #[test]
+    fn leak_report_keys_are_read_and_checked_when_loaded() {
+        const PEM: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXOpw6qjcqsauqveNqG5RBCU6yV7A
++DHWhS3iZmoc6Frn0Ni0n1HRPgI5/LWEm9lOJGcmfUpU7HP1GzeKhtjpQA==
+-----END PUBLIC KEY-----
+";
+        let dir = std::env::temp_dir().join(format!("patd-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (good, bad) = (dir.join("good.pem"), dir.join("bad.pem"));
+        std::fs::write(&good, PEM).unwrap();
+        std::fs::write(&bad, PEM.replace("MFkw", "MFkx")).unwrap();
+        let section = |id: &str, path: &Path| {
+            format!(
+                "[leak_reports]\nmax_entries = 7\nkeys = {{ \"{id}\" = '{}' }}\n",
+                path.display()
+            )
+        };
+        assert!(
+            load("", &[], &[])
+                .unwrap()
+                .leak_reports
+                .build()
+                .unwrap()
+                .is_none()
+        );
+        let c = load(&section("gh-1", &good), &[], &[]).unwrap();
+        let reports = c.leak_reports.build().unwrap().unwrap();
+        assert_eq!(reports.key_ids().collect::<Vec<_>>(), ["gh-1"]);
+        let err = load(&section("gh-2", &bad), &[], &[]).unwrap_err().0;
+        assert!(err.starts_with("leak_reports.keys.gh-2: "), "{err}");
+        assert!(err.contains("P-256"), "{err}");
+        let err = load(&section("gh-3", &dir.join("missing.pem")), &[], &[])
+            .unwrap_err()
+            .0;
+        assert!(
+            err.contains("gh-3") && err.contains("cannot be read"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -113,6 +113,7 @@ pub struct Gateway {
     layer: PatAuthLayer,
     forward_auth: Arc<ForwardAuth>,
     metrics: Arc<Metrics>,
+    leak_reports: Option<crate::admin::LeakReports>,
 }
 
 impl Gateway {
@@ -129,7 +130,9 @@ impl Gateway {
             .identity_headers((&config.identity_headers).into())
             .nginx_compat(config.forward_auth.nginx_compat);
         let metrics = Metrics::new(layer.clone(), gate);
+        let leak_reports = config.leak_reports.build().map_err(|e| e.0)?;
         Ok(Self {
+            leak_reports,
             config: Arc::new(config),
             tokens,
             layer,
@@ -158,6 +161,9 @@ impl Gateway {
         }
         if let Some(max) = &self.config.expiry.max_lifetime {
             config = config.max_lifetime(max.0);
+        }
+        if let Some(reports) = &self.leak_reports {
+            config = config.leak_reports(reports.clone());
         }
         Ok(Router::new().nest("/personal-access-tokens", admin::router(config)))
     }

@@ -103,6 +103,27 @@ impl TokenFormat {
         self.prefix.len() + RANDOM_LEN + CHECKSUM_LEN
     }
 
+    /// The regular expression a secret scanner registers to find tokens of this format: the
+    /// prefix, then 38 base62 characters (32 random, 6 of checksum), between word boundaries. For
+    /// the default format it is `\bpat_[0-9A-Za-z]{38}\b`. (A prefix that starts with `-` gets no
+    /// leading `\b`, which could not match before it.)
+    ///
+    /// The pattern finds candidates; the checksum ([`check`](Self::check)) tells a real token
+    /// from a string that merely looks like one, offline, so a scanner or the endpoint it reports
+    /// to can drop almost every false positive without a lookup.
+    pub fn scanner_pattern(&self) -> String {
+        let lead = if self.prefix.starts_with('-') {
+            ""
+        } else {
+            r"\b"
+        };
+        format!(
+            r"{lead}{}[0-9A-Za-z]{{{}}}\b",
+            self.prefix,
+            RANDOM_LEN + CHECKSUM_LEN
+        )
+    }
+
     /// Generates a new token from the operating system's CSPRNG.
     ///
     /// # Panics

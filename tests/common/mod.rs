@@ -18,17 +18,21 @@ use http_body_util::{BodyExt, Full};
 use tower::{Layer, Service, ServiceExt};
 /// Every test issues tokens through the crate's one handle.
 pub use tower_pat::Tokens;
-use tower_pat::store::ChangeListener;
+use tower_pat::store::{ChangeListener, ListQuery, Page, Rotation, TokenPatch};
 use tower_pat::{
     MemoryStore, NewToken, PatAuthLayer, Principal, ScopeSet, StoreError, TokenHash, TokenLookup,
-    TokenRecord, TokenSecret, UsageUpdate,
+    TokenRecord, TokenSecret, TokenStore, UsageUpdate,
 };
 
-/// A `MemoryStore` that counts lookups and can be slowed down or made to fail.
+/// A `MemoryStore` that counts lookups and can be slowed down or made to fail. As a
+/// [`TokenStore`] it also counts every call (`calls`, lookups included) and revocations.
 #[derive(Clone, Default)]
 pub struct CountingStore {
     pub inner: MemoryStore,
     pub lookups: Arc<AtomicUsize>,
+    /// Every store call: lookups and management reads and writes.
+    pub calls: Arc<AtomicUsize>,
+    pub revokes: Arc<AtomicUsize>,
     pub delay_ms: Arc<AtomicU64>,
     pub failing: Arc<std::sync::atomic::AtomicBool>,
     /// Like a store without a change feed: caches are not told about changes.
@@ -44,12 +48,25 @@ impl CountingStore {
     pub fn lookups(&self) -> usize {
         self.lookups.load(Ordering::SeqCst)
     }
+
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    pub fn revokes(&self) -> usize {
+        self.revokes.load(Ordering::SeqCst)
+    }
+
+    fn count(&self) {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 #[async_trait]
 impl TokenLookup for CountingStore {
     async fn find_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
         self.lookups.fetch_add(1, Ordering::SeqCst);
+        self.count();
         let delay = self.delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -67,6 +84,54 @@ impl TokenLookup for CountingStore {
 
     fn subscribe(&self, listener: Weak<dyn ChangeListener>) -> bool {
         !self.no_feed && self.inner.subscribe(listener)
+    }
+}
+
+#[async_trait]
+impl TokenStore for CountingStore {
+    async fn insert(&self, record: &TokenRecord) -> Result<(), StoreError> {
+        self.count();
+        self.inner.insert(record).await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.count();
+        self.inner.get(id).await
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Page, StoreError> {
+        self.count();
+        self.inner.list(query).await
+    }
+
+    async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
+        self.count();
+        self.inner.update(id, patch).await
+    }
+
+    async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
+        self.count();
+        self.inner.rotate(id, rotation).await
+    }
+
+    async fn revoke(
+        &self,
+        id: &str,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        self.count();
+        self.revokes.fetch_add(1, Ordering::SeqCst);
+        self.inner.revoke(id, at).await
+    }
+
+    async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.count();
+        self.inner.delete(id).await
+    }
+
+    async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
+        self.count();
+        self.inner.count_by_subject(subject).await
     }
 }
 

@@ -167,6 +167,18 @@ pub async fn http(
     target: &str,
     headers: &[(&str, &str)],
 ) -> Reply {
+    http_with_body(from, to, method, target, headers, b"").await
+}
+
+/// [`http`] with a body (and its `Content-Length`, unless empty).
+pub async fn http_with_body(
+    from: IpAddr,
+    to: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::new(from, 0)).unwrap();
     let mut stream = socket.connect(to).await.unwrap();
@@ -174,8 +186,13 @@ pub async fn http(
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
+    if !body.is_empty() {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
     req.push_str("\r\n");
-    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut req = req.into_bytes();
+    req.extend_from_slice(body);
+    stream.write_all(&req).await.unwrap();
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
         .await
