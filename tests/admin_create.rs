@@ -50,7 +50,7 @@ async fn create_answers_201_with_location_and_the_secret_once() {
 }
 
 #[tokio::test]
-async fn name_is_required_trimmed_at_most_256_characters_and_unique_per_subject() {
+async fn name_is_required_at_most_256_characters_trimmed_and_unique_per_subject() {
     let t = app().await;
     let body = |name: &str| format!(r#"{{"name": {name}, "userAwareTokenNeverExpires": true}}"#);
     let msg = post(
@@ -67,9 +67,15 @@ async fn name_is_required_trimmed_at_most_256_characters_and_unique_per_subject(
         let res = post(&t.app, BASE, &t.alice, &body(bad)).await;
         assert!(res.error(400).starts_with("name:"), "{}", res.text);
     }
+    // 256 characters as sent (the schema's maxLength, white space included), trimmed after.
     let long = "é".repeat(256);
-    let res = create(&t.app, &t.alice, &body(&format!("\"  {long} \""))).await;
+    let res = create(&t.app, &t.alice, &body(&format!("\"{long}\""))).await;
     assert_eq!(res.body["name"], long);
+    let padded = format!("\" {} \"", "é".repeat(254));
+    let res = create(&t.app, &t.alice, &body(&padded)).await;
+    assert_eq!(res.body["name"], "é".repeat(254));
+    let res = post(&t.app, BASE, &t.alice, &body(&format!("\" {long}\""))).await;
+    assert!(res.error(400).starts_with("name:"), "{}", res.text);
 
     create(&t.app, &t.alice, &body("\"ci\"")).await;
     let res = post(&t.app, BASE, &t.alice, &body("\" ci \"")).await;

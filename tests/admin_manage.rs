@@ -562,21 +562,62 @@ async fn rotation_with_a_grace_period_keeps_the_old_secret_until_it_ends() {
 }
 
 #[tokio::test]
-async fn the_grace_period_is_capped_by_configuration() {
+async fn a_grace_period_beyond_the_configured_maximum_is_refused_and_documented() {
     let t = app_with(|c| c.max_rotation_grace(Duration::from_secs(60))).await;
-    let (id, _) = make(&t, "g", "").await;
+    let (id, old) = make(&t, "g", "").await;
+    let before = t.store.get(&id).await.unwrap().unwrap();
     let res = post(
         &t.app,
         &format!("{BASE}/{id}/rotate"),
         &t.alice,
-        r#"{"gracePeriodSeconds": 86400}"#,
+        r#"{"gracePeriodSeconds": 61}"#,
     )
     .await;
+    assert_eq!(
+        res.error(400),
+        "gracePeriodSeconds: at most 60 seconds on this server"
+    );
+    // Nothing rotated: the old secret works and the record is as it was.
+    assert_eq!(hello(&t.app, &old).await, StatusCode::OK);
+    assert_eq!(t.store.get(&id).await.unwrap().unwrap(), before);
+    // The served document states this server's maximum, not the default.
+    let doc = call(
+        &t.app,
+        Method::GET,
+        &format!("{BASE}/openapi.json"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        doc.body["components"]["schemas"]["RotateTokenRequest"]["properties"]["gracePeriodSeconds"]
+            ["maximum"],
+        60
+    );
+    // The maximum itself is accepted (also written as 60.0, which JSON Schema calls an integer).
+    let res = post(
+        &t.app,
+        &format!("{BASE}/{id}/rotate"),
+        &t.alice,
+        r#"{"gracePeriodSeconds": 60.0}"#,
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
     let until = time(&res.body["previousTokenValidUntil"]);
     assert!(until <= Utc::now() + chrono::Duration::seconds(60));
     assert!(until > Utc::now() + chrono::Duration::seconds(50));
     let stored = t.store.get(&id).await.unwrap().unwrap();
     assert_eq!(stored.previous_hash.map(|(_, u)| u), Some(until));
+    for bad in ["60.5", "-1", "\"60\""] {
+        let res = post(
+            &t.app,
+            &format!("{BASE}/{id}/rotate"),
+            &t.alice,
+            &format!(r#"{{"gracePeriodSeconds": {bad}}}"#),
+        )
+        .await;
+        assert!(res.error(400).starts_with("gracePeriodSeconds:"), "{bad}");
+    }
 }
 
 #[tokio::test]
@@ -604,7 +645,8 @@ async fn revoked_and_expired_tokens_cannot_be_rotated() {
         "",
     )
     .await;
-    assert!(res.error(400).contains("expired"));
+    assert!(res.error(409).contains("expired"));
+    assert_eq!(res.body["code"], "token_expired");
     let view = get(&t.app, &format!("{BASE}/{}", record.id), &t.alice)
         .await
         .body;
