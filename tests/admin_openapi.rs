@@ -159,6 +159,13 @@ fn properties(doc: &Value, schema: &str) -> BTreeSet<String> {
         .as_object()
         .map(|p| p.keys().cloned().collect())
         .unwrap_or_default();
+    // A request whose rules depend on each other (the expiry acknowledgment) is an anyOf of
+    // whole-object branches: the properties of any of them.
+    for branch in s["anyOf"].as_array().into_iter().flatten() {
+        if let Some(p) = branch["properties"].as_object() {
+            out.extend(p.keys().cloned());
+        }
+    }
     // A flattened struct is an allOf of its parts.
     for part in s["allOf"].as_array().into_iter().flatten() {
         if let Some(r) = part["$ref"].as_str() {
@@ -236,6 +243,8 @@ async fn the_schemas_are_what_the_api_answers() {
     assert_eq!(
         properties(&doc, "CreateTokenRequest"),
         set(&[
+            "active",
+            "revoked",
             "name",
             "scopes",
             "expiresAt",

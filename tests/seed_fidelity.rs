@@ -19,7 +19,10 @@ async fn mounted_at(
     configure: impl FnOnce(AdminConfig) -> AdminConfig,
 ) -> (Router, String) {
     let tokens = Tokens::new(MemoryStore::new());
-    let layer = tokens.layer().build();
+    let layer = tokens
+        .layer()
+        .track_usage(tower_pat::UsageConfig::default())
+        .build();
     let config = configure(AdminConfig::new(&tokens, &layer).unwrap());
     let app = Router::new().nest(path, admin::router(config)).merge(
         Router::new()
