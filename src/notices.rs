@@ -35,7 +35,7 @@
 //! let tokens = Tokens::new(MemoryStore::new());
 //! let notices = tokens
 //!     .expiry_notices(ExpiryNoticeConfig::default().lead(Duration::from_secs(3 * 24 * 3600)))
-//!     .on_notice(|kind, record| println!("{kind:?}: {}", record.id))
+//!     .on_notice(|kind, record, _at| println!("{kind:?}: {}", record.id))
 //!     .spawn();
 //! // ... serve ...
 //! let report = notices.run_once().await?.expect("notices are on");
