@@ -6,6 +6,7 @@
 #![cfg(feature = "admin")]
 
 mod common;
+mod support_admin;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -423,4 +424,62 @@ async fn the_webhook_receives_signed_notices() {
             .is_err(),
         "the notice is delivered once"
     );
+}
+
+/// Through the management API: a token whose `expiresAt` is changed by `PATCH` is noticed again
+/// for its new expiry; a `PATCH` that keeps the expiry, or changes only the name, is not.
+#[tokio::test]
+async fn a_token_extended_through_the_api_is_noticed_again() {
+    use http::StatusCode;
+    let t = support_admin::app().await;
+    let ours = |events: Vec<TokenEvent>, id: &str| -> Vec<TokenEvent> {
+        events.into_iter().filter(|e| e.data.id == id).collect()
+    };
+    let first = (Utc::now() + TimeDelta::days(2)).to_rfc3339();
+    let res = support_admin::create(
+        &t.app,
+        &t.alice,
+        &format!(r#"{{"name": "ext", "expiresAt": "{first}"}}"#),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
+    let id = res.body["id"].as_str().unwrap().to_owned();
+    let uri = format!("{}/{id}", support_admin::BASE);
+    let (n, mut rx) = notices(&t.tokens, ExpiryNoticeConfig::default());
+    n.run_once().await.unwrap();
+    let events = ours(drain(&mut rx), &id);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].event, EventKind::Expiring);
+
+    let same = res.body["expiresAt"].as_str().unwrap().to_owned();
+    for body in [
+        format!(r#"{{"expiresAt": "{same}"}}"#),
+        r#"{"name": "renamed"}"#.to_owned(),
+    ] {
+        let res = support_admin::patch(&t.app, &uri, &t.alice, &body).await;
+        assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+        n.run_once().await.unwrap();
+        assert!(ours(drain(&mut rx), &id).is_empty(), "after {body}");
+    }
+
+    let later = (Utc::now() + TimeDelta::days(4)).to_rfc3339();
+    let res = support_admin::patch(
+        &t.app,
+        &uri,
+        &t.alice,
+        &format!(r#"{{"expiresAt": "{later}"}}"#),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+    n.run_once().await.unwrap();
+    let events = ours(drain(&mut rx), &id);
+    assert_eq!(events.len(), 1, "the extended token is noticed again");
+    assert_eq!(events[0].event, EventKind::Expiring);
+    assert_eq!(events[0].data.name, "renamed");
+    assert_eq!(
+        serde_json::to_value(events[0].data.expires_at).unwrap(),
+        res.body["expiresAt"]
+    );
+    n.run_once().await.unwrap();
+    assert!(ours(drain(&mut rx), &id).is_empty());
 }
