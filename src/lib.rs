@@ -118,6 +118,7 @@ pub mod client_ip;
 #[cfg(feature = "gateway")]
 pub mod gateway;
 pub mod notices;
+mod periodic;
 pub mod principal;
 pub mod record;
 pub mod retention;

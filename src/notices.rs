@@ -46,16 +46,15 @@
 //! ```
 
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::watch;
 
+use crate::periodic::Periodic;
 use crate::record::TokenRecord;
 use crate::store::{StoreError, TokenStore};
-use crate::usage::lock;
 
 pub use crate::store::NoticeKind;
 
@@ -215,14 +214,12 @@ impl ExpiryNoticeBuilder {
     /// A handle that runs only when [`run_once`](ExpiryNotices::run_once) is called: for the CLI
     /// and for tests.
     pub fn build(self) -> ExpiryNotices {
-        let (stop, _) = watch::channel(false);
         ExpiryNotices {
             shared: Arc::new(Shared {
                 store: self.store,
                 config: self.config,
                 on_notice: self.on_notice,
-                stop,
-                task: Mutex::new(None),
+                periodic: Periodic::new(),
                 runs: AtomicU64::new(0),
                 expiring: AtomicU64::new(0),
                 expired: AtomicU64::new(0),
@@ -245,12 +242,14 @@ impl ExpiryNoticeBuilder {
             tracing::info!("token expiry notices are off");
             return notices;
         }
-        let task = tokio::spawn(run_every(
+        shared.periodic.start(
             Arc::downgrade(shared),
-            shared.stop.subscribe(),
-            shared.config.interval.max(Duration::from_millis(1)),
-        ));
-        *lock(&shared.task) = Some(task);
+            shared.config.interval,
+            |shared| async move {
+                // Logged and counted by `run`; retried at the next tick.
+                let _ = shared.run(true).await;
+            },
+        );
         notices
     }
 }
@@ -267,9 +266,8 @@ struct Shared {
     store: Arc<dyn TokenStore>,
     config: ExpiryNoticeConfig,
     on_notice: Vec<OnNotice>,
-    /// Set to `true` to stop the task (and a run in progress, between two batches).
-    stop: watch::Sender<bool>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The background task; [`Periodic::stopping`] ends a run in progress between two batches.
+    periodic: Periodic,
     runs: AtomicU64,
     expiring: AtomicU64,
     expired: AtomicU64,
@@ -281,14 +279,6 @@ impl fmt::Debug for Shared {
         f.debug_struct("ExpiryNotices")
             .field("config", &self.config)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        if let Some(task) = lock(&self.task).take() {
-            task.abort();
-        }
     }
 }
 
@@ -335,11 +325,7 @@ impl ExpiryNotices {
     /// are sent); this returns once the task has ended. Later [`run_once`](Self::run_once) calls
     /// still work.
     pub async fn shutdown(&self) {
-        self.shared.stop.send_replace(true);
-        let task = lock(&self.shared.task).take();
-        if let Some(task) = task {
-            let _ = task.await;
-        }
+        self.shared.periodic.shutdown().await;
     }
 }
 
@@ -428,30 +414,9 @@ impl Shared {
                 }
             }
             sent += claimed.len() as u64;
-            if claimed.len() < limit || (stoppable && *self.stop.borrow()) {
+            if claimed.len() < limit || (stoppable && self.periodic.stopping()) {
                 return Ok(sent);
             }
         }
-    }
-}
-
-/// The background task: a run at once, then one every `interval`, until `stop` or until every
-/// handle is gone. Between runs it holds the state weakly; no lock is held across an `.await`.
-async fn run_every(shared: Weak<Shared>, mut stop: watch::Receiver<bool>, interval: Duration) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        if *stop.borrow() {
-            return;
-        }
-        // Logged and counted by `run`; retried at the next tick.
-        let _ = shared.run(true).await;
     }
 }
