@@ -857,6 +857,10 @@ async fn expiry_notices_are_logged_once_per_token() {
     for secret in [&soon, &short] {
         assert!(!log.contains(secret.as_str()), "{log}");
     }
+    let m = http(CLIENT, server.addr, "GET", "/metrics", &[]).await.body;
+    assert!(m.contains("patd_expiry_notices_expiring_total 2"), "{m}");
+    assert!(m.contains("patd_expiry_notices_expired_total 1"), "{m}");
+    assert!(m.contains("patd_expiry_notices_errors_total 0"), "{m}");
     let mut server = server;
     assert!(server.terminate().success());
 }

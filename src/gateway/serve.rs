@@ -301,6 +301,9 @@ pub async fn serve(
     let retention = gateway.retention().spawn();
     gateway.metrics.track_retention(retention.clone());
     let notices = gateway.expiry_notices().spawn();
+    if notices.config().enabled {
+        gateway.metrics.track_expiry_notices(notices.clone());
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
