@@ -117,6 +117,8 @@ pub mod cache;
 pub mod client_ip;
 #[cfg(feature = "gateway")]
 pub mod gateway;
+pub mod notices;
+mod periodic;
 pub mod principal;
 pub mod record;
 pub mod retention;
@@ -133,6 +135,7 @@ pub use auth::{
 };
 pub use cache::CacheConfig;
 pub use client_ip::{ClientAddr, ClientIpSource, ForwardedHeader};
+pub use notices::{ExpiryNoticeConfig, ExpiryNotices};
 pub use principal::Principal;
 #[cfg(feature = "axum")]
 pub use principal::PrincipalRejection;

@@ -43,15 +43,14 @@
 //! ```
 
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::watch;
 
+use crate::periodic::Periodic;
 use crate::store::{StoreError, TokenStore};
-use crate::usage::lock;
 
 /// The default [`RetentionConfig::max_age`]: 30 days.
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -231,14 +230,12 @@ impl RetentionBuilder {
     /// A handle that purges only when [`run_once`](Retention::run_once) is called: for the CLI
     /// and for tests.
     pub fn build(self) -> Retention {
-        let (stop, _) = watch::channel(false);
         Retention {
             shared: Arc::new(Shared {
                 store: self.store,
                 config: self.config,
                 on_run: self.on_run,
-                stop,
-                task: Mutex::new(None),
+                periodic: Periodic::new(),
                 runs: AtomicU64::new(0),
                 purged: AtomicU64::new(0),
                 errors: AtomicU64::new(0),
@@ -260,12 +257,14 @@ impl RetentionBuilder {
             tracing::info!("token retention is off (max_age = 0): records are kept forever");
             return retention;
         }
-        let task = tokio::spawn(run_every(
+        shared.periodic.start(
             Arc::downgrade(shared),
-            shared.stop.subscribe(),
-            shared.config.interval.max(Duration::from_millis(1)),
-        ));
-        *lock(&shared.task) = Some(task);
+            shared.config.interval,
+            |shared| async move {
+                // Logged and counted by `run`; retried at the next tick.
+                let _ = shared.run(true).await;
+            },
+        );
         retention
     }
 }
@@ -282,9 +281,8 @@ struct Shared {
     store: Arc<dyn TokenStore>,
     config: RetentionConfig,
     on_run: Vec<OnRun>,
-    /// Set to `true` to stop the task (and a run in progress, between two batches).
-    stop: watch::Sender<bool>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The background task; [`Periodic::stopping`] ends a run in progress between two batches.
+    periodic: Periodic,
     runs: AtomicU64,
     purged: AtomicU64,
     errors: AtomicU64,
@@ -295,14 +293,6 @@ impl fmt::Debug for Shared {
         f.debug_struct("Retention")
             .field("config", &self.config)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        if let Some(task) = lock(&self.task).take() {
-            task.abort();
-        }
     }
 }
 
@@ -348,11 +338,7 @@ impl Retention {
     /// event); this returns once the task has ended. Later [`run_once`](Self::run_once) calls
     /// still work.
     pub async fn shutdown(&self) {
-        self.shared.stop.send_replace(true);
-        let task = lock(&self.shared.task).take();
-        if let Some(task) = task {
-            let _ = task.await;
-        }
+        self.shared.periodic.shutdown().await;
     }
 }
 
@@ -377,7 +363,7 @@ impl Shared {
                     count += removed.len() as u64;
                     self.purged
                         .fetch_add(removed.len() as u64, Ordering::Relaxed);
-                    if removed.len() < limit || (stoppable && *self.stop.borrow()) {
+                    if removed.len() < limit || (stoppable && self.periodic.stopping()) {
                         break Ok(());
                     }
                     if !self.config.pause.is_zero() {
@@ -430,26 +416,5 @@ impl Shared {
         for f in &self.on_run {
             f(report);
         }
-    }
-}
-
-/// The background task: a run at once, then one every `interval`, until `stop` or until every
-/// handle is gone. Between runs it holds the state weakly; no lock is held across an `.await`.
-async fn run_every(shared: Weak<Shared>, mut stop: watch::Receiver<bool>, interval: Duration) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        if *stop.borrow() {
-            return;
-        }
-        // Logged and counted by `run`; retried at the next tick.
-        let _ = shared.run(true).await;
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use crate::auth::{PatAuthLayer, PatAuthLayerBuilder};
+use crate::notices::{ExpiryNoticeBuilder, ExpiryNoticeConfig, ExpiryNotices};
 use crate::record::{NewToken, TokenRecord};
 use crate::retention::{Retention, RetentionBuilder, RetentionConfig};
 use crate::store::{ListQuery, Page, Rotation, StoreError, TokenStore};
@@ -242,6 +243,17 @@ impl Tokens {
     /// demand. See [`retention`](crate::retention).
     pub fn retention(&self, config: RetentionConfig) -> RetentionBuilder {
         Retention::builder(Arc::clone(&self.store), config)
+    }
+
+    /// Expiry notices over this handle's store: `personalAccessToken.expiring` once per token
+    /// [`lead`](crate::ExpiryNoticeConfig::lead) before its expiry, `personalAccessToken.expired`
+    /// once it has expired. Finish with [`spawn`](crate::notices::ExpiryNoticeBuilder::spawn)
+    /// for the background task (after [`events`](crate::notices::ExpiryNoticeBuilder::events),
+    /// feature `admin`, to send the events to a sink), or
+    /// [`build`](crate::notices::ExpiryNoticeBuilder::build) to run only on demand. See
+    /// [`notices`](crate::notices).
+    pub fn expiry_notices(&self, config: ExpiryNoticeConfig) -> ExpiryNoticeBuilder {
+        ExpiryNotices::builder(Arc::clone(&self.store), config)
     }
 
     /// Removes the record ([`TokenStore::delete`]). `None` if the id is unknown.

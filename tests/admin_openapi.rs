@@ -288,3 +288,36 @@ fn the_unprefixed_document_is_available_to_merge() {
     }
     assert_eq!(paths, expected);
 }
+
+/// The served document names every event a sink can receive, the expiry notices included.
+#[tokio::test]
+async fn the_document_lists_every_event_kind() {
+    let t = app().await;
+    let doc = document(&t).await;
+    let kind = &doc["components"]["schemas"]["EventKind"];
+    let names: BTreeSet<String> = kind["enum"]
+        .as_array()
+        .or_else(|| kind["oneOf"].as_array())
+        .unwrap_or_else(|| panic!("EventKind is not an enum: {kind}"))
+        .iter()
+        .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+        .collect();
+    assert_eq!(
+        names,
+        set(&[
+            "personalAccessToken.created",
+            "personalAccessToken.updated",
+            "personalAccessToken.rotated",
+            "personalAccessToken.revoked",
+            "personalAccessToken.deleted",
+            "personalAccessToken.disabled",
+            "personalAccessToken.enabled",
+            "personalAccessToken.purged",
+            "personalAccessToken.leaked",
+            "personalAccessToken.expiring",
+            "personalAccessToken.expired",
+        ])
+    );
+    let event = &doc["components"]["schemas"]["TokenEvent"]["properties"]["event"];
+    assert!(event.to_string().contains("EventKind"), "{event}");
+}

@@ -805,3 +805,62 @@ async fn retention_removes_old_revoked_and_expired_tokens() {
     assert!(gone(&late_id));
     assert!(!gone(&active_id));
 }
+
+/// `[expiry_notices]` (off by default): `patd serve` logs one `personalAccessToken.expiring`
+/// line per token within the lead and one `personalAccessToken.expired` once it has expired,
+/// however many runs, never with a secret; a token beyond the lead gets none.
+#[tokio::test(flavor = "multi_thread")]
+async fn expiry_notices_are_logged_once_per_token() {
+    let dir = Dir::new("[expiry_notices]\nenabled = true\nlead = \"7d\"\ninterval = \"100ms\"\n");
+    let (soon, soon_id) = dir.issue(&["--subject", "a", "--name", "soon", "--expires-in", "2d"]);
+    let (short, short_id) = dir.issue(&["--subject", "a", "--name", "short", "--expires-in", "1s"]);
+    let (_, later_id) = dir.issue(&["--subject", "a", "--name", "later", "--expires-in", "30d"]);
+    let server = dir.serve();
+    let lines = |log: &str, event: &str, id: &str| {
+        log.lines()
+            .filter(|l| l.contains(event) && l.contains(id))
+            .count()
+    };
+    let start = Instant::now();
+    while lines(&server.log(), "personalAccessToken.expired", &short_id) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no expired notice within 10 s; log:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A few more runs: nothing is sent twice.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = server.log();
+    assert_eq!(
+        lines(&log, "personalAccessToken.expiring", &soon_id),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        lines(&log, "personalAccessToken.expiring", &short_id),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        lines(&log, "personalAccessToken.expired", &short_id),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        lines(&log, "personalAccessToken.expired", &soon_id),
+        0,
+        "{log}"
+    );
+    assert!(!log.contains(later_id.as_str()), "{log}");
+    for secret in [&soon, &short] {
+        assert!(!log.contains(secret.as_str()), "{log}");
+    }
+    let m = http(CLIENT, server.addr, "GET", "/metrics", &[]).await.body;
+    assert!(m.contains("patd_expiry_notices_expiring_total 2"), "{m}");
+    assert!(m.contains("patd_expiry_notices_expired_total 1"), "{m}");
+    assert!(m.contains("patd_expiry_notices_errors_total 0"), "{m}");
+    let mut server = server;
+    assert!(server.terminate().success());
+}

@@ -119,6 +119,9 @@ mod suite {
         purge_removes_only_old_revoked_and_expired,
         purge_respects_the_limit,
         purge_keeps_what_changed_after_the_cutoff,
+        expiry_notices_are_claimed_once,
+        expiry_notices_respect_the_limit,
+        expiry_notices_return_when_the_expiry_changes,
     );
 
     /// The suite catches a store that breaks a rule, and says which: a memory store with one
@@ -303,6 +306,8 @@ async fn sqlite_schema_1_gains_versions() {
     conn.execute(
         "ALTER TABLE tower_pat_tokens DROP COLUMN version; \
          ALTER TABLE tower_pat_tokens DROP COLUMN disabled_at; \
+         ALTER TABLE tower_pat_tokens DROP COLUMN expiring_notice_at; \
+         ALTER TABLE tower_pat_tokens DROP COLUMN expired_notice_at; \
          DROP TABLE tower_pat_changes; \
          DELETE FROM tower_pat_schema_version WHERE version >= 2;",
     )
@@ -339,6 +344,8 @@ async fn postgres_schema_1_gains_versions() {
             .execute(
                 "ALTER TABLE tower_pat_tokens DROP COLUMN version; \
                  ALTER TABLE tower_pat_tokens DROP COLUMN disabled_at; \
+                 ALTER TABLE tower_pat_tokens DROP COLUMN expiring_notice_at; \
+                 ALTER TABLE tower_pat_tokens DROP COLUMN expired_notice_at; \
                  DELETE FROM tower_pat_schema_version WHERE version >= 2;",
             )
             .await

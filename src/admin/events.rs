@@ -1,5 +1,6 @@
 //! Change events: [`TokenEvents`] receives a [`TokenEvent`] after every change the management API
-//! makes, and a [`PurgeEvent`] after every run of [retention](crate::retention).
+//! makes and for every [expiry notice](crate::notices), and a [`PurgeEvent`] after every run of
+//! [retention](crate::retention).
 //! [`WebhookSink`](super::WebhookSink) posts both to a URL.
 
 use chrono::{DateTime, Utc};
@@ -161,6 +162,13 @@ pub enum EventKind {
     /// `personalAccessToken.revoked` is sent for this revocation.
     #[serde(rename = "personalAccessToken.leaked")]
     Leaked,
+    /// It expires soon: sent once per token, the configured lead time (7 days by default) before
+    /// its expiry, by the [expiry notices](crate::notices) task.
+    #[serde(rename = "personalAccessToken.expiring")]
+    Expiring,
+    /// It has expired: sent once per token by the [expiry notices](crate::notices) task.
+    #[serde(rename = "personalAccessToken.expired")]
+    Expired,
 }
 
 impl EventKind {
@@ -176,6 +184,8 @@ impl EventKind {
             Self::Enabled => "personalAccessToken.enabled",
             Self::Purged => "personalAccessToken.purged",
             Self::Leaked => "personalAccessToken.leaked",
+            Self::Expiring => "personalAccessToken.expiring",
+            Self::Expired => "personalAccessToken.expired",
         }
     }
 }

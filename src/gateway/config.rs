@@ -25,6 +25,11 @@
 //! max_age = "30d"                     # revoked and expired records removed after this; 0 keeps all
 //! interval = "1h"
 //!
+//! [expiry_notices]                    # off by default: patd has no webhook; each notice is a log line
+//! enabled = false
+//! lead = "7d"                         # personalAccessToken.expiring this long before the expiry
+//! interval = "15m"
+//!
 //! [[rule]]
 //! path_prefix = "/admin"
 //! methods = ["POST"]
@@ -111,6 +116,8 @@ pub struct Config {
     pub usage: UsageSection,
     /// Removal of old revoked and expired records.
     pub retention: RetentionSection,
+    /// Expiry notices (off by default).
+    pub expiry_notices: ExpiryNoticesSection,
     /// The failure limit, off unless `max_failures` is set.
     pub failure_limit: FailureLimitSection,
     /// The management API's expiry policy.
@@ -144,6 +151,7 @@ impl Default for Config {
             cache: CacheSection::default(),
             usage: UsageSection::default(),
             retention: RetentionSection::default(),
+            expiry_notices: ExpiryNoticesSection::default(),
             failure_limit: FailureLimitSection::default(),
             expiry: ExpirySection::default(),
             identity_headers: IdentitySection::default(),
@@ -310,6 +318,50 @@ impl From<&RetentionSection> for crate::RetentionConfig {
     fn from(s: &RetentionSection) -> Self {
         Self::default()
             .max_age(s.max_age.0)
+            .interval(s.interval.0)
+            .batch_size(s.batch_size)
+    }
+}
+
+/// `[expiry_notices]`: `personalAccessToken.expiring` once per token `lead` before its expiry
+/// and `personalAccessToken.expired` once it has expired (see [`crate::notices`]).
+///
+/// Off by default: `patd` has no webhook, so a notice is one log line (target
+/// `tower_pat::notices`, with the token's id, subject, name and expiry; never a secret). The
+/// notices are claimed in the store, once for every process that shares it: enable them here
+/// only if no other server on the same store (a library server with a webhook) sends them.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct ExpiryNoticesSection {
+    /// Whether `patd serve` runs the notice task. Default `false`.
+    pub enabled: bool,
+    /// How long before its expiry a token gets its `expiring` notice; `0` sends none. Default 7
+    /// days.
+    pub lead: Dur,
+    /// How often the task runs (the first run starts with `patd serve`). Default 15 minutes.
+    pub interval: Dur,
+    /// Tokens claimed per statement. Default 100.
+    pub batch_size: usize,
+}
+
+impl Default for ExpiryNoticesSection {
+    fn default() -> Self {
+        let n = crate::ExpiryNoticeConfig::default();
+        Self {
+            enabled: false,
+            lead: Dur(n.lead),
+            interval: Dur(n.interval),
+            batch_size: n.batch_size,
+        }
+    }
+}
+
+impl From<&ExpiryNoticesSection> for crate::ExpiryNoticeConfig {
+    fn from(s: &ExpiryNoticesSection) -> Self {
+        Self::default()
+            .enabled(s.enabled)
+            .lead(s.lead.0)
             .interval(s.interval.0)
             .batch_size(s.batch_size)
     }
@@ -1072,6 +1124,28 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXOpw6qjcqsauqveNqG5RBCU6yV7A
             printed.contains("postgres://app:<redacted>@db/tokens?<redacted>"),
             "{printed}"
         );
+    }
+
+    #[test]
+    fn expiry_notices_are_off_by_default_and_configurable() {
+        let c = load("", &[], &[]).unwrap();
+        assert!(!c.expiry_notices.enabled);
+        let n = crate::ExpiryNoticeConfig::from(&c.expiry_notices);
+        assert_eq!(n, crate::ExpiryNoticeConfig::default().enabled(false));
+        let c = load(
+            "[expiry_notices]\nenabled = true\nlead = \"3d\"\ninterval = \"1m\"\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+        let n = crate::ExpiryNoticeConfig::from(&c.expiry_notices);
+        assert!(n.enabled);
+        assert_eq!(n.lead, Duration::from_secs(3 * 86_400));
+        assert_eq!(n.interval, Duration::from_secs(60));
+        let c = load("", &[("PATD_EXPIRY_NOTICES__ENABLED", "true")], &[]).unwrap();
+        assert!(c.expiry_notices.enabled);
+        assert!(load("[expiry_notices]\nlead = \"soon\"\n", &[], &[]).is_err());
+        assert!(c.to_redacted_toml().contains("[expiry_notices]"));
     }
 
     #[test]

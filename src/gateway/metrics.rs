@@ -1,6 +1,6 @@
-//! `/metrics`: the layer's, the gate's and the retention task's counters in the Prometheus text
-//! format, read at each scrape from [`PatAuthLayer::stats`], [`Gate::decisions`] and
-//! [`Retention::stats`].
+//! `/metrics`: the layer's, the gate's, the retention task's and the expiry-notice task's
+//! counters in the Prometheus text format, read at each scrape from [`PatAuthLayer::stats`],
+//! [`Gate::decisions`], [`Retention::stats`] and [`ExpiryNotices::stats`].
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -11,6 +11,7 @@ use prometheus_client::registry::Registry;
 
 use super::gate::Gate;
 use crate::PatAuthLayer;
+use crate::notices::ExpiryNotices;
 use crate::retention::Retention;
 use crate::stats::{FeedState, Outcomes};
 
@@ -20,6 +21,7 @@ pub struct Metrics {
     layer: PatAuthLayer,
     gate: Gate,
     retention: std::sync::OnceLock<Retention>,
+    notices: std::sync::OnceLock<ExpiryNotices>,
 }
 
 impl Metrics {
@@ -30,12 +32,19 @@ impl Metrics {
             layer,
             gate,
             retention: std::sync::OnceLock::new(),
+            notices: std::sync::OnceLock::new(),
         }
     }
 
     /// Adds the counters of the retention task (`patd_retention_*`); the first call wins.
     pub fn track_retention(&self, retention: Retention) {
         let _ = self.retention.set(retention);
+    }
+
+    /// Adds the counters of the expiry-notice task (`patd_expiry_notices_*`); the first call
+    /// wins.
+    pub fn track_expiry_notices(&self, notices: ExpiryNotices) {
+        let _ = self.notices.set(notices);
     }
 
     /// The Prometheus text exposition.
@@ -233,6 +242,32 @@ impl Collector for Metrics {
                 "patd_retention_errors",
                 "Retention runs that failed",
                 r.errors,
+            )?;
+        }
+        if let Some(n) = self.notices.get().map(ExpiryNotices::stats) {
+            counter(
+                &mut e,
+                "patd_expiry_notices_runs",
+                "Expiry notice runs completed",
+                n.runs,
+            )?;
+            counter(
+                &mut e,
+                "patd_expiry_notices_expiring",
+                "personalAccessToken.expiring notices sent",
+                n.expiring,
+            )?;
+            counter(
+                &mut e,
+                "patd_expiry_notices_expired",
+                "personalAccessToken.expired notices sent",
+                n.expired,
+            )?;
+            counter(
+                &mut e,
+                "patd_expiry_notices_errors",
+                "Expiry notice runs that failed",
+                n.errors,
             )?;
         }
         let (connected, disconnected_secs) = match s.feed {

@@ -6,8 +6,12 @@
 //!   `admin_listen` is set, which then serves it alone.
 //! - `[retention]`: a background task removes revoked and expired records older than `max_age`
 //!   (30 days by default; `0` keeps them), every `interval`, logging one line per run.
+//! - `[expiry_notices]` (off by default): a background task claims the `expiring` and `expired`
+//!   notices in the store, once per token across every process sharing it, and logs each (there
+//!   is no webhook in `patd`).
 //! - SIGTERM or SIGINT: stop accepting, let requests in flight finish (at most
-//!   `shutdown_timeout`), stop the retention task, write the pending usage marks, exit 0.
+//!   `shutdown_timeout`), stop the retention and notice tasks, write the pending usage marks,
+//!   exit 0.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -153,6 +157,29 @@ impl Gateway {
         self.tokens.retention((&self.config.retention).into())
     }
 
+    /// The expiry notices of the configuration (`[expiry_notices]`) over the gateway's store, not
+    /// started, each notice logged (target `tower_pat::notices`: the token's id, subject, name
+    /// and expiry, never a secret): [`spawn`](crate::notices::ExpiryNoticeBuilder::spawn) it.
+    pub fn expiry_notices(&self) -> crate::notices::ExpiryNoticeBuilder {
+        self.tokens
+            .expiry_notices((&self.config.expiry_notices).into())
+            .on_notice(|kind, record, _| {
+                let event = match kind {
+                    crate::notices::NoticeKind::Expiring => "personalAccessToken.expiring",
+                    crate::notices::NoticeKind::Expired => "personalAccessToken.expired",
+                };
+                tracing::info!(
+                    target: "tower_pat::notices",
+                    event,
+                    id = %record.id,
+                    subject = %record.subject,
+                    name = %record.name,
+                    expires_at = ?record.expires_at,
+                    "token expiry notice"
+                );
+            })
+    }
+
     /// The management API's router (to nest under `/personal-access-tokens`).
     pub fn admin_router(&self) -> Result<Router, String> {
         let mut config = AdminConfig::new(&self.tokens, &self.layer).map_err(|e| e.to_string())?;
@@ -273,6 +300,10 @@ pub async fn serve(
     let gateway = Gateway::new(config.clone(), Arc::clone(&store))?;
     let retention = gateway.retention().spawn();
     gateway.metrics.track_retention(retention.clone());
+    let notices = gateway.expiry_notices().spawn();
+    if notices.config().enabled {
+        gateway.metrics.track_expiry_notices(notices.clone());
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
@@ -354,6 +385,12 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("the retention run did not end within the shutdown timeout");
+    }
+    if tokio::time::timeout(config.shutdown_timeout.0, notices.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the expiry notice run did not end within the shutdown timeout");
     }
     if let Some(usage) = gateway.layer.usage() {
         usage.shutdown().await;

@@ -16,7 +16,9 @@
 //! listings that agree with [`ListQuery::matches`] and [`ListQuery::compare`]; and a
 //! [`TokenStore::purge`] that removes exactly the records [`TokenRecord::is_purgeable`] names, at
 //! most the limit, announcing each (a store whose `purge` answers [`StoreError::Unsupported`],
-//! the trait's default, passes those checks: it removes nothing, and retention reports it).
+//! the trait's default, passes those checks: it removes nothing, and retention reports it); and a
+//! [`TokenStore::claim_expiry_notices`] that claims each due notice ([`NoticeKind::is_due`]) once,
+//! at most the limit, and again after the expiry changes (`Unsupported` passes those checks too).
 //!
 //! The records are made with times truncated to the microsecond, the precision of the SQL stores;
 //! a store must give back every field it was given, at least to that precision.
@@ -236,8 +238,8 @@ use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
 use ipnet::IpNet;
 
 use super::{
-    ChangeListener, LastUsedFilter, ListQuery, Rotation, SortKey, StoreError, StoreEvent,
-    TokenPatch, TokenState, TokenStore,
+    ChangeListener, LastUsedFilter, ListQuery, NoticeKind, Rotation, SortKey, StoreError,
+    StoreEvent, TokenPatch, TokenState, TokenStore,
 };
 use crate::record::UsageUpdate;
 use crate::record::{MAX_LAST_USED_IPS, NewToken, TokenRecord, parse_ip_net};
@@ -285,6 +287,9 @@ suite!(
     purge_removes_only_old_revoked_and_expired,
     purge_respects_the_limit,
     purge_keeps_what_changed_after_the_cutoff,
+    expiry_notices_are_claimed_once,
+    expiry_notices_respect_the_limit,
+    expiry_notices_return_when_the_expiry_changes,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1760,5 +1765,281 @@ pub async fn purge_keeps_what_changed_after_the_cutoff<S: TokenStore>(store: S) 
         ids(&removed),
         ids([&revoked_late, &revoked_at_cutoff]),
         "purge must remove records revoked before a later cutoff"
+    );
+}
+
+/// The lead of the expiry-notice checks: 7 days.
+const LEAD: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// The records `claim_expiry_notices` claims, or `None` (after saying so on stderr) for a store
+/// that does not support it.
+async fn claimed<S: TokenStore>(
+    store: &S,
+    kind: NoticeKind,
+    at: DateTime<Utc>,
+    limit: usize,
+) -> Option<Vec<TokenRecord>> {
+    match store.claim_expiry_notices(kind, at, LEAD, limit).await {
+        Ok(claimed) => Some(claimed),
+        Err(StoreError::Unsupported { .. }) => {
+            eprintln!(
+                "store conformance: claim_expiry_notices is not supported by this store; skipped"
+            );
+            None
+        }
+        Err(e) => panic!("store conformance: a store call that must succeed failed: {e}"),
+    }
+}
+
+/// `claim_expiry_notices` claims exactly the tokens due the notice ([`NoticeKind::is_due`]): for
+/// `Expiring`, those not revoked expiring after `at` and within the lead (a disabled one too);
+/// for `Expired`, those not revoked expired at `at`. A second claim returns none of them, and a
+/// claim changes neither the version nor `updated_at`.
+pub async fn expiry_notices_are_claimed_once<S: TokenStore>(store: S) {
+    let _check = Check("expiry_notices_are_claimed_once");
+    let t = now();
+    let soon = record("alice", "soon").expiring(t + TimeDelta::days(1));
+    let at_lead = record("alice", "at-lead").expiring(t + TimeDelta::days(7));
+    let later = record("alice", "later").expiring(t + TimeDelta::days(7) + TimeDelta::seconds(1));
+    let never = record("alice", "never");
+    let expired = record("alice", "expired").expiring(t - TimeDelta::hours(1));
+    let at_now = record("alice", "at-now").expiring(t);
+    let revoked_soon = record("alice", "revoked-soon").expiring(t + TimeDelta::days(1));
+    let revoked_expired = record("alice", "revoked-expired").expiring(t - TimeDelta::days(1));
+    let mut disabled_soon = record("alice", "disabled-soon").expiring(t + TimeDelta::days(2));
+    disabled_soon.disabled_at = Some(t - TimeDelta::days(1));
+    for r in [
+        &soon,
+        &at_lead,
+        &later,
+        &never,
+        &expired,
+        &at_now,
+        &revoked_soon,
+        &revoked_expired,
+        &disabled_soon,
+    ] {
+        store.insert(r).await.must();
+    }
+    store.revoke(&revoked_soon.id, t).await.must();
+    store.revoke(&revoked_expired.id, t).await.must();
+
+    let Some(expiring) = claimed(&store, NoticeKind::Expiring, t, 100).await else {
+        return;
+    };
+    assert_eq!(
+        ids(&expiring),
+        ids([&soon, &at_lead, &disabled_soon]),
+        "claim_expiry_notices(Expiring) must claim the tokens not revoked expiring after `at` \
+         and at most `lead` after it"
+    );
+    let claimed_soon = expiring.iter().find(|r| r.id == soon.id);
+    assert_eq!(
+        claimed_soon.map(|r| (r.version, r.updated_at, r.expires_at)),
+        Some((soon.version, soon.updated_at, soon.expires_at)),
+        "a claim must return the record as stored, and change neither version nor updated_at"
+    );
+    assert_eq!(
+        claimed(&store, NoticeKind::Expiring, t, 100)
+            .await
+            .map(|r| r.len()),
+        Some(0),
+        "a second claim must return nothing: each notice is claimed once"
+    );
+    let expired_now = claimed(&store, NoticeKind::Expired, t, 100)
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        ids(&expired_now),
+        ids([&expired, &at_now]),
+        "claim_expiry_notices(Expired) must claim the tokens not revoked with expires_at <= at"
+    );
+    assert_eq!(
+        claimed(&store, NoticeKind::Expired, t, 100)
+            .await
+            .map(|r| r.len()),
+        Some(0),
+        "a second claim must return nothing: each notice is claimed once"
+    );
+    // Later, `soon` has expired and `later` is within the lead: each is claimed once more, for
+    // the notice it was not yet sent.
+    let t2 = t + TimeDelta::days(1);
+    let expiring2 = claimed(&store, NoticeKind::Expiring, t2, 100)
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        ids(&expiring2),
+        ids([&later]),
+        "a later claim must claim only the tokens newly due"
+    );
+    let expired2 = claimed(&store, NoticeKind::Expired, t2, 100)
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        ids(&expired2),
+        ids([&soon]),
+        "a token noticed as expiring must still be claimed once it has expired"
+    );
+    let stored = store.get(&soon.id).await.must().map(|r| r.version);
+    assert_eq!(
+        stored,
+        Some(soon.version),
+        "a claim must not change the version"
+    );
+}
+
+/// `claim_expiry_notices` claims at most `limit` tokens per call (none for 0), and successive
+/// calls claim every due token exactly once.
+pub async fn expiry_notices_respect_the_limit<S: TokenStore>(store: S) {
+    let _check = Check("expiry_notices_respect_the_limit");
+    let t = now();
+    let mut all = Vec::new();
+    for i in 0..5 {
+        let r = record("alice", &format!("soon-{i}")).expiring(t + TimeDelta::hours(i + 1));
+        store.insert(&r).await.must();
+        all.push(r);
+    }
+    let Some(none) = claimed(&store, NoticeKind::Expiring, t, 0).await else {
+        return;
+    };
+    assert!(
+        none.is_empty(),
+        "a claim with a limit of 0 must claim nothing"
+    );
+    let mut got = Vec::new();
+    for expected in [2, 2, 1, 0] {
+        let batch = claimed(&store, NoticeKind::Expiring, t, 2)
+            .await
+            .unwrap_or_default();
+        assert_eq!(
+            batch.len(),
+            expected,
+            "a claim must claim at most `limit` tokens, and all of them over successive calls"
+        );
+        got.extend(batch);
+    }
+    assert_eq!(
+        ids(&got),
+        ids(&all),
+        "successive claims must claim every due token exactly once"
+    );
+}
+
+/// An `update` or `rotate` that changes the expiry clears the claims, so the token is noticed
+/// again as its new expiry comes near; one that leaves the expiry as it was (another field, or
+/// the same expiry) clears nothing.
+pub async fn expiry_notices_return_when_the_expiry_changes<S: TokenStore>(store: S) {
+    let _check = Check("expiry_notices_return_when_the_expiry_changes");
+    let t = now();
+    let soon = record("alice", "soon").expiring(t + TimeDelta::days(1));
+    store.insert(&soon).await.must();
+    let Some(first) = claimed(&store, NoticeKind::Expiring, t, 10).await else {
+        return;
+    };
+    assert_eq!(ids(&first), ids([&soon]));
+
+    // Renamed, and given the expiry it has: no new notice.
+    store
+        .update(
+            &soon.id,
+            &TokenPatch::new(t)
+                .name("renamed")
+                .expires_at(soon.expires_at),
+        )
+        .await
+        .must();
+    assert_eq!(
+        claimed(&store, NoticeKind::Expiring, t, 10)
+            .await
+            .map(|r| r.len()),
+        Some(0),
+        "an update that keeps the expiry must not clear the notice"
+    );
+
+    // Extended, but still within the lead: noticed again.
+    let updated = store
+        .update(
+            &soon.id,
+            &TokenPatch::new(t).expires_at(Some(t + TimeDelta::days(3))),
+        )
+        .await
+        .must();
+    let again = claimed(&store, NoticeKind::Expiring, t, 10)
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        ids(&again),
+        ids([&soon]),
+        "an update that changes the expiry must clear the notice"
+    );
+
+    // Rotated with a new expiry: noticed again; rotated keeping it: not.
+    let rotated = store
+        .rotate(
+            &soon.id,
+            &Rotation::new(updated.hash, new_hash(), "pat_new".to_owned(), t)
+                .expires_at(Some(t + TimeDelta::days(4))),
+        )
+        .await
+        .must();
+    let again = claimed(&store, NoticeKind::Expiring, t, 10)
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        ids(&again),
+        ids([&soon]),
+        "a rotation that changes the expiry must clear the notice"
+    );
+    store
+        .rotate(
+            &soon.id,
+            &Rotation::new(rotated.hash, new_hash(), "pat_new2".to_owned(), t),
+        )
+        .await
+        .must();
+    assert_eq!(
+        claimed(&store, NoticeKind::Expiring, t, 10)
+            .await
+            .map(|r| r.len()),
+        Some(0),
+        "a rotation that keeps the expiry must not clear the notice"
+    );
+
+    // Expired and noticed, then extended: both notices come again in their time.
+    let t2 = t + TimeDelta::days(5);
+    let expired = claimed(&store, NoticeKind::Expired, t2, 10)
+        .await
+        .unwrap_or_default();
+    assert_eq!(ids(&expired), ids([&soon]));
+    store
+        .update(
+            &soon.id,
+            &TokenPatch::new(t2).expires_at(Some(t2 + TimeDelta::days(1))),
+        )
+        .await
+        .must();
+    assert_eq!(
+        claimed(&store, NoticeKind::Expired, t2, 10)
+            .await
+            .map(|r| r.len()),
+        Some(0),
+        "an extended token has not expired"
+    );
+    let again = claimed(&store, NoticeKind::Expiring, t2, 10)
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        ids(&again),
+        ids([&soon]),
+        "an extended token is noticed again"
+    );
+    let t3 = t2 + TimeDelta::days(2);
+    let expired = claimed(&store, NoticeKind::Expired, t3, 10)
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        ids(&expired),
+        ids([&soon]),
+        "an extended token's expiry is noticed again"
     );
 }

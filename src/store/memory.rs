@@ -6,8 +6,8 @@ use chrono::{DateTime, Utc};
 
 use super::write::check_writable;
 use super::{
-    ChangeHub, ChangeListener, ListQuery, Page, Rotation, StoreError, TokenLookup, TokenPatch,
-    TokenStore,
+    ChangeHub, ChangeListener, ListQuery, NoticeKind, Page, Rotation, StoreError, TokenLookup,
+    TokenPatch, TokenStore,
 };
 use crate::record::TokenRecord;
 use crate::record::UsageUpdate;
@@ -31,6 +31,24 @@ struct Shared {
 struct Data {
     by_id: HashMap<String, TokenRecord>,
     by_hash: HashMap<TokenHash, String>,
+    /// The expiry notices claimed, by record id: cleared when the expiry changes.
+    notices: HashMap<String, Notices>,
+}
+
+/// When each expiry notice of a record was claimed.
+#[derive(Default, Debug)]
+struct Notices {
+    expiring: Option<DateTime<Utc>>,
+    expired: Option<DateTime<Utc>>,
+}
+
+impl Notices {
+    fn slot(&mut self, kind: NoticeKind) -> &mut Option<DateTime<Utc>> {
+        match kind {
+            NoticeKind::Expiring => &mut self.expiring,
+            NoticeKind::Expired => &mut self.expired,
+        }
+    }
 }
 
 impl Data {
@@ -46,6 +64,14 @@ impl Data {
         if let Some((h, _)) = record.previous_hash {
             self.by_hash.insert(h, record.id.clone());
         }
+    }
+
+    /// Stores `new` in place of `old`, clearing the expiry-notice claims if the expiry changed.
+    fn replace(&mut self, old: &TokenRecord, new: &TokenRecord) {
+        if old.expires_at != new.expires_at {
+            self.notices.remove(&new.id);
+        }
+        self.by_id.insert(new.id.clone(), new.clone());
     }
 
     fn unindex(&mut self, record: &TokenRecord) {
@@ -161,7 +187,7 @@ impl TokenStore for MemoryStore {
             }
             let mut new = old.clone();
             patch.apply(&mut new)?;
-            data.by_id.insert(new.id.clone(), new.clone());
+            data.replace(&old, &new);
             (old, new)
         };
         self.inner.hub.announce(&old);
@@ -188,7 +214,7 @@ impl TokenStore for MemoryStore {
             rotation.apply(&mut new)?;
             data.unindex(&old);
             data.index(&new);
-            data.by_id.insert(new.id.clone(), new.clone());
+            data.replace(&old, &new);
             (old, new)
         };
         self.inner.hub.announce(&old);
@@ -219,6 +245,7 @@ impl TokenStore for MemoryStore {
             let removed = data.by_id.remove(id);
             if let Some(r) = &removed {
                 data.unindex(r);
+                data.notices.remove(id);
             }
             removed
         };
@@ -255,6 +282,7 @@ impl TokenStore for MemoryStore {
                 .filter_map(|id| {
                     let r = data.by_id.remove(id)?;
                     data.unindex(&r);
+                    data.notices.remove(id);
                     Some(r)
                 })
                 .collect()
@@ -263,5 +291,37 @@ impl TokenStore for MemoryStore {
             self.inner.hub.announce(r);
         }
         Ok(removed)
+    }
+
+    async fn claim_expiry_notices(
+        &self,
+        kind: NoticeKind,
+        at: DateTime<Utc>,
+        lead: std::time::Duration,
+        limit: usize,
+    ) -> Result<Vec<TokenRecord>, StoreError> {
+        let mut data = self.write();
+        let Data { by_id, notices, .. } = &mut *data;
+        let mut due: Vec<&TokenRecord> = by_id
+            .values()
+            .filter(|r| kind.is_due(r, at, lead))
+            .filter(|r| {
+                notices.get(&r.id).is_none_or(|n| match kind {
+                    NoticeKind::Expiring => n.expiring.is_none(),
+                    NoticeKind::Expired => n.expired.is_none(),
+                })
+            })
+            .collect();
+        due.sort_by(|a, b| {
+            a.expires_at
+                .cmp(&b.expires_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        due.truncate(limit);
+        let claimed: Vec<TokenRecord> = due.into_iter().cloned().collect();
+        for r in &claimed {
+            *notices.entry(r.id.clone()).or_default().slot(kind) = Some(at);
+        }
+        Ok(claimed)
     }
 }

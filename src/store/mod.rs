@@ -286,6 +286,81 @@ pub trait TokenStore: TokenLookup {
         let _ = (cutoff, limit);
         Err(StoreError::Unsupported { operation: "purge" })
     }
+
+    /// Claims at most `limit` tokens due the `kind` notice at `at` ([`NoticeKind::is_due`] with
+    /// `lead`, which only [`NoticeKind::Expiring`] reads) whose notice has not been claimed yet,
+    /// records the claim, and returns them: one batch of
+    /// [expiry notices](crate::notices), soonest expiry first.
+    ///
+    /// The claim is one conditional, atomic write (one `UPDATE … WHERE id IN (SELECT … LIMIT n)
+    /// AND <condition> RETURNING …` in the SQL stores, under the write lock in memory), so
+    /// concurrent claims (other nodes of a shared store) never return one token twice: each
+    /// notice is sent once in all. A claim is no management write: it changes neither the
+    /// version nor `updated_at`, and announces nothing. An [`update`](Self::update) or a
+    /// [`rotate`](Self::rotate) that changes the expiry clears both claims in the same statement,
+    /// so a token extended is noticed again as its new expiry comes near; one that sets the same
+    /// expiry clears nothing.
+    ///
+    /// # Errors
+    /// [`StoreError::Unsupported`] from the default implementation, for stores that do not
+    /// implement it (the notice task then reports the error and sends nothing);
+    /// [`StoreError::Backend`] if the store fails, in which case nothing is claimed.
+    async fn claim_expiry_notices(
+        &self,
+        kind: NoticeKind,
+        at: DateTime<Utc>,
+        lead: std::time::Duration,
+        limit: usize,
+    ) -> Result<Vec<TokenRecord>, StoreError> {
+        let _ = (kind, at, lead, limit);
+        Err(StoreError::Unsupported {
+            operation: "claim_expiry_notices",
+        })
+    }
+}
+
+/// Which expiry notice [`TokenStore::claim_expiry_notices`] claims: each is sent once per token
+/// (and again after its expiry changes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum NoticeKind {
+    /// The token expires soon: within the lead time of the claim.
+    Expiring,
+    /// The token has expired.
+    Expired,
+}
+
+impl NoticeKind {
+    /// Whether `record` is due this notice at `at` with `lead` ahead (the notice not sent yet
+    /// aside): not revoked, and for [`Expiring`](Self::Expiring) expiring after `at` and at or
+    /// before `at + lead`, for [`Expired`](Self::Expired) expired at `at` (`expires_at <= at`). A
+    /// disabled token is noticed like an active one; a token that never expires never is. The
+    /// memory store's rule, and the reference for the SQL stores.
+    pub fn is_due(
+        self,
+        record: &TokenRecord,
+        at: DateTime<Utc>,
+        lead: std::time::Duration,
+    ) -> bool {
+        let Some(expires_at) = record.expires_at else {
+            return false;
+        };
+        if record.is_revoked() {
+            return false;
+        }
+        match self {
+            Self::Expiring => expires_at > at && expires_at <= notice_horizon(at, lead),
+            Self::Expired => expires_at <= at,
+        }
+    }
+}
+
+/// `at + lead`, or the latest time there is for a lead too long to add.
+pub(crate) fn notice_horizon(at: DateTime<Utc>, lead: std::time::Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(lead)
+        .ok()
+        .and_then(|lead| at.checked_add_signed(lead))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// Which records [`TokenStore::list`] returns, in which order: built from

@@ -23,6 +23,12 @@
 //! Migration 4 adds partial indexes on `revoked_at` and `expires_at`, for
 //! [`purge`](TokenStore::purge).
 //!
+//! Migration 5 adds `expiring_notice_at` and `expired_notice_at` (`timestamptz`, nullable): when
+//! the `personalAccessToken.expiring` and `.expired` notices were claimed
+//! ([`claim_expiry_notices`](TokenStore::claim_expiry_notices), `FOR UPDATE SKIP LOCKED`, so that
+//! nodes claiming at once never claim one token twice); a write that changes the expiry clears
+//! both.
+//!
 //! [`record_usage`](TokenLookup::record_usage) writes a whole batch in one `UPDATE … FROM
 //! unnest(…)` statement: `last_used_at` becomes the later of the stored and the given time, and
 //! the address lists merge newest first, without repeats, at most
@@ -111,8 +117,8 @@ use super::sql::{
 };
 use super::write::check_writable;
 use super::{
-    ChangeHub, ChangeListener, ListQuery, Page, Rotation, StoreError, StoreEvent, TokenLookup,
-    TokenPatch, TokenStore,
+    ChangeHub, ChangeListener, ListQuery, NoticeKind, Page, Rotation, StoreError, StoreEvent,
+    TokenLookup, TokenPatch, TokenStore, notice_horizon,
 };
 use crate::record::UsageUpdate;
 use crate::record::{MAX_LAST_USED_IPS, TokenRecord};
@@ -165,6 +171,13 @@ CREATE INDEX IF NOT EXISTS tower_pat_tokens_revoked_at_idx ON tower_pat_tokens (
     WHERE revoked_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tower_pat_tokens_expires_at_idx ON tower_pat_tokens (expires_at)
     WHERE expires_at IS NOT NULL;
+",
+    },
+    Migration {
+        version: 5,
+        sql: r"
+ALTER TABLE tower_pat_tokens ADD COLUMN expiring_notice_at timestamptz;
+ALTER TABLE tower_pat_tokens ADD COLUMN expired_notice_at timestamptz;
 ",
     },
 ];
@@ -948,5 +961,32 @@ impl TokenStore for PostgresStore {
             self.inner.hub.announce(r);
         }
         Ok(removed)
+    }
+
+    async fn claim_expiry_notices(
+        &self,
+        kind: NoticeKind,
+        at: DateTime<Utc>,
+        lead: Duration,
+        limit: usize,
+    ) -> Result<Vec<TokenRecord>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let at = crate::record::micros(at);
+        let q = match kind {
+            NoticeKind::Expiring => sqlx::query(&self.inner.sql.claim_expiring)
+                .bind(at)
+                .bind(at)
+                .bind(crate::record::micros(notice_horizon(at, lead)))
+                .bind(limit),
+            NoticeKind::Expired => sqlx::query(&self.inner.sql.claim_expired)
+                .bind(at)
+                .bind(at)
+                .bind(limit),
+        };
+        let rows = q.fetch_all(&self.inner.pool).await.map_err(store_error)?;
+        rows.iter().map(decode).collect()
     }
 }

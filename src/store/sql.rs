@@ -125,6 +125,15 @@ pub(super) struct Statements {
     /// kept; PostgreSQL locks the batch `FOR UPDATE SKIP LOCKED`, so that purges on two nodes
     /// never pick the same row and a row another transaction holds is left for the next batch.
     pub(super) purge: String,
+    /// `$1` = the claim's time, `$2` = it truncated to the microsecond, `$3` = the horizon
+    /// (`at + lead`, truncated), `$4` = the most records to claim: stamps `expiring_notice_at`
+    /// on records not revoked, expiring in `($2, $3]`, not yet claimed, and returns them. Like
+    /// [`purge`](Self::purge), the condition is stated in the subselect and on the row written,
+    /// and PostgreSQL locks the batch `FOR UPDATE SKIP LOCKED`.
+    pub(super) claim_expiring: String,
+    /// `$1` = the claim's time, `$2` = it truncated, `$3` = the most records to claim: stamps
+    /// `expired_notice_at` on records not revoked, expired at `$2`, not yet claimed.
+    pub(super) claim_expired: String,
 }
 
 impl Statements {
@@ -167,12 +176,14 @@ impl Statements {
                     set_disabled,
                     disabled,
                 ] = [3, 4, 5, 6, 7, 8, 9, 10, 11].map(p);
+                let reset_notices = reset_notices(&set_expiry, &expiry);
                 format!(
                     "UPDATE {TABLE} SET \
                      name = COALESCE({name}, name), \
                      name_lower = COALESCE({lower}, name_lower), \
                      scopes = COALESCE({scopes}, scopes), \
                      expires_at = CASE WHEN {set_expiry} THEN {expiry} ELSE expires_at END, \
+                     {reset_notices}\
                      ip_restriction = COALESCE({nets}, ip_restriction), \
                      disabled_at = CASE WHEN {set_disabled} THEN {disabled} ELSE disabled_at END, \
                      updated_at = {at}, \
@@ -183,6 +194,7 @@ impl Statements {
             rotate: {
                 let [old, hash, start, grace, grace_until, at, set_expiry, expiry] =
                     [3, 4, 5, 6, 7, 8, 9, 10].map(p);
+                let reset_notices = reset_notices(&set_expiry, &expiry);
                 format!(
                     "UPDATE {TABLE} SET \
                      hash = {hash}, \
@@ -192,6 +204,7 @@ impl Statements {
                      last_rotated_at = {at}, \
                      updated_at = {at}, \
                      expires_at = CASE WHEN {set_expiry} THEN {expiry} ELSE expires_at END, \
+                     {reset_notices}\
                      version = version + 1 \
                      WHERE {checked} AND hash = {old} RETURNING {COLUMNS}"
                 )
@@ -224,8 +237,57 @@ impl Statements {
                      AND {purgeable} RETURNING {COLUMNS}"
                 )
             },
+            claim_expiring: {
+                let (stamp, at, horizon, limit) = (p(1), p(2), p(3), p(4));
+                let due = format!(
+                    "(revoked_at IS NULL AND expiring_notice_at IS NULL \
+                     AND expires_at > {at} AND expires_at <= {horizon})"
+                );
+                claim(d, "expiring_notice_at", &stamp, &due, &limit)
+            },
+            claim_expired: {
+                let (stamp, at, limit) = (p(1), p(2), p(3));
+                let due = format!(
+                    "(revoked_at IS NULL AND expired_notice_at IS NULL \
+                     AND expires_at <= {at})"
+                );
+                claim(d, "expired_notice_at", &stamp, &due, &limit)
+            },
         }
     }
+}
+
+/// The assignments of a write that clear both expiry-notice claims when it changes the expiry
+/// (`set_expiry` true and `expiry` not the stored one), so that the new expiry is noticed again.
+/// Both columns are assigned from the row as it was before the write.
+fn reset_notices(set_expiry: &str, expiry: &str) -> String {
+    let changed = format!("{set_expiry} AND {expiry} IS DISTINCT FROM expires_at");
+    format!(
+        "expiring_notice_at = CASE WHEN {changed} THEN NULL ELSE expiring_notice_at END, \
+         expired_notice_at = CASE WHEN {changed} THEN NULL ELSE expired_notice_at END, "
+    )
+}
+
+/// A claim of one notice `column` at `stamp` on at most `limit` rows meeting `due`, soonest
+/// expiry first: the condition checked again on the row written, the batch locked
+/// `FOR UPDATE SKIP LOCKED` in PostgreSQL, so that concurrent claims never return one row twice.
+///
+/// The batch is picked once, in a materialized common table expression: PostgreSQL may run a
+/// subselect of `IN` again for each row it joins, which with `SKIP LOCKED` picks more than
+/// `limit` rows in all.
+fn claim(d: Dialect, column: &str, stamp: &str, due: &str, limit: &str) -> String {
+    let (materialized, lock) = match d {
+        #[cfg(feature = "sqlite")]
+        Dialect::Sqlite => ("", ""),
+        #[cfg(feature = "postgres")]
+        Dialect::Postgres => ("MATERIALIZED ", " FOR UPDATE SKIP LOCKED"),
+    };
+    format!(
+        "WITH batch AS {materialized}\
+         (SELECT id FROM {TABLE} WHERE {due} ORDER BY expires_at, id LIMIT {limit}{lock}) \
+         UPDATE {TABLE} SET {column} = {stamp} WHERE id IN (SELECT id FROM batch) \
+         AND {due} RETURNING {COLUMNS}"
+    )
 }
 
 /// A value bound to the listing query.

@@ -21,6 +21,11 @@
 //! Migration 5 adds partial indexes on `revoked_at` and `expires_at`, for
 //! [`purge`](TokenStore::purge).
 //!
+//! Migration 6 adds `expiring_notice_at` and `expired_notice_at` (`INTEGER`, Unix microseconds,
+//! nullable): when the `personalAccessToken.expiring` and `.expired` notices were claimed
+//! ([`claim_expiry_notices`](TokenStore::claim_expiry_notices)); a write that changes the expiry
+//! clears both.
+//!
 //! and the change log `tower_pat_changes` (migration 3): `seq` (`INTEGER PRIMARY KEY
 //! AUTOINCREMENT`), `token_id`, `hash` (the hash the change invalidates), `origin` (a random tag
 //! of the handle that wrote it) and `at` (Unix microseconds).
@@ -90,8 +95,8 @@ use super::sql::{
 };
 use super::write::check_writable;
 use super::{
-    ChangeHub, ChangeListener, ListQuery, Page, Rotation, StoreError, StoreEvent, TokenLookup,
-    TokenPatch, TokenStore,
+    ChangeHub, ChangeListener, ListQuery, NoticeKind, Page, Rotation, StoreError, StoreEvent,
+    TokenLookup, TokenPatch, TokenStore, notice_horizon,
 };
 use crate::record::UsageUpdate;
 use crate::record::{TokenRecord, merge_usage};
@@ -154,6 +159,13 @@ CREATE INDEX IF NOT EXISTS tower_pat_tokens_revoked_at ON tower_pat_tokens (revo
     WHERE revoked_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tower_pat_tokens_expires_at ON tower_pat_tokens (expires_at)
     WHERE expires_at IS NOT NULL;
+",
+    },
+    Migration {
+        version: 6,
+        sql: r"
+ALTER TABLE tower_pat_tokens ADD COLUMN expiring_notice_at INTEGER;
+ALTER TABLE tower_pat_tokens ADD COLUMN expired_notice_at INTEGER;
 ",
     },
 ];
@@ -870,5 +882,33 @@ impl TokenStore for SqliteStore {
             self.inner.hub.announce(r);
         }
         Ok(removed)
+    }
+
+    async fn claim_expiry_notices(
+        &self,
+        kind: NoticeKind,
+        at: DateTime<Utc>,
+        lead: Duration,
+        limit: usize,
+    ) -> Result<Vec<TokenRecord>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let q = match kind {
+            NoticeKind::Expiring => sqlx::query(&self.inner.sql.claim_expiring)
+                .bind(micros(at))
+                .bind(micros(at))
+                .bind(micros(notice_horizon(at, lead)))
+                .bind(limit),
+            NoticeKind::Expired => sqlx::query(&self.inner.sql.claim_expired)
+                .bind(micros(at))
+                .bind(micros(at))
+                .bind(limit),
+        };
+        let mut tx = self.begin_write().await?;
+        let rows = q.fetch_all(&mut *tx).await.map_err(store_error)?;
+        tx.commit().await.map_err(store_error)?;
+        rows.iter().map(decode).collect()
     }
 }
