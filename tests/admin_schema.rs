@@ -11,8 +11,8 @@ use http::{Method, StatusCode};
 use regex::Regex;
 use serde_json::{Value, json};
 use support_admin::*;
-use tower_pat::NewToken;
 use tower_pat::admin::ExpiryPolicy;
+use tower_pat::{NewToken, TokenStore};
 
 async fn document(t: &TestApp) -> Value {
     let res = call(
@@ -203,18 +203,21 @@ async fn the_document_states_this_servers_configuration() {
     let t = app_with(|c| c.max_scopes_per_token(3)).await;
     let doc = document(&t).await;
     // The default policy: a date, or the acknowledgment, in whole-object branches.
-    let create = branches(&doc, "CreateTokenRequest");
-    assert_eq!(create.len(), 2);
-    assert_eq!(create[0]["required"], json!(["name", "expiresAt"]));
+    let create_branches = branches(&doc, "CreateTokenRequest");
+    assert_eq!(create_branches.len(), 2);
+    assert_eq!(create_branches[0]["required"], json!(["name", "expiresAt"]));
     assert_eq!(
-        create[1]["required"],
+        create_branches[1]["required"],
         json!(["name", "userAwareTokenNeverExpires"])
     );
     assert_eq!(
-        create[1]["properties"]["userAwareTokenNeverExpires"]["enum"],
+        create_branches[1]["properties"]["userAwareTokenNeverExpires"]["enum"],
         json!([true])
     );
-    for branch in create.iter().chain(&branches(&doc, "PatchTokenRequest")) {
+    for branch in create_branches
+        .iter()
+        .chain(&branches(&doc, "PatchTokenRequest"))
+    {
         assert_eq!(branch["additionalProperties"], false);
         let scopes = alternatives(&branch["properties"]["scopes"]);
         assert_eq!(scopes[0]["maxItems"], 3);
