@@ -928,7 +928,7 @@ async fn sqlite_migration_5_indexes_revocation_and_expiry() {
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    assert_eq!(version, 5);
+    assert!(version >= 5, "{version}");
     let mut indexes: Vec<String> = sqlx::query_scalar(
         "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE '%_at'",
     )
@@ -972,7 +972,7 @@ async fn postgres_migration_4_indexes_revocation_and_expiry() {
         .fetch_one(a.pool())
         .await
         .unwrap();
-    assert_eq!(version, 4);
+    assert!(version >= 4, "{version}");
     let mut indexes: Vec<String> = sqlx::query_scalar(
         "SELECT indexname::text FROM pg_indexes WHERE tablename = 'tower_pat_tokens' \
          AND indexname IN ('tower_pat_tokens_revoked_at_idx', 'tower_pat_tokens_expires_at_idx')",

@@ -119,6 +119,8 @@ mod suite {
         purge_removes_only_old_revoked_and_expired,
         purge_respects_the_limit,
         purge_keeps_what_changed_after_the_cutoff,
+        superseded_secrets_are_remembered,
+        superseded_history_is_bounded_and_forgotten,
     );
 
     /// The suite catches a store that breaks a rule, and says which: a memory store with one
