@@ -120,6 +120,7 @@ pub mod gateway;
 pub mod principal;
 pub mod record;
 pub mod retention;
+pub mod reuse;
 pub mod scope;
 pub mod stats;
 pub mod store;
@@ -138,6 +139,7 @@ pub use principal::Principal;
 pub use principal::PrincipalRejection;
 pub use record::{NewToken, TokenRecord, UsageUpdate};
 pub use retention::{Retention, RetentionConfig};
+pub use reuse::{ReusePolicy, SecretReuse};
 pub use scope::{Scope, ScopeSet};
 pub use stats::AuthStats;
 #[cfg(feature = "postgres")]

@@ -419,6 +419,7 @@ fn event_names_match_their_json() {
         EventKind::Enabled,
         EventKind::Purged,
         EventKind::Leaked,
+        EventKind::Reused,
     ] {
         assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
         assert_eq!(kind.to_string(), kind.as_str());

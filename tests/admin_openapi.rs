@@ -258,7 +258,7 @@ async fn the_schemas_are_what_the_api_answers() {
     );
     assert_eq!(
         properties(&doc, "TokenEvent"),
-        set(&["event", "data", "triggeredAt", "leak"])
+        set(&["event", "data", "triggeredAt", "leak", "reuse"])
     );
 }
 
