@@ -425,3 +425,47 @@ async fn deleting_the_token_removes_its_history() {
     assert!(node.reused().is_empty());
     assert_eq!(store.get(&id).await.unwrap(), None);
 }
+
+/// `patd`: `[reuse] policy = "revoke_family"` builds a layer that revokes the family; the
+/// default builds one that never reads the history.
+#[cfg(feature = "gateway")]
+#[tokio::test]
+async fn patd_reuse_policy_configures_the_layer() {
+    use tower_pat::gateway::config::Config;
+    use tower_pat::gateway::serve;
+    let store = common::CountingStore::new();
+    let tokens = Tokens::new(store.clone());
+    let none = tower_pat::ScopeSet::empty();
+    let set = ["reuse.policy=revoke_family".to_owned()];
+    let config = Config::load(None, Vec::new(), &set).unwrap();
+    let layer = serve::layer(&config, &tokens);
+    let default_layer = serve::layer(&Config::load(None, Vec::new(), &[]).unwrap(), &tokens);
+
+    let (record, old) = tokens
+        .issue(NewToken::new("alice", "ci").scopes(["x:read"]).unwrap())
+        .await
+        .unwrap();
+    let (_, new) = tokens.rotate(&record.id, Duration::ZERO).await.unwrap();
+    assert!(
+        default_layer
+            .verify(old.expose_secret(), None, &none)
+            .await
+            .is_err()
+    );
+    assert_eq!(store.superseded_lookups(), 0, "off by default");
+    assert!(layer.verify(new.expose_secret(), None, &none).await.is_ok());
+    assert!(
+        layer
+            .verify(old.expose_secret(), None, &none)
+            .await
+            .is_err()
+    );
+    assert_eq!(store.superseded_lookups(), 1);
+    assert!(
+        layer
+            .verify(new.expose_secret(), None, &none)
+            .await
+            .is_err()
+    );
+    assert!(tokens.get(&record.id).await.unwrap().unwrap().is_revoked());
+}

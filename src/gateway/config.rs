@@ -113,6 +113,8 @@ pub struct Config {
     pub retention: RetentionSection,
     /// The failure limit, off unless `max_failures` is set.
     pub failure_limit: FailureLimitSection,
+    /// Rotation reuse detection, off by default.
+    pub reuse: ReuseSection,
     /// The management API's expiry policy.
     pub expiry: ExpirySection,
     /// The names of the identity headers.
@@ -145,6 +147,7 @@ impl Default for Config {
             usage: UsageSection::default(),
             retention: RetentionSection::default(),
             failure_limit: FailureLimitSection::default(),
+            reuse: ReuseSection::default(),
             expiry: ExpirySection::default(),
             identity_headers: IdentitySection::default(),
             rule: Vec::new(),
@@ -333,6 +336,31 @@ impl Default for FailureLimitSection {
             window: Dur(Duration::from_secs(60)),
         }
     }
+}
+
+/// `[reuse]`: what `patd` does when a secret that a rotation replaced is presented after its
+/// grace period (see [`crate::reuse`]). The request is refused as any unknown token either way.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct ReuseSection {
+    /// `off` (default: the history is never read), `report` (a warning naming the token and the
+    /// client address) or `revoke_family` (the warning, and the token is revoked on every node).
+    pub policy: ReuseMode,
+}
+
+/// The `policy` of [`ReuseSection`].
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ReuseMode {
+    /// No detection.
+    #[default]
+    Off,
+    /// Log each reuse (target `tower_pat::auth`, warn).
+    Report,
+    /// Log it and revoke the token the secret was rotated into.
+    RevokeFamily,
 }
 
 /// `[expiry]`: the management API's policy.
