@@ -469,3 +469,31 @@ async fn patd_reuse_policy_configures_the_layer() {
     );
     assert!(tokens.get(&record.id).await.unwrap().unwrap().is_revoked());
 }
+
+/// The served OpenAPI document lists the event and its `reuse` object.
+#[tokio::test]
+async fn the_openapi_document_lists_the_reused_event() {
+    let (tokens, _) = memory();
+    let node = Node::new(&tokens, ReusePolicy::Report);
+    let admin = admin_secret(&tokens).await;
+    let res = call(
+        &node.app,
+        Method::GET,
+        &format!("{BASE}/openapi.json"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+    let schemas = &res.body["components"]["schemas"];
+    let kinds = schemas["EventKind"].to_string();
+    assert!(kinds.contains("personalAccessToken.reused"), "{kinds}");
+    assert!(schemas["TokenEvent"]["properties"]["reuse"].is_object());
+    let details: Vec<&str> = schemas["ReuseDetails"]["properties"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(details, ["clientAddress", "revoked", "supersededAt"]);
+}
