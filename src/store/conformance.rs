@@ -1845,7 +1845,7 @@ pub async fn superseded_secrets_are_remembered<S: TokenStore>(store: S) {
 }
 
 /// The history keeps the newest [`SupersededHistory::default`] `max_per_token` (10) entries per
-/// token, and deleting the token removes them.
+/// token, and deleting or purging the token removes them.
 ///
 /// [`SupersededHistory::default`]: crate::store::SupersededHistory::default
 pub async fn superseded_history_is_bounded_and_forgotten<S: TokenStore>(store: S) {
@@ -1896,5 +1896,17 @@ pub async fn superseded_history_is_bounded_and_forgotten<S: TokenStore>(store: S
     assert!(
         store.find_superseded(&other.hash).await.must().is_some(),
         "another token's history is kept"
+    );
+    // Purging a token removes its history too.
+    store.revoke(&other.id, t).await.must();
+    let purged = store
+        .purge(t + chrono::Duration::seconds(1), 10)
+        .await
+        .must();
+    assert_eq!(purged.len(), 1, "the revoked token is purged");
+    assert_eq!(
+        store.find_superseded(&other.hash).await.must(),
+        None,
+        "purging a token removes its history"
     );
 }
