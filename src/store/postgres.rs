@@ -184,7 +184,7 @@ CREATE TABLE IF NOT EXISTS tower_pat_superseded (
         REFERENCES tower_pat_tokens (id) ON DELETE CASCADE
 );
 CREATE INDEX IF NOT EXISTS tower_pat_superseded_token_id_idx ON tower_pat_superseded (token_id);
-CREATE INDEX IF NOT EXISTS tower_pat_superseded_at_idx ON tower_pat_superseded (superseded_at);
+CREATE INDEX IF NOT EXISTS tower_pat_superseded_time_idx ON tower_pat_superseded (superseded_at);
 ",
     },
 ];

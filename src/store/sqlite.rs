@@ -171,7 +171,7 @@ CREATE TABLE IF NOT EXISTS tower_pat_superseded (
     superseded_at INTEGER NOT NULL
 ) STRICT;
 CREATE INDEX IF NOT EXISTS tower_pat_superseded_token_id ON tower_pat_superseded (token_id);
-CREATE INDEX IF NOT EXISTS tower_pat_superseded_at ON tower_pat_superseded (superseded_at);
+CREATE INDEX IF NOT EXISTS tower_pat_superseded_time ON tower_pat_superseded (superseded_at);
 CREATE TRIGGER IF NOT EXISTS tower_pat_superseded_forget AFTER DELETE ON tower_pat_tokens
 BEGIN
     DELETE FROM tower_pat_superseded WHERE token_id = OLD.id;
