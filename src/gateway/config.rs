@@ -25,6 +25,9 @@
 //! max_age = "30d"                     # revoked and expired records removed after this; 0 keeps all
 //! interval = "1h"
 //!
+//! [reuse]                             # a rotated-out secret presented after its grace period:
+//! policy = "revoke_family"            # "off" (default), "report" (logged), or also revoke the token
+//!
 //! [[rule]]
 //! path_prefix = "/admin"
 //! methods = ["POST"]
@@ -1100,6 +1103,16 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXOpw6qjcqsauqveNqG5RBCU6yV7A
             printed.contains("postgres://app:<redacted>@db/tokens?<redacted>"),
             "{printed}"
         );
+    }
+
+    #[test]
+    fn reuse_detection_is_off_by_default_and_named_in_snake_case() {
+        assert_eq!(load("", &[], &[]).unwrap().reuse.policy, ReuseMode::Off);
+        let c = load("[reuse]\npolicy = \"revoke_family\"\n", &[], &[]).unwrap();
+        assert_eq!(c.reuse.policy, ReuseMode::RevokeFamily);
+        let c = load("", &[("PATD_REUSE__POLICY", "report")], &[]).unwrap();
+        assert_eq!(c.reuse.policy, ReuseMode::Report);
+        assert!(load("[reuse]\npolicy = \"sometimes\"\n", &[], &[]).is_err());
     }
 
     #[test]
