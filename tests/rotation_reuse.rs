@@ -497,3 +497,78 @@ async fn the_openapi_document_lists_the_reused_event() {
         .collect();
     assert_eq!(details, ["clientAddress", "revoked", "supersededAt"]);
 }
+
+/// The event reaches the management API's webhook, signed like every other event.
+#[tokio::test]
+async fn the_reused_event_is_delivered_to_the_webhook() {
+    use axum::extract::State;
+    use bytes::Bytes;
+    use http::HeaderMap;
+    use tower_pat::admin::{
+        EVENT_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookSink, verify_signature,
+    };
+    const KEY: &[u8] = b"a webhook key of at least 32 bytes!!";
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<(HeaderMap, Bytes)>();
+    let receiver = Router::new()
+        .route(
+            "/hook",
+            routing::post(
+                |State(tx): State<mpsc::UnboundedSender<(HeaderMap, Bytes)>>,
+                 headers: HeaderMap,
+                 body: Bytes| async move {
+                    let _ = tx.send((headers, body));
+                    StatusCode::OK
+                },
+            ),
+        )
+        .with_state(tx);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, receiver).await });
+    let sink = WebhookSink::builder(&format!("http://{addr}/hook"), KEY)
+        .unwrap()
+        .spawn();
+
+    let (tokens, _) = memory();
+    let layer = tokens
+        .layer()
+        .reuse_policy(ReusePolicy::RevokeFamily)
+        .reuse_events(sink)
+        .build();
+    let app = Router::new()
+        .route(
+            "/hello",
+            routing::get(|p: Principal| async move { p.subject().to_owned() }),
+        )
+        .layer(layer);
+    let (record, old) = tokens
+        .issue(NewToken::new("alice", "ci").scopes(["x:read"]).unwrap())
+        .await
+        .unwrap();
+    tokens.rotate(&record.id, Duration::ZERO).await.unwrap();
+    assert_eq!(
+        hello(&app, old.expose_secret()).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    let (headers, body) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a delivery within 10 s")
+        .unwrap();
+    assert_eq!(headers[EVENT_HEADER], "personalAccessToken.reused");
+    verify_signature(
+        KEY,
+        headers[TIMESTAMP_HEADER].as_bytes(),
+        &body,
+        headers[SIGNATURE_HEADER].as_bytes(),
+        chrono::Utc::now(),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let event: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(event["data"]["id"], record.id.as_str());
+    assert_eq!(event["reuse"]["clientAddress"], "198.51.100.7");
+    assert_eq!(event["reuse"]["revoked"], true);
+    assert!(!String::from_utf8_lossy(&body).contains(old.expose_secret()));
+}
