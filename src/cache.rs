@@ -444,7 +444,7 @@ pub(crate) struct Cache {
     suspect_lookups: Semaphore,
     lookup: Arc<dyn TokenLookup>,
     /// Rotation reuse detection, on the miss path of unknown tokens (see [`crate::reuse`]).
-    reuse: Option<ReuseDetection>,
+    reuse: Option<Arc<ReuseDetection>>,
     hasher: TokenHasher,
     ttl_ms: i64,
     stale_ms: i64,
@@ -494,7 +494,7 @@ impl Cache {
             suspects,
             suspect_lookups: Semaphore::new(permits(config.suspect_lookups)),
             lookup,
-            reuse,
+            reuse: reuse.map(Arc::new),
             hasher,
             ttl_ms: duration_ms(config.ttl),
             stale_ms: duration_ms(config.stale_if_error),
@@ -841,34 +841,39 @@ impl Cache {
         // current hashes, never this one's negative entry, which keeps a flood of the same dead
         // secret to one history lookup per negative TTL.
         if let (Some(reuse), Outcome::Rejected(Negative::Unknown)) = (&self.reuse, &outcome) {
-            self.detect_reuse(reuse, &key, previous, address.ip()).await;
+            self.detect_reuse(reuse, key, previous, address.ip()).await;
         }
         outcome
     }
 
-    /// Looks an unknown token's hashes up in the store's history of superseded secrets: see
-    /// [`crate::reuse`].
+    /// Looks an unknown token's hashes up in the store's history of superseded secrets (see
+    /// [`crate::reuse`]), in a task of its own: a presenter that goes away (which cancels the
+    /// lookup) cannot cancel the report or the revocation.
     #[cold]
     async fn detect_reuse(
         &self,
-        reuse: &ReuseDetection,
-        key: &TokenHash,
+        reuse: &Arc<ReuseDetection>,
+        key: TokenHash,
         previous: &[TokenHash],
         client: Option<IpAddr>,
     ) {
-        let hashes: Vec<&TokenHash> = std::iter::once(key)
-            .chain(previous.iter().filter(|h| *h != key))
+        let hashes: Vec<TokenHash> = std::iter::once(key)
+            .chain(previous.iter().copied().filter(|h| *h != key))
             .collect();
+        let (reuse, lookup) = (Arc::clone(reuse), Arc::clone(&self.lookup));
         let sent = now_ms();
-        match reuse.check(&*self.lookup, &hashes, client).await {
-            Ok(queries) => {
+        let detection = tokio::spawn(async move { reuse.check(&*lookup, &hashes, client).await });
+        match detection.await {
+            Ok(Ok(queries)) => {
                 self.store_lookups.fetch_add(queries, Ordering::Relaxed);
                 self.store_answered(sent);
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::warn!(target: "tower_pat::store", error = %e, "superseded secret lookup failed");
                 self.store_failed(sent);
             }
+            // The hook panicked: nothing to undo.
+            Err(_) => {}
         }
     }
 

@@ -26,7 +26,9 @@
 //! Nothing on a cache hit: a hit never reaches this code. Detection is on only when a hook is set
 //! or the policy is [`ReusePolicy::RevokeFamily`]; then a miss that the store answers "unknown"
 //! costs one more query (one per pepper candidate), run in the same single-flight lookup, under
-//! the same lookup slots and client budgets. Its answer is remembered like any unknown token, in
+//! the same lookup slots and client budgets. The history lookup, the revocation and the hook run
+//! in a task of their own, which the lookup awaits: a presenter that drops its request cannot
+//! cancel them. Its answer is remembered like any unknown token, in
 //! the negative cache: the same dead secret presented again and again is looked up, and reported,
 //! at most once per [`negative_ttl`](crate::CacheConfig::negative_ttl) per layer (concurrent
 //! presentations share one lookup; the event then carries the address of the request that
@@ -145,7 +147,7 @@ impl ReuseDetection {
     pub(crate) async fn check(
         &self,
         lookup: &dyn TokenLookup,
-        hashes: &[&TokenHash],
+        hashes: &[TokenHash],
         client: Option<IpAddr>,
     ) -> Result<u64, StoreError> {
         let mut queries = 0;

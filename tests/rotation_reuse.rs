@@ -572,3 +572,30 @@ async fn the_reused_event_is_delivered_to_the_webhook() {
     assert_eq!(event["reuse"]["revoked"], true);
     assert!(!String::from_utf8_lossy(&body).contains(old.expose_secret()));
 }
+
+/// A presenter that drops its request while the history is being read cannot stop the report
+/// or the revocation.
+#[tokio::test]
+async fn dropping_the_request_does_not_cancel_the_detection() {
+    let store = common::CountingStore::new();
+    let tokens = Tokens::new(store.clone());
+    let mut node = Node::new(&tokens, ReusePolicy::RevokeFamily);
+    let admin = admin_secret(&tokens).await;
+    let (id, old) = make(&node.app, &admin).await;
+    let new = rotate(&node.app, &admin, &id, "{}").await;
+    store
+        .superseded_delay_ms
+        .store(300, std::sync::atomic::Ordering::SeqCst);
+    let gave_up = tokio::time::timeout(Duration::from_millis(100), hello(&node.app, &old)).await;
+    assert!(gave_up.is_err(), "the request was dropped mid-lookup");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while node.reused().is_empty() {
+        assert!(Instant::now() < deadline, "no reused event");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(tokens.get(&id).await.unwrap().unwrap().is_revoked());
+    assert_eq!(
+        hello(&node.app, &new).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}

@@ -35,6 +35,8 @@ pub struct CountingStore {
     pub revokes: Arc<AtomicUsize>,
     /// Lookups in the history of superseded secrets (`find_superseded`).
     pub superseded_lookups: Arc<AtomicUsize>,
+    /// How long each `find_superseded` takes.
+    pub superseded_delay_ms: Arc<AtomicU64>,
     pub delay_ms: Arc<AtomicU64>,
     pub failing: Arc<std::sync::atomic::AtomicBool>,
     /// Like a store without a change feed: caches are not told about changes.
@@ -98,6 +100,10 @@ impl TokenLookup for CountingStore {
     ) -> Result<Option<tower_pat::store::SupersededSecret>, StoreError> {
         self.superseded_lookups.fetch_add(1, Ordering::SeqCst);
         self.count();
+        let delay = self.superseded_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         self.inner.find_superseded(hash).await
     }
 }
