@@ -381,6 +381,11 @@ pub trait TokenStore: TokenLookup {
     /// `last_rotated_at` and `updated_at` become `rotation.at`, the expiry changes if the rotation
     /// says so, and the [`version`](TokenRecord::version) goes up by one.
     ///
+    /// A store that answers [`find_superseded`](TokenLookup::find_superseded) records, in the same
+    /// write, the hashes the rotation takes away (`old_hash`, superseded at the end of its grace
+    /// period or now; an earlier grace hash, now at the latest) and keeps the token's history
+    /// within its [`SupersededHistory`].
+    ///
     /// Fails, changing nothing, with [`StoreError::NotFound`], [`StoreError::Revoked`],
     /// [`StoreError::Stale`] if `old_hash` is not the record's current hash or
     /// [`if_version`](Rotation::if_version) not its version, and [`StoreError::Conflict`]
