@@ -1867,6 +1867,23 @@ pub async fn superseded_history_is_bounded_and_forgotten<S: TokenStore>(store: S
             .must();
         hashes.push(next);
     }
+    // A secret superseded longer ago than the retention (30 days) is not reported, and the next
+    // rotation (of any token) prunes it.
+    let ancient = record("carol", "ci");
+    store.insert(&ancient).await.must();
+    let long_ago = t - chrono::Duration::days(40);
+    store
+        .rotate(
+            &ancient.id,
+            &Rotation::new(ancient.hash, new_hash(), "pat_a", long_ago),
+        )
+        .await
+        .must();
+    assert_eq!(
+        store.find_superseded(&ancient.hash).await.must(),
+        None,
+        "a secret superseded beyond the retention is forgotten"
+    );
     let other_new = new_hash();
     store
         .rotate(&other.id, &Rotation::new(other.hash, other_new, "pat_o", t))

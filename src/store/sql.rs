@@ -178,12 +178,20 @@ impl Statements {
             ),
             prune_superseded: {
                 let (id, keep, cutoff) = (p(1), p(2), p(3));
+                // Other tokens' old entries: rows another rotation holds are left to it (no
+                // waiting, so two rotations pruning at once never deadlock).
+                let skip = match d {
+                    #[cfg(feature = "sqlite")]
+                    Dialect::Sqlite => "",
+                    #[cfg(feature = "postgres")]
+                    Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+                };
                 format!(
                     "DELETE FROM {SUPERSEDED} WHERE (token_id = {id} AND (superseded_at < {cutoff} \
                      OR hash NOT IN (SELECT hash FROM {SUPERSEDED} WHERE token_id = {id} \
                      ORDER BY superseded_at DESC, hash LIMIT {keep}))) \
                      OR hash IN (SELECT hash FROM {SUPERSEDED} WHERE superseded_at < {cutoff} \
-                     LIMIT 100)"
+                     LIMIT 100{skip})"
                 )
             },
             find_by_hash: format!(
