@@ -37,7 +37,9 @@ use dashmap::DashMap;
 use tokio::sync::{AcquireError, Semaphore, watch};
 use tokio::task::AbortHandle;
 
+use crate::client_ip::ClientAddr;
 use crate::principal::{Entry, Principal};
+use crate::reuse::ReuseDetection;
 use crate::scope::ScopeSet;
 use crate::store::{ChangeListener, StoreEvent, TokenLookup};
 use crate::token::{TokenHash, TokenHasher};
@@ -441,6 +443,8 @@ pub(crate) struct Cache {
     /// The lookup slots of [`Self::suspects`].
     suspect_lookups: Semaphore,
     lookup: Arc<dyn TokenLookup>,
+    /// Rotation reuse detection, on the miss path of unknown tokens (see [`crate::reuse`]).
+    reuse: Option<Arc<ReuseDetection>>,
     hasher: TokenHasher,
     ttl_ms: i64,
     stale_ms: i64,
@@ -466,6 +470,7 @@ impl Cache {
         lookup: Arc<dyn TokenLookup>,
         hasher: TokenHasher,
         config: CacheConfig,
+        reuse: Option<ReuseDetection>,
     ) -> Arc<Self> {
         let negative = moka::sync::Cache::builder()
             .max_capacity(config.negative_capacity)
@@ -489,6 +494,7 @@ impl Cache {
             suspects,
             suspect_lookups: Semaphore::new(permits(config.suspect_lookups)),
             lookup,
+            reuse: reuse.map(Arc::new),
             hasher,
             ttl_ms: duration_ms(config.ttl),
             stale_ms: duration_ms(config.stale_if_error),
@@ -675,7 +681,8 @@ impl Cache {
     }
 
     /// The miss path: one store query per hash however many requests wait for it. `client` is the
-    /// request's client address, for its lookup budget (see [`CacheConfig`]).
+    /// request's client address: its limit key for the lookup budget (see [`CacheConfig`]), its
+    /// address for a [reuse](crate::reuse) report.
     ///
     /// The query runs in a task of its own: a request dropped while it waits leaves its flight,
     /// the query goes on for the others, and the last one to leave cancels it (releasing its
@@ -686,7 +693,7 @@ impl Cache {
         slot: Slot,
         key: TokenHash,
         previous: Vec<TokenHash>,
-        client: Option<IpAddr>,
+        client: ClientAddr,
     ) -> Outcome {
         let Some((mut answer, _waiter)) = self.join(slot, key, previous, client) else {
             return Outcome::Unavailable;
@@ -705,7 +712,7 @@ impl Cache {
         slot: Slot,
         key: TokenHash,
         previous: Vec<TokenHash>,
-        client: Option<IpAddr>,
+        client: ClientAddr,
     ) -> Option<(watch::Receiver<Option<Outcome>>, Waiter<'_>)> {
         let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
         let epoch = self.epoch.load(Ordering::SeqCst);
@@ -757,7 +764,7 @@ impl Cache {
         key: TokenHash,
         epoch: u64,
         previous: Vec<TokenHash>,
-        client: Option<IpAddr>,
+        client: ClientAddr,
         answer: watch::Sender<Option<Outcome>>,
     ) {
         // A flight that finished just before this one started may have filled the cache.
@@ -787,9 +794,9 @@ impl Cache {
         key: TokenHash,
         previous: &[TokenHash],
         epoch: u64,
-        client: Option<IpAddr>,
+        address: ClientAddr,
     ) -> Outcome {
-        let client = client.map(client_key);
+        let client = address.limit_key().map(client_key);
         // Declared before the permits, dropped after them.
         let budget = client.map(|c| self.client_budget(c));
         let slots = tokio::time::timeout(self.config.lookup_wait, async {
@@ -830,7 +837,44 @@ impl Cache {
             c.budget.suspected.notify_waiters();
         }
         self.remember(slot, key, &outcome, epoch);
+        // After the answer is remembered: a revocation the policy makes invalidates the token's
+        // current hashes, never this one's negative entry, which keeps a flood of the same dead
+        // secret to one history lookup per negative TTL.
+        if let (Some(reuse), Outcome::Rejected(Negative::Unknown)) = (&self.reuse, &outcome) {
+            self.detect_reuse(reuse, key, previous, address.ip()).await;
+        }
         outcome
+    }
+
+    /// Looks an unknown token's hashes up in the store's history of superseded secrets (see
+    /// [`crate::reuse`]), in a task of its own: a presenter that goes away (which cancels the
+    /// lookup) cannot cancel the report or the revocation.
+    #[cold]
+    async fn detect_reuse(
+        &self,
+        reuse: &Arc<ReuseDetection>,
+        key: TokenHash,
+        previous: &[TokenHash],
+        client: Option<IpAddr>,
+    ) {
+        let hashes: Vec<TokenHash> = std::iter::once(key)
+            .chain(previous.iter().copied().filter(|h| *h != key))
+            .collect();
+        let (reuse, lookup) = (Arc::clone(reuse), Arc::clone(&self.lookup));
+        let sent = now_ms();
+        let detection = tokio::spawn(async move { reuse.check(&*lookup, &hashes, client).await });
+        match detection.await {
+            Ok(Ok(queries)) => {
+                self.store_lookups.fetch_add(queries, Ordering::Relaxed);
+                self.store_answered(sent);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(target: "tower_pat::store", error = %e, "superseded secret lookup failed");
+                self.store_failed(sent);
+            }
+            // The hook panicked: nothing to undo.
+            Err(_) => {}
+        }
     }
 
     /// Registers a lookup of `client` with the client's budget, creating it if needed.
@@ -1119,7 +1163,12 @@ mod tests {
             Arc::new(lookup),
             TokenHasher::default(),
             CacheConfig::default(),
+            None,
         )
+    }
+
+    fn addr(ip: Option<IpAddr>) -> ClientAddr {
+        ClientAddr::from_ip(ip)
     }
 
     fn hash(n: u8) -> TokenHash {
@@ -1244,8 +1293,12 @@ mod tests {
         let metrics = tokio::runtime::Handle::current().metrics();
         let client = Some("192.0.2.1".parse().unwrap());
         for n in 0..20 {
-            let load =
-                Arc::clone(&cache).load(Slot::test(u128::from(n)), hash(n), Vec::new(), client);
+            let load = Arc::clone(&cache).load(
+                Slot::test(u128::from(n)),
+                hash(n),
+                Vec::new(),
+                addr(client),
+            );
             let mut load = Box::pin(load);
             let poll = load
                 .as_mut()
@@ -1278,7 +1331,7 @@ mod tests {
         let cache = cache(Empty);
         let client: IpAddr = "2001:db8:1:2:3:4:5:6".parse().unwrap();
         let outcome = Arc::clone(&cache)
-            .load(Slot::test(1), hash(1), Vec::new(), Some(client))
+            .load(Slot::test(1), hash(1), Vec::new(), addr(Some(client)))
             .await;
         assert!(matches!(outcome, Outcome::Rejected(Negative::Unknown)));
         assert!(cache.suspects.contains_key(&client_key(client)));
@@ -1302,12 +1355,12 @@ mod tests {
     async fn a_lookup_whose_store_panics_answers_unavailable_and_leaves_nothing_behind() {
         let cache = cache(PanicsOnce::default());
         let first = Arc::clone(&cache)
-            .load(Slot::test(1), hash(1), Vec::new(), None)
+            .load(Slot::test(1), hash(1), Vec::new(), addr(None))
             .await;
         assert!(matches!(first, Outcome::Unavailable));
         assert_eq!(cache.lookups_in_flight(), 0);
         let second = Arc::clone(&cache)
-            .load(Slot::test(1), hash(1), Vec::new(), None)
+            .load(Slot::test(1), hash(1), Vec::new(), addr(None))
             .await;
         assert!(matches!(second, Outcome::Rejected(Negative::Unknown)));
     }

@@ -82,6 +82,11 @@ impl ClientAddr {
         }
     }
 
+    /// An address known from trusted information, or none: both the address and the limit key.
+    pub(crate) fn from_ip(ip: Option<IpAddr>) -> Self {
+        Self { ip, limit_key: ip }
+    }
+
     /// The client address, `None` when it is unknown: no peer address on the request, or a
     /// trusted proxy forwarded something that cannot be read. IP restrictions are checked, and
     /// usage is recorded, with this address only; a restricted token is refused without one.

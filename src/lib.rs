@@ -122,6 +122,7 @@ mod periodic;
 pub mod principal;
 pub mod record;
 pub mod retention;
+pub mod reuse;
 pub mod scope;
 pub mod stats;
 pub mod store;
@@ -141,6 +142,7 @@ pub use principal::Principal;
 pub use principal::PrincipalRejection;
 pub use record::{NewToken, TokenRecord, UsageUpdate};
 pub use retention::{Retention, RetentionConfig};
+pub use reuse::{ReusePolicy, SecretReuse};
 pub use scope::{Scope, ScopeSet};
 pub use stats::AuthStats;
 #[cfg(feature = "postgres")]

@@ -147,9 +147,12 @@ impl Tokens {
     /// format or hasher on it: [`check_layer`](Self::check_layer) and the management API refuse
     /// such a layer.
     pub fn layer(&self) -> PatAuthLayerBuilder {
-        PatAuthLayer::builder(Arc::clone(&self.store))
+        let mut builder = PatAuthLayer::builder(Arc::clone(&self.store))
             .format(self.format.clone())
-            .hasher(self.hasher.clone())
+            .hasher(self.hasher.clone());
+        // What `ReusePolicy::RevokeFamily` revokes through.
+        builder.reuse_store = Some(Arc::clone(&self.store));
+        builder
     }
 
     /// Whether `layer` accepts the tokens this handle issues: the same format and the same hasher.

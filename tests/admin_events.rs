@@ -421,6 +421,7 @@ fn event_names_match_their_json() {
         EventKind::Leaked,
         EventKind::Expiring,
         EventKind::Expired,
+        EventKind::Reused,
     ] {
         assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
         assert_eq!(kind.to_string(), kind.as_str());

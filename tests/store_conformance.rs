@@ -122,6 +122,8 @@ mod suite {
         expiry_notices_are_claimed_once,
         expiry_notices_respect_the_limit,
         expiry_notices_return_when_the_expiry_changes,
+        superseded_secrets_are_remembered,
+        superseded_history_is_bounded_and_forgotten,
     );
 
     /// The suite catches a store that breaks a rule, and says which: a memory store with one
@@ -278,6 +280,49 @@ async fn sqlite_file_survives_reopen() {
     let store = SqliteStore::open(&path).await.unwrap();
     assert_eq!(store.find_by_hash(&r.hash).await.unwrap(), Some(r.clone()));
     assert_eq!(store.count_by_subject("alice").await.unwrap(), 1);
+    store.close().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A file from before the history of superseded secrets (schema 5) gains it on open: a rotation
+/// then records the replaced hash, and deleting the token removes it (the trigger).
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn sqlite_schema_5_gains_the_superseded_history() {
+    use tower_pat::Rotation;
+    use tower_pat::store::SqliteStore;
+    use tower_pat::store::sqlx::{ConnectOptions, Executor};
+    let dir = common::tempdir();
+    let path = dir.join("tokens.db");
+    let r = token("alice", "ci");
+    {
+        let store = SqliteStore::open(&path).await.unwrap();
+        store.insert(&r).await.unwrap();
+        store.close().await;
+    }
+    let mut conn = tower_pat::store::sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .connect()
+        .await
+        .unwrap();
+    conn.execute(
+        "DROP TRIGGER tower_pat_superseded_forget; \
+         DROP TABLE tower_pat_superseded; \
+         DELETE FROM tower_pat_schema_version WHERE version > 5;",
+    )
+    .await
+    .unwrap();
+    drop(conn);
+
+    let store = SqliteStore::open(&path).await.unwrap();
+    let new = token("alice", "other").hash;
+    store
+        .rotate(&r.id, &Rotation::new(r.hash, new, "pat_new", now()))
+        .await
+        .unwrap();
+    assert!(store.find_superseded(&r.hash).await.unwrap().is_some());
+    store.delete(&r.id).await.unwrap();
+    assert_eq!(store.find_superseded(&r.hash).await.unwrap(), None);
     store.close().await;
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -33,8 +33,9 @@ pub trait TokenEvents: Send + Sync + 'static {
 }
 
 /// What changed: `{"event": "personalAccessToken.created", "data": <token view>, "triggeredAt":
-/// <RFC 3339>}`, with `"leak": {"url", "source"}` for `personalAccessToken.leaked`. The data never
-/// holds the secret.
+/// <RFC 3339>}`, with `"leak": {"url", "source"}` for `personalAccessToken.leaked` and
+/// `"reuse": {"clientAddress", "supersededAt", "revoked"}` for `personalAccessToken.reused`. The
+/// data never holds the secret, nor its hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 #[non_exhaustive]
@@ -48,6 +49,25 @@ pub struct TokenEvent {
     /// Where the token was found, for [`EventKind::Leaked`]; absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leak: Option<LeakSource>,
+    /// Who presented a rotated-out secret, for [`EventKind::Reused`]; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reuse: Option<ReuseDetails>,
+}
+
+/// A rotated-out secret presented after its grace period ([`EventKind::Reused`]): never the
+/// secret, nor its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[non_exhaustive]
+pub struct ReuseDetails {
+    /// The address of the client that presented it, as the layer read it; `null` when unknown.
+    #[schema(format = "ip")]
+    pub client_address: Option<String>,
+    /// When the secret stopped working: its rotation, or the end of its grace period.
+    pub superseded_at: DateTime<Utc>,
+    /// Whether the token (and so its current secret) is revoked under
+    /// [`ReusePolicy::RevokeFamily`](crate::ReusePolicy::RevokeFamily).
+    pub revoked: bool,
 }
 
 /// Where a leaked token was found, as the secret-scanning report says: never the token itself.
@@ -79,7 +99,25 @@ impl TokenEvent {
             data,
             triggered_at: at,
             leak: None,
+            reuse: None,
         }
+    }
+
+    /// The `personalAccessToken.reused` event of a detected reuse (see [`crate::reuse`]): the
+    /// token's view, and the client address, when the secret was superseded and whether the
+    /// token was revoked.
+    pub fn reused(reuse: &crate::reuse::SecretReuse) -> Self {
+        let mut event = Self::new(
+            EventKind::Reused,
+            TokenView::new(&reuse.record, reuse.detected_at),
+            reuse.detected_at,
+        );
+        event.reuse = Some(ReuseDetails {
+            client_address: reuse.client_address.map(|ip| ip.to_string()),
+            superseded_at: reuse.superseded_at,
+            revoked: reuse.revoked,
+        });
+        event
     }
 
     /// The event with where the token leaked ([`EventKind::Leaked`]).
@@ -169,6 +207,14 @@ pub enum EventKind {
     /// It has expired: sent once per token by the [expiry notices](crate::notices) task.
     #[serde(rename = "personalAccessToken.expired")]
     Expired,
+    /// A secret a rotation replaced was presented after its grace period (see
+    /// [`crate::reuse`]): the request was refused, and under
+    /// [`ReusePolicy::RevokeFamily`](crate::ReusePolicy::RevokeFamily) the token was revoked. The
+    /// event carries `reuse: {clientAddress, supersededAt, revoked}`; no
+    /// `personalAccessToken.revoked` is sent for this revocation. Sent by the layer
+    /// ([`PatAuthLayerBuilder::reuse_events`](crate::PatAuthLayerBuilder::reuse_events)).
+    #[serde(rename = "personalAccessToken.reused")]
+    Reused,
 }
 
 impl EventKind {
@@ -186,6 +232,7 @@ impl EventKind {
             Self::Leaked => "personalAccessToken.leaked",
             Self::Expiring => "personalAccessToken.expiring",
             Self::Expired => "personalAccessToken.expired",
+            Self::Reused => "personalAccessToken.reused",
         }
     }
 }

@@ -68,7 +68,9 @@ mod view;
 mod webhook;
 
 pub use config::{AdminConfig, ExpiryPolicy};
-pub use events::{EventKind, LeakSource, PurgeEvent, PurgeSummary, TokenEvent, TokenEvents};
+pub use events::{
+    EventKind, LeakSource, PurgeEvent, PurgeSummary, ReuseDetails, TokenEvent, TokenEvents,
+};
 #[cfg(feature = "secret-scanning")]
 pub use leaks::{InvalidPublicKey, KEY_IDENTIFIER_HEADER, KEY_SIGNATURE_HEADER, LeakReports};
 pub use openapi::openapi;

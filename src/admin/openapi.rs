@@ -10,7 +10,7 @@ use super::error::{
     ErrorBody, NotFound, PayloadTooLarge, ReadScopeMissing, StoreFailed, TokenRevoked,
     Unauthorized, WriteScopeMissing,
 };
-use super::events::{EventKind, LeakSource, PurgeEvent, PurgeSummary, TokenEvent};
+use super::events::{EventKind, LeakSource, PurgeEvent, PurgeSummary, ReuseDetails, TokenEvent};
 use super::input::{
     CreateTokenRequest, IpRestriction, LastUsedParam, PatchTokenRequest, RotateTokenRequest,
     SortParam,
@@ -57,6 +57,7 @@ use super::view::{Deleted, ExpiryWarning, IssuedToken, TokenView};
         PurgeSummary,
         EventKind,
         LeakSource,
+        ReuseDetails,
     ), responses(
         Unauthorized,
         ReadScopeMissing,

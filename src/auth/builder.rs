@@ -16,8 +16,9 @@ use super::limit::FailureLimit;
 use super::verify::{RejectHook, Verifier};
 use crate::cache::{Cache, CacheConfig};
 use crate::client_ip::{ClientIpSource, ForwardedHeader};
+use crate::reuse::{ReuseDetection, ReuseHook, ReusePolicy, SecretReuse};
 use crate::scope::{InvalidScope, ScopeSet};
-use crate::store::TokenLookup;
+use crate::store::{TokenLookup, TokenStore};
 use crate::token::{TokenFormat, TokenHasher};
 use crate::usage::{UsageConfig, UsageRecorder};
 
@@ -40,6 +41,12 @@ pub struct PatAuthLayerBuilder {
     pass_foreign: bool,
     on_reject: Option<RejectHook>,
     expiration_header: bool,
+    reuse_policy: ReusePolicy,
+    on_reuse: Option<ReuseHook>,
+    /// The store to revoke through under [`ReusePolicy::RevokeFamily`] ([`Tokens::layer`]).
+    ///
+    /// [`Tokens::layer`]: crate::Tokens::layer
+    pub(crate) reuse_store: Option<Arc<dyn TokenStore>>,
 }
 
 impl std::fmt::Debug for dyn TokenLookup {
@@ -64,6 +71,8 @@ impl std::fmt::Debug for PatAuthLayerBuilder {
             .field("pass_foreign", &self.pass_foreign)
             .field("on_reject", &self.on_reject.is_some())
             .field("expiration_header", &self.expiration_header)
+            .field("reuse_policy", &self.reuse_policy)
+            .field("on_reuse", &self.on_reuse.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -87,6 +96,9 @@ impl PatAuthLayerBuilder {
             pass_foreign: false,
             on_reject: None,
             expiration_header: false,
+            reuse_policy: ReusePolicy::Report,
+            on_reuse: None,
+            reuse_store: None,
         }
     }
 }
@@ -321,6 +333,50 @@ impl PatAuthLayerBuilder {
         self
     }
 
+    /// Calls `hook` when a secret that a rotation replaced is presented after its grace period:
+    /// see [reuse detection](crate::reuse). The request is refused as any unknown token is; the
+    /// hook gets the token, the client address, when the secret was superseded and whether the
+    /// token was revoked ([`reuse_policy`](Self::reuse_policy)). It runs on the lookup's task:
+    /// return at once (hand the report to a queue), never block.
+    ///
+    /// Off by default. With no hook and [`ReusePolicy::Report`], the layer never reads the
+    /// store's history; on, it costs a miss of an unknown token one more store query, and a cache
+    /// hit nothing.
+    ///
+    /// ```
+    /// use tower_pat::reuse::ReusePolicy;
+    /// use tower_pat::{MemoryStore, Tokens};
+    ///
+    /// let tokens = Tokens::new(MemoryStore::new());
+    /// let layer = tokens
+    ///     .layer()
+    ///     .reuse_policy(ReusePolicy::RevokeFamily)
+    ///     .on_reuse(|reuse| eprintln!("token {} reused from {:?}", reuse.record.id, reuse.client_address))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn on_reuse(mut self, hook: impl Fn(&SecretReuse) + Send + Sync + 'static) -> Self {
+        self.on_reuse = Some(Arc::new(hook));
+        self
+    }
+
+    /// Sends a `personalAccessToken.reused` [`TokenEvent`](crate::admin::TokenEvent) to `sink`
+    /// (for example the management API's [`WebhookSink`](crate::admin::WebhookSink)) when a
+    /// rotated-out secret is presented: [`on_reuse`](Self::on_reuse) with the event as hook.
+    #[cfg(feature = "admin")]
+    pub fn reuse_events(self, sink: impl crate::admin::TokenEvents) -> Self {
+        self.on_reuse(move |reuse| sink.publish(crate::admin::TokenEvent::reused(reuse)))
+    }
+
+    /// What the layer does about a rotated-out secret presented after its grace period (default
+    /// [`ReusePolicy::Report`]). [`ReusePolicy::RevokeFamily`] revokes the token it was rotated
+    /// into, through the store: only on a layer built with [`Tokens::layer`](crate::Tokens::layer)
+    /// (elsewhere a warning says it only reports). See [reuse detection](crate::reuse).
+    pub fn reuse_policy(mut self, policy: ReusePolicy) -> Self {
+        self.reuse_policy = policy;
+        self
+    }
+
     /// Builds the layer and subscribes its cache to the store's change feed.
     ///
     /// # Panics
@@ -330,7 +386,8 @@ impl PatAuthLayerBuilder {
         let usage = self
             .usage
             .map(|config| UsageRecorder::from_arc(Arc::clone(&self.lookup), config));
-        let cache = Cache::new(self.lookup, self.hasher, self.cache);
+        let reuse = ReuseDetection::new(self.reuse_policy, self.on_reuse, self.reuse_store);
+        let cache = Cache::new(self.lookup, self.hasher, self.cache, reuse);
         if self.anonymous && !self.required.is_empty() {
             tracing::warn!(
                 target: "tower_pat::auth",

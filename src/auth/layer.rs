@@ -259,7 +259,12 @@ impl PatAuthLayer {
                 Probe::Uncached(keys) => {
                     stats.add(Counter::Miss);
                     Arc::clone(&verifier.cache)
-                        .load(keys.slot, keys.hash, keys.previous, client)
+                        .load(
+                            keys.slot,
+                            keys.hash,
+                            keys.previous,
+                            crate::client_ip::ClientAddr::from_ip(client),
+                        )
                         .await
                 }
             };

@@ -15,7 +15,8 @@
 //! |---|---|---|
 //! | `tower_pat::auth` | debug | every refusal of [`PatAuthLayer`] and of [`PatAuthLayer::verify`]: `reason` (`missing_credentials`, `invalid_request`, `invalid_token`, `revoked`, `expired`, `ip_not_allowed`, `insufficient_scope`, `too_many_attempts`, `unavailable`), `status`, `token_id` when the layer held the token's record (expired, IP, scope refusals), `client` when the client address is known |
 //! | `tower_pat::auth` | warn | a builder setting that has no effect |
-//! | `tower_pat::store` | warn | a store query that failed: a token lookup (the request gets 503 unless a cached entry serves on), a background refresh, a usage flush (retried) |
+//! | `tower_pat::auth` | warn | a rotated-out secret was presented ([reuse detection](crate::reuse), when on): `token_id`, `client`, `revoked` |
+//! | `tower_pat::store` | warn | a store query that failed: a token lookup (the request gets 503 unless a cached entry serves on), a background refresh, a usage flush (retried), a lookup of superseded secrets or a reuse revocation (the request is refused as unknown either way) |
 //!
 //! Other events (the change feed, the management API, webhooks) use their module path as target,
 //! such as `tower_pat::store::postgres` or `tower_pat::admin::webhook`. For example

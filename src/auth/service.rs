@@ -74,8 +74,8 @@ where
                 // The ready service goes with the future; a clone stays for the next request.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
-                // The client's address, for its lookup budget (a miss only).
-                let client = self.verifier.client_addr(&req).limit_key();
+                // The client's address, for its lookup budget and a reuse report (a miss only).
+                let client = self.verifier.client_addr(&req);
                 let lookup = Box::pin(Arc::clone(&self.verifier.cache).load(
                     keys.slot,
                     keys.hash,

@@ -29,6 +29,8 @@
 //! enabled = false
 //! lead = "7d"                         # personalAccessToken.expiring this long before the expiry
 //! interval = "15m"
+//! [reuse]                             # a rotated-out secret presented after its grace period:
+//! policy = "revoke_family"            # "off" (default), "report" (logged), or also revoke the token
 //!
 //! [[rule]]
 //! path_prefix = "/admin"
@@ -120,6 +122,8 @@ pub struct Config {
     pub expiry_notices: ExpiryNoticesSection,
     /// The failure limit, off unless `max_failures` is set.
     pub failure_limit: FailureLimitSection,
+    /// Rotation reuse detection, off by default.
+    pub reuse: ReuseSection,
     /// The management API's expiry policy.
     pub expiry: ExpirySection,
     /// The names of the identity headers.
@@ -153,6 +157,7 @@ impl Default for Config {
             retention: RetentionSection::default(),
             expiry_notices: ExpiryNoticesSection::default(),
             failure_limit: FailureLimitSection::default(),
+            reuse: ReuseSection::default(),
             expiry: ExpirySection::default(),
             identity_headers: IdentitySection::default(),
             rule: Vec::new(),
@@ -385,6 +390,31 @@ impl Default for FailureLimitSection {
             window: Dur(Duration::from_secs(60)),
         }
     }
+}
+
+/// `[reuse]`: what `patd` does when a secret that a rotation replaced is presented after its
+/// grace period (see [`crate::reuse`]). The request is refused as any unknown token either way.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct ReuseSection {
+    /// `off` (default: the history is never read), `report` (a warning naming the token and the
+    /// client address) or `revoke_family` (the warning, and the token is revoked on every node).
+    pub policy: ReuseMode,
+}
+
+/// The `policy` of [`ReuseSection`].
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ReuseMode {
+    /// No detection.
+    #[default]
+    Off,
+    /// Log each reuse (target `tower_pat::auth`, warn).
+    Report,
+    /// Log it and revoke the token the secret was rotated into.
+    RevokeFamily,
 }
 
 /// `[expiry]`: the management API's policy.
@@ -1146,6 +1176,16 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXOpw6qjcqsauqveNqG5RBCU6yV7A
         assert!(c.expiry_notices.enabled);
         assert!(load("[expiry_notices]\nlead = \"soon\"\n", &[], &[]).is_err());
         assert!(c.to_redacted_toml().contains("[expiry_notices]"));
+    }
+
+    #[test]
+    fn reuse_detection_is_off_by_default_and_named_in_snake_case() {
+        assert_eq!(load("", &[], &[]).unwrap().reuse.policy, ReuseMode::Off);
+        let c = load("[reuse]\npolicy = \"revoke_family\"\n", &[], &[]).unwrap();
+        assert_eq!(c.reuse.policy, ReuseMode::RevokeFamily);
+        let c = load("", &[("PATD_REUSE__POLICY", "report")], &[]).unwrap();
+        assert_eq!(c.reuse.policy, ReuseMode::Report);
+        assert!(load("[reuse]\npolicy = \"sometimes\"\n", &[], &[]).is_err());
     }
 
     #[test]

@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use http::{HeaderValue, StatusCode, header};
 
-use super::config::{Config, OriginalHeaders, StoreUrl};
+use super::config::{Config, OriginalHeaders, ReuseMode, StoreUrl};
 use super::forward_auth::{ForwardAuth, OriginalRequestHeaders};
 use super::gate::Gate;
 use super::metrics::Metrics;
@@ -106,6 +106,12 @@ pub fn layer(config: &Config, tokens: &Tokens) -> PatAuthLayer {
     if let Some(max) = config.failure_limit.max_failures {
         b = b.limit_failures(max, config.failure_limit.window.0);
     }
+    b = match config.reuse.policy {
+        ReuseMode::Off => b,
+        // The detection itself logs each reuse; the hook only turns it on.
+        ReuseMode::Report => b.on_reuse(|_| {}),
+        ReuseMode::RevokeFamily => b.reuse_policy(crate::ReusePolicy::RevokeFamily),
+    };
     b.build()
 }
 

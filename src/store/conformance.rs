@@ -290,6 +290,8 @@ suite!(
     expiry_notices_are_claimed_once,
     expiry_notices_respect_the_limit,
     expiry_notices_return_when_the_expiry_changes,
+    superseded_secrets_are_remembered,
+    superseded_history_is_bounded_and_forgotten,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -2041,5 +2043,168 @@ pub async fn expiry_notices_return_when_the_expiry_changes<S: TokenStore>(store:
         ids(&expired),
         ids([&soon]),
         "an extended token's expiry is noticed again"
+    );
+}
+
+/// [`find_superseded`](crate::TokenLookup::find_superseded): a rotation records the hash it
+/// replaces (stopping at the rotation, or at the end of its grace period), a later rotation cuts
+/// an earlier grace hash's time short, the record found is the token as it is now, and a hash
+/// never superseded (current, unknown) is not found. A store that keeps no history (the trait's
+/// default) fails this check and the next: it never detects reuse.
+pub async fn superseded_secrets_are_remembered<S: TokenStore>(store: S) {
+    let _check = Check("superseded_secrets_are_remembered");
+    let t = now();
+    let r = record("alice", "ci");
+    store.insert(&r).await.must();
+    assert_eq!(
+        store.find_superseded(&r.hash).await.must(),
+        None,
+        "a current hash is not superseded"
+    );
+    let first = new_hash();
+    let rotated = store
+        .rotate(&r.id, &Rotation::new(r.hash, first, "pat_first", t))
+        .await
+        .must();
+    let found = store.find_superseded(&r.hash).await.must();
+    assert_eq!(
+        found.as_ref().map(|s| (&s.record, s.superseded_at)),
+        Some((&rotated, t)),
+        "a hash replaced without grace is superseded at the rotation, with the record as it is now"
+    );
+    assert_eq!(
+        store.find_superseded(&first).await.must(),
+        None,
+        "the new hash is not superseded"
+    );
+    assert_eq!(
+        store.find_superseded(&new_hash()).await.must(),
+        None,
+        "an unknown hash is not superseded"
+    );
+
+    // With a grace period: superseded when the grace period ends...
+    let t2 = t + chrono::Duration::seconds(1);
+    let until = t2 + chrono::Duration::hours(1);
+    let second = new_hash();
+    store
+        .rotate(
+            &r.id,
+            &Rotation::new(first, second, "pat_second", t2).grace_until(Some(until)),
+        )
+        .await
+        .must();
+    let at = |s: Option<crate::store::SupersededSecret>| s.map(|s| s.superseded_at);
+    assert_eq!(
+        at(store.find_superseded(&first).await.must()),
+        Some(until),
+        "a hash replaced with a grace period is superseded when the grace period ends"
+    );
+    // ...unless another rotation ends the grace period first.
+    let t3 = t2 + chrono::Duration::seconds(1);
+    let third = new_hash();
+    let latest = store
+        .rotate(&r.id, &Rotation::new(second, third, "pat_third", t3))
+        .await
+        .must();
+    assert_eq!(
+        at(store.find_superseded(&first).await.must()),
+        Some(t3),
+        "a later rotation cuts an earlier grace hash short"
+    );
+    let found = store.find_superseded(&second).await.must();
+    assert_eq!(
+        found.as_ref().map(|s| &s.record),
+        Some(&latest),
+        "every superseded hash leads to the record as it is now"
+    );
+    assert_eq!(
+        at(store.find_superseded(&r.hash).await.must()),
+        Some(t),
+        "older entries keep their time"
+    );
+}
+
+/// The history keeps the newest [`SupersededHistory::default`] `max_per_token` (10) entries per
+/// token, and deleting or purging the token removes them.
+///
+/// [`SupersededHistory::default`]: crate::store::SupersededHistory::default
+pub async fn superseded_history_is_bounded_and_forgotten<S: TokenStore>(store: S) {
+    let _check = Check("superseded_history_is_bounded_and_forgotten");
+    let keep = crate::store::SupersededHistory::default().max_per_token as usize;
+    let t = now();
+    let r = record("alice", "ci");
+    let other = record("bob", "ci");
+    store.insert(&r).await.must();
+    store.insert(&other).await.must();
+    let mut hashes = vec![r.hash];
+    for i in 0..keep + 2 {
+        let next = new_hash();
+        let at = t + chrono::Duration::seconds(i64::try_from(i).unwrap_or(0));
+        let last = *hashes.last().unwrap_or(&r.hash);
+        store
+            .rotate(&r.id, &Rotation::new(last, next, "pat_next", at))
+            .await
+            .must();
+        hashes.push(next);
+    }
+    // A secret superseded longer ago than the retention (30 days) is not reported, and the next
+    // rotation (of any token) prunes it.
+    let ancient = record("carol", "ci");
+    store.insert(&ancient).await.must();
+    let long_ago = t - chrono::Duration::days(40);
+    store
+        .rotate(
+            &ancient.id,
+            &Rotation::new(ancient.hash, new_hash(), "pat_a", long_ago),
+        )
+        .await
+        .must();
+    assert_eq!(
+        store.find_superseded(&ancient.hash).await.must(),
+        None,
+        "a secret superseded beyond the retention is forgotten"
+    );
+    let other_new = new_hash();
+    store
+        .rotate(&other.id, &Rotation::new(other.hash, other_new, "pat_o", t))
+        .await
+        .must();
+    // hashes[0..keep + 2] were superseded, the last one is current.
+    let superseded = &hashes[..hashes.len() - 1];
+    let mut found = Vec::new();
+    for h in superseded {
+        found.push(store.find_superseded(h).await.must().is_some());
+    }
+    let expected: Vec<bool> = (0..superseded.len())
+        .map(|i| i >= superseded.len() - keep)
+        .collect();
+    assert_eq!(
+        found, expected,
+        "only the newest {keep} superseded hashes of a token are kept"
+    );
+    store.delete(&r.id).await.must();
+    for h in superseded {
+        assert_eq!(
+            store.find_superseded(h).await.must(),
+            None,
+            "deleting a token removes its history"
+        );
+    }
+    assert!(
+        store.find_superseded(&other.hash).await.must().is_some(),
+        "another token's history is kept"
+    );
+    // Purging a token removes its history too.
+    store.revoke(&other.id, t).await.must();
+    let purged = store
+        .purge(t + chrono::Duration::seconds(1), 10)
+        .await
+        .must();
+    assert_eq!(purged.len(), 1, "the revoked token is purged");
+    assert_eq!(
+        store.find_superseded(&other.hash).await.must(),
+        None,
+        "purging a token removes its history"
     );
 }

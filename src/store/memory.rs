@@ -6,8 +6,8 @@ use chrono::{DateTime, Utc};
 
 use super::write::check_writable;
 use super::{
-    ChangeHub, ChangeListener, ListQuery, NoticeKind, Page, Rotation, StoreError, TokenLookup,
-    TokenPatch, TokenStore,
+    ChangeHub, ChangeListener, HistorySetting, ListQuery, NoticeKind, Page, Rotation, StoreError,
+    SupersededHistory, SupersededSecret, TokenLookup, TokenPatch, TokenStore, superseded_by,
 };
 use crate::record::TokenRecord;
 use crate::record::UsageUpdate;
@@ -25,6 +25,7 @@ pub struct MemoryStore {
 struct Shared {
     data: RwLock<Data>,
     hub: ChangeHub,
+    history: HistorySetting,
 }
 
 #[derive(Default, Debug)]
@@ -33,6 +34,8 @@ struct Data {
     by_hash: HashMap<TokenHash, String>,
     /// The expiry notices claimed, by record id: cleared when the expiry changes.
     notices: HashMap<String, Notices>,
+    /// Superseded secrets: the token id and when each stopped working.
+    superseded: HashMap<TokenHash, (String, DateTime<Utc>)>,
 }
 
 /// When each expiry notice of a record was claimed.
@@ -74,6 +77,32 @@ impl Data {
         self.by_id.insert(new.id.clone(), new.clone());
     }
 
+    /// Records the hashes a rotation of `old` replaced, then keeps only the token's newest
+    /// `history.max_per_token` entries within `history.retention`.
+    fn supersede(&mut self, old: &TokenRecord, rotation: &Rotation, history: SupersededHistory) {
+        for (hash, at) in superseded_by(old, rotation) {
+            let entry = self
+                .superseded
+                .entry(hash)
+                .or_insert_with(|| (old.id.clone(), at));
+            entry.1 = entry.1.min(at);
+        }
+        let cutoff = history.cutoff(rotation.at);
+        let mut mine: Vec<(TokenHash, DateTime<Utc>)> = self
+            .superseded
+            .iter()
+            .filter(|(_, (id, _))| *id == old.id)
+            .map(|(h, (_, at))| (*h, *at))
+            .collect();
+        mine.sort_by_key(|e| std::cmp::Reverse(e.1));
+        let keep = usize::try_from(history.max_per_token).unwrap_or(usize::MAX);
+        for (i, (hash, at)) in mine.into_iter().enumerate() {
+            if i >= keep || at < cutoff {
+                self.superseded.remove(&hash);
+            }
+        }
+    }
+
     fn unindex(&mut self, record: &TokenRecord) {
         self.by_hash.remove(&record.hash);
         if let Some((h, _)) = record.previous_hash {
@@ -86,6 +115,14 @@ impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Keeps `history` of superseded secrets from now on (default [`SupersededHistory::default`]):
+    /// for every handle to this store.
+    #[must_use]
+    pub fn superseded_history(self, history: SupersededHistory) -> Self {
+        self.inner.history.set(history);
+        self
     }
 
     /// Number of records.
@@ -133,6 +170,22 @@ impl TokenLookup for MemoryStore {
     fn subscribe(&self, listener: Weak<dyn ChangeListener>) -> bool {
         self.inner.hub.subscribe(listener);
         true
+    }
+
+    async fn find_superseded(
+        &self,
+        hash: &TokenHash,
+    ) -> Result<Option<SupersededSecret>, StoreError> {
+        let cutoff = self.inner.history.get().cutoff(Utc::now());
+        let data = self.read();
+        Ok(data
+            .superseded
+            .get(hash)
+            .filter(|(_, at)| *at >= cutoff)
+            .and_then(|(id, at)| {
+                let record = data.by_id.get(id)?;
+                Some(SupersededSecret::new(record.clone(), *at))
+            }))
     }
 }
 
@@ -212,6 +265,7 @@ impl TokenStore for MemoryStore {
             }
             let mut new = old.clone();
             rotation.apply(&mut new)?;
+            data.supersede(&old, rotation, self.inner.history.get());
             data.unindex(&old);
             data.index(&new);
             data.replace(&old, &new);
@@ -246,6 +300,7 @@ impl TokenStore for MemoryStore {
             if let Some(r) = &removed {
                 data.unindex(r);
                 data.notices.remove(id);
+                data.superseded.retain(|_, (owner, _)| owner != id);
             }
             removed
         };
@@ -283,6 +338,7 @@ impl TokenStore for MemoryStore {
                     let r = data.by_id.remove(id)?;
                     data.unindex(&r);
                     data.notices.remove(id);
+                    data.superseded.retain(|_, (owner, _)| owner != id);
                     Some(r)
                 })
                 .collect()

@@ -201,6 +201,143 @@ pub trait TokenLookup: Send + Sync + 'static {
         let _ = listener;
         false
     }
+
+    /// The token a rotation took `hash` away from, if `hash` is in the store's history of
+    /// superseded secrets ([`SupersededHistory`]: a bounded number per token, for a limited
+    /// time), with the record as it is now. A hash still answering through
+    /// [`find_by_hash`](Self::find_by_hash) (the current one, or one in its grace period) may be
+    /// in the history too: callers ask only after `find_by_hash` found nothing.
+    ///
+    /// The layer asks on a cache miss of an unknown token, and only when
+    /// [reuse detection](crate::reuse) is on. The default answers `Ok(None)`: a store that keeps
+    /// no history compiles and simply never detects reuse.
+    async fn find_superseded(
+        &self,
+        hash: &TokenHash,
+    ) -> Result<Option<SupersededSecret>, StoreError> {
+        let _ = hash;
+        Ok(None)
+    }
+}
+
+/// A secret a rotation replaced, as [`TokenLookup::find_superseded`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SupersededSecret {
+    /// The token the secret belonged to, as it is now: its secret is the one the rotation made
+    /// (or a later one).
+    pub record: TokenRecord,
+    /// When the secret stopped working: the rotation, or the end of its grace period (cut short
+    /// if another rotation came first).
+    pub superseded_at: DateTime<Utc>,
+}
+
+impl SupersededSecret {
+    /// The secret of `record` that stopped working at `superseded_at`.
+    pub fn new(record: TokenRecord, superseded_at: DateTime<Utc>) -> Self {
+        Self {
+            record,
+            superseded_at,
+        }
+    }
+}
+
+/// How much history of superseded secrets a store keeps, for [reuse detection](crate::reuse):
+/// every [`rotate`](TokenStore::rotate) records the hash it replaces, in the same transaction,
+/// and drops the token's entries beyond the newest `max_per_token` and those older than
+/// `retention`. Deleting (or purging) a token removes its history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SupersededHistory {
+    /// How many superseded secrets are kept per token, newest first. Default 10; zero keeps none.
+    pub max_per_token: u32,
+    /// How long a superseded secret is remembered after it stopped working. Default 30 days.
+    pub retention: std::time::Duration,
+}
+
+impl Default for SupersededHistory {
+    fn default() -> Self {
+        Self {
+            max_per_token: 10,
+            retention: std::time::Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+impl SupersededHistory {
+    /// How many superseded secrets are kept per token. Default 10.
+    #[must_use]
+    pub fn max_per_token(mut self, n: u32) -> Self {
+        self.max_per_token = n;
+        self
+    }
+
+    /// How long a superseded secret is remembered. Default 30 days.
+    #[must_use]
+    pub fn retention(mut self, retention: std::time::Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// The oldest `superseded_at` still remembered at `now`.
+    pub(crate) fn cutoff(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        chrono::Duration::from_std(self.retention)
+            .ok()
+            .and_then(|r| now.checked_sub_signed(r))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
+    }
+}
+
+/// A store's [`SupersededHistory`] setting, changeable on a shared handle.
+#[derive(Debug)]
+pub(crate) struct HistorySetting {
+    max_per_token: std::sync::atomic::AtomicU32,
+    retention_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for HistorySetting {
+    fn default() -> Self {
+        let s = Self {
+            max_per_token: 0.into(),
+            retention_ms: 0.into(),
+        };
+        s.set(SupersededHistory::default());
+        s
+    }
+}
+
+impl HistorySetting {
+    pub(crate) fn set(&self, h: SupersededHistory) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.max_per_token.store(h.max_per_token, Relaxed);
+        let ms = u64::try_from(h.retention.as_millis()).unwrap_or(u64::MAX);
+        self.retention_ms.store(ms, Relaxed);
+    }
+
+    pub(crate) fn get(&self) -> SupersededHistory {
+        use std::sync::atomic::Ordering::Relaxed;
+        SupersededHistory {
+            max_per_token: self.max_per_token.load(Relaxed),
+            retention: std::time::Duration::from_millis(self.retention_ms.load(Relaxed)),
+        }
+    }
+}
+
+/// The history entries a rotation of `old` by `rotation` writes: the hash it replaces (stopping
+/// at the end of the grace period, if any) and an earlier grace hash, which stops now.
+pub(crate) fn superseded_by(
+    old: &TokenRecord,
+    rotation: &Rotation,
+) -> impl Iterator<Item = (TokenHash, DateTime<Utc>)> {
+    let replaced = (
+        rotation.old_hash,
+        rotation.grace_until.unwrap_or(rotation.at).max(rotation.at),
+    );
+    let earlier = old
+        .previous_hash
+        .filter(|(h, _)| *h != rotation.old_hash)
+        .map(|(h, until)| (h, until.min(rotation.at)));
+    std::iter::once(replaced).chain(earlier)
 }
 
 /// The management operations, on top of the read path.
@@ -243,6 +380,11 @@ pub trait TokenStore: TokenLookup {
     /// without a grace period: an earlier grace hash never survives a rotation),
     /// `last_rotated_at` and `updated_at` become `rotation.at`, the expiry changes if the rotation
     /// says so, and the [`version`](TokenRecord::version) goes up by one.
+    ///
+    /// A store that answers [`find_superseded`](TokenLookup::find_superseded) records, in the same
+    /// write, the hashes the rotation takes away (`old_hash`, superseded at the end of its grace
+    /// period or now; an earlier grace hash, now at the latest) and keeps the token's history
+    /// within its [`SupersededHistory`].
     ///
     /// Fails, changing nothing, with [`StoreError::NotFound`], [`StoreError::Revoked`],
     /// [`StoreError::Stale`] if `old_hash` is not the record's current hash or
@@ -636,5 +778,12 @@ impl<T: TokenLookup + ?Sized> TokenLookup for std::sync::Arc<T> {
 
     fn subscribe(&self, listener: Weak<dyn ChangeListener>) -> bool {
         (**self).subscribe(listener)
+    }
+
+    async fn find_superseded(
+        &self,
+        hash: &TokenHash,
+    ) -> Result<Option<SupersededSecret>, StoreError> {
+        (**self).find_superseded(hash).await
     }
 }

@@ -29,6 +29,11 @@
 //! nodes claiming at once never claim one token twice); a write that changes the expiry clears
 //! both.
 //!
+//! Migration 6 adds `tower_pat_superseded` (`hash` `bytea` primary key, `token_id` indexed and
+//! referencing the token `ON DELETE CASCADE`, `superseded_at` `timestamptz` indexed): the
+//! secrets rotations replaced, for [`find_superseded`](TokenLookup::find_superseded). A rotation
+//! writes and prunes it in its own transaction ([`PostgresStore::superseded_history`]).
+//!
 //! [`record_usage`](TokenLookup::record_usage) writes a whole batch in one `UPDATE … FROM
 //! unnest(…)` statement: `last_used_at` becomes the later of the stored and the given time, and
 //! the address lists merge newest first, without repeats, at most
@@ -117,8 +122,9 @@ use super::sql::{
 };
 use super::write::check_writable;
 use super::{
-    ChangeHub, ChangeListener, ListQuery, NoticeKind, Page, Rotation, StoreError, StoreEvent,
-    TokenLookup, TokenPatch, TokenStore, notice_horizon,
+    ChangeHub, ChangeListener, HistorySetting, ListQuery, NoticeKind, Page, Rotation, StoreError,
+    StoreEvent, SupersededHistory, SupersededSecret, TokenLookup, TokenPatch, TokenStore,
+    notice_horizon, superseded_by,
 };
 use crate::record::UsageUpdate;
 use crate::record::{MAX_LAST_USED_IPS, TokenRecord};
@@ -180,6 +186,21 @@ ALTER TABLE tower_pat_tokens ADD COLUMN expiring_notice_at timestamptz;
 ALTER TABLE tower_pat_tokens ADD COLUMN expired_notice_at timestamptz;
 ",
     },
+    Migration {
+        version: 6,
+        sql: r"
+CREATE TABLE IF NOT EXISTS tower_pat_superseded (
+    hash bytea NOT NULL,
+    token_id text NOT NULL,
+    superseded_at timestamptz NOT NULL,
+    CONSTRAINT tower_pat_superseded_pkey PRIMARY KEY (hash),
+    CONSTRAINT tower_pat_superseded_token_id_fkey FOREIGN KEY (token_id)
+        REFERENCES tower_pat_tokens (id) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS tower_pat_superseded_token_id_idx ON tower_pat_superseded (token_id);
+CREATE INDEX IF NOT EXISTS tower_pat_superseded_time_idx ON tower_pat_superseded (superseded_at);
+",
+    },
 ];
 
 /// The advisory lock key under which migrations run ("tower_pa").
@@ -223,6 +244,7 @@ struct Shared {
     /// that a new listener learns of an ongoing outage exactly once.
     feed_lock: Mutex<()>,
     listener_task: OnceLock<tokio::task::AbortHandle>,
+    history: HistorySetting,
 }
 
 impl Drop for Shared {
@@ -386,6 +408,7 @@ impl PostgresStoreBuilder {
             feed_up: AtomicBool::new(true),
             feed_lock: Mutex::new(()),
             listener_task: OnceLock::new(),
+            history: HistorySetting::default(),
         });
         let task = tokio::spawn(feed.run(Arc::downgrade(&inner), listener));
         let _ = inner.listener_task.set(task.abort_handle());
@@ -403,6 +426,15 @@ impl PostgresStore {
     /// A builder for other settings.
     pub fn builder() -> PostgresStoreBuilder {
         PostgresStoreBuilder::default()
+    }
+
+    /// Keeps `history` of superseded secrets from now on (default [`SupersededHistory::default`]),
+    /// for every handle to this store: what later rotations through it record and prune, and how
+    /// far back [`find_superseded`](TokenLookup::find_superseded) looks. Give every node the same.
+    #[must_use]
+    pub fn superseded_history(self, history: SupersededHistory) -> Self {
+        self.inner.history.set(history);
+        self
     }
 
     /// The connection pool.
@@ -833,6 +865,22 @@ impl TokenLookup for PostgresStore {
         }
         true
     }
+
+    async fn find_superseded(
+        &self,
+        hash: &TokenHash,
+    ) -> Result<Option<SupersededSecret>, StoreError> {
+        let cutoff = self.inner.history.get().cutoff(Utc::now());
+        let row = sqlx::query(&self.inner.sql.find_superseded)
+            .bind(hash.as_bytes().as_slice())
+            .bind(cutoff)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(store_error)?;
+        let Some(row) = row else { return Ok(None) };
+        let at: DateTime<Utc> = row.try_get("superseded_at").map_err(store_error)?;
+        Ok(Some(SupersededSecret::new(decode(&row)?, at)))
+    }
 }
 
 #[async_trait]
@@ -914,6 +962,25 @@ impl TokenStore for PostgresStore {
             .fetch_optional(&mut *tx)
             .await
             .map_err(store_error)?;
+        if row.is_some() {
+            let history = self.inner.history.get();
+            for (hash, at) in superseded_by(old, rotation) {
+                sqlx::query(&self.inner.sql.supersede)
+                    .bind(hash.as_bytes().as_slice())
+                    .bind(id)
+                    .bind(at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(store_error)?;
+            }
+            sqlx::query(&self.inner.sql.prune_superseded)
+                .bind(id)
+                .bind(i64::from(history.max_per_token))
+                .bind(history.cutoff(rotation.at))
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?;
+        }
         self.commit_write(tx, old, row).await
     }
 

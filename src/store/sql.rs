@@ -13,6 +13,9 @@ use crate::token::TokenHash;
 /// The table both SQL stores keep their records in.
 pub(super) const TABLE: &str = "tower_pat_tokens";
 
+/// The table of superseded secrets: `hash` (primary key), `token_id`, `superseded_at`.
+pub(super) const SUPERSEDED: &str = "tower_pat_superseded";
+
 /// The columns every query that returns records selects, in this order.
 pub(super) const COLUMNS: &str = "id, subject, name, scopes, token_type, ip_restriction, \
      created_at, updated_at, expires_at, revoked_at, last_used_at, last_used_ips, \
@@ -134,6 +137,16 @@ pub(super) struct Statements {
     /// `$1` = the claim's time, `$2` = it truncated, `$3` = the most records to claim: stamps
     /// `expired_notice_at` on records not revoked, expired at `$2`, not yet claimed.
     pub(super) claim_expired: String,
+    /// `$1` = hash, `$2` = the retention cutoff: the record the superseded secret belonged to,
+    /// with `superseded_at`.
+    pub(super) find_superseded: String,
+    /// `$1` = hash, `$2` = token id, `$3` = when it stopped working: records a superseded
+    /// secret, keeping the earlier time if it is known already.
+    pub(super) supersede: String,
+    /// `$1` = token id, `$2` = how many to keep, `$3` = the retention cutoff: drops the token's
+    /// history beyond its newest `$2` entries and before the cutoff, and a bounded batch of
+    /// every token's entries before the cutoff.
+    pub(super) prune_superseded: String,
 }
 
 impl Statements {
@@ -148,7 +161,48 @@ impl Statements {
             p(1),
             p(2)
         );
+        let qualified: Vec<String> = COLUMNS.split(", ").map(|c| format!("t.{c}")).collect();
+        let least = match d {
+            #[cfg(feature = "sqlite")]
+            Dialect::Sqlite => "MIN",
+            #[cfg(feature = "postgres")]
+            Dialect::Postgres => "LEAST",
+        };
         Self {
+            find_superseded: format!(
+                "SELECT {}, s.superseded_at AS superseded_at FROM {SUPERSEDED} s \
+                 JOIN {TABLE} t ON t.id = s.token_id \
+                 WHERE s.hash = {} AND s.superseded_at >= {}",
+                qualified.join(", "),
+                p(1),
+                p(2)
+            ),
+            supersede: format!(
+                "INSERT INTO {SUPERSEDED} (hash, token_id, superseded_at) VALUES ({}, {}, {}) \
+                 ON CONFLICT (hash) DO UPDATE SET superseded_at = \
+                 {least}({SUPERSEDED}.superseded_at, excluded.superseded_at)",
+                p(1),
+                p(2),
+                p(3)
+            ),
+            prune_superseded: {
+                let (id, keep, cutoff) = (p(1), p(2), p(3));
+                // Other tokens' old entries: rows another rotation holds are left to it (no
+                // waiting, so two rotations pruning at once never deadlock).
+                let skip = match d {
+                    #[cfg(feature = "sqlite")]
+                    Dialect::Sqlite => "",
+                    #[cfg(feature = "postgres")]
+                    Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+                };
+                format!(
+                    "DELETE FROM {SUPERSEDED} WHERE (token_id = {id} AND (superseded_at < {cutoff} \
+                     OR hash NOT IN (SELECT hash FROM {SUPERSEDED} WHERE token_id = {id} \
+                     ORDER BY superseded_at DESC, hash LIMIT {keep}))) \
+                     OR hash IN (SELECT hash FROM {SUPERSEDED} WHERE superseded_at < {cutoff} \
+                     LIMIT 100{skip})"
+                )
+            },
             find_by_hash: format!(
                 "SELECT {COLUMNS} FROM {TABLE} WHERE hash = {0} OR previous_hash = {0}",
                 p(1)

@@ -26,6 +26,12 @@
 //! ([`claim_expiry_notices`](TokenStore::claim_expiry_notices)); a write that changes the expiry
 //! clears both.
 //!
+//! Migration 7 adds `tower_pat_superseded` (`hash` `BLOB` primary key, `token_id`, indexed, and
+//! `superseded_at`, Unix microseconds, indexed): the secrets rotations replaced, for
+//! [`find_superseded`](TokenLookup::find_superseded). A rotation writes and prunes it in its own
+//! transaction ([`SqliteStore::superseded_history`]); a trigger removes a token's rows when the
+//! token is deleted or purged.
+//!
 //! and the change log `tower_pat_changes` (migration 3): `seq` (`INTEGER PRIMARY KEY
 //! AUTOINCREMENT`), `token_id`, `hash` (the hash the change invalidates), `origin` (a random tag
 //! of the handle that wrote it) and `at` (Unix microseconds).
@@ -95,8 +101,9 @@ use super::sql::{
 };
 use super::write::check_writable;
 use super::{
-    ChangeHub, ChangeListener, ListQuery, NoticeKind, Page, Rotation, StoreError, StoreEvent,
-    TokenLookup, TokenPatch, TokenStore, notice_horizon,
+    ChangeHub, ChangeListener, HistorySetting, ListQuery, NoticeKind, Page, Rotation, StoreError,
+    StoreEvent, SupersededHistory, SupersededSecret, TokenLookup, TokenPatch, TokenStore,
+    notice_horizon, superseded_by,
 };
 use crate::record::UsageUpdate;
 use crate::record::{TokenRecord, merge_usage};
@@ -168,6 +175,22 @@ ALTER TABLE tower_pat_tokens ADD COLUMN expiring_notice_at INTEGER;
 ALTER TABLE tower_pat_tokens ADD COLUMN expired_notice_at INTEGER;
 ",
     },
+    Migration {
+        version: 7,
+        sql: r"
+CREATE TABLE IF NOT EXISTS tower_pat_superseded (
+    hash BLOB NOT NULL PRIMARY KEY,
+    token_id TEXT NOT NULL,
+    superseded_at INTEGER NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS tower_pat_superseded_token_id ON tower_pat_superseded (token_id);
+CREATE INDEX IF NOT EXISTS tower_pat_superseded_time ON tower_pat_superseded (superseded_at);
+CREATE TRIGGER IF NOT EXISTS tower_pat_superseded_forget AFTER DELETE ON tower_pat_tokens
+BEGIN
+    DELETE FROM tower_pat_superseded WHERE token_id = OLD.id;
+END;
+",
+    },
 ];
 
 /// How many change-log rows are kept: older ones are pruned by the write that adds a new one. A
@@ -215,6 +238,7 @@ struct Shared {
     /// Held while the feed state changes and is announced, and while a listener subscribes.
     feed_lock: Mutex<()>,
     poller: OnceLock<tokio::task::AbortHandle>,
+    history: HistorySetting,
 }
 
 impl Drop for Shared {
@@ -308,8 +332,18 @@ impl SqliteStore {
                 feed_up: AtomicBool::new(true),
                 feed_lock: Mutex::new(()),
                 poller: OnceLock::new(),
+                history: HistorySetting::default(),
             }),
         }
+    }
+
+    /// Keeps `history` of superseded secrets from now on (default [`SupersededHistory::default`]),
+    /// for every handle to this store: what later rotations through it record and prune, and how
+    /// far back [`find_superseded`](TokenLookup::find_superseded) looks.
+    #[must_use]
+    pub fn superseded_history(self, history: SupersededHistory) -> Self {
+        self.inner.history.set(history);
+        self
     }
 
     /// Closes the connections; later calls fail with [`StoreError::Backend`].
@@ -747,6 +781,22 @@ impl TokenLookup for SqliteStore {
         }
         true
     }
+
+    async fn find_superseded(
+        &self,
+        hash: &TokenHash,
+    ) -> Result<Option<SupersededSecret>, StoreError> {
+        let cutoff = self.inner.history.get().cutoff(Utc::now());
+        let row = sqlx::query(&self.inner.sql.find_superseded)
+            .bind(hash.as_bytes().as_slice())
+            .bind(micros(cutoff))
+            .fetch_optional(&self.inner.reader)
+            .await
+            .map_err(store_error)?;
+        let Some(row) = row else { return Ok(None) };
+        let at = time(row.try_get("superseded_at").map_err(store_error)?)?;
+        Ok(Some(SupersededSecret::new(decode(&row)?, at)))
+    }
 }
 
 #[async_trait]
@@ -833,6 +883,25 @@ impl TokenStore for SqliteStore {
             .fetch_optional(&mut *tx)
             .await
             .map_err(store_error)?;
+        if row.is_some() {
+            let history = self.inner.history.get();
+            for (hash, at) in superseded_by(old, rotation) {
+                sqlx::query(&self.inner.sql.supersede)
+                    .bind(hash.as_bytes().as_slice())
+                    .bind(id)
+                    .bind(micros(at))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(store_error)?;
+            }
+            sqlx::query(&self.inner.sql.prune_superseded)
+                .bind(id)
+                .bind(i64::from(history.max_per_token))
+                .bind(micros(history.cutoff(rotation.at)))
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?;
+        }
         self.commit_write(tx, old, row).await
     }
 

@@ -33,6 +33,10 @@ pub struct CountingStore {
     /// Every store call: lookups and management reads and writes.
     pub calls: Arc<AtomicUsize>,
     pub revokes: Arc<AtomicUsize>,
+    /// Lookups in the history of superseded secrets (`find_superseded`).
+    pub superseded_lookups: Arc<AtomicUsize>,
+    /// How long each `find_superseded` takes.
+    pub superseded_delay_ms: Arc<AtomicU64>,
     pub delay_ms: Arc<AtomicU64>,
     pub failing: Arc<std::sync::atomic::AtomicBool>,
     /// Like a store without a change feed: caches are not told about changes.
@@ -51,6 +55,10 @@ impl CountingStore {
 
     pub fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    pub fn superseded_lookups(&self) -> usize {
+        self.superseded_lookups.load(Ordering::SeqCst)
     }
 
     pub fn revokes(&self) -> usize {
@@ -84,6 +92,19 @@ impl TokenLookup for CountingStore {
 
     fn subscribe(&self, listener: Weak<dyn ChangeListener>) -> bool {
         !self.no_feed && self.inner.subscribe(listener)
+    }
+
+    async fn find_superseded(
+        &self,
+        hash: &TokenHash,
+    ) -> Result<Option<tower_pat::store::SupersededSecret>, StoreError> {
+        self.superseded_lookups.fetch_add(1, Ordering::SeqCst);
+        self.count();
+        let delay = self.superseded_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        self.inner.find_superseded(hash).await
     }
 }
 
