@@ -267,7 +267,7 @@ async fn the_schemas_are_what_the_api_answers() {
     );
     assert_eq!(
         properties(&doc, "TokenEvent"),
-        set(&["event", "data", "triggeredAt", "leak"])
+        set(&["event", "data", "triggeredAt", "leak", "reuse"])
     );
 }
 
@@ -316,6 +316,7 @@ async fn the_document_lists_every_event_kind() {
             "personalAccessToken.leaked",
             "personalAccessToken.expiring",
             "personalAccessToken.expired",
+            "personalAccessToken.reused",
         ])
     );
     let event = &doc["components"]["schemas"]["TokenEvent"]["properties"]["event"];

@@ -288,7 +288,7 @@ async fn sqlite_file_survives_reopen() {
 /// then records the replaced hash, and deleting the token removes it (the trigger).
 #[cfg(feature = "sqlite")]
 #[tokio::test]
-async fn sqlite_schema_5_gains_the_superseded_history() {
+async fn sqlite_schema_6_gains_the_superseded_history() {
     use tower_pat::Rotation;
     use tower_pat::store::SqliteStore;
     use tower_pat::store::sqlx::{ConnectOptions, Executor};
@@ -308,7 +308,7 @@ async fn sqlite_schema_5_gains_the_superseded_history() {
     conn.execute(
         "DROP TRIGGER tower_pat_superseded_forget; \
          DROP TABLE tower_pat_superseded; \
-         DELETE FROM tower_pat_schema_version WHERE version > 5;",
+         DELETE FROM tower_pat_schema_version WHERE version > 6;",
     )
     .await
     .unwrap();
