@@ -72,6 +72,13 @@ pub enum ReusePolicy {
     Report,
     /// Report it and revoke the token the secret was rotated into: every secret of the family
     /// stops working, on every node.
+    ///
+    /// Whoever holds a rotated-out secret can trigger this, and that is the point (a leaked and
+    /// rotated family is treated as compromised), but it is also a denial of service in the hands
+    /// of whoever found a secret that leaked in public: rotating such a token only buys a new
+    /// secret until the old one is presented again (for as long as the history keeps it, 30 days
+    /// by default). Revoke a leaked token (and issue a new one) rather than rotating it, and roll
+    /// rotations out with a grace period long enough for every holder of the old secret.
     RevokeFamily,
 }
 

@@ -399,7 +399,9 @@ impl Default for FailureLimitSection {
 #[non_exhaustive]
 pub struct ReuseSection {
     /// `off` (default: the history is never read), `report` (a warning naming the token and the
-    /// client address) or `revoke_family` (the warning, and the token is revoked on every node).
+    /// client address) or `revoke_family` (the warning, and the token is revoked on every node;
+    /// anyone holding a rotated-out secret can then revoke its token, see
+    /// [`ReusePolicy::RevokeFamily`](crate::ReusePolicy::RevokeFamily)).
     pub policy: ReuseMode,
 }
 
