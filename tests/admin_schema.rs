@@ -315,6 +315,14 @@ async fn an_expired_token_is_a_conflict_not_a_bad_request() {
     .await;
     assert!(res.error(409).starts_with("active:"));
     assert_eq!(res.body["code"], "token_expired");
+    // Nor does a new expiry bring it back (the second way to the same end).
+    for body in [
+        format!(r#"{{"expiresAt": "{}"}}"#, in_days(1)),
+        r#"{"expiresAt": null, "userAwareTokenNeverExpires": true}"#.to_owned(),
+    ] {
+        let res = patch(&t.app, &format!("{BASE}/{}", record.id), &t.alice, &body).await;
+        assert!(res.error(409).starts_with("expiresAt:"), "{body}");
+    }
     let stored = t.store.get(&record.id).await.unwrap().unwrap();
     assert_eq!(stored, record);
 }

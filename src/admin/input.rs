@@ -412,7 +412,8 @@ impl PatchTokenRequest {
     }
 
     /// Refuses the fields a PATCH cannot honour on `record` rather than dropping them: another
-    /// type or subject, `active: true` on a revoked or expired token.
+    /// type or subject, `active: true` on a revoked or expired token, a new `expiresAt` on an
+    /// expired one.
     pub(crate) fn check_unchangeable(
         &self,
         record: &TokenRecord,
@@ -438,6 +439,12 @@ impl PatchTokenRequest {
             Some(true) if record.is_expired_at(now) => Err(ApiError::token_expired(
                 "active: an expired token cannot be made active again; create a new one",
             )),
+            // A new expiry would bring it back as surely as `active: true`.
+            _ if self.expires_at.is_some() && record.is_expired_at(now) => {
+                Err(ApiError::token_expired(
+                    "expiresAt: an expired token cannot be given a new expiry; create a new one",
+                ))
+            }
             _ => Ok(()),
         }
     }
