@@ -237,6 +237,28 @@ pub fn parse_ip_net(s: &str) -> Result<IpNet, ipnet::AddrParseError> {
     Ok(canonical_net(net))
 }
 
+/// The longest token name (and CLI subject), in characters.
+#[cfg(feature = "admin")]
+pub(crate) const MAX_NAME_CHARS: usize = 256;
+
+/// A name, type or subject as every entry point takes it (the management API, whose OpenAPI
+/// document states the same rule as a pattern, and `patd token create`): at most `max`
+/// characters as sent, none of them a control character, not blank. Returns it trimmed, or what
+/// is wrong with it.
+#[cfg(feature = "admin")]
+pub(crate) fn label(value: &str, max: usize) -> Result<&str, String> {
+    if value.chars().count() > max {
+        return Err(format!("must be at most {max} characters long"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err("must not contain control characters".to_owned());
+    }
+    match value.trim() {
+        "" => Err("must not be blank".to_owned()),
+        trimmed => Ok(trimmed),
+    }
+}
+
 /// `t` to the microsecond: what every store keeps (PostgreSQL's `timestamptz`, SQLite's integer
 /// microseconds), so that a record answered at its creation and read back later show one time.
 pub(crate) fn micros(t: DateTime<Utc>) -> DateTime<Utc> {

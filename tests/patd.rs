@@ -177,7 +177,7 @@ fn bad_input_is_refused_with_a_message_and_exit_code_2() {
                 "n",
                 "--never-expires",
             ],
-            "--subject must be",
+            "--subject must not be blank",
         ),
         (
             vec!["token", "rotate", "x", "--grace", "forever"],

@@ -13,6 +13,9 @@ use crate::auth::PatAuthLayer;
 use crate::store::TokenStore;
 use crate::tokens::{LayerMismatch, Tokens};
 
+/// The longest rotation grace period a default [`AdminConfig`] allows: one day.
+pub(crate) const DEFAULT_MAX_ROTATION_GRACE: Duration = Duration::from_secs(86_400);
+
 /// What a new token without `expiresAt` gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -108,7 +111,7 @@ impl AdminConfig {
             expiry: ExpiryPolicy::default(),
             max_lifetime: None,
             max_tokens_per_subject: 100,
-            max_rotation_grace: Duration::from_secs(86_400),
+            max_rotation_grace: DEFAULT_MAX_ROTATION_GRACE,
             default_page_size: 50,
             creation_limit: Some((30, Duration::from_secs(60))),
             limits: Limits::default(),

@@ -13,8 +13,7 @@ use crate::record::{TokenRecord, parse_ip_net};
 use crate::scope::{Scope, ScopeSet};
 use crate::store::{LastUsedFilter, ListQuery, SortKey, StateFilter, TokenState};
 
-/// The longest name, in characters.
-pub(crate) const MAX_NAME_CHARS: usize = 256;
+pub(crate) use crate::record::MAX_NAME_CHARS;
 /// The longest token type, in characters.
 const MAX_TYPE_CHARS: usize = 64;
 /// The largest page.
@@ -143,7 +142,6 @@ pub(crate) struct RotateTokenRequest {
     /// How long the previous secret keeps working, in seconds (default 0: it stops at once). At
     /// most the server's configured maximum (86 400 by default; the document a server serves
     /// states its own); more is refused.
-    #[schema(maximum = 86_400)]
     pub(crate) grace_period_seconds: Option<u64>,
     /// A new expiry (RFC 3339, in the future, no later than the caller's); the current one is
     /// kept without it. Aliases: `expirationDate`, `expireAt`.
@@ -728,26 +726,11 @@ fn boolean(field: &str, value: &Value) -> Result<bool, ApiError> {
         .ok_or_else(|| ApiError::invalid(field, "must be a boolean"))
 }
 
-/// A name or type as the schema states it (the `pattern` and `maxLength` of both): at most `max`
-/// characters as sent, none of them a control character, not blank; returned trimmed.
+/// A name or type under [`crate::record::label`]'s rule (the schema's `pattern` and `maxLength`).
 fn label(field: &str, value: &Value, max: usize) -> Result<String, ApiError> {
-    let sent = string(field, value)?;
-    if sent.chars().count() > max {
-        return Err(ApiError::invalid(
-            field,
-            format!("must be at most {max} characters long"),
-        ));
-    }
-    if sent.chars().any(char::is_control) {
-        return Err(ApiError::invalid(
-            field,
-            "must not contain control characters",
-        ));
-    }
-    match sent.trim() {
-        "" => Err(ApiError::invalid(field, "must not be blank")),
-        trimmed => Ok(trimmed.to_owned()),
-    }
+    crate::record::label(string(field, value)?, max)
+        .map(str::to_owned)
+        .map_err(|problem| ApiError::invalid(field, problem))
 }
 
 fn name(field: &str, value: &Value) -> Result<String, ApiError> {

@@ -144,13 +144,17 @@ pub(crate) struct Rules {
 }
 
 impl Default for Rules {
+    /// The rules of a default [`AdminConfig`](super::AdminConfig).
     fn default() -> Self {
         let limits = super::input::Limits::default();
         Self {
-            max_grace_seconds: 86_400,
+            max_grace_seconds: super::config::DEFAULT_MAX_ROTATION_GRACE.as_secs(),
             max_scopes: limits.scopes,
             max_networks: limits.networks,
-            expiry_needs_acknowledgment: true,
+            expiry_needs_acknowledgment: matches!(
+                super::ExpiryPolicy::default(),
+                super::ExpiryPolicy::RequireAcknowledgment
+            ),
         }
     }
 }

@@ -438,16 +438,11 @@ async fn token(cmd: TokenCommand, tokens: &Tokens, out: &mut impl Write) -> Resu
     }
 }
 
-/// A subject or name: trimmed, 1 to 256 characters, no control characters.
+/// A subject or name, under the management API's rule ([`crate::record::label`]).
 fn text_arg(flag: &str, value: &str) -> Result<String, Failure> {
-    let v = value.trim();
-    let n = v.chars().count();
-    if n == 0 || n > 256 || v.chars().any(char::is_control) {
-        return Err(Failure::input(format!(
-            "{flag} must be 1 to 256 characters, none of them control characters"
-        )));
-    }
-    Ok(v.to_owned())
+    crate::record::label(value, crate::record::MAX_NAME_CHARS)
+        .map(str::to_owned)
+        .map_err(|problem| Failure::input(format!("{flag} {problem}")))
 }
 
 fn to_json(value: &impl serde::Serialize) -> String {
