@@ -72,7 +72,7 @@ pub(crate) struct CreateTokenRequest {
     /// Client networks: one CIDR or address, several separated by commas, or an array of them; at
     /// most 100 (configurable). Each must lie within one of the caller's networks; without it the
     /// token gets the caller's networks (anywhere for an unrestricted caller).
-    #[schema(value_type = Option<IpRestriction>)]
+    #[schema(value_type = Option<Vec<String>>)]
     pub(crate) ip_restriction: Vec<IpNet>,
     /// A free-form type, `personal` by default: at most 64 characters, no control characters,
     /// not blank (trimmed like the name).
@@ -113,7 +113,7 @@ pub(crate) struct PatchTokenRequest {
     pub(crate) user_aware_token_never_expires: bool,
     /// New client networks, each within one of the caller's, or `null` for anywhere (an
     /// unrestricted caller only). At most 100 (configurable).
-    #[schema(value_type = Option<IpRestriction>)]
+    #[schema(value_type = Option<Vec<String>>)]
     pub(crate) ip_restriction: Option<Vec<IpNet>>,
     /// `true` revokes the token (the record is kept); `false` on a revoked token is refused.
     pub(crate) revoked: Option<bool>,
@@ -149,17 +149,6 @@ pub(crate) struct RotateTokenRequest {
     /// `subject`, `userId`, `ownerId`: accepted only as the token's subject.
     #[schema(ignore)]
     pub(crate) owners: Vec<(&'static str, String)>,
-}
-
-/// An IP restriction as a request may send it.
-#[derive(ToSchema)]
-#[serde(untagged)]
-#[allow(dead_code)] // a schema only: requests are parsed field by field
-pub(crate) enum IpRestriction {
-    /// One CIDR or address, or several separated by commas.
-    One(String),
-    /// CIDRs or addresses.
-    Many(Vec<String>),
 }
 
 /// `GET /`: which tokens, in which order, which page.

@@ -12,8 +12,7 @@ use super::error::{
 };
 use super::events::{EventKind, LeakSource, PurgeEvent, PurgeSummary, ReuseDetails, TokenEvent};
 use super::input::{
-    CreateTokenRequest, IpRestriction, LastUsedParam, PatchTokenRequest, RotateTokenRequest,
-    SortParam,
+    CreateTokenRequest, LastUsedParam, PatchTokenRequest, RotateTokenRequest, SortParam,
 };
 use super::routes;
 use super::view::{Deleted, ExpiryWarning, IssuedToken, TokenView};
@@ -49,7 +48,6 @@ use super::view::{Deleted, ExpiryWarning, IssuedToken, TokenView};
         CreateTokenRequest,
         PatchTokenRequest,
         RotateTokenRequest,
-        IpRestriction,
         SortParam,
         LastUsedParam,
         TokenEvent,
