@@ -38,7 +38,7 @@ use tokio::sync::{AcquireError, Semaphore, watch};
 use tokio::task::AbortHandle;
 
 use crate::client_ip::ClientAddr;
-use crate::principal::{Entry, Principal};
+use crate::principal::{Entry, Principal, RETIRED};
 use crate::reuse::ReuseDetection;
 use crate::scope::ScopeSet;
 use crate::store::{ChangeListener, StoreEvent, TokenLookup};
@@ -419,6 +419,8 @@ impl Drop for ClientUse<'_> {
 }
 
 pub(crate) struct Cache {
+    /// This cache among all in the process: what its threads' [hot replicas](hot) are keyed by.
+    id: u64,
     /// The positive entries, by [`Slot`]: a hit computes no SHA-256.
     positive: DashMap<Slot, Principal, BuildHasherDefault<DigestHasher>>,
     /// The slot of each positive entry by the first eight bytes of the hash the store found it
@@ -480,7 +482,9 @@ impl Cache {
             .max_capacity(config.negative_capacity)
             .time_to_live(config.negative_ttl.max(Duration::from_millis(1)))
             .build();
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let cache = Arc::new(Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             positive: DashMap::default(),
             index: DashMap::default(),
             index_collisions: AtomicU64::new(0),
@@ -577,16 +581,27 @@ impl Cache {
         }
     }
 
-    /// The hot path: a probe of the positive map. `None` is a miss (also for an entry too old
-    /// to serve). Triggers a background refresh of an entry past its TTL.
+    /// The hot path: this thread's replica of a hot token, else a probe of the positive map.
+    /// `None` is a miss (also for an entry too old to serve). Triggers a background refresh of an
+    /// entry past its TTL.
     #[inline]
     pub(crate) fn probe(self: &Arc<Self>, slot: Slot, now: i64) -> Option<Principal> {
+        if let Some(principal) = hot::get(self.id, slot, now) {
+            return Some(principal);
+        }
+        self.probe_map(slot, now)
+    }
+
+    /// [`probe`](Self::probe) of the positive map, which counts the hit towards a hot replica.
+    #[inline]
+    fn probe_map(self: &Arc<Self>, slot: Slot, now: i64) -> Option<Principal> {
         let p = self.positive.get(&slot)?;
-        let refresh_at = p.value().0.refresh_at_ms.load(Ordering::Relaxed);
+        let refresh_at = p.value().0.refresh_at_ms.load(Ordering::Acquire);
         let principal = p.value().clone();
         // The shard's read lock ends here: the stale path may need its write lock.
         drop(p);
         if now < refresh_at {
+            hot::note(self.id, &principal);
             return Some(principal);
         }
         self.probe_stale(principal, now, refresh_at)
@@ -606,6 +621,10 @@ impl Cache {
         refresh_at: i64,
     ) -> Option<Principal> {
         let entry = &principal.0;
+        if refresh_at == RETIRED {
+            // Dropped from the map since this request found it there.
+            return None;
+        }
         let hard_limit = entry.loaded_ms.saturating_add(self.ttl_ms + self.stale_ms);
         if self.stale_ms == 0
             || now >= hard_limit
@@ -643,7 +662,7 @@ impl Cache {
         {
             // Under the slot's shard lock, like every change of the index.
             self.unindex(entry.hash, entry.slot);
-            o.remove();
+            o.remove().0.retire();
         }
     }
 
@@ -929,12 +948,18 @@ impl Cache {
                     }
                     return;
                 }
-                if let dashmap::Entry::Occupied(old) = &slot_entry
-                    && old.get().0.hash != hash
-                {
-                    self.unindex(old.get().0.hash, slot);
+                match slot_entry {
+                    dashmap::Entry::Occupied(mut old) => {
+                        if old.get().0.hash != hash {
+                            self.unindex(old.get().0.hash, slot);
+                        }
+                        // The replaced entry's replicas stop serving: the next hit finds this one.
+                        old.insert(p.clone()).0.retire();
+                    }
+                    dashmap::Entry::Vacant(v) => {
+                        v.insert(p.clone());
+                    }
                 }
-                slot_entry.insert(p.clone());
             }
             Outcome::Rejected(n) => {
                 // The negative cache has no such lock: insert, then take the entry back if an
@@ -1006,7 +1031,7 @@ impl Cache {
 
     /// Drops a positive entry that expired while cached and remembers why.
     pub(crate) fn expire(&self, principal: &Principal) {
-        self.evict(&principal.0);
+        self.evict(Entry::origin(&principal.0));
         self.negative.insert(principal.0.hash, Negative::Expired);
     }
 
@@ -1022,12 +1047,17 @@ impl Cache {
             && o.get().0.hash == *hash
         {
             self.unindex(*hash, slot);
-            o.remove();
+            o.remove().0.retire();
         }
         if self.index_collisions.load(Ordering::SeqCst) != 0 {
             // An entry may be missing from the index: look at them all.
-            self.positive
-                .retain(|_, p| p.0.hash != *hash && p.token_id() != id);
+            self.positive.retain(|_, p| {
+                let keep = p.0.hash != *hash && p.token_id() != id;
+                if !keep {
+                    p.0.retire();
+                }
+                keep
+            });
         }
     }
 
@@ -1043,7 +1073,10 @@ impl Cache {
         // The index first: an entry cached after the map's shard was cleared keeps its index
         // entry (written after this, under that shard's lock).
         self.index.clear();
-        self.positive.clear();
+        self.positive.retain(|_, p| {
+            p.0.retire();
+            false
+        });
         self.negative.invalidate_all();
         // Nothing is left that a failed refresh could not confirm.
         self.failing_since.store(-now_ms(), Ordering::Release);
@@ -1113,6 +1146,122 @@ impl ChangeListener for Cache {
                 self.disconnected_since.store(0, Ordering::Release);
             }
         }
+    }
+}
+
+/// Hot replicas: each thread's copies of the few tokens it serves most, so that a token that
+/// makes most of the traffic (a service account, a CI system) costs no write to memory that other
+/// cores write.
+///
+/// A hit in the shared map writes two cache lines every core serving the token also writes: the
+/// `DashMap` shard's reader count and the entry's reference count. With one hot token on many
+/// cores those lines move between the cores on every request. A thread that hits the same entry
+/// [`PROMOTE_AFTER`] times in a row on one of its [`WAYS`] ways makes a replica of it: a copy with
+/// a reference count of its own, which only this thread writes. Its later hits of that token go
+/// to the replica without the map: one thread-local lookup, one *read* of the cache entry's
+/// `refresh_at_ms` (a line other cores only read, so it stays in every core's cache), one
+/// increment of the replica's count.
+///
+/// Revocation: every path that drops an entry from the map ([`Cache::invalidate`],
+/// [`Cache::clear`], eviction, replacement by a refresh) [retires](Entry::retire) it before it
+/// returns, and a replica serves only while its origin's `refresh_at_ms` is in the future, which a
+/// retired entry's never is. So a replica stops serving exactly when its entry leaves the map,
+/// and it also goes back to the map when the entry is due for a refresh (the map path triggers
+/// it). The usage mark is the origin's: one mark per token per granularity, whichever thread
+/// serves it.
+///
+/// Cost: a thread-local lookup on every hit; a replica (the entry's allocations, copied) per
+/// thread per hot token, once per entry (each refresh loads a new entry, whose replicas are made
+/// again after [`PROMOTE_AFTER`] hits). A replica keeps its origin's memory until the way is
+/// reused, at most [`WAYS`] entries per thread.
+mod hot {
+    use std::cell::RefCell;
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    use super::Slot;
+    use crate::principal::{Entry, Principal};
+
+    /// The replicas a thread keeps, one per way, the way chosen by the slot.
+    pub(super) const WAYS: usize = 8;
+    /// How many map hits in a row of one token on one way make a replica of it.
+    pub(super) const PROMOTE_AFTER: u32 = 16;
+
+    struct Way {
+        /// The replica, and the cache it belongs to.
+        hot: Option<(u64, Principal)>,
+        /// The token last hit in the map on this way (cache, slot), and how many times in a row.
+        candidate: (u64, Slot),
+        count: u32,
+    }
+
+    impl Way {
+        const EMPTY: Way = Way {
+            hot: None,
+            candidate: (0, Slot([0; 2])),
+            count: 0,
+        };
+    }
+
+    thread_local! {
+        static WAYS_OF_THREAD: RefCell<[Way; WAYS]> = const { RefCell::new([const { Way::EMPTY }; WAYS]) };
+    }
+
+    #[inline]
+    fn way(slot: Slot) -> usize {
+        // The map hashes with the low word: the high one picks the way.
+        (slot.0[1] % WAYS as u64) as usize
+    }
+
+    /// This thread's replica of the token in `slot` of cache `cache`, if it has one and the cache
+    /// entry it copies is still in the map and not due for a refresh at `now`.
+    #[inline]
+    pub(super) fn get(cache: u64, slot: Slot, now: i64) -> Option<Principal> {
+        WAYS_OF_THREAD
+            .try_with(|ways| {
+                let ways = ways.try_borrow().ok()?;
+                let (id, replica) = ways[way(slot)].hot.as_ref()?;
+                let entry = &replica.0;
+                if *id != cache || entry.slot != slot {
+                    return None;
+                }
+                // Acquire: pairs with `Entry::retire`.
+                let refresh_at = Entry::origin(entry).refresh_at_ms.load(Ordering::Acquire);
+                (now < refresh_at).then(|| replica.clone())
+            })
+            .ok()
+            .flatten()
+    }
+
+    /// Counts a hit of `principal` (a cache entry, not a replica) in the map of cache `cache`; makes
+    /// this thread's replica of it after [`PROMOTE_AFTER`] in a row on its way.
+    #[inline]
+    pub(super) fn note(cache: u64, principal: &Principal) {
+        let slot = principal.0.slot;
+        let _ = WAYS_OF_THREAD.try_with(|ways| {
+            let Ok(mut ways) = ways.try_borrow_mut() else {
+                return;
+            };
+            let way = &mut ways[way(slot)];
+            if way.candidate != (cache, slot) {
+                way.candidate = (cache, slot);
+                way.count = 1;
+                return;
+            }
+            way.count += 1;
+            if way.count >= PROMOTE_AFTER {
+                way.count = 0;
+                promote(way, cache, principal);
+            }
+        });
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn promote(way: &mut Way, cache: u64, principal: &Principal) {
+        let replica = Principal(Arc::new(Entry::replicate(&principal.0)));
+        // The old replica (and its origin) are dropped here, on the thread that made them.
+        way.hot = Some((cache, replica));
     }
 }
 
@@ -1285,6 +1434,99 @@ mod tests {
         assert_eq!((cache.len(), cache.index.len()), (9, 9));
         cache.clear();
         assert_eq!((cache.len(), cache.index.len()), (0, 0));
+    }
+
+    /// Hits `slot` until this thread serves it from a replica; the replica.
+    fn promoted(cache: &Arc<Cache>, slot: Slot) -> Principal {
+        for _ in 0..hot::PROMOTE_AFTER {
+            assert!(cached(cache, slot));
+        }
+        let replica = hot::get(cache.id, slot, now_ms()).expect("a replica after enough hits");
+        let origin = cache.positive.get(&slot).expect("cached").0.clone();
+        assert!(!Arc::ptr_eq(&replica.0, &origin), "a copy of its own");
+        assert!(Arc::ptr_eq(Entry::origin(&replica.0), &origin));
+        replica
+    }
+
+    #[test]
+    fn a_replica_serves_until_its_entry_leaves_the_map_by_any_path() {
+        let cache = cache(Empty);
+        let now = now_ms;
+        let (slot, h) = (Slot::test(21), hash(21));
+        let fill = || cache_now(&cache, slot, &found(slot, h, "t21"));
+        // An invalidation through the index.
+        fill();
+        promoted(&cache, slot);
+        cache.invalidate("t21", &h);
+        assert!(hot::get(cache.id, slot, now()).is_none());
+        assert!(!cached(&cache, slot));
+        // Clearing (the change feed came back).
+        fill();
+        promoted(&cache, slot);
+        cache.clear();
+        assert!(hot::get(cache.id, slot, now()).is_none());
+        assert!(!cached(&cache, slot));
+        // Expiry noticed on a replica drops the map's entry.
+        fill();
+        let replica = promoted(&cache, slot);
+        cache.expire(&replica);
+        assert!(hot::get(cache.id, slot, now()).is_none());
+        assert!(!cached(&cache, slot));
+        // A refresh replacing the entry: the next hit gets the new one.
+        fill();
+        promoted(&cache, slot);
+        cache_now(&cache, slot, &found(slot, h, "t21-new"));
+        assert!(hot::get(cache.id, slot, now()).is_none());
+        assert_eq!(cache.probe(slot, now()).unwrap().token_id(), "t21-new");
+        // Due for a refresh: back to the map (which starts the refresh).
+        promoted(&cache, slot);
+        let due = cache
+            .positive
+            .get(&slot)
+            .unwrap()
+            .0
+            .refresh_at_ms
+            .load(Ordering::SeqCst);
+        assert!(hot::get(cache.id, slot, due).is_none());
+        assert!(hot::get(cache.id, slot, due - 1).is_some());
+        // Another cache's replica in this thread's way is not this cache's.
+        let other = self::cache(Empty);
+        assert!(hot::get(other.id, slot, now()).is_none());
+    }
+
+    #[test]
+    fn an_invalidation_by_scan_retires_replicas_too() {
+        let cache = cache(Empty);
+        let mut bytes = *hash(2).as_bytes();
+        let first = TokenHash::from_bytes(bytes);
+        bytes[31] ^= 1;
+        let second = TokenHash::from_bytes(bytes);
+        let (s1, s2) = (Slot::test(31), Slot::test(32));
+        cache_now(&cache, s1, &found(s1, first, "one"));
+        cache_now(&cache, s2, &found(s2, second, "two"));
+        promoted(&cache, s2);
+        cache.invalidate("two", &second);
+        assert!(hot::get(cache.id, s2, now_ms()).is_none());
+        assert!(!cached(&cache, s2));
+    }
+
+    #[test]
+    fn tokens_taking_turns_on_a_way_make_no_replica() {
+        let cache = cache(Empty);
+        // Slot::test puts every slot on way 0.
+        let slots: Vec<Slot> = (40..44).map(Slot::test).collect();
+        for (n, slot) in slots.iter().enumerate() {
+            let n = u8::try_from(40 + n).unwrap();
+            cache_now(&cache, *slot, &found(*slot, hash(n), &format!("t{n}")));
+        }
+        for _ in 0..100 {
+            for slot in &slots {
+                assert!(cached(&cache, *slot));
+            }
+        }
+        for slot in &slots {
+            assert!(hot::get(cache.id, *slot, now_ms()).is_none());
+        }
     }
 
     #[tokio::test]

@@ -42,6 +42,9 @@ pub(crate) struct Entry {
     pub(crate) last_mark_ms: AtomicI64,
     /// Read on every hit too: empty for most tokens.
     ip_restriction: Box<[IpNet]>,
+    /// In a thread's replica of a hot entry (see [`crate::cache`]), the cache's own entry: its
+    /// usage mark and liveness are the ones that count. `None` in the cache's own entries.
+    origin: Option<Arc<Entry>>,
     // The rest is read on a hit only with required scopes, or by handlers and the cache's
     // maintenance.
     scopes: ScopeSet,
@@ -60,7 +63,12 @@ pub(crate) struct Entry {
     last_used_at: Option<DateTime<Utc>>,
 }
 
+/// The `refresh_at_ms` of an entry the cache dropped ([`Entry::retire`]): no clock reads earlier,
+/// so a hit's one check (`now < refresh_at_ms`) also turns it away.
+pub(crate) const RETIRED: i64 = i64::MIN;
+
 /// A record's id, subject, name and type, one after the other in one allocation.
+#[derive(Clone)]
 struct Names {
     buf: Box<str>,
     subject_at: u32,
@@ -126,6 +134,7 @@ impl Entry {
             refresh_at_ms: AtomicI64::new(now_ms.saturating_add(ttl_ms)),
             last_mark_ms: AtomicI64::new(last_mark),
             ip_restriction: record.ip_restriction.into_boxed_slice(),
+            origin: None,
             scopes: record.scopes,
             loaded_ms: now_ms,
             slot,
@@ -140,6 +149,52 @@ impl Entry {
             expires_at: record.expires_at,
             last_used_at: record.last_used_at,
         }
+    }
+
+    /// A copy of the cache's entry `origin` for one thread's hot replica: the same token, its own
+    /// reference count (which only that thread writes), the usage mark and liveness read through
+    /// to `origin`.
+    pub(crate) fn replicate(origin: &Arc<Entry>) -> Self {
+        let origin = Entry::origin(origin);
+        Self {
+            expires_ms: origin.expires_ms,
+            refresh_at_ms: AtomicI64::new(origin.refresh_at_ms.load(Ordering::Relaxed)),
+            last_mark_ms: AtomicI64::new(0),
+            ip_restriction: origin.ip_restriction.clone(),
+            origin: Some(Arc::clone(origin)),
+            scopes: origin.scopes.clone(),
+            loaded_ms: origin.loaded_ms,
+            slot: origin.slot,
+            hash: origin.hash,
+            names: origin.names.clone(),
+            last_used_ips: origin.last_used_ips.clone(),
+            expires_at: origin.expires_at,
+            last_used_at: origin.last_used_at,
+        }
+    }
+
+    /// The cache's own entry: `this`, or the entry a replica copies.
+    #[inline]
+    pub(crate) fn origin(this: &Arc<Self>) -> &Arc<Self> {
+        this.origin.as_ref().unwrap_or(this)
+    }
+
+    /// The usage mark that counts: the cache entry's, also read through a replica.
+    #[inline]
+    pub(crate) fn mark(&self) -> &AtomicI64 {
+        match &self.origin {
+            Some(origin) => &origin.last_mark_ms,
+            None => &self.last_mark_ms,
+        }
+    }
+
+    /// Marks an entry the cache has just dropped: its replicas stop serving (they check
+    /// `refresh_at_ms` of their origin on every hit), and a request that took it from the map
+    /// before it was dropped treats it as a miss. Call after removing it from the map, before the
+    /// removal is reported done.
+    #[inline]
+    pub(crate) fn retire(&self) {
+        self.refresh_at_ms.store(RETIRED, Ordering::SeqCst);
     }
 
     /// The hash the store found the token under: what a refresh looks up.
@@ -193,7 +248,7 @@ impl Principal {
     /// When the token was last used as this process knows it: the stored time, or a later use
     /// marked here and not yet written.
     pub fn last_used_at(&self) -> Option<DateTime<Utc>> {
-        let mark = self.0.last_mark_ms.load(Ordering::Relaxed);
+        let mark = self.0.mark().load(Ordering::Relaxed);
         let stored = self.0.last_used_at;
         match DateTime::from_timestamp_millis(mark) {
             Some(t) if mark > 0 && stored.is_none_or(|s| t > s) => Some(t),

@@ -408,7 +408,7 @@ impl Verifier {
         }
         if let Some(usage) = &self.usage {
             // One relaxed load while the token was marked within the granularity.
-            let last = principal.0.last_mark_ms.load(Ordering::Relaxed);
+            let last = principal.0.mark().load(Ordering::Relaxed);
             if now.saturating_sub(last) >= usage.granularity_ms() {
                 self.mark(usage, &principal, last, now, || ip.or_else(&client));
             }
@@ -441,7 +441,7 @@ impl Verifier {
     ) {
         if principal
             .0
-            .last_mark_ms
+            .mark()
             .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
             .is_err()
         {
