@@ -25,12 +25,13 @@ pub struct Principal(pub(crate) Arc<Entry>);
 
 /// A verification cache entry; the principal handed to handlers shares it.
 ///
-/// Lean on purpose (about 370 bytes per cached token in all, against 890 with a full record; see
-/// BENCHMARKS.md): only what
-/// the request path and the [`Principal`] accessors read, the strings in one allocation, the scope
-/// set shared with every other entry that has the same scopes. The fields read on every cache hit
-/// come first: with the `Arc`'s counts they are the first 56 bytes, one cache line or two adjacent
-/// ones to fetch when a million entries do not fit in the CPU's caches.
+/// Lean on purpose (under 400 bytes per cached token in all, against 890 with a full record; see
+/// BENCHMARKS.md): only what the request path and the [`Principal`] accessors read, the strings in
+/// one allocation, the scope set shared with every other entry that has the same scopes, the last
+/// use as one number. The fields read on every cache hit come first: with the `Arc`'s counts they
+/// are the first 64 bytes, one cache line or two adjacent ones to fetch when a million entries do
+/// not fit in the CPU's caches. 184 bytes, so that the `Arc` (200) takes a 208-byte chunk of
+/// glibc's allocator (a test holds it there).
 #[repr(C)]
 pub(crate) struct Entry {
     /// When the token stops working, in Unix milliseconds (`i64::MAX` for never): its expiry, or
@@ -38,7 +39,8 @@ pub(crate) struct Entry {
     pub(crate) expires_ms: i64,
     /// When the entry is next due for a background refresh (coarse clock, Unix ms).
     pub(crate) refresh_at_ms: AtomicI64,
-    /// When usage was last marked for the write-behind recorder (Unix ms, 0 for never).
+    /// When the token was last used as far as this process knows (Unix ms, 0 for never): the
+    /// stored time when loaded, then each use marked for the write-behind recorder.
     pub(crate) last_mark_ms: AtomicI64,
     /// Read on every hit too: empty for most tokens.
     ip_restriction: Box<[IpNet]>,
@@ -60,7 +62,6 @@ pub(crate) struct Entry {
     names: Names,
     last_used_ips: Box<[IpAddr]>,
     expires_at: Option<DateTime<Utc>>,
-    last_used_at: Option<DateTime<Utc>>,
 }
 
 /// The `refresh_at_ms` of an entry the cache dropped ([`Entry::retire`]): no clock reads earlier,
@@ -147,7 +148,6 @@ impl Entry {
             ),
             last_used_ips: record.last_used_ips.into_boxed_slice(),
             expires_at: record.expires_at,
-            last_used_at: record.last_used_at,
         }
     }
 
@@ -169,7 +169,6 @@ impl Entry {
             names: origin.names.clone(),
             last_used_ips: origin.last_used_ips.clone(),
             expires_at: origin.expires_at,
-            last_used_at: origin.last_used_at,
         }
     }
 
@@ -245,15 +244,14 @@ impl Principal {
         &self.0.ip_restriction
     }
 
-    /// When the token was last used as this process knows it: the stored time, or a later use
-    /// marked here and not yet written.
+    /// When the token was last used as this process knows it, to the millisecond: the stored
+    /// time, or a later use marked here and not yet written.
     pub fn last_used_at(&self) -> Option<DateTime<Utc>> {
         let mark = self.0.mark().load(Ordering::Relaxed);
-        let stored = self.0.last_used_at;
-        match DateTime::from_timestamp_millis(mark) {
-            Some(t) if mark > 0 && stored.is_none_or(|s| t > s) => Some(t),
-            _ => stored,
+        if mark == 0 {
+            return None;
         }
+        DateTime::from_timestamp_millis(mark)
     }
 
     /// The client addresses the store last recorded for the token, newest first.
@@ -367,6 +365,14 @@ mod tests {
     use crate::scope::ScopeSet;
     use crate::token::{TokenFormat, TokenHasher};
 
+    /// What a million cached tokens cost depends on it: 184 bytes make the `Arc` 200, a 208-byte
+    /// chunk of glibc's allocator; 192 would take 224 (BENCHMARKS.md: bytes per cached token).
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn an_entry_stays_within_its_allocation_size() {
+        assert!(std::mem::size_of::<Entry>() <= 184);
+    }
+
     #[test]
     fn the_lean_entry_answers_as_the_record_did() {
         let now = Utc::now();
@@ -398,6 +404,23 @@ mod tests {
         assert_eq!(p.last_used_at(), None);
         // Stored under its own hash: a refresh looks that hash up.
         assert_eq!(p.0.stored_hash(), key);
+        // A stored last use, to the millisecond, through the entry and through a replica.
+        let used = now - chrono::Duration::hours(1);
+        record.last_used_at = Some(used);
+        let entry = Arc::new(Entry::new(
+            record,
+            crate::cache::Slot::test(1),
+            key,
+            0,
+            60_000,
+        ));
+        let replica = Principal(Arc::new(Entry::replicate(&entry)));
+        let to_ms = |t: chrono::DateTime<Utc>| t.timestamp_millis();
+        assert_eq!(
+            Principal(entry).last_used_at().map(to_ms),
+            Some(to_ms(used))
+        );
+        assert_eq!(replica.last_used_at().map(to_ms), Some(to_ms(used)));
     }
 
     #[tokio::test]
