@@ -6,6 +6,9 @@
 //!   A hit computes no SHA-256 and no checksum: see the [crate docs](crate#the-cache-index-and-what-it-reveals).
 //!   An index from the hash the store found each token under to its slot lets store events (which
 //!   name hashes) drop entries.
+//! - A thread that hits one entry many times in a row serves it from a replica of its own, until
+//!   the entry leaves the map (see [`hot`]): one busy token on many cores writes no memory that
+//!   other cores write.
 //! - Negative entries are keyed by the token's hash, probed only after a positive miss and the
 //!   format check.
 //! - Negative entries (unknown, revoked or expired tokens) in a bounded `moka` cache with a short

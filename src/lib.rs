@@ -98,6 +98,13 @@
 //!   miss, and on a miss everything runs as before: format check, digest, negative cache, store.
 //! - **Revocation still reaches the entry.** Store events name records by their stored hash;
 //!   an index from the hash to the slot, kept under the map's own lock, finds the entry to drop.
+//! - **And its copies.** A thread that serves one token many times in a row keeps a copy of its
+//!   entry (a *hot replica*: its own reference count, so that one busy token on many cores costs
+//!   no write to memory other cores write). A replica serves only while its entry is in the map:
+//!   every path that drops an entry (revocation and every other store event, expiry, a refresh, a
+//!   reconnected change feed) marks it retired before it returns, and a replica checks that mark
+//!   on every hit. The usage mark stays the entry's, so usage is recorded once per token whatever
+//!   the number of threads.
 //! - **A memory dump** of the process shows the PRF key, the slots and the stored hashes of cached
 //!   tokens: no token. The stored hashes are what the store holds anyway; the key and slots let
 //!   an attacker test guesses offline exactly as the hashes already do, at the cost of one
