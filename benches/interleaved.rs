@@ -78,6 +78,7 @@ impl Settings {
 ///
 /// With `ONLY=<name>` in the environment it runs just that variant, once, for `CALLS` calls and
 /// returns `None`: what `scripts/callgrind.sh` counts instructions of.
+#[inline(never)] // `scripts/callgrind.sh` counts what runs inside it
 fn rounds(settings: &Settings, variants: &mut [(&'static str, Variant)]) -> Option<Vec<Vec<f64>>> {
     if let Ok(only) = std::env::var("ONLY") {
         for (name, v) in variants.iter_mut() {
@@ -329,6 +330,11 @@ fn hit_set(settings: &Settings, rt: &tokio::runtime::Runtime) {
                 )
             }),
         ),
+        // One token over and over: after 16 hits this thread serves it from its hot replica.
+        (
+            "layer_hit_one_token",
+            layer_calls(&layer, headers[..1].to_vec()),
+        ),
     ];
     let Some(r) = rounds(settings, &mut variants) else {
         return;
@@ -345,6 +351,11 @@ fn hit_set(settings: &Settings, rt: &tokio::runtime::Runtime) {
         "own work ÷ sum of steps",
         &per_round(settings.rounds, |i| own[i] / steps[i]),
         "×",
+    );
+    show(
+        "one token's own work (hot replica)",
+        &per_round(settings.rounds, |i| r[7][i] - r[1][i]),
+        "ns",
     );
 }
 

@@ -16,7 +16,7 @@ command -v valgrind >/dev/null || { echo "callgrind skipped: valgrind is not ins
 set_name="${1:-hit}"
 shift || true
 variants=("$@")
-[[ ${#variants[@]} -gt 0 ]] || variants=(layer_hit_1k no_layer)
+[[ ${#variants[@]} -gt 0 ]] || variants=(layer_hit_1k layer_hit_one_token no_layer)
 calls="${CALLS:-20000}"
 build=(cargo bench --all-features --bench interleaved --no-run)
 if [[ -n "${SMOKE:-}" ]]; then # a debug build and few calls: the script works, the count is not one
@@ -25,13 +25,19 @@ fi
 bin=$("${build[@]}" 2>&1 |
     sed -n 's/.*Executable benches\/interleaved.rs (\(.*\))/\1/p' | tail -n 1)
 [[ -x "$bin" ]] || { echo "no bench binary found"; exit 1; }
+# Only what runs inside the runner's rounds is counted (`--toggle-collect`): the setup and the
+# work of background threads (Tokio, moka's housekeeping) move the whole program's count by
+# thousands of instructions per call between runs, and the difference of two runs with it.
 count() {
-    ONLY="$1" CALLS="$2" valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bin" --bench "$set_name" 2>&1 >/dev/null |
+    ONLY="$1" CALLS="$2" valgrind --tool=callgrind --collect-atstart=no \
+        --toggle-collect='interleaved::rounds' --callgrind-out-file=/dev/null \
+        "$bin" --bench "$set_name" 2>&1 >/dev/null |
         sed -n 's/.*Collected : \([0-9]*\).*/\1/p'
 }
 echo "callgrind: instructions per call ($calls and $((2 * calls)) calls, set '$set_name')"
 for v in "${variants[@]}"; do
     a=$(count "$v" "$calls")
     b=$(count "$v" $((2 * calls)))
+    [[ -n "$a" && -n "$b" && "$b" -gt 0 ]] || { echo "callgrind counted nothing for $v"; exit 1; }
     printf '  %-24s %8d\n' "$v" $(((b - a) / calls))
 done

@@ -589,25 +589,22 @@ impl Cache {
     /// entry past its TTL.
     #[inline]
     pub(crate) fn probe(self: &Arc<Self>, slot: Slot, now: i64) -> Option<Principal> {
-        if let Some(principal) = hot::get(self.id, slot, now) {
-            return Some(principal);
-        }
-        self.probe_map(slot, now)
+        hot::probe(self.id, slot, now, || self.probe_map(slot, now))
     }
 
-    /// [`probe`](Self::probe) of the positive map, which counts the hit towards a hot replica.
+    /// [`probe`](Self::probe) of the positive map: `Hit::Fresh` counts towards a hot replica.
     #[inline]
-    fn probe_map(self: &Arc<Self>, slot: Slot, now: i64) -> Option<Principal> {
+    fn probe_map(self: &Arc<Self>, slot: Slot, now: i64) -> Option<hot::Hit> {
         let p = self.positive.get(&slot)?;
         let refresh_at = p.value().0.refresh_at_ms.load(Ordering::Acquire);
         let principal = p.value().clone();
         // The shard's read lock ends here: the stale path may need its write lock.
         drop(p);
         if now < refresh_at {
-            hot::note(self.id, &principal);
-            return Some(principal);
+            return Some(hot::Hit::Fresh(principal));
         }
         self.probe_stale(principal, now, refresh_at)
+            .map(hot::Hit::Stale)
     }
 
     /// The negative cache's answer for a token the positive map does not hold, by its hash.
@@ -1216,47 +1213,71 @@ mod hot {
         (slot.0[1] % WAYS as u64) as usize
     }
 
-    /// This thread's replica of the token in `slot` of cache `cache`, if it has one and the cache
-    /// entry it copies is still in the map and not due for a refresh at `now`.
-    #[inline]
-    pub(super) fn get(cache: u64, slot: Slot, now: i64) -> Option<Principal> {
-        WAYS_OF_THREAD
-            .try_with(|ways| {
-                let ways = ways.try_borrow().ok()?;
-                let (id, replica) = ways[way(slot)].hot.as_ref()?;
-                let entry = &replica.0;
-                if *id != cache || entry.slot != slot {
-                    return None;
-                }
-                // Acquire: pairs with `Entry::retire`.
-                let refresh_at = Entry::origin(entry).refresh_at_ms.load(Ordering::Acquire);
-                (now < refresh_at).then(|| replica.clone())
-            })
-            .ok()
-            .flatten()
+    /// What the shared map answered.
+    pub(super) enum Hit {
+        /// An entry not due for a refresh: it counts towards a replica.
+        Fresh(Principal),
+        /// An entry served while it is refreshed (or due for it): not copied.
+        Stale(Principal),
     }
 
-    /// Counts a hit of `principal` (a cache entry, not a replica) in the map of cache `cache`; makes
-    /// this thread's replica of it after [`PROMOTE_AFTER`] in a row on its way.
+    /// The probe of cache `cache` for `slot` at `now`: this thread's replica of the token, if it
+    /// has one and the cache entry it copies is still in the map and not due for a refresh; else
+    /// `map`'s answer, whose fresh hits count towards a replica (one made after
+    /// [`PROMOTE_AFTER`] hits in a row on the way). One thread-local access either way.
     #[inline]
-    pub(super) fn note(cache: u64, principal: &Principal) {
-        let slot = principal.0.slot;
-        let _ = WAYS_OF_THREAD.try_with(|ways| {
+    pub(super) fn probe(
+        cache: u64,
+        slot: Slot,
+        now: i64,
+        map: impl FnOnce() -> Option<Hit>,
+    ) -> Option<Principal> {
+        let mut map = Some(map);
+        let local = WAYS_OF_THREAD.try_with(|ways| {
             let Ok(mut ways) = ways.try_borrow_mut() else {
-                return;
+                return None;
             };
             let way = &mut ways[way(slot)];
+            if let Some((id, replica)) = &way.hot
+                && *id == cache
+                && replica.0.slot == slot
+                // Acquire: pairs with `Entry::retire`.
+                && now < Entry::origin(&replica.0).refresh_at_ms.load(Ordering::Acquire)
+            {
+                return Some(Some(replica.clone()));
+            }
+            let hit = map.take()?()?;
+            let principal = match hit {
+                Hit::Fresh(principal) => principal,
+                Hit::Stale(principal) => return Some(Some(principal)),
+            };
             if way.candidate != (cache, slot) {
                 way.candidate = (cache, slot);
                 way.count = 1;
-                return;
+            } else {
+                way.count += 1;
+                if way.count >= PROMOTE_AFTER {
+                    way.count = 0;
+                    promote(way, cache, &principal);
+                }
             }
-            way.count += 1;
-            if way.count >= PROMOTE_AFTER {
-                way.count = 0;
-                promote(way, cache, principal);
-            }
+            Some(Some(principal))
         });
+        match (local, map) {
+            (Ok(Some(answer)), _) => answer,
+            // No thread-local state (the thread is ending, or a nested probe): the map alone.
+            (_, Some(map)) => match map()? {
+                Hit::Fresh(principal) | Hit::Stale(principal) => Some(principal),
+            },
+            // The map was asked and missed.
+            (_, None) => None,
+        }
+    }
+
+    /// This thread's replica of `slot` in cache `cache`, if it would serve at `now` (tests).
+    #[cfg(test)]
+    pub(super) fn get(cache: u64, slot: Slot, now: i64) -> Option<Principal> {
+        probe(cache, slot, now, || None)
     }
 
     #[cold]
