@@ -128,7 +128,7 @@ fn main() {
         median(&mut with)
     );
     println!(
-        "  tower-pat adds             {:>8.0} ns/request (median of paired differences; IQR {lo:.0} to {hi:.0}; target ≤ 400)",
+        "  tower-pat adds             {:>8.0} ns/request (median of paired differences; IQR {lo:.0} to {hi:.0}; target ≤ 200)",
         median(&mut diff)
     );
 }

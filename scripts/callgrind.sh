@@ -28,6 +28,12 @@ bin=$("${build[@]}" 2>&1 |
 # Only what runs inside the runner's rounds is counted (`--toggle-collect`): the setup and the
 # work of background threads (Tokio, moka's housekeeping) move the whole program's count by
 # thousands of instructions per call between runs, and the difference of two runs with it.
+# glibc's thread cache holds 7 chunks of a size by default; the runner keeps 128 requests alive at
+# once, so their allocations take malloc's slower paths, by an amount that depends on the heap's
+# state (the same binary counted 9 324 and 10 959 per call in two runs). A larger cache makes
+# every allocation a cache hit and the count repeatable; MALLOC_DEFAULT=1 counts with glibc as it
+# comes.
+[[ -n "${MALLOC_DEFAULT:-}" ]] || export GLIBC_TUNABLES="${GLIBC_TUNABLES:-glibc.malloc.tcache_count=4096}"
 count() {
     ONLY="$1" CALLS="$2" valgrind --tool=callgrind --collect-atstart=no \
         --toggle-collect='interleaved::rounds' --callgrind-out-file=/dev/null \

@@ -2,9 +2,10 @@
 //! outcome, cache hits and misses, store lookups and their latency, cache sizes, usage tracking
 //! and the change feed's state, as one snapshot for metrics.
 //!
-//! The request path counts with relaxed atomic adds into one of 16 cache-line-sized
-//! shards, picked per thread: two cores serving requests do not write to the same cache line
-//! (below 16 threads), so counting adds no traffic between cores. A snapshot sums the
+//! The request path counts with relaxed atomic adds into one of as many cache-line-sized shards
+//! as the machine has cores (at least 16), picked per thread: two cores serving requests do not
+//! write to the same cache line (as long as the threads that count are no more than the shards:
+//! a Tokio runtime's workers), so counting adds no traffic between cores. A snapshot sums the
 //! shards; it is exact for every request that finished before it started, and each counter is
 //! monotonic.
 
@@ -15,8 +16,10 @@ use std::time::Duration;
 use crate::auth::AuthError;
 use crate::usage::UsageStats;
 
-/// How many shards the counters are spread over.
-const SHARDS: usize = 16;
+/// The fewest and the most shards the counters are spread over: a power of two, the number of
+/// cores rounded up, within these.
+const MIN_SHARDS: usize = 16;
+const MAX_SHARDS: usize = 1024;
 
 /// What the request path counts.
 #[derive(Clone, Copy, Debug)]
@@ -70,7 +73,7 @@ pub(crate) struct Stats {
 impl Default for Stats {
     fn default() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            shards: (0..shard_count()).map(|_| Shard::default()).collect(),
             latency: Default::default(),
             latency_sum_us: AtomicU64::new(0),
             lookup_failures: AtomicU64::new(0),
@@ -84,7 +87,17 @@ impl std::fmt::Debug for Stats {
     }
 }
 
-/// This thread's shard, assigned round robin on first use.
+/// How many shards a layer's counters have: the cores, rounded up to a power of two, at least
+/// [`MIN_SHARDS`].
+fn shard_count() -> usize {
+    std::thread::available_parallelism()
+        .map_or(MIN_SHARDS, std::num::NonZero::get)
+        .next_power_of_two()
+        .clamp(MIN_SHARDS, MAX_SHARDS)
+}
+
+/// This thread's ordinal among the threads that counted, assigned on first use: its shard is
+/// the ordinal modulo the shard count.
 fn shard_index() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
@@ -95,7 +108,7 @@ fn shard_index() -> usize {
         if i != usize::MAX {
             return i;
         }
-        let i = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        let i = NEXT.fetch_add(1, Ordering::Relaxed);
         s.set(i);
         i
     })
@@ -105,7 +118,9 @@ impl Stats {
     /// Counts one `counter`.
     #[inline]
     pub(crate) fn add(&self, counter: Counter) {
-        self.shards[shard_index()].0[counter as usize].fetch_add(1, Ordering::Relaxed);
+        // The shard count is a power of two.
+        let shard = shard_index() & (self.shards.len() - 1);
+        self.shards[shard].0[counter as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a refusal by its reason.
@@ -274,4 +289,29 @@ pub struct AuthStats {
     pub usage: Option<UsageStats>,
     /// The change feed.
     pub feed: FeedState,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Counter, MIN_SHARDS, Stats, shard_count};
+
+    #[test]
+    fn a_shard_per_core_and_every_count_kept() {
+        let n = shard_count();
+        assert!(n.is_power_of_two() && n >= MIN_SHARDS);
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        assert!(n >= cores);
+        // More threads than shards: they share shards, and no count is lost.
+        let stats = Stats::default();
+        std::thread::scope(|s| {
+            for _ in 0..n + 3 {
+                s.spawn(|| {
+                    for _ in 0..1_000 {
+                        stats.add(Counter::OkHit);
+                    }
+                });
+            }
+        });
+        assert_eq!(stats.sum(Counter::OkHit), (n as u64 + 3) * 1_000);
+    }
 }

@@ -363,8 +363,10 @@ pub fn summary() {
         let Some(base) = base else { continue };
         let own = ns - base;
         let (floor, target) = match bench {
-            "hit_1k" | "hit_1m_hot" => (floor_1k, "   (target ≤ 350 ns and ≤ 1.2×)"),
-            "hit_1m" => (floor_1m, "   (target ≤ 350 ns and ≤ 1.2×)"),
+            // Criterion's medians are per-step detail; the targets are judged on the interleaved
+            // runner's ratios (BENCHMARKS.md).
+            "hit_1k" | "hit_1m_hot" => (floor_1k, ""),
+            "hit_1m" => (floor_1m, ""),
             _ => (None, ""),
         };
         let ratio = floor.map_or(String::new(), |sum| {
