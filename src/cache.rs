@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use tokio::sync::{AcquireError, Semaphore, watch};
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::AbortHandle;
 
 use crate::client_ip::ClientAddr;
@@ -396,20 +396,25 @@ struct ClientBudget {
 }
 
 struct Budget {
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
     /// Wakes the client's lookups queued for a shared slot when one of its lookups found nothing:
     /// they move to the suspects' pool.
     suspected: tokio::sync::Notify,
 }
 
-/// A lookup's use of its client's [`ClientBudget`], released on drop.
-struct ClientUse<'a> {
-    cache: &'a Cache,
+/// The lookup slots a store lookup holds: its client's own (when it has a client address) and one
+/// of the shared pool or the suspects' pool.
+type LookupPermits = (Option<OwnedSemaphorePermit>, OwnedSemaphorePermit);
+
+/// A lookup's use of its client's [`ClientBudget`], released on drop (owned: a reuse detection
+/// that outlives its request keeps it, see [`Cache::detect_reuse`]).
+struct ClientUse {
+    cache: Arc<Cache>,
     client: IpAddr,
     budget: Arc<Budget>,
 }
 
-impl Drop for ClientUse<'_> {
+impl Drop for ClientUse {
     fn drop(&mut self) {
         let mut clients = self.cache.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(budget) = clients.get_mut(&self.client) {
@@ -440,13 +445,13 @@ pub(crate) struct Cache {
     scope_sets: Mutex<HashSet<ScopeSet>>,
     /// Bumped by every invalidation: a load that started before one does not cache its result.
     epoch: AtomicU64,
-    lookups: Semaphore,
+    lookups: Arc<Semaphore>,
     /// Each client's lookup budget, while it has lookups in flight.
     clients: Mutex<HashMap<IpAddr, ClientBudget>>,
     /// Clients whose last lookups found nothing, for `negative_ttl`.
     suspects: moka::sync::Cache<IpAddr, ()>,
     /// The lookup slots of [`Self::suspects`].
-    suspect_lookups: Semaphore,
+    suspect_lookups: Arc<Semaphore>,
     lookup: Arc<dyn TokenLookup>,
     /// Rotation reuse detection, on the miss path of unknown tokens (see [`crate::reuse`]).
     reuse: Option<Arc<ReuseDetection>>,
@@ -496,10 +501,10 @@ impl Cache {
             flights: Mutex::default(),
             scope_sets: Mutex::default(),
             epoch: AtomicU64::new(0),
-            lookups: Semaphore::new(permits(config.max_concurrent_lookups)),
+            lookups: Arc::new(Semaphore::new(permits(config.max_concurrent_lookups))),
             clients: Mutex::default(),
             suspects,
-            suspect_lookups: Semaphore::new(permits(config.suspect_lookups)),
+            suspect_lookups: Arc::new(Semaphore::new(permits(config.suspect_lookups))),
             lookup,
             reuse: reuse.map(Arc::new),
             hasher,
@@ -808,7 +813,7 @@ impl Cache {
     /// Looks `key` up in the store and caches the answer, unless an invalidation came after
     /// `epoch` (read before the lookup started).
     async fn load_uncached(
-        &self,
+        self: &Arc<Self>,
         slot: Slot,
         key: TokenHash,
         previous: &[TokenHash],
@@ -819,29 +824,31 @@ impl Cache {
         // Declared before the permits, dropped after them.
         let budget = client.map(|c| self.client_budget(c));
         let slots = tokio::time::timeout(self.config.lookup_wait, async {
+            let shared_pool = || Arc::clone(&self.lookups).acquire_owned();
+            let suspect_pool = || Arc::clone(&self.suspect_lookups).acquire_owned();
             let Some(budget) = &budget else {
-                return Ok::<_, AcquireError>((None, self.lookups.acquire().await?));
+                return Ok::<_, AcquireError>((None, shared_pool().await?));
             };
-            let own = budget.budget.slots.acquire().await?;
+            let own = Arc::clone(&budget.budget.slots).acquire_owned().await?;
             let suspect = || client.is_some_and(|c| self.suspects.contains_key(&c));
             // Registered before the check, so that no verdict falls in between.
             let suspected = budget.budget.suspected.notified();
             let mut suspected = std::pin::pin!(suspected);
             suspected.as_mut().enable();
             let shared = if suspect() {
-                self.suspect_lookups.acquire().await?
+                suspect_pool().await?
             } else {
                 tokio::select! {
                     biased;
-                    shared = self.lookups.acquire() => shared?,
+                    shared = shared_pool() => shared?,
                     // Another of this client's lookups found nothing while this one queued.
-                    () = suspected => self.suspect_lookups.acquire().await?,
+                    () = suspected => suspect_pool().await?,
                 }
             };
             Ok((Some(own), shared))
         })
         .await;
-        let Ok(Ok(_permits)) = slots else {
+        let Ok(Ok(permits)) = slots else {
             tracing::warn!("too many concurrent token lookups; answering 503");
             return Outcome::Unavailable;
         };
@@ -860,55 +867,63 @@ impl Cache {
         // current hashes, never this one's negative entry, which keeps a flood of the same dead
         // secret to one history lookup per negative TTL.
         if let (Some(reuse), Outcome::Rejected(Negative::Unknown)) = (&self.reuse, &outcome) {
-            self.detect_reuse(reuse, key, previous, address.ip()).await;
+            // The detection holds this lookup's slots and client budget until it ends.
+            self.detect_reuse(reuse, key, previous, address.ip(), (permits, budget))
+                .await;
         }
         outcome
     }
 
     /// Looks an unknown token's hashes up in the store's history of superseded secrets (see
     /// [`crate::reuse`]), in a task of its own: a presenter that goes away (which cancels the
-    /// lookup) cannot cancel the report or the revocation.
+    /// lookup) cannot cancel the report or the revocation. The task holds `held`, the lookup's
+    /// slots and its client's budget, until it ends: a presenter that goes away does not get
+    /// them back early, so detections stay within the same bounds as lookups.
     #[cold]
     async fn detect_reuse(
-        &self,
+        self: &Arc<Self>,
         reuse: &Arc<ReuseDetection>,
         key: TokenHash,
         previous: &[TokenHash],
         client: Option<IpAddr>,
+        held: (LookupPermits, Option<ClientUse>),
     ) {
         let hashes: Vec<TokenHash> = std::iter::once(key)
             .chain(previous.iter().copied().filter(|h| *h != key))
             .collect();
-        let (reuse, lookup) = (Arc::clone(reuse), Arc::clone(&self.lookup));
-        let sent = now_ms();
-        let detection = tokio::spawn(async move { reuse.check(&*lookup, &hashes, client).await });
-        match detection.await {
-            Ok(Ok(queries)) => {
-                self.store_lookups.fetch_add(queries, Ordering::Relaxed);
-                self.store_answered(sent);
+        let (cache, reuse) = (Arc::clone(self), Arc::clone(reuse));
+        let detection = tokio::spawn(async move {
+            // The permits are dropped before the client's budget (the tuple's order).
+            let _held = held;
+            let sent = now_ms();
+            match reuse.check(&*cache.lookup, &hashes, client).await {
+                Ok(queries) => {
+                    cache.store_lookups.fetch_add(queries, Ordering::Relaxed);
+                    cache.store_answered(sent);
+                }
+                Err(e) => {
+                    tracing::warn!(target: "tower_pat::store", error = %e, "superseded secret lookup failed");
+                    cache.store_failed(sent);
+                }
             }
-            Ok(Err(e)) => {
-                tracing::warn!(target: "tower_pat::store", error = %e, "superseded secret lookup failed");
-                self.store_failed(sent);
-            }
-            // The hook panicked: nothing to undo.
-            Err(_) => {}
-        }
+        });
+        // A panic of the hook leaves nothing to undo.
+        let _ = detection.await;
     }
 
     /// Registers a lookup of `client` with the client's budget, creating it if needed.
-    fn client_budget(&self, client: IpAddr) -> ClientUse<'_> {
+    fn client_budget(self: &Arc<Self>, client: IpAddr) -> ClientUse {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         let entry = clients.entry(client).or_insert_with(|| ClientBudget {
             budget: Arc::new(Budget {
-                slots: Semaphore::new(permits(self.config.max_lookups_per_client)),
+                slots: Arc::new(Semaphore::new(permits(self.config.max_lookups_per_client))),
                 suspected: tokio::sync::Notify::new(),
             }),
             users: 0,
         });
         entry.users += 1;
         ClientUse {
-            cache: self,
+            cache: Arc::clone(self),
             client,
             budget: Arc::clone(&entry.budget),
         }
