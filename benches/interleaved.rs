@@ -28,14 +28,12 @@
 
 mod common;
 
-use std::convert::Infallible;
-use std::future::ready;
 use std::hash::Hasher;
 use std::sync::Arc;
 use std::time::Instant;
 
 use dashmap::DashMap;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderValue, Request, StatusCode, header};
 use sha2::{Digest, Sha256};
 use tower::{Layer, Service, ServiceExt};
 use tower_pat::{PatAuthLayer, TokenSecret};
@@ -457,39 +455,12 @@ where
     })
 }
 
-/// The do-it-yourself cache: SHA-256 of the bearer token → the record, in moka's async cache.
-type DiyCache = moka::future::Cache<[u8; 32], Arc<tower_pat::TokenRecord>>;
-
-fn bearer_digest<B>(req: &Request<B>) -> Option<[u8; 32]> {
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")?;
-    Some(Sha256::digest(token.as_bytes()).into())
-}
-
-fn unauthorized<B: Default>() -> Response<B> {
-    let mut res = Response::new(B::default());
-    *res.status_mut() = StatusCode::UNAUTHORIZED;
-    res
-}
-
 fn peers_set(settings: &Settings) {
-    use tower_http::auth::AsyncRequireAuthorizationLayer;
     use tower_http::validate_request::ValidateRequestHeaderLayer;
     let rt = Arc::new(common::runtime());
     let (layer, secrets) = issue(&rt, 1_000);
     let headers: Arc<Vec<HeaderValue>> = Arc::new(common::spread(&secrets));
-    let diy: DiyCache = moka::future::Cache::builder().max_capacity(100_000).build();
-    rt.block_on(async {
-        for (n, s) in secrets.iter().enumerate() {
-            let digest: [u8; 32] = Sha256::digest(s.expose_secret().as_bytes()).into();
-            let record = common::record_for(tower_pat::TokenHash::from_bytes(digest), n as u64);
-            diy.insert(digest, Arc::new(record)).await;
-        }
-    });
+    let diy = rt.block_on(common::peers::diy_cache(&secrets));
     let req = {
         let headers = Arc::clone(&headers);
         move |i: usize| common::request(&headers[i % headers.len()])
@@ -501,61 +472,13 @@ fn peers_set(settings: &Settings) {
             Request::from_parts(parts, axum::body::Body::empty())
         }
     };
-    let pong_body = || {
-        tower::service_fn(|_req: Request<axum::body::Body>| {
-            ready(Ok::<_, Infallible>(
-                Response::new(axum::body::Body::empty()),
-            ))
-        })
-    };
+    let pong_body = common::peers::pong_body;
     #[allow(deprecated)] // "too basic to be useful in real applications": the point of comparing.
     let static_bearer = ValidateRequestHeaderLayer::bearer(secrets[0].expose_secret());
-    let diy_tower = {
-        let diy = diy.clone();
-        AsyncRequireAuthorizationLayer::new(move |mut req: Request<()>| {
-            let diy = diy.clone();
-            async move {
-                let digest = bearer_digest(&req).ok_or_else(unauthorized)?;
-                match diy.get(&digest).await {
-                    Some(record) if record.is_active_at(chrono::Utc::now()) => {
-                        req.extensions_mut().insert(record);
-                        Ok(req)
-                    }
-                    _ => Err(unauthorized()),
-                }
-            }
-        })
-    };
-    let diy_axum = {
-        let diy = diy.clone();
-        axum::middleware::from_fn(
-            move |mut req: axum::extract::Request, next: axum::middleware::Next| {
-                let diy = diy.clone();
-                async move {
-                    let Some(digest) = bearer_digest(&req) else {
-                        return unauthorized();
-                    };
-                    match diy.get(&digest).await {
-                        Some(record) if record.is_active_at(chrono::Utc::now()) => {
-                            req.extensions_mut().insert(record);
-                            next.run(req).await
-                        }
-                        _ => unauthorized(),
-                    }
-                }
-            },
-        )
-    };
-    let jwt_key = jsonwebtoken::EncodingKey::from_secret(b"a secret of thirty-two bytes....");
-    let claims = serde_json::json!({
-        "sub": "user-1", "iat": 1_700_000_000u64, "exp": 4_100_000_000u64,
-        "scope": "repo:read"
-    });
-    let jwt =
-        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jwt_key).expect("a JWT");
-    let decoding = jsonwebtoken::DecodingKey::from_secret(b"a secret of thirty-two bytes....");
-    let validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
-    let jwt_len = jwt.len();
+    let diy_tower = common::peers::diy_moka_tower_http(diy.clone(), common::pong());
+    let diy_axum = common::peers::diy_moka_axum_from_fn(diy);
+    let jwt = common::peers::Jwt::new();
+    let jwt_len = jwt.token.len();
     let mut variants: Vec<(&'static str, Variant)> = vec![
         (
             "no_auth",
@@ -570,11 +493,7 @@ fn peers_set(settings: &Settings) {
         ),
         (
             "diy_moka_tower_http",
-            driven(
-                Arc::clone(&rt),
-                diy_tower.layer(common::pong()),
-                req.clone(),
-            ),
+            driven(Arc::clone(&rt), diy_tower.clone(), req.clone()),
         ),
         (
             "tower_pat",
@@ -586,11 +505,7 @@ fn peers_set(settings: &Settings) {
         ),
         (
             "diy_moka_axum_from_fn",
-            driven(
-                Arc::clone(&rt),
-                diy_axum.layer(pong_body()),
-                body_req.clone(),
-            ),
+            driven(Arc::clone(&rt), diy_axum, body_req.clone()),
         ),
         (
             "axum_tower_pat",
@@ -598,23 +513,17 @@ fn peers_set(settings: &Settings) {
         ),
         (
             "jwt_hs256_verify",
-            Box::new(move |n| {
-                timed(
-                    |_| (),
-                    n,
-                    |()| {
-                        jsonwebtoken::decode::<serde_json::Value>(&jwt, &decoding, &validation)
-                            .expect("a valid JWT")
-                    },
-                )
-            }),
+            Box::new(move |n| timed(|_| (), n, |()| jwt.verify())),
         ),
     ];
     // Every variant answers 200 with this input (untimed).
-    let _ = rt.block_on(
-        diy_tower
-            .layer(common::pong())
-            .oneshot(common::request(&headers[0])),
+    let res = rt
+        .block_on(diy_tower.oneshot(common::request(&headers[0])))
+        .expect("a response");
+    assert_eq!(
+        res.status(),
+        StatusCode::OK,
+        "the do-it-yourself layer admits"
     );
     let Some(r) = rounds(settings, &mut variants) else {
         return;

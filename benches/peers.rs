@@ -6,7 +6,14 @@
 //!   compared per request: the best-known baseline, with none of the features;
 //! - `diy_<store>`: the do-it-yourself approach, tower-http's `AsyncRequireAuthorizationLayer` with a
 //!   closure that hashes the bearer token (SHA-256) and asks the store on every request;
-//! - `tower_pat`: `PatAuthLayer` on a cache hit.
+//! - `diy_moka_tower_http`, `diy_moka_axum_from_fn`: the same with a moka cache of the records in
+//!   front of the store (hit), in tower-http's form and as axum middleware;
+//! - `tower_pat`: `PatAuthLayer` on a cache hit; `axum_no_auth` and `axum_tower_pat`, the handler
+//!   alone and behind the layer with axum's body type, for the axum form;
+//! - `jwt_hs256_verify`: `jsonwebtoken` verifying a 175-byte HS256 JWT, alone.
+//!
+//! The ratios between them are taken from `benches/interleaved.rs` (same peers, rounds in one
+//! process); these are criterion's per-peer detail.
 //!
 //! `cargo bench --bench peers` (SQLite is a default feature; PostgreSQL with `--features postgres`
 //! and `DATABASE_URL` set, in a throwaway database).
@@ -145,16 +152,27 @@ fn bench_service<S, B>(
     S: Service<Request<()>, Response = Response<B>> + Clone,
     S::Error: std::fmt::Debug,
 {
+    bench_requests(g, rt, name, svc, || common::request(auth));
+}
+
+/// [`bench_service`] for any request body: `make` builds each request (untimed).
+fn bench_requests<S, ReqB, B>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    svc: S,
+    make: impl Fn() -> Request<ReqB>,
+) where
+    S: Service<Request<ReqB>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+{
     let res = rt
-        .block_on(svc.clone().oneshot(common::request(auth)))
+        .block_on(svc.clone().oneshot(make()))
         .expect("a response");
     assert_eq!(res.status(), StatusCode::OK, "{name}");
     g.bench_function(name, |b| {
-        b.to_async(rt).iter_batched(
-            || common::request(auth),
-            |req| svc.clone().oneshot(req),
-            common::BATCH,
-        )
+        b.to_async(rt)
+            .iter_batched(&make, |req| svc.clone().oneshot(req), common::BATCH)
     });
 }
 
@@ -188,8 +206,31 @@ fn peers(c: &mut Criterion) {
         bench_service(&mut g, &rt, &format!("diy_{name}"), svc, &auth);
     }
 
+    let diy = rt.block_on(common::peers::diy_cache(std::slice::from_ref(&secrets[0])));
+    let moka = common::peers::diy_moka_tower_http(diy.clone(), common::pong());
+    bench_service(&mut g, &rt, "diy_moka_tower_http", moka, &auth);
+    let axum_request = || {
+        let (parts, ()) = common::request(&auth).into_parts();
+        Request::from_parts(parts, axum::body::Body::empty())
+    };
+    let moka_axum = common::peers::diy_moka_axum_from_fn(diy);
+    bench_requests(
+        &mut g,
+        &rt,
+        "diy_moka_axum_from_fn",
+        moka_axum,
+        axum_request,
+    );
+
     let layer = common::layer(Arc::clone(memory) as Arc<dyn TokenLookup>);
     bench_service(&mut g, &rt, "tower_pat", layer.layer(common::pong()), &auth);
+    let pong_body = common::peers::pong_body;
+    bench_requests(&mut g, &rt, "axum_no_auth", pong_body(), axum_request);
+    let axum_pat = layer.layer(pong_body());
+    bench_requests(&mut g, &rt, "axum_tower_pat", axum_pat, axum_request);
+
+    let jwt = common::peers::Jwt::new();
+    g.bench_function("jwt_hs256_verify", |b| b.iter(|| jwt.verify()));
     g.finish();
     drop(stores);
     drop(cleanup);

@@ -397,4 +397,167 @@ pub fn summary() {
             );
         }
     }
+    // The rest of the peers; their ratios come from the interleaved runner.
+    for peer in [
+        "diy_moka_tower_http",
+        "diy_moka_axum_from_fn",
+        "axum_no_auth",
+        "axum_tower_pat",
+        "jwt_hs256_verify",
+    ] {
+        show("peers", peer);
+    }
+}
+
+/// The peers of `benches/peers.rs` (criterion) and `benches/interleaved.rs` (the ratios): what
+/// people write instead of tower-pat, defined once.
+pub mod peers {
+    use std::convert::Infallible;
+    use std::future::ready;
+    use std::sync::Arc;
+
+    use http::{Request, Response, StatusCode, header};
+    use sha2::{Digest, Sha256};
+    use tower::{Layer, Service};
+    use tower_pat::{TokenHash, TokenRecord, TokenSecret};
+
+    /// The do-it-yourself cache: SHA-256 of the bearer token → the record, in moka's async cache.
+    pub type DiyCache = moka::future::Cache<[u8; 32], Arc<TokenRecord>>;
+
+    /// The SHA-256 of the request's bearer token.
+    pub fn bearer_digest<B>(req: &Request<B>) -> Option<[u8; 32]> {
+        let token = req
+            .headers()
+            .get(header::AUTHORIZATION)?
+            .to_str()
+            .ok()?
+            .strip_prefix("Bearer ")?;
+        Some(Sha256::digest(token.as_bytes()).into())
+    }
+
+    /// A bare 401.
+    pub fn unauthorized<B: Default>() -> Response<B> {
+        let mut res = Response::new(B::default());
+        *res.status_mut() = StatusCode::UNAUTHORIZED;
+        res
+    }
+
+    /// A do-it-yourself cache holding a record for each of `secrets`, as its loader would have
+    /// filled it.
+    pub async fn diy_cache(secrets: &[TokenSecret]) -> DiyCache {
+        let diy: DiyCache = moka::future::Cache::builder().max_capacity(100_000).build();
+        for (n, s) in secrets.iter().enumerate() {
+            let digest: [u8; 32] = Sha256::digest(s.expose_secret().as_bytes()).into();
+            let record = super::record_for(TokenHash::from_bytes(digest), n as u64);
+            diy.insert(digest, Arc::new(record)).await;
+        }
+        diy
+    }
+
+    /// The do-it-yourself layer in tower-http's form (`AsyncRequireAuthorizationLayer` with a
+    /// closure: digest, cache lookup, expiry and revocation check, record into the extensions)
+    /// in front of `inner`. Its future is not boxed, in the peer's favour.
+    pub fn diy_moka_tower_http<S, T>(
+        diy: DiyCache,
+        inner: S,
+    ) -> impl Service<Request<()>, Response = Response<T>, Error = Infallible> + Clone
+    where
+        S: Service<Request<()>, Response = Response<T>, Error = Infallible> + Clone,
+        T: Default,
+    {
+        tower_http::auth::AsyncRequireAuthorizationLayer::new(move |mut req: Request<()>| {
+            let diy = diy.clone();
+            async move {
+                let digest = bearer_digest(&req).ok_or_else(unauthorized)?;
+                match diy.get(&digest).await {
+                    Some(record) if record.is_active_at(chrono::Utc::now()) => {
+                        req.extensions_mut().insert(record);
+                        Ok(req)
+                    }
+                    _ => Err(unauthorized()),
+                }
+            }
+        })
+        .layer(inner)
+    }
+
+    /// The handler of the axum forms: an empty 200.
+    pub fn pong_body() -> impl Service<
+        Request<axum::body::Body>,
+        Response = Response<axum::body::Body>,
+        Error = Infallible,
+        Future = std::future::Ready<Result<Response<axum::body::Body>, Infallible>>,
+    > + Clone {
+        tower::service_fn(|_req: Request<axum::body::Body>| {
+            ready(Ok::<_, Infallible>(
+                Response::new(axum::body::Body::empty()),
+            ))
+        })
+    }
+
+    /// The same do-it-yourself check as axum middleware (`axum::middleware::from_fn`), in front
+    /// of [`pong_body`].
+    pub fn diy_moka_axum_from_fn(
+        diy: DiyCache,
+    ) -> impl Service<
+        Request<axum::body::Body>,
+        Response = Response<axum::body::Body>,
+        Error = Infallible,
+        Future = impl Send,
+    > + Clone {
+        axum::middleware::from_fn(
+            move |mut req: axum::extract::Request, next: axum::middleware::Next| {
+                let diy = diy.clone();
+                async move {
+                    let Some(digest) = bearer_digest(&req) else {
+                        return unauthorized();
+                    };
+                    match diy.get(&digest).await {
+                        Some(record) if record.is_active_at(chrono::Utc::now()) => {
+                            req.extensions_mut().insert(record);
+                            next.run(req).await
+                        }
+                        _ => unauthorized(),
+                    }
+                }
+            },
+        )
+        .layer(pong_body())
+    }
+
+    /// An HS256 JWT (175 bytes, four claims) and what verifies it: `jsonwebtoken`'s signature
+    /// and `exp` check, the claims decoded to JSON.
+    pub struct Jwt {
+        pub token: String,
+        key: jsonwebtoken::DecodingKey,
+        validation: jsonwebtoken::Validation,
+    }
+
+    impl Jwt {
+        pub fn new() -> Self {
+            const SECRET: &[u8] = b"a secret of thirty-two bytes....";
+            let claims = serde_json::json!({
+                "sub": "user-1", "iat": 1_700_000_000u64, "exp": 4_100_000_000u64,
+                "scope": "repo:read"
+            });
+            let token = jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(SECRET),
+            )
+            .expect("a JWT");
+            Self {
+                token,
+                key: jsonwebtoken::DecodingKey::from_secret(SECRET),
+                validation: jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256),
+            }
+        }
+
+        /// Verifies the token and decodes its claims.
+        pub fn verify(&self) -> serde_json::Value {
+            jsonwebtoken::decode::<serde_json::Value>(&self.token, &self.key, &self.validation)
+                .expect("a valid JWT")
+                .claims
+        }
+    }
 }
