@@ -697,6 +697,13 @@ impl Cache {
                     self.evict(entry);
                 }
                 self.remember(entry.slot, entry.hash, &outcome, epoch);
+                if let Outcome::Found(fresh) = &outcome {
+                    // Again, for a mark made on the old entry while the new one went in.
+                    fresh.0.last_mark_ms.fetch_max(
+                        stale.0.last_mark_ms.load(Ordering::Relaxed),
+                        Ordering::Relaxed,
+                    );
+                }
             }
             Err(()) => {
                 tracing::warn!(target: "tower_pat::store", token_id = %stale.token_id(), "token refresh failed; serving the cached entry");
@@ -877,8 +884,9 @@ impl Cache {
     /// Looks an unknown token's hashes up in the store's history of superseded secrets (see
     /// [`crate::reuse`]), in a task of its own: a presenter that goes away (which cancels the
     /// lookup) cannot cancel the report or the revocation. The task holds `held`, the lookup's
-    /// slots and its client's budget, until it ends: a presenter that goes away does not get
-    /// them back early, so detections stay within the same bounds as lookups.
+    /// slots and its client's budget, until it ends or `lookup_wait` (at least a second) has
+    /// passed: a presenter that goes away does not get them back early, so detections stay
+    /// within the same bounds as lookups, and a store that hangs does not keep them for good.
     #[cold]
     async fn detect_reuse(
         self: &Arc<Self>,
@@ -892,11 +900,24 @@ impl Cache {
             .chain(previous.iter().copied().filter(|h| *h != key))
             .collect();
         let (cache, reuse) = (Arc::clone(self), Arc::clone(reuse));
+        let hold = cache.config.lookup_wait.max(Duration::from_secs(1));
         let detection = tokio::spawn(async move {
-            // The permits are dropped before the client's budget (the tuple's order).
-            let _held = held;
             let sent = now_ms();
-            match reuse.check(&*cache.lookup, &hashes, client).await {
+            let check = reuse.check(&*cache.lookup, &hashes, client);
+            let mut check = std::pin::pin!(check);
+            // The slots are held while the history is read, but not for longer than a lookup may
+            // wait for one (at least a second): a store that hangs must not keep them for good.
+            let done = tokio::select! {
+                done = &mut check => Some(done),
+                () = tokio::time::sleep(hold) => None,
+            };
+            // The permits are dropped before the client's budget (the tuple's order).
+            drop(held);
+            let done = match done {
+                Some(done) => done,
+                None => check.await,
+            };
+            match done {
                 Ok(queries) => {
                     cache.store_lookups.fetch_add(queries, Ordering::Relaxed);
                     cache.store_answered(sent);
@@ -1195,7 +1216,7 @@ mod hot {
     use std::sync::atomic::Ordering;
 
     use super::Slot;
-    use crate::principal::{Entry, Principal};
+    use crate::principal::{Entry, Principal, RETIRED};
 
     /// The replicas a thread keeps, one per way, the way chosen by the slot.
     pub(super) const WAYS: usize = 8;
@@ -1256,10 +1277,18 @@ mod hot {
             if let Some((id, replica)) = &way.hot
                 && *id == cache
                 && replica.0.slot == slot
-                // Acquire: pairs with `Entry::retire`.
-                && now < Entry::origin(&replica.0).refresh_at_ms.load(Ordering::Acquire)
             {
-                return Some(Some(replica.clone()));
+                // SeqCst, like the store in `Entry::retire` (a plain load on x86 either way).
+                let refresh_at = Entry::origin(&replica.0)
+                    .refresh_at_ms
+                    .load(Ordering::SeqCst);
+                if now < refresh_at {
+                    return Some(Some(replica.clone()));
+                }
+                if refresh_at == RETIRED {
+                    // Its entry left the map: nothing of the token stays in this thread.
+                    way.hot = None;
+                }
             }
             let hit = map.take()?()?;
             let principal = match hit {
@@ -1547,6 +1576,29 @@ mod tests {
         cache.invalidate("two", &second);
         assert!(hot::get(cache.id, s2, now_ms()).is_none());
         assert!(!cached(&cache, s2));
+    }
+
+    #[test]
+    fn a_replica_is_served_for_its_own_slot_only_and_let_go_when_retired() {
+        let cache = cache(Empty);
+        // Two slots on the same way (high words 3 and 11), differing in both words.
+        let (a, b) = (Slot([5, 3]), Slot([6, 11]));
+        cache_now(&cache, a, &found(a, hash(51), "a"));
+        promoted(&cache, a);
+        assert!(
+            hot::get(cache.id, b, now_ms()).is_none(),
+            "not cached at all"
+        );
+        cache_now(&cache, b, &found(b, hash(52), "b"));
+        assert_eq!(cache.probe(b, now_ms()).unwrap().token_id(), "b");
+        // `b`'s hits took the way over as its candidate; `a`'s replica is still `a`'s.
+        assert_eq!(cache.probe(a, now_ms()).unwrap().token_id(), "a");
+        // Once `a` is retired, the first probe that finds its replica lets it go: only this
+        // test's reference to the entry is left.
+        let origin = cache.positive.get(&a).unwrap().0.clone();
+        cache.invalidate("a", &hash(51));
+        assert!(cache.probe(a, now_ms()).is_none());
+        assert_eq!(Arc::strong_count(&origin), 1);
     }
 
     #[test]

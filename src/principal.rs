@@ -158,7 +158,9 @@ impl Entry {
         let origin = Entry::origin(origin);
         Self {
             expires_ms: origin.expires_ms,
-            refresh_at_ms: AtomicI64::new(origin.refresh_at_ms.load(Ordering::Relaxed)),
+            // Never read: a replica's liveness and usage mark are its origin's. Retired and
+            // zero, so that a read of them here by mistake fails safe.
+            refresh_at_ms: AtomicI64::new(RETIRED),
             last_mark_ms: AtomicI64::new(0),
             ip_restriction: origin.ip_restriction.clone(),
             origin: Some(Arc::clone(origin)),

@@ -646,3 +646,48 @@ async fn a_dropped_presenter_leaves_its_lookup_slot_to_the_detection() {
     let served = common::send(&layer, common::request(Some(valid.expose_secret()), None)).await;
     assert_eq!(served.status, StatusCode::OK);
 }
+
+/// A store that hangs on the history does not keep the lookup slot for good: the detection gives
+/// it back after `lookup_wait` (at least a second) and finishes on its own.
+#[tokio::test]
+async fn a_detection_on_a_hanging_store_gives_the_slot_back_after_a_second() {
+    let store = common::CountingStore::new();
+    let tokens = Tokens::new(store.clone());
+    let (record, old) = tokens
+        .issue(NewToken::new("alice", "rotated"))
+        .await
+        .unwrap();
+    tokens.rotate(&record.id, Duration::ZERO).await.unwrap();
+    let (_, valid) = tokens.issue(NewToken::new("bob", "valid")).await.unwrap();
+    let layer = tokens
+        .layer()
+        .cache(
+            CacheConfig::default()
+                .max_concurrent_lookups(1)
+                .lookup_wait(Duration::from_millis(100)),
+        )
+        .on_reuse(|_| {})
+        .build();
+    store
+        .superseded_delay_ms
+        .store(4_000, std::sync::atomic::Ordering::SeqCst);
+    let presenter = {
+        let (layer, old) = (layer.clone(), old.expose_secret().to_owned());
+        tokio::spawn(async move { common::send(&layer, common::request(Some(&old), None)).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store.superseded_lookups() == 0 {
+        assert!(Instant::now() < deadline, "no history lookup");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    presenter.abort();
+    let started = Instant::now();
+    let valid = valid.expose_secret().to_owned();
+    let waited = common::send(&layer, common::request(Some(&valid), None)).await;
+    assert_eq!(waited.status, StatusCode::SERVICE_UNAVAILABLE);
+    tokio::time::sleep(Duration::from_millis(1_300).saturating_sub(started.elapsed())).await;
+    // The history lookup is still hanging (4 s), the slot is free.
+    let served = common::send(&layer, common::request(Some(&valid), None)).await;
+    assert_eq!(served.status, StatusCode::OK);
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
