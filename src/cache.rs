@@ -7,8 +7,8 @@
 //!   An index from the hash the store found each token under to its slot lets store events (which
 //!   name hashes) drop entries.
 //! - A thread that hits one entry many times in a row serves it from a replica of its own, until
-//!   the entry leaves the map (see [`hot`]): one busy token on many cores writes no memory that
-//!   other cores write.
+//!   the entry leaves the map (module `hot` below): one busy token on many cores writes no memory
+//!   that other cores write.
 //! - Negative entries are keyed by the token's hash, probed only after a positive miss and the
 //!   format check.
 //! - Negative entries (unknown, revoked or expired tokens) in a bounded `moka` cache with a short
@@ -427,7 +427,8 @@ impl Drop for ClientUse {
 }
 
 pub(crate) struct Cache {
-    /// This cache among all in the process: what its threads' [hot replicas](hot) are keyed by.
+    /// This cache among all in the process: what its threads' hot replicas (module `hot`) are
+    /// keyed by.
     id: u64,
     /// The positive entries, by [`Slot`]: a hit computes no SHA-256.
     positive: DashMap<Slot, Principal, BuildHasherDefault<DigestHasher>>,
