@@ -562,6 +562,11 @@ impl Cache {
         }
     }
 
+    /// Rotated-out secrets reported by this cache's reuse detection.
+    pub(crate) fn reused_secrets(&self) -> u64 {
+        self.reuse.as_ref().map_or(0, |r| r.reported())
+    }
+
     pub(crate) fn store_lookups(&self) -> u64 {
         self.store_lookups.load(Ordering::Relaxed)
     }

@@ -28,7 +28,10 @@
 //! costs one more query (one per pepper candidate), run in the same single-flight lookup, under
 //! the same lookup slots and client budgets. The history lookup, the revocation and the hook run
 //! in a task of their own, which the lookup awaits: a presenter that drops its request cannot
-//! cancel them. Its answer is remembered like any unknown token, in
+//! cancel them, nor get the lookup's slots back before the task ends (or
+//! [`lookup_wait`](crate::CacheConfig::lookup_wait), at least a second, has passed: a store that
+//! hangs does not keep them for good). Reports are counted in
+//! [`AuthStats::reused_secrets`](crate::AuthStats::reused_secrets). Its answer is remembered like any unknown token, in
 //! the negative cache: the same dead secret presented again and again is looked up, and reported,
 //! at most once per [`negative_ttl`](crate::CacheConfig::negative_ttl) per layer (concurrent
 //! presentations share one lookup; the event then carries the address of the request that
@@ -109,6 +112,10 @@ pub(crate) struct ReuseDetection {
     pub(crate) hook: Option<ReuseHook>,
     /// The store to revoke through, under [`ReusePolicy::RevokeFamily`].
     pub(crate) store: Option<Arc<dyn TokenStore>>,
+    /// Rotated-out secrets reported so far ([`AuthStats::reused_secrets`]).
+    ///
+    /// [`AuthStats::reused_secrets`]: crate::AuthStats::reused_secrets
+    reported: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for ReuseDetection {
@@ -141,7 +148,13 @@ impl ReuseDetection {
             policy,
             hook,
             store,
+            reported: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Rotated-out secrets reported so far.
+    pub(crate) fn reported(&self) -> u64 {
+        self.reported.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn revokes(&self) -> bool {
@@ -197,6 +210,8 @@ impl ReuseDetection {
             },
             None => (record, false),
         };
+        self.reported
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(
             target: "tower_pat::auth",
             token_id = %record.id,

@@ -289,6 +289,10 @@ pub struct AuthStats {
     pub usage: Option<UsageStats>,
     /// The change feed.
     pub feed: FeedState,
+    /// Rotated-out secrets presented and reported (see [`crate::reuse`]); always 0 while
+    /// detection is off (no [`on_reuse`](crate::PatAuthLayerBuilder::on_reuse) hook and no
+    /// [`ReusePolicy::RevokeFamily`](crate::ReusePolicy::RevokeFamily)).
+    pub reused_secrets: u64,
 }
 
 #[cfg(test)]

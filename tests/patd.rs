@@ -616,6 +616,8 @@ async fn health_readiness_and_metrics_count_what_happened() {
         "patd_cached_tokens 1",
         "patd_feed_connected 1",
         "patd_store_lookup_seconds_count 1",
+        // Off by default ([reuse] policy): exported, and nothing counted.
+        "patd_reused_secrets_total 0",
     ] {
         assert!(m.contains(line), "missing {line} in\n{m}");
     }

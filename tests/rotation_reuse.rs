@@ -135,11 +135,13 @@ async fn a_rotated_out_secret_is_refused_and_reported_with_the_client_address() 
     let (id, old) = make(&node.app, &admin).await;
     assert_eq!(hello(&node.app, &old).await.status, StatusCode::OK);
     let new = rotate(&node.app, &admin, &id, "{}").await;
+    assert_eq!(node.layer.stats().reused_secrets, 0);
 
     let res = hello(&node.app, &old).await;
     assert_eq!(res.status, StatusCode::UNAUTHORIZED);
     let reused = node.reused();
     assert_eq!(reused.len(), 1, "{reused:?}");
+    assert_eq!(node.layer.stats().reused_secrets, 1);
     let json = serde_json::to_value(&reused[0]).unwrap();
     assert_eq!(json["event"], "personalAccessToken.reused");
     assert_eq!(json["data"]["id"], id.as_str());
@@ -343,6 +345,7 @@ async fn a_flood_of_the_old_secret_costs_one_history_lookup_and_one_event() {
         "single-flight + negative cache"
     );
     assert_eq!(node.reused().len(), 1);
+    assert_eq!(node.layer.stats().reused_secrets, 1);
     // One lookup by hash, one in the history.
     assert_eq!(node.layer.store_lookups() - lookups_before, 2);
 }
@@ -461,6 +464,8 @@ async fn patd_reuse_policy_configures_the_layer() {
             .is_err()
     );
     assert_eq!(store.superseded_lookups(), 1);
+    assert_eq!(layer.stats().reused_secrets, 1);
+    assert_eq!(default_layer.stats().reused_secrets, 0);
     assert!(
         layer
             .verify(new.expose_secret(), None, &none)

@@ -131,6 +131,7 @@ impl PatAuthLayer {
             lookups_in_flight: cache.lookups_in_flight() as u64,
             usage: self.verifier.usage.as_ref().map(UsageRecorder::stats),
             feed: cache.feed_state(),
+            reused_secrets: cache.reused_secrets(),
         }
     }
 

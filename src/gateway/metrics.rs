@@ -154,6 +154,12 @@ impl Collector for Metrics {
             "Store queries that failed",
             s.store_lookup_failures,
         )?;
+        counter(
+            &mut e,
+            "patd_reused_secrets",
+            "Rotated-out secrets presented (with [reuse] detection on)",
+            s.reused_secrets,
+        )?;
         {
             let h = &s.lookup_latency;
             let mut cumulative = 0;
