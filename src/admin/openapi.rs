@@ -163,13 +163,21 @@ const WS: &str = r"\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\
 const SCOPE: &str = r"[!#-\[\]-~]{1,128}";
 /// An IPv4 address.
 const V4: &str = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}";
-/// An IPv6 address (the forms without an embedded IPv4 address).
+/// An IPv6 address: eight groups, or fewer around one `::`; the last two groups may be written as
+/// an IPv4 address (`::ffff:192.0.2.1`, `64:ff9b::198.51.100.7`), with at most five groups beside
+/// it around a `::` (which stands for at least one), as the server's parser reads them.
 const V6: &str = concat!(
     r"(([0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}|([0-9a-fA-F]{1,4}:){1,7}:",
     r"|([0-9a-fA-F]{1,4}:){1,6}:[0-9a-fA-F]{1,4}|([0-9a-fA-F]{1,4}:){1,5}(:[0-9a-fA-F]{1,4}){1,2}",
     r"|([0-9a-fA-F]{1,4}:){1,4}(:[0-9a-fA-F]{1,4}){1,3}|([0-9a-fA-F]{1,4}:){1,3}(:[0-9a-fA-F]{1,4}){1,4}",
     r"|([0-9a-fA-F]{1,4}:){1,2}(:[0-9a-fA-F]{1,4}){1,5}|[0-9a-fA-F]{1,4}:(:[0-9a-fA-F]{1,4}){1,6}",
-    r"|:((:[0-9a-fA-F]{1,4}){1,7}|:))"
+    r"|:((:[0-9a-fA-F]{1,4}){1,7}|:)",
+    // The last 32 bits as an IPv4 address.
+    r"|(([0-9a-fA-F]{1,4}:){6}|::([0-9a-fA-F]{1,4}:){0,5}",
+    r"|([0-9a-fA-F]{1,4}:){1}:([0-9a-fA-F]{1,4}:){0,4}|([0-9a-fA-F]{1,4}:){2}:([0-9a-fA-F]{1,4}:){0,3}",
+    r"|([0-9a-fA-F]{1,4}:){3}:([0-9a-fA-F]{1,4}:){0,2}|([0-9a-fA-F]{1,4}:){4}:([0-9a-fA-F]{1,4}:)?",
+    r"|([0-9a-fA-F]{1,4}:){5}:)",
+    r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3})"
 );
 
 /// The patterns of the request fields, as the parsers in `input.rs` apply them.
