@@ -158,6 +158,21 @@ fn fresh(auth: &HeaderValue) -> Request<()> {
     common::request(&HeaderValue::from_bytes(auth.as_bytes()).expect("a header value"))
 }
 
+/// The same calls as [`layer_calls`] on `echo` alone: the harness, subtracted from a hit.
+fn no_layer_calls(headers: Vec<HeaderValue>) -> Variant {
+    let mut svc = common::echo();
+    Box::new(move |n| {
+        timed(
+            |i| fresh(&headers[i % headers.len()]),
+            n,
+            |req| {
+                common::poll_now(std::future::poll_fn(|cx| svc.poll_ready(cx))).expect("ready");
+                common::poll_now(svc.call(req))
+            },
+        )
+    })
+}
+
 /// `PatAuth::call` on a ready `echo` service, one poll: what `benches/verify.rs` times.
 fn layer_calls(layer: &PatAuthLayer, headers: Vec<HeaderValue>) -> Variant {
     let mut svc = layer.layer(common::echo());
@@ -311,23 +326,9 @@ fn hit_set(settings: &Settings, rt: &tokio::runtime::Runtime) {
         };
         map.insert(*slot, Arc::new(p));
     }
-    let h2 = headers.clone();
     let mut variants: Vec<(&'static str, Variant)> = vec![
         ("layer_hit_1k", layer_calls(&layer, headers.clone())),
-        ("no_layer", {
-            let mut svc = common::echo();
-            Box::new(move |n| {
-                timed(
-                    |i| fresh(&h2[i % h2.len()]),
-                    n,
-                    |req| {
-                        common::poll_now(std::future::poll_fn(|cx| svc.poll_ready(cx)))
-                            .expect("ready");
-                        common::poll_now(svc.call(req))
-                    },
-                )
-            })
-        }),
+        ("no_layer", no_layer_calls(headers.clone())),
         ("step_probe_1k_arc", {
             let map = Arc::clone(&map);
             Box::new(move |n| {
@@ -651,24 +652,10 @@ fn spread_1m_set(settings: &Settings, rt: &tokio::runtime::Runtime) {
         map.insert(slot, Arc::new(p));
     }
     drop(next_of);
-    let h2 = headers.clone();
     let steps = unmapped_steps(&headers);
     let mut variants: Vec<(&'static str, Variant)> = vec![
-        ("layer_hit_spread", layer_calls(&layer, headers)),
-        ("no_layer", {
-            let mut svc = common::echo();
-            Box::new(move |n| {
-                timed(
-                    |i| fresh(&h2[i % h2.len()]),
-                    n,
-                    |req| {
-                        common::poll_now(std::future::poll_fn(|cx| svc.poll_ready(cx)))
-                            .expect("ready");
-                        common::poll_now(svc.call(req))
-                    },
-                )
-            })
-        }),
+        ("layer_hit_spread", layer_calls(&layer, headers.clone())),
+        ("no_layer", no_layer_calls(headers)),
         ("bare_probe", {
             let mut at = slots[0];
             Box::new(move |n| {

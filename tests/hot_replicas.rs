@@ -59,12 +59,17 @@ fn two_phases<A: Send, B: Send>(
     })
 }
 
-/// `n` requests with `token` from this thread, their statuses.
-fn hammer(layer: &PatAuthLayer, token: &str, n: usize) -> Vec<StatusCode> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// A runtime for this thread (a Tokio worker of its own).
+fn thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+/// `n` requests with `token` from this thread, their statuses.
+fn hammer(layer: &PatAuthLayer, token: &str, n: usize) -> Vec<StatusCode> {
+    let rt = thread_runtime();
     let svc = layer.layer(echo_service());
     rt.block_on(async {
         let mut out = Vec::with_capacity(n);
@@ -120,19 +125,13 @@ async fn no_request_that_starts_after_a_revocation_returned_is_admitted() {
             std::thread::spawn(move || {
                 // Long enough for every thread to serve the token from its replica.
                 std::thread::sleep(Duration::from_millis(20 + 7 * round));
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
+                let rt = thread_runtime();
                 rt.block_on(tokens.revoke(&id)).unwrap();
                 revoked.store(true, Ordering::SeqCst);
             })
         };
         on_threads(|_| {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = thread_runtime();
             let svc = layer.layer(echo_service());
             rt.block_on(async {
                 // Until this thread has seen 50 refusals.
@@ -249,10 +248,7 @@ fn without_a_feed_a_replica_goes_back_to_the_store_after_the_ttl() {
         },
         || {
             // Until refused: within the TTL and a refresh.
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = thread_runtime();
             let svc = layer.layer(echo_service());
             let since = *revoked_at.get().unwrap();
             rt.block_on(async {

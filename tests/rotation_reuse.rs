@@ -605,11 +605,10 @@ async fn dropping_the_request_does_not_cancel_the_detection() {
     );
 }
 
-/// A presenter that drops its request while the history is being read does not get its lookup
-/// slot back early: the detection holds it (and the client's budget) until it ends, so that
-/// detections stay within the bounds lookups have.
-#[tokio::test]
-async fn a_dropped_presenter_leaves_its_lookup_slot_to_the_detection() {
+/// A layer with one lookup slot and reuse detection, whose store reads the history for
+/// `history_ms`; a presenter of a rotated-out secret has started the history lookup and dropped
+/// its request. Returns the layer and a valid token not yet cached.
+async fn detection_after_a_dropped_presenter(history_ms: u64) -> (PatAuthLayer, String) {
     let store = common::CountingStore::new();
     let tokens = Tokens::new(store.clone());
     let (record, old) = tokens
@@ -629,7 +628,7 @@ async fn a_dropped_presenter_leaves_its_lookup_slot_to_the_detection() {
         .build();
     store
         .superseded_delay_ms
-        .store(600, std::sync::atomic::Ordering::SeqCst);
+        .store(history_ms, std::sync::atomic::Ordering::SeqCst);
     let presenter = {
         let (layer, old) = (layer.clone(), old.expose_secret().to_owned());
         tokio::spawn(async move { common::send(&layer, common::request(Some(&old), None)).await })
@@ -640,15 +639,24 @@ async fn a_dropped_presenter_leaves_its_lookup_slot_to_the_detection() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     presenter.abort();
+    (layer, valid.expose_secret().to_owned())
+}
+
+/// A presenter that drops its request while the history is being read does not get its lookup
+/// slot back early: the detection holds it (and the client's budget) until it ends, so that
+/// detections stay within the bounds lookups have.
+#[tokio::test]
+async fn a_dropped_presenter_leaves_its_lookup_slot_to_the_detection() {
+    let (layer, valid) = detection_after_a_dropped_presenter(600).await;
     let detection_started = Instant::now();
     // The one lookup slot is still the detection's: a valid token not yet cached waits for it,
     // and gets 503 after `lookup_wait`.
-    let waited = common::send(&layer, common::request(Some(valid.expose_secret()), None)).await;
+    let waited = common::send(&layer, common::request(Some(&valid), None)).await;
     assert_eq!(waited.status, StatusCode::SERVICE_UNAVAILABLE);
     // Once the detection has ended, the slot is free again.
     tokio::time::sleep(Duration::from_millis(700).saturating_sub(detection_started.elapsed()))
         .await;
-    let served = common::send(&layer, common::request(Some(valid.expose_secret()), None)).await;
+    let served = common::send(&layer, common::request(Some(&valid), None)).await;
     assert_eq!(served.status, StatusCode::OK);
 }
 
@@ -656,38 +664,8 @@ async fn a_dropped_presenter_leaves_its_lookup_slot_to_the_detection() {
 /// it back after `lookup_wait` (at least a second) and finishes on its own.
 #[tokio::test]
 async fn a_detection_on_a_hanging_store_gives_the_slot_back_after_a_second() {
-    let store = common::CountingStore::new();
-    let tokens = Tokens::new(store.clone());
-    let (record, old) = tokens
-        .issue(NewToken::new("alice", "rotated"))
-        .await
-        .unwrap();
-    tokens.rotate(&record.id, Duration::ZERO).await.unwrap();
-    let (_, valid) = tokens.issue(NewToken::new("bob", "valid")).await.unwrap();
-    let layer = tokens
-        .layer()
-        .cache(
-            CacheConfig::default()
-                .max_concurrent_lookups(1)
-                .lookup_wait(Duration::from_millis(100)),
-        )
-        .on_reuse(|_| {})
-        .build();
-    store
-        .superseded_delay_ms
-        .store(4_000, std::sync::atomic::Ordering::SeqCst);
-    let presenter = {
-        let (layer, old) = (layer.clone(), old.expose_secret().to_owned());
-        tokio::spawn(async move { common::send(&layer, common::request(Some(&old), None)).await })
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while store.superseded_lookups() == 0 {
-        assert!(Instant::now() < deadline, "no history lookup");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    presenter.abort();
+    let (layer, valid) = detection_after_a_dropped_presenter(4_000).await;
     let started = Instant::now();
-    let valid = valid.expose_secret().to_owned();
     let waited = common::send(&layer, common::request(Some(&valid), None)).await;
     assert_eq!(waited.status, StatusCode::SERVICE_UNAVAILABLE);
     tokio::time::sleep(Duration::from_millis(1_300).saturating_sub(started.elapsed())).await;
