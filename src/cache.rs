@@ -693,23 +693,20 @@ impl Cache {
         // The hash the store found the token under: the secret that was presented.
         match self.fetch(entry.slot, &entry.hash, &[]).await {
             Ok(outcome) => {
-                if let Outcome::Found(fresh) = &outcome {
-                    fresh.0.last_mark_ms.fetch_max(
-                        stale.0.last_mark_ms.load(Ordering::Relaxed),
-                        Ordering::Relaxed,
-                    );
-                }
+                // The last use marked on the stale entry carries over to the fresh one: before it
+                // goes in, and again after, for a mark made on the old entry meanwhile.
+                let carry_mark = || {
+                    if let Outcome::Found(fresh) = &outcome {
+                        let marked = stale.0.last_mark_ms.load(Ordering::Relaxed);
+                        fresh.0.last_mark_ms.fetch_max(marked, Ordering::Relaxed);
+                    }
+                };
+                carry_mark();
                 if let Outcome::Rejected(_) = outcome {
                     self.evict(entry);
                 }
                 self.remember(entry.slot, entry.hash, &outcome, epoch);
-                if let Outcome::Found(fresh) = &outcome {
-                    // Again, for a mark made on the old entry while the new one went in.
-                    fresh.0.last_mark_ms.fetch_max(
-                        stale.0.last_mark_ms.load(Ordering::Relaxed),
-                        Ordering::Relaxed,
-                    );
-                }
+                carry_mark();
             }
             Err(()) => {
                 tracing::warn!(target: "tower_pat::store", token_id = %stale.token_id(), "token refresh failed; serving the cached entry");

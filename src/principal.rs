@@ -19,7 +19,8 @@ use crate::token::TokenHash;
 /// `req.extensions().get::<Principal>()`, or (feature `axum`) as an extractor: `principal:
 /// Principal` (401 or 500 when absent, see [`PrincipalRejection`]) or `Option<Principal>`.
 ///
-/// Cloning is one atomic increment: the principal is the verification cache's own entry.
+/// Cloning is one atomic increment: the principal is the verification cache's entry, or this
+/// thread's copy of it for a token the thread serves often (see [`crate::cache`]).
 #[derive(Clone)]
 pub struct Principal(pub(crate) Arc<Entry>);
 

@@ -90,10 +90,14 @@ impl std::fmt::Debug for Stats {
 /// How many shards a layer's counters have: the cores, rounded up to a power of two, at least
 /// [`MIN_SHARDS`].
 fn shard_count() -> usize {
-    std::thread::available_parallelism()
-        .map_or(MIN_SHARDS, std::num::NonZero::get)
-        .next_power_of_two()
-        .clamp(MIN_SHARDS, MAX_SHARDS)
+    // Asked once per process: on Linux it reads the cgroup's CPU quota from files.
+    static COUNT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *COUNT.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(MIN_SHARDS, std::num::NonZero::get)
+            .next_power_of_two()
+            .clamp(MIN_SHARDS, MAX_SHARDS)
+    })
 }
 
 /// This thread's ordinal among the threads that counted, assigned on first use: its shard is
