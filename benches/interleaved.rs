@@ -200,18 +200,18 @@ fn issue(rt: &tokio::runtime::Runtime, n: usize) -> (PatAuthLayer, Vec<TokenSecr
     (layer, secrets)
 }
 
+/// SipHash-2-4-128 in one pass, as the layer computes a slot.
 fn sip24(k: (u64, u64), token: &str) -> u128 {
-    use siphasher::sip128::Hasher128;
-    let mut h = siphasher::sip128::SipHasher24::new_with_keys(k.0, k.1);
-    h.write(token.as_bytes());
-    h.finish128().as_u128()
+    siphasher::sip128::SipHasher24::new_with_keys(k.0, k.1)
+        .hash(token.as_bytes())
+        .as_u128()
 }
 
+/// SipHash-1-3-128 in one pass.
 fn sip13(k: (u64, u64), token: &str) -> u128 {
-    use siphasher::sip128::Hasher128;
-    let mut h = siphasher::sip128::SipHasher13::new_with_keys(k.0, k.1);
-    h.write(token.as_bytes());
-    h.finish128().as_u128()
+    siphasher::sip128::SipHasher13::new_with_keys(k.0, k.1)
+        .hash(token.as_bytes())
+        .as_u128()
 }
 
 /// The identity hash of a uniformly random key, as the cache uses.
@@ -272,13 +272,13 @@ fn unmapped_steps(headers: &[HeaderValue]) -> Vec<(&'static str, Variant)> {
                 timed(
                     |i| fresh(&h3[i % h3.len()]),
                     n,
+                    // The header's bytes after the scheme: a hit needs no more of them.
                     |req| {
                         let len = req
                             .headers()
                             .get(header::AUTHORIZATION)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.get(7..))
-                            .map_or(0, str::len);
+                            .and_then(|v| v.as_bytes().get(7..))
+                            .map_or(0, <[u8]>::len);
                         (req, len)
                     },
                 )

@@ -94,30 +94,20 @@ impl std::hash::Hash for Slot {
     }
 }
 
-/// The PRF's key. Its `Debug` prints no key material.
-struct SlotKey {
-    k0: u64,
-    k1: u64,
-}
+/// The PRF, keyed. Its `Debug` prints no key material.
+struct SlotKey(siphasher::sip128::SipHasher24);
 
 impl SlotKey {
     fn random() -> Self {
         let mut key = [0u8; 16];
         getrandom::fill(&mut key).expect("the operating system CSPRNG failed");
-        let (k0, k1) = key.split_at(8);
-        let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default());
-        Self {
-            k0: word(k0),
-            k1: word(k1),
-        }
+        Self(siphasher::sip128::SipHasher24::new_with_key(&key))
     }
 
+    /// One pass over the token's bytes from the keyed initial state (no incremental buffering).
     #[inline]
-    fn slot(&self, token: &str) -> Slot {
-        use siphasher::sip128::Hasher128;
-        let mut h = siphasher::sip128::SipHasher24::new_with_keys(self.k0, self.k1);
-        h.write(token.as_bytes());
-        let h = h.finish128();
+    fn slot(&self, token: &[u8]) -> Slot {
+        let h = self.0.hash(token);
         Slot([h.h1, h.h2])
     }
 }
@@ -531,7 +521,7 @@ impl Cache {
 
     /// The slot of `token`'s positive entry.
     #[inline]
-    pub(crate) fn slot(&self, token: &str) -> Slot {
+    pub(crate) fn slot(&self, token: &[u8]) -> Slot {
         self.slot_key.slot(token)
     }
 
@@ -1430,9 +1420,9 @@ mod tests {
     fn slots_are_keyed_per_cache_and_differ_per_token() {
         let (a, b) = (cache(Empty), cache(Empty));
         let token = "pat_0123456789abcdefghijABCDEFGHIJ0123";
-        assert!(a.slot(token) == a.slot(token));
+        assert!(a.slot(token.as_bytes()) == a.slot(token.as_bytes()));
         // Another cache draws another key: the same token lands elsewhere.
-        assert!(a.slot(token) != b.slot(token));
+        assert!(a.slot(token.as_bytes()) != b.slot(token.as_bytes()));
         // Near misses (one character, a suffix, the letter case) land elsewhere.
         for other in [
             "pat_0123456789abcdefghijABCDEFGHIJ0124",
@@ -1440,7 +1430,10 @@ mod tests {
             "PAT_0123456789abcdefghijABCDEFGHIJ0123",
             "pat_0123456789abcdefghijABCDEFGHIJ012",
         ] {
-            assert!(a.slot(token) != a.slot(other), "{other}");
+            assert!(
+                a.slot(token.as_bytes()) != a.slot(other.as_bytes()),
+                "{other}"
+            );
         }
         assert_eq!(format!("{:?}", a.slot_key), "SlotKey(..)");
     }

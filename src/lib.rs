@@ -94,8 +94,11 @@
 //!   n / 2^190.5: the slot is the weaker of the two, and it is far beyond reach.
 //! - **The format check is not skipped, it is remembered.** A token gets an entry only after it
 //!   passed the offline format check and the store found it; a request that hits presents that
-//!   same string, so the check (CRC32 and base62) would pass again. Malformed and unknown tokens
-//!   miss, and on a miss everything runs as before: format check, digest, negative cache, store.
+//!   same string, so the check (CRC32 and base62) would pass again, and so would the reading of
+//!   the header as text (visible ASCII): the common request (`Authorization: Bearer`, the only
+//!   source configured) is probed by the bytes after the scheme. Malformed and unknown tokens
+//!   miss, and on a miss everything runs as before: the header read as text, format check,
+//!   digest, negative cache, store.
 //! - **Revocation still reaches the entry.** Store events name records by their stored hash;
 //!   an index from the hash to the slot, kept under the map's own lock, finds the entry to drop.
 //! - **And its copies.** A thread that serves one token many times in a row keeps a copy of its

@@ -77,13 +77,18 @@ async fn answer(layer: &PatAuthLayer, values: &[Vec<u8>]) -> (u16, String, Strin
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
-    /// With `Authorization: Bearer` as the only source the layer takes a specialised path; a
-    /// layer with one more source (a header no request here carries) takes the general one. Both
-    /// must answer every request alike: one, two or three `Authorization` headers of arbitrary
-    /// bytes, with a valid token, its near misses and odd spellings of the scheme among them.
+    /// With `Authorization: Bearer` as the only source the layer takes a specialised path (and on
+    /// a cached token it reads the header's bytes, not its text); a layer with one more source (a
+    /// header no request here carries) takes the general one. Both must answer every request
+    /// alike, with the token cached (`warm`) or not: one, two or three `Authorization` headers of
+    /// arbitrary bytes, with the valid token, its near misses of the same length (one byte
+    /// changed to anything a header may hold, the letter case, a space in front), and odd
+    /// spellings of the scheme among them. And only a value that carries the exact token is
+    /// admitted.
     #[test]
     fn the_bearer_fast_path_answers_exactly_as_the_general_path(
-        picks in proptest::collection::vec((0usize..9, header_bytes()), 0..4),
+        picks in proptest::collection::vec((0usize..13, header_bytes(), any::<prop::sample::Index>(), 0x09u8..=0xff), 0..4),
+        warm in any::<bool>(),
     ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
@@ -97,9 +102,14 @@ proptest! {
             let general = PatAuthLayer::builder(store)
                 .accept_header(http::HeaderName::from_static("x-unused-credential"))
                 .build();
+            if warm {
+                let valid = [format!("Bearer {token}").into_bytes()];
+                prop_assert_eq!(answer(&fast, &valid).await.0, 200);
+                prop_assert_eq!(answer(&general, &valid).await.0, 200);
+            }
             let values: Vec<Vec<u8>> = picks
                 .into_iter()
-                .map(|(kind, noise)| match kind {
+                .map(|(kind, noise, at, byte)| match kind {
                     0 => format!("Bearer {token}").into_bytes(),
                     1 => format!("bearer   {token}  ").into_bytes(),
                     2 => format!("Bearer\t{token}").into_bytes(),
@@ -108,10 +118,35 @@ proptest! {
                     5 => format!("Basic {token}").into_bytes(),
                     6 => [b"Bearer ".to_vec(), noise].concat(),
                     7 => noise,
-                    _ => format!("Bearer {token}\u{e9}").into_bytes(),
+                    8 => format!("Bearer {token}\u{e9}").into_bytes(),
+                    // Same length as the token: what the fast path probes.
+                    9 => {
+                        let mut t = token.as_bytes().to_vec();
+                        let i = at.index(t.len());
+                        // Not 0x7f, nor a control character but tab: no header value holds them.
+                        t[i] = if byte == 0x7f || (byte < b' ' && byte != b'\t') { b'~' } else { byte };
+                        [b"Bearer ".to_vec(), t].concat()
+                    }
+                    10 => format!("bEARER {token}").into_bytes(),
+                    // Another scheme of the same length.
+                    11 => format!("Digest {token}").into_bytes(),
+                    _ => format!("Bearer  {}", &token[..token.len() - 1]).into_bytes(),
                 })
                 .collect();
-            prop_assert_eq!(answer(&fast, &values).await, answer(&general, &values).await);
+            let answer_fast = answer(&fast, &values).await;
+            prop_assert_eq!(&answer_fast, &answer(&general, &values).await);
+            if answer_fast.0 == 200 {
+                // Admitted: some value is `Bearer` and the exact token, and none is another
+                // `Bearer` credential.
+                let bearer = |v: &Vec<u8>| {
+                    v.get(..7)
+                        .filter(|s| s.eq_ignore_ascii_case(b"bearer "))
+                        .map(|_| v[7..].trim_ascii().to_vec())
+                };
+                let credentials: Vec<_> = values.iter().filter_map(bearer).collect();
+                prop_assert!(!credentials.is_empty());
+                prop_assert!(credentials.iter().all(|c| c == token.as_bytes()));
+            }
             Ok(())
         })?;
     }

@@ -57,6 +57,26 @@ impl Sources {
         self.extract_general(headers, uri)
     }
 
+    /// The token of the common request, by its bytes: `Authorization: Bearer` is the only source
+    /// configured, the request has one `Authorization` header, and it is the scheme, one space and
+    /// exactly `len` bytes. Those bytes are not checked: they are only for the cache probe, and a
+    /// hit proves them (it is a token that passed the format check when it was cached, and no
+    /// other string has its slot). Anything else, and a miss, goes to [`extract`](Self::extract),
+    /// which reads the value as [`HeaderValue::to_str`](http::HeaderValue::to_str) allows.
+    #[inline]
+    pub(super) fn bearer_bytes<'a>(&self, headers: &'a HeaderMap, len: usize) -> Option<&'a [u8]> {
+        const SCHEME: &[u8] = b"bearer ";
+        if !self.bearer_only() {
+            return None;
+        }
+        let mut values = headers.get_all(header::AUTHORIZATION).iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            return None;
+        };
+        let (scheme, token) = value.as_bytes().split_at_checked(SCHEME.len())?;
+        (token.len() == len && scheme.eq_ignore_ascii_case(SCHEME)).then_some(token)
+    }
+
     /// Whether `Authorization: Bearer` is the only source configured.
     #[inline]
     fn bearer_only(&self) -> bool {

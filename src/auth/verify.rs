@@ -132,6 +132,27 @@ impl Verifier {
         {
             return Admission::Refused(self.refuse(e.into(), req));
         }
+        // The common request: a cached token in `Authorization: Bearer`, probed by its bytes.
+        if let Some(token) = self
+            .sources
+            .bearer_bytes(req.headers(), self.format.token_len())
+        {
+            // One clock read serves the probe and the expiry check.
+            let now = now_ms();
+            let slot = self.cache.slot(token);
+            if let Some(principal) = self.cache.probe(slot, now) {
+                return self.admit_cached(Outcome::Found(principal), req, now);
+            }
+            return self.admit_uncached(req, Some(slot));
+        }
+        self.admit_uncached(req, None)
+    }
+
+    /// The rest of [`admit_request`](Self::admit_request): every request the cache does not hold
+    /// in the common form. `missed` is the slot of the bytes the common form probed, in vain:
+    /// when the token read as text is those bytes, it is not probed again.
+    #[inline(never)]
+    fn admit_uncached<B>(&self, req: &mut Request<B>, missed: Option<Slot>) -> Admission {
         let token = match self.sources.extract(req.headers(), req.uri()) {
             Ok(Some(token))
                 if self.pass_foreign
@@ -163,29 +184,41 @@ impl Verifier {
             }
             Err(e) => return Admission::Refused(self.refuse(e.into(), req)),
         };
-        // One clock read serves the probe and the expiry check.
         let now = now_ms();
-        match self.probe(token, now) {
-            Ok(Probe::Cached(outcome)) => {
-                let positive = matches!(outcome, Outcome::Found(_));
-                match self.admit(outcome, req, now) {
-                    Ok(()) => {
-                        self.cache.stats.add(Counter::OkHit);
-                        Admission::Admitted
-                    }
-                    Err(refusal) => {
-                        if positive {
-                            self.cache.stats.add(Counter::HitRefused);
-                        }
-                        Admission::Refused(self.refuse(refusal, req))
-                    }
-                }
-            }
+        let missed = missed.filter(|_| {
+            self.sources
+                .bearer_bytes(req.headers(), self.format.token_len())
+                .is_some_and(|probed| probed == token.as_bytes())
+        });
+        let probe = match missed {
+            Some(slot) => self.probe_miss(token, slot),
+            None => self.probe(token, now),
+        };
+        match probe {
+            Ok(Probe::Cached(outcome)) => self.admit_cached(outcome, req, now),
             Ok(Probe::Uncached(keys)) => {
                 self.cache.stats.add(Counter::Miss);
                 Admission::Uncached(keys)
             }
             Err(e) => Admission::Refused(self.refuse(e.into(), req)),
+        }
+    }
+
+    /// Admits or refuses a request on what the cache said (a principal, a remembered refusal).
+    #[inline]
+    fn admit_cached<B>(&self, outcome: Outcome, req: &mut Request<B>, now: i64) -> Admission {
+        let positive = matches!(outcome, Outcome::Found(_));
+        match self.admit(outcome, req, now) {
+            Ok(()) => {
+                self.cache.stats.add(Counter::OkHit);
+                Admission::Admitted
+            }
+            Err(refusal) => {
+                if positive {
+                    self.cache.stats.add(Counter::HitRefused);
+                }
+                Admission::Refused(self.refuse(refusal, req))
+            }
         }
     }
 
@@ -256,7 +289,7 @@ impl Verifier {
         if token.len() != self.format.token_len() {
             return Err(AuthError::InvalidToken);
         }
-        let slot = self.cache.slot(token);
+        let slot = self.cache.slot(token.as_bytes());
         match self.cache.probe(slot, now) {
             Some(principal) => Ok(Probe::Cached(Outcome::Found(principal))),
             None => self.probe_miss(token, slot),
