@@ -97,8 +97,8 @@
 //!   same string, so the check (CRC32 and base62) would pass again, and so would the reading of
 //!   the header as text (visible ASCII): the common request (`Authorization: Bearer`, the only
 //!   source configured) is probed by the bytes after the scheme. Malformed and unknown tokens
-//!   miss, and on a miss everything runs as before: the header read as text, format check,
-//!   digest, negative cache, store.
+//!   miss, and on a miss everything runs as before (but the positive map is not probed twice):
+//!   the header read as text, format check, digest, negative cache, store.
 //! - **Revocation still reaches the entry.** Store events name records by their stored hash;
 //!   an index from the hash to the slot, kept under the map's own lock, finds the entry to drop.
 //! - **And its copies.** A thread that serves one token many times in a row keeps a copy of its

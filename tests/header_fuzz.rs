@@ -135,6 +135,9 @@ proptest! {
                 .collect();
             let answer_fast = answer(&fast, &values).await;
             prop_assert_eq!(&answer_fast, &answer(&general, &values).await);
+            // And they count alike: outcomes, cache answers, store lookups.
+            let (f, g) = (fast.stats(), general.stats());
+            prop_assert_eq!((f.outcomes, f.cache, f.store_lookups), (g.outcomes, g.cache, g.store_lookups));
             if answer_fast.0 == 200 {
                 // Admitted: some value is `Bearer` and the exact token, and none is another
                 // `Bearer` credential.
@@ -150,4 +153,62 @@ proptest! {
             Ok(())
         })?;
     }
+}
+
+/// The fast path's hit, seen from outside: a cached token in the common form is answered by the
+/// cache (no store lookup, one hit counted), whatever the scheme's letter case; a value of the
+/// same length that is not the token is never admitted, and gets the general path's answer.
+#[tokio::test]
+async fn a_cached_token_in_the_common_form_is_a_hit_and_its_near_misses_are_not() {
+    let store = MemoryStore::new();
+    let (_, secret) = Tokens::new(store.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
+    let token = secret.expose_secret();
+    let layer = PatAuthLayer::builder(store).build();
+    let status = |values: Vec<Vec<u8>>| {
+        let layer = layer.clone();
+        async move { answer(&layer, &values).await.0 }
+    };
+    let bearer = |t: &str| format!("Bearer {t}").into_bytes();
+    assert_eq!(status(vec![bearer(token)]).await, 200);
+    assert_eq!(layer.store_lookups(), 1);
+
+    for value in [bearer(token), format!("bEARER {token}").into_bytes()] {
+        let hits = layer.stats().cache.hits;
+        assert_eq!(status(vec![value]).await, 200);
+        assert_eq!(layer.stats().cache.hits, hits + 1, "answered by the cache");
+        assert_eq!(layer.store_lookups(), 1, "no store lookup on a hit");
+    }
+
+    // Same length after the scheme, not the token.
+    let mut accented = token.as_bytes().to_vec();
+    accented[token.len() - 1] = 0xe9;
+    let mut last_changed = token.as_bytes().to_vec();
+    last_changed[token.len() - 1] ^= 1;
+    let cases: [(Vec<Vec<u8>>, u16); 5] = [
+        // Another scheme of six letters.
+        (vec![format!("Digest {token}").into_bytes()], 401),
+        // A byte that is not text: the general path's 400.
+        (vec![[b"Bearer ".as_slice(), &accented].concat()], 400),
+        // One character off: malformed (the checksum), refused without a lookup.
+        (vec![[b"Bearer ".as_slice(), &last_changed].concat()], 401),
+        // A space in front, one character short.
+        (vec![format!("Bearer  {}", &token[1..]).into_bytes()], 401),
+        // The token next to another credential: two credentials.
+        (
+            vec![
+                bearer(token),
+                [b"Bearer ".as_slice(), &last_changed].concat(),
+            ],
+            400,
+        ),
+    ];
+    for (values, expected) in cases {
+        let ok = layer.stats().outcomes.ok;
+        assert_eq!(status(values.clone()).await, expected, "{values:?}");
+        assert_eq!(layer.stats().outcomes.ok, ok, "not admitted");
+    }
+    assert_eq!(layer.store_lookups(), 1, "no near miss reached the store");
 }

@@ -1,8 +1,11 @@
-//! The verification steps, in request order: the failure limit, the offline format check and the
-//! cache probe ([`Verifier::probe`]), then, with what the cache or the store said, expiry, the
-//! token's IP restriction, scopes and the usage mark ([`Verifier::authorize`]). The request path
-//! ([`PatAuth`](crate::PatAuth)) and [`PatAuthLayer::verify`](crate::PatAuthLayer::verify) both
-//! run these, and every refusal of either goes through [`Verifier::refuse`].
+//! The verification steps, in request order: the failure limit, the cache probe by the token's
+//! keyed slot, and only on a miss the offline format check, the digest and the negative cache
+//! ([`Verifier::probe`]; a request in the common form, `Authorization: Bearer`, is probed by the
+//! header's bytes first, in [`Verifier::admit_request`]), then, with what the cache or the store
+//! said, expiry, the token's IP restriction, scopes and the usage mark
+//! ([`Verifier::authorize`]). The request path ([`PatAuth`](crate::PatAuth)) and
+//! [`PatAuthLayer::verify`](crate::PatAuthLayer::verify) both run these, and every refusal of
+//! either goes through [`Verifier::refuse`].
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -137,7 +140,7 @@ impl Verifier {
             .sources
             .bearer_bytes(req.headers(), self.format.token_len())
         {
-            // One clock read serves the probe and the expiry check.
+            // One clock read serves the probe and, on a hit, the expiry check.
             let now = now_ms();
             let slot = self.cache.slot(token);
             if let Some(principal) = self.cache.probe(slot, now) {
