@@ -6,7 +6,7 @@ use common::*;
 use http::{HeaderValue, Request};
 use http_body_util::Full;
 use proptest::prelude::*;
-use tower_pat::{MemoryStore, PatAuthLayer};
+use tower_pat::{MemoryStore, PatAuthLayer, TokenSecret};
 
 /// Bytes a header value may hold (visible ASCII, space, tab, obs-text), so every case reaches the
 /// layer.
@@ -60,6 +60,16 @@ proptest! {
     }
 }
 
+/// A store holding one token of alice's, and its secret.
+async fn alice() -> (MemoryStore, TokenSecret) {
+    let store = MemoryStore::new();
+    let (_, secret) = Tokens::new(store.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
+    (store, secret)
+}
+
 /// The layer's answer to `values` as `Authorization` headers: status, body and challenge.
 async fn answer(layer: &PatAuthLayer, values: &[Vec<u8>]) -> (u16, String, String) {
     let mut req = Request::get("/").body(Full::default()).unwrap();
@@ -92,11 +102,7 @@ proptest! {
     ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let store = MemoryStore::new();
-            let (_, secret) = Tokens::new(store.clone())
-                .issue(new_token("alice", &[]))
-                .await
-                .unwrap();
+            let (store, secret) = alice().await;
             let token = secret.expose_secret();
             let fast = PatAuthLayer::builder(store.clone()).build();
             let general = PatAuthLayer::builder(store)
@@ -160,11 +166,7 @@ proptest! {
 /// same length that is not the token is never admitted, and gets the general path's answer.
 #[tokio::test]
 async fn a_cached_token_in_the_common_form_is_a_hit_and_its_near_misses_are_not() {
-    let store = MemoryStore::new();
-    let (_, secret) = Tokens::new(store.clone())
-        .issue(new_token("alice", &[]))
-        .await
-        .unwrap();
+    let (store, secret) = alice().await;
     let token = secret.expose_secret();
     let layer = PatAuthLayer::builder(store).build();
     let status = |values: Vec<Vec<u8>>| {
