@@ -10,7 +10,7 @@
 //!   service, one poll), the trivial service alone (`no_layer`), and each step of a hit alone: the
 //!   bearer parse, the keyed PRF, a probe of a 1 000-entry map with the `Arc` clone, the clock,
 //!   the extension insert. The layer's own work is `layer_hit_1k − no_layer`.
-//! - `prf`: the cache key candidates on a 40-character token: SipHash-1-3-128, SipHash-2-4-128,
+//! - `prf`: the cache key candidates on a 42-character token: SipHash-1-3-128, SipHash-2-4-128,
 //!   AES-128-CMAC (AES-NI when the CPU has it), and SHA-256 (the store's hash).
 //! - `peers`: the same trivial handler behind tower-http's static bearer, a competent
 //!   do-it-yourself layer (moka `future::Cache` keyed by SHA-256 in tower-http's
@@ -160,27 +160,26 @@ fn fresh(auth: &HeaderValue) -> Request<()> {
 
 /// The same calls as [`layer_calls`] on `echo` alone: the harness, subtracted from a hit.
 fn no_layer_calls(headers: Vec<HeaderValue>) -> Variant {
-    let mut svc = common::echo();
-    Box::new(move |n| {
-        timed(
-            |i| fresh(&headers[i % headers.len()]),
-            n,
-            |req| {
-                common::poll_now(std::future::poll_fn(|cx| svc.poll_ready(cx))).expect("ready");
-                common::poll_now(svc.call(req))
-            },
-        )
-    })
+    calls(common::echo(), headers)
 }
 
 /// `PatAuth::call` on a ready `echo` service, one poll: what `benches/verify.rs` times.
 fn layer_calls(layer: &PatAuthLayer, headers: Vec<HeaderValue>) -> Variant {
-    let mut svc = layer.layer(common::echo());
     let mut check = layer.layer(common::needs_principal());
     for h in &headers {
         let res = common::poll_now(check.call(common::request(h))).expect("infallible");
         assert_eq!(res.status(), StatusCode::OK, "every header authenticates");
     }
+    calls(layer.layer(common::echo()), headers)
+}
+
+/// One ready check and one call of `svc` per request, polled once, the requests going to
+/// `headers` in turn: the loop both variants above time.
+fn calls<S>(mut svc: S, headers: Vec<HeaderValue>) -> Variant
+where
+    S: Service<Request<()>> + 'static,
+    S::Error: std::fmt::Debug,
+{
     Box::new(move |n| {
         timed(
             |i| fresh(&headers[i % headers.len()]),
@@ -198,6 +197,22 @@ fn issue(rt: &tokio::runtime::Runtime, n: usize) -> (PatAuthLayer, Vec<TokenSecr
     let layer = common::layer(store);
     rt.block_on(common::fill(&layer, &secrets));
     (layer, secrets)
+}
+
+/// The SipHash key of the runner's own maps and PRF steps (the layer draws its own).
+const KEY: (u64, u64) = (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210);
+
+/// The slot of each `Bearer` header's token under [`KEY`], as the bare probes key their maps.
+fn slots_of(headers: &[HeaderValue]) -> Vec<u128> {
+    headers
+        .iter()
+        .map(|h| {
+            sip24(
+                KEY,
+                &h.to_str().expect("a token is text")["Bearer ".len()..],
+            )
+        })
+        .collect()
 }
 
 /// SipHash-2-4-128 in one pass, as the layer computes a slot.
@@ -257,7 +272,6 @@ fn coarse_ms() -> i64 {
 /// The steps of a hit that do not touch the map, each alone, on the tokens of `headers`: the
 /// bearer parse, the PRF, the clock, the extension insert.
 fn unmapped_steps(headers: &[HeaderValue]) -> Vec<(&'static str, Variant)> {
-    let key = (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210);
     let tokens: Arc<Vec<String>> = Arc::new(
         headers
             .iter()
@@ -286,7 +300,7 @@ fn unmapped_steps(headers: &[HeaderValue]) -> Vec<(&'static str, Variant)> {
         ),
         (
             "step_prf_sip24",
-            Box::new(move |n| timed(|i| &tokens[i % tokens.len()], n, |t| sip24(key, t))),
+            Box::new(move |n| timed(|i| &tokens[i % tokens.len()], n, |t| sip24(KEY, t))),
         ),
         (
             "step_clock",
@@ -312,12 +326,8 @@ fn unmapped_steps(headers: &[HeaderValue]) -> Vec<(&'static str, Variant)> {
 fn hit_set(settings: &Settings, rt: &tokio::runtime::Runtime) {
     let (layer, secrets) = issue(rt, 1_000);
     let headers = common::spread(&secrets);
-    let key = (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210);
     let map: Arc<SlotMap<Payload>> = Arc::new(DashMap::default());
-    let slots: Vec<u128> = headers
-        .iter()
-        .map(|h| sip24(key, &h.to_str().unwrap()["Bearer ".len()..]))
-        .collect();
+    let slots = slots_of(&headers);
     for slot in &slots {
         let p = Payload {
             expires_ms: i64::MAX,
@@ -383,7 +393,6 @@ fn prf_set(settings: &Settings) {
             })
             .collect(),
     );
-    let key = (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210);
     let cmac = <cmac::Cmac<aes::Aes128> as KeyInit>::new_from_slice(&[7u8; 16]).expect("a key");
     let (t1, t2, t3, t4) = (
         Arc::clone(&tokens),
@@ -394,11 +403,11 @@ fn prf_set(settings: &Settings) {
     let mut variants: Vec<(&'static str, Variant)> = vec![
         (
             "siphash_1_3_128",
-            Box::new(move |n| timed(|i| &t1[i % t1.len()], n, |t| sip13(key, t))),
+            Box::new(move |n| timed(|i| &t1[i % t1.len()], n, |t| sip13(KEY, t))),
         ),
         (
             "siphash_2_4_128",
-            Box::new(move |n| timed(|i| &t2[i % t2.len()], n, |t| sip24(key, t))),
+            Box::new(move |n| timed(|i| &t2[i % t2.len()], n, |t| sip24(KEY, t))),
         ),
         (
             "aes_128_cmac",
@@ -628,12 +637,8 @@ fn spread_1m_set(settings: &Settings, rt: &tokio::runtime::Runtime) {
     let n = if common::full_run() { 1_000_000 } else { 2_000 };
     let (layer, secrets) = issue(rt, n);
     let headers = common::spread(&secrets);
-    let key = (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210);
     let map: Arc<SlotMap<Payload>> = Arc::new(DashMap::default());
-    let slots: Vec<u128> = headers
-        .iter()
-        .map(|h| sip24(key, &h.to_str().unwrap()["Bearer ".len()..]))
-        .collect();
+    let slots = slots_of(&headers);
     // Inserted in issue order, probed in hash order, as the layer's entries are; each probe
     // reads the next key from the entry it found: one request at a time, so their memory
     // accesses cannot overlap (the layer's requests are too long to overlap either).
@@ -643,7 +648,7 @@ fn spread_1m_set(settings: &Settings, rt: &tokio::runtime::Runtime) {
         .map(|(a, b)| (*a, *b))
         .collect();
     for s in secrets.iter() {
-        let slot = sip24(key, s.expose_secret());
+        let slot = sip24(KEY, s.expose_secret());
         let p = Payload {
             expires_ms: i64::MAX,
             next: next_of[&slot],

@@ -30,12 +30,12 @@
 //! in a task of their own, which the lookup awaits: a presenter that drops its request cannot
 //! cancel them, nor get the lookup's slots back before the task ends (or
 //! [`lookup_wait`](crate::CacheConfig::lookup_wait), at least a second, has passed: a store that
-//! hangs does not keep them for good). Reports are counted in
-//! [`AuthStats::reused_secrets`](crate::AuthStats::reused_secrets). Its answer is remembered like any unknown token, in
-//! the negative cache: the same dead secret presented again and again is looked up, and reported,
-//! at most once per [`negative_ttl`](crate::CacheConfig::negative_ttl) per layer (concurrent
-//! presentations share one lookup; the event then carries the address of the request that
-//! started it).
+//! hangs does not keep them for good). The lookup's answer is remembered like any unknown token,
+//! in the negative cache: the same dead secret presented again and again is looked up, and
+//! reported, at most once per [`negative_ttl`](crate::CacheConfig::negative_ttl) per layer
+//! (concurrent presentations share one lookup; the event then carries the address of the request
+//! that started it). Reports are counted in
+//! [`AuthStats::reused_secrets`](crate::AuthStats::reused_secrets).
 //!
 //! # Revoking the family
 //!
@@ -56,6 +56,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
 
@@ -115,7 +116,7 @@ pub(crate) struct ReuseDetection {
     /// Rotated-out secrets reported so far ([`AuthStats::reused_secrets`]).
     ///
     /// [`AuthStats::reused_secrets`]: crate::AuthStats::reused_secrets
-    reported: std::sync::atomic::AtomicU64,
+    reported: AtomicU64,
 }
 
 impl std::fmt::Debug for ReuseDetection {
@@ -148,13 +149,13 @@ impl ReuseDetection {
             policy,
             hook,
             store,
-            reported: std::sync::atomic::AtomicU64::new(0),
+            reported: AtomicU64::new(0),
         })
     }
 
     /// Rotated-out secrets reported so far.
     pub(crate) fn reported(&self) -> u64 {
-        self.reported.load(std::sync::atomic::Ordering::Relaxed)
+        self.reported.load(Ordering::Relaxed)
     }
 
     fn revokes(&self) -> bool {
@@ -210,8 +211,7 @@ impl ReuseDetection {
             },
             None => (record, false),
         };
-        self.reported
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.reported.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             target: "tower_pat::auth",
             token_id = %record.id,
