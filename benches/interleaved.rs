@@ -233,8 +233,9 @@ fn sip13(k: (u64, u64), token: &str) -> u128 {
 
 /// AES-128-CMAC (RFC 4493) as a cache key would compute it: the key schedule and subkeys made
 /// once, one AES block encryption per 16 bytes, the chaining value xored as one vector. The
-/// `cmac` crate's `Cmac` copies its cipher state per message (a clone, or a reset): measured
-/// that way, AES-CMAC looks five times slower than it is. Checked against the crate at setup.
+/// `cmac` crate's `Cmac` copies its cipher state per message (a clone) or rebuilds its buffers (a
+/// reset): measured that way, AES-CMAC looked three to six times slower than it is here. Checked
+/// against the crate at setup.
 struct Cmac {
     cipher: aes::Aes128Enc,
     k1: [u8; 16],
