@@ -194,7 +194,8 @@ async fn a_cached_token_in_the_common_form_is_a_hit_and_its_near_misses_are_not(
         (vec![format!("Digest {token}").into_bytes()], 401),
         // A byte that is not text: the general path's 400.
         (vec![[b"Bearer ".as_slice(), &accented].concat()], 400),
-        // One character off: malformed (the checksum), refused without a lookup.
+        // One character off: malformed (the checksum, or a character outside base62), refused
+        // without a lookup.
         (vec![[b"Bearer ".as_slice(), &last_changed].concat()], 401),
         // A space in front, one character short.
         (vec![format!("Bearer  {}", &token[1..]).into_bytes()], 401),
