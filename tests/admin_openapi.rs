@@ -89,7 +89,11 @@ async fn every_route_and_status_is_documented() {
                 "200", "400", "401", "403", "404", "409", "410", "413", "500",
             ],
         ),
-        (id.clone(), "delete", &["200", "401", "403", "404", "500"]),
+        (
+            id.clone(),
+            "delete",
+            &["200", "401", "403", "404", "409", "500"],
+        ),
         (
             format!("{BASE}/{{id}}/rotate"),
             "post",

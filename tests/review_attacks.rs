@@ -246,3 +246,206 @@ async fn a_secret_in_its_grace_period_cannot_manage_tokens() {
     .await;
     assert_eq!(child.status, StatusCode::CREATED, "{}", child.text);
 }
+
+/// A request body that sends its first bytes at once and the rest only when released: a client
+/// whose headers the layer has authenticated while its body is still on the way.
+struct HeldBody {
+    first: Option<bytes::Bytes>,
+    rest: Option<bytes::Bytes>,
+    release: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl http_body::Body for HeldBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(first))));
+        }
+        if self.rest.is_some() {
+            // Released, or the sender dropped: either way the rest goes now.
+            std::task::ready!(std::pin::Pin::new(&mut self.release).poll(cx)).ok();
+        }
+        Poll::Ready(self.rest.take().map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+/// Sends `method uri` with `token` and a JSON `body` of which only the first 5 bytes arrive until
+/// the returned sender is used; the response comes out of the handle. Returns once the layer has
+/// let the request in (its handler is waiting for the body).
+async fn held(
+    app: &Router,
+    method: http::Method,
+    uri: &str,
+    token: &str,
+    body: &str,
+) -> (
+    tokio::task::JoinHandle<(StatusCode, serde_json::Value)>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let (release, wait) = tokio::sync::oneshot::channel();
+    let bytes = bytes::Bytes::copy_from_slice(body.as_bytes());
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .header("content-length", bytes.len())
+        .body(axum::body::Body::new(HeldBody {
+            first: Some(bytes.slice(..5)),
+            rest: Some(bytes.slice(5..)),
+            release: wait,
+        }))
+        .unwrap();
+    req.extensions_mut()
+        .insert(SocketAddr::from(([127, 0, 0, 1], 40000)));
+    let app = app.clone();
+    let handle = tokio::spawn(async move {
+        let res = app.oneshot(req).await.unwrap();
+        let status = res.status();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap_or_default())
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!handle.is_finished(), "the request waits for its body");
+    (handle, release)
+}
+
+/// A leaked token narrowed by its owner while its own request's body is on the way: the request
+/// ran under the ceilings the token had when its headers were authenticated, so it must not act
+/// at all (409), neither putting back the scopes, expiry or networks it lost, nor handing them to
+/// a child, nor rotating to a later expiry. Sent again, it runs under the token as it is.
+#[tokio::test]
+async fn a_request_held_across_its_tokens_narrowing_cannot_undo_it() {
+    let t = app().await;
+    let wide = |name: &str| {
+        NewToken::new("alice", name)
+            .scopes(["personalAccessToken:*", "x:*"])
+            .unwrap()
+    };
+    let narrow = |id: &str| {
+        let at = (Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+        let body = format!(
+            r#"{{"scopes": ["personalAccessToken:*"], "expiresAt": "{at}", "ipRestriction": "127.0.0.1"}}"#
+        );
+        let (app, alice, uri) = (t.app.clone(), t.alice.clone(), format!("{BASE}/{id}"));
+        async move {
+            let res = patch(&app, &uri, &alice, &body).await;
+            assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+        }
+    };
+    let attempts = [
+        (
+            http::Method::PATCH,
+            "{id}",
+            r#"{"scopes": ["personalAccessToken:*", "x:*"], "expiresAt": null, "userAwareTokenNeverExpires": true, "ipRestriction": null}"#,
+        ),
+        (
+            http::Method::POST,
+            "",
+            r#"{"name": "child", "scopes": ["x:*"], "userAwareTokenNeverExpires": true}"#,
+        ),
+        (
+            http::Method::POST,
+            "self/rotate",
+            r#"{"expiresAt": "2999-01-01T00:00:00Z"}"#,
+        ),
+    ];
+    for (i, (method, path, body)) in attempts.into_iter().enumerate() {
+        let (rec, leaked) = t.tokens.issue(wide(&format!("leaked-{i}"))).await.unwrap();
+        let uri = match path.replace("{id}", &rec.id) {
+            p if p.is_empty() => BASE.to_owned(),
+            p => format!("{BASE}/{p}"),
+        };
+        let (res, release) = held(&t.app, method.clone(), &uri, leaked.expose_secret(), body).await;
+        narrow(&rec.id).await;
+        release.send(()).unwrap();
+        let (status, body) = res.await.unwrap();
+        assert_eq!(status, StatusCode::CONFLICT, "{method} {uri}: {body}");
+        assert_eq!(body["code"], "conflict");
+        let stored = t.store.get(&rec.id).await.unwrap().unwrap();
+        assert!(
+            !stored.scopes.grants("x:read"),
+            "{method} {uri}: scopes came back"
+        );
+        assert!(
+            stored.expires_at.is_some(),
+            "{method} {uri}: expiry came back"
+        );
+        assert_eq!(
+            stored.ip_restriction.len(),
+            1,
+            "{method} {uri}: networks came back"
+        );
+        assert_eq!(stored.hash, rec.hash, "{method} {uri}: rotated");
+        let page = t
+            .tokens
+            .list(&tower_pat::store::ListQuery::for_subject("alice"))
+            .await
+            .unwrap();
+        assert!(
+            page.items.iter().all(|r| r.name != "child"),
+            "a child was stored"
+        );
+    }
+
+    // Sent again (not held), a request runs under the narrowed token: it may rotate, within its
+    // new expiry.
+    let (rec, leaked) = t.tokens.issue(wide("leaked")).await.unwrap();
+    narrow(&rec.id).await;
+    let res = post(
+        &t.app,
+        &format!("{BASE}/self/rotate"),
+        leaked.expose_secret(),
+        "{}",
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
+}
+
+/// Enabling a disabled token gives it all its scopes back: like giving scopes, it must fit the
+/// caller's ceilings. A short-lived, address-bound sibling holding the token's scopes cannot
+/// bring back a never-expiring, unrestricted token its owner disabled.
+#[tokio::test]
+async fn enabling_a_token_must_fit_the_callers_ceilings() {
+    let t = app().await;
+    let target = NewToken::new("alice", "disabled")
+        .scopes(["x:read"])
+        .unwrap();
+    let (target, _) = t.tokens.issue(target).await.unwrap();
+    let uri = format!("{BASE}/{}", target.id);
+    let res = patch(&t.app, &uri, &t.alice, r#"{"active": false}"#).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+
+    let short = NewToken::new("alice", "short")
+        .scopes(["personalAccessToken:write", "x:read"])
+        .unwrap()
+        .ip_restriction([parse_ip_net("127.0.0.1").unwrap()])
+        .expires_at(Utc::now() + chrono::Duration::hours(1));
+    let (_, short) = t.tokens.issue(short).await.unwrap();
+    let res = patch(&t.app, &uri, short.expose_secret(), r#"{"active": true}"#).await;
+    let message = res.error(403);
+    assert!(message.contains("enabled again"), "{message}");
+    assert!(
+        t.store
+            .get(&target.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_disabled(),
+        "still disabled"
+    );
+
+    // Disabling needs no ceiling (it takes away), and the owner's unbounded token may enable.
+    let res = patch(&t.app, &uri, &t.alice, r#"{"active": true}"#).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+    let res = patch(&t.app, &uri, short.expose_secret(), r#"{"active": false}"#).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+}

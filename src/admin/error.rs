@@ -105,6 +105,18 @@ impl ApiError {
         )
     }
 
+    /// 409: the caller's own token changed (its scopes, expiry or networks) after the layer
+    /// authenticated the request, so the ceilings the request would be held to are not the
+    /// token's any more.
+    pub(crate) fn caller_changed() -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "the access token that authenticates this request changed (its scopes, expiry or \
+             networks) while the request was processed; send the request again",
+        )
+    }
+
     /// 401: a leaked-token report whose signature is missing, malformed, by an unknown key or
     /// not over this body.
     #[cfg(feature = "secret-scanning")]

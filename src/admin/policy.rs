@@ -145,22 +145,25 @@ pub(crate) fn child_networks(
     Ok(requested)
 }
 
-/// Giving a token scopes it did not have hands those scopes its lifetime and networks: the token
-/// as it will be must then fit the caller's ceilings, as if the caller had created it.
+/// Giving a token scopes it did not have hands those scopes its lifetime and networks, and so does
+/// enabling a disabled token (all its scopes work again): the token as it will be must then fit
+/// the caller's ceilings, as if the caller had created it.
 pub(crate) fn grants_within(
     caller: &Principal,
     before: &TokenRecord,
     after: &TokenRecord,
 ) -> Result<(), ApiError> {
-    if before.scopes.grants_all(&after.scopes) {
+    let enabled = before.is_disabled() && !after.is_disabled();
+    if !enabled && before.scopes.grants_all(&after.scopes) {
         return Ok(());
     }
+    let why = if enabled {
+        "the token is enabled again"
+    } else {
+        "the token is given scopes it did not have"
+    };
     let widened = |mut e: ApiError| {
-        e.message = format!(
-            "{}; the token is given scopes it did not have, so it must fit the caller's ceilings",
-            e.message
-        )
-        .into();
+        e.message = format!("{}; {why}, so it must fit the caller's ceilings", e.message).into();
         e
     };
     expiry_within(caller, after.expires_at).map_err(widened)?;

@@ -140,10 +140,31 @@ impl Admin {
     /// arrived: the layer authenticated the headers, and a slow body must not carry a token past
     /// its revocation (or deletion, or expiry). A secret superseded by a rotation, still in its
     /// grace period, may authenticate requests but not manage tokens.
+    ///
+    /// Every ceiling a write is held to (the caller's scopes, expiry and networks) is read from
+    /// the principal, so the stored token must still have the ones the principal has: a token
+    /// narrowed while its request's body was on the way, or while this node's cache had not yet
+    /// heard of the change, would otherwise undo its own narrowing or hand a child what it lost.
+    /// Such a request is refused (409 `conflict`: send it again, it then runs under the token as
+    /// it is). Only a self-revocation ([`revoke_self`]) skips this: it gives nothing, and must not
+    /// wait for a lagging cache.
     async fn caller_may_act(&self, caller: &Principal) -> Result<(), ApiError> {
+        self.caller_check(caller, true).await
+    }
+
+    /// [`caller_may_act`](Self::caller_may_act), with the ceilings compared (`ceilings`) or not.
+    async fn caller_check(&self, caller: &Principal, ceilings: bool) -> Result<(), ApiError> {
         let now = Utc::now();
         match self.config.store.get(caller.token_id()).await? {
-            Some(own) if own.is_active_at(now) && own.hash == caller.0.stored_hash() => Ok(()),
+            Some(own) if own.is_active_at(now) && own.hash == caller.0.stored_hash() => {
+                let unchanged = own.scopes == *caller.scopes()
+                    && own.expires_at == caller.expires_at()
+                    && own.ip_restriction[..] == *caller.ip_restriction();
+                if ceilings && !unchanged {
+                    return Err(ApiError::caller_changed());
+                }
+                Ok(())
+            }
             Some(own)
                 if own.is_active_at(now) && own.matches_hash(&caller.0.stored_hash(), now) =>
             {
@@ -223,7 +244,7 @@ impl Admin {
         (status = 400, description = "A field is missing, unknown, of the wrong type or invalid (the message names it; also `revoked: true`, `active: false`, another subject, too many scopes or networks), or the expiry rule is broken", body = ErrorBody),
         (status = 401, response = Unauthorized),
         (status = 403, description = "A scope is missing (`personalAccessToken:write`, or a requested scope the caller lacks: `insufficient_scope`), the token would outlive the caller or reach beyond its networks (`forbidden`), or the subject has the maximum number of tokens", body = ErrorBody),
-        (status = 409, description = "The caller already has a token with this name", body = ErrorBody),
+        (status = 409, description = "The caller already has a token with this name, or the caller's own token changed (scopes, expiry, networks) while the request was processed (`conflict`: send it again)", body = ErrorBody),
         (status = 413, response = PayloadTooLarge),
         (status = 429, description = "Too many tokens created recently; see `Retry-After`", body = ErrorBody),
         (status = 500, response = StoreFailed),
@@ -421,7 +442,7 @@ pub(crate) async fn get_one(
         (status = 401, response = Unauthorized),
         (status = 403, description = "`personalAccessToken:write` is missing, the caller lacks a scope the token holds or a requested one (`insufficient_scope`), or the change would make the token outlive the caller or reach beyond its networks (`forbidden`)", body = ErrorBody),
         (status = 404, response = NotFound),
-        (status = 409, description = "The subject already has a token with this name, or the token changed while the request was processed (`conflict`: read it again and retry), or `active: true` or a new `expiresAt` for an expired token (`token_expired`)", body = ErrorBody),
+        (status = 409, description = "The subject already has a token with this name, or the token or the caller's own token changed while the request was processed (`conflict`: read it again and retry), or `active: true` or a new `expiresAt` for an expired token (`token_expired`)", body = ErrorBody),
         (status = 410, response = TokenRevoked),
         (status = 413, response = PayloadTooLarge),
         (status = 500, response = StoreFailed),
@@ -538,7 +559,7 @@ pub(crate) async fn update(
         (status = 401, response = Unauthorized),
         (status = 403, description = "`personalAccessToken:write` is missing, the caller lacks a scope the token holds (`insufficient_scope`), or the token would outlive the caller or reaches beyond its networks (`forbidden`)", body = ErrorBody),
         (status = 404, response = NotFound),
-        (status = 409, description = "The token changed (another rotation, an update) while the request was processed (`conflict`: read it again and retry), or it expired (`token_expired`)", body = ErrorBody),
+        (status = 409, description = "The token or the caller's own token changed (another rotation, an update) while the request was processed (`conflict`: read it again and retry), or it expired (`token_expired`)", body = ErrorBody),
         (status = 410, response = TokenRevoked),
         (status = 413, response = PayloadTooLarge),
         (status = 500, response = StoreFailed),
@@ -606,7 +627,7 @@ pub(crate) async fn revoke_self(
     State(admin): AppState,
     caller: Principal,
 ) -> Result<Response, ApiError> {
-    admin.caller_may_act(&caller).await?;
+    admin.caller_check(&caller, false).await?;
     let now = crate::record::now();
     let record = admin
         .config
@@ -718,6 +739,7 @@ fn changes(before: &TokenRecord, after: &TokenRecord, at: DateTime<Utc>) -> Toke
         (status = 401, response = Unauthorized),
         (status = 403, description = "`personalAccessToken:write` is missing, or the caller lacks a scope the token holds (`insufficient_scope`)", body = ErrorBody),
         (status = 404, response = NotFound),
+        (status = 409, description = "The token or the caller's own token changed while the request was processed (`conflict`: read it again and retry)", body = ErrorBody),
         (status = 500, response = StoreFailed),
     ),
     security(("bearer" = ["personalAccessToken:write"]))

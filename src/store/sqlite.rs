@@ -231,7 +231,10 @@ struct Shared {
     writer: SqlitePool,
     hub: ChangeHub,
     sql: Statements,
-    /// Tags this handle's change-log rows, so that its poller does not announce them twice.
+    /// Tags this handle's change-log rows. Its poller announces them all the same: a write
+    /// whose future was dropped between its commit and its announcement (a client gone, a
+    /// timeout) is then still applied to this process's caches within a poll. The tag is kept
+    /// for the row format that older versions of this crate read.
     origin: i64,
     /// Whether the cross-process feed is polling successfully (always true in memory).
     feed_up: AtomicBool,
@@ -467,8 +470,8 @@ struct Feed {
 enum Polled {
     /// Nothing new.
     Quiet,
-    /// Rows past the last one seen: `(token id, hash, origin)`.
-    Changes(Vec<(String, TokenHash, i64)>),
+    /// Rows past the last one seen: `(token id, hash)`.
+    Changes(Vec<(String, TokenHash)>),
     /// Rows were pruned before this feed read them: changes may have been missed.
     Missed,
 }
@@ -511,7 +514,7 @@ impl Feed {
         }
         // One statement, one snapshot: the rows and the oldest row kept.
         let rows = sqlx::query(
-            "SELECT seq, token_id, hash, origin, (SELECT MIN(seq) FROM tower_pat_changes) AS oldest
+            "SELECT seq, token_id, hash, (SELECT MIN(seq) FROM tower_pat_changes) AS oldest
              FROM tower_pat_changes WHERE seq > ?1 ORDER BY seq",
         )
         .bind(self.last)
@@ -528,11 +531,7 @@ impl Feed {
             self.last = row.try_get("seq")?;
             let hash: Vec<u8> = row.try_get("hash")?;
             match <[u8; 32]>::try_from(hash.as_slice()) {
-                Ok(h) => changes.push((
-                    row.try_get("token_id")?,
-                    TokenHash::from_bytes(h),
-                    row.try_get("origin")?,
-                )),
+                Ok(h) => changes.push((row.try_get("token_id")?, TokenHash::from_bytes(h))),
                 Err(_) => tracing::warn!("ignoring a change-log row whose hash is not 32 bytes"),
             }
         }
@@ -559,11 +558,11 @@ impl Feed {
                     match polled {
                         Polled::Quiet => {}
                         Polled::Changes(changes) => {
-                            for (id, hash, origin) in changes {
-                                // This handle's own writes were announced when they committed.
-                                if origin != shared.origin {
-                                    shared.hub.changed(&id, hash);
-                                }
+                            // This handle's own writes too: announced when they committed, unless
+                            // the writing future was dropped in between (the commit completes
+                            // on the connection's worker all the same). Twice is harmless.
+                            for (id, hash) in changes {
+                                shared.hub.changed(&id, hash);
                             }
                         }
                         Polled::Missed => {
