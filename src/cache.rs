@@ -682,7 +682,7 @@ impl Cache {
         };
         // The hash the store found the token under: the secret that was presented.
         match self.fetch(entry.slot, &entry.hash, &[]).await {
-            Ok(outcome) => {
+            Ok((outcome, _)) => {
                 // The last use marked on the stale entry carries over to the fresh one: before it
                 // goes in, and again after, for a mark made on the old entry meanwhile.
                 let carry_mark = || {
@@ -852,7 +852,7 @@ impl Cache {
             tracing::warn!("too many concurrent token lookups; answering 503");
             return Outcome::Unavailable;
         };
-        let outcome = match self.fetch(slot, &key, previous).await {
+        let (outcome, under_key) = match self.fetch(slot, &key, previous).await {
             Ok(o) => o,
             Err(()) => return Outcome::Unavailable,
         };
@@ -862,7 +862,16 @@ impl Cache {
             self.suspects.insert(c.client, ());
             c.budget.suspected.notify_waiters();
         }
-        self.remember(slot, key, &outcome, epoch);
+        // A refusal that can be undone (disabled, expired) of a record stored under an older
+        // pepper's hash is not remembered under `key`: the events that undo it name the other
+        // hash, and could not reach it. Revoked is for good; a principal is indexed by the hash.
+        let reversible = matches!(
+            outcome,
+            Outcome::Rejected(Negative::Disabled | Negative::Expired)
+        );
+        if under_key || !reversible {
+            self.remember(slot, key, &outcome, epoch);
+        }
         // After the answer is remembered: a revocation the policy makes invalidates the token's
         // current hashes, never this one's negative entry, which keeps a flood of the same dead
         // secret to one history lookup per negative TTL.
@@ -1006,14 +1015,16 @@ impl Cache {
     }
 
     /// Queries the store for `key`, then for each of `previous` (older peppers). `Err` when the
-    /// store failed.
+    /// store failed; with the outcome, whether it came from a record found under `key` (not under
+    /// an older pepper's hash: store events about that record name the other hash).
     async fn fetch(
         &self,
         slot: Slot,
         key: &TokenHash,
         previous: &[TokenHash],
-    ) -> Result<Outcome, ()> {
+    ) -> Result<(Outcome, bool), ()> {
         for hash in std::iter::once(key).chain(previous.iter().filter(|h| *h != key)) {
+            let under_key = hash == key;
             self.store_lookups.fetch_add(1, Ordering::Relaxed);
             let sent = now_ms();
             let started = std::time::Instant::now();
@@ -1026,21 +1037,21 @@ impl Cache {
             self.store_answered(sent);
             let Some(mut record) = found else { continue };
             if record.is_revoked() {
-                return Ok(Outcome::Rejected(Negative::Revoked));
+                return Ok((Outcome::Rejected(Negative::Revoked), under_key));
             }
             if record.is_disabled() {
-                return Ok(Outcome::Rejected(Negative::Disabled));
+                return Ok((Outcome::Rejected(Negative::Disabled), under_key));
             }
             record.scopes = self.shared_scopes(std::mem::take(&mut record.scopes));
             let now = now_ms();
             let entry = Entry::new(record, slot, *hash, now, self.ttl_ms);
             // The entry's expiry is the token's, or the end of the rotation grace period.
             if entry.expires_ms <= now {
-                return Ok(Outcome::Rejected(Negative::Expired));
+                return Ok((Outcome::Rejected(Negative::Expired), under_key));
             }
-            return Ok(Outcome::Found(Principal(Arc::new(entry))));
+            return Ok((Outcome::Found(Principal(Arc::new(entry))), under_key));
         }
-        Ok(Outcome::Rejected(Negative::Unknown))
+        Ok((Outcome::Rejected(Negative::Unknown), true))
     }
 
     /// The one copy of this scope set the cache's entries share: tokens mostly have one of a few
@@ -1058,10 +1069,13 @@ impl Cache {
         scopes
     }
 
-    /// Drops a positive entry that expired while cached and remembers why.
+    /// Drops a positive entry that expired while cached. Nothing is remembered in its place: the
+    /// request that noticed may have read the entry before an invalidation (a later expiry set
+    /// meanwhile), and a negative entry written after that invalidation would refuse the token
+    /// until it timed out. The next request looks the token up, and a refusal found so is
+    /// remembered under the epoch check of every load ([`remember`](Self::remember)).
     pub(crate) fn expire(&self, principal: &Principal) {
         self.evict(Entry::origin(&principal.0));
-        self.negative.insert(principal.0.hash, Negative::Expired);
     }
 
     /// Drops everything cached for the record with this id, which the store found under `hash`
@@ -1481,6 +1495,31 @@ mod tests {
         assert!(!cached(&cache, s2));
         cache.invalidate("one", &first);
         assert!(!cached(&cache, s1));
+    }
+
+    /// A request that read an entry, then noticed it expired after an invalidation (the token was
+    /// given a later expiry meanwhile), leaves no refusal behind: the next request asks the store.
+    #[test]
+    fn an_expiry_noticed_after_an_invalidation_remembers_no_refusal() {
+        let cache = cache(Empty);
+        let (slot, h) = (Slot::test(31), hash(31));
+        cache_now(&cache, slot, &found(slot, h, "t31"));
+        let Some(p) = cache.probe(slot, now_ms()) else {
+            panic!("cached")
+        };
+        cache.invalidate("t31", &h);
+        cache.expire(&p);
+        assert!(
+            cache.probe_negative(&h).is_none(),
+            "a stale refusal was kept"
+        );
+        assert!(!cached(&cache, slot));
+        // Without an invalidation, too: a refusal is only remembered by a load.
+        cache_now(&cache, slot, &found(slot, h, "t31"));
+        let p = cache.probe(slot, now_ms()).expect("cached");
+        cache.expire(&p);
+        assert!(cache.probe_negative(&h).is_none());
+        assert!(!cached(&cache, slot));
     }
 
     #[test]
