@@ -129,6 +129,23 @@ impl TokenStore for GatedStore {
         self.inner.delete(id).await
     }
 
+    async fn revoke_if_version(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+        version: u64,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        self.inner.revoke_if_version(id, at, version).await
+    }
+
+    async fn delete_if_version(
+        &self,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        self.inner.delete_if_version(id, version).await
+    }
+
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
         self.inner.count_by_subject(subject).await
     }
@@ -195,6 +212,51 @@ fn is_refusal(status: StatusCode) -> bool {
 
 // ---------------------------------------------------------------------------------------------
 // Deterministic races
+
+/// A deletion or a revocation reads the record and checks that the caller holds its scopes; the
+/// token is then given a scope the caller lacks; then the write: it finds the token changed, reads
+/// and checks it again, and refuses (403), the token, now more than the caller, still there.
+/// Acting on a token needs every scope it holds when the write lands, not only when it was read.
+/// (A rename in between only makes it read again: `renames_racing_revocations_on_two_nodes`.)
+#[tokio::test]
+async fn a_delete_or_revocation_racing_a_widening_acts_on_nothing() {
+    let store = GatedStore::default();
+    let node = Node::new(store.clone());
+    let (_, weak) = node.issue(&["personalAccessToken:*", "x:a"]).await;
+    let manager = node.manager().await;
+    for action in ["delete", "revoke"] {
+        let (target, _) = node.issue(&["x:a"]).await;
+        let held = store.gate.arm(&target);
+        let (app, uri, caller) = (node.app.clone(), format!("{BASE}/{target}"), weak.clone());
+        let write = tokio::spawn(async move {
+            match action {
+                "delete" => {
+                    support_admin::call(&app, http::Method::DELETE, &uri, Some(&caller), None).await
+                }
+                _ => patch(&app, &uri, &caller, r#"{"revoked": true}"#).await,
+            }
+        });
+        held.reached.await.unwrap();
+        let widened = patch(
+            &node.app,
+            &format!("{BASE}/{target}"),
+            &manager,
+            r#"{"scopes": ["x:a", "x:b"]}"#,
+        )
+        .await;
+        assert_eq!(widened.status, StatusCode::OK, "{}", widened.text);
+        held.release.send(()).unwrap();
+        let res = write.await.unwrap();
+        assert_eq!(res.status, StatusCode::FORBIDDEN, "{action}: {}", res.text);
+        assert_eq!(res.body["code"], "insufficient_scope");
+        let stored = node.record(&target).await;
+        assert!(!stored.is_revoked(), "{action}: revoked");
+        assert!(
+            stored.scopes.grants("x:b"),
+            "{action}: not the widened token"
+        );
+    }
+}
 
 /// A rename reads the record, a revocation lands, then the rename writes: the token stays revoked.
 #[tokio::test]

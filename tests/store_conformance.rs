@@ -113,6 +113,7 @@ mod suite {
         versions_count_management_writes,
         revoke_keeps_the_first_time,
         delete_removes,
+        conditional_revoke_and_delete,
         usage_is_monotonic,
         usage_keeps_newest_addresses_capped,
         list_matches_the_reference,

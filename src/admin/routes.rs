@@ -31,7 +31,7 @@ use crate::auth::RequireScopesLayer;
 use crate::auth::limit::WindowCounter;
 use crate::principal::Principal;
 use crate::record::{NewToken, TokenRecord};
-use crate::store::{Rotation, TokenPatch};
+use crate::store::{Rotation, StoreError, TokenPatch};
 
 /// The tag of every operation.
 pub(crate) const TAG: &str = "personal-access-tokens";
@@ -175,6 +175,63 @@ impl Admin {
             }
             _ => Err(ApiError::caller_gone()),
         }
+    }
+
+    /// Revokes `id` if it is still at `version` ([`TokenStore::revoke_if_version`]); without
+    /// the condition on a store that does not support it.
+    async fn revoke_checked(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+        version: u64,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let store = &self.config.store;
+        match store.revoke_if_version(id, at, version).await {
+            Err(StoreError::Unsupported { .. }) => store.revoke(id, at).await,
+            other => other,
+        }
+    }
+
+    /// Deletes `id` if it is still at `version` ([`TokenStore::delete_if_version`]); without
+    /// the condition on a store that does not support it.
+    async fn delete_checked(
+        &self,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let store = &self.config.store;
+        match store.delete_if_version(id, version).await {
+            Err(StoreError::Unsupported { .. }) => store.delete(id).await,
+            other => other,
+        }
+    }
+
+    /// Runs `write` (a conditional revocation or deletion of `id` at the version it is given) as
+    /// `caller` may, starting from `record`, read and checked already. If the token changed in
+    /// between (a rename, a new scope, on this node or another), it is read and checked again and
+    /// the write retried, a few times: a revocation must not fail for a concurrent rename, nor act
+    /// on a token given a scope the caller lacks (403 then).
+    async fn act_checked<F, Fut>(
+        &self,
+        caller: &Principal,
+        id: &str,
+        mut record: TokenRecord,
+        write: F,
+    ) -> Result<Option<TokenRecord>, ApiError>
+    where
+        F: Fn(u64) -> Fut,
+        Fut: Future<Output = Result<Option<TokenRecord>, StoreError>>,
+    {
+        for _ in 0..4 {
+            match write(record.version).await {
+                Err(StoreError::Stale) => {
+                    record = self.load(caller, id).await?;
+                    policy::may_act_on(caller, &record)?;
+                }
+                done => return Ok(done?),
+            }
+        }
+        Err(ApiError::stale())
     }
 
     /// The record `id` if the caller may act on it: its own, or any with the admin scope.
@@ -528,10 +585,12 @@ pub(crate) async fn update(
         admin.emit(kind, || TokenView::new(&record, now), now);
     }
     if patch.revoked == Some(true) && !record.is_revoked() {
+        // On the condition that the token is still what the caller's right to act was checked
+        // against (or what this request has just written).
         record = admin
-            .config
-            .store
-            .revoke(&id, now)
+            .act_checked(&caller, &id, record, |version| {
+                admin.revoke_checked(&id, now, version)
+            })
             .await?
             .ok_or_else(ApiError::not_found)?;
         admin.emit(EventKind::Revoked, || TokenView::new(&record, now), now);
@@ -752,10 +811,12 @@ pub(crate) async fn delete(
     admin.caller_may_act(&caller).await?;
     let record = admin.load(&caller, &id).await?;
     policy::may_act_on(&caller, &record)?;
+    // On the condition that the token is still what `may_act_on` checked: one given a scope the
+    // caller lacks meanwhile is not deleted on the strength of that check.
     let removed = admin
-        .config
-        .store
-        .delete(&id)
+        .act_checked(&caller, &id, record, |version| {
+            admin.delete_checked(&id, version)
+        })
         .await?
         .ok_or_else(ApiError::not_found)?;
     let now = crate::record::now();

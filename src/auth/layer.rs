@@ -177,6 +177,8 @@ impl PatAuthLayer {
     ///   down by the store's heartbeat (for `PostgresStore` at most 4 s after it went silent by
     ///   default, see `PostgresStoreBuilder::heartbeat`). Meanwhile no entry serves past
     ///   the TTL, so a revocation made elsewhere is honoured here within that delay plus the TTL.
+    ///   That detection delay is not in the figure: until the heartbeat fails it reads zero, and
+    ///   afterwards it is short by the delay. A health check that must be exact adds it.
     /// - While store queries (loads, background refreshes) keep failing, the time since the first
     ///   of them was sent, even with the feed connected: cached entries then serve on for
     ///   `stale_if_error`. It returns to zero when the store answers a later query, or when the

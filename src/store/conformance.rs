@@ -281,6 +281,7 @@ suite!(
     versions_count_management_writes,
     revoke_keeps_the_first_time,
     delete_removes,
+    conditional_revoke_and_delete,
     usage_is_monotonic,
     usage_keeps_newest_addresses_capped,
     list_matches_the_reference,
@@ -1226,6 +1227,92 @@ pub async fn delete_removes<S: TokenStore>(store: S) {
     );
     // The name is free again.
     store.insert(&record("alice", "ci")).await.must();
+}
+
+/// `revoke_if_version` and `delete_if_version` act only on the version given: another version is
+/// [`StoreError::Stale`] and changes nothing; an unknown id is `None`; a revoked record is returned
+/// as it is, whatever the version asked. A store that answers [`StoreError::Unsupported`] (the
+/// trait's default) passes: the management API then acts without the condition.
+pub async fn conditional_revoke_and_delete<S: TokenStore>(store: S) {
+    let _check = Check("conditional_revoke_and_delete");
+    let t = now();
+    let r = record("alice", "ci");
+    store.insert(&r).await.must();
+    let v = r.version;
+    match store.revoke_if_version(&r.id, t, v + 1).await {
+        Err(StoreError::Unsupported { .. }) => {
+            assert!(
+                matches!(
+                    store.delete_if_version(&r.id, v + 1).await,
+                    Err(StoreError::Unsupported { .. })
+                ),
+                "a store without revoke_if_version must not half-support delete_if_version"
+            );
+            return;
+        }
+        Err(StoreError::Stale) => {}
+        other => panic!(
+            "store conformance: revoke_if_version of another version must be Stale, got {other:?}"
+        ),
+    }
+    assert!(
+        matches!(
+            store.delete_if_version(&r.id, v + 1).await,
+            Err(StoreError::Stale)
+        ),
+        "delete_if_version of another version must be Stale"
+    );
+    assert_eq!(
+        store.get(&r.id).await.must(),
+        Some(r.clone()),
+        "a conditional write whose version failed must change nothing"
+    );
+    assert_eq!(
+        store.revoke_if_version("no-such-id", t, 0).await.must(),
+        None,
+        "revoke_if_version of an unknown id must be None"
+    );
+    assert_eq!(
+        store.delete_if_version("no-such-id", 0).await.must(),
+        None,
+        "delete_if_version of an unknown id must be None"
+    );
+
+    let events = Events::subscribe(&store);
+    let revoked = store.revoke_if_version(&r.id, t, v).await.found();
+    assert_eq!(revoked.revoked_at, Some(t), "revoke_if_version must revoke");
+    assert!(
+        revoked.version > v,
+        "revoke_if_version must count as a management write"
+    );
+    assert!(
+        events.heard(&r.id, r.hash),
+        "revoke_if_version must publish Changed for the hash"
+    );
+    let again = store
+        .revoke_if_version(&r.id, t + TimeDelta::hours(1), v)
+        .await
+        .found();
+    assert_eq!(
+        again, revoked,
+        "a revoked record must be returned as it is, whatever the version asked"
+    );
+
+    let other = record("alice", "other");
+    store.insert(&other).await.must();
+    assert_eq!(
+        store
+            .delete_if_version(&other.id, other.version)
+            .await
+            .must(),
+        Some(other.clone()),
+        "delete_if_version of the version stored must remove the record"
+    );
+    assert!(
+        events.heard(&other.id, other.hash),
+        "delete_if_version must publish Changed for the hash"
+    );
+    assert_eq!(store.get(&other.id).await.must(), None, "deleted");
 }
 
 /// `record_usage` follows [`TokenRecord::apply_usage`]: `last_used_at` never moves backwards,

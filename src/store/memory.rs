@@ -142,6 +142,58 @@ impl MemoryStore {
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Data> {
         self.inner.data.write().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Revokes `id` (if at `version`, when given) under the write lock.
+    fn revoke_where(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+        version: Option<u64>,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let revoked = {
+            let mut data = self.write();
+            let Some(r) = data.by_id.get_mut(id) else {
+                return Ok(None);
+            };
+            if r.revoked_at.is_none() {
+                if version.is_some_and(|v| v != r.version) {
+                    return Err(StoreError::Stale);
+                }
+                r.revoked_at = Some(at);
+                r.updated_at = at;
+                // A revocation never fails, not even on an exhausted counter.
+                r.version = r.version.saturating_add(1);
+            }
+            r.clone()
+        };
+        self.inner.hub.announce(&revoked);
+        Ok(Some(revoked))
+    }
+
+    /// Removes `id` (if at `version`, when given) under the write lock.
+    fn delete_where(
+        &self,
+        id: &str,
+        version: Option<u64>,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let removed = {
+            let mut data = self.write();
+            if version.is_some_and(|v| data.by_id.get(id).is_some_and(|r| r.version != v)) {
+                return Err(StoreError::Stale);
+            }
+            let removed = data.by_id.remove(id);
+            if let Some(r) = &removed {
+                data.unindex(r);
+                data.notices.remove(id);
+                data.superseded.retain(|_, (owner, _)| owner != id);
+            }
+            removed
+        };
+        if let Some(r) = &removed {
+            self.inner.hub.announce(r);
+        }
+        Ok(removed)
+    }
 }
 
 #[async_trait]
@@ -276,38 +328,28 @@ impl TokenStore for MemoryStore {
     }
 
     async fn revoke(&self, id: &str, at: DateTime<Utc>) -> Result<Option<TokenRecord>, StoreError> {
-        let revoked = {
-            let mut data = self.write();
-            let Some(r) = data.by_id.get_mut(id) else {
-                return Ok(None);
-            };
-            if r.revoked_at.is_none() {
-                r.revoked_at = Some(at);
-                r.updated_at = at;
-                // A revocation never fails, not even on an exhausted counter.
-                r.version = r.version.saturating_add(1);
-            }
-            r.clone()
-        };
-        self.inner.hub.announce(&revoked);
-        Ok(Some(revoked))
+        self.revoke_where(id, at, None)
     }
 
     async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
-        let removed = {
-            let mut data = self.write();
-            let removed = data.by_id.remove(id);
-            if let Some(r) = &removed {
-                data.unindex(r);
-                data.notices.remove(id);
-                data.superseded.retain(|_, (owner, _)| owner != id);
-            }
-            removed
-        };
-        if let Some(r) = &removed {
-            self.inner.hub.announce(r);
-        }
-        Ok(removed)
+        self.delete_where(id, None)
+    }
+
+    async fn revoke_if_version(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+        version: u64,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        self.revoke_where(id, at, Some(version))
+    }
+
+    async fn delete_if_version(
+        &self,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        self.delete_where(id, Some(version))
     }
 
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {

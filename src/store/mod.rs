@@ -400,6 +400,46 @@ pub trait TokenStore: TokenLookup {
     /// Removes the record and returns it, `None` if unknown.
     async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
 
+    /// [`revoke`](Self::revoke), on the condition that the record is still at `version` (the
+    /// version the caller read and checked its right to act against): one conditional, atomic
+    /// write, so that a token given more (scopes, a later expiry) after the check is not revoked
+    /// on the strength of a check of what it was. A revoked record is returned as it is, whatever
+    /// its version.
+    ///
+    /// # Errors
+    /// [`StoreError::Stale`] if the record has another version (nothing changes);
+    /// [`StoreError::Unsupported`] from the default implementation, for stores written before it
+    /// existed (the management API then revokes without the condition).
+    async fn revoke_if_version(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+        version: u64,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let _ = (id, at, version);
+        Err(StoreError::Unsupported {
+            operation: "revoke_if_version",
+        })
+    }
+
+    /// [`delete`](Self::delete), on the condition that the record is still at `version`, like
+    /// [`revoke_if_version`](Self::revoke_if_version).
+    ///
+    /// # Errors
+    /// [`StoreError::Stale`] if the record has another version (nothing is removed);
+    /// [`StoreError::Unsupported`] from the default implementation (the management API then
+    /// deletes without the condition).
+    async fn delete_if_version(
+        &self,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let _ = (id, version);
+        Err(StoreError::Unsupported {
+            operation: "delete_if_version",
+        })
+    }
+
     /// How many records the subject has (revoked and expired ones included).
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError>;
 

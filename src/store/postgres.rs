@@ -487,6 +487,20 @@ impl PostgresStore {
 
     /// Runs a statement that changes one record and returns it (its hashes unchanged), notifies
     /// the other nodes in the same transaction, and announces the change here once committed.
+    /// What a conditional write that `changed` a record or not answers: the record, or `None`
+    /// for a record that is not there, or [`StoreError::Stale`] for one whose condition failed.
+    async fn or_stale(
+        &self,
+        id: &str,
+        changed: Option<TokenRecord>,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        match changed {
+            Some(record) => Ok(Some(record)),
+            None if self.get(id).await?.is_some() => Err(StoreError::Stale),
+            None => Ok(None),
+        }
+    }
+
     async fn change_returning(&self, q: Query<'_>) -> Result<Option<TokenRecord>, StoreError> {
         let mut tx = self.inner.pool.begin().await.map_err(store_error)?;
         let row = q.fetch_optional(&mut *tx).await.map_err(store_error)?;
@@ -985,13 +999,46 @@ impl TokenStore for PostgresStore {
     }
 
     async fn revoke(&self, id: &str, at: DateTime<Utc>) -> Result<Option<TokenRecord>, StoreError> {
-        let q = sqlx::query(&self.inner.sql.revoke).bind(id).bind(at);
+        let q = sqlx::query(&self.inner.sql.revoke)
+            .bind(id)
+            .bind(at)
+            .bind(None::<i64>);
         self.change_returning(q).await
     }
 
     async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
-        self.change_returning(sqlx::query(&self.inner.sql.delete).bind(id))
-            .await
+        self.change_returning(
+            sqlx::query(&self.inner.sql.delete)
+                .bind(id)
+                .bind(None::<i64>),
+        )
+        .await
+    }
+
+    async fn revoke_if_version(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+        version: u64,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let q = sqlx::query(&self.inner.sql.revoke)
+            .bind(id)
+            .bind(at)
+            .bind(Some(sql::db_version(version)?));
+        let changed = self.change_returning(q).await?;
+        self.or_stale(id, changed).await
+    }
+
+    async fn delete_if_version(
+        &self,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let q = sqlx::query(&self.inner.sql.delete)
+            .bind(id)
+            .bind(Some(sql::db_version(version)?));
+        let removed = self.change_returning(q).await?;
+        self.or_stale(id, removed).await
     }
 
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {

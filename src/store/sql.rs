@@ -114,10 +114,12 @@ pub(super) struct Statements {
     /// whether to set the expiry, `$10` the expiry. Returns the record, or nothing if the
     /// condition failed.
     pub(super) rotate: String,
-    /// `$1` = id, `$2` = time: revokes unless revoked (then bumping the version), returns the
-    /// record.
+    /// `$1` = id, `$2` = time, `$3` = the version checked or `NULL` for none: revokes unless
+    /// revoked (then bumping the version), returns the record; nothing if a version was given and
+    /// the record, not revoked, has another.
     pub(super) revoke: String,
-    /// `$1` = id: returns the deleted record.
+    /// `$1` = id, `$2` = the version checked or `NULL` for none: returns the deleted record;
+    /// nothing if it has another version.
     pub(super) delete: String,
     /// `$1` = subject.
     pub(super) count_by_subject: String,
@@ -267,13 +269,17 @@ impl Statements {
                 "UPDATE {TABLE} SET revoked_at = COALESCE(revoked_at, {1}), \
                  updated_at = CASE WHEN revoked_at IS NULL THEN {1} ELSE updated_at END, \
                  version = CASE WHEN revoked_at IS NULL THEN version + 1 ELSE version END \
-                 WHERE id = {0} RETURNING {COLUMNS}",
+                 WHERE id = {0} AND (revoked_at IS NOT NULL OR CAST({2} AS BIGINT) IS NULL \
+                 OR version = CAST({2} AS BIGINT)) RETURNING {COLUMNS}",
                 p(1),
-                p(2)
+                p(2),
+                p(3)
             ),
             delete: format!(
-                "DELETE FROM {TABLE} WHERE id = {} RETURNING {COLUMNS}",
-                p(1)
+                "DELETE FROM {TABLE} WHERE id = {0} AND (CAST({1} AS BIGINT) IS NULL \
+                 OR version = CAST({1} AS BIGINT)) RETURNING {COLUMNS}",
+                p(1),
+                p(2)
             ),
             count_by_subject: format!("SELECT COUNT(*) FROM {TABLE} WHERE subject = {}", p(1)),
             purge: {

@@ -382,6 +382,20 @@ impl SqliteStore {
         Ok(new)
     }
 
+    /// What a conditional write that `changed` a record or not answers: the record, or `None`
+    /// for a record that is not there, or [`StoreError::Stale`] for one whose condition failed.
+    async fn or_stale(
+        &self,
+        id: &str,
+        changed: Option<TokenRecord>,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        match changed {
+            Some(record) => Ok(Some(record)),
+            None if self.get(id).await?.is_some() => Err(StoreError::Stale),
+            None => Ok(None),
+        }
+    }
+
     /// Runs a statement that changes one record and returns it (its hashes unchanged), logs the
     /// change in the same transaction, and announces it once committed.
     async fn change_returning(&self, q: Query<'_>) -> Result<Option<TokenRecord>, StoreError> {
@@ -907,13 +921,44 @@ impl TokenStore for SqliteStore {
     async fn revoke(&self, id: &str, at: DateTime<Utc>) -> Result<Option<TokenRecord>, StoreError> {
         let q = sqlx::query(&self.inner.sql.revoke)
             .bind(id)
-            .bind(micros(at));
+            .bind(micros(at))
+            .bind(None::<i64>);
         self.change_returning(q).await
     }
 
     async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
-        self.change_returning(sqlx::query(&self.inner.sql.delete).bind(id))
-            .await
+        self.change_returning(
+            sqlx::query(&self.inner.sql.delete)
+                .bind(id)
+                .bind(None::<i64>),
+        )
+        .await
+    }
+
+    async fn revoke_if_version(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+        version: u64,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let q = sqlx::query(&self.inner.sql.revoke)
+            .bind(id)
+            .bind(micros(at))
+            .bind(Some(sql::db_version(version)?));
+        let changed = self.change_returning(q).await?;
+        self.or_stale(id, changed).await
+    }
+
+    async fn delete_if_version(
+        &self,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let q = sqlx::query(&self.inner.sql.delete)
+            .bind(id)
+            .bind(Some(sql::db_version(version)?));
+        let removed = self.change_returning(q).await?;
+        self.or_stale(id, removed).await
     }
 
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
