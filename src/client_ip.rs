@@ -15,11 +15,14 @@
 //!   one is the client. A client cannot smuggle an address in, since anything left of the first
 //!   untrusted hop is ignored. `X-Real-IP` is one value set by the proxy; two lines or a list
 //!   make it unreadable.
+//! - In `Forwarded`, a comma or semicolon inside a quoted-string (RFC 7230, `\` escapes) separates
+//!   nothing: a trusted proxy's `for=192.0.2.9;host="x, for=198.51.100.7"` is one element, for
+//!   192.0.2.9.
 //! - A hop that cannot be read (`for=unknown`, an obfuscated `for=_hidden`, an element without
-//!   `for`, garbage, bytes that are not text) makes the client address unknown: a token with an
-//!   IP restriction is then refused. The failure limiter still counts the request, against the
-//!   nearest address that did parse (the last trusted hop, ultimately the peer):
-//!   [`ClientAddr::limit_key`].
+//!   `for`, an unclosed quoted-string, garbage, bytes that are not text) makes the client address
+//!   unknown: a token with an IP restriction is then refused. The failure limiter still counts
+//!   the request, against the nearest address that did parse (the last trusted hop, ultimately
+//!   the peer): [`ClientAddr::limit_key`].
 //!
 //! Trust only proxies that overwrite or append to the configured header on every request: a
 //! "trusted" proxy that passes a client's header through unchanged lets that client choose its
@@ -171,25 +174,30 @@ impl ClientIpSource {
         }
         match header {
             ForwardedHeader::XForwardedFor => {
-                self.walk(headers.get_all(X_FORWARDED_FOR), peer, xff_element)
+                self.walk(headers.get_all(X_FORWARDED_FOR), peer, false, xff_element)
             }
             ForwardedHeader::Forwarded => {
-                self.walk(headers.get_all(FORWARDED), peer, forwarded_element)
+                self.walk(headers.get_all(FORWARDED), peer, true, forwarded_element)
             }
             ForwardedHeader::XRealIp => real_ip(headers, peer),
         }
     }
 
-    /// Walks a comma-separated list from the right, skipping trusted hops.
+    /// Walks a comma-separated list from the right, skipping trusted hops. With `quoted`
+    /// (`Forwarded`), a comma inside a quoted-string separates nothing ([`split_last`]).
     fn walk(
         &self,
         values: GetAll<'_, HeaderValue>,
         peer: IpAddr,
+        quoted: bool,
         parse: fn(&[u8]) -> Option<IpAddr>,
     ) -> ClientAddr {
         let mut nearest = peer;
         for value in values.iter().rev() {
-            for element in value.as_bytes().rsplit(|b| *b == b',') {
+            let mut rest = Some(value.as_bytes());
+            while let Some(list) = rest {
+                let (before, element) = split_last(list, quoted);
+                rest = before;
                 let element = trim_ows(element);
                 // RFC 9110 §5.6.1: empty list elements are ignored.
                 if element.is_empty() {
@@ -210,6 +218,75 @@ impl ClientIpSource {
         // Every hop is a trusted proxy (or there is none): the leftmost is the client.
         ClientAddr::known(nearest)
     }
+}
+
+/// Whether the quoted-strings of a `Forwarded` element are closed (RFC 7230 §3.2.6: `"` … `"`,
+/// with `\` escaping the byte after it inside), and no `\` stands outside one.
+fn quoting_is_valid(element: &[u8]) -> bool {
+    let mut inside = false;
+    let mut bytes = element.iter();
+    while let Some(b) = bytes.next() {
+        match (inside, b) {
+            (false, b'"') => inside = true,
+            (false, b'\\') => return false,
+            (true, b'"') => inside = false,
+            // A quoted-pair: the escaped byte is skipped (none left: still inside, so invalid).
+            (true, b'\\') => {
+                bytes.next();
+            }
+            _ => {}
+        }
+    }
+    !inside
+}
+
+/// `list` split at its last comma: what precedes it (`None` without one) and the last element.
+///
+/// With `quoted` (`Forwarded`), a comma inside a quoted-string does not count: `host="a, for=b"`
+/// is one parameter. The list is read from the right, where the trusted proxies appended their
+/// well-formed elements, so what a client wrote further left (an unclosed `"`, say) cannot change
+/// how they split: a `"` starts or ends a quoted-string, except inside one after an odd run of
+/// `\`, which escapes it. An element whose quoting is broken (as when the scan reaches the
+/// start of the line inside a quoted-string) is refused by [`forwarded_element`].
+fn split_last(list: &[u8], quoted: bool) -> (Option<&[u8]>, &[u8]) {
+    let mut inside = false;
+    for i in (0..list.len()).rev() {
+        match list[i] {
+            b',' if !inside => return (Some(&list[..i]), &list[i + 1..]),
+            b'"' if quoted => {
+                let escapes = list[..i].iter().rev().take_while(|b| **b == b'\\').count();
+                if !inside || escapes % 2 == 0 {
+                    inside = !inside;
+                }
+            }
+            _ => {}
+        }
+    }
+    (None, list)
+}
+
+/// `element` split at each `;` outside quoted-strings (its quoting valid: [`quoting_is_valid`]).
+fn split_pairs(element: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(element);
+    std::iter::from_fn(move || {
+        let s = rest?;
+        let mut inside = false;
+        let mut escaped = false;
+        for (i, b) in s.bytes().enumerate() {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' if inside => escaped = true,
+                b'"' => inside = !inside,
+                b';' if !inside => {
+                    rest = Some(&s[i + 1..]);
+                    return Some(&s[..i]);
+                }
+                _ => {}
+            }
+        }
+        rest = None;
+        Some(s)
+    })
 }
 
 /// `X-Real-IP`: one line, one address; absent, the client is the peer itself.
@@ -263,11 +340,15 @@ fn xff_element(element: &[u8]) -> Option<IpAddr> {
 }
 
 /// One `Forwarded` element (`for=…;proto=…;by=…`): its `for` node. `None` for an element without
-/// exactly one readable `for` address, or with a parameter that is not `name=value`.
+/// exactly one readable `for` address, with a parameter that is not `name=value`, or whose
+/// quoted-strings are not closed.
 fn forwarded_element(element: &[u8]) -> Option<IpAddr> {
+    if !quoting_is_valid(element) {
+        return None;
+    }
     let element = std::str::from_utf8(element).ok()?;
     let mut found = None;
-    for pair in element.split(';') {
+    for pair in split_pairs(element) {
         let pair = pair.trim_matches([' ', '\t']);
         if pair.is_empty() {
             continue;
@@ -466,6 +547,56 @@ mod tests {
             &[("forwarded", b"for=junk, for=1.2.3.4")],
         );
         assert_eq!(a.ip(), ip("1.2.3.4"));
+    }
+
+    #[test]
+    fn forwarded_quoted_strings_separate_nothing() {
+        let src = source(ForwardedHeader::Forwarded);
+        // The attack: a trusted proxy appends the client's own `Host`, quoted; the comma and the
+        // `for=` inside it are the client's text, not an element.
+        for value in [
+            &b"for=203.0.113.9;host=\"x, for=198.51.100.7;a=\""[..],
+            b"for=203.0.113.9;host=\"x;for=198.51.100.7\"",
+            b"for=203.0.113.9;host=\"x\\\", for=198.51.100.7\"",
+            b"for=198.51.100.7, for=203.0.113.9;host=\"a\\\\\", for=10.2.2.2",
+        ] {
+            let a = addr(&src, "10.0.0.1:1", &[("forwarded", value)]);
+            assert_eq!(
+                a.ip(),
+                ip("203.0.113.9"),
+                "{}",
+                String::from_utf8_lossy(value)
+            );
+        }
+        // Trusted hops with quoted commas are walked past.
+        let a = addr(
+            &src,
+            "10.0.0.1:1",
+            &[(
+                "forwarded",
+                b"for=198.51.100.7;host=\"a, b\", for=10.2.2.2;host=\"c, for=1.1.1.1\"",
+            )],
+        );
+        assert_eq!(a.ip(), ip("198.51.100.7"));
+        // Broken quoting in an element that is read: unknown, counted against the nearest hop.
+        for value in [
+            &b"for=203.0.113.9;host=\"x"[..],
+            b"for=203.0.113.9;host=\"x\\\"",
+            b"for=203.0.113.9;host=x\\y",
+            b"for=198.51.100.7, for=10.2.2.2;host=\"x",
+        ] {
+            let a = addr(&src, "10.0.0.1:1", &[("forwarded", value)]);
+            assert_eq!(a.ip(), None, "{}", String::from_utf8_lossy(value));
+            assert_eq!(a.limit_key(), ip("10.0.0.1"));
+        }
+        // Broken quoting left of the client is the client's own business: the proxy's element,
+        // read from the right, still names it.
+        let a = addr(
+            &src,
+            "10.0.0.1:1",
+            &[("forwarded", b"for=\"x, for=203.0.113.9")],
+        );
+        assert_eq!(a.ip(), ip("203.0.113.9"));
     }
 
     #[test]

@@ -128,6 +128,35 @@ async fn client_sent_x_forwarded_for_does_not_beat_the_proxys_forwarded() {
 }
 
 #[tokio::test]
+async fn a_comma_inside_a_quoted_forwarded_parameter_is_no_element_boundary() {
+    // The client is 198.51.100.9 and sends `Host: x, for=203.0.113.5;a=`; the trusted proxy
+    // appends `for=198.51.100.9;host="<the client's Host>"`. The allowed address is inside the
+    // quotes: the client's text, not an element.
+    let (store, secret) = restricted(&["203.0.113.5"]).await;
+    let layer = behind_forwarded(PatAuthLayer::builder(store)).build();
+    let t = Some(secret.expose_secret());
+    let spoofed = req(
+        t,
+        PROXY,
+        &[(
+            "forwarded",
+            b"for=198.51.100.9;host=\"x, for=203.0.113.5;a=\"",
+        )],
+    );
+    assert_eq!(send(&layer, spoofed).await.status, 403);
+    // The allowed client with such a host passes.
+    let honest = req(
+        t,
+        PROXY,
+        &[("forwarded", b"for=203.0.113.5;host=\"x, for=198.51.100.9\"")],
+    );
+    assert_eq!(send(&layer, honest).await.status, 200);
+    // An unclosed quoted-string in the element read: the address is unknown, so refused.
+    let broken = req(t, PROXY, &[("forwarded", b"for=203.0.113.5;host=\"x")]);
+    assert_eq!(send(&layer, broken).await.status, 403);
+}
+
+#[tokio::test]
 async fn x_real_ip_is_one_value_set_by_the_proxy() {
     let (store, secret) = restricted(&["203.0.113.5"]).await;
     let layer = behind_real_ip(PatAuthLayer::builder(store)).build();

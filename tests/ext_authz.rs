@@ -338,3 +338,68 @@ async fn a_forwarded_header_counts_only_from_a_configured_trusted_proxy() {
         403
     );
 }
+
+#[tokio::test]
+async fn an_anonymous_pass_overwrites_every_identity_header_with_an_empty_value() {
+    let s = setup();
+    let rules = RouteRules::new(vec![RouteRule {
+        anonymous: true,
+        ..RouteRule::new("/public")
+    }]);
+    let mut client = serve(ExtAuthz::new(s.layer.clone()).rules(rules)).await;
+    // The client names itself root: Envoy must not pass that on.
+    let res = check(
+        &mut client,
+        check_request(
+            "/public/a",
+            "192.0.2.1:4000",
+            &[("x-auth-subject", "root"), ("x-auth-scopes", "admin")],
+        ),
+    )
+    .await;
+    assert_eq!(grpc_code(&res), 0, "{res:?}");
+    let h = ok_headers(&res);
+    for name in [
+        "x-auth-subject",
+        "x-auth-token-id",
+        "x-auth-token-name",
+        "x-auth-scopes",
+    ] {
+        assert_eq!(h.get(name), Some(&(String::new(), true)), "{name}: {res:?}");
+    }
+    // Through `;` parameters, the admin path behind the public prefix is no anonymous route.
+    let res = check(
+        &mut client,
+        check_request("/public/..;/admin/users", "192.0.2.1:4000", &[]),
+    )
+    .await;
+    assert_eq!(grpc_code(&res), 16, "{res:?}");
+}
+
+#[tokio::test]
+async fn an_identity_value_that_is_no_header_value_is_sent_empty() {
+    let s = setup();
+    // The library takes any name; a newline cannot go in a header.
+    let new =
+        NewToken::new("alice", "ci\nx-auth-subject: root").scope_set(common::scopes(&["api"]));
+    let (record, token) = issue(&s.tokens, new).await;
+    let mut client = serve(ExtAuthz::new(s.layer.clone())).await;
+    let res = check(
+        &mut client,
+        check_request(
+            "/thing",
+            "192.0.2.1:4000",
+            &[
+                ("authorization", &bearer(&token)),
+                ("x-auth-token-name", "admin"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(grpc_code(&res), 0, "{res:?}");
+    let h = ok_headers(&res);
+    assert_eq!(h["x-auth-token-name"], (String::new(), true), "{res:?}");
+    assert_eq!(h["x-auth-subject"], ("alice".to_owned(), true));
+    assert_eq!(h["x-auth-token-id"], (record.id, true));
+    assert_eq!(h["x-auth-scopes"], ("api".to_owned(), true));
+}

@@ -240,6 +240,25 @@ fn an_unreadable_or_invalid_configuration_is_named_with_its_line() {
 }
 
 #[test]
+fn a_bad_store_url_or_pepper_is_refused_without_printing_the_secret() {
+    let dir = Dir::new("");
+    for args in [
+        &["--store", "pg://u:s3cret@h/db", "token", "list"][..],
+        &["--set", "store=pg://u:s3cret@h/db", "config", "check"],
+        &["--set", "pepper=s3cret", "config", "check"],
+    ] {
+        let out = dir.cli(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let printed = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(!printed.contains("s3cret"), "{args:?}: {printed}");
+        assert!(
+            printed.contains("store") || printed.contains("pepper"),
+            "{printed}"
+        );
+    }
+}
+
+#[test]
 fn config_check_prints_the_effective_configuration_without_secrets() {
     let dir = Dir::new("pepper = \"0123456789abcdef-do-not-print\"\n");
     let out = std::process::Command::new(support_patd::PATD)
@@ -395,6 +414,87 @@ async fn forward_auth_answers_with_the_identity_or_the_layers_refusal() {
     )
     .await;
     assert_eq!(r.status, 401);
+}
+
+const RULES: &str = r#"
+[forward_auth]
+original_headers = "original"
+
+[[rule]]
+path_prefix = "/admin"
+scopes = ["admin"]
+
+[[rule]]
+path_prefix = "/public"
+anonymous = true
+
+[[rule]]
+path_prefix = "/api"
+methods = ["POST"]
+scopes = ["write"]
+
+[[rule]]
+path_prefix = "/reports"
+methods = ["GET"]
+scopes = ["reports"]
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_path_is_judged_by_every_rule_any_reading_of_it_matches() {
+    let dir = Dir::new(RULES);
+    let (token, _) = dir.issue(&[
+        "--subject",
+        "alice",
+        "--name",
+        "ci",
+        "--scope",
+        "read",
+        "--never-expires",
+    ]);
+    let server = dir.serve();
+    let bearer = format!("Bearer {token}");
+    let ask = |method: &'static str, uri: &'static str, with_token: bool| {
+        let bearer = bearer.clone();
+        let addr = server.addr;
+        async move {
+            let mut h = vec![("X-Original-Method", method), ("X-Original-URI", uri)];
+            if with_token {
+                h.push(("Authorization", bearer.as_str()));
+            }
+            http(CLIENT, addr, "GET", "/auth", &h).await.status
+        }
+    };
+    // `;` parameters: Tomcat, Jetty and Spring strip them, then resolve `..`.
+    assert_eq!(ask("GET", "/public/..;/admin/users", false).await, 401);
+    assert_eq!(ask("GET", "/public/..;x=1/admin/users", false).await, 401);
+    assert_eq!(ask("GET", "/public/..;/admin/users", true).await, 403);
+    assert_eq!(ask("GET", "/admin;x/users", true).await, 403);
+    // Stripped, this is `/public`; Go's router serves it under `/admin`: it needs both.
+    assert_eq!(ask("GET", "/admin/..;x/public", false).await, 401);
+    assert_eq!(ask("GET", "/admin/..;x/public", true).await, 403);
+    // Case-insensitive upstreams.
+    assert_eq!(ask("GET", "/ADMIN/users", true).await, 403);
+    assert_eq!(ask("GET", "/Admin", true).await, 403);
+    // The plain cases still pass.
+    assert_eq!(ask("GET", "/public/a", false).await, 200);
+    assert_eq!(ask("GET", "/public/caf%C3%A9", false).await, 200);
+    assert_eq!(ask("GET", "/other", true).await, 200);
+
+    // An escape that is not UTF-8 no longer switches decoding off: refused, like a URI that does
+    // not parse. So is the overlong `%C0%AE` some servers read as `.`.
+    assert_eq!(ask("GET", "/%61dmin/users/%FF", true).await, 400);
+    assert_eq!(ask("GET", "/public/%C0%AE%C0%AE/admin", false).await, 400);
+    assert_eq!(ask("GET", "/public/%C0%AE%C0%AE/admin", true).await, 400);
+
+    // Methods: any ASCII case, and `HEAD` is served by the `GET` handler.
+    assert_eq!(ask("POST", "/api/x", true).await, 403);
+    assert_eq!(ask("post", "/api/x", true).await, 403);
+    assert_eq!(ask("Post", "/api/x", true).await, 403);
+    assert_eq!(ask("GET", "/api/x", true).await, 200);
+    assert_eq!(ask("GET", "/reports/q1", true).await, 403);
+    assert_eq!(ask("HEAD", "/reports/q1", true).await, 403);
+    assert_eq!(ask("head", "/reports/q1", true).await, 403);
+    assert_eq!(ask("POST", "/reports/q1", true).await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]

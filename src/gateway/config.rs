@@ -574,10 +574,26 @@ impl Config {
     /// Reads the configuration: `path` (`None`: `./patd.toml` if it exists, else the defaults),
     /// then the `PATD_*` variables of `env`, then the `--set` overrides of `sets`
     /// (`key.path=value`), each later one winning.
+    ///
+    /// An error never shows a secret: the values of the keys that hold secrets (`pepper`,
+    /// `previous_peppers`, the password and query of `store`) are replaced by `<redacted>`
+    /// wherever the message would quote them, a `--set` of such a key included.
     pub fn load(
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
         sets: &[String],
+    ) -> Result<Self, ConfigError> {
+        let mut secrets = Vec::new();
+        Self::load_collecting(path, env, sets, &mut secrets)
+            .map_err(|ConfigError(message)| ConfigError(scrub(message, &secrets)))
+    }
+
+    /// [`load`](Self::load), noting in `secrets` every secret value met on the way.
+    fn load_collecting(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        sets: &[String],
+        secrets: &mut Vec<String>,
     ) -> Result<Self, ConfigError> {
         let (text, file) = match path {
             Some(path) => (
@@ -593,6 +609,13 @@ impl Config {
                 Err(e) => return Err(ConfigError(format!("patd.toml: cannot be read: {e}"))),
             },
         };
+        if let Ok(table) = text.parse::<toml::Table>() {
+            for key in SECRET_KEYS {
+                if let Some(value) = table.get(*key) {
+                    note_secrets(key, value, secrets);
+                }
+            }
+        }
         // The file alone first, so that its errors name its lines.
         toml::from_str::<Config>(&text).map_err(|e| ConfigError(format!("{file}: {e}")))?;
         let mut table: toml::Table = text
@@ -615,14 +638,23 @@ impl Config {
         // Stable order: variables by name.
         overrides.sort();
         for set in sets {
+            // Without `=`, the argument could be a misplaced secret: not quoted.
             let (key, value) = set.split_once('=').ok_or_else(|| {
-                ConfigError(format!("--set {set}: expected key=value (key.path=value)"))
+                ConfigError("--set: expected key=value (key.path=value), found no `=`".to_owned())
             })?;
-            overrides.push((
-                format!("--set {set}"),
-                key.trim().to_owned(),
-                value.to_owned(),
-            ));
+            let key = key.trim();
+            let source = if SECRET_KEYS.contains(&key) {
+                format!("--set {key}=<redacted>")
+            } else {
+                format!("--set {set}")
+            };
+            overrides.push((source, key.to_owned(), value.to_owned()));
+        }
+        for (_, key, value) in &overrides {
+            if SECRET_KEYS.contains(&key.as_str()) {
+                secrets.push(value.clone());
+                note_secrets(key, &parse_value(value), secrets);
+            }
         }
         let mut config = toml::from_str::<Config>(&text).unwrap_or_default();
         for (source, key, value) in overrides {
@@ -640,6 +672,63 @@ impl Config {
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
     }
+}
+
+/// The keys whose values are secret, or may hold one (a `store` URL's password).
+const SECRET_KEYS: &[&str] = &["pepper", "previous_peppers", "store"];
+
+/// Notes the secrets of `key`'s `value`: a pepper whole, each previous pepper, a store URL's
+/// password and query.
+fn note_secrets(key: &str, value: &toml::Value, secrets: &mut Vec<String>) {
+    match value {
+        toml::Value::String(s) if key == "store" => secrets.extend(url_secrets(s)),
+        toml::Value::String(s) => secrets.push(s.clone()),
+        toml::Value::Array(items) => {
+            for item in items {
+                note_secrets(key, item, secrets);
+            }
+        }
+        other => secrets.push(other.to_string()),
+    }
+}
+
+/// The parts of a URL that may be secret: the password of its user info and its query.
+fn url_secrets(url: &str) -> Vec<String> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let mut secrets = Vec::new();
+    if let Some((userinfo, _)) = authority.rsplit_once('@')
+        && let Some((_, password)) = userinfo.split_once(':')
+    {
+        secrets.push(password.to_owned());
+    }
+    if let Some((_, query)) = tail.split_once('?') {
+        secrets.push(query.to_owned());
+    }
+    secrets
+}
+
+/// `url` with the password of its user info and its query replaced by `<redacted>`.
+fn redacted_url(url: &str) -> String {
+    let mut out = url.to_owned();
+    for secret in url_secrets(url) {
+        if !secret.is_empty() {
+            out = out.replace(&secret, "<redacted>");
+        }
+    }
+    out
+}
+
+/// `message` with every secret of `secrets` replaced by `<redacted>` (those shorter than 4 bytes
+/// only where the store URL's own redaction already hides them).
+fn scrub(mut message: String, secrets: &[String]) -> String {
+    for secret in secrets {
+        if secret.len() >= 4 {
+            message = message.replace(secret.as_str(), "<redacted>");
+        }
+    }
+    message
 }
 
 /// A value from a variable or flag: TOML if it parses as a value, else the string itself.
@@ -677,11 +766,16 @@ fn insert(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<(), 
 /// Implements string (de)serialization through `FromStr` and `Display`.
 macro_rules! string_value {
     ($ty:ty, $what:literal) => {
+        string_value!($ty, $what, |s: &str| s.to_owned());
+    };
+    // `$shown`: the value as an error may quote it.
+    ($ty:ty, $what:literal, $shown:expr) => {
         impl<'de> Deserialize<'de> for $ty {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 let s = String::deserialize(d)?;
-                s.parse()
-                    .map_err(|e: String| serde::de::Error::custom(format!("{}: `{s}` {e}", $what)))
+                s.parse().map_err(|e: String| {
+                    serde::de::Error::custom(format!("{}: `{}` {e}", $what, ($shown)(&s)))
+                })
             }
         }
         impl Serialize for $ty {
@@ -760,7 +854,8 @@ impl fmt::Debug for StoreUrl {
     }
 }
 
-string_value!(StoreUrl, "store");
+// An error quotes the URL without its password and query.
+string_value!(StoreUrl, "store", redacted_url);
 
 /// A secret (a pepper): printed as `<redacted>`.
 #[derive(Clone, PartialEq, Eq)]
@@ -1156,6 +1251,33 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXOpw6qjcqsauqveNqG5RBCU6yV7A
             printed.contains("postgres://app:<redacted>@db/tokens?<redacted>"),
             "{printed}"
         );
+    }
+
+    #[test]
+    fn errors_never_quote_a_secret() {
+        for (text, sets) in [
+            // A store URL that is no store, from the file and from a flag.
+            ("store = \"pg://u:s3cret-pw@h/db\"\n", &[][..]),
+            ("", &["store=\"pg://u:s3cret-pw@h/db\""][..]),
+            ("", &["store=pg://u:s3cret-pw@h/db?password=s3cret-q"][..]),
+            // Peppers of the wrong type or length.
+            ("", &["pepper=s3cret-pw"][..]),
+            ("", &["pepper=123456789012345"][..]),
+            ("", &["previous_peppers=[\"s3cret-pw\", 12345678]"][..]),
+            ("pepper = 123456789012345\n", &[][..]),
+            // No `=`: the whole argument could be the secret.
+            ("", &["s3cret-pw"][..]),
+        ] {
+            let err = load(text, &[], sets).unwrap_err().0;
+            for secret in ["s3cret", "123456789012345", "12345678"] {
+                assert!(!err.contains(secret), "{text:?} {sets:?}: {err}");
+            }
+        }
+        let err = load("", &[], &["store=pg://u:s3cret-pw@h/db"])
+            .unwrap_err()
+            .0;
+        assert!(err.contains("--set store"), "{err}");
+        assert!(err.contains("pg://u:<redacted>@h/db"), "{err}");
     }
 
     #[test]

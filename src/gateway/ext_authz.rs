@@ -8,7 +8,8 @@
 //! configuration says, exactly as for a request through the layer.
 //!
 //! - Accepted: `OK`, with the identity headers ([`IdentityHeaders`]) in `ok_response.headers`,
-//!   overwriting any the client sent, and, with [`hide_credentials`](ExtAuthz::hide_credentials),
+//!   overwriting any the client sent (all four, always: empty on an anonymous route's pass without
+//!   a token, and for a value that is not a valid header value), and, with [`hide_credentials`](ExtAuthz::hide_credentials),
 //!   the credential headers in `headers_to_remove`.
 //! - Refused: `UNAUTHENTICATED` (401) or `PERMISSION_DENIED` (any other status), with the layer's
 //!   HTTP status, headers (`WWW-Authenticate`, `Retry-After`) and JSON body in `denied_response`.
@@ -204,10 +205,19 @@ impl ExtAuthz {
     fn respond(&self, decision: Decision) -> CheckResponse {
         match decision {
             Decision::Allowed(principal) => {
-                let headers = principal
-                    .iter()
-                    .flat_map(|p| self.identity.for_principal(p))
-                    .map(|(name, value)| header(name.as_str(), &value))
+                // All four, always, overwriting the client's: empty on an anonymous pass (Envoy
+                // keeps empty values from an authorization service) and for a value that is no
+                // header value.
+                let headers = self
+                    .identity
+                    .values(principal.as_ref())
+                    .into_iter()
+                    .map(|(name, value)| {
+                        header(
+                            name.as_str(),
+                            std::str::from_utf8(value.as_bytes()).unwrap_or(""),
+                        )
+                    })
                     .collect();
                 let headers_to_remove = if self.hide_credentials {
                     self.credential_headers

@@ -12,9 +12,10 @@
 //! for a request through the layer. Everything the layer enforces applies (expiry, revocation,
 //! IP restriction, scopes, failure limit), plus the matching [route rule](super::rules).
 //!
-//! - Accepted: 200 with the identity headers ([`IdentityHeaders`]); on an anonymous route
-//!   without a token they are present and empty. Configure the gateway to set these headers on the upstream request from
-//!   the answer (and so to overwrite any the client sent).
+//! - Accepted: 200 with the identity headers ([`IdentityHeaders`]), all four, always: empty on an
+//!   anonymous route's pass without a token, and for a value that is not a valid header value.
+//!   Configure the gateway to set these headers on the upstream request from the answer (and so
+//!   to overwrite any the client sent).
 //! - Refused: the layer's status, `WWW-Authenticate`, `Retry-After` and JSON body. In
 //!   [`nginx compatibility`](ForwardAuth::nginx_compat) mode a status other than 401 and 403
 //!   becomes 403 (nginx turns any other into 500), and `X-Auth-Status` carries the real one on
@@ -172,24 +173,11 @@ impl ForwardAuth {
                 let mut res = Response::new(Bytes::new());
                 res.headers_mut()
                     .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                match &principal {
-                    Some(p) => {
-                        for (name, value) in self.identity.for_principal(p) {
-                            // Names and subjects hold no control characters; other bytes go as
-                            // they are.
-                            if let Ok(value) = HeaderValue::from_bytes(value.as_bytes()) {
-                                res.headers_mut().insert(name.clone(), value);
-                            }
-                        }
-                    }
-                    // Present and empty: a gateway that copies them then overwrites whatever the
-                    // client sent (Caddy before 2.10 would otherwise copy its placeholder text).
-                    None => {
-                        for name in self.identity.names() {
-                            res.headers_mut()
-                                .insert(name.clone(), HeaderValue::from_static(""));
-                        }
-                    }
+                // Always all four, empty on an anonymous pass or for a value that is no header
+                // value: a gateway that copies them then overwrites whatever the client sent
+                // (Caddy before 2.10 would otherwise copy its placeholder text).
+                for (name, value) in self.identity.values(principal.as_ref()) {
+                    res.headers_mut().insert(name.clone(), value);
                 }
                 res
             }
@@ -206,5 +194,59 @@ impl ForwardAuth {
                 response
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{MemoryStore, NewToken, Tokens};
+
+    /// A forward-auth request for `GET uri` from the gateway at 192.0.2.1.
+    fn forwarded(uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut req = Request::builder()
+            .uri("/auth")
+            .header("x-forwarded-method", "GET")
+            .header("x-forwarded-uri", uri);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let mut req = req.body(()).unwrap();
+        req.extensions_mut()
+            .insert("192.0.2.1:4000".parse::<std::net::SocketAddr>().unwrap());
+        req
+    }
+
+    #[tokio::test]
+    async fn an_identity_value_that_is_no_header_value_is_sent_empty() {
+        let tokens = Tokens::new(MemoryStore::new());
+        // The library takes any name; a newline cannot go in a header.
+        let (record, secret) = tokens
+            .issue(NewToken::new("alice", "ci\nx-auth-subject: root"))
+            .await
+            .unwrap();
+        let auth = ForwardAuth::new(
+            Gate::new(tokens.layer().build()),
+            OriginalRequestHeaders::Forwarded,
+        );
+        let bearer = format!("Bearer {}", secret.expose_secret());
+        let req = forwarded(
+            "/x",
+            &[("authorization", &bearer), ("x-auth-token-name", "admin")],
+        );
+        let res = auth.check(&req).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        let headers = res.headers();
+        assert_eq!(
+            headers
+                .get_all("x-auth-token-name")
+                .iter()
+                .collect::<Vec<_>>(),
+            [""],
+            "present and empty, so that the gateway overwrites the client's"
+        );
+        assert_eq!(headers["x-auth-subject"], "alice");
+        assert_eq!(headers["x-auth-token-id"], record.id.as_str());
+        assert_eq!(headers["x-auth-scopes"], "");
     }
 }

@@ -45,8 +45,8 @@ impl Gate {
         Self::with_rules(layer, RouteRules::default())
     }
 
-    /// Verifies with `layer` and `rules`: the first matching rule's scopes on top of the layer's,
-    /// or the default rule's.
+    /// Verifies with `layer` and `rules`: the scopes of the rules the request's path matches (see
+    /// [`RouteRules::requirement`]) on top of the layer's.
     pub fn with_rules(layer: PatAuthLayer, rules: RouteRules) -> Self {
         Self {
             layer,
@@ -95,11 +95,12 @@ impl Gate {
     /// id; never the path (its query may hold a token) nor a secret.
     pub async fn check(&self, mut req: Request<Empty<Bytes>>) -> Decision {
         req.headers_mut().remove(header::CONTENT_TYPE);
-        let index = self.rules.position(req.method(), req.uri().path());
-        let rule = index.map_or(self.rules.default_route(), |i| {
-            &self.rules.iter().as_slice()[i]
-        });
-        let route = index.map_or("(default)", |_| rule.path_prefix.as_str());
+        // Every rule some reading of the path matches counts (fail closed); a path that cannot be
+        // read is refused like a URI that does not parse.
+        let rule = match self.rules.requirement(req.method(), req.uri().path()) {
+            Ok(requirement) => requirement,
+            Err(error) => return self.refuse(error),
+        };
         let method = req.method().clone();
         let client = self
             .layer
@@ -150,11 +151,20 @@ impl Gate {
             Decision::Allowed(None) => self.decisions.add(Counter::Anonymous),
             Decision::Denied { response, error } => {
                 self.decisions.refused(error);
+                let route = rule
+                    .rules
+                    .iter()
+                    .map(|&i| match i {
+                        Some(_) => self.rules.rule(i).path_prefix.as_str(),
+                        None => "(default)",
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ");
                 tracing::info!(
                     target: "tower_pat::gateway",
                     reason = error.reason(),
                     status = response.status().as_u16(),
-                    route,
+                    route = route.as_str(),
                     method = %method,
                     client = client.map(tracing::field::display),
                     token_id = response.extensions().get::<RefusedToken>().map(RefusedToken::token_id),

@@ -50,7 +50,8 @@ impl IdentityHeaders {
         ]
     }
 
-    /// The identity headers for `principal`, as `(name, value)` pairs.
+    /// The identity headers for `principal`, as `(name, value)` pairs, the values as the record
+    /// holds them (not necessarily valid header values: see [`values`](Self::values)).
     pub fn for_principal(&self, principal: &crate::Principal) -> [(&http::HeaderName, String); 4] {
         [
             (&self.subject, principal.subject().to_owned()),
@@ -58,5 +59,34 @@ impl IdentityHeaders {
             (&self.token_name, principal.token_name().to_owned()),
             (&self.scopes, principal.scopes().to_space_separated()),
         ]
+    }
+
+    /// The four identity headers a gateway must set on an accepted request, overwriting any the
+    /// client sent: `principal`'s values, or all empty on an anonymous pass (`None`).
+    ///
+    /// Every header is always present: a value that is not a valid header value (a name with a
+    /// control character, say) is sent empty, with a warning naming the header and the token id
+    /// (never the value), since leaving it out would let the client's own header of that name
+    /// through.
+    pub fn values(
+        &self,
+        principal: Option<&crate::Principal>,
+    ) -> [(&http::HeaderName, http::HeaderValue); 4] {
+        let empty = || http::HeaderValue::from_static("");
+        let Some(principal) = principal else {
+            return self.names().map(|name| (name, empty()));
+        };
+        self.for_principal(principal).map(|(name, value)| {
+            let value = http::HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| {
+                tracing::warn!(
+                    target: "tower_pat::gateway",
+                    header = name.as_str(),
+                    token_id = principal.token_id(),
+                    "an identity header's value is not a valid header value: sent empty"
+                );
+                empty()
+            });
+            (name, value)
+        })
     }
 }

@@ -2,16 +2,42 @@
 //! which routes are open without a token. The first matching rule wins; a request no rule
 //! matches gets the default rule (by default: a valid token, no scope beyond the layer's own).
 //!
-//! Paths are compared after [`normalize_path`]: percent-decoded, dot segments resolved and
-//! repeated slashes merged, as the gateway itself routes them, so that `/public/../admin` or
-//! `/%61dmin` is judged by the `/admin` rule and not by the rule its spelling starts with. A
-//! prefix matches whole segments: `/admin` matches `/admin` and `/admin/users`, not
-//! `/administrator`.
+//! # How a path is matched: every plausible reading, fail closed
+//!
+//! The upstream behind a gateway may read a path differently from the gateway and from this
+//! module, and a request must never get a laxer rule than the route the upstream serves. So a
+//! request is judged by every rule that **some plausible reading** of its path matches
+//! ([`RouteRules::requirement`]):
+//!
+//! - the path as written (no escape decoded), dot segments resolved;
+//! - the path percent-decoded (repeatedly: `%252e` is a `.` to an upstream that decodes twice),
+//!   dot segments resolved, `\` taken as a separator and repeated slashes merged
+//!   ([`normalize_path`]): `/public/../admin` and `/%61dmin` are `/admin`;
+//! - the same with `;` path parameters removed from each segment, before decoding (as Tomcat,
+//!   Jetty and Spring strip them) and after: `/public/..;/admin` is `/admin` to them, and
+//!   `/admin;x/users` is `/admin/users`;
+//! - each of these compared with the rule prefixes case-insensitively too (Unicode lower case),
+//!   for case-insensitive upstreams: `/ADMIN/users` is under `/admin`.
+//!
+//! In each reading the first matching rule (or the default) counts; the request passes without a
+//! token only if **every** counted rule is anonymous, and a token needs the scopes of **all** of
+//! them. Stripping `;…` alone would not be safe: `/admin/..;x/public` is `/public` once
+//! stripped, but Go's router serves it under `/admin`; judged by both rules, it needs both.
+//!
+//! A path whose escapes do not decode to UTF-8 (`%FF`, the overlong `%C0%AE` some servers take for
+//! a `.`) or decode to a NUL byte is refused (400): no reading of it can be trusted.
+//!
+//! A prefix matches whole segments: `/admin` matches `/admin` and `/admin/users`, not
+//! `/administrator`. Methods are compared without regard to ASCII case (`post` is `POST`), and a
+//! rule that names `GET` applies to `HEAD` as well, since servers answer `HEAD` with the `GET`
+//! handler.
 
 use std::borrow::Cow;
+use std::fmt::Write as _;
 
 use http::Method;
 
+use crate::AuthError;
 use crate::scope::ScopeSet;
 
 /// One rule: requests whose path is under `path_prefix` (and whose method is one of `methods`,
@@ -20,7 +46,8 @@ use crate::scope::ScopeSet;
 pub struct RouteRule {
     /// The path prefix the rule applies to (`/` for every path), matched by whole segments.
     pub path_prefix: String,
-    /// The methods it applies to; empty for every method.
+    /// The methods it applies to (compared without regard to ASCII case; `GET` covers `HEAD`);
+    /// empty for every method.
     pub methods: Vec<Method>,
     /// The scopes a token needs, on top of the layer's own.
     pub scopes: ScopeSet,
@@ -39,19 +66,53 @@ impl RouteRule {
         }
     }
 
-    /// Whether the rule applies to `method` and `path` (compared after [`normalize_path`]).
+    /// Whether the rule applies to `method` and `path` as [`normalize_path`] reads it (exact
+    /// case). The gate judges a request by every reading of its path:
+    /// [`RouteRules::requirement`].
     pub fn matches(&self, method: &Method, path: &str) -> bool {
-        self.matches_normalized(method, &normalize_path(path))
+        self.matches_reading(method, &normalize_path(path), false)
     }
 
-    fn matches_normalized(&self, method: &Method, path: &str) -> bool {
+    /// Whether the rule applies to `method` and a path already read (`fold`: `path` is in lower
+    /// case and the prefix is compared in lower case).
+    fn matches_reading(&self, method: &Method, path: &str, fold: bool) -> bool {
         let prefix = self.path_prefix.trim_end_matches('/');
-        let under = match path.strip_prefix(prefix) {
-            Some(rest) => rest.is_empty() || rest.starts_with('/'),
-            None => false,
+        let rest = if !fold {
+            path.strip_prefix(prefix)
+        } else if prefix.is_ascii() {
+            path.get(..prefix.len())
+                .filter(|head| head.eq_ignore_ascii_case(prefix))
+                .map(|_| &path[prefix.len()..])
+        } else {
+            path.strip_prefix(prefix.to_lowercase().as_str())
         };
-        under && (self.methods.is_empty() || self.methods.contains(method))
+        let under = rest.is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+        under && self.applies_to(method)
     }
+
+    /// Whether the rule applies to `method`: any when `methods` is empty, else one of them in
+    /// any ASCII case, `GET` covering `HEAD`.
+    fn applies_to(&self, method: &Method) -> bool {
+        let method = method.as_str();
+        self.methods.is_empty()
+            || self.methods.iter().any(|m| {
+                m.as_str().eq_ignore_ascii_case(method)
+                    || (*m == Method::GET && method.eq_ignore_ascii_case("HEAD"))
+            })
+    }
+}
+
+/// What a request must satisfy: the rules that the readings of its path match, combined
+/// ([`RouteRules::requirement`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Requirement {
+    /// A request without a token passes: every rule counted is anonymous.
+    pub anonymous: bool,
+    /// The scopes a token needs on top of the layer's: those of every rule counted.
+    pub scopes: ScopeSet,
+    /// The rules counted, by index in [`RouteRules::iter`], `None` for the default rule; in
+    /// order, without repetition.
+    pub rules: Vec<Option<usize>>,
 }
 
 /// Route rules, first match wins, and the rule for requests none matches.
@@ -86,26 +147,139 @@ impl RouteRules {
         &self.default
     }
 
-    /// The index of the first rule that applies to `method` and `path`, `None` for the default.
-    pub fn position(&self, method: &Method, path: &str) -> Option<usize> {
-        let path = normalize_path(path);
-        self.rules
-            .iter()
-            .position(|r| r.matches_normalized(method, &path))
+    /// The rule at `index` as [`Requirement::rules`] names it (`None`: the default rule).
+    pub fn rule(&self, index: Option<usize>) -> &RouteRule {
+        index
+            .and_then(|i| self.rules.get(i))
+            .unwrap_or(&self.default)
     }
 
-    /// The rule that applies to `method` and `path`: the first that matches, or the default.
+    /// The index of the first rule that applies to `method` and `path` as [`normalize_path`]
+    /// reads it (exact case), `None` for the default. This is one reading only: the gate
+    /// judges by [`requirement`](Self::requirement).
+    pub fn position(&self, method: &Method, path: &str) -> Option<usize> {
+        self.first(method, &normalize_path(path), false)
+    }
+
+    /// The rule [`position`](Self::position) names: the first that matches, or the default.
     pub fn matching(&self, method: &Method, path: &str) -> &RouteRule {
-        match self.position(method, path) {
-            Some(i) => &self.rules[i],
-            None => &self.default,
+        self.rule(self.position(method, path))
+    }
+
+    fn first(&self, method: &Method, reading: &str, fold: bool) -> Option<usize> {
+        self.rules
+            .iter()
+            .position(|r| r.matches_reading(method, reading, fold))
+    }
+
+    /// What a request for `method` and `path` must satisfy: for every plausible reading of the
+    /// path (see the [module docs](self)), exactly and case-insensitively, the first rule that
+    /// matches or the default; anonymous only if all of them are, and the scopes of all of them.
+    ///
+    /// Fails with [`AuthError::InvalidRequest`] (400) for a path whose escapes do not decode to
+    /// UTF-8 or decode to a NUL byte.
+    pub fn requirement(&self, method: &Method, path: &str) -> Result<Requirement, AuthError> {
+        let readings = readings(path)?;
+        let mut rules: Vec<Option<usize>> = Vec::with_capacity(2);
+        for reading in &readings {
+            let lower = reading.to_lowercase();
+            for (reading, fold) in [(reading.as_str(), false), (lower.as_str(), true)] {
+                let index = self.first(method, reading, fold);
+                if !rules.contains(&index) {
+                    rules.push(index);
+                }
+            }
         }
+        let counted = || rules.iter().map(|&i| self.rule(i));
+        let anonymous = counted().all(|r| r.anonymous);
+        let scopes = match rules.as_slice() {
+            [one] => self.rule(*one).scopes.clone(),
+            _ => counted().flat_map(|r| r.scopes.iter().cloned()).collect(),
+        };
+        Ok(Requirement {
+            anonymous,
+            scopes,
+            rules,
+        })
     }
 }
 
+/// Every plausible reading of `path` (its query cut off), without repetition: as written, decoded,
+/// and with `;` parameters removed before and after decoding; each with dot segments resolved.
+fn readings(path: &str) -> Result<Vec<String>, AuthError> {
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let (decoded, clean) = percent_decode(path);
+    if !clean {
+        return Err(AuthError::InvalidRequest(
+            "the request path has %-escapes that are not UTF-8",
+        ));
+    }
+    if decoded.contains('\0') {
+        return Err(AuthError::InvalidRequest(
+            "the request path has an escaped NUL byte",
+        ));
+    }
+    let unparameterized: String = path
+        .split('/')
+        .map(|segment| segment.split(';').next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("/");
+    let (unparameterized_decoded, clean) = percent_decode(&unparameterized);
+    if !clean {
+        return Err(AuthError::InvalidRequest(
+            "the request path has %-escapes that are not UTF-8",
+        ));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(4);
+    for reading in [
+        resolve(path, &['/'], false),
+        resolve(&decoded, &['/', '\\'], false),
+        resolve(&decoded, &['/', '\\'], true),
+        resolve(&unparameterized_decoded, &['/', '\\'], false),
+    ] {
+        if !out.contains(&reading) {
+            out.push(reading);
+        }
+    }
+    Ok(out)
+}
+
+/// `path` split at `separators`, each segment cut at its first `;` when `strip_params`, `.` and
+/// `..` segments resolved (never above the root), empty segments dropped, with a leading `/` and
+/// a trailing one when the path ends in one (or in a dot segment).
+fn resolve(path: &str, separators: &[char], strip_params: bool) -> String {
+    let mut segments: Vec<&str> = Vec::new();
+    let mut trailing = false;
+    for segment in path.split(separators) {
+        let segment = if strip_params {
+            segment.split(';').next().unwrap_or("")
+        } else {
+            segment
+        };
+        trailing = matches!(segment, "" | "." | "..");
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(path.len() + 1);
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() || trailing {
+        out.push('/');
+    }
+    out
+}
+
 /// The path a gateway routes: the query cut off, percent-escapes decoded (bytes that are not
-/// UTF-8 stay escaped), `.` and `..` segments resolved (never above the root), repeated slashes
-/// merged, and a leading `/` ensured. A rule matches this form, whatever the client's spelling.
+/// UTF-8 stay escaped, each on its own), `.` and `..` segments resolved (never above the root),
+/// `\` taken as a separator, repeated slashes merged, and a leading `/` ensured. This is one
+/// reading of a path; the gate judges a request by all of them ([`RouteRules::requirement`]).
 pub fn normalize_path(path: &str) -> Cow<'_, str> {
     let path = path.split(['?', '#']).next().unwrap_or("");
     let clean = path.starts_with('/')
@@ -117,35 +291,17 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
     if clean {
         return Cow::Borrowed(path);
     }
-    let decoded = percent_decode(path);
-    let mut segments: Vec<&str> = Vec::new();
-    // A backslash is a separator to some servers: treat it as one.
-    for segment in decoded.split(['/', '\\']) {
-        match segment {
-            "" | "." => {}
-            ".." => {
-                segments.pop();
-            }
-            s => segments.push(s),
-        }
-    }
-    let mut out = String::with_capacity(decoded.len() + 1);
-    for s in &segments {
-        out.push('/');
-        out.push_str(s);
-    }
-    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
-    if out.is_empty() || (trailing && !out.ends_with('/')) {
-        out.push('/');
-    }
-    Cow::Owned(out)
+    let (decoded, _) = percent_decode(path);
+    Cow::Owned(resolve(&decoded, &['/', '\\'], false))
 }
 
 /// Decodes `%XX` escapes, repeatedly while any remain (a double-encoded `%252e` is a `.` to a
-/// gateway that decodes twice); sequences that do not decode to UTF-8 stay as they were.
-fn percent_decode(s: &str) -> String {
+/// gateway that decodes twice). Bytes that do not form UTF-8 are escaped again, each on its own,
+/// and the flag is `false` then.
+fn percent_decode(s: &str) -> (String, bool) {
     let mut current = s.to_owned();
-    // Bounded: each round shortens the string.
+    let mut clean = true;
+    // Bounded: each round shortens the string or ends the loop.
     for _ in 0..4 {
         if !current.contains('%') {
             break;
@@ -168,12 +324,26 @@ fn percent_decode(s: &str) -> String {
                 i += 1;
             }
         }
-        match String::from_utf8(out) {
-            Ok(next) if next != current => current = next,
-            _ => break,
+        let next = match String::from_utf8(out) {
+            Ok(next) => next,
+            Err(e) => {
+                clean = false;
+                let mut next = String::with_capacity(e.as_bytes().len() * 3);
+                for chunk in e.as_bytes().utf8_chunks() {
+                    next.push_str(chunk.valid());
+                    for b in chunk.invalid() {
+                        let _ = write!(next, "%{b:02X}");
+                    }
+                }
+                next
+            }
+        };
+        if next == current {
+            break;
         }
+        current = next;
     }
-    current
+    (current, clean)
 }
 
 #[cfg(test)]
@@ -232,5 +402,129 @@ mod tests {
         assert!(rules.matching(&Method::GET, "/public/a").anonymous);
         assert!(!rules.matching(&Method::GET, "/public/../admin").anonymous);
         assert!(rules.matching(&Method::GET, "/x").scopes.contains("read"));
+    }
+
+    fn attacked_rules() -> RouteRules {
+        RouteRules::new(vec![
+            RouteRule {
+                scopes: ScopeSet::parse(["admin"]).unwrap(),
+                ..RouteRule::new("/admin")
+            },
+            RouteRule {
+                anonymous: true,
+                ..RouteRule::new("/public")
+            },
+            RouteRule {
+                methods: vec![Method::POST],
+                scopes: ScopeSet::parse(["write"]).unwrap(),
+                ..RouteRule::new("/api")
+            },
+            RouteRule {
+                methods: vec![Method::GET],
+                scopes: ScopeSet::parse(["read"]).unwrap(),
+                ..RouteRule::new("/api")
+            },
+        ])
+        .default_rule(RouteRule {
+            scopes: ScopeSet::parse(["default"]).unwrap(),
+            ..RouteRule::new("/")
+        })
+    }
+
+    fn requirement(method: &str, path: &str) -> Requirement {
+        attacked_rules()
+            .requirement(&Method::from_bytes(method.as_bytes()).unwrap(), path)
+            .unwrap()
+    }
+
+    fn scopes(r: &Requirement) -> Vec<&str> {
+        r.scopes.iter().map(|s| s.as_str()).collect()
+    }
+
+    #[test]
+    fn path_parameters_and_case_cannot_dodge_a_rule() {
+        for path in [
+            "/public/..;/admin/users",
+            "/public/..;x=1/admin/users",
+            "/public/..%3b/admin/users",
+            "/admin;x/users",
+            "/admin;jsessionid=1",
+            "/ADMIN/users",
+            "/Admin",
+            "/public/../ADMIN/users",
+            "/%41dmin/users",
+        ] {
+            let r = requirement("GET", path);
+            assert!(!r.anonymous, "{path} must not pass without a token");
+            assert!(scopes(&r).contains(&"admin"), "{path}: {r:?}");
+        }
+        // Stripping `;…` alone would judge this by `/public`; Go's router serves it under
+        // `/admin`: both rules count.
+        let r = requirement("GET", "/admin/..;x/public");
+        assert!(!r.anonymous);
+        assert_eq!(scopes(&r), ["admin"]);
+        assert_eq!(r.rules, [Some(0), Some(1)]);
+        // A request every reading puts under `/public` stays anonymous.
+        for path in ["/public", "/public/a/b?x=1", "/public/%61", "/PUBLIC/a"] {
+            let r = requirement("GET", path);
+            if path == "/PUBLIC/a" {
+                // Exactly, it is the default rule's; case-insensitively `/public`'s.
+                assert!(!r.anonymous);
+                assert_eq!(scopes(&r), ["default"]);
+            } else {
+                assert!(r.anonymous, "{path}: {r:?}");
+                assert!(r.scopes.is_empty());
+            }
+        }
+        // A path as written differs from its decoded form: both rules count.
+        let r = requirement("GET", "/%70ublic/x");
+        assert!(!r.anonymous);
+        assert_eq!(scopes(&r), ["default"]);
+    }
+
+    #[test]
+    fn escapes_that_are_not_utf8_are_refused_not_left_undecoded() {
+        let rules = attacked_rules();
+        for path in [
+            "/%61dmin/users/%FF",
+            "/public/%C0%AE%C0%AE/admin",
+            "/public/%c0%ae%c0%ae/admin",
+            "/public/%25C0%25AE/admin",
+            "/public%00/../admin",
+        ] {
+            let refused = rules.requirement(&Method::GET, path);
+            assert!(
+                matches!(refused, Err(AuthError::InvalidRequest(_))),
+                "{path}: {refused:?}"
+            );
+        }
+        // normalize_path still decodes what it can: the invalid byte alone stays escaped.
+        assert_eq!(normalize_path("/%61dmin/users/%FF"), "/admin/users/%FF");
+        assert!(RouteRule::new("/admin").matches(&Method::GET, "/%61dmin/users/%FF"));
+        assert_eq!(normalize_path("/caf%C3%A9"), "/café");
+        assert!(rules.requirement(&Method::GET, "/caf%C3%A9").is_ok());
+    }
+
+    #[test]
+    fn methods_ignore_case_and_get_covers_head() {
+        for (method, want) in [
+            ("POST", "write"),
+            ("post", "write"),
+            ("pOsT", "write"),
+            ("GET", "read"),
+            ("get", "read"),
+            ("HEAD", "read"),
+            ("head", "read"),
+            ("PUT", "default"),
+        ] {
+            let r = requirement(method, "/api/x");
+            assert_eq!(scopes(&r), [want], "{method}");
+        }
+        let rule = RouteRule {
+            methods: vec![Method::POST],
+            ..RouteRule::new("/")
+        };
+        assert!(rule.matches(&Method::from_bytes(b"post").unwrap(), "/x"));
+        assert!(!rule.matches(&Method::HEAD, "/x"));
     }
 }

@@ -1,9 +1,9 @@
 //! `patd serve`: the store, the layer and the gate from a [`Config`], and the HTTP servers.
 //!
 //! - `listen`: `/auth` (forward-auth, any method), `/healthz` (the process is up), `/readyz` (the
-//!   store answers and its change feed is connected; 503 with the reason otherwise), `/metrics`
-//!   (Prometheus text), and the management API under `/personal-access-tokens` unless
-//!   `admin_listen` is set, which then serves it alone.
+//!   store answers and its change feed is connected; 503 with a fixed reason otherwise, the
+//!   store's error in the log), `/metrics` (Prometheus text), and the management API under
+//!   `/personal-access-tokens` unless `admin_listen` is set, which then serves it alone.
 //! - `[retention]`: a background task removes revoked and expired records older than `max_age`
 //!   (30 days by default; `0` keeps them), every `interval`, logging one line per run.
 //! - `[expiry_notices]` (off by default): a background task claims the `expiring` and `expired`
@@ -245,8 +245,10 @@ async fn readyz(State(gw): State<Gateway>) -> Response {
             .into_response()
     };
     // Any answer, even "no such token", means the store is reachable.
+    // The error's text stays in the log: it can name hosts, users and files.
     if let Err(e) = gw.tokens.store().get("patd-readiness-probe").await {
-        return unready(&format!("the store does not answer ({e})"));
+        tracing::warn!(target: "tower_pat::gateway", error = %e, "readiness: the store does not answer");
+        return unready("the store does not answer");
     }
     if let FeedState::Disconnected(d) = gw.layer.stats().feed {
         return unready(&format!(
