@@ -970,3 +970,64 @@ async fn expiry_notices_are_logged_once_per_token() {
     let mut server = server;
     assert!(server.terminate().success());
 }
+
+/// A client that sends its request head a byte at a time, never finishing it, is cut off after
+/// `patd`'s header timeout (10 s): `axum::serve` ran hyper without a timer, which silently drops
+/// that timeout, so such clients could hold any number of connections open.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_trickling_its_request_head_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = Dir::new("");
+    let server = dir.serve();
+    let mut conn = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let start = Instant::now();
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-slow: ")
+        .await
+        .unwrap();
+    let mut cut_off = None;
+    while start.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut buf = [0u8; 512];
+        let closed =
+            match tokio::time::timeout(Duration::from_millis(10), conn.read(&mut buf)).await {
+                // Closed, reset, or an error answer (a 408): the server gave up on the head.
+                Ok(_) => true,
+                // Nothing to read: still waiting for the head.
+                Err(_) => conn.write_all(b"x").await.is_err(),
+            };
+        if closed {
+            cut_off = Some(start.elapsed());
+            break;
+        }
+    }
+    let cut_off = cut_off.expect("a client trickling its head for 20 s kept its connection");
+    assert!(
+        cut_off >= Duration::from_secs(9) && cut_off < Duration::from_secs(14),
+        "cut off after {cut_off:?}, not after the 10 s header timeout"
+    );
+    // Other clients are served meanwhile and after.
+    assert_eq!(
+        http(CLIENT, server.addr, "GET", "/healthz", &[])
+            .await
+            .status,
+        200
+    );
+}
+
+/// Without `[proxy] trusted`, every forward-auth client is the gateway itself (one failure limit
+/// and lookup budget for all, IP restrictions matched against the gateway's address): `patd`
+/// says so when it starts, and not once the gateway is trusted.
+#[tokio::test(flavor = "multi_thread")]
+async fn serving_without_a_trusted_proxy_is_warned_about() {
+    let dir = Dir::new("");
+    let server = dir.serve();
+    let log = server.log_when(|l| l.contains("patd serving")).await;
+    assert!(log.contains("no [proxy] trusted"), "{log}");
+
+    let dir = Dir::new("[proxy]\ntrusted = [\"127.0.0.1/32\"]\n");
+    let server = dir.serve();
+    // The warning would come before this line.
+    let log = server.log_when(|l| l.contains("patd serving")).await;
+    assert!(log.contains("patd serving"), "{log}");
+    assert!(!log.contains("no [proxy] trusted"), "{log}");
+}

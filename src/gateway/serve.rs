@@ -298,6 +298,78 @@ async fn shutdown_signal() {
     }
 }
 
+/// How long a client may take to send a request's head, from the connection's start or the end
+/// of its previous request: a client that sends a byte now and then cannot hold a connection.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How many connections a listener serves at once; more wait in the kernel's backlog until one
+/// closes.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// Serves `app` on `listener` (HTTP/1.1 and HTTP/2, the peer address as `ConnectInfo`) until
+/// `stop` completes, then lets the requests in flight finish.
+///
+/// Unlike `axum::serve`, hyper gets a timer, so [`HEADER_READ_TIMEOUT`] holds (without one hyper
+/// drops its header timeout silently, and a slow client could keep any number of connections
+/// open), and at most [`MAX_CONNECTIONS`] are served at once.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(std::time::Duration::from_secs(20)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = &mut stop => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, say: wait a little rather than spin.
+                    tracing::warn!(target: "tower_pat::gateway", error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = app
+            .clone()
+            .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
+        let service = hyper_util::service::TowerToHyperService::new(service);
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
 /// Runs `patd serve` until SIGTERM or SIGINT, then drains and flushes. `ready` is called with
 /// the bound addresses once both listeners accept.
 pub async fn serve(
@@ -335,25 +407,21 @@ pub async fn serve(
     let mut servers = tokio::task::JoinSet::new();
     let app = gateway.router()?;
     let stop = stopped();
-    servers.spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop)
-        .await
-    });
+    servers.spawn(serve_http(listener, app, stop));
     if let Some(admin_listener) = admin_listener {
         let app = gateway.admin_router()?;
         let stop = stopped();
-        servers.spawn(async move {
-            axum::serve(
-                admin_listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(stop)
-            .await
-        });
+        servers.spawn(serve_http(admin_listener, app, stop));
+    }
+    if config.proxy.trusted.is_empty() {
+        // Forward-auth requests come from the gateway: without its address trusted, every client
+        // is the gateway to the failure limit, the lookup budgets and the IP restrictions.
+        tracing::warn!(
+            target: "tower_pat::gateway",
+            "no [proxy] trusted: every forward-auth client is read as the gateway's own address \
+             (one failure limit and lookup budget for all, IP restrictions matched against the \
+             gateway); set [proxy] trusted to the gateway's address"
+        );
     }
     tracing::info!(
         listen = %local,
