@@ -153,7 +153,7 @@ async fn the_contract(dir: &Dir, gateway: SocketAddr) {
         gateway,
         "GET",
         "/public/page",
-        &[("X-Auth-Subject", "root")],
+        &[("X-Auth-Subject", "root"), ("X_Auth_Subject", "root")],
     )
     .await;
     assert_eq!(public.status, 200);
@@ -163,6 +163,11 @@ async fn the_contract(dir: &Dir, gateway: SocketAddr) {
             .get("x-auth-subject")
             .is_none_or(|v| v == ""),
         "a client-sent identity reached the upstream: {seen}"
+    );
+    // Nor its spelling with underscores, which CGI-style upstreams read as the same header.
+    assert!(
+        seen["headers"].get("x_auth_subject").is_none(),
+        "a client-sent identity with underscores reached the upstream: {seen}"
     );
     // A client's own original-request headers do not move the request to another rule.
     let r = http(
