@@ -3,6 +3,7 @@
 #![cfg(all(feature = "ext-authz", feature = "sqlite"))]
 
 mod common;
+mod support_patd;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -402,4 +403,68 @@ async fn an_identity_value_that_is_no_header_value_is_sent_empty() {
     assert_eq!(h["x-auth-subject"], ("alice".to_owned(), true));
     assert_eq!(h["x-auth-token-id"], (record.id, true));
     assert_eq!(h["x-auth-scopes"], ("api".to_owned(), true));
+}
+
+/// `patd serve` with `ext_authz_listen`: Envoy's check over gRPC through the same gate as `/auth`
+/// (the configured route rules and identity header names), on its own address.
+#[tokio::test(flavor = "multi_thread")]
+async fn patd_serves_ext_authz_on_its_own_address() {
+    let port = support_patd::free_port();
+    let dir = support_patd::Dir::new(&format!(
+        "ext_authz_listen = \"127.0.0.1:{port}\"\n\
+         [identity_headers]\nsubject = \"x-user\"\n\
+         [[rule]]\npath_prefix = \"/admin\"\nscopes = [\"admin\"]\n\
+         [[rule]]\npath_prefix = \"/public\"\nanonymous = true\n"
+    ));
+    let (token, id) = dir.issue(&[
+        "--subject",
+        "alice",
+        "--name",
+        "envoy",
+        "--scope",
+        "read",
+        "--never-expires",
+    ]);
+    let _server = dir.serve();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    support_patd::wait_listening(addr).await;
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = AuthorizationClient::new(channel);
+    let source = "192.0.2.7:5000";
+
+    let ok = check(
+        &mut client,
+        check_request("/x", source, &[("authorization", &bearer(&token))]),
+    )
+    .await;
+    assert_eq!(grpc_code(&ok), 0, "{ok:?}");
+    let headers = ok_headers(&ok);
+    assert_eq!(headers["x-user"], ("alice".to_owned(), true));
+    assert_eq!(headers["x-auth-token-id"], (id, true));
+
+    // The route rules of the configuration: a scope the token lacks, an anonymous route.
+    let admin = check(
+        &mut client,
+        check_request(
+            "/admin/users",
+            source,
+            &[("authorization", &bearer(&token))],
+        ),
+    )
+    .await;
+    assert_eq!(denied(&admin).0, 403);
+    let none = check(&mut client, check_request("/x", source, &[])).await;
+    assert_eq!(grpc_code(&none), 16, "UNAUTHENTICATED");
+    assert_eq!(denied(&none).0, 401);
+    let public = check(
+        &mut client,
+        check_request("/public/page", source, &[("x-user", "root")]),
+    )
+    .await;
+    assert_eq!(grpc_code(&public), 0);
+    assert_eq!(ok_headers(&public)["x-user"], (String::new(), true));
 }

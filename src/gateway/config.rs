@@ -10,6 +10,7 @@
 //! store = "sqlite:./patd.db"          # or "postgres://user:password@host/db"
 //! listen = "127.0.0.1:8080"           # forward-auth, health, metrics (and the management API)
 //! admin_listen = "127.0.0.1:8081"     # optional: the management API on its own address
+//! ext_authz_listen = "127.0.0.1:9191" # optional: Envoy ext_authz (gRPC), feature `ext-authz`
 //! realm = "patd"
 //! log_format = "text"                 # or "json"
 //!
@@ -92,6 +93,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where the management API listens instead, if set.
     pub admin_listen: Option<SocketAddr>,
+    /// Where Envoy's ext_authz service (`envoy.service.auth.v3.Authorization/Check`, gRPC over
+    /// HTTP/2 without TLS) listens, if set: the same layer and route rules as `/auth`. Needs a
+    /// `patd` built with the `ext-authz` feature; without it, setting this stops `patd serve`.
+    pub ext_authz_listen: Option<SocketAddr>,
     /// The realm of `WWW-Authenticate` challenges.
     pub realm: String,
     /// The token prefix (default `pat_`).
@@ -142,6 +147,7 @@ impl Default for Config {
             store: StoreUrl::Sqlite(PathBuf::from("./patd.db")),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_listen: None,
+            ext_authz_listen: None,
             realm: "patd".to_owned(),
             token_prefix: None,
             pepper: None,

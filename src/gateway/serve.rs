@@ -4,6 +4,8 @@
 //!   store answers and its change feed is connected; 503 with a fixed reason otherwise, the
 //!   store's error in the log), `/metrics` (Prometheus text), and the management API under
 //!   `/personal-access-tokens` unless `admin_listen` is set, which then serves it alone.
+//! - `ext_authz_listen` (feature `ext-authz`): Envoy's ext_authz over gRPC, through the same gate
+//!   (layer, route rules, counters) as `/auth`.
 //! - `[retention]`: a background task removes revoked and expired records older than `max_age`
 //!   (30 days by default; `0` keeps them), every `interval`, logging one line per run.
 //! - `[expiry_notices]` (off by default): a background task claims the `expiring` and `expired`
@@ -122,6 +124,9 @@ pub struct Gateway {
     tokens: Tokens,
     layer: PatAuthLayer,
     forward_auth: Arc<ForwardAuth>,
+    /// The gate of `/auth`, shared with ext_authz (one set of decision counters).
+    #[cfg_attr(not(feature = "ext-authz"), allow(dead_code))]
+    gate: Gate,
     metrics: Arc<Metrics>,
     leak_reports: Option<crate::admin::LeakReports>,
 }
@@ -139,7 +144,7 @@ impl Gateway {
         let forward_auth = ForwardAuth::new(gate.clone(), original)
             .identity_headers((&config.identity_headers).into())
             .nginx_compat(config.forward_auth.nginx_compat);
-        let metrics = Metrics::new(layer.clone(), gate);
+        let metrics = Metrics::new(layer.clone(), gate.clone());
         let leak_reports = config.leak_reports.build().map_err(|e| e.0)?;
         Ok(Self {
             leak_reports,
@@ -147,6 +152,7 @@ impl Gateway {
             tokens,
             layer,
             forward_auth: Arc::new(forward_auth),
+            gate,
             metrics: Arc::new(metrics),
         })
     }
@@ -199,6 +205,26 @@ impl Gateway {
             config = config.leak_reports(reports.clone());
         }
         Ok(Router::new().nest("/personal-access-tokens", admin::router(config)))
+    }
+
+    /// The router of `ext_authz_listen`: Envoy's `envoy.service.auth.v3.Authorization/Check`
+    /// (gRPC) through the gate of `/auth` (its layer, route rules and decision counters), with
+    /// the configured identity header names. An error for a `patd` built without the
+    /// `ext-authz` feature.
+    pub fn ext_authz_router(&self) -> Result<Router, String> {
+        #[cfg(feature = "ext-authz")]
+        {
+            let service = super::ext_authz::ExtAuthz::from_gate(self.gate.clone())
+                .identity_headers((&self.config.identity_headers).into())
+                .into_server();
+            // Every gRPC path to the service: it answers `UNIMPLEMENTED` for other methods.
+            Ok(Router::new().fallback_service(service))
+        }
+        #[cfg(not(feature = "ext-authz"))]
+        Err(
+            "ext_authz_listen is set, but this patd was built without the ext-authz feature"
+                .to_owned(),
+        )
     }
 
     /// The router of `listen`: `/auth`, `/healthz`, `/readyz`, `/metrics`, and the management API
@@ -395,6 +421,14 @@ pub async fn serve(
         ),
         None => None,
     };
+    let ext_authz_listener = match config.ext_authz_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} (ext_authz_listen): {e}"))?,
+        ),
+        None => None,
+    };
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let admin_local = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -413,6 +447,15 @@ pub async fn serve(
         let stop = stopped();
         servers.spawn(serve_http(admin_listener, app, stop));
     }
+    let ext_authz_local = match ext_authz_listener {
+        Some(listener) => {
+            let local = listener.local_addr().ok();
+            let app = gateway.ext_authz_router()?;
+            servers.spawn(serve_http(listener, app, stopped()));
+            local
+        }
+        None => None,
+    };
     if config.proxy.trusted.is_empty() {
         // Forward-auth requests come from the gateway: without its address trusted, every client
         // is the gateway to the failure limit, the lookup budgets and the IP restrictions.
@@ -426,6 +469,7 @@ pub async fn serve(
     tracing::info!(
         listen = %local,
         admin_listen = admin_local.map(tracing::field::display),
+        ext_authz_listen = ext_authz_local.map(tracing::field::display),
         store = %config.store,
         "patd serving"
     );
