@@ -302,8 +302,10 @@ async fn zero_keeps_everything() {
 // Caches: a purged token is dropped everywhere at once
 
 /// `b`'s layer caches a token issued through `a`, which then expires. The cached entry answers
-/// "expired" without a store lookup. Purging it through `a` drops it from `b`'s cache (through the
-/// store's change feed when `a` and `b` are two handles): `b` looks it up again and finds nothing.
+/// "expired" by the clock and is dropped; the next request's lookup remembers the refusal, and
+/// later ones are answered from `b`'s cache without a lookup. Purging the token through `a` drops
+/// that from `b`'s cache (through the store's change feed when `a` and `b` are two handles): `b`
+/// looks it up again and finds nothing.
 async fn purge_reaches_a_cache_that_held_it(a: &Tokens, b: &Tokens, same_process: bool) {
     let layer_b = layer(b);
     let expires = Utc::now() + TimeDelta::milliseconds(1200);
@@ -315,7 +317,19 @@ async fn purge_reaches_a_cache_that_held_it(a: &Tokens, b: &Tokens, same_process
         StatusCode::UNAUTHORIZED,
         "the access token has expired".to_owned(),
     );
+    let lookups = layer_b.store_lookups();
     assert_eq!(answer(&layer_b, &secret).await, expired);
+    assert_eq!(
+        layer_b.store_lookups(),
+        lookups,
+        "the clock refused the cached entry"
+    );
+    assert_eq!(answer(&layer_b, &secret).await, expired);
+    assert_eq!(
+        layer_b.store_lookups(),
+        lookups + 1,
+        "one lookup, which remembers the refusal"
+    );
     let lookups = layer_b.store_lookups();
     assert_eq!(answer(&layer_b, &secret).await, expired);
     assert_eq!(
