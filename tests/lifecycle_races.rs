@@ -22,8 +22,8 @@ use tokio::sync::oneshot;
 use tower_pat::admin::{self, AdminConfig};
 use tower_pat::store::{ChangeListener, ListQuery, Page};
 use tower_pat::{
-    MemoryStore, NewToken, PatAuthLayer, Principal, Rotation, StoreError, TokenHash, TokenLookup,
-    TokenPatch, TokenRecord, TokenStore, Tokens, UsageUpdate,
+    MemoryStore, NewToken, PatAuthLayer, Principal, Rotation, ScopeSet, StoreError, TokenHash,
+    TokenLookup, TokenPatch, TokenRecord, TokenStore, Tokens, UsageUpdate,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -77,6 +77,8 @@ impl Gate {
 struct GatedStore {
     inner: MemoryStore,
     gate: Gate,
+    /// A token renamed right after every read of it: its holder changing it all the time.
+    churn: Arc<Mutex<Option<String>>>,
 }
 
 #[async_trait]
@@ -102,6 +104,14 @@ impl TokenStore for GatedStore {
 
     async fn get(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
         let snapshot = self.inner.get(id).await;
+        let churned = self.churn.lock().unwrap().as_deref() == Some(id);
+        if churned {
+            let name = format!("churn-{}", common::rand_suffix());
+            let _ = self
+                .inner
+                .update(id, &TokenPatch::new(Utc::now()).name(name))
+                .await;
+        }
         if let Some(armed) = self.gate.take(id) {
             let _ = armed.reached.send(());
             let _ = armed.release.await;
@@ -129,21 +139,21 @@ impl TokenStore for GatedStore {
         self.inner.delete(id).await
     }
 
-    async fn revoke_if_version(
+    async fn revoke_if_scopes(
         &self,
         id: &str,
         at: DateTime<Utc>,
-        version: u64,
+        scopes: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        self.inner.revoke_if_version(id, at, version).await
+        self.inner.revoke_if_scopes(id, at, scopes).await
     }
 
-    async fn delete_if_version(
+    async fn delete_if_scopes(
         &self,
         id: &str,
-        version: u64,
+        scopes: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        self.inner.delete_if_version(id, version).await
+        self.inner.delete_if_scopes(id, scopes).await
     }
 
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
@@ -255,6 +265,41 @@ async fn a_delete_or_revocation_racing_a_widening_acts_on_nothing() {
             stored.scopes.grants("x:b"),
             "{action}: not the widened token"
         );
+    }
+}
+
+/// The holder of a leaked token changes it after every read of it (renames here; a rotation needs
+/// no scope at all) while its owner revokes it, or deletes it: both go through at once. Their
+/// condition is the scopes the owner's right was checked against, which no rename or rotation
+/// changes; a condition on the version would fail every time.
+#[tokio::test]
+async fn a_token_changed_after_every_read_is_still_revoked_and_deleted() {
+    let store = GatedStore::default();
+    let node = Node::new(store.clone());
+    let manager = node.manager().await;
+    for action in ["revoke", "delete"] {
+        let (target, secret) = node.issue(&["personalAccessToken:*", "x:a"]).await;
+        *store.churn.lock().unwrap() = Some(target.clone());
+        let uri = format!("{BASE}/{target}");
+        let res = match action {
+            "delete" => {
+                support_admin::call(&node.app, http::Method::DELETE, &uri, Some(&manager), None)
+                    .await
+            }
+            _ => patch(&node.app, &uri, &manager, r#"{"revoked": true}"#).await,
+        };
+        *store.churn.lock().unwrap() = None;
+        assert_eq!(res.status, StatusCode::OK, "{action}: {}", res.text);
+        assert_eq!(
+            node.hello(&secret).await,
+            StatusCode::UNAUTHORIZED,
+            "{action}"
+        );
+        let stored = node.store.get(&target).await.unwrap();
+        match action {
+            "delete" => assert!(stored.is_none(), "deleted"),
+            _ => assert!(stored.is_some_and(|r| r.is_revoked()), "revoked"),
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The endpoints: one handler per operation, each documented for the OpenAPI document by its
 //! `#[utoipa::path]` attribute, and the router that puts them behind the layer and the scopes.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use axum::Router;
@@ -31,6 +32,7 @@ use crate::auth::RequireScopesLayer;
 use crate::auth::limit::WindowCounter;
 use crate::principal::Principal;
 use crate::record::{NewToken, TokenRecord};
+use crate::scope::ScopeSet;
 use crate::store::{Rotation, StoreError, TokenPatch};
 
 /// The tag of every operation.
@@ -157,9 +159,13 @@ impl Admin {
         let now = Utc::now();
         match self.config.store.get(caller.token_id()).await? {
             Some(own) if own.is_active_at(now) && own.hash == caller.0.stored_hash() => {
+                // To the millisecond, and the networks as a set: a layer may be built over a
+                // lookup that shares the records but keeps them otherwise.
+                let ms = |t: Option<DateTime<Utc>>| t.map(|t| t.timestamp_millis());
+                let nets = |n: &[ipnet::IpNet]| n.iter().copied().collect::<BTreeSet<_>>();
                 let unchanged = own.scopes == *caller.scopes()
-                    && own.expires_at == caller.expires_at()
-                    && own.ip_restriction[..] == *caller.ip_restriction();
+                    && ms(own.expires_at) == ms(caller.expires_at())
+                    && nets(&own.ip_restriction) == nets(caller.ip_restriction());
                 if ceilings && !unchanged {
                     return Err(ApiError::caller_changed());
                 }
@@ -177,40 +183,41 @@ impl Admin {
         }
     }
 
-    /// Revokes `id` if it is still at `version` ([`TokenStore::revoke_if_version`]); without
-    /// the condition on a store that does not support it.
+    /// Revokes `id` if it still holds exactly `scopes` ([`TokenStore::revoke_if_scopes`]);
+    /// without the condition on a store that does not support it.
     async fn revoke_checked(
         &self,
         id: &str,
         at: DateTime<Utc>,
-        version: u64,
+        scopes: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
         let store = &self.config.store;
-        match store.revoke_if_version(id, at, version).await {
+        match store.revoke_if_scopes(id, at, scopes).await {
             Err(StoreError::Unsupported { .. }) => store.revoke(id, at).await,
             other => other,
         }
     }
 
-    /// Deletes `id` if it is still at `version` ([`TokenStore::delete_if_version`]); without
-    /// the condition on a store that does not support it.
+    /// Deletes `id` if it still holds exactly `scopes` ([`TokenStore::delete_if_scopes`]);
+    /// without the condition on a store that does not support it.
     async fn delete_checked(
         &self,
         id: &str,
-        version: u64,
+        scopes: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
         let store = &self.config.store;
-        match store.delete_if_version(id, version).await {
+        match store.delete_if_scopes(id, scopes).await {
             Err(StoreError::Unsupported { .. }) => store.delete(id).await,
             other => other,
         }
     }
 
-    /// Runs `write` (a conditional revocation or deletion of `id` at the version it is given) as
-    /// `caller` may, starting from `record`, read and checked already. If the token changed in
-    /// between (a rename, a new scope, on this node or another), it is read and checked again and
-    /// the write retried, a few times: a revocation must not fail for a concurrent rename, nor act
-    /// on a token given a scope the caller lacks (403 then).
+    /// Runs `write` (a revocation or deletion of `id`, on the condition that it still holds the
+    /// scopes it is given) as `caller` may, starting from `record`, read and checked already. If
+    /// the token's scopes changed in between, it is read and checked again and the write retried:
+    /// a token given a scope the caller lacks is refused (403); one that lost scopes (the only
+    /// change its own holder can make to them) is revoked all the same. Renames and rotations are
+    /// no condition, so the holder of a leaked token cannot keep its revocation failing.
     async fn act_checked<F, Fut>(
         &self,
         caller: &Principal,
@@ -219,11 +226,12 @@ impl Admin {
         write: F,
     ) -> Result<Option<TokenRecord>, ApiError>
     where
-        F: Fn(u64) -> Fut,
+        F: Fn(ScopeSet) -> Fut,
         Fut: Future<Output = Result<Option<TokenRecord>, StoreError>>,
     {
-        for _ in 0..4 {
-            match write(record.version).await {
+        // Each retry follows a change of the token's scopes; a token has few scopes to lose.
+        for _ in 0..16 {
+            match write(record.scopes.clone()).await {
                 Err(StoreError::Stale) => {
                     record = self.load(caller, id).await?;
                     policy::may_act_on(caller, &record)?;
@@ -588,8 +596,9 @@ pub(crate) async fn update(
         // On the condition that the token is still what the caller's right to act was checked
         // against (or what this request has just written).
         record = admin
-            .act_checked(&caller, &id, record, |version| {
-                admin.revoke_checked(&id, now, version)
+            .act_checked(&caller, &id, record, |scopes| {
+                let (admin, id) = (&admin, id.as_str());
+                async move { admin.revoke_checked(id, now, &scopes).await }
             })
             .await?
             .ok_or_else(ApiError::not_found)?;
@@ -814,8 +823,9 @@ pub(crate) async fn delete(
     // On the condition that the token is still what `may_act_on` checked: one given a scope the
     // caller lacks meanwhile is not deleted on the strength of that check.
     let removed = admin
-        .act_checked(&caller, &id, record, |version| {
-            admin.delete_checked(&id, version)
+        .act_checked(&caller, &id, record, |scopes| {
+            let (admin, id) = (&admin, id.as_str());
+            async move { admin.delete_checked(id, &scopes).await }
         })
         .await?
         .ok_or_else(ApiError::not_found)?;

@@ -1229,88 +1229,98 @@ pub async fn delete_removes<S: TokenStore>(store: S) {
     store.insert(&record("alice", "ci")).await.must();
 }
 
-/// `revoke_if_version` and `delete_if_version` act only on the version given: another version is
-/// [`StoreError::Stale`] and changes nothing; an unknown id is `None`; a revoked record is returned
-/// as it is, whatever the version asked. A store that answers [`StoreError::Unsupported`] (the
-/// trait's default) passes: the management API then acts without the condition.
+/// `revoke_if_scopes` and `delete_if_scopes` act only on a record that holds exactly the scopes
+/// given: other scopes are [`StoreError::Stale`] and change nothing; a rename or any other change
+/// in between is no condition; an unknown id is `None`; a revoked record is returned as it is,
+/// whatever its scopes. A store that answers [`StoreError::Unsupported`] (the trait's default)
+/// passes: the management API then acts without the condition.
 pub async fn conditional_revoke_and_delete<S: TokenStore>(store: S) {
     let _check = Check("conditional_revoke_and_delete");
     let t = now();
     let r = record("alice", "ci");
     store.insert(&r).await.must();
-    let v = r.version;
-    match store.revoke_if_version(&r.id, t, v + 1).await {
+    let other_scopes = ScopeSet::parse(["repo:read"]).unwrap();
+    assert_ne!(other_scopes, r.scopes);
+    match store.revoke_if_scopes(&r.id, t, &other_scopes).await {
         Err(StoreError::Unsupported { .. }) => {
             assert!(
                 matches!(
-                    store.delete_if_version(&r.id, v + 1).await,
+                    store.delete_if_scopes(&r.id, &other_scopes).await,
                     Err(StoreError::Unsupported { .. })
                 ),
-                "a store without revoke_if_version must not half-support delete_if_version"
+                "a store without revoke_if_scopes must not half-support delete_if_scopes"
             );
             return;
         }
         Err(StoreError::Stale) => {}
         other => panic!(
-            "store conformance: revoke_if_version of another version must be Stale, got {other:?}"
+            "store conformance: revoke_if_scopes with other scopes must be Stale, got {other:?}"
         ),
     }
     assert!(
         matches!(
-            store.delete_if_version(&r.id, v + 1).await,
+            store.delete_if_scopes(&r.id, &other_scopes).await,
             Err(StoreError::Stale)
         ),
-        "delete_if_version of another version must be Stale"
+        "delete_if_scopes with other scopes must be Stale"
     );
     assert_eq!(
         store.get(&r.id).await.must(),
         Some(r.clone()),
-        "a conditional write whose version failed must change nothing"
+        "a conditional write whose scopes differ must change nothing"
     );
     assert_eq!(
-        store.revoke_if_version("no-such-id", t, 0).await.must(),
+        store
+            .revoke_if_scopes("no-such-id", t, &r.scopes)
+            .await
+            .must(),
         None,
-        "revoke_if_version of an unknown id must be None"
+        "revoke_if_scopes of an unknown id must be None"
     );
     assert_eq!(
-        store.delete_if_version("no-such-id", 0).await.must(),
+        store.delete_if_scopes("no-such-id", &r.scopes).await.must(),
         None,
-        "delete_if_version of an unknown id must be None"
+        "delete_if_scopes of an unknown id must be None"
     );
 
+    // A rename in between is no condition.
+    let renamed = store
+        .update(&r.id, &TokenPatch::new(t).name("renamed"))
+        .await
+        .must();
     let events = Events::subscribe(&store);
-    let revoked = store.revoke_if_version(&r.id, t, v).await.found();
-    assert_eq!(revoked.revoked_at, Some(t), "revoke_if_version must revoke");
+    let revoked = store.revoke_if_scopes(&r.id, t, &r.scopes).await.found();
+    assert_eq!(revoked.revoked_at, Some(t), "revoke_if_scopes must revoke");
     assert!(
-        revoked.version > v,
-        "revoke_if_version must count as a management write"
+        revoked.version > renamed.version,
+        "revoke_if_scopes must count as a management write"
     );
     assert!(
         events.heard(&r.id, r.hash),
-        "revoke_if_version must publish Changed for the hash"
+        "revoke_if_scopes must publish Changed for the hash"
     );
     let again = store
-        .revoke_if_version(&r.id, t + TimeDelta::hours(1), v)
+        .revoke_if_scopes(&r.id, t + TimeDelta::hours(1), &other_scopes)
         .await
         .found();
     assert_eq!(
         again, revoked,
-        "a revoked record must be returned as it is, whatever the version asked"
+        "a revoked record must be returned as it is, whatever the scopes asked"
     );
 
     let other = record("alice", "other");
     store.insert(&other).await.must();
     assert_eq!(
         store
-            .delete_if_version(&other.id, other.version)
+            .delete_if_scopes(&other.id, &other.scopes)
             .await
             .must(),
         Some(other.clone()),
-        "delete_if_version of the version stored must remove the record"
+        "delete_if_scopes with the scopes stored must remove the record"
     );
     assert!(
         events.heard(&other.id, other.hash),
-        "delete_if_version must publish Changed for the hash"
+        "delete_if_scopes must publish Changed for the hash"
     );
     assert_eq!(store.get(&other.id).await.must(), None, "deleted");
 }

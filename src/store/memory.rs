@@ -11,6 +11,7 @@ use super::{
 };
 use crate::record::TokenRecord;
 use crate::record::UsageUpdate;
+use crate::scope::ScopeSet;
 use crate::token::TokenHash;
 
 /// A store in process memory: for tests, examples and ephemeral setups. Nothing survives a restart.
@@ -143,12 +144,12 @@ impl MemoryStore {
         self.inner.data.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Revokes `id` (if at `version`, when given) under the write lock.
+    /// Revokes `id` (if it holds exactly `scopes`, when given) under the write lock.
     fn revoke_where(
         &self,
         id: &str,
         at: DateTime<Utc>,
-        version: Option<u64>,
+        scopes: Option<&ScopeSet>,
     ) -> Result<Option<TokenRecord>, StoreError> {
         let revoked = {
             let mut data = self.write();
@@ -156,7 +157,7 @@ impl MemoryStore {
                 return Ok(None);
             };
             if r.revoked_at.is_none() {
-                if version.is_some_and(|v| v != r.version) {
+                if scopes.is_some_and(|s| *s != r.scopes) {
                     return Err(StoreError::Stale);
                 }
                 r.revoked_at = Some(at);
@@ -170,15 +171,15 @@ impl MemoryStore {
         Ok(Some(revoked))
     }
 
-    /// Removes `id` (if at `version`, when given) under the write lock.
+    /// Removes `id` (if it holds exactly `scopes`, when given) under the write lock.
     fn delete_where(
         &self,
         id: &str,
-        version: Option<u64>,
+        scopes: Option<&ScopeSet>,
     ) -> Result<Option<TokenRecord>, StoreError> {
         let removed = {
             let mut data = self.write();
-            if version.is_some_and(|v| data.by_id.get(id).is_some_and(|r| r.version != v)) {
+            if scopes.is_some_and(|s| data.by_id.get(id).is_some_and(|r| *s != r.scopes)) {
                 return Err(StoreError::Stale);
             }
             let removed = data.by_id.remove(id);
@@ -335,21 +336,21 @@ impl TokenStore for MemoryStore {
         self.delete_where(id, None)
     }
 
-    async fn revoke_if_version(
+    async fn revoke_if_scopes(
         &self,
         id: &str,
         at: DateTime<Utc>,
-        version: u64,
+        scopes: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        self.revoke_where(id, at, Some(version))
+        self.revoke_where(id, at, Some(scopes))
     }
 
-    async fn delete_if_version(
+    async fn delete_if_scopes(
         &self,
         id: &str,
-        version: u64,
+        scopes: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        self.delete_where(id, Some(version))
+        self.delete_where(id, Some(scopes))
     }
 
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {

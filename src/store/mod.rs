@@ -39,6 +39,7 @@ pub use write::{Rotation, TokenPatch};
 
 use crate::record::TokenRecord;
 use crate::record::UsageUpdate;
+use crate::scope::ScopeSet;
 use crate::token::TokenHash;
 
 /// Why a store operation failed.
@@ -400,43 +401,44 @@ pub trait TokenStore: TokenLookup {
     /// Removes the record and returns it, `None` if unknown.
     async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
 
-    /// [`revoke`](Self::revoke), on the condition that the record is still at `version` (the
-    /// version the caller read and checked its right to act against): one conditional, atomic
-    /// write, so that a token given more (scopes, a later expiry) after the check is not revoked
-    /// on the strength of a check of what it was. A revoked record is returned as it is, whatever
-    /// its version.
+    /// [`revoke`](Self::revoke), on the condition that the record still holds exactly `scopes`
+    /// (the scopes the caller's right to act on it was checked against): one conditional, atomic
+    /// write, so that a token given a scope after the check is not revoked on the strength of a
+    /// check of what it was. Nothing else is a condition: a rename or a rotation in between (which
+    /// the token's own holder can make at will) never makes a revocation fail. A revoked record is
+    /// returned as it is, whatever its scopes.
     ///
     /// # Errors
-    /// [`StoreError::Stale`] if the record has another version (nothing changes);
+    /// [`StoreError::Stale`] if the record holds other scopes (nothing changes);
     /// [`StoreError::Unsupported`] from the default implementation, for stores written before it
     /// existed (the management API then revokes without the condition).
-    async fn revoke_if_version(
+    async fn revoke_if_scopes(
         &self,
         id: &str,
         at: DateTime<Utc>,
-        version: u64,
+        scopes: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        let _ = (id, at, version);
+        let _ = (id, at, scopes);
         Err(StoreError::Unsupported {
-            operation: "revoke_if_version",
+            operation: "revoke_if_scopes",
         })
     }
 
-    /// [`delete`](Self::delete), on the condition that the record is still at `version`, like
-    /// [`revoke_if_version`](Self::revoke_if_version).
+    /// [`delete`](Self::delete), on the condition that the record still holds exactly `scopes`,
+    /// like [`revoke_if_scopes`](Self::revoke_if_scopes).
     ///
     /// # Errors
-    /// [`StoreError::Stale`] if the record has another version (nothing is removed);
+    /// [`StoreError::Stale`] if the record holds other scopes (nothing is removed);
     /// [`StoreError::Unsupported`] from the default implementation (the management API then
     /// deletes without the condition).
-    async fn delete_if_version(
+    async fn delete_if_scopes(
         &self,
         id: &str,
-        version: u64,
+        scopes: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        let _ = (id, version);
+        let _ = (id, scopes);
         Err(StoreError::Unsupported {
-            operation: "delete_if_version",
+            operation: "delete_if_scopes",
         })
     }
 

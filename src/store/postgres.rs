@@ -128,6 +128,7 @@ use super::{
 };
 use crate::record::UsageUpdate;
 use crate::record::{MAX_LAST_USED_IPS, TokenRecord};
+use crate::scope::ScopeSet;
 use crate::token::TokenHash;
 
 const MIGRATIONS: &[Migration] = &[
@@ -485,24 +486,42 @@ impl PostgresStore {
         Ok(new)
     }
 
-    /// Runs a statement that changes one record and returns it (its hashes unchanged), notifies
-    /// the other nodes in the same transaction, and announces the change here once committed.
-    /// What a conditional write that `changed` a record or not answers: the record, or `None`
-    /// for a record that is not there, or [`StoreError::Stale`] for one whose condition failed.
-    async fn or_stale(
+    /// [`change_returning`](Self::change_returning) of the statement `q` makes for the version
+    /// of record `id`, read with its row locked, if it holds exactly `scopes` (a revoked one,
+    /// whatever it holds); `None` for no such record, [`StoreError::Stale`] for other scopes.
+    async fn change_if_scopes<'q>(
         &self,
         id: &str,
-        changed: Option<TokenRecord>,
+        scopes: &ScopeSet,
+        q: impl FnOnce(i64) -> Query<'q>,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        match changed {
-            Some(record) => Ok(Some(record)),
-            None if self.get(id).await?.is_some() => Err(StoreError::Stale),
-            None => Ok(None),
+        let mut tx = self.inner.pool.begin().await.map_err(store_error)?;
+        let Some(old) = self.locked(&mut tx, id).await? else {
+            return Ok(None);
+        };
+        if !old.is_revoked() && old.scopes != *scopes {
+            return Err(StoreError::Stale);
         }
+        let q = q(sql::db_version(old.version)?);
+        self.change_in(tx, q)
+            .await?
+            .map(Some)
+            .ok_or(StoreError::Stale)
     }
 
+    /// Runs a statement that changes one record and returns it (its hashes unchanged), notifies
+    /// the other nodes in the same transaction, and announces the change here once committed.
     async fn change_returning(&self, q: Query<'_>) -> Result<Option<TokenRecord>, StoreError> {
-        let mut tx = self.inner.pool.begin().await.map_err(store_error)?;
+        let tx = self.inner.pool.begin().await.map_err(store_error)?;
+        self.change_in(tx, q).await
+    }
+
+    /// [`change_returning`](Self::change_returning) within `tx`.
+    async fn change_in(
+        &self,
+        mut tx: sqlx::Transaction<'static, Postgres>,
+        q: Query<'_>,
+    ) -> Result<Option<TokenRecord>, StoreError> {
         let row = q.fetch_optional(&mut *tx).await.map_err(store_error)?;
         let Some(record) = row.as_ref().map(decode).transpose()? else {
             return Ok(None);
@@ -1015,30 +1034,32 @@ impl TokenStore for PostgresStore {
         .await
     }
 
-    async fn revoke_if_version(
+    async fn revoke_if_scopes(
         &self,
         id: &str,
         at: DateTime<Utc>,
-        version: u64,
+        scopes: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        let q = sqlx::query(&self.inner.sql.revoke)
-            .bind(id)
-            .bind(at)
-            .bind(Some(sql::db_version(version)?));
-        let changed = self.change_returning(q).await?;
-        self.or_stale(id, changed).await
+        self.change_if_scopes(id, scopes, |version| {
+            sqlx::query(&self.inner.sql.revoke)
+                .bind(id)
+                .bind(at)
+                .bind(Some(version))
+        })
+        .await
     }
 
-    async fn delete_if_version(
+    async fn delete_if_scopes(
         &self,
         id: &str,
-        version: u64,
+        scopes: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        let q = sqlx::query(&self.inner.sql.delete)
-            .bind(id)
-            .bind(Some(sql::db_version(version)?));
-        let removed = self.change_returning(q).await?;
-        self.or_stale(id, removed).await
+        self.change_if_scopes(id, scopes, |version| {
+            sqlx::query(&self.inner.sql.delete)
+                .bind(id)
+                .bind(Some(version))
+        })
+        .await
     }
 
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
