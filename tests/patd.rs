@@ -1031,3 +1031,30 @@ async fn serving_without_a_trusted_proxy_is_warned_about() {
     assert!(log.contains("patd serving"), "{log}");
     assert!(!log.contains("no [proxy] trusted"), "{log}");
 }
+
+/// A connection that sends nothing, or only the start of the HTTP/2 preface (hyper has not told
+/// HTTP/1 from HTTP/2 yet, and no header timeout runs), is closed after the header timeout
+/// (10 s): otherwise 4 096 of them would hold every connection slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_that_never_sends_a_request_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = Dir::new("");
+    let server = dir.serve();
+    let mut silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut preface = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    preface.write_all(b"P").await.unwrap();
+    let start = Instant::now();
+    for (what, conn) in [("silent", &mut silent), ("preface", &mut preface)] {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0) | Err(_))),
+            "{what}: the connection was not closed: {read:?}"
+        );
+    }
+    let closed = start.elapsed();
+    assert!(
+        closed >= Duration::from_secs(9) && closed < Duration::from_secs(14),
+        "closed after {closed:?}, not after the 10 s header timeout"
+    );
+}

@@ -332,12 +332,117 @@ pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 /// closes.
 pub const MAX_CONNECTIONS: usize = 4096;
 
+/// How long a connection may stay open with no request in flight after its last one (HTTP/1.1
+/// keep-alive, HTTP/2 answering pings): the gateways' own keep-alive (nginx: 60 s) closes theirs
+/// first. Before its first request a connection gets [`HEADER_READ_TIMEOUT`] instead, whichever
+/// protocol it speaks or whether it sends anything at all.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// What a connection is doing, for closing it when it has been idle too long.
+struct Activity {
+    started: std::time::Instant,
+    /// Requests whose response is not ready yet.
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// When the last request ended, in ms since `started`.
+    last_ms: std::sync::atomic::AtomicU64,
+    /// Whether a request has come.
+    served: std::sync::atomic::AtomicBool,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            started: std::time::Instant::now(),
+            in_flight: 0.into(),
+            last_ms: 0.into(),
+            served: false.into(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether the connection has had no request in flight for longer than it may.
+    fn idle_too_long(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.in_flight.load(Relaxed) != 0 {
+            return false;
+        }
+        let limit = if self.served.load(Relaxed) {
+            IDLE_TIMEOUT
+        } else {
+            HEADER_READ_TIMEOUT
+        };
+        let idle = self.now_ms().saturating_sub(self.last_ms.load(Relaxed));
+        u128::from(idle) >= limit.as_millis()
+    }
+}
+
+/// A request of a connection in flight: counted from the call until its response is ready.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn new(activity: &Arc<Activity>) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        activity.served.store(true, Relaxed);
+        activity.in_flight.fetch_add(1, Relaxed);
+        Self(Arc::clone(activity))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.0.last_ms.store(self.0.now_ms(), Relaxed);
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A connection's service: the router, its requests counted in the connection's [`Activity`].
+#[derive(Clone)]
+struct Tracked {
+    router: Router,
+    activity: Arc<Activity>,
+}
+
+impl<B> tower::Service<http::Request<B>> for Tracked
+where
+    B: http_body::Body<Data = axum::body::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response, std::convert::Infallible>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        tower::Service::<http::Request<B>>::poll_ready(&mut self.router, cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let busy = Busy::new(&self.activity);
+        let response = tower::Service::call(&mut self.router, req);
+        Box::pin(async move {
+            let response = response.await;
+            drop(busy);
+            response
+        })
+    }
+}
+
 /// Serves `app` on `listener` (HTTP/1.1 and HTTP/2, the peer address as `ConnectInfo`) until
 /// `stop` completes, then lets the requests in flight finish.
 ///
 /// Unlike `axum::serve`, hyper gets a timer, so [`HEADER_READ_TIMEOUT`] holds (without one hyper
 /// drops its header timeout silently, and a slow client could keep any number of connections
-/// open), and at most [`MAX_CONNECTIONS`] are served at once.
+/// open); a connection is closed when it has sent no request within that time (before hyper has
+/// even told HTTP/1 from HTTP/2), or had none in flight for [`IDLE_TIMEOUT`]; and at most
+/// [`MAX_CONNECTIONS`] are served at once.
 async fn serve_http(
     listener: tokio::net::TcpListener,
     app: Router,
@@ -378,16 +483,29 @@ async fn serve_http(
             () = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = app
-            .clone()
-            .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
+        let activity = Arc::new(Activity::new());
+        let service = Tracked {
+            router: app
+                .clone()
+                .layer(axum::Extension(axum::extract::ConnectInfo(peer))),
+            activity: Arc::clone(&activity),
+        };
         let service = hyper_util::service::TowerToHyperService::new(service);
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            let _ = connection.await;
+            let mut connection = std::pin::pin!(connection);
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = connection.as_mut() => break,
+                    // Dropped: closed, with no request in flight.
+                    _ = tick.tick() => if activity.idle_too_long() { break },
+                }
+            }
             drop(permit);
         });
     }
