@@ -10,9 +10,12 @@
 //! ([`RouteRules::requirement`]):
 //!
 //! - the path as written (no escape decoded), dot segments resolved;
-//! - the path percent-decoded (repeatedly: `%252e` is a `.` to an upstream that decodes twice),
-//!   dot segments resolved, `\` taken as a separator and repeated slashes merged
-//!   ([`normalize_path`]): `/public/../admin` and `/%61dmin` are `/admin`;
+//! - the path percent-decoded once, twice, … until no escape is left (`%252e` is a `.` to an
+//!   upstream that decodes twice, and `%252f` a `/`: `/%61dmin/x%252f..%252f..%252fother` is
+//!   under `/admin` to an upstream that decodes once, though not as written nor fully decoded),
+//!   each with dot segments resolved and repeated slashes merged, with `/` alone and with `\`
+//!   as a separator too ([`normalize_path`] is the last of them): `/public/../admin` and
+//!   `/%61dmin` are `/admin`;
 //! - the same with `;` path parameters removed from each segment, before decoding (as Tomcat,
 //!   Jetty and Spring strip them) and after: `/public/..;/admin` is `/admin` to them, and
 //!   `/admin;x/users` is `/admin/users`;
@@ -28,9 +31,10 @@
 //! a `.`) or decode to a NUL byte is refused (400): no reading of it can be trusted.
 //!
 //! A prefix matches whole segments: `/admin` matches `/admin` and `/admin/users`, not
-//! `/administrator`. Methods are compared without regard to ASCII case (`post` is `POST`), and a
-//! rule that names `GET` applies to `HEAD` as well, since servers answer `HEAD` with the `GET`
-//! handler.
+//! `/administrator`. Methods count the same way: the rule the method matches exactly, and the one
+//! it matches without regard to ASCII case (`post` as `POST`) with a rule that names `GET` also
+//! applying to `HEAD` (servers answer `HEAD` with the `GET` handler); the request must satisfy
+//! both.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -46,8 +50,9 @@ use crate::scope::ScopeSet;
 pub struct RouteRule {
     /// The path prefix the rule applies to (`/` for every path), matched by whole segments.
     pub path_prefix: String,
-    /// The methods it applies to (compared without regard to ASCII case; `GET` covers `HEAD`);
-    /// empty for every method.
+    /// The methods it applies to; empty for every method. [`RouteRules::requirement`] counts
+    /// both the rule a request's method matches exactly and the one it matches without regard
+    /// to ASCII case (`GET` covering `HEAD`); [`matches`](Self::matches) is the latter.
     pub methods: Vec<Method>,
     /// The scopes a token needs, on top of the layer's own.
     pub scopes: ScopeSet,
@@ -70,12 +75,15 @@ impl RouteRule {
     /// case). The gate judges a request by every reading of its path:
     /// [`RouteRules::requirement`].
     pub fn matches(&self, method: &Method, path: &str) -> bool {
-        self.matches_reading(method, &normalize_path(path), false)
+        self.matches_reading(method, &normalize_path(path), false, true)
     }
 
     /// Whether the rule applies to `method` and a path already read (`fold`: `path` is in lower
-    /// case and the prefix is compared in lower case).
-    fn matches_reading(&self, method: &Method, path: &str, fold: bool) -> bool {
+    /// case and the prefix is compared in lower case; `loose`: the method as [`applies_to`]
+    /// compares it, else exactly).
+    ///
+    /// [`applies_to`]: Self::applies_to
+    fn matches_reading(&self, method: &Method, path: &str, fold: bool, loose: bool) -> bool {
         let prefix = self.path_prefix.trim_end_matches('/');
         let rest = if !fold {
             path.strip_prefix(prefix)
@@ -87,7 +95,12 @@ impl RouteRule {
             path.strip_prefix(prefix.to_lowercase().as_str())
         };
         let under = rest.is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
-        under && self.applies_to(method)
+        under
+            && if loose {
+                self.applies_to(method)
+            } else {
+                self.methods.is_empty() || self.methods.contains(method)
+            }
     }
 
     /// Whether the rule applies to `method`: any when `methods` is empty, else one of them in
@@ -158,7 +171,7 @@ impl RouteRules {
     /// reads it (exact case), `None` for the default. This is one reading only: the gate
     /// judges by [`requirement`](Self::requirement).
     pub fn position(&self, method: &Method, path: &str) -> Option<usize> {
-        self.first(method, &normalize_path(path), false)
+        self.first(method, &normalize_path(path), false, true)
     }
 
     /// The rule [`position`](Self::position) names: the first that matches, or the default.
@@ -166,10 +179,10 @@ impl RouteRules {
         self.rule(self.position(method, path))
     }
 
-    fn first(&self, method: &Method, reading: &str, fold: bool) -> Option<usize> {
+    fn first(&self, method: &Method, reading: &str, fold: bool, loose: bool) -> Option<usize> {
         self.rules
             .iter()
-            .position(|r| r.matches_reading(method, reading, fold))
+            .position(|r| r.matches_reading(method, reading, fold, loose))
     }
 
     /// What a request for `method` and `path` must satisfy: for every plausible reading of the
@@ -184,9 +197,13 @@ impl RouteRules {
         for reading in &readings {
             let lower = reading.to_lowercase();
             for (reading, fold) in [(reading.as_str(), false), (lower.as_str(), true)] {
-                let index = self.first(method, reading, fold);
-                if !rules.contains(&index) {
-                    rules.push(index);
+                // The method as sent, and in any case (`get` is `GET` to some upstreams, another
+                // method to others; `HEAD` is `GET` to most): both rules count.
+                for loose in [false, true] {
+                    let index = self.first(method, reading, fold, loose);
+                    if !rules.contains(&index) {
+                        rules.push(index);
+                    }
                 }
             }
         }
@@ -208,37 +225,35 @@ impl RouteRules {
 /// and with `;` parameters removed before and after decoding; each with dot segments resolved.
 fn readings(path: &str) -> Result<Vec<String>, AuthError> {
     let path = path.split(['?', '#']).next().unwrap_or("");
-    let (decoded, clean) = percent_decode(path);
-    if !clean {
-        return Err(AuthError::InvalidRequest(
-            "the request path has %-escapes that are not UTF-8",
-        ));
-    }
-    if decoded.contains('\0') {
-        return Err(AuthError::InvalidRequest(
-            "the request path has an escaped NUL byte",
-        ));
-    }
     let unparameterized: String = path
         .split('/')
         .map(|segment| segment.split(';').next().unwrap_or(""))
         .collect::<Vec<_>>()
         .join("/");
-    let (unparameterized_decoded, clean) = percent_decode(&unparameterized);
-    if !clean {
-        return Err(AuthError::InvalidRequest(
-            "the request path has %-escapes that are not UTF-8",
-        ));
-    }
-    let mut out: Vec<String> = Vec::with_capacity(4);
-    for reading in [
-        resolve(path, &['/'], false),
-        resolve(&decoded, &['/', '\\'], false),
-        resolve(&decoded, &['/', '\\'], true),
-        resolve(&unparameterized_decoded, &['/', '\\'], false),
-    ] {
-        if !out.contains(&reading) {
-            out.push(reading);
+    let mut out: Vec<String> = Vec::with_capacity(8);
+    for source in [path, unparameterized.as_str()] {
+        // Every round of decoding, the path as written first: an upstream may decode once, or
+        // twice, or not at all.
+        let (rounds, clean) = decode_rounds(source);
+        if !clean {
+            return Err(AuthError::InvalidRequest(
+                "the request path has %-escapes that are not UTF-8",
+            ));
+        }
+        for round in &rounds {
+            if round.contains('\0') {
+                return Err(AuthError::InvalidRequest(
+                    "the request path has an escaped NUL byte",
+                ));
+            }
+            for separators in [&['/'][..], &['/', '\\'][..]] {
+                for strip_params in [false, true] {
+                    let reading = resolve(round, separators, strip_params);
+                    if !out.contains(&reading) {
+                        out.push(reading);
+                    }
+                }
+            }
         }
     }
     Ok(out)
@@ -299,10 +314,19 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
 /// gateway that decodes twice). Bytes that do not form UTF-8 are escaped again, each on its own,
 /// and the flag is `false` then.
 fn percent_decode(s: &str) -> (String, bool) {
-    let mut current = s.to_owned();
+    let (mut rounds, clean) = decode_rounds(s);
+    (rounds.pop().unwrap_or_default(), clean)
+}
+
+/// `s`, then the result of each round of decoding its `%XX` escapes, while any remain and a round
+/// changes something (at most four rounds). Bytes that do not form UTF-8 are escaped again, each
+/// on its own, and the flag is `false` then.
+fn decode_rounds(s: &str) -> (Vec<String>, bool) {
+    let mut rounds = vec![s.to_owned()];
     let mut clean = true;
     // Bounded: each round shortens the string or ends the loop.
     for _ in 0..4 {
+        let current = rounds.last().map_or("", String::as_str);
         if !current.contains('%') {
             break;
         }
@@ -341,9 +365,9 @@ fn percent_decode(s: &str) -> (String, bool) {
         if next == current {
             break;
         }
-        current = next;
+        rounds.push(next);
     }
-    (current, clean)
+    (rounds, clean)
 }
 
 #[cfg(test)]
@@ -453,6 +477,10 @@ mod tests {
             "/Admin",
             "/public/../ADMIN/users",
             "/%41dmin/users",
+            // Decoded once (as most upstreams do), these are under `/admin`; as written, or
+            // decoded until no escape is left, they are not.
+            "/%61dmin/x%252f..%252f..%252fother",
+            "/public/%2e%2e/%61dmin/x%252f..%252f..%252fpublic",
         ] {
             let r = requirement("GET", path);
             assert!(!r.anonymous, "{path} must not pass without a token");
@@ -507,19 +535,41 @@ mod tests {
 
     #[test]
     fn methods_ignore_case_and_get_covers_head() {
+        // A method as sent matches no rule of `/api` unless it is exactly `POST` or `GET`: the
+        // default rule counts too, so a lower-case method never gets less than the default.
         for (method, want) in [
-            ("POST", "write"),
-            ("post", "write"),
-            ("pOsT", "write"),
-            ("GET", "read"),
-            ("get", "read"),
-            ("HEAD", "read"),
-            ("head", "read"),
-            ("PUT", "default"),
+            ("POST", &["write"][..]),
+            ("post", &["default", "write"]),
+            ("pOsT", &["default", "write"]),
+            ("GET", &["read"]),
+            ("get", &["default", "read"]),
+            ("HEAD", &["default", "read"]),
+            ("head", &["default", "read"]),
+            ("PUT", &["default"]),
         ] {
             let r = requirement(method, "/api/x");
-            assert_eq!(scopes(&r), [want], "{method}");
+            assert_eq!(scopes(&r), want, "{method}");
         }
+        // The loose match never makes a rule set laxer: `get` is judged by the anonymous `GET`
+        // rule and by the rule for any method, which an upstream matching methods exactly uses.
+        let rules = RouteRules::new(vec![
+            RouteRule {
+                methods: vec![Method::GET],
+                anonymous: true,
+                ..RouteRule::new("/x")
+            },
+            RouteRule {
+                scopes: ScopeSet::parse(["admin"]).unwrap(),
+                ..RouteRule::new("/x")
+            },
+        ]);
+        let r = rules
+            .requirement(&Method::from_bytes(b"get").unwrap(), "/x")
+            .unwrap();
+        assert!(!r.anonymous);
+        assert_eq!(scopes(&r), ["admin"]);
+        let r = rules.requirement(&Method::GET, "/x").unwrap();
+        assert!(r.anonymous);
         let rule = RouteRule {
             methods: vec![Method::POST],
             ..RouteRule::new("/")
