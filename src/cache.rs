@@ -862,13 +862,12 @@ impl Cache {
             self.suspects.insert(c.client, ());
             c.budget.suspected.notify_waiters();
         }
-        // A refusal that can be undone (disabled, expired) of a record stored under an older
-        // pepper's hash is not remembered under `key`: the events that undo it name the other
-        // hash, and could not reach it. Revoked is for good; a principal is indexed by the hash.
-        let reversible = matches!(
-            outcome,
-            Outcome::Rejected(Negative::Disabled | Negative::Expired)
-        );
+        // A disabled record stored under an older pepper's hash is not remembered under `key`:
+        // the event that enables it again names the other hash, and could not reach it. Revoked
+        // is for good, and expired nearly so (the management API gives an expired token no new
+        // expiry); both are remembered, so that a flood of one old secret costs one lookup per
+        // negative TTL. A principal is indexed by the hash it was found under.
+        let reversible = matches!(outcome, Outcome::Rejected(Negative::Disabled));
         if under_key || !reversible {
             self.remember(slot, key, &outcome, epoch);
         }

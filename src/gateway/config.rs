@@ -615,12 +615,17 @@ impl Config {
                 Err(e) => return Err(ConfigError(format!("patd.toml: cannot be read: {e}"))),
             },
         };
-        if let Ok(table) = text.parse::<toml::Table>() {
-            for key in SECRET_KEYS {
-                if let Some(value) = table.get(*key) {
-                    note_secrets(key, value, secrets);
+        match text.parse::<toml::Table>() {
+            Ok(table) => {
+                for key in SECRET_KEYS {
+                    if let Some(value) = table.get(*key) {
+                        note_secrets(key, value, secrets);
+                    }
                 }
             }
+            // Not TOML: the secrets cannot be told, so the error quotes no line of the file (an
+            // unquoted `store = postgres://user:password@…` would otherwise be printed).
+            Err(e) => return Err(syntax_error(&file, &text, &e)),
         }
         // The file alone first, so that its errors name its lines.
         toml::from_str::<Config>(&text).map_err(|e| ConfigError(format!("{file}: {e}")))?;
@@ -728,6 +733,21 @@ fn redacted_url(url: &str) -> String {
 
 /// `message` with every secret of `secrets` replaced by `<redacted>` (those shorter than 4 bytes
 /// only where the store URL's own redaction already hides them).
+/// A TOML syntax error in `file` (whose text is `text`): where, and what, without the line.
+fn syntax_error(file: &str, text: &str, e: &toml::de::Error) -> ConfigError {
+    let at = e.span().map(|span| {
+        let before = text.get(..span.start).unwrap_or(text);
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!(" at line {line}, column {column}")
+    });
+    ConfigError(format!(
+        "{file}: not valid TOML{}: {}",
+        at.unwrap_or_default(),
+        e.message()
+    ))
+}
+
 fn scrub(mut message: String, secrets: &[String]) -> String {
     for secret in secrets {
         if secret.len() >= 4 {
@@ -1201,6 +1221,24 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXOpw6qjcqsauqveNqG5RBCU6yV7A
         let c = load("", &[], &[]).unwrap();
         assert_eq!(c.store, StoreUrl::Sqlite("./patd.db".into()));
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn a_file_that_is_not_toml_is_named_with_its_line_but_not_quoted() {
+        for (text, secret) in [
+            (
+                "listen = \"127.0.0.1:80\"\nstore = postgres://u:s3cret-pw@h/db\n",
+                "s3cret-pw",
+            ),
+            (
+                "pepper = \"unclosed-pepper-value\n",
+                "unclosed-pepper-value",
+            ),
+        ] {
+            let e = load(text, &[], &[]).unwrap_err().0;
+            assert!(e.contains("not valid TOML at line"), "{e}");
+            assert!(!e.contains(secret), "{e}");
+        }
     }
 
     #[test]

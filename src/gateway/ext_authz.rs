@@ -9,8 +9,9 @@
 //!
 //! - Accepted: `OK`, with the identity headers ([`IdentityHeaders`]) in `ok_response.headers`,
 //!   overwriting any the client sent (all four, always: empty on an anonymous route's pass without
-//!   a token, and for a value that is not a valid header value), and, with [`hide_credentials`](ExtAuthz::hide_credentials),
-//!   the credential headers in `headers_to_remove`.
+//!   a token, and for a value that is not a valid header value), their spellings with `_` for
+//!   `-` in `headers_to_remove` (CGI-style upstreams read them as the same headers), and, with
+//!   [`hide_credentials`](ExtAuthz::hide_credentials), the credential headers there too.
 //! - Refused: `UNAUTHENTICATED` (401) or `PERMISSION_DENIED` (any other status), with the layer's
 //!   HTTP status, headers (`WWW-Authenticate`, `Retry-After`) and JSON body in `denied_response`.
 //!
@@ -219,14 +220,22 @@ impl ExtAuthz {
                         )
                     })
                     .collect();
-                let headers_to_remove = if self.hide_credentials {
-                    self.credential_headers
-                        .iter()
-                        .map(|h| h.as_str().to_owned())
-                        .collect()
-                } else {
-                    Vec::new()
-                };
+                // The identity headers' spellings with `_` for `-` go too: CGI, FastCGI and WSGI
+                // upstreams read a client's `x_auth_subject` as `X-Auth-Subject`.
+                let mut headers_to_remove: Vec<String> = self
+                    .identity
+                    .names()
+                    .iter()
+                    .filter(|name| name.as_str().contains('-'))
+                    .map(|name| name.as_str().replace('-', "_"))
+                    .collect();
+                if self.hide_credentials {
+                    headers_to_remove.extend(
+                        self.credential_headers
+                            .iter()
+                            .map(|h| h.as_str().to_owned()),
+                    );
+                }
                 CheckResponse {
                     status: Some(rpc::Status {
                         code: GRPC_OK,
