@@ -11,6 +11,7 @@ mod common;
 mod support_admin;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::Router;
@@ -79,6 +80,8 @@ struct GatedStore {
     gate: Gate,
     /// A token renamed right after every read of it: its holder changing it all the time.
     churn: Arc<Mutex<Option<String>>>,
+    /// Holds the next `update` or `rotate` of one id before it writes.
+    write_gate: Gate,
 }
 
 #[async_trait]
@@ -93,6 +96,16 @@ impl TokenLookup for GatedStore {
 
     fn subscribe(&self, listener: std::sync::Weak<dyn ChangeListener>) -> bool {
         self.inner.subscribe(listener)
+    }
+}
+
+impl GatedStore {
+    /// Stops at the write gate if it is armed for `id`.
+    async fn hold_write(&self, id: &str) {
+        if let Some(armed) = self.write_gate.take(id) {
+            let _ = armed.reached.send(());
+            let _ = armed.release.await;
+        }
     }
 }
 
@@ -124,10 +137,12 @@ impl TokenStore for GatedStore {
     }
 
     async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
+        self.hold_write(id).await;
         self.inner.update(id, patch).await
     }
 
     async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
+        self.hold_write(id).await;
         self.inner.rotate(id, rotation).await
     }
 
@@ -300,6 +315,49 @@ async fn a_token_changed_after_every_read_is_still_revoked_and_deleted() {
             "delete" => assert!(stored.is_none(), "deleted"),
             _ => assert!(stored.is_some_and(|r| r.is_revoked()), "revoked"),
         }
+    }
+}
+
+/// A new expiry (or a rotation) is checked against a token that has not expired yet, and written
+/// after it has (the write is held at the store): the write finds it expired (409
+/// `token_expired`) and the token stays expired, as if the request had come a moment later.
+#[tokio::test]
+async fn a_token_expiring_between_the_check_and_the_write_is_not_revived() {
+    let store = GatedStore::default();
+    let node = Node::new(store.clone());
+    let manager = node.manager().await;
+    for action in ["expiry", "rotate"] {
+        let expires = Utc::now() + chrono::Duration::milliseconds(300);
+        let new = NewToken::new("alice", format!("short-{action}"))
+            .scopes(["x:a"])
+            .unwrap()
+            .expires_at(expires);
+        let (record, _) = node.tokens.issue(new).await.unwrap();
+        let held = store.write_gate.arm(&record.id);
+        let (app, uri, caller) = (
+            node.app.clone(),
+            format!("{BASE}/{}", record.id),
+            manager.clone(),
+        );
+        let body = format!(
+            r#"{{"expiresAt": "{}"}}"#,
+            (Utc::now() + chrono::Duration::hours(1)).to_rfc3339()
+        );
+        let write = tokio::spawn(async move {
+            match action {
+                "expiry" => patch(&app, &uri, &caller, &body).await,
+                _ => post(&app, &format!("{uri}/rotate"), &caller, "{}").await,
+            }
+        });
+        held.reached.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        held.release.send(()).unwrap();
+        let res = write.await.unwrap();
+        assert_eq!(res.status, StatusCode::CONFLICT, "{action}: {}", res.text);
+        assert_eq!(res.body["code"], "token_expired", "{action}");
+        let stored = node.record(&record.id).await;
+        assert_eq!(stored.expires_at, record.expires_at, "{action}: revived");
+        assert_eq!(stored.hash, record.hash, "{action}: rotated");
     }
 }
 

@@ -107,6 +107,7 @@ mod suite {
         update_never_clears_a_revocation,
         disable_and_enable,
         stale_writes_change_nothing,
+        writes_on_the_condition_of_an_unexpired_token,
         rotate_replaces_the_secret,
         rotate_never_restores_a_replaced_hash,
         rotate_refuses_a_revoked_token,

@@ -203,6 +203,9 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound => Self::not_found(),
             StoreError::Revoked => Self::token_revoked(),
             StoreError::Stale => Self::stale(),
+            StoreError::Expired => Self::token_expired(
+                "the token expired while this request was processed; create a new one",
+            ),
             StoreError::Conflict { field: "name" } => Self::name_taken(),
             StoreError::Conflict { field } => Self::new(
                 StatusCode::CONFLICT,

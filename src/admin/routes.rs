@@ -758,6 +758,7 @@ async fn rotate_token(
     // rotation racing another change never brings back a secret rotated away or a revoked token.
     let mut rotation = Rotation::new(record.hash, fresh.hash, fresh.start, now)
         .if_version(record.version)
+        .if_unexpired()
         .grace_until(grace_until);
     if req.expires_at.is_some() {
         rotation = rotation.expires_at(record.expires_at);
@@ -790,6 +791,11 @@ fn changes(before: &TokenRecord, after: &TokenRecord, at: DateTime<Utc>) -> Toke
         (false, true) => patch = patch.disable(),
         (true, false) => patch = patch.enable(),
         _ => {}
+    }
+    // A new expiry or an enabling was checked against a token not yet expired: if it expired
+    // since, the write must not bring it back.
+    if patch.expires_at.is_some() || patch.disabled_at == Some(None) {
+        patch = patch.if_unexpired();
     }
     patch
 }

@@ -275,6 +275,7 @@ suite!(
     update_never_clears_a_revocation,
     disable_and_enable,
     stale_writes_change_nothing,
+    writes_on_the_condition_of_an_unexpired_token,
     rotate_replaces_the_secret,
     rotate_never_restores_a_replaced_hash,
     rotate_refuses_a_revoked_token,
@@ -1227,6 +1228,50 @@ pub async fn delete_removes<S: TokenStore>(store: S) {
     );
     // The name is free again.
     store.insert(&record("alice", "ci")).await.must();
+}
+
+/// A patch or a rotation made [`if_unexpired`](TokenPatch::if_unexpired) fails with
+/// [`StoreError::Expired`] on a record that has expired, and changes nothing; without the
+/// condition the same write goes through (the store gives no meaning of its own to expiry).
+pub async fn writes_on_the_condition_of_an_unexpired_token<S: TokenStore>(store: S) {
+    let _check = Check("writes_on_the_condition_of_an_unexpired_token");
+    let t = now();
+    let mut r = record("alice", "ci");
+    r.expires_at = Some(t - TimeDelta::seconds(1));
+    store.insert(&r).await.must();
+    let later = Some(t + TimeDelta::hours(1));
+    let patch = TokenPatch::new(t).expires_at(later).if_unexpired();
+    assert!(
+        matches!(store.update(&r.id, &patch).await, Err(StoreError::Expired)),
+        "update if_unexpired of an expired record must be Expired"
+    );
+    let (new_hash, new_start) = (TokenHasher::sha256().hash("pat_replacement"), "pat_repl");
+    let rotation = Rotation::new(r.hash, new_hash, new_start, t).if_unexpired();
+    assert!(
+        matches!(
+            store.rotate(&r.id, &rotation).await,
+            Err(StoreError::Expired)
+        ),
+        "rotate if_unexpired of an expired record must be Expired"
+    );
+    assert_eq!(
+        store.get(&r.id).await.must(),
+        Some(r.clone()),
+        "a write whose condition failed must change nothing"
+    );
+    let patched = store
+        .update(&r.id, &TokenPatch::new(t).expires_at(later))
+        .await
+        .must();
+    assert_eq!(
+        patched.expires_at, later,
+        "without the condition it applies"
+    );
+    let live = store
+        .update(&r.id, &TokenPatch::new(t).name("renamed").if_unexpired())
+        .await
+        .must();
+    assert_eq!(live.name, "renamed", "an unexpired record is written");
 }
 
 /// `revoke_if_scopes` and `delete_if_scopes` act only on a record that holds exactly the scopes

@@ -282,7 +282,13 @@ impl TokenStore for MemoryStore {
     async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
         let (old, new) = {
             let mut data = self.write();
-            let old = check_writable(data.by_id.get(id), patch.if_version, None)?.clone();
+            let old = check_writable(
+                data.by_id.get(id),
+                patch.if_version,
+                None,
+                patch.if_unexpired,
+            )?
+            .clone();
             if patch.is_empty() {
                 return Ok(old);
             }
@@ -307,6 +313,7 @@ impl TokenStore for MemoryStore {
                 data.by_id.get(id),
                 rotation.if_version,
                 Some(&rotation.old_hash),
+                rotation.if_unexpired,
             )?
             .clone();
             if data

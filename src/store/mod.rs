@@ -58,6 +58,9 @@ pub enum StoreError {
     /// The record changed since the caller read it (another version, or for a rotation another
     /// hash): read it again and retry.
     Stale,
+    /// The token has expired, and the write was made on the condition that it had not
+    /// ([`TokenPatch::if_unexpired`], [`Rotation::if_unexpired`]).
+    Expired,
     /// The backend failed or could not be reached.
     Backend(Box<dyn std::error::Error + Send + Sync>),
     /// The store does not implement this operation (for example
@@ -82,6 +85,7 @@ impl fmt::Display for StoreError {
             Self::Conflict { field } => write!(f, "a token with this {field} already exists"),
             Self::Revoked => f.write_str("the token is revoked; it cannot be changed"),
             Self::Stale => f.write_str("the token changed meanwhile: read it again and retry"),
+            Self::Expired => f.write_str("the token has expired; it cannot be changed so"),
             Self::Backend(e) => write!(f, "token store unavailable: {e}"),
             Self::Unsupported { operation } => {
                 write!(f, "this token store does not support {operation}")
@@ -371,9 +375,10 @@ pub trait TokenStore: TokenLookup {
     ///
     /// Fails, changing nothing, with [`StoreError::NotFound`] for an unknown id,
     /// [`StoreError::Revoked`] for a revoked record, [`StoreError::Stale`] if
-    /// [`if_version`](TokenPatch::if_version) is not the stored version, and
-    /// [`StoreError::Conflict`] (`name`) for a name another token of the subject has. An empty
-    /// patch checks the same conditions and returns the record unchanged.
+    /// [`if_version`](TokenPatch::if_version) is not the stored version,
+    /// [`StoreError::Expired`] with [`if_unexpired`](TokenPatch::if_unexpired) for a record
+    /// expired now, and [`StoreError::Conflict`] (`name`) for a name another token of the subject
+    /// has. An empty patch checks the same conditions and returns the record unchanged.
     async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError>;
 
     /// Replaces the record's secret, atomically, and returns the record after the change: `hash`
@@ -389,8 +394,9 @@ pub trait TokenStore: TokenLookup {
     ///
     /// Fails, changing nothing, with [`StoreError::NotFound`], [`StoreError::Revoked`],
     /// [`StoreError::Stale`] if `old_hash` is not the record's current hash or
-    /// [`if_version`](Rotation::if_version) not its version, and [`StoreError::Conflict`]
-    /// (`hash`) if another record has the new hash.
+    /// [`if_version`](Rotation::if_version) not its version, [`StoreError::Expired`] with
+    /// [`if_unexpired`](Rotation::if_unexpired) for a record expired now, and
+    /// [`StoreError::Conflict`] (`hash`) if another record has the new hash.
     async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError>;
 
     /// Marks the record revoked at `at` (kept if already revoked: `revoked_at` is set once and

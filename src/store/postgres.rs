@@ -954,7 +954,7 @@ impl TokenStore for PostgresStore {
     async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
         let mut tx = self.inner.pool.begin().await.map_err(store_error)?;
         let old = self.locked(&mut tx, id).await?;
-        let old = check_writable(old.as_ref(), patch.if_version, None)?;
+        let old = check_writable(old.as_ref(), patch.if_version, None, patch.if_unexpired)?;
         if patch.is_empty() {
             return Ok(old.clone());
         }
@@ -979,7 +979,12 @@ impl TokenStore for PostgresStore {
     async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
         let mut tx = self.inner.pool.begin().await.map_err(store_error)?;
         let old = self.locked(&mut tx, id).await?;
-        let old = check_writable(old.as_ref(), rotation.if_version, Some(&rotation.old_hash))?;
+        let old = check_writable(
+            old.as_ref(),
+            rotation.if_version,
+            Some(&rotation.old_hash),
+            rotation.if_unexpired,
+        )?;
         let grace = rotation.grace_until.map(|until| (rotation.old_hash, until));
         let row = sqlx::query(&self.inner.sql.rotate)
             .bind(id)

@@ -869,7 +869,7 @@ impl TokenStore for SqliteStore {
     async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
         let mut tx = self.begin_write().await?;
         let old = locked(&mut tx, &self.inner.sql, id).await?;
-        let old = check_writable(old.as_ref(), patch.if_version, None)?;
+        let old = check_writable(old.as_ref(), patch.if_version, None, patch.if_unexpired)?;
         if patch.is_empty() {
             return Ok(old.clone());
         }
@@ -899,7 +899,12 @@ impl TokenStore for SqliteStore {
     async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
         let mut tx = self.begin_write().await?;
         let old = locked(&mut tx, &self.inner.sql, id).await?;
-        let old = check_writable(old.as_ref(), rotation.if_version, Some(&rotation.old_hash))?;
+        let old = check_writable(
+            old.as_ref(),
+            rotation.if_version,
+            Some(&rotation.old_hash),
+            rotation.if_unexpired,
+        )?;
         let grace = rotation.grace_until.map(|until| (rotation.old_hash, until));
         let row = sqlx::query(&self.inner.sql.rotate)
             .bind(id)

@@ -33,6 +33,10 @@ pub struct TokenPatch {
     /// Apply only if the record still has this [`version`](TokenRecord::version) (else
     /// [`StoreError::Stale`]); `None` applies to whatever version is stored.
     pub if_version: Option<u64>,
+    /// Apply only if the record has not expired when the write is made (the store's clock,
+    /// under its write lock; else [`StoreError::Expired`]): a patch that gives a token a new
+    /// expiry, or enables it, must not bring back one that expired after it was read.
+    pub if_unexpired: bool,
     /// A new name (unique per subject).
     pub name: Option<String>,
     /// New scopes.
@@ -52,6 +56,7 @@ impl TokenPatch {
     pub fn new(at: DateTime<Utc>) -> Self {
         Self {
             if_version: None,
+            if_unexpired: false,
             name: None,
             scopes: None,
             expires_at: None,
@@ -65,6 +70,14 @@ impl TokenPatch {
     #[must_use]
     pub fn if_version(mut self, version: u64) -> Self {
         self.if_version = Some(version);
+        self
+    }
+
+    /// Applies only if the record has not expired when the write is made
+    /// ([`if_unexpired`](Self::if_unexpired)).
+    #[must_use]
+    pub fn if_unexpired(mut self) -> Self {
+        self.if_unexpired = true;
         self
     }
 
@@ -160,6 +173,9 @@ pub struct Rotation {
     /// Apply only if the record still has this [`version`](TokenRecord::version) (else
     /// [`StoreError::Stale`]); `None` applies to whatever version is stored.
     pub if_version: Option<u64>,
+    /// Apply only if the record has not expired when the write is made (else
+    /// [`StoreError::Expired`]), as [`TokenPatch::if_unexpired`].
+    pub if_unexpired: bool,
     /// The hash being replaced: the rotation applies only while it is the record's current hash
     /// (else [`StoreError::Stale`]).
     pub old_hash: TokenHash,
@@ -180,6 +196,7 @@ impl fmt::Debug for Rotation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Rotation")
             .field("if_version", &self.if_version)
+            .field("if_unexpired", &self.if_unexpired)
             .field("new_start", &self.new_start)
             .field("grace_until", &self.grace_until)
             .field("expires_at", &self.expires_at)
@@ -199,6 +216,7 @@ impl Rotation {
     ) -> Self {
         Self {
             if_version: None,
+            if_unexpired: false,
             old_hash,
             new_hash,
             new_start: new_start.into(),
@@ -212,6 +230,14 @@ impl Rotation {
     #[must_use]
     pub fn if_version(mut self, version: u64) -> Self {
         self.if_version = Some(version);
+        self
+    }
+
+    /// Applies only if the record has not expired when the write is made
+    /// ([`if_unexpired`](Self::if_unexpired)).
+    #[must_use]
+    pub fn if_unexpired(mut self) -> Self {
+        self.if_unexpired = true;
         self
     }
 
@@ -252,7 +278,8 @@ impl Rotation {
 /// The rule every store applies, under its write lock, before [`TokenStore::update`] or
 /// [`TokenStore::rotate`]: `current` (the record as stored now) exists ([`StoreError::NotFound`]),
 /// is not revoked ([`StoreError::Revoked`]), has the version `if_version` names and, for a
-/// rotation, the hash it replaces ([`StoreError::Stale`]).
+/// rotation, the hash it replaces ([`StoreError::Stale`]), and with `if_unexpired` has not
+/// expired now ([`StoreError::Expired`]).
 ///
 /// [`TokenStore::update`]: super::TokenStore::update
 /// [`TokenStore::rotate`]: super::TokenStore::rotate
@@ -260,6 +287,7 @@ pub(crate) fn check_writable<'r>(
     current: Option<&'r TokenRecord>,
     if_version: Option<u64>,
     current_hash: Option<&TokenHash>,
+    if_unexpired: bool,
 ) -> Result<&'r TokenRecord, StoreError> {
     let record = current.ok_or(StoreError::NotFound)?;
     if record.is_revoked() {
@@ -269,6 +297,9 @@ pub(crate) fn check_writable<'r>(
         || current_hash.is_some_and(|h| *h != record.hash)
     {
         return Err(StoreError::Stale);
+    }
+    if if_unexpired && record.is_expired_at(Utc::now()) {
+        return Err(StoreError::Expired);
     }
     Ok(record)
 }
