@@ -119,11 +119,17 @@ impl TokenStore for GatedStore {
         let snapshot = self.inner.get(id).await;
         let churned = self.churn.lock().unwrap().as_deref() == Some(id);
         if churned {
-            let name = format!("churn-{}", common::rand_suffix());
-            let _ = self
-                .inner
-                .update(id, &TokenPatch::new(Utc::now()).name(name))
-                .await;
+            // Another name and other scopes, all within what the token had.
+            let n = common::rand_suffix();
+            let scopes = if n.is_multiple_of(2) {
+                ScopeSet::parse(["x:a"])
+            } else {
+                ScopeSet::parse(["x:a", "personalAccessToken:read"])
+            };
+            let patch = TokenPatch::new(Utc::now())
+                .name(format!("churn-{n}"))
+                .scopes(scopes.unwrap());
+            let _ = self.inner.update(id, &patch).await;
         }
         if let Some(armed) = self.gate.take(id) {
             let _ = armed.reached.send(());
@@ -154,21 +160,21 @@ impl TokenStore for GatedStore {
         self.inner.delete(id).await
     }
 
-    async fn revoke_if_scopes(
+    async fn revoke_if_covered(
         &self,
         id: &str,
         at: DateTime<Utc>,
-        scopes: &ScopeSet,
+        covering: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        self.inner.revoke_if_scopes(id, at, scopes).await
+        self.inner.revoke_if_covered(id, at, covering).await
     }
 
-    async fn delete_if_scopes(
+    async fn delete_if_covered(
         &self,
         id: &str,
-        scopes: &ScopeSet,
+        covering: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        self.inner.delete_if_scopes(id, scopes).await
+        self.inner.delete_if_covered(id, covering).await
     }
 
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
@@ -283,10 +289,11 @@ async fn a_delete_or_revocation_racing_a_widening_acts_on_nothing() {
     }
 }
 
-/// The holder of a leaked token changes it after every read of it (renames here; a rotation needs
-/// no scope at all) while its owner revokes it, or deletes it: both go through at once. Their
-/// condition is the scopes the owner's right was checked against, which no rename or rotation
-/// changes; a condition on the version would fail every time.
+/// The holder of a leaked token changes it after every read of it (a new name and other scopes
+/// within its own, as its holder may; a rotation needs no scope at all) while its owner revokes
+/// it, or deletes it: both go through at once. Their condition is that the owner holds every scope
+/// the token holds when it is written, which none of these changes; a condition on the version,
+/// or on the exact scopes, would fail every time.
 #[tokio::test]
 async fn a_token_changed_after_every_read_is_still_revoked_and_deleted() {
     let store = GatedStore::default();

@@ -183,57 +183,58 @@ impl Admin {
         }
     }
 
-    /// Revokes `id` if it still holds exactly `scopes` ([`TokenStore::revoke_if_scopes`]);
-    /// without the condition on a store that does not support it.
+    /// Revokes `id` if `covering` grants every scope it holds
+    /// ([`TokenStore::revoke_if_covered`]); without the condition on a store that does not
+    /// support it.
     async fn revoke_checked(
         &self,
         id: &str,
         at: DateTime<Utc>,
-        scopes: &ScopeSet,
+        covering: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
         let store = &self.config.store;
-        match store.revoke_if_scopes(id, at, scopes).await {
+        match store.revoke_if_covered(id, at, covering).await {
             Err(StoreError::Unsupported { .. }) => store.revoke(id, at).await,
             other => other,
         }
     }
 
-    /// Deletes `id` if it still holds exactly `scopes` ([`TokenStore::delete_if_scopes`]);
-    /// without the condition on a store that does not support it.
+    /// Deletes `id` if `covering` grants every scope it holds
+    /// ([`TokenStore::delete_if_covered`]); without the condition on a store that does not
+    /// support it.
     async fn delete_checked(
         &self,
         id: &str,
-        scopes: &ScopeSet,
+        covering: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
         let store = &self.config.store;
-        match store.delete_if_scopes(id, scopes).await {
+        match store.delete_if_covered(id, covering).await {
             Err(StoreError::Unsupported { .. }) => store.delete(id).await,
             other => other,
         }
     }
 
-    /// Runs `write` (a revocation or deletion of `id`, on the condition that it still holds the
-    /// scopes it is given) as `caller` may, starting from `record`, read and checked already. If
-    /// the token's scopes changed in between, it is read and checked again and the write retried:
-    /// a token given a scope the caller lacks is refused (403); one that lost scopes (the only
-    /// change its own holder can make to them) is revoked all the same. Renames and rotations are
-    /// no condition, so the holder of a leaked token cannot keep its revocation failing.
+    /// Runs `write` (a revocation or deletion of `id` on the condition that the scopes it is
+    /// given, the caller's, grant every scope the token holds when it is written) as `caller`
+    /// may, the token read and checked already. Only a token given a scope the caller lacks fails
+    /// the condition: it is then read and checked again, and refused (403). Renames, rotations
+    /// and changes within the caller's scopes are no condition, so the holder of a leaked token
+    /// cannot keep its revocation failing.
     async fn act_checked<F, Fut>(
         &self,
         caller: &Principal,
         id: &str,
-        mut record: TokenRecord,
         write: F,
     ) -> Result<Option<TokenRecord>, ApiError>
     where
         F: Fn(ScopeSet) -> Fut,
         Fut: Future<Output = Result<Option<TokenRecord>, StoreError>>,
     {
-        // Each retry follows a change of the token's scopes; a token has few scopes to lose.
-        for _ in 0..16 {
-            match write(record.scopes.clone()).await {
+        // A retry only after a widening that was taken back before the re-check.
+        for _ in 0..4 {
+            match write(caller.scopes().clone()).await {
                 Err(StoreError::Stale) => {
-                    record = self.load(caller, id).await?;
+                    let record = self.load(caller, id).await?;
                     policy::may_act_on(caller, &record)?;
                 }
                 done => return Ok(done?),
@@ -593,12 +594,13 @@ pub(crate) async fn update(
         admin.emit(kind, || TokenView::new(&record, now), now);
     }
     if patch.revoked == Some(true) && !record.is_revoked() {
-        // On the condition that the token is still what the caller's right to act was checked
-        // against (or what this request has just written).
+        // On the condition that the caller still holds every scope the token holds when it is
+        // written: one given a scope the caller lacks meanwhile is not revoked on the strength
+        // of the check above.
         record = admin
-            .act_checked(&caller, &id, record, |scopes| {
+            .act_checked(&caller, &id, |covering| {
                 let (admin, id) = (&admin, id.as_str());
-                async move { admin.revoke_checked(id, now, &scopes).await }
+                async move { admin.revoke_checked(id, now, &covering).await }
             })
             .await?
             .ok_or_else(ApiError::not_found)?;
@@ -826,12 +828,13 @@ pub(crate) async fn delete(
     admin.caller_may_act(&caller).await?;
     let record = admin.load(&caller, &id).await?;
     policy::may_act_on(&caller, &record)?;
-    // On the condition that the token is still what `may_act_on` checked: one given a scope the
-    // caller lacks meanwhile is not deleted on the strength of that check.
+    // On the condition that the caller still holds every scope the token holds when it is
+    // written: one given a scope the caller lacks meanwhile is not deleted on the strength of
+    // the check above.
     let removed = admin
-        .act_checked(&caller, &id, record, |scopes| {
+        .act_checked(&caller, &id, |covering| {
             let (admin, id) = (&admin, id.as_str());
-            async move { admin.delete_checked(id, &scopes).await }
+            async move { admin.delete_checked(id, &covering).await }
         })
         .await?
         .ok_or_else(ApiError::not_found)?;

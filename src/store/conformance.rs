@@ -1274,98 +1274,111 @@ pub async fn writes_on_the_condition_of_an_unexpired_token<S: TokenStore>(store:
     assert_eq!(live.name, "renamed", "an unexpired record is written");
 }
 
-/// `revoke_if_scopes` and `delete_if_scopes` act only on a record that holds exactly the scopes
-/// given: other scopes are [`StoreError::Stale`] and change nothing; a rename or any other change
-/// in between is no condition; an unknown id is `None`; a revoked record is returned as it is,
-/// whatever its scopes. A store that answers [`StoreError::Unsupported`] (the trait's default)
-/// passes: the management API then acts without the condition.
+/// `revoke_if_covered` and `delete_if_covered` act only on a record whose every scope the scopes
+/// given grant: one holding a scope they do not grant is [`StoreError::Stale`] and changes nothing;
+/// a rename, or other scopes within them, in between is no condition; an unknown id is `None`; a
+/// revoked record is revoked as it is, whatever its scopes, but deleted only under the condition.
+/// A store that answers [`StoreError::Unsupported`] (the trait's default) passes: the management
+/// API then acts without the condition.
 pub async fn conditional_revoke_and_delete<S: TokenStore>(store: S) {
     let _check = Check("conditional_revoke_and_delete");
     let t = now();
     let r = record("alice", "ci");
     store.insert(&r).await.must();
+    // Grants `repo:read`, not the record's `user:*`.
     let other_scopes = ScopeSet::parse(["repo:read"]).unwrap();
-    assert_ne!(other_scopes, r.scopes);
-    match store.revoke_if_scopes(&r.id, t, &other_scopes).await {
+    let wider = ScopeSet::parse(["repo:*", "user:*"]).unwrap();
+    match store.revoke_if_covered(&r.id, t, &other_scopes).await {
         Err(StoreError::Unsupported { .. }) => {
             assert!(
                 matches!(
-                    store.delete_if_scopes(&r.id, &other_scopes).await,
+                    store.delete_if_covered(&r.id, &other_scopes).await,
                     Err(StoreError::Unsupported { .. })
                 ),
-                "a store without revoke_if_scopes must not half-support delete_if_scopes"
+                "a store without revoke_if_covered must not half-support delete_if_covered"
             );
             return;
         }
         Err(StoreError::Stale) => {}
         other => panic!(
-            "store conformance: revoke_if_scopes with other scopes must be Stale, got {other:?}"
+            "store conformance: revoke_if_covered with scopes that do not grant the record's must \
+             be Stale, got {other:?}"
         ),
     }
     assert!(
         matches!(
-            store.delete_if_scopes(&r.id, &other_scopes).await,
+            store.delete_if_covered(&r.id, &other_scopes).await,
             Err(StoreError::Stale)
         ),
-        "delete_if_scopes with other scopes must be Stale"
+        "delete_if_covered with scopes that do not grant the record's must be Stale"
     );
     assert_eq!(
         store.get(&r.id).await.must(),
         Some(r.clone()),
-        "a conditional write whose scopes differ must change nothing"
+        "a conditional write whose condition failed must change nothing"
     );
     assert_eq!(
         store
-            .revoke_if_scopes("no-such-id", t, &r.scopes)
+            .revoke_if_covered("no-such-id", t, &r.scopes)
             .await
             .must(),
         None,
-        "revoke_if_scopes of an unknown id must be None"
+        "revoke_if_covered of an unknown id must be None"
     );
     assert_eq!(
-        store.delete_if_scopes("no-such-id", &r.scopes).await.must(),
+        store
+            .delete_if_covered("no-such-id", &r.scopes)
+            .await
+            .must(),
         None,
-        "delete_if_scopes of an unknown id must be None"
+        "delete_if_covered of an unknown id must be None"
     );
 
-    // A rename in between is no condition.
+    // A rename in between is no condition, nor are scopes within the ones given.
     let renamed = store
         .update(&r.id, &TokenPatch::new(t).name("renamed"))
         .await
         .must();
     let events = Events::subscribe(&store);
-    let revoked = store.revoke_if_scopes(&r.id, t, &r.scopes).await.found();
-    assert_eq!(revoked.revoked_at, Some(t), "revoke_if_scopes must revoke");
+    let revoked = store.revoke_if_covered(&r.id, t, &wider).await.found();
+    assert_eq!(revoked.revoked_at, Some(t), "revoke_if_covered must revoke");
     assert!(
         revoked.version > renamed.version,
-        "revoke_if_scopes must count as a management write"
+        "revoke_if_covered must count as a management write"
     );
     assert!(
         events.heard(&r.id, r.hash),
-        "revoke_if_scopes must publish Changed for the hash"
+        "revoke_if_covered must publish Changed for the hash"
     );
     let again = store
-        .revoke_if_scopes(&r.id, t + TimeDelta::hours(1), &other_scopes)
+        .revoke_if_covered(&r.id, t + TimeDelta::hours(1), &other_scopes)
         .await
         .found();
     assert_eq!(
         again, revoked,
-        "a revoked record must be returned as it is, whatever the scopes asked"
+        "a revoked record must be returned as it is, whatever the scopes given"
+    );
+    assert!(
+        matches!(
+            store.delete_if_covered(&r.id, &other_scopes).await,
+            Err(StoreError::Stale)
+        ),
+        "a revoked record must be deleted only under the condition"
     );
 
     let other = record("alice", "other");
     store.insert(&other).await.must();
     assert_eq!(
         store
-            .delete_if_scopes(&other.id, &other.scopes)
+            .delete_if_covered(&other.id, &other.scopes)
             .await
             .must(),
         Some(other.clone()),
-        "delete_if_scopes with the scopes stored must remove the record"
+        "delete_if_covered with the record's scopes must remove it"
     );
     assert!(
         events.heard(&other.id, other.hash),
-        "delete_if_scopes must publish Changed for the hash"
+        "delete_if_covered must publish Changed for the hash"
     );
     assert_eq!(store.get(&other.id).await.must(), None, "deleted");
 }

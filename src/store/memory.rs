@@ -144,12 +144,13 @@ impl MemoryStore {
         self.inner.data.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Revokes `id` (if it holds exactly `scopes`, when given) under the write lock.
+    /// Revokes `id` (if `covering`, when given, grants every scope it holds) under the write
+    /// lock.
     fn revoke_where(
         &self,
         id: &str,
         at: DateTime<Utc>,
-        scopes: Option<&ScopeSet>,
+        covering: Option<&ScopeSet>,
     ) -> Result<Option<TokenRecord>, StoreError> {
         let revoked = {
             let mut data = self.write();
@@ -157,7 +158,7 @@ impl MemoryStore {
                 return Ok(None);
             };
             if r.revoked_at.is_none() {
-                if scopes.is_some_and(|s| *s != r.scopes) {
+                if covering.is_some_and(|c| !c.grants_all(&r.scopes)) {
                     return Err(StoreError::Stale);
                 }
                 r.revoked_at = Some(at);
@@ -171,15 +172,17 @@ impl MemoryStore {
         Ok(Some(revoked))
     }
 
-    /// Removes `id` (if it holds exactly `scopes`, when given) under the write lock.
+    /// Removes `id` (if `covering`, when given, grants every scope it holds) under the write
+    /// lock.
     fn delete_where(
         &self,
         id: &str,
-        scopes: Option<&ScopeSet>,
+        covering: Option<&ScopeSet>,
     ) -> Result<Option<TokenRecord>, StoreError> {
         let removed = {
             let mut data = self.write();
-            if scopes.is_some_and(|s| data.by_id.get(id).is_some_and(|r| *s != r.scopes)) {
+            let uncovered = |r: &TokenRecord| covering.is_some_and(|c| !c.grants_all(&r.scopes));
+            if data.by_id.get(id).is_some_and(uncovered) {
                 return Err(StoreError::Stale);
             }
             let removed = data.by_id.remove(id);
@@ -343,21 +346,21 @@ impl TokenStore for MemoryStore {
         self.delete_where(id, None)
     }
 
-    async fn revoke_if_scopes(
+    async fn revoke_if_covered(
         &self,
         id: &str,
         at: DateTime<Utc>,
-        scopes: &ScopeSet,
+        covering: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        self.revoke_where(id, at, Some(scopes))
+        self.revoke_where(id, at, Some(covering))
     }
 
-    async fn delete_if_scopes(
+    async fn delete_if_covered(
         &self,
         id: &str,
-        scopes: &ScopeSet,
+        covering: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        self.delete_where(id, Some(scopes))
+        self.delete_where(id, Some(covering))
     }
 
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {

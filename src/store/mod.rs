@@ -407,44 +407,45 @@ pub trait TokenStore: TokenLookup {
     /// Removes the record and returns it, `None` if unknown.
     async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
 
-    /// [`revoke`](Self::revoke), on the condition that the record still holds exactly `scopes`
-    /// (the scopes the caller's right to act on it was checked against): one conditional, atomic
-    /// write, so that a token given a scope after the check is not revoked on the strength of a
-    /// check of what it was. Nothing else is a condition: a rename or a rotation in between (which
-    /// the token's own holder can make at will) never makes a revocation fail. A revoked record is
-    /// returned as it is, whatever its scopes.
+    /// [`revoke`](Self::revoke), on the condition that `covering` grants every scope the record
+    /// holds ([`ScopeSet::grants_all`]; the caller's scopes: acting on a token needs every scope
+    /// it holds): one conditional, atomic write, so that a token given a scope the caller lacks
+    /// after the caller's check is not revoked on the strength of that check. Nothing else is a
+    /// condition: a rename, a rotation or a change of scopes within `covering` in between (which
+    /// the token's own holder can make at will) never makes a revocation fail. A revoked record
+    /// is returned as it is, whatever its scopes.
     ///
     /// # Errors
-    /// [`StoreError::Stale`] if the record holds other scopes (nothing changes);
-    /// [`StoreError::Unsupported`] from the default implementation, for stores written before it
-    /// existed (the management API then revokes without the condition).
-    async fn revoke_if_scopes(
+    /// [`StoreError::Stale`] if the record holds a scope `covering` does not grant (nothing
+    /// changes); [`StoreError::Unsupported`] from the default implementation, for stores written
+    /// before it existed (the management API then revokes without the condition).
+    async fn revoke_if_covered(
         &self,
         id: &str,
         at: DateTime<Utc>,
-        scopes: &ScopeSet,
+        covering: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        let _ = (id, at, scopes);
+        let _ = (id, at, covering);
         Err(StoreError::Unsupported {
-            operation: "revoke_if_scopes",
+            operation: "revoke_if_covered",
         })
     }
 
-    /// [`delete`](Self::delete), on the condition that the record still holds exactly `scopes`,
-    /// like [`revoke_if_scopes`](Self::revoke_if_scopes).
+    /// [`delete`](Self::delete), on the condition that `covering` grants every scope the record
+    /// holds, like [`revoke_if_covered`](Self::revoke_if_covered) (a revoked record too).
     ///
     /// # Errors
-    /// [`StoreError::Stale`] if the record holds other scopes (nothing is removed);
-    /// [`StoreError::Unsupported`] from the default implementation (the management API then
-    /// deletes without the condition).
-    async fn delete_if_scopes(
+    /// [`StoreError::Stale`] if the record holds a scope `covering` does not grant (nothing is
+    /// removed); [`StoreError::Unsupported`] from the default implementation (the management API
+    /// then deletes without the condition).
+    async fn delete_if_covered(
         &self,
         id: &str,
-        scopes: &ScopeSet,
+        covering: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        let _ = (id, scopes);
+        let _ = (id, covering);
         Err(StoreError::Unsupported {
-            operation: "delete_if_scopes",
+            operation: "delete_if_covered",
         })
     }
 

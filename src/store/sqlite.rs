@@ -384,19 +384,22 @@ impl SqliteStore {
     }
 
     /// [`change_returning`](Self::change_returning) of the statement `q` makes for the version
-    /// of record `id`, read under the write lock, if it holds exactly `scopes` (a revoked one,
-    /// whatever it holds); `None` for no such record, [`StoreError::Stale`] for other scopes.
-    async fn change_if_scopes<'q>(
+    /// of record `id`, read under the write lock, if `covering` grants every scope it holds (a revoked
+    /// one, whatever it holds, when `revoked_passes`); `None` for no such record,
+    /// [`StoreError::Stale`] for a scope `covering` does not grant.
+    async fn change_if_covered<'q>(
         &self,
         id: &str,
-        scopes: &ScopeSet,
+        covering: &ScopeSet,
+        revoked_passes: bool,
         q: impl FnOnce(i64) -> Query<'q>,
     ) -> Result<Option<TokenRecord>, StoreError> {
         let mut tx = self.begin_write().await?;
         let Some(old) = locked(&mut tx, &self.inner.sql, id).await? else {
             return Ok(None);
         };
-        if !old.is_revoked() && old.scopes != *scopes {
+        let passes = covering.grants_all(&old.scopes) || (revoked_passes && old.is_revoked());
+        if !passes {
             return Err(StoreError::Stale);
         }
         let q = q(sql::db_version(old.version)?);
@@ -959,14 +962,14 @@ impl TokenStore for SqliteStore {
         .await
     }
 
-    async fn revoke_if_scopes(
+    async fn revoke_if_covered(
         &self,
         id: &str,
         at: DateTime<Utc>,
-        scopes: &ScopeSet,
+        covering: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
         let at = micros(at);
-        self.change_if_scopes(id, scopes, |version| {
+        self.change_if_covered(id, covering, true, |version| {
             sqlx::query(&self.inner.sql.revoke)
                 .bind(id)
                 .bind(at)
@@ -975,12 +978,12 @@ impl TokenStore for SqliteStore {
         .await
     }
 
-    async fn delete_if_scopes(
+    async fn delete_if_covered(
         &self,
         id: &str,
-        scopes: &ScopeSet,
+        covering: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        self.change_if_scopes(id, scopes, |version| {
+        self.change_if_covered(id, covering, false, |version| {
             sqlx::query(&self.inner.sql.delete)
                 .bind(id)
                 .bind(Some(version))
