@@ -1058,3 +1058,40 @@ async fn a_connection_that_never_sends_a_request_is_closed() {
         "closed after {closed:?}, not after the 10 s header timeout"
     );
 }
+
+/// A request whose body never comes (headers complete, a `Content-Length`, then nothing) is
+/// answered 408 after `patd`'s request timeout (20 s) instead of holding its connection for good.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_whose_body_never_comes_is_answered_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = Dir::new("");
+    let (token, _) = dir.issue(&[
+        "--subject",
+        "a",
+        "--name",
+        "t",
+        "--scope",
+        "personalAccessToken:*",
+        "--never-expires",
+    ]);
+    let server = dir.serve();
+    let mut conn = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "POST /personal-access-tokens HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\n\
+         content-type: application/json\r\ncontent-length: 100\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let start = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(40), conn.read(&mut buf))
+        .await
+        .expect("an answer within 40 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_secs(19) && waited < Duration::from_secs(25),
+        "answered after {waited:?}, not after the 20 s request timeout"
+    );
+}

@@ -332,6 +332,13 @@ pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 /// closes.
 pub const MAX_CONNECTIONS: usize = 4096;
 
+/// How long a request may take, its body included: one whose body does not come in time is
+/// answered 408 and its handler dropped.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// How long a closing connection may take to finish the requests in flight before it is dropped.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long a connection may stay open with no request in flight after its last one (HTTP/1.1
 /// keep-alive, HTTP/2 answering pings): the gateways' own keep-alive (nginx: 60 s) closes theirs
 /// first. Before its first request a connection gets [`HEADER_READ_TIMEOUT`] instead, whichever
@@ -365,8 +372,9 @@ impl Activity {
 
     /// Whether the connection has had no request in flight for longer than it may.
     fn idle_too_long(&self) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        if self.in_flight.load(Relaxed) != 0 {
+        use std::sync::atomic::Ordering::{Acquire, Relaxed};
+        // Pairs with the release in `Busy::drop`: no request in flight, and its end time seen.
+        if self.in_flight.load(Acquire) != 0 {
             return false;
         }
         let limit = if self.served.load(Relaxed) {
@@ -393,9 +401,9 @@ impl Busy {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        use std::sync::atomic::Ordering::Relaxed;
+        use std::sync::atomic::Ordering::{Relaxed, Release};
         self.0.last_ms.store(self.0.now_ms(), Relaxed);
-        self.0.in_flight.fetch_sub(1, Relaxed);
+        self.0.in_flight.fetch_sub(1, Release);
     }
 }
 
@@ -428,7 +436,17 @@ where
         let busy = Busy::new(&self.activity);
         let response = tower::Service::call(&mut self.router, req);
         Box::pin(async move {
-            let response = response.await;
+            // A request whose body never comes (HTTP/2 headers alone, a short body) would
+            // otherwise keep its connection open for good.
+            let response = match tokio::time::timeout(REQUEST_TIMEOUT, response).await {
+                Ok(response) => response,
+                Err(_) => Ok((
+                    StatusCode::REQUEST_TIMEOUT,
+                    [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+                    "the request took too long\n",
+                )
+                    .into_response()),
+            };
             drop(busy);
             response
         })
@@ -440,9 +458,10 @@ where
 ///
 /// Unlike `axum::serve`, hyper gets a timer, so [`HEADER_READ_TIMEOUT`] holds (without one hyper
 /// drops its header timeout silently, and a slow client could keep any number of connections
-/// open); a connection is closed when it has sent no request within that time (before hyper has
-/// even told HTTP/1 from HTTP/2), or had none in flight for [`IDLE_TIMEOUT`]; and at most
-/// [`MAX_CONNECTIONS`] are served at once.
+/// open); a connection is closed (gracefully: HTTP/2 gets a GOAWAY) when it has sent no request
+/// within that time (before hyper has even told HTTP/1 from HTTP/2), or had none in flight for
+/// [`IDLE_TIMEOUT`]; a request is answered 408 after [`REQUEST_TIMEOUT`] (its body never came);
+/// and at most [`MAX_CONNECTIONS`] are served at once.
 async fn serve_http(
     listener: tokio::net::TcpListener,
     app: Router,
@@ -459,7 +478,7 @@ async fn serve_http(
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(std::time::Duration::from_secs(20)));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut stop = std::pin::pin!(stop);
     loop {
@@ -494,23 +513,40 @@ async fn serve_http(
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
-        let connection = graceful.watch(connection);
+        let mut closing = closing_rx.clone();
         tokio::spawn(async move {
             let mut connection = std::pin::pin!(connection);
             let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Set once the connection was asked to close: dropped if it has not by then.
+            let mut deadline: Option<tokio::time::Instant> = None;
             loop {
                 tokio::select! {
                     _ = connection.as_mut() => break,
-                    // Dropped: closed, with no request in flight.
-                    _ = tick.tick() => if activity.idle_too_long() { break },
+                    _ = tick.tick() => {
+                        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                            break;
+                        }
+                        if deadline.is_none() && activity.idle_too_long() {
+                            // HTTP/1.1 closes, HTTP/2 sends GOAWAY, detection stops.
+                            connection.as_mut().graceful_shutdown();
+                            deadline = Some(tokio::time::Instant::now() + CLOSE_GRACE);
+                        }
+                    }
+                    _ = closing.wait_for(|c| *c), if deadline.is_none() => {
+                        connection.as_mut().graceful_shutdown();
+                        // The server's own shutdown timeout bounds the drain.
+                        deadline = Some(tokio::time::Instant::now() + REQUEST_TIMEOUT);
+                    }
                 }
             }
             drop(permit);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    let _ = closing_tx.send(true);
+    // Every connection holds a permit until it has ended.
+    let _ = permits.acquire_many(MAX_CONNECTIONS as u32).await;
     Ok(())
 }
 
