@@ -424,7 +424,7 @@ async fn patd_serves_ext_authz_on_its_own_address() {
     let port = support_patd::free_port();
     let dir = support_patd::Dir::new(&format!(
         "ext_authz_listen = \"127.0.0.1:{port}\"\n\
-         [identity_headers]\nsubject = \"x-user\"\n\
+         [identity_headers]\nsubject = \"x_user\"\n\
          [[rule]]\npath_prefix = \"/admin\"\nscopes = [\"admin\"]\n\
          [[rule]]\npath_prefix = \"/public\"\nanonymous = true\n"
     ));
@@ -455,8 +455,18 @@ async fn patd_serves_ext_authz_on_its_own_address() {
     .await;
     assert_eq!(grpc_code(&ok), 0, "{ok:?}");
     let headers = ok_headers(&ok);
-    assert_eq!(headers["x-user"], ("alice".to_owned(), true));
+    assert_eq!(headers["x_user"], ("alice".to_owned(), true));
     assert_eq!(headers["x-auth-token-id"], (id, true));
+    // The configured name's other spelling is removed: a CGI-style upstream reads a client's
+    // `x-user` as `x_user`.
+    let Some(HttpResponse::OkResponse(ok_response)) = &ok.http_response else {
+        unreachable!()
+    };
+    assert!(
+        ok_response.headers_to_remove.contains(&"x-user".to_owned()),
+        "{:?}",
+        ok_response.headers_to_remove
+    );
 
     // The route rules of the configuration: a scope the token lacks, an anonymous route.
     let admin = check(
@@ -474,9 +484,9 @@ async fn patd_serves_ext_authz_on_its_own_address() {
     assert_eq!(denied(&none).0, 401);
     let public = check(
         &mut client,
-        check_request("/public/page", source, &[("x-user", "root")]),
+        check_request("/public/page", source, &[("x_user", "root")]),
     )
     .await;
     assert_eq!(grpc_code(&public), 0);
-    assert_eq!(ok_headers(&public)["x-user"], (String::new(), true));
+    assert_eq!(ok_headers(&public)["x_user"], (String::new(), true));
 }

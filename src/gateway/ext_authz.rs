@@ -9,8 +9,9 @@
 //!
 //! - Accepted: `OK`, with the identity headers ([`IdentityHeaders`]) in `ok_response.headers`,
 //!   overwriting any the client sent (all four, always: empty on an anonymous route's pass without
-//!   a token, and for a value that is not a valid header value), their spellings with `_` for
-//!   `-` in `headers_to_remove` (CGI-style upstreams read them as the same headers), and, with
+//!   a token, and for a value that is not a valid header value), their other spellings (`_` for
+//!   `-` and the reverse) in `headers_to_remove` (CGI-style upstreams read them as the same
+//!   headers), and, with
 //!   [`hide_credentials`](ExtAuthz::hide_credentials), the credential headers there too.
 //! - Refused: `UNAUTHENTICATED` (401) or `PERMISSION_DENIED` (any other status), with the layer's
 //!   HTTP status, headers (`WWW-Authenticate`, `Retry-After`) and JSON body in `denied_response`.
@@ -220,15 +221,20 @@ impl ExtAuthz {
                         )
                     })
                     .collect();
-                // The identity headers' spellings with `_` for `-` go too: CGI, FastCGI and WSGI
-                // upstreams read a client's `x_auth_subject` as `X-Auth-Subject`.
+                // The identity headers' other spellings go too (`_` for `-`, and `-` for `_`):
+                // CGI, FastCGI and WSGI upstreams read a client's `x_auth_subject` as
+                // `X-Auth-Subject`.
                 let mut headers_to_remove: Vec<String> = self
                     .identity
                     .names()
                     .iter()
-                    .filter(|name| name.as_str().contains('-'))
-                    .map(|name| name.as_str().replace('-', "_"))
+                    .flat_map(|name| {
+                        let name = name.as_str();
+                        [name.replace('-', "_"), name.replace('_', "-")]
+                    })
+                    .filter(|spelling| self.identity.names().iter().all(|n| n.as_str() != spelling))
                     .collect();
+                headers_to_remove.dedup();
                 if self.hide_credentials {
                     headers_to_remove.extend(
                         self.credential_headers

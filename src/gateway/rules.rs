@@ -19,6 +19,8 @@
 //! - the same with `;` path parameters removed from each segment, before decoding (as Tomcat,
 //!   Jetty and Spring strip them) and after: `/public/..;/admin` is `/admin` to them, and
 //!   `/admin;x/users` is `/admin/users`;
+//! - each of these also with its dot segments left as they are, for upstreams that do not resolve
+//!   them: `/admin/../public` is under `/admin` to them;
 //! - each of these compared with the rule prefixes case-insensitively too (Unicode lower case),
 //!   for case-insensitive upstreams: `/ADMIN/users` is under `/admin`.
 //!
@@ -28,13 +30,15 @@
 //! stripped, but Go's router serves it under `/admin`; judged by both rules, it needs both.
 //!
 //! A path whose escapes do not decode to UTF-8 (`%FF`, the overlong `%C0%AE` some servers take for
-//! a `.`) or decode to a NUL byte is refused (400): no reading of it can be trusted.
+//! a `.`) or decode to a NUL byte is refused (400): no reading of it can be trusted; so is one
+//! longer than [`MAX_PATH_LEN`].
 //!
 //! A prefix matches whole segments: `/admin` matches `/admin` and `/admin/users`, not
 //! `/administrator`. Methods count the same way: the rule the method matches exactly, and the one
 //! it matches without regard to ASCII case (`post` as `POST`) with a rule that names `GET` also
 //! applying to `HEAD` (servers answer `HEAD` with the `GET` handler); the request must satisfy
-//! both.
+//! both. So a `HEAD` needs what the rule for its path and no method needs as well (the default
+//! rule, say), even where a `GET` rule is anonymous, unless a rule names `HEAD` itself.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -225,6 +229,12 @@ impl RouteRules {
 /// and with `;` parameters removed before and after decoding; each with dot segments resolved.
 fn readings(path: &str) -> Result<Vec<String>, AuthError> {
     let path = path.split(['?', '#']).next().unwrap_or("");
+    // Each reading is a copy: a bound on the work a request can ask for.
+    if path.len() > MAX_PATH_LEN {
+        return Err(AuthError::InvalidRequest(
+            "the request path is longer than 8 KiB",
+        ));
+    }
     let unparameterized: String = path
         .split('/')
         .map(|segment| segment.split(';').next().unwrap_or(""))
@@ -246,18 +256,30 @@ fn readings(path: &str) -> Result<Vec<String>, AuthError> {
                     "the request path has an escaped NUL byte",
                 ));
             }
-            for separators in [&['/'][..], &['/', '\\'][..]] {
-                for strip_params in [false, true] {
-                    let reading = resolve(round, separators, strip_params);
-                    if !out.contains(&reading) {
-                        out.push(reading);
-                    }
+            // Dot segments left as they are, too: an upstream that does not resolve them routes
+            // `/admin/../public` under `/admin`.
+            let literal = if round.starts_with('/') {
+                round.clone()
+            } else {
+                format!("/{round}")
+            };
+            let resolved = [&['/'][..], &['/', '\\'][..]]
+                .into_iter()
+                .flat_map(|separators| {
+                    [false, true].map(|strip_params| resolve(round, separators, strip_params))
+                });
+            for reading in std::iter::once(literal).chain(resolved) {
+                if !out.contains(&reading) {
+                    out.push(reading);
                 }
             }
         }
     }
     Ok(out)
 }
+
+/// The longest request path [`RouteRules::requirement`] reads (8 KiB); a longer one is refused.
+pub const MAX_PATH_LEN: usize = 8 * 1024;
 
 /// `path` split at `separators`, each segment cut at its first `;` when `strip_params`, `.` and
 /// `..` segments resolved (never above the root), empty segments dropped, with a leading `/` and
@@ -486,6 +508,13 @@ mod tests {
             assert!(!r.anonymous, "{path} must not pass without a token");
             assert!(scopes(&r).contains(&"admin"), "{path}: {r:?}");
         }
+        // An upstream that leaves dot segments alone serves this under `/admin`.
+        let r = requirement("GET", "/admin/../public/x");
+        assert!(!r.anonymous);
+        assert!(scopes(&r).contains(&"admin"), "{r:?}");
+        // Too long to read every way: refused.
+        let long = format!("/public/{}", "a".repeat(MAX_PATH_LEN));
+        assert!(attacked_rules().requirement(&Method::GET, &long).is_err());
         // Stripping `;…` alone would judge this by `/public`; Go's router serves it under
         // `/admin`: both rules count.
         let r = requirement("GET", "/admin/..;x/public");
