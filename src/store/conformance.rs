@@ -7,8 +7,9 @@
 //!
 //! What the checks require, in short: conditional writes ([`TokenStore::update`] and
 //! [`TokenStore::rotate`] refuse an unknown id with [`StoreError::NotFound`], a revoked record
-//! with [`StoreError::Revoked`], a stale version or hash with [`StoreError::Stale`], taken values
-//! with [`StoreError::Conflict`], and then change nothing); versions that count management writes;
+//! with [`StoreError::Revoked`], a stale version or hash with [`StoreError::Stale`], an expired
+//! record written `if_unexpired` with [`StoreError::Expired`], taken values with
+//! [`StoreError::Conflict`], and then change nothing); versions that count management writes;
 //! a revocation that is permanent; a [`StoreEvent::Changed`] for every hash a record answered to
 //! before each `update`, `rotate`, `revoke` and `delete` (so
 //! [`TokenLookup::subscribe`](super::TokenLookup::subscribe) must return `true`: embed a
@@ -47,12 +48,13 @@
 //! }
 //!
 //! /// The stored record `id`, if it may be written: not revoked, at the version (and for a
-//! /// rotation, the hash) the caller read.
+//! /// rotation, the hash) the caller read, and if asked, not expired now.
 //! fn writable<'a>(
 //!     records: &'a HashMap<String, TokenRecord>,
 //!     id: &str,
 //!     if_version: Option<u64>,
 //!     old_hash: Option<&TokenHash>,
+//!     if_unexpired: bool,
 //! ) -> Result<&'a TokenRecord, StoreError> {
 //!     let r = records.get(id).ok_or(StoreError::NotFound)?;
 //!     if r.revoked_at.is_some() {
@@ -60,6 +62,9 @@
 //!     }
 //!     if if_version.is_some_and(|v| v != r.version) || old_hash.is_some_and(|h| *h != r.hash) {
 //!         return Err(StoreError::Stale);
+//!     }
+//!     if if_unexpired && r.is_expired_at(Utc::now()) {
+//!         return Err(StoreError::Expired);
 //!     }
 //!     Ok(r)
 //! }
@@ -140,7 +145,7 @@
 //!     async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
 //!         let (old, new) = {
 //!             let mut records = self.lock();
-//!             let old = writable(&records, id, patch.if_version, None)?.clone();
+//!             let old = writable(&records, id, patch.if_version, None, patch.if_unexpired)?.clone();
 //!             if patch.is_empty() {
 //!                 return Ok(old);
 //!             }
@@ -162,7 +167,14 @@
 //!     async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
 //!         let (old, new) = {
 //!             let mut records = self.lock();
-//!             let old = writable(&records, id, rotation.if_version, Some(&rotation.old_hash))?.clone();
+//!             let old = writable(
+//!                 &records,
+//!                 id,
+//!                 rotation.if_version,
+//!                 Some(&rotation.old_hash),
+//!                 rotation.if_unexpired,
+//!             )?
+//!             .clone();
 //!             if hash_taken(&records, &rotation.new_hash, id) {
 //!                 return Err(StoreError::Conflict { field: "hash" });
 //!             }
