@@ -1059,10 +1059,11 @@ async fn a_connection_that_never_sends_a_request_is_closed() {
     );
 }
 
-/// A request whose body never comes (headers complete, a `Content-Length`, then nothing) is
-/// answered 408 after `patd`'s request timeout (20 s) instead of holding its connection for good.
+/// A request whose body never comes (headers complete, a `Content-Length`, then nothing) does not
+/// hold its connection for good: with a request in flight and none starting or ending for 20 s,
+/// the connection is closed (after a 5 s grace to finish).
 #[tokio::test(flavor = "multi_thread")]
-async fn a_request_whose_body_never_comes_is_answered_408() {
+async fn a_request_whose_body_never_comes_loses_its_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = Dir::new("");
     let (token, _) = dir.issue(&[
@@ -1083,15 +1084,13 @@ async fn a_request_whose_body_never_comes_is_answered_408() {
     conn.write_all(head.as_bytes()).await.unwrap();
     let start = Instant::now();
     let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(40), conn.read(&mut buf))
+    let read = tokio::time::timeout(Duration::from_secs(40), conn.read(&mut buf))
         .await
-        .expect("an answer within 40 s")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        .expect("the connection closed within 40 s");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     let waited = start.elapsed();
     assert!(
-        waited >= Duration::from_secs(19) && waited < Duration::from_secs(25),
-        "answered after {waited:?}, not after the 20 s request timeout"
+        waited >= Duration::from_secs(19) && waited < Duration::from_secs(28),
+        "closed after {waited:?}, not after the 20 s request timeout and the 5 s grace"
     );
 }

@@ -196,11 +196,22 @@ impl RouteRules {
     /// Fails with [`AuthError::InvalidRequest`] (400) for a path whose escapes do not decode to
     /// UTF-8 or decode to a NUL byte.
     pub fn requirement(&self, method: &Method, path: &str) -> Result<Requirement, AuthError> {
-        let readings = readings(path)?;
+        // The common path (no escape, parameter, backslash, dot segment or empty segment) has
+        // one reading, itself: no copy made.
+        let plain = path.split(['?', '#']).next().unwrap_or("");
+        let readings: Vec<Cow<'_, str>> = if is_plain(plain) {
+            vec![Cow::Borrowed(plain)]
+        } else {
+            readings(path)?.into_iter().map(Cow::Owned).collect()
+        };
         let mut rules: Vec<Option<usize>> = Vec::with_capacity(2);
         for reading in &readings {
-            let lower = reading.to_lowercase();
-            for (reading, fold) in [(reading.as_str(), false), (lower.as_str(), true)] {
+            let lower = if reading.bytes().any(|b| b.is_ascii_uppercase()) || !reading.is_ascii() {
+                Cow::Owned(reading.to_lowercase())
+            } else {
+                Cow::Borrowed(reading.as_ref())
+            };
+            for (reading, fold) in [(reading.as_ref(), false), (lower.as_ref(), true)] {
                 // The method as sent, and in any case (`get` is `GET` to some upstreams, another
                 // method to others; `HEAD` is `GET` to most): both rules count.
                 for loose in [false, true] {
@@ -223,6 +234,16 @@ impl RouteRules {
             rules,
         })
     }
+}
+
+/// Whether every reading of `path` (its query cut off) is `path` itself: it starts with `/` and has
+/// no `%`, `;`, `\\`, empty segment (`//`) nor dot segment.
+fn is_plain(path: &str) -> bool {
+    path.starts_with('/')
+        && path.len() <= MAX_PATH_LEN
+        && !path.contains(['%', ';', '\\'])
+        && !path.contains("//")
+        && !path.split('/').any(|s| s == "." || s == "..")
 }
 
 /// Every plausible reading of `path` (its query cut off), without repetition: as written, decoded,

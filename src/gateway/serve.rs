@@ -332,8 +332,9 @@ pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 /// closes.
 pub const MAX_CONNECTIONS: usize = 4096;
 
-/// How long a request may take, its body included: one whose body does not come in time is
-/// answered 408 and its handler dropped.
+/// How long a connection's requests may go without one starting or ending while any is in flight
+/// (a request whose body never comes, HTTP/2 headers alone): the connection is then closed.
+/// Checked by the connection's own tick, so a request costs no timer.
 pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// How long a closing connection may take to finish the requests in flight before it is dropped.
@@ -350,7 +351,7 @@ struct Activity {
     started: std::time::Instant,
     /// Requests whose response is not ready yet.
     in_flight: std::sync::atomic::AtomicUsize,
-    /// When the last request ended, in ms since `started`.
+    /// When a request last started or ended, in ms since `started`.
     last_ms: std::sync::atomic::AtomicU64,
     /// Whether a request has come.
     served: std::sync::atomic::AtomicBool,
@@ -370,20 +371,20 @@ impl Activity {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Whether the connection has had no request in flight for longer than it may.
-    fn idle_too_long(&self) -> bool {
+    /// Whether the connection should be closed: no request in flight for longer than it may
+    /// stay idle, or requests in flight and none started or ended for [`REQUEST_TIMEOUT`].
+    fn should_close(&self) -> bool {
         use std::sync::atomic::Ordering::{Acquire, Relaxed};
-        // Pairs with the release in `Busy::drop`: no request in flight, and its end time seen.
-        if self.in_flight.load(Acquire) != 0 {
-            return false;
-        }
-        let limit = if self.served.load(Relaxed) {
+        // Pairs with the release in `Busy::drop`: the count, then the time seen with it.
+        let limit = if self.in_flight.load(Acquire) != 0 {
+            REQUEST_TIMEOUT
+        } else if self.served.load(Relaxed) {
             IDLE_TIMEOUT
         } else {
             HEADER_READ_TIMEOUT
         };
-        let idle = self.now_ms().saturating_sub(self.last_ms.load(Relaxed));
-        u128::from(idle) >= limit.as_millis()
+        let quiet = self.now_ms().saturating_sub(self.last_ms.load(Relaxed));
+        u128::from(quiet) >= limit.as_millis()
     }
 }
 
@@ -394,6 +395,7 @@ impl Busy {
     fn new(activity: &Arc<Activity>) -> Self {
         use std::sync::atomic::Ordering::Relaxed;
         activity.served.store(true, Relaxed);
+        activity.last_ms.store(activity.now_ms(), Relaxed);
         activity.in_flight.fetch_add(1, Relaxed);
         Self(Arc::clone(activity))
     }
@@ -407,10 +409,13 @@ impl Drop for Busy {
     }
 }
 
-/// A connection's service: the router, its requests counted in the connection's [`Activity`].
+/// A connection's service: the router, with the peer's address as `ConnectInfo` in each
+/// request (what `into_make_service_with_connect_info` adds), its requests counted in the
+/// connection's [`Activity`].
 #[derive(Clone)]
 struct Tracked {
     router: Router,
+    peer: SocketAddr,
     activity: Arc<Activity>,
 }
 
@@ -421,9 +426,7 @@ where
 {
     type Response = Response;
     type Error = std::convert::Infallible;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Response, std::convert::Infallible>> + Send>,
-    >;
+    type Future = TrackedFuture<<Router as tower::Service<http::Request<B>>>::Future>;
 
     fn poll_ready(
         &mut self,
@@ -432,24 +435,36 @@ where
         tower::Service::<http::Request<B>>::poll_ready(&mut self.router, cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let busy = Busy::new(&self.activity);
-        let response = tower::Service::call(&mut self.router, req);
-        Box::pin(async move {
-            // A request whose body never comes (HTTP/2 headers alone, a short body) would
-            // otherwise keep its connection open for good.
-            let response = match tokio::time::timeout(REQUEST_TIMEOUT, response).await {
-                Ok(response) => response,
-                Err(_) => Ok((
-                    StatusCode::REQUEST_TIMEOUT,
-                    [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
-                    "the request took too long\n",
-                )
-                    .into_response()),
-            };
-            drop(busy);
-            response
-        })
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
+        TrackedFuture {
+            busy: Some(Busy::new(&self.activity)),
+            inner: tower::Service::call(&mut self.router, req),
+        }
+    }
+}
+
+/// The response future of [`Tracked`]: the router's, counted in flight until it is ready (or
+/// dropped). No box, no timer.
+#[pin_project::pin_project]
+struct TrackedFuture<F> {
+    #[pin]
+    inner: F,
+    busy: Option<Busy>,
+}
+
+impl<F: std::future::Future> std::future::Future for TrackedFuture<F> {
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.inner.poll(cx));
+        this.busy.take();
+        std::task::Poll::Ready(out)
     }
 }
 
@@ -460,8 +475,8 @@ where
 /// drops its header timeout silently, and a slow client could keep any number of connections
 /// open); a connection is closed (gracefully: HTTP/2 gets a GOAWAY) when it has sent no request
 /// within that time (before hyper has even told HTTP/1 from HTTP/2), or had none in flight for
-/// [`IDLE_TIMEOUT`]; a request is answered 408 after [`REQUEST_TIMEOUT`] (its body never came);
-/// and at most [`MAX_CONNECTIONS`] are served at once.
+/// [`IDLE_TIMEOUT`], or had requests in flight and none start or end for [`REQUEST_TIMEOUT`] (a
+/// body that never comes); and at most [`MAX_CONNECTIONS`] are served at once.
 async fn serve_http(
     listener: tokio::net::TcpListener,
     app: Router,
@@ -503,10 +518,11 @@ async fn serve_http(
         };
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(Activity::new());
+        // The router as it is: a layer added per connection would wrap every route, one more
+        // boxed service to clone per request.
         let service = Tracked {
-            router: app
-                .clone()
-                .layer(axum::Extension(axum::extract::ConnectInfo(peer))),
+            router: app.clone(),
+            peer,
             activity: Arc::clone(&activity),
         };
         let service = hyper_util::service::TowerToHyperService::new(service);
@@ -527,7 +543,7 @@ async fn serve_http(
                         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
                             break;
                         }
-                        if deadline.is_none() && activity.idle_too_long() {
+                        if deadline.is_none() && activity.should_close() {
                             // HTTP/1.1 closes, HTTP/2 sends GOAWAY, detection stops.
                             connection.as_mut().graceful_shutdown();
                             deadline = Some(tokio::time::Instant::now() + CLOSE_GRACE);
