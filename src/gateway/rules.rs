@@ -246,8 +246,10 @@ fn is_plain(path: &str) -> bool {
         && !path.split('/').any(|s| s == "." || s == "..")
 }
 
-/// Every plausible reading of `path` (its query cut off), without repetition: as written, decoded,
-/// and with `;` parameters removed before and after decoding; each with dot segments resolved.
+/// Every plausible reading of `path` (its query cut off), without repetition: as written and after
+/// each round of decoding, with `;` parameters removed before decoding or not; each of these as it
+/// is, and with dot segments resolved (with `/` and with `/` and `\\` as separators, `;`
+/// parameters removed after decoding or not). The module docs say why.
 fn readings(path: &str) -> Result<Vec<String>, AuthError> {
     let path = path.split(['?', '#']).next().unwrap_or("");
     // Each reading is a copy: a bound on the work a request can ask for.
@@ -349,16 +351,8 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
     if clean {
         return Cow::Borrowed(path);
     }
-    let (decoded, _) = percent_decode(path);
+    let decoded = decode_rounds(path).0.pop().unwrap_or_default();
     Cow::Owned(resolve(&decoded, &['/', '\\'], false))
-}
-
-/// Decodes `%XX` escapes, repeatedly while any remain (a double-encoded `%252e` is a `.` to a
-/// gateway that decodes twice). Bytes that do not form UTF-8 are escaped again, each on its own,
-/// and the flag is `false` then.
-fn percent_decode(s: &str) -> (String, bool) {
-    let (mut rounds, clean) = decode_rounds(s);
-    (rounds.pop().unwrap_or_default(), clean)
 }
 
 /// `s`, then the result of each round of decoding its `%XX` escapes, while any remain and a round
