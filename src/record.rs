@@ -241,10 +241,37 @@ pub fn parse_ip_net(s: &str) -> Result<IpNet, ipnet::AddrParseError> {
 #[cfg(feature = "admin")]
 pub(crate) const MAX_NAME_CHARS: usize = 256;
 
+/// The characters a label may not hold besides the control characters: the invisible format
+/// characters of the Basic Multilingual Plane (Unicode category Cf: the soft hyphen, zero-width
+/// spaces and joiners, bidirectional marks, embeddings, overrides and isolates, the byte order
+/// mark) and the line and paragraph separators (Zl, Zp). With them `ci` and `ci\u{200B}` would be
+/// two names that look alike, and `deploy\u{202E}nimda` would print reversed in a list.
+///
+/// The plane's ranges only, so that the OpenAPI document states the same rule as a pattern every
+/// regular expression dialect reads (`\uXXXX`); the invisible tag characters beyond it
+/// (U+E0000–E007F) are not refused.
+#[cfg(feature = "admin")]
+pub(crate) const INVISIBLE: &[(char, char)] = &[
+    ('\u{AD}', '\u{AD}'),
+    ('\u{600}', '\u{605}'),
+    ('\u{61C}', '\u{61C}'),
+    ('\u{6DD}', '\u{6DD}'),
+    ('\u{70F}', '\u{70F}'),
+    ('\u{890}', '\u{891}'),
+    ('\u{8E2}', '\u{8E2}'),
+    ('\u{180E}', '\u{180E}'),
+    ('\u{200B}', '\u{200F}'),
+    ('\u{2028}', '\u{202E}'),
+    ('\u{2060}', '\u{2064}'),
+    ('\u{2066}', '\u{206F}'),
+    ('\u{FEFF}', '\u{FEFF}'),
+    ('\u{FFF9}', '\u{FFFB}'),
+];
+
 /// A name, type or subject as every entry point takes it (the management API, whose OpenAPI
 /// document states the same rule as a pattern, and `patd token create`): at most `max`
-/// characters as sent, none of them a control character, not blank. Returns it trimmed, or what
-/// is wrong with it.
+/// characters as sent, none of them a control character or [invisible](INVISIBLE), not blank.
+/// Returns it trimmed, or what is wrong with it.
 #[cfg(feature = "admin")]
 pub(crate) fn label(value: &str, max: usize) -> Result<&str, String> {
     if value.chars().count() > max {
@@ -252,6 +279,12 @@ pub(crate) fn label(value: &str, max: usize) -> Result<&str, String> {
     }
     if value.chars().any(char::is_control) {
         return Err("must not contain control characters".to_owned());
+    }
+    if value
+        .chars()
+        .any(|c| INVISIBLE.iter().any(|(lo, hi)| (*lo..=*hi).contains(&c)))
+    {
+        return Err("must not contain invisible formatting characters".to_owned());
     }
     match value.trim() {
         "" => Err("must not be blank".to_owned()),

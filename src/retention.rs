@@ -140,7 +140,9 @@ impl RetentionConfig {
     }
 
     /// The cutoff of a run at `now`: records revoked or expired before it are removed. `None`
-    /// when retention is off; the earliest time there is for an age too large to subtract.
+    /// when retention is off; never before the Unix epoch (an older cutoff, or an age too large
+    /// to subtract, removes nothing and asks the store nothing: PostgreSQL could not represent
+    /// it).
     pub fn cutoff(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         if !self.is_enabled() {
             return None;
@@ -149,7 +151,7 @@ impl RetentionConfig {
             chrono::Duration::from_std(self.max_age)
                 .ok()
                 .and_then(|age| now.checked_sub_signed(age))
-                .unwrap_or(DateTime::<Utc>::MIN_UTC),
+                .map_or(DateTime::UNIX_EPOCH, |c| c.max(DateTime::UNIX_EPOCH)),
         )
     }
 }
@@ -351,10 +353,10 @@ impl Shared {
         let limit = self.config.batch_size.max(1);
         let mut count = 0u64;
         let mut batches = 0u64;
-        // Nothing is revoked or expired before the earliest time there is (an age too large to
-        // subtract): no store call, which could not represent it anyway.
+        // Nothing is revoked or expired before the Unix epoch (an age that reaches back to it):
+        // no store call, which might not represent an older time anyway.
         let result = loop {
-            if cutoff == DateTime::<Utc>::MIN_UTC {
+            if cutoff <= DateTime::UNIX_EPOCH {
                 break Ok(());
             }
             match self.store.purge(cutoff, limit).await {

@@ -427,3 +427,19 @@ fn event_names_match_their_json() {
         assert_eq!(kind.to_string(), kind.as_str());
     }
 }
+
+/// The builder's `Debug` names where events go, not a URL's credentials (user info, a secret
+/// path, a query); an empty signing secret is refused.
+#[test]
+fn the_webhook_builder_hides_the_url_and_refuses_an_empty_secret() {
+    let builder = WebhookSink::builder(
+        "http://hook:pw-s3cret@receiver:9000/T0/B0/xoxb-s3cret?k=s3cret",
+        SECRET,
+    )
+    .unwrap();
+    let shown = format!("{builder:?}");
+    assert!(!shown.contains("s3cret"), "{shown}");
+    assert!(shown.contains("receiver:9000"), "{shown}");
+    let err = WebhookSink::builder("http://receiver:9000/hook", b"").unwrap_err();
+    assert!(err.to_string().contains("secret"), "{err}");
+}

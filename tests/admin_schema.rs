@@ -113,7 +113,8 @@ async fn server_accepts(t: &TestApp, field: &str, value: &Value, n: usize) -> bo
 
 #[tokio::test]
 async fn each_field_rule_in_the_document_is_the_servers() {
-    let t = app().await;
+    // One creation per value: more than the default rate limit allows.
+    let t = app_with(|c| c.creation_rate_limit(1_000, Duration::from_secs(60))).await;
     let doc = document(&t).await;
     let create_branches = branches(&doc, "CreateTokenRequest");
     let props = &create_branches[0]["properties"];
@@ -133,6 +134,17 @@ async fn each_field_rule_in_the_document_is_the_servers() {
                 "\u{3000}x",
                 "é ü 名前",
                 "x\u{7f}",
+                // Invisible characters: refused, and the document says so.
+                "a\u{202E}b",
+                "\u{200B}",
+                "ci\u{200B}",
+                "\u{FEFF}x",
+                "a\u{2028}b",
+                "x\u{AD}y",
+                "a\u{2066}b\u{2069}",
+                // Visible ones beyond the plane, and the narrow no-break space: accepted.
+                "\u{1F680} deploy",
+                "a\u{202F}b",
                 &long,
                 &format!("{long}x"),
                 &format!(" {long}"),
@@ -208,6 +220,18 @@ async fn each_field_rule_in_the_document_is_the_servers() {
             ],
         ),
     ];
+    for invisible in [
+        "a\u{202E}b",
+        "\u{200B}",
+        "ci\u{200B}",
+        "\u{FEFF}x",
+        "x\u{AD}y",
+    ] {
+        assert!(
+            !server_accepts(&t, "name", &json!(invisible), 0).await,
+            "{invisible:?}"
+        );
+    }
     let mut n = 0;
     for (field, values) in cases {
         for value in values {

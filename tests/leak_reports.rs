@@ -548,6 +548,57 @@ mod reports {
         assert_eq!(t.hello(&token).await, StatusCode::OK);
     }
 
+    /// A request body whose bytes never come.
+    struct Never;
+
+    impl http_body::Body for Never {
+        type Data = bytes::Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>>
+        {
+            std::task::Poll::Pending
+        }
+    }
+
+    /// No token stands in front of this route: a request without a configured key and a
+    /// well-formed signature is refused before its body is read, so an anonymous client cannot
+    /// make the server buffer a megabyte, or wait for one, per request.
+    #[tokio::test]
+    async fn an_unsigned_report_is_401_before_its_body_is_read() {
+        let signature = {
+            let t = app();
+            sign(&t.github, b"[]")
+        };
+        for (key_id, sig) in [
+            (None, None),
+            (Some("github-1"), None),
+            (Some("unknown"), Some(signature.as_str())),
+            (Some("github-1"), Some("not base64!")),
+            (Some("github-1"), Some("AAAA")),
+        ] {
+            let t = app();
+            // A body that never arrives: reading it would wait for ever.
+            let never = Never;
+            let mut req = Request::post(PATH).header("content-type", "application/json");
+            if let Some(id) = key_id {
+                req = req.header(KEY_IDENTIFIER_HEADER, id);
+            }
+            if let Some(sig) = sig {
+                req = req.header(KEY_SIGNATURE_HEADER, sig);
+            }
+            let req = req.body(Body::new(never)).unwrap();
+            let res = tokio::time::timeout(std::time::Duration::from_secs(5), t.send(req))
+                .await
+                .expect("refused without reading the body");
+            unauthorized(&res);
+            assert_eq!(t.store_calls(), 0);
+        }
+    }
+
     #[tokio::test]
     async fn more_entries_than_the_maximum_is_400_and_revokes_nothing() {
         let mut t = app_with(|r| r.max_entries(3));

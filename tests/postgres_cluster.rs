@@ -615,3 +615,46 @@ async fn a_stranded_listener_connection_is_replaced_and_the_missed_revocation_ap
     );
     b.wait_feed(true).await;
 }
+
+/// A record made outside `Tokens` (a legacy import) may have an id with spaces: its revocation
+/// still reaches node B. An id too long for a notification is refused at insert, not stored
+/// unrevocable.
+#[tokio::test]
+async fn ids_with_spaces_are_invalidated_and_overlong_ids_refused() {
+    let Some(db) = TestDb::create(WHAT).await else {
+        return;
+    };
+    let a = node_a(&db).await;
+    let b = node_b(&db, port(&db), port(&db), long_ttl()).await;
+    let new = NewToken::new("alice", "legacy").scopes(["api"]).unwrap();
+    let (mut record, secret) = a.tokens.mint(new, Utc::now());
+    record.id = "legacy 42 x".to_owned();
+    a.store.insert(&record).await.unwrap();
+    let token = secret.expose_secret().to_owned();
+    assert_eq!(b.code(&token).await, StatusCode::OK);
+    a.store
+        .revoke(&record.id, Utc::now())
+        .await
+        .unwrap()
+        .unwrap();
+    let revoked = wait_for(Duration::from_secs(1), async || {
+        b.code(&token).await == StatusCode::UNAUTHORIZED
+    })
+    .await;
+    assert!(revoked.is_some(), "node B still accepts the revoked token");
+
+    let new = NewToken::new("alice", "long").scopes(["api"]).unwrap();
+    let (mut long, _) = a.tokens.mint(new, Utc::now());
+    long.id = "x".repeat(1025);
+    assert!(a.store.insert(&long).await.is_err());
+    assert_eq!(a.store.get(&long.id).await.unwrap(), None);
+    long.id = "x".repeat(1024);
+    a.store.insert(&long).await.unwrap();
+    assert!(
+        a.store
+            .revoke(&long.id, Utc::now())
+            .await
+            .unwrap()
+            .is_some()
+    );
+}

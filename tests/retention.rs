@@ -918,8 +918,14 @@ fn defaults() {
     assert_eq!(c.cutoff(now), Some(now - days(30)));
     assert_eq!(c.clone().max_age(Duration::ZERO).cutoff(now), None);
     assert_eq!(
-        c.max_age(Duration::MAX).cutoff(now),
-        Some(DateTime::<Utc>::MIN_UTC)
+        c.clone().max_age(Duration::MAX).cutoff(now),
+        Some(DateTime::<Utc>::UNIX_EPOCH)
+    );
+    // Ten thousand years: representable by chrono, not by PostgreSQL.
+    assert_eq!(
+        c.max_age(Duration::from_secs(10_000 * 366 * 86_400))
+            .cutoff(now),
+        Some(DateTime::<Utc>::UNIX_EPOCH)
     );
 }
 

@@ -408,3 +408,62 @@ async fn a_poller_that_falls_behind_the_pruned_log_drops_its_cache() {
     );
     assert!(b.store.feed_connected());
 }
+
+/// A listener that panics on every event.
+struct Panicky;
+
+impl tower_pat::store::ChangeListener for Panicky {
+    fn on_event(&self, _: &tower_pat::store::StoreEvent) {
+        panic!("a buggy listener");
+    }
+}
+
+/// A subscribed listener that panics neither kills the poller nor keeps the event from the
+/// others: revocations made elsewhere still reach this handle's layer, and the feed stays live.
+#[tokio::test]
+async fn a_panicking_listener_does_not_stop_the_feed() {
+    use tower_pat::TokenLookup;
+    let dir = common::tempdir();
+    let path = db(&dir);
+    let a = Node::open(&path).await;
+    let b = Node::open(&path).await;
+    let panicky: std::sync::Arc<dyn tower_pat::store::ChangeListener> =
+        std::sync::Arc::new(Panicky);
+    b.store.subscribe(std::sync::Arc::downgrade(&panicky));
+    for i in 0..3 {
+        let (record, token) = b.cached(&format!("p{i}")).await;
+        a.tokens.revoke(&record.id).await.unwrap().unwrap();
+        let revoked = wait_for(Duration::from_secs(2), async || {
+            b.code(&token).await == StatusCode::UNAUTHORIZED
+        })
+        .await;
+        assert!(
+            revoked.is_some(),
+            "B accepts a revoked token: its feed died"
+        );
+        assert!(b.store.feed_connected());
+    }
+}
+
+/// A store opened on a runtime that is then shut down (opened at start-up on a runtime of its
+/// own, served from another) has lost its poller: the feed reads as disconnected, so the layer
+/// counts staleness and serves nothing on trust, instead of reading as connected while no change
+/// is heard.
+#[test]
+fn a_poller_dropped_with_its_runtime_reads_as_disconnected() {
+    let dir = common::tempdir();
+    let path = db(&dir);
+    let opening = tokio::runtime::Runtime::new().unwrap();
+    let store = opening.block_on(SqliteStore::open(&path)).unwrap();
+    assert!(store.feed_connected());
+    drop(opening);
+    assert!(!store.feed_connected(), "a dead poller reads as connected");
+    let serving = tokio::runtime::Runtime::new().unwrap();
+    serving.block_on(async {
+        let node = Node::with_store(store);
+        let (_, token) = node.issue("t").await;
+        // The store itself still answers; only the feed is gone, and the layer knows it.
+        assert_eq!(node.code(&token).await, StatusCode::OK);
+        assert!(node.layer.max_staleness() > Duration::ZERO);
+    });
+}

@@ -408,3 +408,45 @@ async fn postgres_schema_1_gains_versions() {
     assert_eq!(store.update(&r.id, &patch).await.unwrap().version, 1);
     store.pool().close().await;
 }
+
+/// A history or retention kept "forever" (`Duration::MAX`, ten thousand years) reaches back past
+/// what PostgreSQL can represent: rotations, reuse lookups and purges still work, and keep
+/// everything.
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres_keeps_forever_without_failing() {
+    use std::time::Duration;
+    use tower_pat::RetentionConfig;
+    use tower_pat::store::{PostgresStore, SupersededHistory};
+    let Some(db) = common::pg::TestDb::create("store_conformance").await else {
+        return;
+    };
+    for retention in [Duration::MAX, Duration::from_secs(10_000 * 366 * 86_400)] {
+        let store = PostgresStore::builder()
+            .connect_with(db.options.clone())
+            .await
+            .unwrap()
+            .superseded_history(SupersededHistory::default().retention(retention));
+        let tokens = Tokens::new(store.clone());
+        let (record, old) = tokens
+            .issue(NewToken::new("alice", "ci").scopes(["repo:read"]).unwrap())
+            .await
+            .unwrap();
+        let rotated = tokens.rotate(&record.id, Duration::ZERO).await;
+        assert!(rotated.is_ok(), "{retention:?}: {rotated:?}");
+        let hash = tokens.hasher().hash(old.expose_secret());
+        let found = store.find_superseded(&hash).await.unwrap();
+        assert_eq!(found.map(|s| s.record.id), Some(record.id.clone()));
+        store.revoke(&record.id, now()).await.unwrap();
+        let report = tokens
+            .retention(RetentionConfig::default().max_age(retention))
+            .build()
+            .run_once()
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(report.count, 0);
+        assert!(store.get(&record.id).await.unwrap().is_some());
+        store.pool().close().await;
+    }
+}

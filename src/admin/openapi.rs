@@ -182,7 +182,7 @@ const V6: &str = concat!(
 
 /// The patterns of the request fields, as the parsers in `input.rs` apply them.
 struct Patterns {
-    /// A name or type: no control character, not blank.
+    /// A name or type: no control or invisible character, not blank.
     label: String,
     /// A scope in an array (trimmed; a blank one is dropped).
     scope: String,
@@ -201,10 +201,16 @@ impl Patterns {
         let net = format!(
             "[{WS}]*({V4}(/(3[0-2]|[12]?[0-9]))?|{V6}(/(12[0-8]|1[01][0-9]|[1-9]?[0-9]))?)?[{WS}]*"
         );
+        // Control characters, and the invisible ones `record::label` refuses.
+        let refused: String = std::iter::once(r"\x00-\x1f\x7f-\x9f".to_owned())
+            .chain(
+                crate::record::INVISIBLE
+                    .iter()
+                    .map(|(lo, hi)| format!(r"\u{:04x}-\u{:04x}", *lo as u32, *hi as u32)),
+            )
+            .collect();
         Self {
-            label: format!(
-                r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x1f\x7f-\x9f{WS}][^\x00-\x1f\x7f-\x9f]*$"
-            ),
+            label: format!("^[^{refused}]*[^{refused}{WS}][^{refused}]*$"),
             scope: format!("^[{WS}]*({SCOPE})?[{WS}]*$"),
             scopes: format!("^[{WS}]*({SCOPE}([{WS}]+{SCOPE})*)?[{WS}]*$"),
             nets: format!("^{net}(,{net})*$"),

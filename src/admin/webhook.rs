@@ -88,8 +88,12 @@ pub struct WebhookBuilder {
 
 impl fmt::Debug for WebhookBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Only where it goes: a URL's user info, path or query may be a credential (a receiver
+        // that authenticates by a secret path).
+        let port = self.url.port().map(|p| format!(":{p}")).unwrap_or_default();
+        let host = self.url.host().unwrap_or_default();
         f.debug_struct("WebhookBuilder")
-            .field("url", &self.url)
+            .field("url", &format_args!("http://{host}{port}/<redacted>"))
             .field("key", &"[redacted]")
             .field("queue_capacity", &self.queue_capacity)
             .field("max_attempts", &self.max_attempts)
@@ -100,7 +104,7 @@ impl fmt::Debug for WebhookBuilder {
     }
 }
 
-/// Why a webhook URL was refused.
+/// Why a webhook sink was refused: its URL, or an empty signing secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidWebhookUrl(&'static str);
 
@@ -125,7 +129,8 @@ struct Delivery {
 }
 
 impl WebhookSink {
-    /// A sink posting to `url` (`http://host:port/path`) and signing with `secret`.
+    /// A sink posting to `url` (`http://host:port/path`) and signing with `secret`, which must
+    /// not be empty (a receiver could not tell its events from anyone's).
     pub fn builder(
         url: &str,
         secret: impl AsRef<[u8]>,
@@ -136,6 +141,11 @@ impl WebhookSink {
         if url.scheme_str() != Some("http") || url.host().is_none() {
             return Err(InvalidWebhookUrl(
                 "the webhook URL must be an absolute http:// URL",
+            ));
+        }
+        if secret.as_ref().is_empty() {
+            return Err(InvalidWebhookUrl(
+                "the webhook signing secret must not be empty",
             ));
         }
         Ok(WebhookBuilder {

@@ -24,7 +24,9 @@ use crate::{NewToken, ScopeSet, TokenRecord, Tokens};
 
 /// patd: personal access token authentication for gateways (forward-auth for nginx, Caddy and
 /// Traefik, Envoy ext_authz), with a management API and a token CLI.
-#[derive(Debug, Parser)]
+///
+/// Its `Debug` hides what may be secret: the store URL's password and query, every `--set` value.
+#[derive(Parser)]
 #[command(name = "patd", version, about)]
 pub struct Cli {
     /// The configuration file (default: ./patd.toml if it exists).
@@ -38,6 +40,29 @@ pub struct Cli {
     sets: Vec<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+impl std::fmt::Debug for Cli {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A `--set` may carry a pepper or a store URL: only its key is shown.
+        let sets: Vec<String> = self
+            .sets
+            .iter()
+            .map(|s| match s.split_once('=') {
+                Some((key, _)) => format!("{key}=<redacted>"),
+                None => "<redacted>".to_owned(),
+            })
+            .collect();
+        f.debug_struct("Cli")
+            .field("config", &self.config)
+            .field(
+                "store",
+                &self.store.as_deref().map(super::config::redacted_url),
+            )
+            .field("sets", &sets)
+            .field("command", &self.command)
+            .finish()
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -207,6 +232,9 @@ pub fn main() -> ExitCode {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
+    if let Some(warning) = secret_on_command_line(&cli) {
+        eprintln!("patd: warning: {warning}");
+    }
     let config = match load_config(&cli) {
         Ok(c) => c,
         Err(message) => return fail(Failure::input(message)),
@@ -227,6 +255,27 @@ pub fn run(cli: Cli) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => fail(f),
     }
+}
+
+/// A warning when the command line carries a secret (a pepper, a store URL's password or
+/// query): every local user can read a process's arguments, for as long as it runs.
+fn secret_on_command_line(cli: &Cli) -> Option<String> {
+    let store_secret = |url: &str| super::config::redacted_url(url) != url;
+    let given = cli.store.as_deref().is_some_and(store_secret)
+        || cli.sets.iter().any(|set| {
+            let (key, value) = set.split_once('=').unwrap_or((set, ""));
+            match key.trim() {
+                "pepper" | "previous_peppers" => true,
+                "store" => store_secret(value.trim().trim_matches(['"', '\''])),
+                _ => false,
+            }
+        });
+    given.then(|| {
+        "a secret on the command line (--store with a password, --set pepper) is readable by \
+         every local user while patd runs; use PATD_STORE, PATD_PEPPER or the configuration \
+         file"
+            .to_owned()
+    })
 }
 
 fn fail(f: Failure) -> ExitCode {
@@ -563,5 +612,60 @@ fn print_view(out: &mut impl Write, v: &TokenView) {
         ("state", state(v).to_owned()),
     ] {
         let _ = writeln!(out, "{k:<15}{val}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("patd").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn debug_hides_the_store_password_and_every_set_value() {
+        let cli = parse(&[
+            "--store",
+            "postgres://app:hunter2-pw@db/pat",
+            "--set",
+            "pepper=0123456789abcdef-s3cret",
+            "--set",
+            "store=postgres://u:Zm9v/YmFy@db/pat",
+            "config",
+            "check",
+        ]);
+        let shown = format!("{cli:?}");
+        for secret in ["hunter2", "s3cret", "Zm9v", "YmFy"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("pepper=<redacted>"), "{shown}");
+        assert!(
+            shown.contains("postgres://app:<redacted>@db/pat"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_secret_on_the_command_line_is_warned_about() {
+        for args in [
+            &["--store", "postgres://app:pw@db/pat", "migrate"][..],
+            &["--set", "pepper=0123456789abcdef", "migrate"][..],
+            &[
+                "--set",
+                "previous_peppers=[\"0123456789abcdef\"]",
+                "migrate",
+            ][..],
+            &["--set", "store=\"postgres://db/pat?password=x\"", "migrate"][..],
+        ] {
+            assert!(secret_on_command_line(&parse(args)).is_some(), "{args:?}");
+        }
+        for args in [
+            &["--store", "postgres://app@db/pat", "migrate"][..],
+            &["--store", "sqlite:./patd.db", "migrate"][..],
+            &["--set", "cache.ttl=5m", "migrate"][..],
+        ] {
+            assert!(secret_on_command_line(&parse(args)).is_none(), "{args:?}");
+        }
     }
 }

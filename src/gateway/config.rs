@@ -703,36 +703,115 @@ fn note_secrets(key: &str, value: &toml::Value, secrets: &mut Vec<String>) {
     }
 }
 
-/// The parts of a URL that may be secret: the password of its user info and its query.
+/// A URL cut where its secrets are: the user info (up to the `@`) and the query.
+///
+/// A password may hold `/`, `?`, `#` or `@` unencoded, which makes the cut ambiguous: such a URL
+/// is [`Ambiguous`](UrlParts::Ambiguous) and shown as its scheme alone. Cutting too little would
+/// print part of a password; cutting too much only hides the host.
+enum UrlParts<'a> {
+    /// One `@` at most, and no `/`, `?` or `#` before it.
+    Plain {
+        scheme: &'a str,
+        user: Option<&'a str>,
+        password: Option<&'a str>,
+        host_path: &'a str,
+        query: Option<&'a str>,
+    },
+    /// Anything else: everything after the scheme may be secret.
+    Ambiguous { scheme: &'a str, rest: &'a str },
+}
+
+impl<'a> UrlParts<'a> {
+    fn of(url: &'a str) -> Self {
+        let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+        let (userinfo, after) = match rest.split_once('@') {
+            Some((userinfo, after)) => (Some(userinfo), after),
+            None => (None, rest),
+        };
+        if after.contains('@') || userinfo.is_some_and(|u| u.contains(['/', '?', '#'])) {
+            return Self::Ambiguous { scheme, rest };
+        }
+        let (user, password) = match userinfo.map(|u| u.split_once(':')) {
+            Some(Some((user, password))) => (Some(user), Some(password)),
+            Some(None) => (userinfo, None),
+            None => (None, None),
+        };
+        let (host_path, query) = match after.split_once('?') {
+            Some((host_path, query)) => (host_path, Some(query)),
+            None => (after, None),
+        };
+        Self::Plain {
+            scheme,
+            user,
+            password,
+            host_path,
+            query,
+        }
+    }
+
+    /// The parts that may be secret, and for an ambiguous URL also their pieces between
+    /// delimiters (an error may quote a piece of a URL it could not parse).
+    fn secrets(&self) -> Vec<String> {
+        match self {
+            Self::Plain {
+                password, query, ..
+            } => password
+                .iter()
+                .chain(query)
+                .map(|s| (*s).to_owned())
+                .collect(),
+            Self::Ambiguous { rest, .. } => std::iter::once(*rest)
+                .chain(rest.split(['/', '?', '#', '@', ':', '&', '=']))
+                .map(str::to_owned)
+                .collect(),
+        }
+    }
+}
+
+impl fmt::Display for UrlParts<'_> {
+    /// The URL with its password and query replaced by `<redacted>`; an ambiguous one as
+    /// `scheme://<redacted>`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Plain {
+                scheme,
+                user,
+                password,
+                host_path,
+                query,
+            } => {
+                if !scheme.is_empty() {
+                    write!(f, "{scheme}://")?;
+                }
+                if let Some(user) = user {
+                    f.write_str(user)?;
+                    if password.is_some() {
+                        f.write_str(":<redacted>")?;
+                    }
+                    f.write_str("@")?;
+                }
+                f.write_str(host_path)?;
+                if query.is_some() {
+                    f.write_str("?<redacted>")?;
+                }
+                Ok(())
+            }
+            Self::Ambiguous { scheme: "", .. } => f.write_str("<redacted>"),
+            Self::Ambiguous { scheme, .. } => write!(f, "{scheme}://<redacted>"),
+        }
+    }
+}
+
+/// The parts of a URL that may be secret (see [`UrlParts`]).
 fn url_secrets(url: &str) -> Vec<String> {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    let mut secrets = Vec::new();
-    if let Some((userinfo, _)) = authority.rsplit_once('@')
-        && let Some((_, password)) = userinfo.split_once(':')
-    {
-        secrets.push(password.to_owned());
-    }
-    if let Some((_, query)) = tail.split_once('?') {
-        secrets.push(query.to_owned());
-    }
-    secrets
+    UrlParts::of(url).secrets()
 }
 
 /// `url` with the password of its user info and its query replaced by `<redacted>`.
-fn redacted_url(url: &str) -> String {
-    let mut out = url.to_owned();
-    for secret in url_secrets(url) {
-        if !secret.is_empty() {
-            out = out.replace(&secret, "<redacted>");
-        }
-    }
-    out
+pub(super) fn redacted_url(url: &str) -> String {
+    UrlParts::of(url).to_string()
 }
 
-/// `message` with every secret of `secrets` replaced by `<redacted>` (those shorter than 4 bytes
-/// only where the store URL's own redaction already hides them).
 /// A TOML syntax error in `file` (whose text is `text`): where, and what, without the line.
 fn syntax_error(file: &str, text: &str, e: &toml::de::Error) -> ConfigError {
     let at = e.span().map(|span| {
@@ -748,6 +827,8 @@ fn syntax_error(file: &str, text: &str, e: &toml::de::Error) -> ConfigError {
     ))
 }
 
+/// `message` with every secret of `secrets` replaced by `<redacted>` (those shorter than 4 bytes
+/// only where the store URL's own redaction already hides them).
 fn scrub(mut message: String, secrets: &[String]) -> String {
     for secret in secrets {
         if secret.len() >= 4 {
@@ -846,30 +927,7 @@ impl fmt::Display for StoreUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Sqlite(path) => write!(f, "sqlite:{}", path.display()),
-            Self::Postgres(url) => {
-                let (scheme, rest) = url.split_once("://").unwrap_or(("postgres", url));
-                let (authority, tail) = match rest.find(['/', '?']) {
-                    Some(i) => rest.split_at(i),
-                    None => (rest, ""),
-                };
-                match authority.rsplit_once('@') {
-                    Some((userinfo, host)) => {
-                        let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-                        let redacted = if userinfo.contains(':') {
-                            ":<redacted>"
-                        } else {
-                            ""
-                        };
-                        write!(f, "{scheme}://{user}{redacted}@{host}")?;
-                    }
-                    None => write!(f, "{scheme}://{authority}")?,
-                }
-                // Query parameters may hold a password too.
-                match tail.split_once('?') {
-                    Some((path, _)) => write!(f, "{path}?<redacted>"),
-                    None => f.write_str(tail),
-                }
-            }
+            Self::Postgres(url) => UrlParts::of(url).fmt(f),
         }
     }
 }
@@ -1294,6 +1352,66 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXOpw6qjcqsauqveNqG5RBCU6yV7A
         assert!(
             printed.contains("postgres://app:<redacted>@db/tokens?<redacted>"),
             "{printed}"
+        );
+    }
+
+    #[test]
+    fn a_password_with_delimiters_is_never_printed() {
+        // Unencoded `/`, `?`, `#`, `@` in a password (base64 has `/`): no piece of it is printed,
+        // neither by the redacted configuration, nor `Display`, nor `Debug`, nor an error.
+        for (url, pieces) in [
+            ("postgres://app:Zm9v/YmFy@db/pat", &["Zm9v", "YmFy"][..]),
+            ("postgres://app:ab?cdef@db/pat", &["ab?", "cdef"][..]),
+            ("postgres://app:ab#cdef@db/pat", &["ab#", "cdef"][..]),
+            ("postgres://app:pw@xyz@db/pat", &["pw@", "xyz"][..]),
+            ("postgres://db/pat?password=se@cret", &["se@", "cret"][..]),
+            (
+                "postgres://u:p@db/pat?password=abcd@efgh",
+                &["abcd", "efgh"][..],
+            ),
+        ] {
+            let c = load(&format!("store = \"{url}\"\n"), &[], &[]).unwrap();
+            let shown = [
+                c.to_redacted_toml(),
+                c.store.to_string(),
+                format!("{c:?}"),
+                redacted_url(url),
+            ];
+            for shown in &shown {
+                for piece in pieces {
+                    assert!(!shown.contains(piece), "{url}: {shown}");
+                }
+            }
+            // Pieces shorter than 4 bytes (a user `u`, a host `db`) are not scrubbed from messages.
+            for secret in url_secrets(url).iter().filter(|s| s.len() >= 4) {
+                assert!(
+                    !redacted_url(url).contains(secret.as_str()),
+                    "{url}: {secret}"
+                );
+            }
+            let err = scrub(
+                format!("cannot open {url}: bad port Zm9v"),
+                &url_secrets(url),
+            );
+            for piece in pieces
+                .iter()
+                .filter(|p| p.len() >= 4 && !p.contains(['?', '#', '@']))
+            {
+                assert!(!err.contains(piece), "{url}: {err}");
+            }
+        }
+        // A plain URL keeps its user and host; its password and query are hidden.
+        assert_eq!(
+            redacted_url("postgres://app:hunter2@db:5432/pat?sslmode=require"),
+            "postgres://app:<redacted>@db:5432/pat?<redacted>"
+        );
+        assert_eq!(
+            redacted_url("postgres://app@db/pat"),
+            "postgres://app@db/pat"
+        );
+        assert_eq!(
+            redacted_url("postgres://app:Zm9v/YmFy@db/pat"),
+            "postgres://<redacted>"
         );
     }
 

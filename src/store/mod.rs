@@ -156,11 +156,21 @@ impl ChangeHub {
         l.push(listener);
     }
 
-    /// Delivers `event` to every live listener.
+    /// Delivers `event` to every live listener. A listener that panics is logged and passed
+    /// over: the others still get the event, and the store's feed task that publishes it goes on
+    /// (a panic through it would end the feed while the store still read as connected).
     pub fn publish(&self, event: &StoreEvent) {
         let listeners = self.listeners.read().unwrap_or_else(|e| e.into_inner());
         for listener in listeners.iter().filter_map(Weak::upgrade) {
-            listener.on_event(event);
+            let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                listener.on_event(event);
+            }));
+            if delivered.is_err() {
+                tracing::error!(
+                    target: "tower_pat::store",
+                    "a store event listener panicked; the event still goes to the others"
+                );
+            }
         }
     }
 
@@ -178,6 +188,46 @@ impl ChangeHub {
         self.changed(&old.id, old.hash);
         if let Some((h, _)) = old.previous_hash {
             self.changed(&old.id, h);
+        }
+    }
+}
+
+/// Held by a store's change feed task: when the task ends while its store lives (its future
+/// dropped by a panic, or by the runtime that ran it shutting down), `ended` marks the feed
+/// down, so that the caches stop serving on trust and `max_staleness` counts, instead of a dead
+/// feed reading as connected. A task that returns because its store is gone does nothing.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) struct FeedTaskGuard<T> {
+    store: Weak<T>,
+    ended: fn(&T),
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+impl<T> FeedTaskGuard<T> {
+    pub(crate) fn new(store: Weak<T>, ended: fn(&T)) -> Self {
+        Self { store, ended }
+    }
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+impl<T> Drop for FeedTaskGuard<T> {
+    fn drop(&mut self) {
+        if let Some(store) = self.store.upgrade() {
+            if std::thread::panicking() {
+                tracing::error!(
+                    target: "tower_pat::store",
+                    "the token change feed task panicked: changes made elsewhere are no longer \
+                     heard, and the feed reads as disconnected"
+                );
+            } else {
+                // The runtime is shutting down (at a program's exit, the usual case).
+                tracing::debug!(
+                    target: "tower_pat::store",
+                    "the token change feed task was dropped with its runtime; the feed reads \
+                     as disconnected"
+                );
+            }
+            (self.ended)(&store);
         }
     }
 }
@@ -284,12 +334,14 @@ impl SupersededHistory {
         self
     }
 
-    /// The oldest `superseded_at` still remembered at `now`.
+    /// The oldest `superseded_at` still remembered at `now`: never before the Unix epoch (a
+    /// longer retention keeps everything a store holds, and PostgreSQL cannot represent a time
+    /// before 4713 BC: such a cutoff would fail the rotation it is pruned in).
     pub(crate) fn cutoff(&self, now: DateTime<Utc>) -> DateTime<Utc> {
         chrono::Duration::from_std(self.retention)
             .ok()
             .and_then(|r| now.checked_sub_signed(r))
-            .unwrap_or(DateTime::<Utc>::MIN_UTC)
+            .map_or(DateTime::UNIX_EPOCH, |c| c.max(DateTime::UNIX_EPOCH))
     }
 }
 

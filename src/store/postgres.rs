@@ -411,7 +411,8 @@ impl PostgresStoreBuilder {
             listener_task: OnceLock::new(),
             history: HistorySetting::default(),
         });
-        let task = tokio::spawn(feed.run(Arc::downgrade(&inner), listener));
+        let ended = super::FeedTaskGuard::new(Arc::downgrade(&inner), Shared::feed_ended);
+        let task = tokio::spawn(feed.run(Arc::downgrade(&inner), listener, ended));
         let _ = inner.listener_task.set(task.abort_handle());
         Ok(PostgresStore { inner })
     }
@@ -550,10 +551,20 @@ impl Shared {
         });
     }
 
+    /// The feed task ended while the store lives ([`FeedTaskGuard`](super::FeedTaskGuard)):
+    /// announced as a disconnection, unless the feed was already down.
+    fn feed_ended(&self) {
+        let _guard = self.feed_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.feed_up.swap(false, Ordering::AcqRel) {
+            self.hub.publish(&StoreEvent::Disconnected);
+        }
+    }
+
     /// A notification from another node (or this one: an invalidation twice is harmless).
     fn notified(&self, payload: &str) {
+        // The hash is the last word: an id may hold spaces (records made outside `Tokens`).
         match payload
-            .split_once(' ')
+            .rsplit_once(' ')
             .and_then(|(id, hex)| Some((id, TokenHash::from_hex(hex)?)))
         {
             Some((id, hash)) => self.hub.changed(id, hash),
@@ -635,7 +646,13 @@ impl Feed {
     }
 
     /// The listener task: notifications to the hub; drops, reconnections and their announcements.
-    async fn run(self, store: Weak<Shared>, mut listener: PgListener) {
+    /// `_ended` is an argument, not a local: a task dropped before its first poll drops it too.
+    async fn run(
+        self,
+        store: Weak<Shared>,
+        mut listener: PgListener,
+        _ended: super::FeedTaskGuard<Shared>,
+    ) {
         loop {
             let ended = self.serve(&store, &mut listener).await;
             // What the connection delivered before it ended still counts.
@@ -772,7 +789,17 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
 type Query<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
 
 /// Binds `$1`–`$17`: every column but the usage ones.
+/// The longest token id stored: every change of a token is announced to the other nodes as
+/// `<id> <hex hash>` in a `NOTIFY`, whose payload PostgreSQL limits to 8 000 bytes. A longer id
+/// could be inserted but never revoked.
+const MAX_ID_LEN: usize = 1024;
+
 fn bind_record<'q>(q: Query<'q>, r: &'q TokenRecord) -> Result<Query<'q>, StoreError> {
+    if r.id.len() > MAX_ID_LEN {
+        return Err(StoreError::backend(
+            "a token id is longer than 1 024 bytes: its change could not be announced",
+        ));
+    }
     Ok(q.bind(&r.id)
         .bind(&r.subject)
         .bind(&r.name)

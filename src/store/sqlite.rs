@@ -295,9 +295,13 @@ impl SqliteStore {
         };
         feed.last = feed.start().await.map_err(store_error)?;
         let store = Self::from_pools(reader, writer);
+        let ended = super::FeedTaskGuard::new(Arc::downgrade(&store.inner), |s: &Shared| {
+            s.feed_state(false);
+        });
         let task = tokio::spawn(feed.run(
             Arc::downgrade(&store.inner),
             interval.max(Duration::from_millis(10)),
+            ended,
         ));
         let _ = store.inner.poller.set(task.abort_handle());
         Ok(store)
@@ -579,7 +583,13 @@ impl Feed {
     }
 
     /// Polls every `interval` until the store is dropped.
-    async fn run(mut self, store: Weak<Shared>, interval: Duration) {
+    /// `_ended` is an argument, not a local: a task dropped before its first poll drops it too.
+    async fn run(
+        mut self,
+        store: Weak<Shared>,
+        interval: Duration,
+        _ended: super::FeedTaskGuard<Shared>,
+    ) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
