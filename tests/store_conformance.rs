@@ -421,7 +421,10 @@ async fn postgres_keeps_forever_without_failing() {
     let Some(db) = common::pg::TestDb::create("store_conformance").await else {
         return;
     };
-    for retention in [Duration::MAX, Duration::from_secs(10_000 * 366 * 86_400)] {
+    for (i, retention) in [Duration::MAX, Duration::from_secs(10_000 * 366 * 86_400)]
+        .into_iter()
+        .enumerate()
+    {
         let store = PostgresStore::builder()
             .connect_with(db.options.clone())
             .await
@@ -429,7 +432,11 @@ async fn postgres_keeps_forever_without_failing() {
             .superseded_history(SupersededHistory::default().retention(retention));
         let tokens = Tokens::new(store.clone());
         let (record, old) = tokens
-            .issue(NewToken::new("alice", "ci").scopes(["repo:read"]).unwrap())
+            .issue(
+                NewToken::new("alice", format!("ci{i}"))
+                    .scopes(["repo:read"])
+                    .unwrap(),
+            )
             .await
             .unwrap();
         let rotated = tokens.rotate(&record.id, Duration::ZERO).await;
@@ -449,4 +456,65 @@ async fn postgres_keeps_forever_without_failing() {
         assert!(store.get(&record.id).await.unwrap().is_some());
         store.pool().close().await;
     }
+}
+
+/// Times written outside this crate as `infinity` (a DBA's "never") are made finite by migration
+/// 7, so the token can be looked up, listed and revoked; none can be written after it.
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres_schema_7_makes_every_time_finite() {
+    use tower_pat::store::sqlx::{self, Executor};
+    use tower_pat::store::{ListQuery, PostgresStore};
+    let Some(db) = common::pg::TestDb::create("store_conformance").await else {
+        return;
+    };
+    let (forever, revoked) = (token("alice", "forever"), token("alice", "revoked"));
+    {
+        let store = PostgresStore::builder()
+            .connect_with(db.options.clone())
+            .await
+            .unwrap();
+        store.insert(&forever).await.unwrap();
+        store.insert(&revoked).await.unwrap();
+        store
+            .pool()
+            .execute(
+                "ALTER TABLE tower_pat_tokens DROP CONSTRAINT tower_pat_tokens_finite_times; \
+                 ALTER TABLE tower_pat_superseded DROP CONSTRAINT tower_pat_superseded_finite_time; \
+                 DELETE FROM tower_pat_schema_version WHERE version >= 7;",
+            )
+            .await
+            .unwrap();
+        let q = "UPDATE tower_pat_tokens SET expires_at = 'infinity', last_used_at = 'infinity' \
+                 WHERE id = $1";
+        sqlx::query(q)
+            .bind(&forever.id)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let q = "UPDATE tower_pat_tokens SET revoked_at = '-infinity' WHERE id = $1";
+        sqlx::query(q)
+            .bind(&revoked.id)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        store.pool().close().await;
+    }
+    let store = PostgresStore::builder()
+        .connect_with(db.options.clone())
+        .await
+        .unwrap();
+    let got = store.get(&forever.id).await.unwrap().unwrap();
+    assert_eq!(got.expires_at, None, "infinity is no expiry");
+    assert!(got.last_used_at.is_some());
+    assert!(store.get(&revoked.id).await.unwrap().unwrap().is_revoked());
+    assert_eq!(store.list(&ListQuery::default()).await.unwrap().total, 2);
+    assert!(store.revoke(&forever.id, now()).await.unwrap().is_some());
+    let q = "UPDATE tower_pat_tokens SET expires_at = 'infinity' WHERE id = $1";
+    let refused = sqlx::query(q).bind(&forever.id).execute(store.pool()).await;
+    assert!(
+        refused.is_err(),
+        "an infinite time was written after migration 7"
+    );
+    store.pool().close().await;
 }

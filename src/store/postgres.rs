@@ -34,6 +34,10 @@
 //! secrets rotations replaced, for [`find_superseded`](TokenLookup::find_superseded). A rotation
 //! writes and prunes it in its own transaction ([`PostgresStore::superseded_history`]).
 //!
+//! Migration 7 makes every time finite (`CHECK (isfinite(…))`): an `expires_at` of `infinity`
+//! written outside this crate becomes NULL (no expiry), any other infinite time the time of the
+//! migration.
+//!
 //! [`record_usage`](TokenLookup::record_usage) writes a whole batch in one `UPDATE … FROM
 //! unnest(…)` statement: `last_used_at` becomes the later of the stored and the given time, and
 //! the address lists merge newest first, without repeats, at most
@@ -200,6 +204,38 @@ CREATE TABLE IF NOT EXISTS tower_pat_superseded (
 );
 CREATE INDEX IF NOT EXISTS tower_pat_superseded_token_id_idx ON tower_pat_superseded (token_id);
 CREATE INDEX IF NOT EXISTS tower_pat_superseded_time_idx ON tower_pat_superseded (superseded_at);
+",
+    },
+    // Every time finite. sqlx panics decoding `infinity` (a DBA's "never"), which made such a
+    // token unrevocable (the revocation decodes the row before its commit) and its lookups and
+    // list pages fail. An `expires_at` of `infinity` is what no expiry means, NULL; any other
+    // infinite time becomes now (still revoked, disabled, or at the end of a grace period:
+    // nothing is granted that was not).
+    Migration {
+        version: 7,
+        sql: r"
+UPDATE tower_pat_tokens SET expires_at = NULL WHERE expires_at = 'infinity';
+UPDATE tower_pat_tokens SET expires_at = 'epoch' WHERE expires_at = '-infinity';
+UPDATE tower_pat_tokens SET created_at = now() WHERE NOT isfinite(created_at);
+UPDATE tower_pat_tokens SET updated_at = now() WHERE NOT isfinite(updated_at);
+UPDATE tower_pat_tokens SET revoked_at = now() WHERE NOT isfinite(revoked_at);
+UPDATE tower_pat_tokens SET disabled_at = now() WHERE NOT isfinite(disabled_at);
+UPDATE tower_pat_tokens SET last_used_at = now() WHERE NOT isfinite(last_used_at);
+UPDATE tower_pat_tokens SET last_rotated_at = now() WHERE NOT isfinite(last_rotated_at);
+UPDATE tower_pat_tokens SET previous_hash_until = now() WHERE NOT isfinite(previous_hash_until);
+UPDATE tower_pat_tokens SET expiring_notice_at = now() WHERE NOT isfinite(expiring_notice_at);
+UPDATE tower_pat_tokens SET expired_notice_at = now() WHERE NOT isfinite(expired_notice_at);
+UPDATE tower_pat_superseded SET superseded_at = now() WHERE NOT isfinite(superseded_at);
+ALTER TABLE tower_pat_tokens DROP CONSTRAINT IF EXISTS tower_pat_tokens_finite_times;
+ALTER TABLE tower_pat_tokens ADD CONSTRAINT tower_pat_tokens_finite_times CHECK (
+    isfinite(created_at) AND isfinite(updated_at) AND isfinite(expires_at)
+    AND isfinite(revoked_at) AND isfinite(disabled_at) AND isfinite(last_used_at)
+    AND isfinite(last_rotated_at) AND isfinite(previous_hash_until)
+    AND isfinite(expiring_notice_at) AND isfinite(expired_notice_at)
+);
+ALTER TABLE tower_pat_superseded DROP CONSTRAINT IF EXISTS tower_pat_superseded_finite_time;
+ALTER TABLE tower_pat_superseded ADD CONSTRAINT tower_pat_superseded_finite_time
+    CHECK (isfinite(superseded_at));
 ",
     },
 ];
