@@ -8,7 +8,8 @@ use chrono::Utc;
 use http::StatusCode;
 use support_admin::*;
 use tower_pat::TokenStore;
-use tower_pat::admin::{ExpiryPolicy, TokenView};
+use tower_pat::Tokens;
+use tower_pat::admin::{AdminConfig, ExpiryPolicy, TokenView};
 
 #[tokio::test]
 async fn create_answers_201_with_location_and_the_secret_once() {
@@ -533,4 +534,55 @@ async fn the_201_and_a_later_get_show_the_same_times_to_the_microsecond() {
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
+}
+
+/// Two servers over one SQLite file (each with its own management API and its own in-process
+/// lock), creations racing on both: the subject never goes past the limit, because the limit is
+/// a condition of the store's insert, not a count read before it.
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_subject_limit_holds_across_servers() {
+    use tower_pat::store::SqliteStore;
+    let dir = std::env::temp_dir().join(format!("tower-pat-limit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tokens.db");
+    let _ = std::fs::remove_file(&path);
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let store = SqliteStore::open(&path).await.unwrap();
+        let tokens = Tokens::new(store);
+        let layer = tokens.layer().build();
+        let config = AdminConfig::new(&tokens, &layer)
+            .unwrap()
+            .max_tokens_per_subject(4)
+            .creation_rate_limit(1_000, std::time::Duration::from_secs(60));
+        let app = axum::Router::new().nest(BASE, tower_pat::admin::router(config));
+        nodes.push((app, tokens));
+    }
+    // alice's own token is the first of her four.
+    let alice = issue(&nodes[0].1, "alice", &["personalAccessToken:*"]).await;
+    let racers: Vec<_> = (0..12)
+        .map(|i| {
+            let app = nodes[i % 2].0.clone();
+            let alice = alice.clone();
+            tokio::spawn(async move {
+                let body = format!(r#"{{"name": "r{i}", "userAwareTokenNeverExpires": true}}"#);
+                post(&app, BASE, &alice, &body).await.status
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for racer in racers {
+        match racer.await.unwrap() {
+            StatusCode::CREATED => created += 1,
+            StatusCode::FORBIDDEN => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(created, 3);
+    assert_eq!(
+        nodes[1].1.store().count_by_subject("alice").await.unwrap(),
+        4
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }

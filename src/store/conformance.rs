@@ -295,6 +295,7 @@ suite!(
     revoke_keeps_the_first_time,
     delete_removes,
     conditional_revoke_and_delete,
+    insert_below_holds_the_limit_under_concurrency,
     usage_is_monotonic,
     usage_keeps_newest_addresses_capped,
     list_matches_the_reference,
@@ -1284,6 +1285,58 @@ pub async fn writes_on_the_condition_of_an_unexpired_token<S: TokenStore>(store:
         .await
         .must();
     assert_eq!(live.name, "renamed", "an unexpired record is written");
+}
+
+/// `insert_below` inserts while the subject has fewer records than the limit (revoked ones
+/// count), refuses with `Ok(false)` at it, and holds it under concurrent creations: eight at once
+/// with room for three insert exactly three. Other subjects are not counted. A store that answers
+/// [`StoreError::Unsupported`] (the trait's default) passes: the management API then counts and
+/// inserts one creation at a time in its own process.
+pub async fn insert_below_holds_the_limit_under_concurrency<S: TokenStore>(store: S) {
+    let _check = Check("insert_below_holds_the_limit_under_concurrency");
+    let first = record("alice", "first");
+    match store.insert_below(&first, 4).await {
+        Err(StoreError::Unsupported { .. }) => return,
+        Ok(true) => {}
+        other => {
+            panic!("store conformance: insert_below under the limit must insert, got {other:?}")
+        }
+    }
+    assert_eq!(store.get(&first.id).await.must(), Some(first.clone()));
+    store.revoke(&first.id, now()).await.must();
+    store.insert(&record("bob", "other")).await.must();
+    let store = std::sync::Arc::new(store);
+    let racers: Vec<_> = (0..8)
+        .map(|i| {
+            let store = std::sync::Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .insert_below(&record("alice", &format!("r{i}")), 4)
+                    .await
+            })
+        })
+        .collect();
+    let mut inserted = 0;
+    for racer in racers {
+        if racer.await.expect("a racer panicked").must() {
+            inserted += 1;
+        }
+    }
+    assert_eq!(
+        inserted, 3,
+        "insert_below with room for 3 (one revoked record counts) must insert exactly 3 of 8 concurrent creations"
+    );
+    assert_eq!(store.count_by_subject("alice").await.must(), 4);
+    let late = record("alice", "late");
+    assert!(
+        !store.insert_below(&late, 4).await.must(),
+        "insert_below at the limit must refuse"
+    );
+    assert_eq!(store.get(&late.id).await.must(), None);
+    assert!(
+        store.insert_below(&record("bob", "more"), 2).await.must(),
+        "another subject's records must not count"
+    );
 }
 
 /// `revoke_if_covered` and `delete_if_covered` act only on a record whose every scope the scopes

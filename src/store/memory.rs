@@ -144,6 +144,34 @@ impl MemoryStore {
         self.inner.data.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Inserts `record` (if its subject has fewer than `max` records, when given) under the
+    /// write lock; whether it did.
+    fn insert_where(&self, record: &TokenRecord, max: Option<u64>) -> Result<bool, StoreError> {
+        let mut data = self.write();
+        if data.by_id.contains_key(&record.id) {
+            return Err(StoreError::Conflict { field: "id" });
+        }
+        if data.by_hash.contains_key(&record.hash) {
+            return Err(StoreError::Conflict { field: "hash" });
+        }
+        if data.name_taken(&record.subject, &record.name, &record.id) {
+            return Err(StoreError::Conflict { field: "name" });
+        }
+        if let Some(max) = max {
+            let held = data
+                .by_id
+                .values()
+                .filter(|r| r.subject == record.subject)
+                .count() as u64;
+            if held >= max {
+                return Ok(false);
+            }
+        }
+        data.index(record);
+        data.by_id.insert(record.id.clone(), record.clone());
+        Ok(true)
+    }
+
     /// Revokes `id` (if `covering`, when given, grants every scope it holds) under the write
     /// lock.
     fn revoke_where(
@@ -248,19 +276,11 @@ impl TokenLookup for MemoryStore {
 #[async_trait]
 impl TokenStore for MemoryStore {
     async fn insert(&self, record: &TokenRecord) -> Result<(), StoreError> {
-        let mut data = self.write();
-        if data.by_id.contains_key(&record.id) {
-            return Err(StoreError::Conflict { field: "id" });
-        }
-        if data.by_hash.contains_key(&record.hash) {
-            return Err(StoreError::Conflict { field: "hash" });
-        }
-        if data.name_taken(&record.subject, &record.name, &record.id) {
-            return Err(StoreError::Conflict { field: "name" });
-        }
-        data.index(record);
-        data.by_id.insert(record.id.clone(), record.clone());
-        Ok(())
+        self.insert_where(record, None).map(|_| ())
+    }
+
+    async fn insert_below(&self, record: &TokenRecord, max: u64) -> Result<bool, StoreError> {
+        self.insert_where(record, Some(max))
     }
 
     async fn get(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {

@@ -504,6 +504,22 @@ pub trait TokenStore: TokenLookup {
     /// How many records the subject has (revoked and expired ones included).
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError>;
 
+    /// [`insert`](Self::insert), on the condition that the record's subject has fewer than `max`
+    /// records ([`count_by_subject`](Self::count_by_subject)): one conditional, atomic write, so
+    /// that concurrent creations (on other nodes, or the CLI beside a server) never take a
+    /// subject past `max`. `Ok(false)`, inserting nothing, when the subject has `max` or more.
+    ///
+    /// # Errors
+    /// Those of [`insert`](Self::insert); [`StoreError::Unsupported`] from the default
+    /// implementation, for stores written before it existed (the management API then counts and
+    /// inserts one creation at a time in its own process only).
+    async fn insert_below(&self, record: &TokenRecord, max: u64) -> Result<bool, StoreError> {
+        let _ = (record, max);
+        Err(StoreError::Unsupported {
+            operation: "insert_below",
+        })
+    }
+
     /// Removes at most `limit` records that are revoked since before `cutoff` or expired before
     /// it ([`TokenRecord::is_purgeable`]), and returns them: one batch of
     /// [retention](crate::retention). A record that is active, or disabled but not expired, is

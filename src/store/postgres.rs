@@ -243,6 +243,10 @@ ALTER TABLE tower_pat_superseded ADD CONSTRAINT tower_pat_superseded_finite_time
 /// The advisory lock key under which migrations run ("tower_pa").
 const MIGRATION_LOCK: i64 = 0x746f_7765_725f_7061;
 
+/// The first key of the advisory lock a creation takes on its subject ("tpat"; the second key
+/// is the subject's `hashtext`): [`TokenStore::insert_below`].
+const SUBJECT_LOCK_CLASS: i32 = 0x7470_6174;
+
 /// The default `NOTIFY` channel.
 pub const DEFAULT_CHANNEL: &str = "tower_pat_changes";
 
@@ -1131,6 +1135,34 @@ impl TokenStore for PostgresStore {
                 .bind(Some(version))
         })
         .await
+    }
+
+    async fn insert_below(&self, record: &TokenRecord, max: u64) -> Result<bool, StoreError> {
+        // A lock per subject for the transaction: creations for one subject on every node take
+        // turns between the count and the insert; other subjects' do not wait.
+        let mut tx = self.inner.pool.begin().await.map_err(store_error)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+            .bind(SUBJECT_LOCK_CLASS)
+            .bind(&record.subject)
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        let n: i64 = sqlx::query_scalar(&self.inner.sql.count_by_subject)
+            .bind(&record.subject)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        if u64::try_from(n).unwrap_or(0) >= max {
+            return Ok(false);
+        }
+        bind_record(sqlx::query(&self.inner.sql.insert), record)?
+            .bind(record.last_used_at)
+            .bind(to_strings(&record.last_used_ips))
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        tx.commit().await.map_err(store_error)?;
+        Ok(true)
     }
 
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {

@@ -1001,6 +1001,28 @@ impl TokenStore for SqliteStore {
         .await
     }
 
+    async fn insert_below(&self, record: &TokenRecord, max: u64) -> Result<bool, StoreError> {
+        // The write lock first: no other connection, in this process or another, can insert
+        // between the count and the insert.
+        let mut tx = self.begin_write().await?;
+        let n: i64 = sqlx::query_scalar(&self.inner.sql.count_by_subject)
+            .bind(&record.subject)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        if u64::try_from(n).unwrap_or(0) >= max {
+            return Ok(false);
+        }
+        bind_record(sqlx::query(&self.inner.sql.insert), record)?
+            .bind(record.last_used_at.map(micros))
+            .bind(to_strings(&record.last_used_ips).join(" "))
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        tx.commit().await.map_err(store_error)?;
+        Ok(true)
+    }
+
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
         let n: i64 = sqlx::query_scalar(&self.inner.sql.count_by_subject)
             .bind(subject)
