@@ -443,3 +443,67 @@ fn the_webhook_builder_hides_the_url_and_refuses_an_empty_secret() {
     let err = WebhookSink::builder("http://receiver:9000/hook", b"").unwrap_err();
     assert!(err.to_string().contains("secret"), "{err}");
 }
+
+/// A caller with write access renames its token in a loop against a slow receiver, filling the
+/// queue, then creates a token: the creation is still delivered (and first), because renames
+/// queue apart from the alerts.
+#[tokio::test]
+async fn a_flood_of_renames_cannot_push_out_a_creation() {
+    async fn slow(
+        headers: HeaderMap,
+        State(tx): State<mpsc::UnboundedSender<String>>,
+    ) -> StatusCode {
+        let event = headers[EVENT_HEADER].to_str().unwrap().to_owned();
+        let _ = tx.send(event);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        StatusCode::OK
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let app = Router::new()
+        .route("/hook", post_route(slow))
+        .with_state(tx);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let sink = WebhookSink::builder(&format!("http://{addr}/hook"), SECRET)
+        .unwrap()
+        .queue_capacity(4)
+        .spawn();
+    let t = app_with(|c| c.events(sink.clone())).await;
+    let res = create(
+        &t.app,
+        &t.alice,
+        r#"{"name": "flood", "userAwareTokenNeverExpires": true}"#,
+    )
+    .await;
+    let uri = format!("{BASE}/{}", res.body["id"].as_str().unwrap());
+    for i in 0..40 {
+        let body = format!(r#"{{"name": "flood{i}"}}"#);
+        assert_eq!(
+            patch(&t.app, &uri, &t.alice, &body).await.status,
+            StatusCode::OK
+        );
+    }
+    assert!(sink.dropped() > 0, "the renames overflow their queue");
+    let dropped = sink.dropped();
+    create(
+        &t.app,
+        &t.alice,
+        r#"{"name": "hidden", "userAwareTokenNeverExpires": true}"#,
+    )
+    .await;
+    assert_eq!(sink.dropped(), dropped, "the creation was dropped");
+    let mut seen = Vec::new();
+    let created = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(event) = rx.recv().await {
+            seen.push(event.clone());
+            if seen.len() > 1 && event == "personalAccessToken.created" {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(created.is_ok(), "the creation never arrived: {seen:?}");
+    // The first creation, then at most the renames in flight before the second creation.
+    assert!(seen.len() <= 4, "{seen:?}");
+}

@@ -218,6 +218,24 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// Whether a webhook posts this event from its alerts queue, ahead of the others: a token
+    /// made, revoked, deleted, reported leaked, about to expire or expired, and purges. Each
+    /// happens at most once per token (or per purge run), so a caller cannot make them faster
+    /// than tokens can be made: a flood of the others (renames, rotations, disabling and
+    /// enabling, which a caller with write access can repeat at will) cannot crowd them out.
+    pub fn is_alert(self) -> bool {
+        matches!(
+            self,
+            Self::Created
+                | Self::Revoked
+                | Self::Deleted
+                | Self::Leaked
+                | Self::Expiring
+                | Self::Expired
+                | Self::Purged
+        )
+    }
+
     /// The name on the wire, such as `personalAccessToken.created`.
     pub fn as_str(self) -> &'static str {
         match self {

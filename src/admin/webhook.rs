@@ -33,7 +33,17 @@ pub const EVENT_HEADER: &str = "x-event";
 ///
 /// Each event is serialized and queued by [`TokenEvents::publish`] with `try_send`: a full queue
 /// drops the event (counted in [`WebhookSink::dropped`] and logged), so the API call never waits.
-/// A background task posts the queue in order as `application/json` with `X-Timestamp: <Unix
+///
+/// There are two queues, each of [`queue_capacity`](WebhookBuilder::queue_capacity), and the
+/// first is always posted first: the **alerts** ([`EventKind::is_alert`]: `created`, `revoked`,
+/// `deleted`, `leaked`, `expiring`, `expired`, `purged`), each at most once per token, which a
+/// caller can only make as fast as the creation rate limit lets tokens be made, and the
+/// **routine** rest (`updated`, `rotated`, `disabled`, `enabled`), which a caller with write
+/// access can repeat at will. A flood of routine events (a token renamed in a loop against a
+/// slow receiver) fills only its own queue: it cannot push out the event of a new token, a
+/// revocation, or an expiry notice (whose claim is already recorded when it is queued).
+///
+/// A background task posts the queues in order as `application/json` with `X-Timestamp: <Unix
 /// seconds>`, `X-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">` and `X-Event`; a
 /// failed delivery (connection error, timeout, 408, 429 or 5xx) is retried with exponential
 /// backoff, each attempt with a fresh timestamp and signature. Plain `http://` only. The task ends
@@ -70,7 +80,10 @@ pub const EVENT_HEADER: &str = "x-event";
 /// ```
 #[derive(Clone, Debug)]
 pub struct WebhookSink {
-    tx: mpsc::Sender<Delivery>,
+    /// The alerts' queue, posted first.
+    alerts: mpsc::Sender<Delivery>,
+    /// Every other event's.
+    routine: mpsc::Sender<Delivery>,
     stats: Arc<Stats>,
 }
 
@@ -175,9 +188,12 @@ impl WebhookSink {
         self.stats.dropped.load(Ordering::Relaxed)
     }
 
-    /// Events waiting in the queue.
+    /// Events waiting in the queues.
     pub fn queued(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        [&self.alerts, &self.routine]
+            .iter()
+            .map(|tx| tx.max_capacity() - tx.capacity())
+            .sum()
     }
 }
 
@@ -196,7 +212,12 @@ impl WebhookSink {
             event: kind.as_str(),
             body,
         };
-        if self.tx.try_send(delivery).is_err() {
+        let queue = if kind.is_alert() {
+            &self.alerts
+        } else {
+            &self.routine
+        };
+        if queue.try_send(delivery).is_err() {
             let dropped = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!(
                 event = kind.as_str(),
@@ -219,7 +240,8 @@ impl TokenEvents for WebhookSink {
 }
 
 impl WebhookBuilder {
-    /// How many events may wait (default 1024); more are dropped.
+    /// How many events may wait in each of the two queues, alerts and routine (default 1024);
+    /// more are dropped.
     pub fn queue_capacity(mut self, capacity: usize) -> Self {
         self.queue_capacity = capacity.max(1);
         self
@@ -251,11 +273,17 @@ impl WebhookBuilder {
     ///
     /// Outside a Tokio runtime.
     pub fn spawn(self) -> WebhookSink {
-        let (tx, rx) = mpsc::channel(self.queue_capacity);
+        let (alerts, alerts_rx) = mpsc::channel(self.queue_capacity);
+        let (routine, routine_rx) = mpsc::channel(self.queue_capacity);
         let stats = Arc::new(Stats::default());
         let client = Client::builder(TokioExecutor::new()).build_http();
-        tokio::spawn(deliver_all(self, client, rx, Arc::clone(&stats)));
-        WebhookSink { tx, stats }
+        let queues = (alerts_rx, routine_rx);
+        tokio::spawn(deliver_all(self, client, queues, Arc::clone(&stats)));
+        WebhookSink {
+            alerts,
+            routine,
+            stats,
+        }
     }
 
     /// `sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">`.
@@ -271,13 +299,21 @@ impl WebhookBuilder {
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
+/// Posts the alerts first, then the routine events, until every sender is gone and both queues
+/// are drained.
 async fn deliver_all(
     config: WebhookBuilder,
     client: HttpClient,
-    mut rx: mpsc::Receiver<Delivery>,
+    (mut alerts, mut routine): (mpsc::Receiver<Delivery>, mpsc::Receiver<Delivery>),
     stats: Arc<Stats>,
 ) {
-    while let Some(delivery) = rx.recv().await {
+    loop {
+        let delivery = tokio::select! {
+            biased;
+            Some(delivery) = alerts.recv() => delivery,
+            Some(delivery) = routine.recv() => delivery,
+            else => break,
+        };
         let mut backoff = config.initial_backoff;
         for attempt in 1..=config.max_attempts {
             let outcome = attempt_once(&config, &client, &delivery).await;
