@@ -629,8 +629,10 @@ impl Cache {
         let hard_limit = entry.loaded_ms.saturating_add(self.ttl_ms + self.stale_ms);
         if self.stale_ms == 0
             || now >= hard_limit
-            // The feed is down: a revocation could be missed, so no serving on trust past the TTL.
+            // The feed is down (or overdue): a revocation could be missed, so no serving on trust
+            // past the TTL.
             || self.disconnected_since.load(Ordering::Acquire) != 0
+            || self.lookup.feed_unconfirmed_since().is_some()
         {
             // Too old to serve: reload before use.
             self.evict(entry);
@@ -1157,7 +1159,13 @@ impl Cache {
         }
         let disconnected = self.disconnected_since.load(Ordering::Acquire);
         let failing = self.failing_since.load(Ordering::Acquire);
-        let since = [disconnected, failing].into_iter().filter(|&t| t > 0).min();
+        // The feed's last confirmation, once the next is overdue (before a heartbeat declares
+        // the feed down, and earlier than the moment it does).
+        let unconfirmed = self.lookup.feed_unconfirmed_since().unwrap_or(0);
+        let since = [disconnected, failing, unconfirmed]
+            .into_iter()
+            .filter(|&t| t > 0)
+            .min();
         match since {
             None => Duration::ZERO,
             // At least 1 ms: the coarse clock may not have ticked since, and zero means fresh.

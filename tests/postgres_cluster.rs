@@ -658,3 +658,64 @@ async fn ids_with_spaces_are_invalidated_and_overlong_ids_refused() {
             .is_some()
     );
 }
+
+/// A silent partition shows in `max_staleness()` from node B's last confirmation: once the
+/// heartbeat is overdue, while the feed still reads as connected (its timeout not yet over), and
+/// after the heartbeat declares it down, never less than the time since B went silent. Before,
+/// the figure read zero until the timeout and then counted from the moment it was noticed.
+#[tokio::test]
+async fn a_silent_partition_counts_in_max_staleness_from_the_last_confirmation() {
+    let Some(db) = TestDb::create(WHAT).await else {
+        return;
+    };
+    let proxy = Proxy::start(db.server_addr()).await;
+    // Overdue 2 s after the last answered heartbeat (its interval and a second); declared down
+    // only when the next heartbeat's 3 s timeout is over, 4 s after it.
+    let store = PostgresStore::builder()
+        .acquire_timeout(Duration::from_millis(300))
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .heartbeat(Duration::from_secs(1), Duration::from_secs(3))
+        .listener_options(db.via(proxy.port))
+        .connect_with(db.via(proxy.port))
+        .await
+        .unwrap();
+    let layer = Tokens::new(store.clone()).layer().cache(long_ttl()).build();
+    assert_eq!(layer.max_staleness(), Duration::ZERO);
+    // A heartbeat has just been answered: the feed is confirmed on time.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(layer.max_staleness(), Duration::ZERO);
+
+    proxy.freeze();
+    let frozen = Instant::now();
+    let overdue = wait_for(Duration::from_secs(4), async || {
+        layer.max_staleness() > Duration::ZERO
+    })
+    .await;
+    assert!(
+        overdue.is_some(),
+        "a silent feed never shows in max_staleness"
+    );
+    if store.feed_connected() {
+        // Not yet declared down: already counted from before the silence.
+        let silent_for = frozen.elapsed();
+        assert!(
+            layer.max_staleness() + Duration::from_millis(50) >= silent_for,
+            "{:?} < {silent_for:?}",
+            layer.max_staleness()
+        );
+    }
+    let down = wait_for(Duration::from_secs(6), async || !store.feed_connected()).await;
+    assert!(down.is_some(), "the heartbeat never declared the feed down");
+    let silent_for = frozen.elapsed();
+    let staleness = layer.max_staleness();
+    assert!(
+        staleness + Duration::from_millis(50) >= silent_for,
+        "max_staleness {staleness:?} is less than the {silent_for:?} node B has been silent"
+    );
+    proxy.restore();
+    let back = wait_for(Duration::from_secs(10), async || {
+        layer.max_staleness() == Duration::ZERO
+    })
+    .await;
+    assert!(back.is_some(), "the feed never came back");
+}

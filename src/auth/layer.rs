@@ -173,12 +173,14 @@ impl PatAuthLayer {
     /// (a revocation through another node) may have gone unseen here.
     ///
     /// - Zero while the store's change feed is connected and its queries succeed.
-    /// - While the feed is down, the time since it was declared down; a silent feed is declared
-    ///   down by the store's heartbeat (for `PostgresStore` at most 4 s after it went silent by
-    ///   default, see `PostgresStoreBuilder::heartbeat`). Meanwhile no entry serves past
-    ///   the TTL, so a revocation made elsewhere is honoured here within that delay plus the TTL.
-    ///   That detection delay is not in the figure: until the heartbeat fails it reads zero, and
-    ///   afterwards it is short by the delay. A health check that must be exact adds it.
+    /// - While the feed is down, or its next confirmation is overdue, the time since it last
+    ///   confirmed that it had heard everything (`TokenLookup::feed_unconfirmed_since`: for
+    ///   `PostgresStore` the last answered heartbeat, overdue a second after the heartbeat
+    ///   interval, see `PostgresStoreBuilder::heartbeat`; for `SqliteStore` the last poll). So a
+    ///   feed that falls silent shows here a second after a heartbeat was due, and from its last
+    ///   confirmation, before and after the heartbeat's timeout declares it down. Meanwhile no
+    ///   entry serves past the TTL, so a revocation made elsewhere is honoured here within the
+    ///   heartbeat's interval and timeout plus the TTL.
     /// - While store queries (loads, background refreshes) keep failing, the time since the first
     ///   of them was sent, even with the feed connected: cached entries then serve on for
     ///   `stale_if_error`. It returns to zero when the store answers a later query, or when the

@@ -257,6 +257,19 @@ pub trait TokenLookup: Send + Sync + 'static {
         false
     }
 
+    /// Since when (Unix milliseconds) a change made elsewhere may have gone unseen by this
+    /// store's change feed, once that is longer than the feed takes to confirm itself: the time
+    /// of its last confirmation that it had heard everything (a PostgreSQL heartbeat answered, an
+    /// SQLite poll done) while the next one is overdue or the feed is down. `None` while the feed
+    /// confirms on time, and for a store without a change feed (the default).
+    ///
+    /// The layer's [`max_staleness`](crate::PatAuthLayer::max_staleness) counts from it, so a
+    /// feed that falls silent shows there from its last confirmation, not only from the moment a
+    /// heartbeat declares it down.
+    fn feed_unconfirmed_since(&self) -> Option<i64> {
+        None
+    }
+
     /// The token a rotation took `hash` away from, if `hash` is in the store's history of
     /// superseded secrets ([`SupersededHistory`]: a bounded number per token, for a limited
     /// time), with the record as it is now. A hash still answering through
@@ -895,6 +908,10 @@ impl<T: TokenLookup + ?Sized> TokenLookup for std::sync::Arc<T> {
 
     fn subscribe(&self, listener: Weak<dyn ChangeListener>) -> bool {
         (**self).subscribe(listener)
+    }
+
+    fn feed_unconfirmed_since(&self) -> Option<i64> {
+        (**self).feed_unconfirmed_since()
     }
 
     async fn find_superseded(

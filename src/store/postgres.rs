@@ -82,8 +82,17 @@
 //! - When the feed is back, every cached entry is dropped.
 //!
 //! [`PatAuthLayer::max_staleness`] tells, at every moment, how far behind a node may be: the time
-//! since its feed was declared down, or since the store queries that keep failing began (at most
-//! the TTL plus `stale_if_error`); zero when the feed is connected and the store answers.
+//! since its feed last confirmed it had heard everything (the last heartbeat answered), once the
+//! next confirmation is overdue (a second after the heartbeat interval) or the feed is down, or
+//! since the store queries that keep failing began (at most the TTL plus `stale_if_error`); zero
+//! when the feed confirms on time and the store answers
+//! ([`feed_unconfirmed_since`](TokenLookup::feed_unconfirmed_since)).
+//!
+//! Notifications carry the token's id and the hex of the hash it answered to (what the other
+//! nodes' caches are indexed by). `LISTEN` needs no privilege: any role that can connect to the
+//! database can read them, even without `SELECT` on the tables. Give the database to the service
+//! alone, or configure a pepper ([`TokenHasher::with_pepper`](crate::TokenHasher::with_pepper)),
+//! which makes the hashes keyed.
 //!
 //! # Concurrent writes
 //!
@@ -109,7 +118,7 @@
 //! [`StoreEvent::Reconnected`]: super::StoreEvent::Reconnected
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -281,6 +290,11 @@ struct Shared {
     channel: String,
     /// Whether the listener is connected and listening.
     feed_up: AtomicBool,
+    /// The Unix ms at which the last answered heartbeat was sent (or the listener connected):
+    /// every change committed before it has been heard.
+    confirmed_ms: AtomicI64,
+    /// How long after a confirmation the next is overdue: the heartbeat interval and a second.
+    overdue_after_ms: i64,
     /// Held while the feed state changes and is announced, and while a listener subscribes, so
     /// that a new listener learns of an ongoing outage exactly once.
     feed_lock: Mutex<()>,
@@ -447,6 +461,14 @@ impl PostgresStoreBuilder {
             sql: Statements::new(Dialect::Postgres),
             channel: self.channel,
             feed_up: AtomicBool::new(true),
+            confirmed_ms: AtomicI64::new(crate::cache::now_ms()),
+            overdue_after_ms: i64::try_from(
+                self.heartbeat
+                    .interval
+                    .saturating_add(Duration::from_secs(1))
+                    .as_millis(),
+            )
+            .unwrap_or(i64::MAX),
             feed_lock: Mutex::new(()),
             listener_task: OnceLock::new(),
             history: HistorySetting::default(),
@@ -583,6 +605,11 @@ impl Shared {
     /// Sets and announces the feed's state.
     fn feed_state(&self, up: bool) {
         let _guard = self.feed_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if up {
+            // Listening again, and the caches about to be emptied: nothing older is relied on.
+            self.confirmed_ms
+                .fetch_max(crate::cache::now_ms(), Ordering::AcqRel);
+        }
         self.feed_up.store(up, Ordering::Release);
         self.hub.publish(if up {
             &StoreEvent::Reconnected
@@ -764,9 +791,16 @@ impl Feed {
                     }
                 },
                 () = &mut beat => {
+                    let sent = crate::cache::now_ms();
                     let check = listener.execute(sqlx::raw_sql("SELECT 1"));
                     match tokio::time::timeout(self.heartbeat.timeout, check).await {
-                        Ok(Ok(_)) => {}
+                        // Answered: every notification committed before it was sent has come.
+                        Ok(Ok(_)) => match store.upgrade() {
+                            Some(s) => {
+                                s.confirmed_ms.fetch_max(sent, Ordering::AcqRel);
+                            }
+                            None => return Ended::StoreGone,
+                        },
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "token change feed heartbeat failed");
                             return Ended::Dropped;
@@ -903,6 +937,13 @@ fn decode(row: &PgRow) -> Result<TokenRecord, StoreError> {
 
 #[async_trait]
 impl TokenLookup for PostgresStore {
+    fn feed_unconfirmed_since(&self) -> Option<i64> {
+        let inner = &self.inner;
+        let confirmed = inner.confirmed_ms.load(Ordering::Acquire);
+        let overdue = crate::cache::now_ms().saturating_sub(confirmed) > inner.overdue_after_ms;
+        (overdue || !inner.feed_up.load(Ordering::Acquire)).then_some(confirmed)
+    }
+
     async fn find_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
         let rows = sqlx::query(&self.inner.sql.find_by_hash)
             .bind(hash.as_bytes().as_slice())

@@ -83,7 +83,7 @@
 //! up with 503 and keeps serving cached tokens for `stale_if_error`.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -239,6 +239,12 @@ struct Shared {
     origin: i64,
     /// Whether the cross-process feed is polling successfully (always true in memory).
     feed_up: AtomicBool,
+    /// The Unix ms at which the last successful poll started: every change committed before it
+    /// has been heard.
+    confirmed_ms: AtomicI64,
+    /// How long after a confirmation the next is overdue (the poll interval and a second); 0 for
+    /// an in-memory database, which has no poller.
+    overdue_after_ms: AtomicI64,
     /// Held while the feed state changes and is announced, and while a listener subscribes.
     feed_lock: Mutex<()>,
     poller: OnceLock<tokio::task::AbortHandle>,
@@ -295,14 +301,20 @@ impl SqliteStore {
         };
         feed.last = feed.start().await.map_err(store_error)?;
         let store = Self::from_pools(reader, writer);
+        let interval = interval.max(Duration::from_millis(10));
+        let overdue = interval.saturating_add(Duration::from_secs(1)).as_millis();
+        store.inner.overdue_after_ms.store(
+            i64::try_from(overdue).unwrap_or(i64::MAX),
+            Ordering::Release,
+        );
+        store
+            .inner
+            .confirmed_ms
+            .store(crate::cache::now_ms(), Ordering::Release);
         let ended = super::FeedTaskGuard::new(Arc::downgrade(&store.inner), |s: &Shared| {
             s.feed_state(false);
         });
-        let task = tokio::spawn(feed.run(
-            Arc::downgrade(&store.inner),
-            interval.max(Duration::from_millis(10)),
-            ended,
-        ));
+        let task = tokio::spawn(feed.run(Arc::downgrade(&store.inner), interval, ended));
         let _ = store.inner.poller.set(task.abort_handle());
         Ok(store)
     }
@@ -338,6 +350,8 @@ impl SqliteStore {
                 sql: Statements::new(Dialect::Sqlite),
                 origin: origin(),
                 feed_up: AtomicBool::new(true),
+                confirmed_ms: AtomicI64::new(crate::cache::now_ms()),
+                overdue_after_ms: AtomicI64::new(0),
                 feed_lock: Mutex::new(()),
                 poller: OnceLock::new(),
                 history: HistorySetting::default(),
@@ -594,12 +608,14 @@ impl Feed {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            let started = crate::cache::now_ms();
             let polled = tokio::time::timeout(POLL_TIMEOUT, self.poll()).await;
             let Some(shared) = store.upgrade() else {
                 return;
             };
             match polled {
                 Ok(Ok(polled)) => {
+                    shared.confirmed_ms.fetch_max(started, Ordering::AcqRel);
                     let was_down = !shared.feed_up.load(Ordering::Acquire);
                     match polled {
                         Polled::Quiet => {}
@@ -769,6 +785,17 @@ fn bind_params<'q>(mut q: Query<'q>, params: &[Param]) -> Query<'q> {
 
 #[async_trait]
 impl TokenLookup for SqliteStore {
+    fn feed_unconfirmed_since(&self) -> Option<i64> {
+        let inner = &self.inner;
+        let overdue_after = inner.overdue_after_ms.load(Ordering::Acquire);
+        if overdue_after == 0 {
+            return None;
+        }
+        let confirmed = inner.confirmed_ms.load(Ordering::Acquire);
+        let overdue = crate::cache::now_ms().saturating_sub(confirmed) > overdue_after;
+        (overdue || !inner.feed_up.load(Ordering::Acquire)).then_some(confirmed)
+    }
+
     async fn find_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
         let rows = sqlx::query(&self.inner.sql.find_by_hash)
             .bind(hash.as_bytes().as_slice())
