@@ -68,6 +68,14 @@ pub(crate) fn now_ms() -> i64 {
     }
 }
 
+/// Milliseconds on the monotonic clock since its first reading in this process: for deadlines
+/// that a step of the wall clock (NTP, a resumed VM) must not move. Not on the request path.
+pub(crate) fn mono_ms() -> i64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    i64::try_from(start.elapsed().as_millis()).unwrap_or(i64::MAX)
+}
+
 /// Where a token's positive entry lives: a 128-bit keyed PRF (SipHash-2-4-128) of the token,
 /// under a key drawn from the OS CSPRNG when the cache is made, which never leaves it. See
 /// [the crate docs](crate#the-cache-index-and-what-it-reveals) for why this is as strong as a

@@ -244,7 +244,9 @@ pub(crate) const MAX_NAME_CHARS: usize = 256;
 /// The characters a label may not hold besides the control characters: the invisible format
 /// characters of the Basic Multilingual Plane (Unicode category Cf: the soft hyphen, zero-width
 /// spaces and joiners, bidirectional marks, embeddings, overrides and isolates, the byte order
-/// mark) and the line and paragraph separators (Zl, Zp). With them `ci` and `ci\u{200B}` would be
+/// mark), the line and paragraph separators (Zl, Zp), and the letters and marks that print as
+/// nothing (the combining grapheme joiner, the Hangul fillers, the Khmer inherent vowels, the
+/// blank Braille pattern). With them `ci` and `ci\u{200B}` would be
 /// two names that look alike, and `deploy\u{202E}nimda` would print reversed in a list.
 ///
 /// The plane's ranges only, so that the OpenAPI document states the same rule as a pattern every
@@ -253,18 +255,24 @@ pub(crate) const MAX_NAME_CHARS: usize = 256;
 #[cfg(feature = "admin")]
 pub(crate) const INVISIBLE: &[(char, char)] = &[
     ('\u{AD}', '\u{AD}'),
+    ('\u{34F}', '\u{34F}'),
     ('\u{600}', '\u{605}'),
     ('\u{61C}', '\u{61C}'),
     ('\u{6DD}', '\u{6DD}'),
     ('\u{70F}', '\u{70F}'),
     ('\u{890}', '\u{891}'),
     ('\u{8E2}', '\u{8E2}'),
+    ('\u{115F}', '\u{1160}'),
+    ('\u{17B4}', '\u{17B5}'),
     ('\u{180E}', '\u{180E}'),
     ('\u{200B}', '\u{200F}'),
     ('\u{2028}', '\u{202E}'),
     ('\u{2060}', '\u{2064}'),
     ('\u{2066}', '\u{206F}'),
+    ('\u{2800}', '\u{2800}'),
+    ('\u{3164}', '\u{3164}'),
     ('\u{FEFF}', '\u{FEFF}'),
+    ('\u{FFA0}', '\u{FFA0}'),
     ('\u{FFF9}', '\u{FFFB}'),
 ];
 

@@ -407,6 +407,32 @@ fn webhook_urls_must_be_absolute_http() {
     assert!(!debug.contains("webhook shared secret"));
 }
 
+/// What goes in the alerts queue: what happens at most once per token (or purge run). What a
+/// caller with write access can repeat at will is routine, so that it cannot crowd them out.
+#[test]
+fn alerts_are_what_a_caller_cannot_repeat_at_will() {
+    for kind in [
+        EventKind::Created,
+        EventKind::Revoked,
+        EventKind::Deleted,
+        EventKind::Leaked,
+        EventKind::Reused,
+        EventKind::Expiring,
+        EventKind::Expired,
+        EventKind::Purged,
+    ] {
+        assert!(kind.is_alert(), "{kind:?}");
+    }
+    for kind in [
+        EventKind::Updated,
+        EventKind::Rotated,
+        EventKind::Disabled,
+        EventKind::Enabled,
+    ] {
+        assert!(!kind.is_alert(), "{kind:?}");
+    }
+}
+
 #[test]
 fn event_names_match_their_json() {
     for kind in [

@@ -142,6 +142,9 @@ async fn each_field_rule_in_the_document_is_the_servers() {
                 "a\u{2028}b",
                 "x\u{AD}y",
                 "a\u{2066}b\u{2069}",
+                "ci\u{3164}",
+                "\u{2800}",
+                "e\u{301}",
                 // Visible ones beyond the plane, and the narrow no-break space: accepted.
                 "\u{1F680} deploy",
                 "a\u{202F}b",

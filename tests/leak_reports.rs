@@ -565,8 +565,7 @@ mod reports {
     }
 
     /// No token stands in front of this route: a request without a configured key and a
-    /// well-formed signature is refused before its body is read, so an anonymous client cannot
-    /// make the server buffer a megabyte, or wait for one, per request.
+    /// well-formed signature is refused before its body is read.
     #[tokio::test]
     async fn an_unsigned_report_is_401_before_its_body_is_read() {
         let signature = {
@@ -597,6 +596,28 @@ mod reports {
             unauthorized(&res);
             assert_eq!(t.store_calls(), 0);
         }
+    }
+
+    /// GitHub's key identifiers are public and any well-formed signature passes the header
+    /// check: a forged one with a body that never arrives is a 408 after the body timeout, not
+    /// a request held for ever.
+    #[tokio::test]
+    async fn a_forged_signature_with_a_body_that_never_comes_times_out() {
+        let mut t = app_with(|r| r.body_timeout(std::time::Duration::from_millis(200)));
+        let forged = sign(&key("someone-else"), b"[]");
+        let req = Request::post(PATH)
+            .header("content-type", "application/json")
+            .header(KEY_IDENTIFIER_HEADER, "github-1")
+            .header(KEY_SIGNATURE_HEADER, forged)
+            .body(Body::new(Never))
+            .unwrap();
+        let res = tokio::time::timeout(std::time::Duration::from_secs(5), t.send(req))
+            .await
+            .expect("the body timeout ends the request");
+        assert_eq!(res.status, StatusCode::REQUEST_TIMEOUT, "{}", res.text);
+        assert_eq!(res.body["code"], "request_timeout");
+        assert_eq!(t.store_calls(), 0);
+        assert!(t.events().is_empty());
     }
 
     #[tokio::test]

@@ -486,8 +486,8 @@ async fn postgres_schema_7_makes_every_time_finite() {
             )
             .await
             .unwrap();
-        let q = "UPDATE tower_pat_tokens SET expires_at = 'infinity', last_used_at = 'infinity' \
-                 WHERE id = $1";
+        let q = "UPDATE tower_pat_tokens SET expires_at = 'infinity', last_used_at = 'infinity', \
+                 last_rotated_at = '250000-01-01' WHERE id = $1";
         sqlx::query(q)
             .bind(&forever.id)
             .execute(store.pool())
@@ -508,14 +508,46 @@ async fn postgres_schema_7_makes_every_time_finite() {
     let got = store.get(&forever.id).await.unwrap().unwrap();
     assert_eq!(got.expires_at, None, "infinity is no expiry");
     assert!(got.last_used_at.is_some());
+    assert!(got.last_rotated_at.is_some_and(|t| t <= Utc::now()));
     assert!(store.get(&revoked.id).await.unwrap().unwrap().is_revoked());
     assert_eq!(store.list(&ListQuery::default()).await.unwrap().total, 2);
     assert!(store.revoke(&forever.id, now()).await.unwrap().is_some());
-    let q = "UPDATE tower_pat_tokens SET expires_at = 'infinity' WHERE id = $1";
-    let refused = sqlx::query(q).bind(&forever.id).execute(store.pool()).await;
-    assert!(
-        refused.is_err(),
-        "an infinite time was written after migration 7"
-    );
+    for time in ["infinity", "-infinity", "250000-01-01"] {
+        let q = format!("UPDATE tower_pat_tokens SET expires_at = '{time}' WHERE id = $1");
+        let refused = sqlx::query(&q)
+            .bind(&forever.id)
+            .execute(store.pool())
+            .await;
+        assert!(refused.is_err(), "{time} was written after migration 7");
+    }
+    store.pool().close().await;
+}
+
+/// The per-subject limit holds on a database whose default isolation is REPEATABLE READ (a
+/// snapshot taken at the lock would miss the row the previous holder committed), and migrations
+/// run there too.
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres_insert_below_holds_under_repeatable_read() {
+    use tower_pat::store::PostgresStore;
+    use tower_pat::store::conformance;
+    let Some(db) = common::pg::TestDb::create("store_conformance").await else {
+        return;
+    };
+    let options = db
+        .options
+        .clone()
+        .options([("default_transaction_isolation", "repeatable\\ read")]);
+    let store = PostgresStore::builder()
+        .connect_with(options)
+        .await
+        .unwrap();
+    let isolation: String =
+        tower_pat::store::sqlx::query_scalar("SHOW default_transaction_isolation")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(isolation, "repeatable read");
+    conformance::insert_below_holds_the_limit_under_concurrency(store.clone()).await;
     store.pool().close().await;
 }

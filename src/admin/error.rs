@@ -151,6 +151,16 @@ impl ApiError {
         )
     }
 
+    /// 408: a leaked-token report whose body did not arrive in time.
+    #[cfg(feature = "secret-scanning")]
+    pub(crate) fn body_timeout() -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the request body did not arrive in time",
+        )
+    }
+
     /// 413: the body is larger than the configured maximum.
     pub(crate) fn too_large() -> Self {
         Self::new(

@@ -219,21 +219,23 @@ pub enum EventKind {
 
 impl EventKind {
     /// Whether a webhook posts this event from its alerts queue, ahead of the others: a token
-    /// made, revoked, deleted, reported leaked, about to expire or expired, and purges. Each
-    /// happens at most once per token (or per purge run), so a caller cannot make them faster
-    /// than tokens can be made: a flood of the others (renames, rotations, disabling and
-    /// enabling, which a caller with write access can repeat at will) cannot crowd them out.
+    /// made, revoked, deleted, reported leaked, its rotated-out secret presented again, about to
+    /// expire or expired, and purges. Each happens at most once per token (or per purge run), so
+    /// a caller cannot make them faster than tokens can be made: a flood of the others (renames,
+    /// rotations, disabling and enabling, which a caller with write access can repeat at will)
+    /// cannot crowd them out. (Every kind is classified here: a new one must be.)
     pub fn is_alert(self) -> bool {
-        matches!(
-            self,
+        match self {
             Self::Created
-                | Self::Revoked
-                | Self::Deleted
-                | Self::Leaked
-                | Self::Expiring
-                | Self::Expired
-                | Self::Purged
-        )
+            | Self::Revoked
+            | Self::Deleted
+            | Self::Leaked
+            | Self::Reused
+            | Self::Expiring
+            | Self::Expired
+            | Self::Purged => true,
+            Self::Updated | Self::Rotated | Self::Disabled | Self::Enabled => false,
+        }
     }
 
     /// The name on the wire, such as `personalAccessToken.created`.

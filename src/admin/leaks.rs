@@ -49,6 +49,8 @@ pub const KEY_SIGNATURE_HEADER: &str = "github-public-key-signature";
 const DEFAULT_MAX_ENTRIES: usize = 1000;
 /// The default of [`LeakReports::max_body_bytes`].
 const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// How long a report's body may take to arrive, by default.
+const DEFAULT_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The longest DER encoding of a P-256 ECDSA signature (two 33-byte integers and their headers).
 const MAX_DER_SIGNATURE: usize = 72;
 
@@ -78,6 +80,7 @@ pub struct LeakReports {
     keys: Vec<(String, VerifyingKey)>,
     pub(crate) max_entries: usize,
     pub(crate) max_body_bytes: usize,
+    body_timeout: std::time::Duration,
 }
 
 impl fmt::Debug for LeakReports {
@@ -89,6 +92,7 @@ impl fmt::Debug for LeakReports {
             )
             .field("max_entries", &self.max_entries)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("body_timeout", &self.body_timeout)
             .finish()
     }
 }
@@ -136,6 +140,7 @@ impl LeakReports {
             keys: Vec::new(),
             max_entries: DEFAULT_MAX_ENTRIES,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
         }
     }
 
@@ -172,10 +177,20 @@ impl LeakReports {
     }
 
     /// The largest report body read, in bytes; a larger one is a 413, before its signature is
-    /// checked (but after its headers name a configured key and a well-formed signature: a
-    /// request without them is a 401 before its body is read). Default 1 MiB.
+    /// verified (but after its headers name a configured key and a well-formed signature: a
+    /// request without them is a 401 before its body is read; see also
+    /// [`body_timeout`](Self::body_timeout)). Default 1 MiB.
     pub fn max_body_bytes(mut self, max: usize) -> Self {
         self.max_body_bytes = max;
+        self
+    }
+
+    /// How long a report's body may take to arrive once its headers named a configured key and
+    /// a well-formed signature; a slower one is a 408. This route has no token in front of it,
+    /// and GitHub's key identifiers are public: anyone can send headers that pass the first
+    /// check, so a body that trickles in must not hold the server for long. Default 10 s.
+    pub fn body_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.body_timeout = timeout;
         self
     }
 
@@ -260,7 +275,8 @@ pub(crate) struct LeakLabel {
     responses(
         (status = 200, description = "One label per entry, in order; matching tokens are revoked", body = Vec<LeakLabel>),
         (status = 400, description = "The body is not a JSON array of entries with a string `token`, or has more entries than the configured maximum (nothing is revoked)", body = ErrorBody),
-        (status = 401, description = "The signature is missing, malformed, by an unknown key or not over this body (nothing is read or revoked)", body = ErrorBody),
+        (status = 401, description = "The signature is missing, malformed, by an unknown key (refused before the body is read) or not over this body (nothing is revoked)", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within the configured time (nothing is revoked)", body = ErrorBody),
         (status = 413, response = PayloadTooLarge),
         (status = 500, response = StoreFailed),
     ),
@@ -277,7 +293,10 @@ pub(crate) async fn report(
     // The headers first: an unsigned request or an unknown key is refused before its body is
     // read (this route has no token in front of it).
     let (key, signature) = config.signer(&headers)?;
-    let RequestBody(body) = RequestBody::from_request(request, &()).await?;
+    let read = RequestBody::from_request(request, &());
+    let RequestBody(body) = tokio::time::timeout(config.body_timeout, read)
+        .await
+        .map_err(|_| ApiError::body_timeout())??;
     key.verify(&body, &signature)
         .map_err(|_| ApiError::bad_signature())?;
     let entries: Vec<LeakedToken> = serde_json::from_slice(&body).map_err(|e| {

@@ -36,12 +36,18 @@ pub const EVENT_HEADER: &str = "x-event";
 ///
 /// There are two queues, each of [`queue_capacity`](WebhookBuilder::queue_capacity), and the
 /// first is always posted first: the **alerts** ([`EventKind::is_alert`]: `created`, `revoked`,
-/// `deleted`, `leaked`, `expiring`, `expired`, `purged`), each at most once per token, which a
-/// caller can only make as fast as the creation rate limit lets tokens be made, and the
+/// `deleted`, `leaked`, `reused`, `expiring`, `expired`, `purged`), each at most once per token,
+/// which a caller can only make as fast as the creation rate limit lets tokens be made, and the
 /// **routine** rest (`updated`, `rotated`, `disabled`, `enabled`), which a caller with write
 /// access can repeat at will. A flood of routine events (a token renamed in a loop against a
 /// slow receiver) fills only its own queue: it cannot push out the event of a new token, a
-/// revocation, or an expiry notice (whose claim is already recorded when it is queued).
+/// revocation, a reused secret, or an expiry notice (whose claim is already recorded when it is
+/// queued). (With the creation rate limit turned off, nothing bounds the alerts either.)
+///
+/// Events therefore do not always arrive in the order they happened: a `rotated` or `updated`
+/// event may come after the `revoked` or `deleted` that followed it. A receiver that keeps a
+/// token's state orders its events by `triggeredAt`, not by arrival, and treats `deleted` as
+/// final.
 ///
 /// A background task posts the queues in order as `application/json` with `X-Timestamp: <Unix
 /// seconds>`, `X-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">` and `X-Event`; a

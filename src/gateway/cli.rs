@@ -49,8 +49,10 @@ impl std::fmt::Debug for Cli {
             .sets
             .iter()
             .map(|s| match s.split_once('=') {
-                Some((key, _)) => format!("{key}=<redacted>"),
-                None => "<redacted>".to_owned(),
+                Some((key, _)) if super::config::is_key_path(key.trim()) => {
+                    format!("{}=<redacted>", key.trim())
+                }
+                _ => "<redacted>".to_owned(),
             })
             .collect();
         f.debug_struct("Cli")
@@ -267,7 +269,8 @@ fn secret_on_command_line(cli: &Cli) -> Option<String> {
             match key.trim() {
                 "pepper" | "previous_peppers" => true,
                 "store" => store_secret(value.trim().trim_matches(['"', '\''])),
-                _ => false,
+                // Not a key: perhaps a secret given without its key.
+                key => !super::config::is_key_path(key),
             }
         });
     given.then(|| {
@@ -640,6 +643,15 @@ mod tests {
             assert!(!shown.contains(secret), "{shown}");
         }
         assert!(shown.contains("pepper=<redacted>"), "{shown}");
+        // A secret given without its key, or under an environment variable's name.
+        for misplaced in [
+            "postgres://app:pw-s3cret@db/pat?sslmode=require",
+            "PATD_PEPPER=s3cret-0123456789",
+        ] {
+            let shown = format!("{:?}", parse(&["--set", misplaced, "config", "check"]));
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(secret_on_command_line(&parse(&["--set", misplaced, "migrate"])).is_some());
+        }
         assert!(
             shown.contains("postgres://app:<redacted>@db/pat"),
             "{shown}"

@@ -654,7 +654,16 @@ impl Config {
                 ConfigError("--set: expected key=value (key.path=value), found no `=`".to_owned())
             })?;
             let key = key.trim();
-            let source = if SECRET_KEYS.contains(&key) {
+            let source = if !is_key_path(key) {
+                // Not a key: a misplaced secret (`--set postgres://u:pw@h/db`, `--set
+                // PATD_PEPPER=…`) must not be quoted, here or in the error about it.
+                secrets.push(set.clone());
+                secrets.extend(set.split(['=', ':', '@', '/', '?', '&']).map(str::to_owned));
+                "--set <redacted>".to_owned()
+            } else if SECRET_KEYS.contains(&key) || might_be_secret(key) {
+                if !SECRET_KEYS.contains(&key) {
+                    secrets.push(value.to_owned());
+                }
                 format!("--set {key}=<redacted>")
             } else {
                 format!("--set {set}")
@@ -687,6 +696,23 @@ impl Config {
 
 /// The keys whose values are secret, or may hold one (a `store` URL's password).
 const SECRET_KEYS: &[&str] = &["pepper", "previous_peppers", "store"];
+
+/// Whether `key` is shaped like a configuration key path (`cache.ttl`, `pepper`): lowercase
+/// letters, digits, `_` and `.`. Anything else given to `--set` is not quoted anywhere.
+pub(super) fn is_key_path(key: &str) -> bool {
+    !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.')
+}
+
+/// Whether a key that is not one of the secret ones looks like a misspelling of one
+/// (`peper`, `stor`, `db_password`): its value is not quoted either.
+fn might_be_secret(key: &str) -> bool {
+    ["pep", "stor", "secret", "pass", "key"]
+        .iter()
+        .any(|part| key.contains(part))
+}
 
 /// Notes the secrets of `key`'s `value`: a pepper whole, each previous pepper, a store URL's
 /// password and query.
@@ -1440,6 +1466,22 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXOpw6qjcqsauqveNqG5RBCU6yV7A
             .0;
         assert!(err.contains("--set store"), "{err}");
         assert!(err.contains("pg://u:<redacted>@h/db"), "{err}");
+    }
+
+    #[test]
+    fn a_misplaced_secret_in_a_set_is_never_quoted() {
+        for set in [
+            "postgres://app:pw-s3cret@db/pat?sslmode=require",
+            "PATD_PEPPER=s3cret-0123456789abcdef",
+            "peper=s3cret-0123456789abcdef",
+            "db_password=s3cret-0123456789",
+        ] {
+            let err = load("", &[], &[set]).unwrap_err().0;
+            assert!(!err.contains("s3cret"), "{set}: {err}");
+        }
+        // A plain key keeps its value in the message: it says what was wrong.
+        let err = load("", &[], &["cache.ttl=soon"]).unwrap_err().0;
+        assert!(err.contains("--set cache.ttl=soon"), "{err}");
     }
 
     #[test]

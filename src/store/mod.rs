@@ -519,8 +519,10 @@ pub trait TokenStore: TokenLookup {
 
     /// [`insert`](Self::insert), on the condition that the record's subject has fewer than `max`
     /// records ([`count_by_subject`](Self::count_by_subject)): one conditional, atomic write, so
-    /// that concurrent creations (on other nodes, or the CLI beside a server) never take a
-    /// subject past `max`. `Ok(false)`, inserting nothing, when the subject has `max` or more.
+    /// that concurrent creations (through the management API of several nodes or processes over
+    /// one store) never take a subject past `max`. `Ok(false)`, inserting nothing, when the
+    /// subject has `max` or more. ([`Tokens::issue`](crate::Tokens::issue), and so
+    /// `patd token create`, the operator's tool, applies no limit.)
     ///
     /// # Errors
     /// Those of [`insert`](Self::insert); [`StoreError::Unsupported`] from the default

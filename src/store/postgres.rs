@@ -34,8 +34,9 @@
 //! secrets rotations replaced, for [`find_superseded`](TokenLookup::find_superseded). A rotation
 //! writes and prunes it in its own transaction ([`PostgresStore::superseded_history`]).
 //!
-//! Migration 7 makes every time finite (`CHECK (isfinite(…))`): an `expires_at` of `infinity`
-//! written outside this crate becomes NULL (no expiry), any other infinite time the time of the
+//! Migration 7 makes every time finite and before the year 200 000 (a `CHECK`; sqlx cannot
+//! decode `infinity`, nor a year past chrono's 262 142): an `expires_at` of `infinity` (or later)
+//! written outside this crate becomes NULL (no expiry), any other such time the time of the
 //! migration.
 //!
 //! [`record_usage`](TokenLookup::record_usage) writes a whole batch in one `UPDATE … FROM
@@ -215,36 +216,54 @@ CREATE INDEX IF NOT EXISTS tower_pat_superseded_token_id_idx ON tower_pat_supers
 CREATE INDEX IF NOT EXISTS tower_pat_superseded_time_idx ON tower_pat_superseded (superseded_at);
 ",
     },
-    // Every time finite. sqlx panics decoding `infinity` (a DBA's "never"), which made such a
-    // token unrevocable (the revocation decodes the row before its commit) and its lookups and
-    // list pages fail. An `expires_at` of `infinity` is what no expiry means, NULL; any other
-    // infinite time becomes now (still revoked, disabled, or at the end of a grace period:
-    // nothing is granted that was not).
+    // Every time finite, and within what chrono can hold. sqlx panics decoding `infinity` (a
+    // DBA's "never") or a year past 262 142, which made such a token unrevocable (the
+    // revocation decodes the row before its commit) and its lookups and list pages fail. An
+    // `expires_at` of `infinity` (or past that year) is what no expiry means, NULL; any other
+    // such time becomes now (still revoked, disabled, or at the end of a grace period: nothing
+    // is granted that was not).
     Migration {
         version: 7,
         sql: r"
-UPDATE tower_pat_tokens SET expires_at = NULL WHERE expires_at = 'infinity';
+UPDATE tower_pat_tokens SET expires_at = NULL
+    WHERE expires_at = 'infinity' OR expires_at >= '200000-01-01';
 UPDATE tower_pat_tokens SET expires_at = 'epoch' WHERE expires_at = '-infinity';
-UPDATE tower_pat_tokens SET created_at = now() WHERE NOT isfinite(created_at);
-UPDATE tower_pat_tokens SET updated_at = now() WHERE NOT isfinite(updated_at);
-UPDATE tower_pat_tokens SET revoked_at = now() WHERE NOT isfinite(revoked_at);
-UPDATE tower_pat_tokens SET disabled_at = now() WHERE NOT isfinite(disabled_at);
-UPDATE tower_pat_tokens SET last_used_at = now() WHERE NOT isfinite(last_used_at);
-UPDATE tower_pat_tokens SET last_rotated_at = now() WHERE NOT isfinite(last_rotated_at);
-UPDATE tower_pat_tokens SET previous_hash_until = now() WHERE NOT isfinite(previous_hash_until);
-UPDATE tower_pat_tokens SET expiring_notice_at = now() WHERE NOT isfinite(expiring_notice_at);
-UPDATE tower_pat_tokens SET expired_notice_at = now() WHERE NOT isfinite(expired_notice_at);
-UPDATE tower_pat_superseded SET superseded_at = now() WHERE NOT isfinite(superseded_at);
+UPDATE tower_pat_tokens SET created_at = now()
+    WHERE NOT isfinite(created_at) OR created_at >= '200000-01-01';
+UPDATE tower_pat_tokens SET updated_at = now()
+    WHERE NOT isfinite(updated_at) OR updated_at >= '200000-01-01';
+UPDATE tower_pat_tokens SET revoked_at = now()
+    WHERE NOT isfinite(revoked_at) OR revoked_at >= '200000-01-01';
+UPDATE tower_pat_tokens SET disabled_at = now()
+    WHERE NOT isfinite(disabled_at) OR disabled_at >= '200000-01-01';
+UPDATE tower_pat_tokens SET last_used_at = now()
+    WHERE NOT isfinite(last_used_at) OR last_used_at >= '200000-01-01';
+UPDATE tower_pat_tokens SET last_rotated_at = now()
+    WHERE NOT isfinite(last_rotated_at) OR last_rotated_at >= '200000-01-01';
+UPDATE tower_pat_tokens SET previous_hash_until = now()
+    WHERE NOT isfinite(previous_hash_until) OR previous_hash_until >= '200000-01-01';
+UPDATE tower_pat_tokens SET expiring_notice_at = now()
+    WHERE NOT isfinite(expiring_notice_at) OR expiring_notice_at >= '200000-01-01';
+UPDATE tower_pat_tokens SET expired_notice_at = now()
+    WHERE NOT isfinite(expired_notice_at) OR expired_notice_at >= '200000-01-01';
+UPDATE tower_pat_superseded SET superseded_at = now()
+    WHERE NOT isfinite(superseded_at) OR superseded_at >= '200000-01-01';
 ALTER TABLE tower_pat_tokens DROP CONSTRAINT IF EXISTS tower_pat_tokens_finite_times;
 ALTER TABLE tower_pat_tokens ADD CONSTRAINT tower_pat_tokens_finite_times CHECK (
-    isfinite(created_at) AND isfinite(updated_at) AND isfinite(expires_at)
-    AND isfinite(revoked_at) AND isfinite(disabled_at) AND isfinite(last_used_at)
-    AND isfinite(last_rotated_at) AND isfinite(previous_hash_until)
-    AND isfinite(expiring_notice_at) AND isfinite(expired_notice_at)
+    created_at < '200000-01-01' AND updated_at < '200000-01-01'
+    AND expires_at < '200000-01-01' AND revoked_at < '200000-01-01'
+    AND disabled_at < '200000-01-01' AND last_used_at < '200000-01-01'
+    AND last_rotated_at < '200000-01-01' AND previous_hash_until < '200000-01-01'
+    AND expiring_notice_at < '200000-01-01' AND expired_notice_at < '200000-01-01'
+    AND created_at > '-infinity' AND updated_at > '-infinity'
+    AND expires_at > '-infinity' AND revoked_at > '-infinity'
+    AND disabled_at > '-infinity' AND last_used_at > '-infinity'
+    AND last_rotated_at > '-infinity' AND previous_hash_until > '-infinity'
+    AND expiring_notice_at > '-infinity' AND expired_notice_at > '-infinity'
 );
 ALTER TABLE tower_pat_superseded DROP CONSTRAINT IF EXISTS tower_pat_superseded_finite_time;
 ALTER TABLE tower_pat_superseded ADD CONSTRAINT tower_pat_superseded_finite_time
-    CHECK (isfinite(superseded_at));
+    CHECK (superseded_at > '-infinity' AND superseded_at < '200000-01-01');
 ",
     },
 ];
@@ -291,9 +310,12 @@ struct Shared {
     /// Whether the listener is connected and listening.
     feed_up: AtomicBool,
     /// The Unix ms at which the last answered heartbeat was sent (or the listener connected):
-    /// every change committed before it has been heard.
+    /// every change committed before it has been heard. What `max_staleness` counts from.
     confirmed_ms: AtomicI64,
-    /// How long after a confirmation the next is overdue: the heartbeat interval and a second.
+    /// When that answer came ([`mono_ms`](crate::cache::mono_ms)): the next heartbeat is sent an
+    /// interval later, so its answer is overdue after the interval and a second.
+    answered_mono_ms: AtomicI64,
+    /// The heartbeat interval and a second, in ms.
     overdue_after_ms: i64,
     /// Held while the feed state changes and is announced, and while a listener subscribes, so
     /// that a new listener learns of an ongoing outage exactly once.
@@ -462,6 +484,7 @@ impl PostgresStoreBuilder {
             channel: self.channel,
             feed_up: AtomicBool::new(true),
             confirmed_ms: AtomicI64::new(crate::cache::now_ms()),
+            answered_mono_ms: AtomicI64::new(crate::cache::mono_ms()),
             overdue_after_ms: i64::try_from(
                 self.heartbeat
                     .interval
@@ -607,8 +630,7 @@ impl Shared {
         let _guard = self.feed_lock.lock().unwrap_or_else(|e| e.into_inner());
         if up {
             // Listening again, and the caches about to be emptied: nothing older is relied on.
-            self.confirmed_ms
-                .fetch_max(crate::cache::now_ms(), Ordering::AcqRel);
+            self.confirmed(crate::cache::now_ms());
         }
         self.feed_up.store(up, Ordering::Release);
         self.hub.publish(if up {
@@ -616,6 +638,14 @@ impl Shared {
         } else {
             &StoreEvent::Disconnected
         });
+    }
+
+    /// A confirmation that every change committed before `sent` (Unix ms) has been heard,
+    /// arriving now.
+    fn confirmed(&self, sent: i64) {
+        self.confirmed_ms.store(sent, Ordering::Release);
+        self.answered_mono_ms
+            .store(crate::cache::mono_ms(), Ordering::Release);
     }
 
     /// The feed task ended while the store lives ([`FeedTaskGuard`](super::FeedTaskGuard)):
@@ -796,9 +826,7 @@ impl Feed {
                     match tokio::time::timeout(self.heartbeat.timeout, check).await {
                         // Answered: every notification committed before it was sent has come.
                         Ok(Ok(_)) => match store.upgrade() {
-                            Some(s) => {
-                                s.confirmed_ms.fetch_max(sent, Ordering::AcqRel);
-                            }
+                            Some(s) => s.confirmed(sent),
                             None => return Ended::StoreGone,
                         },
                         Ok(Err(e)) => {
@@ -825,7 +853,12 @@ impl Feed {
 
 /// Applies the pending migrations in one transaction, one node at a time.
 async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await.map_err(store_error)?;
+    // READ COMMITTED whatever the database's default: a node that waited for the lock must read
+    // the version the one before it wrote.
+    let mut tx = pool
+        .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+        .await
+        .map_err(store_error)?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(MIGRATION_LOCK)
         .execute(&mut *tx)
@@ -862,12 +895,12 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
 
 type Query<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
 
-/// Binds `$1`–`$17`: every column but the usage ones.
 /// The longest token id stored: every change of a token is announced to the other nodes as
 /// `<id> <hex hash>` in a `NOTIFY`, whose payload PostgreSQL limits to 8 000 bytes. A longer id
 /// could be inserted but never revoked.
 const MAX_ID_LEN: usize = 1024;
 
+/// Binds `$1`–`$17`: every column but the usage ones.
 fn bind_record<'q>(q: Query<'q>, r: &'q TokenRecord) -> Result<Query<'q>, StoreError> {
     if r.id.len() > MAX_ID_LEN {
         return Err(StoreError::backend(
@@ -939,9 +972,10 @@ fn decode(row: &PgRow) -> Result<TokenRecord, StoreError> {
 impl TokenLookup for PostgresStore {
     fn feed_unconfirmed_since(&self) -> Option<i64> {
         let inner = &self.inner;
-        let confirmed = inner.confirmed_ms.load(Ordering::Acquire);
-        let overdue = crate::cache::now_ms().saturating_sub(confirmed) > inner.overdue_after_ms;
-        (overdue || !inner.feed_up.load(Ordering::Acquire)).then_some(confirmed)
+        let answered = inner.answered_mono_ms.load(Ordering::Acquire);
+        let overdue = crate::cache::mono_ms().saturating_sub(answered) > inner.overdue_after_ms;
+        (overdue || !inner.feed_up.load(Ordering::Acquire))
+            .then(|| inner.confirmed_ms.load(Ordering::Acquire))
     }
 
     async fn find_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
@@ -1181,7 +1215,15 @@ impl TokenStore for PostgresStore {
     async fn insert_below(&self, record: &TokenRecord, max: u64) -> Result<bool, StoreError> {
         // A lock per subject for the transaction: creations for one subject on every node take
         // turns between the count and the insert; other subjects' do not wait.
-        let mut tx = self.inner.pool.begin().await.map_err(store_error)?;
+        // READ COMMITTED whatever the database's default: the count must see what the previous
+        // holder of the lock committed, which a snapshot taken at the lock (REPEATABLE READ)
+        // would not.
+        let mut tx = self
+            .inner
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+            .await
+            .map_err(store_error)?;
         sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
             .bind(SUBJECT_LOCK_CLASS)
             .bind(&record.subject)

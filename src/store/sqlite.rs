@@ -240,10 +240,12 @@ struct Shared {
     /// Whether the cross-process feed is polling successfully (always true in memory).
     feed_up: AtomicBool,
     /// The Unix ms at which the last successful poll started: every change committed before it
-    /// has been heard.
+    /// has been heard. What `max_staleness` counts from.
     confirmed_ms: AtomicI64,
-    /// How long after a confirmation the next is overdue (the poll interval and a second); 0 for
-    /// an in-memory database, which has no poller.
+    /// When that poll ended ([`mono_ms`](crate::cache::mono_ms)).
+    polled_mono_ms: AtomicI64,
+    /// How long after a poll ended the next one's end is overdue (the poll interval and a
+    /// second); 0 for an in-memory database, which has no poller.
     overdue_after_ms: AtomicI64,
     /// Held while the feed state changes and is announced, and while a listener subscribes.
     feed_lock: Mutex<()>,
@@ -311,6 +313,10 @@ impl SqliteStore {
             .inner
             .confirmed_ms
             .store(crate::cache::now_ms(), Ordering::Release);
+        store
+            .inner
+            .polled_mono_ms
+            .store(crate::cache::mono_ms(), Ordering::Release);
         let ended = super::FeedTaskGuard::new(Arc::downgrade(&store.inner), |s: &Shared| {
             s.feed_state(false);
         });
@@ -351,6 +357,7 @@ impl SqliteStore {
                 origin: origin(),
                 feed_up: AtomicBool::new(true),
                 confirmed_ms: AtomicI64::new(crate::cache::now_ms()),
+                polled_mono_ms: AtomicI64::new(crate::cache::mono_ms()),
                 overdue_after_ms: AtomicI64::new(0),
                 feed_lock: Mutex::new(()),
                 poller: OnceLock::new(),
@@ -615,7 +622,10 @@ impl Feed {
             };
             match polled {
                 Ok(Ok(polled)) => {
-                    shared.confirmed_ms.fetch_max(started, Ordering::AcqRel);
+                    shared.confirmed_ms.store(started, Ordering::Release);
+                    shared
+                        .polled_mono_ms
+                        .store(crate::cache::mono_ms(), Ordering::Release);
                     let was_down = !shared.feed_up.load(Ordering::Acquire);
                     match polled {
                         Polled::Quiet => {}
@@ -791,9 +801,10 @@ impl TokenLookup for SqliteStore {
         if overdue_after == 0 {
             return None;
         }
-        let confirmed = inner.confirmed_ms.load(Ordering::Acquire);
-        let overdue = crate::cache::now_ms().saturating_sub(confirmed) > overdue_after;
-        (overdue || !inner.feed_up.load(Ordering::Acquire)).then_some(confirmed)
+        let polled = inner.polled_mono_ms.load(Ordering::Acquire);
+        let overdue = crate::cache::mono_ms().saturating_sub(polled) > overdue_after;
+        (overdue || !inner.feed_up.load(Ordering::Acquire))
+            .then(|| inner.confirmed_ms.load(Ordering::Acquire))
     }
 
     async fn find_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
