@@ -657,8 +657,7 @@ impl Config {
             let source = if !is_key_path(key) {
                 // Not a key: a misplaced secret (`--set postgres://u:pw@h/db`, `--set
                 // PATD_PEPPER=…`) must not be quoted, here or in the error about it.
-                secrets.push(set.clone());
-                secrets.extend(set.split(['=', ':', '@', '/', '?', '&']).map(str::to_owned));
+                secrets.extend(secret_pieces(set));
                 "--set <redacted>".to_owned()
             } else if SECRET_KEYS.contains(&key) || might_be_secret(key) {
                 if !SECRET_KEYS.contains(&key) {
@@ -786,10 +785,7 @@ impl<'a> UrlParts<'a> {
                 .chain(query)
                 .map(|s| (*s).to_owned())
                 .collect(),
-            Self::Ambiguous { rest, .. } => std::iter::once(*rest)
-                .chain(rest.split(['/', '?', '#', '@', ':', '&', '=']))
-                .map(str::to_owned)
-                .collect(),
+            Self::Ambiguous { rest, .. } => secret_pieces(rest).collect(),
         }
     }
 }
@@ -826,6 +822,14 @@ impl fmt::Display for UrlParts<'_> {
             Self::Ambiguous { scheme, .. } => write!(f, "{scheme}://<redacted>"),
         }
     }
+}
+
+/// A string that may be secret whole, and its pieces between the delimiters of URLs and
+/// `key=value` pairs: what a message that quotes part of it must not show.
+fn secret_pieces(s: &str) -> impl Iterator<Item = String> + '_ {
+    std::iter::once(s)
+        .chain(s.split(['/', '?', '#', '@', ':', '&', '=']))
+        .map(str::to_owned)
 }
 
 /// The parts of a URL that may be secret (see [`UrlParts`]).

@@ -219,51 +219,40 @@ CREATE INDEX IF NOT EXISTS tower_pat_superseded_time_idx ON tower_pat_superseded
     // Every time finite, and within what chrono can hold. sqlx panics decoding `infinity` (a
     // DBA's "never") or a year past 262 142, which made such a token unrevocable (the
     // revocation decodes the row before its commit) and its lookups and list pages fail. An
-    // `expires_at` of `infinity` (or past that year) is what no expiry means, NULL; any other
+    // `expires_at` of `infinity` (or from the year 200 000 on) is what no expiry means, NULL; any other
     // such time becomes now (still revoked, disabled, or at the end of a grace period: nothing
     // is granted that was not).
     Migration {
         version: 7,
         sql: r"
-UPDATE tower_pat_tokens SET expires_at = NULL
-    WHERE expires_at = 'infinity' OR expires_at >= '200000-01-01';
-UPDATE tower_pat_tokens SET expires_at = 'epoch' WHERE expires_at = '-infinity';
-UPDATE tower_pat_tokens SET created_at = now()
-    WHERE NOT isfinite(created_at) OR created_at >= '200000-01-01';
-UPDATE tower_pat_tokens SET updated_at = now()
-    WHERE NOT isfinite(updated_at) OR updated_at >= '200000-01-01';
-UPDATE tower_pat_tokens SET revoked_at = now()
-    WHERE NOT isfinite(revoked_at) OR revoked_at >= '200000-01-01';
-UPDATE tower_pat_tokens SET disabled_at = now()
-    WHERE NOT isfinite(disabled_at) OR disabled_at >= '200000-01-01';
-UPDATE tower_pat_tokens SET last_used_at = now()
-    WHERE NOT isfinite(last_used_at) OR last_used_at >= '200000-01-01';
-UPDATE tower_pat_tokens SET last_rotated_at = now()
-    WHERE NOT isfinite(last_rotated_at) OR last_rotated_at >= '200000-01-01';
-UPDATE tower_pat_tokens SET previous_hash_until = now()
-    WHERE NOT isfinite(previous_hash_until) OR previous_hash_until >= '200000-01-01';
-UPDATE tower_pat_tokens SET expiring_notice_at = now()
-    WHERE NOT isfinite(expiring_notice_at) OR expiring_notice_at >= '200000-01-01';
-UPDATE tower_pat_tokens SET expired_notice_at = now()
-    WHERE NOT isfinite(expired_notice_at) OR expired_notice_at >= '200000-01-01';
-UPDATE tower_pat_superseded SET superseded_at = now()
-    WHERE NOT isfinite(superseded_at) OR superseded_at >= '200000-01-01';
-ALTER TABLE tower_pat_tokens DROP CONSTRAINT IF EXISTS tower_pat_tokens_finite_times;
-ALTER TABLE tower_pat_tokens ADD CONSTRAINT tower_pat_tokens_finite_times CHECK (
-    created_at < '200000-01-01' AND updated_at < '200000-01-01'
-    AND expires_at < '200000-01-01' AND revoked_at < '200000-01-01'
-    AND disabled_at < '200000-01-01' AND last_used_at < '200000-01-01'
-    AND last_rotated_at < '200000-01-01' AND previous_hash_until < '200000-01-01'
-    AND expiring_notice_at < '200000-01-01' AND expired_notice_at < '200000-01-01'
-    AND created_at > '-infinity' AND updated_at > '-infinity'
-    AND expires_at > '-infinity' AND revoked_at > '-infinity'
-    AND disabled_at > '-infinity' AND last_used_at > '-infinity'
-    AND last_rotated_at > '-infinity' AND previous_hash_until > '-infinity'
-    AND expiring_notice_at > '-infinity' AND expired_notice_at > '-infinity'
-);
-ALTER TABLE tower_pat_superseded DROP CONSTRAINT IF EXISTS tower_pat_superseded_finite_time;
-ALTER TABLE tower_pat_superseded ADD CONSTRAINT tower_pat_superseded_finite_time
-    CHECK (superseded_at > '-infinity' AND superseded_at < '200000-01-01');
+DO $$
+DECLARE
+    col text;
+    tokens_check text := 'true';
+BEGIN
+    UPDATE tower_pat_tokens SET expires_at = NULL
+        WHERE expires_at >= '200000-01-01';
+    UPDATE tower_pat_tokens SET expires_at = 'epoch' WHERE expires_at = '-infinity';
+    FOREACH col IN ARRAY ARRAY['created_at', 'updated_at', 'expires_at', 'revoked_at',
+        'disabled_at', 'last_used_at', 'last_rotated_at', 'previous_hash_until',
+        'expiring_notice_at', 'expired_notice_at']
+    LOOP
+        EXECUTE format('UPDATE tower_pat_tokens SET %1$I = now() '
+            'WHERE %1$I = ''-infinity'' OR %1$I >= ''200000-01-01''', col);
+        tokens_check := tokens_check
+            || format(' AND %1$I > ''-infinity'' AND %1$I < ''200000-01-01''', col);
+    END LOOP;
+    UPDATE tower_pat_superseded SET superseded_at = now()
+        WHERE superseded_at = '-infinity' OR superseded_at >= '200000-01-01';
+    ALTER TABLE tower_pat_tokens DROP CONSTRAINT IF EXISTS tower_pat_tokens_finite_times;
+    EXECUTE 'ALTER TABLE tower_pat_tokens ADD CONSTRAINT tower_pat_tokens_finite_times CHECK ('
+        || tokens_check || ')';
+    ALTER TABLE tower_pat_superseded
+        DROP CONSTRAINT IF EXISTS tower_pat_superseded_finite_time;
+    ALTER TABLE tower_pat_superseded ADD CONSTRAINT tower_pat_superseded_finite_time
+        CHECK (superseded_at > '-infinity' AND superseded_at < '200000-01-01');
+END
+$$;
 ",
     },
 ];
@@ -1061,16 +1050,26 @@ impl TokenLookup for PostgresStore {
     }
 }
 
-#[async_trait]
-impl TokenStore for PostgresStore {
-    async fn insert(&self, record: &TokenRecord) -> Result<(), StoreError> {
+impl PostgresStore {
+    /// Inserts `record` through `executor` (the pool, or a transaction).
+    async fn insert_in<'e, E>(&self, executor: E, record: &TokenRecord) -> Result<(), StoreError>
+    where
+        E: Executor<'e, Database = Postgres>,
+    {
         bind_record(sqlx::query(&self.inner.sql.insert), record)?
             .bind(record.last_used_at)
             .bind(to_strings(&record.last_used_ips))
-            .execute(&self.inner.pool)
+            .execute(executor)
             .await
             .map_err(store_error)?;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl TokenStore for PostgresStore {
+    async fn insert(&self, record: &TokenRecord) -> Result<(), StoreError> {
+        self.insert_in(&self.inner.pool, record).await
     }
 
     async fn get(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
@@ -1238,12 +1237,7 @@ impl TokenStore for PostgresStore {
         if u64::try_from(n).unwrap_or(0) >= max {
             return Ok(false);
         }
-        bind_record(sqlx::query(&self.inner.sql.insert), record)?
-            .bind(record.last_used_at)
-            .bind(to_strings(&record.last_used_ips))
-            .execute(&mut *tx)
-            .await
-            .map_err(store_error)?;
+        self.insert_in(&mut *tx, record).await?;
         tx.commit().await.map_err(store_error)?;
         Ok(true)
     }

@@ -93,7 +93,7 @@ use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite};
+use sqlx::{Executor, Row, Sqlite};
 
 use super::sql::{
     self, Dialect, Migration, Param, RawRecord, Statements, TABLE, scope_strings, store_error,
@@ -882,16 +882,26 @@ impl TokenLookup for SqliteStore {
     }
 }
 
-#[async_trait]
-impl TokenStore for SqliteStore {
-    async fn insert(&self, record: &TokenRecord) -> Result<(), StoreError> {
+impl SqliteStore {
+    /// Inserts `record` through `executor` (the pool, or a transaction).
+    async fn insert_in<'e, E>(&self, executor: E, record: &TokenRecord) -> Result<(), StoreError>
+    where
+        E: Executor<'e, Database = Sqlite>,
+    {
         bind_record(sqlx::query(&self.inner.sql.insert), record)?
             .bind(record.last_used_at.map(micros))
             .bind(to_strings(&record.last_used_ips).join(" "))
-            .execute(&self.inner.writer)
+            .execute(executor)
             .await
             .map_err(store_error)?;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl TokenStore for SqliteStore {
+    async fn insert(&self, record: &TokenRecord) -> Result<(), StoreError> {
+        self.insert_in(&self.inner.writer, record).await
     }
 
     async fn get(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
@@ -1051,12 +1061,7 @@ impl TokenStore for SqliteStore {
         if u64::try_from(n).unwrap_or(0) >= max {
             return Ok(false);
         }
-        bind_record(sqlx::query(&self.inner.sql.insert), record)?
-            .bind(record.last_used_at.map(micros))
-            .bind(to_strings(&record.last_used_ips).join(" "))
-            .execute(&mut *tx)
-            .await
-            .map_err(store_error)?;
+        self.insert_in(&mut *tx, record).await?;
         tx.commit().await.map_err(store_error)?;
         Ok(true)
     }
