@@ -50,6 +50,7 @@
 //! keys = { "90a421169f0a406205f1563a953312f0be898d3c7b6c06b681aa86a874555f4a" = "/etc/patd/github-1.pem" }
 //! max_entries = 1000                  # a longer report is a 400
 //! max_body_bytes = 1048576            # a larger body is a 413
+//! body_timeout = "10s"                # a slower body is a 408
 //! ```
 //!
 //! Environment variables: `PATD_` and the key in capitals, with `__` between a table and its key:
@@ -453,6 +454,8 @@ pub struct LeakReportsSection {
     pub max_entries: Option<usize>,
     /// The largest report body, in bytes (default 1 MiB).
     pub max_body_bytes: Option<usize>,
+    /// How long a report's body may take to arrive (default 10 s; a slower one is a 408).
+    pub body_timeout: Option<Dur>,
 }
 
 impl LeakReportsSection {
@@ -483,6 +486,9 @@ impl LeakReportsSection {
         }
         if let Some(max) = self.max_body_bytes {
             reports = reports.max_body_bytes(max);
+        }
+        if let Some(timeout) = self.body_timeout {
+            reports = reports.body_timeout(timeout.0);
         }
         Ok(Some(reports))
     }
@@ -1276,7 +1282,7 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXOpw6qjcqsauqveNqG5RBCU6yV7A
         std::fs::write(&bad, PEM.replace("MFkw", "MFkx")).unwrap();
         let section = |id: &str, path: &Path| {
             format!(
-                "[leak_reports]\nmax_entries = 7\nkeys = {{ \"{id}\" = '{}' }}\n",
+                "[leak_reports]\nmax_entries = 7\nbody_timeout = \"250ms\"\nkeys = {{ \"{id}\" = '{}' }}\n",
                 path.display()
             )
         };
@@ -1291,6 +1297,10 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXOpw6qjcqsauqveNqG5RBCU6yV7A
         let c = load(&section("gh-1", &good), &[], &[]).unwrap();
         let reports = c.leak_reports.build().unwrap().unwrap();
         assert_eq!(reports.key_ids().collect::<Vec<_>>(), ["gh-1"]);
+        assert!(
+            format!("{reports:?}").contains("body_timeout: 250ms"),
+            "{reports:?}"
+        );
         let err = load(&section("gh-2", &bad), &[], &[]).unwrap_err().0;
         assert!(err.starts_with("leak_reports.keys.gh-2: "), "{err}");
         assert!(err.contains("P-256"), "{err}");
