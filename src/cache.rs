@@ -68,12 +68,24 @@ pub(crate) fn now_ms() -> i64 {
     }
 }
 
-/// Milliseconds on the monotonic clock since its first reading in this process: for deadlines
-/// that a step of the wall clock (NTP, a resumed VM) must not move. Not on the request path.
+/// Milliseconds on a clock that never steps back and that a step of the wall clock (NTP) does
+/// not move, but that counts the time the machine was suspended (`CLOCK_BOOTTIME` on Linux: a
+/// connection may have died during a suspend, and a deadline must have passed on resume;
+/// `Instant` elsewhere). For deadlines, not on the request path.
 pub(crate) fn mono_ms() -> i64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let start = *START.get_or_init(std::time::Instant::now);
-    i64::try_from(start.elapsed().as_millis()).unwrap_or(i64::MAX)
+    #[cfg(target_os = "linux")]
+    {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+        #[allow(clippy::useless_conversion)]
+        let nanos = i64::from(t.tv_nsec);
+        t.tv_sec.saturating_mul(1_000) + nanos / 1_000_000
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let start = *START.get_or_init(std::time::Instant::now);
+        i64::try_from(start.elapsed().as_millis()).unwrap_or(i64::MAX)
+    }
 }
 
 /// Where a token's positive entry lives: a 128-bit keyed PRF (SipHash-2-4-128) of the token,

@@ -416,7 +416,6 @@ fn alerts_are_what_a_caller_cannot_repeat_at_will() {
         EventKind::Revoked,
         EventKind::Deleted,
         EventKind::Leaked,
-        EventKind::Reused,
         EventKind::Expiring,
         EventKind::Expired,
         EventKind::Purged,
@@ -428,6 +427,7 @@ fn alerts_are_what_a_caller_cannot_repeat_at_will() {
         EventKind::Rotated,
         EventKind::Disabled,
         EventKind::Enabled,
+        EventKind::Reused,
     ] {
         assert!(!kind.is_alert(), "{kind:?}");
     }

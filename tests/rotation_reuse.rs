@@ -674,3 +674,36 @@ async fn a_detection_on_a_hanging_store_gives_the_slot_back_after_a_second() {
     assert_eq!(served.status, StatusCode::OK);
     assert!(started.elapsed() < Duration::from_secs(3));
 }
+
+/// Which reuse reports a webhook posts as alerts: the one that revokes the token (at most once
+/// per token), not the ones a token's holder can repeat at will (rotate, present the old secret
+/// again, under `Report`; or another rotated-out secret of a token already revoked).
+#[tokio::test]
+async fn only_the_reuse_that_revokes_is_an_alert() {
+    let (tokens, _) = memory();
+    let mut node = Node::new(&tokens, ReusePolicy::Report);
+    let admin = admin_secret(&tokens).await;
+    let (id, old) = make(&node.app, &admin).await;
+    rotate(&node.app, &admin, &id, "{}").await;
+    hello(&node.app, &old).await;
+    let reported = node.reused();
+    assert_eq!(reported.len(), 1);
+    assert!(!reported[0].is_alert(), "a report that revokes nothing");
+
+    let (tokens, _) = memory();
+    let mut node = Node::new(&tokens, ReusePolicy::RevokeFamily);
+    let admin = admin_secret(&tokens).await;
+    let (id, first) = make(&node.app, &admin).await;
+    let second = rotate(&node.app, &admin, &id, "{}").await;
+    rotate(&node.app, &admin, &id, "{}").await;
+    hello(&node.app, &first).await;
+    let revoking = node.reused();
+    assert_eq!(revoking.len(), 1);
+    assert!(revoking[0].data.revoked);
+    assert!(revoking[0].is_alert(), "the reuse that revoked the token");
+    hello(&node.app, &second).await;
+    let later = node.reused();
+    assert_eq!(later.len(), 1);
+    assert!(later[0].data.revoked);
+    assert!(!later[0].is_alert(), "a token revoked before is not news");
+}

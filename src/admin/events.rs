@@ -120,6 +120,16 @@ impl TokenEvent {
         event
     }
 
+    /// Whether a webhook posts this event from its alerts queue: its kind's
+    /// [`is_alert`](EventKind::is_alert), and a reuse that revoked the token as it was detected
+    /// (at most once per token: a revocation is set once).
+    pub fn is_alert(&self) -> bool {
+        match self.event {
+            EventKind::Reused => self.data.revoked_at == Some(self.triggered_at),
+            kind => kind.is_alert(),
+        }
+    }
+
     /// The event with where the token leaked ([`EventKind::Leaked`]).
     #[must_use]
     pub fn with_leak(mut self, leak: LeakSource) -> Self {
@@ -218,23 +228,24 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    /// Whether a webhook posts this event from its alerts queue, ahead of the others: a token
-    /// made, revoked, deleted, reported leaked, its rotated-out secret presented again, about to
-    /// expire or expired, and purges. Each happens at most once per token (or per purge run), so
-    /// a caller cannot make them faster than tokens can be made: a flood of the others (renames,
-    /// rotations, disabling and enabling, which a caller with write access can repeat at will)
-    /// cannot crowd them out. (Every kind is classified here: a new one must be.)
+    /// Whether a webhook posts events of this kind from its alerts queue, ahead of the others: a
+    /// token made, revoked, deleted, reported leaked, about to expire or expired, and purges.
+    /// Each happens at most once per token (or per purge run), so a caller cannot make them
+    /// faster than tokens can be made: a flood of the others (renames, rotations, disabling and
+    /// enabling, which a caller with write access can repeat at will) cannot crowd them out.
+    /// `reused` is routine as a kind (a token's holder can rotate and present the old secret
+    /// again and again); the one reuse that revokes the token is an alert
+    /// ([`TokenEvent::is_alert`]). (Every kind is classified here: a new one must be.)
     pub fn is_alert(self) -> bool {
         match self {
             Self::Created
             | Self::Revoked
             | Self::Deleted
             | Self::Leaked
-            | Self::Reused
             | Self::Expiring
             | Self::Expired
             | Self::Purged => true,
-            Self::Updated | Self::Rotated | Self::Disabled | Self::Enabled => false,
+            Self::Updated | Self::Rotated | Self::Disabled | Self::Enabled | Self::Reused => false,
         }
     }
 

@@ -35,11 +35,11 @@ pub const EVENT_HEADER: &str = "x-event";
 /// drops the event (counted in [`WebhookSink::dropped`] and logged), so the API call never waits.
 ///
 /// There are two queues, each of [`queue_capacity`](WebhookBuilder::queue_capacity), and the
-/// first is always posted first: the **alerts** ([`EventKind::is_alert`]: `created`, `revoked`,
-/// `deleted`, `leaked`, `reused`, `expiring`, `expired`, `purged`), each at most once per token,
-/// which a caller can only make as fast as the creation rate limit lets tokens be made, and the
-/// **routine** rest (`updated`, `rotated`, `disabled`, `enabled`), which a caller with write
-/// access can repeat at will. A flood of routine events (a token renamed in a loop against a
+/// first is always posted first: the **alerts** ([`TokenEvent::is_alert`]: `created`, `revoked`,
+/// `deleted`, `leaked`, `expiring`, `expired`, `purged`, and the `reused` that revokes a token),
+/// each at most once per token, which a caller can only make as fast as the creation rate limit
+/// lets tokens be made, and the **routine** rest (`updated`, `rotated`, `disabled`, `enabled`,
+/// other `reused` reports), which a token's holder can repeat at will. A flood of routine events (a token renamed in a loop against a
 /// slow receiver) fills only its own queue: it cannot push out the event of a new token, a
 /// revocation, a reused secret, or an expiry notice (whose claim is already recorded when it is
 /// queued). (With the creation rate limit turned off, nothing bounds the alerts either.)
@@ -206,7 +206,13 @@ impl WebhookSink {
 impl WebhookSink {
     /// Serializes and queues one event; `token_id` (none for a purge) only names it in the log
     /// line of a drop.
-    fn enqueue(&self, kind: EventKind, event: &impl serde::Serialize, token_id: Option<&str>) {
+    fn enqueue(
+        &self,
+        kind: EventKind,
+        alert: bool,
+        event: &impl serde::Serialize,
+        token_id: Option<&str>,
+    ) {
         let body = match serde_json::to_vec(event) {
             Ok(body) => Bytes::from(body),
             Err(e) => {
@@ -218,11 +224,7 @@ impl WebhookSink {
             event: kind.as_str(),
             body,
         };
-        let queue = if kind.is_alert() {
-            &self.alerts
-        } else {
-            &self.routine
-        };
+        let queue = if alert { &self.alerts } else { &self.routine };
         if queue.try_send(delivery).is_err() {
             let dropped = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!(
@@ -237,11 +239,11 @@ impl WebhookSink {
 
 impl TokenEvents for WebhookSink {
     fn publish(&self, event: TokenEvent) {
-        self.enqueue(event.event, &event, Some(&event.data.id));
+        self.enqueue(event.event, event.is_alert(), &event, Some(&event.data.id));
     }
 
     fn publish_purge(&self, event: PurgeEvent) {
-        self.enqueue(event.event, &event, None);
+        self.enqueue(event.event, event.event.is_alert(), &event, None);
     }
 }
 

@@ -269,8 +269,8 @@ fn secret_on_command_line(cli: &Cli) -> Option<String> {
             match key.trim() {
                 "pepper" | "previous_peppers" => true,
                 "store" => store_secret(value.trim().trim_matches(['"', '\''])),
-                // Not a key: perhaps a secret given without its key.
-                key => !super::config::is_key_path(key),
+                // Not a key (perhaps a secret given without its key), or a misspelt secret key.
+                key => !super::config::is_key_path(key) || super::config::might_be_secret(key),
             }
         });
     given.then(|| {

@@ -702,21 +702,25 @@ impl Config {
 /// The keys whose values are secret, or may hold one (a `store` URL's password).
 const SECRET_KEYS: &[&str] = &["pepper", "previous_peppers", "store"];
 
-/// Whether `key` is shaped like a configuration key path (`cache.ttl`, `pepper`): lowercase
-/// letters, digits, `_` and `.`. Anything else given to `--set` is not quoted anywhere.
+/// Whether `key` is shaped like a configuration key path (`cache.ttl`, `pepper`,
+/// `leak_reports.keys.gh-1`): ASCII letters, digits, `_`, `-` and `.`. Anything else given to
+/// `--set` (a URL, a secret without its key) is not quoted anywhere.
 pub(super) fn is_key_path(key: &str) -> bool {
     !key.is_empty()
         && key
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.')
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
-/// Whether a key that is not one of the secret ones looks like a misspelling of one
-/// (`peper`, `stor`, `db_password`): its value is not quoted either.
-fn might_be_secret(key: &str) -> bool {
-    ["pep", "stor", "secret", "pass", "key"]
-        .iter()
-        .any(|part| key.contains(part))
+/// Whether a key that is not one of the secret ones looks like a misspelling of one, or an
+/// environment variable's name for one (`peper`, `stor`, `db_password`, `PATD_PEPPER`): its
+/// value is not quoted either. Leak report keys are public keys' file names: quoted.
+pub(super) fn might_be_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    !key.starts_with("leak_reports.keys.")
+        && ["pep", "stor", "secret", "pass", "key"]
+            .iter()
+            .any(|part| key.contains(part))
 }
 
 /// Notes the secrets of `key`'s `value`: a pepper whole, each previous pepper, a store URL's
@@ -1493,9 +1497,14 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXOpw6qjcqsauqveNqG5RBCU6yV7A
             let err = load("", &[], &[set]).unwrap_err().0;
             assert!(!err.contains("s3cret"), "{set}: {err}");
         }
-        // A plain key keeps its value in the message: it says what was wrong.
+        // A plain key keeps its value in the message: it says what was wrong. So does a leak
+        // report key, a public key's file.
         let err = load("", &[], &["cache.ttl=soon"]).unwrap_err().0;
         assert!(err.contains("--set cache.ttl=soon"), "{err}");
+        let err = load("", &[], &["leak_reports.keys.gh-1=/no/such/key.pem"])
+            .unwrap_err()
+            .0;
+        assert!(err.contains("/no/such/key.pem"), "{err}");
     }
 
     #[test]

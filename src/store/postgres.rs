@@ -572,7 +572,7 @@ impl PostgresStore {
         revoked_passes: bool,
         q: impl FnOnce(i64) -> Query<'q>,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        let mut tx = self.inner.pool.begin().await.map_err(store_error)?;
+        let mut tx = self.begin_write().await?;
         let Some(old) = self.locked(&mut tx, id).await? else {
             return Ok(None);
         };
@@ -590,7 +590,7 @@ impl PostgresStore {
     /// Runs a statement that changes one record and returns it (its hashes unchanged), notifies
     /// the other nodes in the same transaction, and announces the change here once committed.
     async fn change_returning(&self, q: Query<'_>) -> Result<Option<TokenRecord>, StoreError> {
-        let tx = self.inner.pool.begin().await.map_err(store_error)?;
+        let tx = self.begin_write().await?;
         self.change_in(tx, q).await
     }
 
@@ -1008,14 +1008,15 @@ impl TokenLookup for PostgresStore {
             ) AS u
             WHERE t.id = u.id"
         );
+        let mut tx = self.begin_write().await?;
         sqlx::query(&statement)
             .bind(ids)
             .bind(times)
             .bind(ips)
-            .execute(&self.inner.pool)
+            .execute(&mut *tx)
             .await
             .map_err(store_error)?;
-        Ok(())
+        tx.commit().await.map_err(store_error)
     }
 
     fn subscribe(&self, listener: Weak<dyn ChangeListener>) -> bool {
@@ -1051,6 +1052,19 @@ impl TokenLookup for PostgresStore {
 }
 
 impl PostgresStore {
+    /// A transaction for a write, READ COMMITTED whatever the database's or role's default:
+    /// every conditional write here locks the rows it checks (`FOR UPDATE`, an advisory lock)
+    /// and must then read what the transaction before it committed. Under REPEATABLE READ it
+    /// would read its snapshot instead, or fail with a serialization error where a revocation
+    /// meets a concurrent usage flush.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Postgres>, StoreError> {
+        self.inner
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+            .await
+            .map_err(store_error)
+    }
+
     /// Inserts `record` through `executor` (the pool, or a transaction).
     async fn insert_in<'e, E>(&self, executor: E, record: &TokenRecord) -> Result<(), StoreError>
     where
@@ -1096,7 +1110,7 @@ impl TokenStore for PostgresStore {
     }
 
     async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
-        let mut tx = self.inner.pool.begin().await.map_err(store_error)?;
+        let mut tx = self.begin_write().await?;
         let old = self.locked(&mut tx, id).await?;
         let old = check_writable(old.as_ref(), patch.if_version, None, patch.if_unexpired)?;
         if patch.is_empty() {
@@ -1121,7 +1135,7 @@ impl TokenStore for PostgresStore {
     }
 
     async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
-        let mut tx = self.inner.pool.begin().await.map_err(store_error)?;
+        let mut tx = self.begin_write().await?;
         let old = self.locked(&mut tx, id).await?;
         let old = check_writable(
             old.as_ref(),
@@ -1214,15 +1228,9 @@ impl TokenStore for PostgresStore {
     async fn insert_below(&self, record: &TokenRecord, max: u64) -> Result<bool, StoreError> {
         // A lock per subject for the transaction: creations for one subject on every node take
         // turns between the count and the insert; other subjects' do not wait.
-        // READ COMMITTED whatever the database's default: the count must see what the previous
-        // holder of the lock committed, which a snapshot taken at the lock (REPEATABLE READ)
-        // would not.
-        let mut tx = self
-            .inner
-            .pool
-            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
-            .await
-            .map_err(store_error)?;
+        // The count must see what the previous holder of the lock committed, which a snapshot
+        // taken at the lock (REPEATABLE READ) would not: `begin_write` is READ COMMITTED.
+        let mut tx = self.begin_write().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
             .bind(SUBJECT_LOCK_CLASS)
             .bind(&record.subject)
@@ -1259,7 +1267,7 @@ impl TokenStore for PostgresStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let mut tx = self.inner.pool.begin().await.map_err(store_error)?;
+        let mut tx = self.begin_write().await?;
         let rows = sqlx::query(&self.inner.sql.purge)
             .bind(sql::ceil_micros(cutoff))
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
@@ -1301,7 +1309,9 @@ impl TokenStore for PostgresStore {
                 .bind(at)
                 .bind(limit),
         };
-        let rows = q.fetch_all(&self.inner.pool).await.map_err(store_error)?;
+        let mut tx = self.begin_write().await?;
+        let rows = q.fetch_all(&mut *tx).await.map_err(store_error)?;
+        tx.commit().await.map_err(store_error)?;
         rows.iter().map(decode).collect()
     }
 }
