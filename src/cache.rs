@@ -72,6 +72,7 @@ pub(crate) fn now_ms() -> i64 {
 /// not move, but that counts the time the machine was suspended (`CLOCK_BOOTTIME` on Linux: a
 /// connection may have died during a suspend, and a deadline must have passed on resume;
 /// `Instant` elsewhere). For deadlines, not on the request path.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) fn mono_ms() -> i64 {
     #[cfg(target_os = "linux")]
     {
