@@ -194,6 +194,16 @@ impl ApiError {
         )
     }
 
+    /// 410: a revoked token asked to be active again (`"revoked": false`): a state the token
+    /// is in, not a malformed request.
+    pub(crate) fn token_not_reinstated() -> Self {
+        Self::new(
+            StatusCode::GONE,
+            "token_revoked",
+            "the token is revoked: it cannot be reinstated; create a new one",
+        )
+    }
+
     /// 429 with `Retry-After`.
     pub(crate) fn too_many(retry_after: u64) -> Self {
         Self {

@@ -507,7 +507,7 @@ pub(crate) async fn get_one(
     request_body(content = PatchTokenRequest, content_type = "application/merge-patch+json"),
     responses(
         (status = 200, description = "The updated token", body = TokenView),
-        (status = 400, description = "A field is unknown, of the wrong type or invalid (the message names it; also a change of `type` or subject, too many scopes or networks), `revoked: false` or `active: true` on a revoked token, or `active: true` on an expired one", body = ErrorBody),
+        (status = 400, description = "A field is unknown, of the wrong type or invalid (the message names it; also a change of `type` or subject, too many scopes or networks)", body = ErrorBody),
         (status = 401, response = Unauthorized),
         (status = 403, description = "`personalAccessToken:write` is missing, the caller lacks a scope the token holds or a requested one (`insufficient_scope`), or the change would make the token outlive the caller or reach beyond its networks (`forbidden`)", body = ErrorBody),
         (status = 404, response = NotFound),
@@ -548,10 +548,7 @@ pub(crate) async fn update(
         policy::networks_within(&caller, nets)?;
     }
     if patch.revoked == Some(false) && record.is_revoked() {
-        return Err(ApiError::invalid(
-            "revoked",
-            "a revoked token cannot be reinstated; create a new one",
-        ));
+        return Err(ApiError::token_not_reinstated());
     }
     if record.is_revoked()
         && (patch.name.is_some()
