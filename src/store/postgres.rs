@@ -840,14 +840,18 @@ impl Feed {
     }
 }
 
+/// A transaction on `pool`, READ COMMITTED whatever the database's or role's default (see
+/// [`PostgresStore::begin_write`]): the migrations and every write.
+async fn begin_write(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>, StoreError> {
+    pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+        .await
+        .map_err(store_error)
+}
+
 /// Applies the pending migrations in one transaction, one node at a time.
 async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
-    // READ COMMITTED whatever the database's default: a node that waited for the lock must read
-    // the version the one before it wrote.
-    let mut tx = pool
-        .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
-        .await
-        .map_err(store_error)?;
+    // A node that waited for the lock must read the version the one before it wrote.
+    let mut tx = begin_write(pool).await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(MIGRATION_LOCK)
         .execute(&mut *tx)
@@ -1058,11 +1062,7 @@ impl PostgresStore {
     /// would read its snapshot instead, or fail with a serialization error where a revocation
     /// meets a concurrent usage flush.
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Postgres>, StoreError> {
-        self.inner
-            .pool
-            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
-            .await
-            .map_err(store_error)
+        begin_write(&self.inner.pool).await
     }
 
     /// Inserts `record` through `executor` (the pool, or a transaction).
