@@ -130,7 +130,12 @@ impl Entry {
                 .map_or(i64::MIN, |(_, until)| until.timestamp_millis());
             expires_ms = expires_ms.min(until);
         }
-        let last_mark = record.last_used_at.map_or(0, |t| t.timestamp_millis());
+        // Never later than now: a use stored in the future (written by a node whose clock ran
+        // ahead) would stop this node from marking the token until its clock got there.
+        let last_mark = record
+            .last_used_at
+            .map_or(0, |t| t.timestamp_millis())
+            .min(now_ms);
         Self {
             expires_ms,
             refresh_at_ms: AtomicI64::new(now_ms.saturating_add(ttl_ms)),

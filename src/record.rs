@@ -311,6 +311,23 @@ pub(crate) fn now() -> DateTime<Utc> {
     micros(Utc::now())
 }
 
+/// The latest time a lifetime computed here reaches: 9999-12-31T23:59:59Z, the last instant RFC
+/// 3339 can write, and so the latest `expiresAt` the management API accepts and answers. Every
+/// store keeps it (PostgreSQL refuses times from the year 200 000 on, and sqlx cannot read
+/// `infinity`), so a configured lifetime too long to add, such as `Duration::MAX`, is a time
+/// this far away rather than a store error on every creation or a maximum that no longer holds.
+pub(crate) fn latest() -> DateTime<Utc> {
+    DateTime::from_timestamp(253_402_300_799, 0).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// `now` plus `lifetime`, at most [`latest`].
+pub(crate) fn after(now: DateTime<Utc>, lifetime: std::time::Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(lifetime)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .map_or_else(latest, |at| at.min(latest()))
+}
+
 /// What a new token is: the input of [`Tokens::issue`](crate::Tokens::issue), which makes the
 /// secret, stores the record and returns both.
 ///

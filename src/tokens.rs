@@ -226,10 +226,7 @@ impl Tokens {
             return Err(StoreError::Revoked);
         }
         let now = crate::record::now();
-        let grace_until = chrono::Duration::from_std(grace)
-            .ok()
-            .filter(|g| !g.is_zero())
-            .and_then(|g| now.checked_add_signed(g));
+        let grace_until = (!grace.is_zero()).then(|| crate::record::after(now, grace));
         let (fresh, secret) = self.mint(NewToken::new(&*record.subject, &*record.name), now);
         let rotation = Rotation::new(record.hash, fresh.hash, fresh.start, now)
             .if_version(record.version)

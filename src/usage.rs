@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 pub use crate::record::UsageUpdate;
 use crate::store::TokenLookup;
@@ -152,6 +152,9 @@ struct Shared {
     /// One flush at a time: a `flush()` called while the flusher writes waits for that write, so
     /// that when it returns every mark made before the call is in the store.
     flush_lock: tokio::sync::Mutex<()>,
+    /// The next flush `flush()` asked for and that has not started: every call before it starts
+    /// shares it, so a flood of calls is one write at a time and one task, not a queue of both.
+    next: Mutex<Option<watch::Receiver<Option<FlushResult>>>>,
     lookup: Arc<dyn TokenLookup>,
     config: UsageConfig,
     granularity_ms: i64,
@@ -191,6 +194,7 @@ impl UsageRecorder {
             pending: Mutex::default(),
             writing: Mutex::default(),
             flush_lock: tokio::sync::Mutex::new(()),
+            next: Mutex::default(),
             lookup,
             granularity_ms: i64::try_from(config.granularity.as_millis()).unwrap_or(i64::MAX),
             config,
@@ -270,18 +274,52 @@ impl UsageRecorder {
     /// task of its own, so dropping this future loses nothing. On failure the marks stay pending
     /// for the next attempt.
     ///
+    /// Calls made before a requested flush starts share it: however many come at once (the
+    /// management API flushes before a list sorted or filtered by last use), there is at most one
+    /// write in flight and one waiting, and each call gets that flush's result.
+    ///
     /// # Errors
     /// The store's error.
     pub async fn flush(&self) -> Result<usize, crate::StoreError> {
-        let shared = Arc::clone(&self.shared);
-        match tokio::spawn(async move { shared.flush().await }).await {
-            Ok(result) => result,
-            Err(e) => Err(crate::StoreError::backend(format!("usage flush task: {e}"))),
+        let mut next = {
+            let mut next = lock(&self.shared.next);
+            match &*next {
+                Some(waiting) => waiting.clone(),
+                None => {
+                    let (done, waiting) = watch::channel(None);
+                    *next = Some(waiting.clone());
+                    let shared = Arc::clone(&self.shared);
+                    tokio::spawn(async move {
+                        let _one_at_a_time = shared.flush_lock.lock().await;
+                        // Started: a call from now on may come after the batch is taken, so it
+                        // asks for a flush of its own.
+                        lock(&shared.next).take();
+                        let result = shared.flush_locked().await.map_err(Arc::new);
+                        let _ = done.send(Some(result));
+                    });
+                    waiting
+                }
+            }
+        };
+        let result = match next.wait_for(Option::is_some).await {
+            Ok(result) => result.clone(),
+            Err(_) => None,
+        };
+        match result {
+            Some(Ok(written)) => Ok(written),
+            Some(Err(e)) => Err(e.shared()),
+            None => Err(crate::StoreError::backend(
+                "the usage flush task ended without an answer",
+            )),
         }
     }
 
     /// Stops the flusher after writing everything pending (retrying with backoff for at most one
     /// `max_retry_backoff`). Marks made after this are dropped and counted.
+    ///
+    /// Returns within `max_retry_backoff` even if a store write never returns (a connection
+    /// black-holed mid-query): the marks of that write are then reported as possibly lost, in
+    /// the log, and the write goes on in its task.
     pub async fn shutdown(&self) {
         let s = &self.shared;
         s.closed.store(true, Ordering::SeqCst);
@@ -289,8 +327,18 @@ impl UsageRecorder {
         tokio::pin!(done);
         done.as_mut().enable();
         s.wake.notify_one();
-        if !s.finished.load(Ordering::SeqCst) {
-            done.await;
+        if s.finished.load(Ordering::SeqCst) {
+            return;
+        }
+        let bound = s.config.max_retry_backoff.max(Duration::from_millis(1));
+        if tokio::time::timeout(bound, done).await.is_err() {
+            let unwritten = lock(&s.writing).len() + lock(&s.pending).len();
+            tracing::warn!(
+                target: "tower_pat::store",
+                unwritten,
+                "usage flush at shutdown: the store has not answered within max_retry_backoff; \
+                 {unwritten} tokens' marks may be lost"
+            );
         }
     }
 
@@ -309,9 +357,17 @@ impl UsageRecorder {
     }
 }
 
+/// The result of a flush, shared by the calls that asked for it.
+type FlushResult = Result<usize, Arc<crate::StoreError>>;
+
 impl Shared {
     async fn flush(&self) -> Result<usize, crate::StoreError> {
         let _one_at_a_time = self.flush_lock.lock().await;
+        self.flush_locked().await
+    }
+
+    /// The flush, with `flush_lock` held by the caller.
+    async fn flush_locked(&self) -> Result<usize, crate::StoreError> {
         let batch: Vec<UsageUpdate> = {
             let mut writing = lock(&self.writing);
             let taken = std::mem::take(&mut *lock(&self.pending));

@@ -1,5 +1,7 @@
 //! `POST /personal-access-tokens`: every rule of creation, and each seed API's own request.
 
+#[cfg(feature = "postgres")]
+mod common;
 mod support_admin;
 
 use std::time::Duration;
@@ -585,4 +587,83 @@ async fn the_per_subject_limit_holds_across_servers() {
         4
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Lifetimes too long to add to the current time (a configuration's `Duration::MAX`, a grace of
+/// `u64::MAX` seconds) reach 9999-12-31T23:59:59Z, which every store keeps: not a store error on
+/// every creation (PostgreSQL refuses times from the year 200 000 on), and not a maximum lifetime
+/// that stops holding because it cannot be added.
+async fn lifetimes_too_long_to_add(tokens: Tokens) {
+    let layer = tokens.layer().build();
+    let alice = issue(&tokens, "alice", &["personalAccessToken:*"]).await;
+    let config = AdminConfig::new(&tokens, &layer)
+        .unwrap()
+        .expiry_policy(ExpiryPolicy::DefaultLifetime(Duration::MAX))
+        .max_lifetime(Duration::MAX)
+        .max_rotation_grace(Duration::MAX);
+    let app = axum::Router::new()
+        .nest(BASE, tower_pat::admin::router(config))
+        .route(
+            "/hello",
+            axum::routing::get(|| async { "hello" }).layer(layer.clone()),
+        );
+    let latest: chrono::DateTime<Utc> = "9999-12-31T23:59:59Z".parse().unwrap();
+    let res = create(&app, &alice, r#"{"name": "far"}"#).await;
+    assert_eq!(time(&res.body["expiresAt"]), latest, "{}", res.text);
+    let id = res.body["id"].as_str().unwrap().to_owned();
+    let old = res.body["token"].as_str().unwrap().to_owned();
+    let read = get(&app, &format!("{BASE}/{id}"), &alice).await;
+    assert_eq!(time(&read.body["expiresAt"]), latest, "{}", read.text);
+    assert_eq!(hello(&app, &old).await, StatusCode::OK);
+
+    // The maximum, however long, still refuses a token that never expires.
+    let res = post(
+        &app,
+        BASE,
+        &alice,
+        r#"{"name": "never", "userAwareTokenNeverExpires": true}"#,
+    )
+    .await;
+    assert!(res.error(400).starts_with("userAwareTokenNeverExpires:"));
+
+    // The longest grace there is: the rotation succeeds and the old secret keeps working.
+    let res = post(
+        &app,
+        &format!("{BASE}/{id}/rotate"),
+        &alice,
+        &format!(r#"{{"gracePeriodSeconds": {}}}"#, u64::MAX),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
+    assert_eq!(time(&res.body["previousTokenValidUntil"]), latest);
+    let new = res.body["token"].as_str().unwrap().to_owned();
+    assert_ne!(new, old);
+    assert_eq!(hello(&app, &new).await, StatusCode::OK);
+    assert_eq!(hello(&app, &old).await, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn lifetimes_too_long_to_add_reach_the_latest_time_in_memory() {
+    lifetimes_too_long_to_add(Tokens::new(tower_pat::MemoryStore::new())).await;
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn lifetimes_too_long_to_add_reach_the_latest_time_in_sqlite() {
+    let store = tower_pat::SqliteStore::in_memory().await.unwrap();
+    lifetimes_too_long_to_add(Tokens::new(store)).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn lifetimes_too_long_to_add_reach_the_latest_time_in_postgres() {
+    let Some(db) = common::pg::TestDb::create("admin_create").await else {
+        return;
+    };
+    let store = tower_pat::PostgresStore::builder()
+        .connect_with(db.options.clone())
+        .await
+        .unwrap();
+    lifetimes_too_long_to_add(Tokens::new(store.clone())).await;
+    store.pool().close().await;
 }

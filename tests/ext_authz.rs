@@ -389,6 +389,42 @@ async fn an_anonymous_pass_overwrites_every_identity_header_with_an_empty_value(
     assert_eq!(grpc_code(&res), 16, "{res:?}");
 }
 
+/// A check that does not describe an HTTP request (Envoy's network filter, a misconfigured
+/// filter) or names no method is refused with 400: never judged as `GET /`, which an anonymous
+/// rule may let through.
+#[tokio::test]
+async fn a_check_without_an_http_request_or_a_method_is_refused_not_judged_as_get_slash() {
+    let s = setup();
+    let rules = RouteRules::new(vec![RouteRule {
+        anonymous: true,
+        ..RouteRule::new("/")
+    }]);
+    let mut client = serve(ExtAuthz::new(s.layer.clone()).rules(rules)).await;
+    // The control: `GET /` itself is anonymous here.
+    let res = check(&mut client, check_request("/", "192.0.2.1:4000", &[])).await;
+    assert_eq!(grpc_code(&res), 0, "{res:?}");
+
+    let mut no_http = check_request("/", "192.0.2.1:4000", &[]);
+    no_http.attributes.as_mut().unwrap().request = None;
+    let mut no_method = check_request("/", "192.0.2.1:4000", &[]);
+    no_method
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap()
+        .method = String::new();
+    for req in [no_http, no_method, CheckRequest::default()] {
+        let res = check(&mut client, req).await;
+        assert_ne!(grpc_code(&res), 0, "{res:?}");
+        assert_eq!(denied(&res).0, 400, "{res:?}");
+    }
+}
+
 #[tokio::test]
 async fn an_identity_value_that_is_no_header_value_is_sent_empty() {
     let s = setup();

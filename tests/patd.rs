@@ -3,6 +3,7 @@
 //! under load that loses no usage mark. Gateways themselves: tests/gateways.rs.
 #![cfg(feature = "gateway")]
 
+mod common;
 mod support_patd;
 
 use std::net::IpAddr;
@@ -1093,4 +1094,51 @@ async fn a_request_whose_body_never_comes_loses_its_connection() {
         waited >= Duration::from_secs(19) && waited < Duration::from_secs(28),
         "closed after {waited:?}, not after the 20 s request timeout and the 5 s grace"
     );
+}
+
+/// `/readyz` needs no token, so a flood of it must not become a flood of store queries (which
+/// would take the connections token lookups need): 300 at once against a slow store ask it once,
+/// and a store that hangs reads as not ready within seconds instead of holding every probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_readiness_probes_asks_the_store_once() {
+    use tower::ServiceExt;
+    use tower_pat::gateway::config::Config;
+    use tower_pat::gateway::serve::Gateway;
+
+    let store = common::CountingStore::new();
+    store
+        .get_delay_ms
+        .store(200, std::sync::atomic::Ordering::SeqCst);
+    let gateway = Gateway::new(Config::default(), std::sync::Arc::new(store.clone())).unwrap();
+    let app = gateway.router().unwrap();
+    let probe = |app: axum::Router| async move {
+        let req = http::Request::get("/readyz")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        app.oneshot(req).await.unwrap().status()
+    };
+    let before = store.calls();
+    let probes: Vec<_> = (0..300).map(|_| tokio::spawn(probe(app.clone()))).collect();
+    for p in probes {
+        assert_eq!(p.await.unwrap(), 200);
+    }
+    assert_eq!(store.calls() - before, 1, "store queries for 300 probes");
+
+    // A store that hangs: not ready, within the probe's timeout, and still one query at a time.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    store
+        .get_delay_ms
+        .store(60_000, std::sync::atomic::Ordering::SeqCst);
+    let before = store.calls();
+    let started = Instant::now();
+    let probes: Vec<_> = (0..50).map(|_| tokio::spawn(probe(app.clone()))).collect();
+    for p in probes {
+        assert_eq!(p.await.unwrap(), 503);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(store.calls() - before, 1);
 }

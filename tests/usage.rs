@@ -502,3 +502,154 @@ async fn a_dropped_flush_loses_nothing() {
     assert_eq!(usage.stats().dropped_marks, 0);
     usage.shutdown().await;
 }
+
+/// A flood of forced flushes (the management API flushes before each list sorted or filtered by
+/// last use, which any token that may read its own tokens can ask for) while the store is slow:
+/// the calls share one write in flight and one waiting. Before, each call spawned a task that
+/// queued for a write of its own and outlived its caller, so a client that dropped its requests
+/// grew the queue without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_flushes_shares_one_write_at_a_time() {
+    let store = BlockingStore {
+        inner: MemoryStore::new(),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        entered: Arc::default(),
+    };
+    let usage = UsageRecorder::new(store.clone(), config(3_600_000));
+    usage.record("first", Utc::now(), None);
+    let first = {
+        let usage = usage.clone();
+        tokio::spawn(async move { usage.flush().await })
+    };
+    wait_until(
+        || store.entered.load(Ordering::SeqCst) == 1,
+        Duration::from_secs(5),
+    )
+    .await;
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let before = tasks();
+    // A thousand callers that give up (their request dropped), each after a mark of its own.
+    for i in 0..1000 {
+        usage.record(&format!("t{i}"), Utc::now(), None);
+        let _ = tokio::time::timeout(Duration::from_millis(1), usage.flush()).await;
+    }
+    assert!(
+        tasks() <= before + 1,
+        "{} tasks alive after the flood, {before} before",
+        tasks()
+    );
+    assert_eq!(store.entered.load(Ordering::SeqCst), 1);
+
+    store.gate.add_permits(1_000_000);
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+    // Every mark made before this call is written, by at most two more writes.
+    usage.flush().await.unwrap();
+    assert!(store.entered.load(Ordering::SeqCst) <= 3);
+    assert_eq!(usage.stats().rows_written, 1001);
+    assert_eq!(usage.stats().pending_tokens, 0);
+}
+
+/// A store write that never returns (a connection black-holed mid-query) does not hold
+/// `shutdown` past `max_retry_backoff`.
+#[tokio::test]
+async fn shutdown_returns_when_the_store_never_answers() {
+    let store = BlockingStore {
+        inner: MemoryStore::new(),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        entered: Arc::default(),
+    };
+    let usage = UsageRecorder::new(store.clone(), config(20));
+    usage.record("a", Utc::now(), None);
+    wait_until(
+        || store.entered.load(Ordering::SeqCst) > 0,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), usage.shutdown())
+            .await
+            .is_ok(),
+        "shutdown waited for a write that never ends"
+    );
+}
+
+/// A last use stored in the future (written by a node whose clock ran a year ahead) does not
+/// stop this node from marking the token.
+#[tokio::test]
+async fn a_use_stored_in_the_future_does_not_stop_marking() {
+    let store = CountingStore::new();
+    let (record, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
+    store
+        .inner
+        .record_usage(&[UsageUpdate::new(
+            &record.id,
+            Utc::now() + chrono::TimeDelta::days(365),
+            vec![],
+        )])
+        .await
+        .unwrap();
+    let layer = PatAuthLayer::builder(store.clone())
+        .track_usage(config(3_600_000))
+        .build();
+    assert_eq!(send_token(&layer, &secret).await.status, 200);
+    let usage = layer.usage().unwrap();
+    assert_eq!(usage.stats().marks, 1);
+    assert!(usage.pending(&record.id).is_some());
+}
+
+/// Two nodes flushing the same tokens at once, their batches in opposite orders, never
+/// deadlock; a time more than a minute past the database's clock is stored as that.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_flushes_in_opposite_orders_and_times_in_the_future() {
+    let Some(db) = common::pg::TestDb::create("usage").await else {
+        return;
+    };
+    let connect = || {
+        tower_pat::PostgresStore::builder()
+            .max_connections(4)
+            .connect_with(db.options.clone())
+    };
+    let (a, b) = (connect().await.unwrap(), connect().await.unwrap());
+    let tokens = Tokens::new(a.clone());
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        let (record, _) = tokens
+            .issue(new_token(&format!("s{i}"), &[]))
+            .await
+            .unwrap();
+        ids.push(record.id);
+    }
+    for round in 0..30 {
+        let at = Utc::now();
+        let asc: Vec<UsageUpdate> = ids
+            .iter()
+            .map(|id| UsageUpdate::new(id, at, vec![]))
+            .collect();
+        let desc: Vec<UsageUpdate> = asc.iter().rev().cloned().collect();
+        let (x, y) = tokio::join!(a.record_usage(&asc), b.record_usage(&desc));
+        x.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        y.unwrap_or_else(|e| panic!("round {round}: {e}"));
+    }
+    a.record_usage(&[UsageUpdate::new(
+        &ids[0],
+        Utc::now() + chrono::TimeDelta::days(365),
+        vec![],
+    )])
+    .await
+    .unwrap();
+    let stored = a.get(&ids[0]).await.unwrap().unwrap().last_used_at.unwrap();
+    assert!(
+        stored <= Utc::now() + chrono::TimeDelta::minutes(2),
+        "{stored}"
+    );
+    a.pool().close().await;
+    b.pool().close().await;
+}

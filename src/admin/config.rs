@@ -219,10 +219,7 @@ impl AdminConfig {
         never_expires: bool,
         now: DateTime<Utc>,
     ) -> Result<Option<DateTime<Utc>>, ApiError> {
-        let latest = self
-            .max_lifetime
-            .and_then(|max| chrono::Duration::from_std(max).ok())
-            .and_then(|max| now.checked_add_signed(max));
+        let latest = self.max_lifetime.map(|max| crate::record::after(now, max));
         match (expires_at, never_expires, self.expiry) {
             (Some(at), ..) if at <= now => {
                 Err(ApiError::invalid("expiresAt", "must be in the future"))
@@ -244,13 +241,8 @@ impl AdminConfig {
                  token that never expires)",
             )),
             (None, false, ExpiryPolicy::DefaultLifetime(lifetime)) => {
-                let lifetime = chrono::Duration::from_std(lifetime)
-                    .ok()
-                    .and_then(|d| now.checked_add_signed(d));
-                Ok(match (lifetime, latest) {
-                    (Some(at), Some(latest)) => Some(at.min(latest)),
-                    (at, latest) => at.or(latest),
-                })
+                let at = crate::record::after(now, lifetime);
+                Ok(Some(latest.map_or(at, |latest| at.min(latest))))
             }
         }
     }

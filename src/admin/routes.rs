@@ -748,10 +748,7 @@ async fn rotate_token(
         .grace_period_seconds
         .map(std::time::Duration::from_secs)
         .unwrap_or_default();
-    let grace_until = chrono::Duration::from_std(grace)
-        .ok()
-        .filter(|g| !g.is_zero())
-        .and_then(|g| now.checked_add_signed(g));
+    let grace_until = (!grace.is_zero()).then(|| crate::record::after(now, grace));
     let (fresh, secret) = admin
         .config
         .tokens

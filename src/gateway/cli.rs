@@ -391,12 +391,16 @@ async fn token(cmd: TokenCommand, tokens: &Tokens, out: &mut impl Write) -> Resu
                 .scope_set(scopes)
                 .ip_restriction(args.ips);
             let expires_at = match (args.expires_in, args.expires_at) {
-                (Some(d), _) => Some(
-                    chrono::Duration::from_std(d)
-                        .ok()
-                        .and_then(|d| now.checked_add_signed(d))
-                        .ok_or_else(|| Failure::input("--expires-in is too long"))?,
-                ),
+                (Some(d), _) => match crate::record::after(now, d) {
+                    at if at == crate::record::latest() => {
+                        return Err(Failure::input(format!(
+                            "--expires-in is too long: it reaches past {}",
+                            crate::record::latest()
+                                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                        )));
+                    }
+                    at => Some(at),
+                },
                 (None, Some(at)) if at <= now => {
                     return Err(Failure::input("--expires-at is in the past"));
                 }

@@ -116,41 +116,42 @@ impl ExtAuthz {
     /// The HTTP request Envoy describes: method, path, headers and the peer address.
     fn http_request(check: &CheckRequest) -> Result<Request<Empty<Bytes>>, AuthError> {
         let attributes = check.attributes.as_ref();
-        let http = attributes
+        // A check without the HTTP request (Envoy's network filter, a misconfiguration), without
+        // a method or with a path that does not parse is refused: never judged as `GET /`, which
+        // an anonymous rule may allow.
+        let h = attributes
             .and_then(|a| a.request.as_ref())
-            .and_then(|r| r.http.as_ref());
-        let method = http
-            .and_then(|h| Method::from_bytes(h.method.as_bytes()).ok())
-            .unwrap_or(Method::GET);
-        let path = http.map_or_else(|| "/".to_owned(), |h| h.path.clone());
+            .and_then(|r| r.http.as_ref())
+            .ok_or(AuthError::InvalidRequest(
+                "the check carries no HTTP request",
+            ))?;
         let mut req = Request::new(Empty::new());
-        *req.method_mut() = method;
-        // A path that does not parse is refused, never judged as `/` by a more lenient rule.
-        *req.uri_mut() = path
+        *req.method_mut() = Method::from_bytes(h.method.as_bytes())
+            .map_err(|_| AuthError::InvalidRequest("the request method is not a method"))?;
+        *req.uri_mut() = h
+            .path
             .parse()
             .map_err(|_| AuthError::InvalidRequest("the request path is not a valid URI"))?;
-        if let Some(h) = http {
-            let map = h.header_map.iter().flat_map(|m| m.headers.iter()).map(|v| {
-                let value = if v.raw_value.is_empty() {
-                    v.value.as_bytes()
-                } else {
-                    v.raw_value.as_slice()
-                };
-                (v.key.as_str(), value)
-            });
-            let pairs = h
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_bytes()))
-                .chain(map);
-            for (name, value) in pairs {
-                // Pseudo-headers (`:path`, …) and malformed ones are not HTTP headers.
-                if let (Ok(name), Ok(value)) = (
-                    HeaderName::from_bytes(name.as_bytes()),
-                    http::HeaderValue::from_bytes(value),
-                ) {
-                    req.headers_mut().append(name, value);
-                }
+        let map = h.header_map.iter().flat_map(|m| m.headers.iter()).map(|v| {
+            let value = if v.raw_value.is_empty() {
+                v.value.as_bytes()
+            } else {
+                v.raw_value.as_slice()
+            };
+            (v.key.as_str(), value)
+        });
+        let pairs = h
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_bytes()))
+            .chain(map);
+        for (name, value) in pairs {
+            // Pseudo-headers (`:path`, …) and malformed ones are not HTTP headers.
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                http::HeaderValue::from_bytes(value),
+            ) {
+                req.headers_mut().append(name, value);
             }
         }
         if let Some(peer) = attributes

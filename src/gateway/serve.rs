@@ -17,6 +17,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -129,6 +130,7 @@ pub struct Gateway {
     gate: Gate,
     metrics: Arc<Metrics>,
     leak_reports: Option<crate::admin::LeakReports>,
+    readiness: Arc<Readiness>,
 }
 
 impl Gateway {
@@ -154,6 +156,7 @@ impl Gateway {
             forward_auth: Arc::new(forward_auth),
             gate,
             metrics: Arc::new(metrics),
+            readiness: Arc::default(),
         })
     }
 
@@ -270,10 +273,7 @@ async fn readyz(State(gw): State<Gateway>) -> Response {
         )
             .into_response()
     };
-    // Any answer, even "no such token", means the store is reachable.
-    // The error's text stays in the log: it can name hosts, users and files.
-    if let Err(e) = gw.tokens.store().get("patd-readiness-probe").await {
-        tracing::warn!(target: "tower_pat::gateway", error = %e, "readiness: the store does not answer");
+    if !gw.readiness.store_answers(gw.tokens.store()).await {
         return unready("the store does not answer");
     }
     if let FeedState::Disconnected(d) = gw.layer.stats().feed {
@@ -288,6 +288,71 @@ async fn readyz(State(gw): State<Gateway>) -> Response {
         "ready\n",
     )
         .into_response()
+}
+
+/// How long one answer of the store to the readiness probe stands for every `/readyz` request.
+const READY_TTL: Duration = Duration::from_secs(1);
+/// How long the readiness probe waits for the store: a store that hangs reads as not answering.
+const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The store's last answer to the readiness probe, shared by every `/readyz` request. `/readyz`
+/// needs no token, so a flood of it must not become a flood of store queries, which would take
+/// the connections that token lookups need: the store is asked at most once at a time and once
+/// per [`READY_TTL`], whatever the rate of requests.
+#[derive(Debug, Default)]
+struct Readiness {
+    /// When the last probe ended (on the monotonic clock), and whether the store answered.
+    last: std::sync::Mutex<Option<(Instant, bool)>>,
+    /// Held by the one probe in flight; the other requests wait for its answer.
+    probe: tokio::sync::Mutex<()>,
+}
+
+impl Readiness {
+    fn fresh(&self) -> Option<bool> {
+        let last = *self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        last.filter(|(at, _)| at.elapsed() < READY_TTL)
+            .map(|(_, answers)| answers)
+    }
+
+    async fn store_answers(&self, store: &Arc<dyn TokenStore>) -> bool {
+        if let Some(answers) = self.fresh() {
+            return answers;
+        }
+        let _probe = self.probe.lock().await;
+        if let Some(answers) = self.fresh() {
+            return answers;
+        }
+        // Any answer, even "no such token", means the store is reachable. The error's text
+        // stays in the log (it can name hosts, users and files), once per probe at most.
+        let answers = match tokio::time::timeout(
+            READY_PROBE_TIMEOUT,
+            store.get("patd-readiness-probe"),
+        )
+        .await
+        {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(target: "tower_pat::gateway", error = %e, "readiness: the store does not answer");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(
+                    target: "tower_pat::gateway",
+                    timeout_ms = READY_PROBE_TIMEOUT.as_millis() as u64,
+                    "readiness: the store does not answer in time"
+                );
+                false
+            }
+        };
+        *self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((Instant::now(), answers));
+        answers
+    }
 }
 
 async fn metrics(State(gw): State<Gateway>) -> Response {
@@ -340,10 +405,11 @@ pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// How long a closing connection may take to finish the requests in flight before it is dropped.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// How long a connection may stay open with no request in flight after its last one (HTTP/1.1
-/// keep-alive, HTTP/2 answering pings): the gateways' own keep-alive (nginx: 60 s) closes theirs
-/// first. Before its first request a connection gets [`HEADER_READ_TIMEOUT`] instead, whichever
-/// protocol it speaks or whether it sends anything at all.
+/// How long an HTTP/2 connection may stay open with no request in flight after its last one
+/// (answering pings). An HTTP/1.1 connection gets [`HEADER_READ_TIMEOUT`] between requests too
+/// (hyper runs its header timeout again while it waits for the next request head), so a
+/// gateway's upstream keep-alive must be shorter. Before its first request a connection gets
+/// [`HEADER_READ_TIMEOUT`], whichever protocol it speaks or whether it sends anything at all.
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// What a connection is doing, for closing it when it has been idle too long.
@@ -683,7 +749,12 @@ pub async fn serve(
         tracing::warn!("the expiry notice run did not end within the shutdown timeout");
     }
     if let Some(usage) = gateway.layer.usage() {
-        usage.shutdown().await;
+        if tokio::time::timeout(config.shutdown_timeout.0, usage.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the usage flush did not end within the shutdown timeout");
+        }
         let s = usage.stats();
         tracing::info!(
             rows_written = s.rows_written,

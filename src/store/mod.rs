@@ -76,6 +76,20 @@ impl StoreError {
     pub fn backend(err: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         Self::Backend(err.into())
     }
+
+    /// The same error for one more caller of an operation whose result is shared: each variant
+    /// as it is, a backend error as its message.
+    pub(crate) fn shared(&self) -> Self {
+        match self {
+            Self::NotFound => Self::NotFound,
+            Self::Conflict { field } => Self::Conflict { field },
+            Self::Revoked => Self::Revoked,
+            Self::Stale => Self::Stale,
+            Self::Expired => Self::Expired,
+            Self::Backend(e) => Self::backend(e.to_string()),
+            Self::Unsupported { operation } => Self::Unsupported { operation },
+        }
+    }
 }
 
 impl fmt::Display for StoreError {

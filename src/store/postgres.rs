@@ -984,6 +984,11 @@ impl TokenLookup for PostgresStore {
         if updates.is_empty() {
             return Ok(());
         }
+        // In the order of the ids, and locked in that order first: two nodes flushing the same
+        // tokens (each batch in its own order) then wait for each other instead of deadlocking,
+        // whatever plan the update gets.
+        let mut updates: Vec<&UsageUpdate> = updates.iter().collect();
+        updates.sort_unstable_by(|a, b| a.token_id.cmp(&b.token_id));
         let ids: Vec<&str> = updates.iter().map(|u| u.token_id.as_str()).collect();
         let times: Vec<DateTime<Utc>> = updates.iter().map(|u| u.last_used_at).collect();
         let ips: Vec<String> = updates
@@ -992,6 +997,8 @@ impl TokenLookup for PostgresStore {
             .collect();
         // The merge is TokenRecord::apply_usage's: the later time wins; the addresses of the
         // later mark come first, then the others, without repeats, at most MAX_LAST_USED_IPS.
+        // A time more than a minute past the database's clock (a node whose clock runs ahead)
+        // is taken as that: it could never be corrected later, the later time winning.
         let statement = format!(
             "UPDATE {TABLE} AS t SET
                 last_used_at = GREATEST(t.last_used_at, u.at),
@@ -1007,12 +1014,20 @@ impl TokenLookup for PostgresStore {
                     ORDER BY m.ord
                     LIMIT {MAX_LAST_USED_IPS})
             FROM (
-                SELECT v.id, v.at, string_to_array(v.ips, ' ') AS ips
+                SELECT v.id, LEAST(v.at, now() + interval '1 minute') AS at,
+                       string_to_array(v.ips, ' ') AS ips
                 FROM unnest($1::text[], $2::timestamptz[], $3::text[]) AS v(id, at, ips)
             ) AS u
             WHERE t.id = u.id"
         );
         let mut tx = self.begin_write().await?;
+        sqlx::query(&format!(
+            "SELECT 1 FROM {TABLE} WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE"
+        ))
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?;
         sqlx::query(&statement)
             .bind(ids)
             .bind(times)

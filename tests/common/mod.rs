@@ -38,6 +38,8 @@ pub struct CountingStore {
     /// How long each `find_superseded` takes.
     pub superseded_delay_ms: Arc<AtomicU64>,
     pub delay_ms: Arc<AtomicU64>,
+    /// How long each `get` takes.
+    pub get_delay_ms: Arc<AtomicU64>,
     pub failing: Arc<std::sync::atomic::AtomicBool>,
     /// Like a store without a change feed: caches are not told about changes.
     pub no_feed: bool,
@@ -117,6 +119,10 @@ impl TokenStore for CountingStore {
 
     async fn get(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
         self.count();
+        let delay = self.get_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         self.inner.get(id).await
     }
 
