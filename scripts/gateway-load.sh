@@ -6,6 +6,7 @@
 #   scripts/gateway-load.sh            # 4 rounds of 10 s per variant
 #   ROUNDS=2 SECS=5 scripts/gateway-load.sh
 #   SMOKE=1 scripts/gateway-load.sh    # one 1-second round on a debug build (CI)
+#   LOAD_FEATURES=--all-features …     # cargo feature flags for the build (as scripts/load.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -19,7 +20,15 @@ CONNS="${CONNS:-32}"
 for tool in nginx wrk python3 taskset; do
   command -v "$tool" >/dev/null || { echo "skipped: $tool is not installed"; exit 0; }
 done
-cargo build "${build[@]}" --quiet --features gateway --bin patd
+if [ -n "${LOAD_FEATURES:-}" ]; then
+  # With the quickstart in the same build, the dev-dependencies' features are resolved in, as in
+  # `cargo test` and scripts/load.sh: the build reuses theirs instead of compiling a variant of
+  # every dependency for patd alone.
+  # shellcheck disable=SC2086 # the feature flags are words
+  cargo build "${build[@]}" --quiet $LOAD_FEATURES --bin patd --example quickstart
+else
+  cargo build "${build[@]}" --quiet --features gateway --bin patd
+fi
 PATD="$PWD/target/$profile/patd"
 work="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null; sleep 0.2; rm -rf "$work"' EXIT

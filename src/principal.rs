@@ -416,10 +416,10 @@ mod tests {
         let used = now - chrono::Duration::hours(1);
         record.last_used_at = Some(used);
         let entry = Arc::new(Entry::new(
-            record,
+            record.clone(),
             crate::cache::Slot::test(1),
             key,
-            0,
+            now.timestamp_millis(),
             60_000,
         ));
         let replica = Principal(Arc::new(Entry::replicate(&entry)));
@@ -429,6 +429,13 @@ mod tests {
             Some(to_ms(used))
         );
         assert_eq!(replica.last_used_at().map(to_ms), Some(to_ms(used)));
+        // A last use stored in the future (a node whose clock ran ahead) is taken as now.
+        record.last_used_at = Some(now + chrono::Duration::days(365));
+        let entry = Entry::new(record, crate::cache::Slot::test(1), key, to_ms(now), 60_000);
+        assert_eq!(
+            Principal(Arc::new(entry)).last_used_at().map(to_ms),
+            Some(to_ms(now))
+        );
     }
 
     #[tokio::test]
