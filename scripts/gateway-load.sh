@@ -25,7 +25,7 @@ if [ -n "${LOAD_FEATURES:-}" ]; then
   # `cargo test` and scripts/load.sh: the build reuses theirs instead of compiling a variant of
   # every dependency for patd alone.
   # shellcheck disable=SC2086 # the feature flags are words
-  cargo build "${build[@]}" --quiet $LOAD_FEATURES --bin patd --example quickstart
+  cargo build "${build[@]}" --quiet $LOAD_FEATURES --features gateway --bin patd --example quickstart
 else
   cargo build "${build[@]}" --quiet --features gateway --bin patd
 fi

@@ -284,8 +284,10 @@ impl UsageRecorder {
         let mut next = {
             let mut next = lock(&self.shared.next);
             match &*next {
-                Some(waiting) => waiting.clone(),
-                None => {
+                // A flush whose task is gone without starting (its runtime shut down, or the
+                // spawn failed) is replaced, not waited for.
+                Some(waiting) if waiting.has_changed().is_ok() => waiting.clone(),
+                _ => {
                     let (done, waiting) = watch::channel(None);
                     *next = Some(waiting.clone());
                     let shared = Arc::clone(&self.shared);
@@ -317,9 +319,10 @@ impl UsageRecorder {
     /// Stops the flusher after writing everything pending (retrying with backoff for at most one
     /// `max_retry_backoff`). Marks made after this are dropped and counted.
     ///
-    /// Returns within `max_retry_backoff` even if a store write never returns (a connection
-    /// black-holed mid-query): the marks of that write are then reported as possibly lost, in
-    /// the log, and the write goes on in its task.
+    /// Returns within twice the retry window (`max_retry_backoff`, at least a second: one for a
+    /// write already in flight, one for the final flush's attempts) even if a store write never
+    /// returns (a connection black-holed mid-query): the marks not written are then reported as
+    /// possibly lost, in the log, and the write goes on in its task.
     pub async fn shutdown(&self) {
         let s = &self.shared;
         s.closed.store(true, Ordering::SeqCst);
@@ -330,13 +333,20 @@ impl UsageRecorder {
         if s.finished.load(Ordering::SeqCst) {
             return;
         }
-        let bound = s.config.max_retry_backoff.max(Duration::from_millis(1));
-        if tokio::time::timeout(bound, done).await.is_err() {
+        let window = s
+            .config
+            .max_retry_backoff
+            .max(s.config.retry_backoff)
+            .max(Duration::from_secs(1));
+        if tokio::time::timeout(window.saturating_mul(2), done)
+            .await
+            .is_err()
+        {
             let unwritten = lock(&s.writing).len() + lock(&s.pending).len();
             tracing::warn!(
                 target: "tower_pat::store",
                 unwritten,
-                "usage flush at shutdown: the store has not answered within max_retry_backoff; \
+                "usage flush at shutdown: the store has not answered in time; \
                  {unwritten} tokens' marks may be lost"
             );
         }

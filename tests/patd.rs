@@ -1124,6 +1124,23 @@ async fn a_flood_of_readiness_probes_asks_the_store_once() {
     }
     assert_eq!(store.calls() - before, 1, "store queries for 300 probes");
 
+    // Clients that hang up mid-probe cannot cancel it and so start one probe each.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    store
+        .get_delay_ms
+        .store(300, std::sync::atomic::Ordering::SeqCst);
+    let before = store.calls();
+    for _ in 0..30 {
+        let _ = tokio::time::timeout(Duration::from_millis(5), probe(app.clone())).await;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        store.calls() - before,
+        1,
+        "store queries for 30 probes cut short"
+    );
+    assert_eq!(probe(app.clone()).await, 200);
+
     // A store that hangs: not ready, within the probe's timeout, and still one query at a time.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     store

@@ -553,6 +553,46 @@ async fn a_flood_of_flushes_shares_one_write_at_a_time() {
     assert_eq!(usage.stats().pending_tokens, 0);
 }
 
+/// A flush asked for on a runtime that shuts down before the flush starts does not break
+/// `flush()` for good: the next call starts a flush of its own instead of waiting for an answer
+/// that will never come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_lost_with_its_runtime_is_replaced() {
+    let store = BlockingStore {
+        inner: MemoryStore::new(),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        entered: Arc::default(),
+    };
+    let usage = UsageRecorder::new(store.clone(), config(3_600_000));
+    usage.record("first", Utc::now(), None);
+    let first = {
+        let usage = usage.clone();
+        tokio::spawn(async move { usage.flush().await })
+    };
+    wait_until(
+        || store.entered.load(Ordering::SeqCst) == 1,
+        Duration::from_secs(5),
+    )
+    .await;
+    // Another runtime asks for a flush, which queues behind the first, and then shuts down.
+    let other = usage.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let _ = tokio::time::timeout(Duration::from_millis(20), other.flush()).await;
+        });
+    })
+    .join()
+    .unwrap();
+    store.gate.add_permits(1_000_000);
+    first.await.unwrap().unwrap();
+    usage.record("second", Utc::now(), None);
+    assert_eq!(usage.flush().await.unwrap(), 1);
+}
+
 /// A store write that never returns (a connection black-holed mid-query) does not hold
 /// `shutdown` past `max_retry_backoff`.
 #[tokio::test]

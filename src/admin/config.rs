@@ -201,8 +201,6 @@ impl AdminConfig {
         self
     }
 
-    /// The expiry of a token given `expires_at` and the never-expires acknowledgment at `now`,
-    /// under the expiry policy and the maximum lifetime.
     /// The request rules of this configuration that the served OpenAPI document states.
     pub(crate) fn openapi_rules(&self) -> super::openapi::Rules {
         super::openapi::Rules {
@@ -210,9 +208,15 @@ impl AdminConfig {
             max_scopes: self.limits.scopes,
             max_networks: self.limits.networks,
             expiry_needs_acknowledgment: matches!(self.expiry, ExpiryPolicy::RequireAcknowledgment),
+            #[cfg(feature = "secret-scanning")]
+            leak_reports: self.leak_reports.is_some(),
+            #[cfg(not(feature = "secret-scanning"))]
+            leak_reports: false,
         }
     }
 
+    /// The expiry of a token given `expires_at` and the never-expires acknowledgment at `now`,
+    /// under the expiry policy and the maximum lifetime.
     pub(crate) fn resolve_expiry(
         &self,
         expires_at: Option<DateTime<Utc>>,

@@ -84,17 +84,28 @@ impl Modify for BearerAuth {
 /// The management API's OpenAPI 3.1 document, with paths relative to where the router is nested
 /// (`/`, `/{id}`, …), stating the request rules of the default [`AdminConfig`](super::AdminConfig):
 /// merge it into an application's document, or read it at `GET <base>/openapi.json`, where the
-/// paths carry the base and the rules are the server's own configuration.
+/// paths carry the base and the rules are the server's own configuration. With feature
+/// `secret-scanning` it lists `POST /leak-reports` too, which a router serves (and lists at
+/// `openapi.json`) only with [`AdminConfig::leak_reports`](super::AdminConfig).
 pub fn openapi() -> Document {
-    with_rules(base_document(), &Rules::default())
+    with_rules(
+        base_document(cfg!(feature = "secret-scanning")),
+        &Rules::default(),
+    )
 }
 
-/// The derived document, with the leaked-token report endpoint where feature `secret-scanning`
-/// is on.
-fn base_document() -> Document {
+/// The derived document, with the leaked-token report endpoint if `leak_reports` (and feature
+/// `secret-scanning`).
+fn base_document(leak_reports: bool) -> Document {
     let doc = AdminApi::openapi();
     #[cfg(feature = "secret-scanning")]
-    let doc = doc.merge_from(LeakApi::openapi());
+    let doc = if leak_reports {
+        doc.merge_from(LeakApi::openapi())
+    } else {
+        doc
+    };
+    #[cfg(not(feature = "secret-scanning"))]
+    let _ = leak_reports;
     doc
 }
 
@@ -110,7 +121,7 @@ struct LeakApi;
 /// The document a server serves: every path under `base` (`/personal-access-tokens`; empty at
 /// the root), and the request rules it is configured with.
 pub(crate) fn document(base: &str, rules: &Rules) -> Document {
-    let mut doc = with_rules(base_document(), rules);
+    let mut doc = with_rules(base_document(rules.leak_reports), rules);
     if !base.is_empty() {
         let paths = std::mem::take(&mut doc.paths.paths);
         let mut prefixed = Paths::new();
@@ -139,6 +150,8 @@ pub(crate) struct Rules {
     /// Whether a create without `expiresAt`, or a PATCH removing it, needs
     /// `userAwareTokenNeverExpires: true` ([`ExpiryPolicy::RequireAcknowledgment`](super::ExpiryPolicy)).
     pub(crate) expiry_needs_acknowledgment: bool,
+    /// Whether `POST /leak-reports` is served: listed only then.
+    pub(crate) leak_reports: bool,
 }
 
 impl Default for Rules {
@@ -153,6 +166,7 @@ impl Default for Rules {
                 super::ExpiryPolicy::default(),
                 super::ExpiryPolicy::RequireAcknowledgment
             ),
+            leak_reports: false,
         }
     }
 }

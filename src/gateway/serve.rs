@@ -298,60 +298,77 @@ const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The store's last answer to the readiness probe, shared by every `/readyz` request. `/readyz`
 /// needs no token, so a flood of it must not become a flood of store queries, which would take
 /// the connections that token lookups need: the store is asked at most once at a time and once
-/// per [`READY_TTL`], whatever the rate of requests.
+/// per [`READY_TTL`], whatever the rate of requests. The probe runs in a task of its own, so a
+/// client that hangs up cannot cancel it and make the next request start another.
 #[derive(Debug, Default)]
 struct Readiness {
     /// When the last probe ended (on the monotonic clock), and whether the store answered.
     last: std::sync::Mutex<Option<(Instant, bool)>>,
-    /// Held by the one probe in flight; the other requests wait for its answer.
-    probe: tokio::sync::Mutex<()>,
+    /// The probe in flight: every request while it runs waits for its answer.
+    in_flight: std::sync::Mutex<Option<tokio::sync::watch::Receiver<Option<bool>>>>,
 }
 
 impl Readiness {
     fn fresh(&self) -> Option<bool> {
-        let last = *self
-            .last
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let last = *crate::usage::lock(&self.last);
         last.filter(|(at, _)| at.elapsed() < READY_TTL)
             .map(|(_, answers)| answers)
     }
 
-    async fn store_answers(&self, store: &Arc<dyn TokenStore>) -> bool {
+    async fn store_answers(self: &Arc<Self>, store: &Arc<dyn TokenStore>) -> bool {
         if let Some(answers) = self.fresh() {
             return answers;
         }
-        let _probe = self.probe.lock().await;
-        if let Some(answers) = self.fresh() {
-            return answers;
-        }
-        // Any answer, even "no such token", means the store is reachable. The error's text
-        // stays in the log (it can name hosts, users and files), once per probe at most.
-        let answers = match tokio::time::timeout(
-            READY_PROBE_TIMEOUT,
-            store.get("patd-readiness-probe"),
-        )
-        .await
-        {
-            Ok(Ok(_)) => true,
-            Ok(Err(e)) => {
-                tracing::warn!(target: "tower_pat::gateway", error = %e, "readiness: the store does not answer");
-                false
-            }
-            Err(_) => {
-                tracing::warn!(
-                    target: "tower_pat::gateway",
-                    timeout_ms = READY_PROBE_TIMEOUT.as_millis() as u64,
-                    "readiness: the store does not answer in time"
-                );
-                false
+        let mut answer = {
+            let mut in_flight = crate::usage::lock(&self.in_flight);
+            match &*in_flight {
+                // A probe whose task is gone without an answer (its runtime shut down) is
+                // replaced, not waited for.
+                Some(answer) if answer.has_changed().is_ok() => answer.clone(),
+                _ => {
+                    // The probe that just ended stored its answer before it left `in_flight`.
+                    if let Some(answers) = self.fresh() {
+                        return answers;
+                    }
+                    let (tell, answer) = tokio::sync::watch::channel(None);
+                    *in_flight = Some(answer.clone());
+                    let this = Arc::clone(self);
+                    let store = Arc::clone(store);
+                    tokio::spawn(async move {
+                        let answers = probe_store(&store).await;
+                        *crate::usage::lock(&this.last) = Some((Instant::now(), answers));
+                        crate::usage::lock(&this.in_flight).take();
+                        let _ = tell.send(Some(answers));
+                    });
+                    answer
+                }
             }
         };
-        *self
-            .last
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((Instant::now(), answers));
-        answers
+        match answer.wait_for(Option::is_some).await {
+            Ok(answers) => answers.unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+}
+
+/// Whether the store answers the readiness probe within [`READY_PROBE_TIMEOUT`]: any answer, even
+/// "no such token", means it is reachable. The error's text stays in the log (it can name hosts,
+/// users and files), once per probe at most.
+async fn probe_store(store: &Arc<dyn TokenStore>) -> bool {
+    match tokio::time::timeout(READY_PROBE_TIMEOUT, store.get("patd-readiness-probe")).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(target: "tower_pat::gateway", error = %e, "readiness: the store does not answer");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(
+                target: "tower_pat::gateway",
+                timeout_ms = READY_PROBE_TIMEOUT.as_millis() as u64,
+                "readiness: the store does not answer in time"
+            );
+            false
+        }
     }
 }
 

@@ -261,6 +261,9 @@ impl Drop for Shared {
     }
 }
 
+/// How many tokens' usage one write transaction of [`SqliteStore::record_usage`] merges.
+const USAGE_CHUNK: usize = 500;
+
 impl SqliteStore {
     /// Opens (creating it if missing) the database file at `path`, applies the migrations and
     /// starts the cross-process change feed, polling every [`DEFAULT_POLL_INTERVAL`].
@@ -385,6 +388,40 @@ impl SqliteStore {
 impl SqliteStore {
     /// A transaction holding the database's write lock (waiting up to the busy timeout for
     /// another process's writer): what it reads stays true until it commits.
+    /// One token's usage merged into its row (a row deleted meanwhile is skipped): the two
+    /// usage columns only, within the caller's write transaction.
+    async fn record_one_usage(
+        &self,
+        tx: &mut sqlx::Transaction<'static, Sqlite>,
+        u: &UsageUpdate,
+    ) -> Result<(), StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT last_used_at, last_used_ips FROM {TABLE} WHERE id = ?1"
+        ))
+        .bind(&u.token_id)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(store_error)?;
+        let Some(row) = row else { return Ok(()) };
+        let mut last_used_at = opt_time(row.try_get("last_used_at").map_err(store_error)?)?;
+        let ips: String = row.try_get("last_used_ips").map_err(store_error)?;
+        let mut ips = ips
+            .split_ascii_whitespace()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        merge_usage(&mut last_used_at, &mut ips, u);
+        sqlx::query(&format!(
+            "UPDATE {TABLE} SET last_used_at = ?2, last_used_ips = ?3 WHERE id = ?1"
+        ))
+        .bind(&u.token_id)
+        .bind(last_used_at.map(micros))
+        .bind(to_strings(&ips).join(" "))
+        .execute(&mut **tx)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
         self.inner
             .writer
@@ -820,34 +857,18 @@ impl TokenLookup for SqliteStore {
         if updates.is_empty() {
             return Ok(());
         }
-        let mut tx = self.inner.writer.begin().await.map_err(store_error)?;
-        for u in updates {
-            let row = sqlx::query(&format!(
-                "SELECT last_used_at, last_used_ips FROM {TABLE} WHERE id = ?1"
-            ))
-            .bind(&u.token_id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(store_error)?;
-            let Some(row) = row else { continue };
-            let mut last_used_at = opt_time(row.try_get("last_used_at").map_err(store_error)?)?;
-            let ips: String = row.try_get("last_used_ips").map_err(store_error)?;
-            let mut ips = ips
-                .split_ascii_whitespace()
-                .filter_map(|s| s.parse().ok())
-                .collect();
-            merge_usage(&mut last_used_at, &mut ips, u);
-            sqlx::query(&format!(
-                "UPDATE {TABLE} SET last_used_at = ?2, last_used_ips = ?3 WHERE id = ?1"
-            ))
-            .bind(&u.token_id)
-            .bind(last_used_at.map(micros))
-            .bind(to_strings(&ips).join(" "))
-            .execute(&mut *tx)
-            .await
-            .map_err(store_error)?;
+        // In chunks, each its own write transaction: a batch after an outage can hold many
+        // thousands of tokens, and a revocation (from this process or another) waits for the
+        // chunk in progress only. A chunk written twice (the batch retried after a later chunk
+        // failed) changes nothing: the merge keeps the later time and each address once.
+        for chunk in updates.chunks(USAGE_CHUNK) {
+            let mut tx = self.begin_write().await?;
+            for u in chunk {
+                self.record_one_usage(&mut tx, u).await?;
+            }
+            tx.commit().await.map_err(store_error)?;
         }
-        tx.commit().await.map_err(store_error)
+        Ok(())
     }
 
     fn subscribe(&self, listener: Weak<dyn ChangeListener>) -> bool {

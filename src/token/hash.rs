@@ -5,11 +5,19 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 /// The SHA-256 digest of a token (or its HMAC-SHA256 under a server pepper): the only form in which
-/// a token is stored, cached or logged.
+/// a token is stored. It is never logged: a hash confirms a guess, and without a pepper it is
+/// all a database lookup needs.
 ///
-/// It is the key of the verification cache and of the stores' unique index. `Display` and
-/// [`to_hex`](Self::to_hex) give it in lowercase hex (for the stores and their change feeds);
-/// `Debug` never does, so that a record or an error printed with `{:?}` cannot leak it into a log.
+/// It is the key of the stores' unique index. Only [`to_hex`](Self::to_hex) gives it in
+/// lowercase hex (for the stores and their change feeds), on purpose: `Debug` prints
+/// `TokenHash(..)`, and there is no `Display`, so that neither `{:?}` nor `{}` in a log line or
+/// an error can print it.
+///
+/// ```compile_fail
+/// fn log_line(hash: tower_pat::TokenHash) -> String {
+///     format!("{hash}")
+/// }
+/// ```
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TokenHash([u8; 32]);
 
@@ -79,12 +87,6 @@ impl std::hash::Hash for TokenHash {
 impl fmt::Debug for TokenHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("TokenHash(..)")
-    }
-}
-
-impl fmt::Display for TokenHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
     }
 }
 
