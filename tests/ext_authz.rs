@@ -71,6 +71,15 @@ fn check_request(path: &str, source: &str, headers: &[(&str, &str)]) -> CheckReq
     }
 }
 
+/// The service over `s`, with one route rule: paths under `prefix` are anonymous.
+async fn serve_anonymous(s: &Setup, prefix: &str) -> AuthorizationClient<Channel> {
+    let rules = RouteRules::new(vec![RouteRule {
+        anonymous: true,
+        ..RouteRule::new(prefix)
+    }]);
+    serve(ExtAuthz::new(s.layer.clone()).rules(rules)).await
+}
+
 async fn check(client: &mut AuthorizationClient<Channel>, req: CheckRequest) -> CheckResponse {
     client.check(req).await.unwrap().into_inner()
 }
@@ -355,11 +364,7 @@ async fn a_forwarded_header_counts_only_from_a_configured_trusted_proxy() {
 #[tokio::test]
 async fn an_anonymous_pass_overwrites_every_identity_header_with_an_empty_value() {
     let s = setup();
-    let rules = RouteRules::new(vec![RouteRule {
-        anonymous: true,
-        ..RouteRule::new("/public")
-    }]);
-    let mut client = serve(ExtAuthz::new(s.layer.clone()).rules(rules)).await;
+    let mut client = serve_anonymous(&s, "/public").await;
     // The client names itself root: Envoy must not pass that on.
     let res = check(
         &mut client,
@@ -395,11 +400,7 @@ async fn an_anonymous_pass_overwrites_every_identity_header_with_an_empty_value(
 #[tokio::test]
 async fn a_check_without_an_http_request_or_a_method_is_refused_not_judged_as_get_slash() {
     let s = setup();
-    let rules = RouteRules::new(vec![RouteRule {
-        anonymous: true,
-        ..RouteRule::new("/")
-    }]);
-    let mut client = serve(ExtAuthz::new(s.layer.clone()).rules(rules)).await;
+    let mut client = serve_anonymous(&s, "/").await;
     // The control: `GET /` itself is anonymous here.
     let res = check(&mut client, check_request("/", "192.0.2.1:4000", &[])).await;
     assert_eq!(grpc_code(&res), 0, "{res:?}");

@@ -135,6 +135,38 @@ struct BlockingStore {
     entered: Arc<AtomicUsize>,
 }
 
+impl BlockingStore {
+    /// Closed: every `record_usage` blocks until `gate` gets permits.
+    fn closed() -> Self {
+        Self {
+            inner: MemoryStore::new(),
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            entered: Arc::default(),
+        }
+    }
+}
+
+/// A recorder over `store` (closed) whose first `flush()`, of one mark, is stuck in the store.
+async fn stuck_in_a_flush(
+    store: &BlockingStore,
+) -> (
+    UsageRecorder,
+    tokio::task::JoinHandle<Result<usize, StoreError>>,
+) {
+    let usage = UsageRecorder::new(store.clone(), config(3_600_000));
+    usage.record("first", Utc::now(), None);
+    let first = {
+        let usage = usage.clone();
+        tokio::spawn(async move { usage.flush().await })
+    };
+    wait_until(
+        || store.entered.load(Ordering::SeqCst) == 1,
+        Duration::from_secs(5),
+    )
+    .await;
+    (usage, first)
+}
+
 #[async_trait]
 impl TokenLookup for BlockingStore {
     async fn find_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
@@ -153,11 +185,7 @@ impl TokenLookup for BlockingStore {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_flush_never_delays_requests() {
     // The gate has no permits: record_usage blocks.
-    let store = BlockingStore {
-        inner: MemoryStore::new(),
-        gate: Arc::new(tokio::sync::Semaphore::new(0)),
-        entered: Arc::default(),
-    };
+    let store = BlockingStore::closed();
     let (_, secret) = Tokens::new(store.inner.clone())
         .issue(new_token("alice", &[]))
         .await
@@ -416,11 +444,7 @@ async fn management_api_shows_usage_not_yet_written() {
 /// writing must wait for that write, and the batch being written still shows as pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_during_the_flushers_write_waits_for_it() {
-    let store = BlockingStore {
-        inner: MemoryStore::new(),
-        gate: Arc::new(tokio::sync::Semaphore::new(0)),
-        entered: Arc::default(),
-    };
+    let store = BlockingStore::closed();
     let (record, _) = Tokens::new(store.inner.clone())
         .issue(new_token("alice", &[]))
         .await
@@ -460,11 +484,7 @@ async fn a_flush_during_the_flushers_write_waits_for_it() {
 /// A caller that gives up on `flush()` (a dropped request future) loses no mark.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_flush_loses_nothing() {
-    let store = BlockingStore {
-        inner: MemoryStore::new(),
-        gate: Arc::new(tokio::sync::Semaphore::new(0)),
-        entered: Arc::default(),
-    };
+    let store = BlockingStore::closed();
     let (record, _) = Tokens::new(store.inner.clone())
         .issue(new_token("alice", &[]))
         .await
@@ -510,22 +530,8 @@ async fn a_dropped_flush_loses_nothing() {
 /// grew the queue without bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_flushes_shares_one_write_at_a_time() {
-    let store = BlockingStore {
-        inner: MemoryStore::new(),
-        gate: Arc::new(tokio::sync::Semaphore::new(0)),
-        entered: Arc::default(),
-    };
-    let usage = UsageRecorder::new(store.clone(), config(3_600_000));
-    usage.record("first", Utc::now(), None);
-    let first = {
-        let usage = usage.clone();
-        tokio::spawn(async move { usage.flush().await })
-    };
-    wait_until(
-        || store.entered.load(Ordering::SeqCst) == 1,
-        Duration::from_secs(5),
-    )
-    .await;
+    let store = BlockingStore::closed();
+    let (usage, first) = stuck_in_a_flush(&store).await;
     let tasks = || {
         tokio::runtime::Handle::current()
             .metrics()
@@ -558,22 +564,8 @@ async fn a_flood_of_flushes_shares_one_write_at_a_time() {
 /// that will never come.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_lost_with_its_runtime_is_replaced() {
-    let store = BlockingStore {
-        inner: MemoryStore::new(),
-        gate: Arc::new(tokio::sync::Semaphore::new(0)),
-        entered: Arc::default(),
-    };
-    let usage = UsageRecorder::new(store.clone(), config(3_600_000));
-    usage.record("first", Utc::now(), None);
-    let first = {
-        let usage = usage.clone();
-        tokio::spawn(async move { usage.flush().await })
-    };
-    wait_until(
-        || store.entered.load(Ordering::SeqCst) == 1,
-        Duration::from_secs(5),
-    )
-    .await;
+    let store = BlockingStore::closed();
+    let (usage, first) = stuck_in_a_flush(&store).await;
     // Another runtime asks for a flush, which queues behind the first, and then shuts down.
     let other = usage.clone();
     std::thread::spawn(move || {
@@ -597,11 +589,7 @@ async fn a_flush_lost_with_its_runtime_is_replaced() {
 /// `shutdown` past `max_retry_backoff`.
 #[tokio::test]
 async fn shutdown_returns_when_the_store_never_answers() {
-    let store = BlockingStore {
-        inner: MemoryStore::new(),
-        gate: Arc::new(tokio::sync::Semaphore::new(0)),
-        entered: Arc::default(),
-    };
+    let store = BlockingStore::closed();
     let usage = UsageRecorder::new(store.clone(), config(20));
     usage.record("a", Utc::now(), None);
     wait_until(
