@@ -134,6 +134,7 @@ pub mod record;
 pub mod retention;
 pub mod reuse;
 pub mod scope;
+mod shared_run;
 pub mod stats;
 pub mod store;
 pub mod token;

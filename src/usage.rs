@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 pub use crate::record::UsageUpdate;
 use crate::store::TokenLookup;
@@ -154,7 +154,7 @@ struct Shared {
     flush_lock: tokio::sync::Mutex<()>,
     /// The next flush `flush()` asked for and that has not started: every call before it starts
     /// shares it, so a flood of calls is one write at a time and one task, not a queue of both.
-    next: Mutex<Option<watch::Receiver<Option<FlushResult>>>>,
+    next: crate::shared_run::SharedRun<FlushResult>,
     lookup: Arc<dyn TokenLookup>,
     config: UsageConfig,
     granularity_ms: i64,
@@ -194,7 +194,7 @@ impl UsageRecorder {
             pending: Mutex::default(),
             writing: Mutex::default(),
             flush_lock: tokio::sync::Mutex::new(()),
-            next: Mutex::default(),
+            next: crate::shared_run::SharedRun::default(),
             lookup,
             granularity_ms: i64::try_from(config.granularity.as_millis()).unwrap_or(i64::MAX),
             config,
@@ -281,32 +281,20 @@ impl UsageRecorder {
     /// # Errors
     /// The store's error.
     pub async fn flush(&self) -> Result<usize, crate::StoreError> {
-        let mut next = {
-            let mut next = lock(&self.shared.next);
-            match &*next {
-                // A flush whose task is gone without starting (its runtime shut down, or the
-                // spawn failed) is replaced, not waited for.
-                Some(waiting) if waiting.has_changed().is_ok() => waiting.clone(),
-                _ => {
-                    let (done, waiting) = watch::channel(None);
-                    *next = Some(waiting.clone());
-                    let shared = Arc::clone(&self.shared);
-                    tokio::spawn(async move {
-                        let _one_at_a_time = shared.flush_lock.lock().await;
-                        // Started: a call from now on may come after the batch is taken, so it
-                        // asks for a flush of its own.
-                        lock(&shared.next).take();
-                        let result = shared.flush_locked().await.map_err(Arc::new);
-                        let _ = done.send(Some(result));
-                    });
-                    waiting
-                }
-            }
-        };
-        let result = match next.wait_for(Option::is_some).await {
-            Ok(result) => result.clone(),
-            Err(_) => None,
-        };
+        let result = self
+            .shared
+            .next
+            .join_or_start(|| {
+                let shared = Arc::clone(&self.shared);
+                Ok(async move {
+                    let _one_at_a_time = shared.flush_lock.lock().await;
+                    // Started: a call from now on may come after the batch is taken, so it asks
+                    // for a flush of its own.
+                    shared.next.close();
+                    shared.flush_locked().await.map_err(Arc::new)
+                })
+            })
+            .await;
         match result {
             Some(Ok(written)) => Ok(written),
             Some(Err(e)) => Err(e.shared()),

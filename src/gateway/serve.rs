@@ -305,7 +305,7 @@ struct Readiness {
     /// When the last probe ended (on the monotonic clock), and whether the store answered.
     last: std::sync::Mutex<Option<(Instant, bool)>>,
     /// The probe in flight: every request while it runs waits for its answer.
-    in_flight: std::sync::Mutex<Option<tokio::sync::watch::Receiver<Option<bool>>>>,
+    in_flight: crate::shared_run::SharedRun<bool>,
 }
 
 impl Readiness {
@@ -319,35 +319,21 @@ impl Readiness {
         if let Some(answers) = self.fresh() {
             return answers;
         }
-        let mut answer = {
-            let mut in_flight = crate::usage::lock(&self.in_flight);
-            match &*in_flight {
-                // A probe whose task is gone without an answer (its runtime shut down) is
-                // replaced, not waited for.
-                Some(answer) if answer.has_changed().is_ok() => answer.clone(),
-                _ => {
-                    // The probe that just ended stored its answer before it left `in_flight`.
-                    if let Some(answers) = self.fresh() {
-                        return answers;
-                    }
-                    let (tell, answer) = tokio::sync::watch::channel(None);
-                    *in_flight = Some(answer.clone());
-                    let this = Arc::clone(self);
-                    let store = Arc::clone(store);
-                    tokio::spawn(async move {
-                        let answers = probe_store(&store).await;
-                        *crate::usage::lock(&this.last) = Some((Instant::now(), answers));
-                        crate::usage::lock(&this.in_flight).take();
-                        let _ = tell.send(Some(answers));
-                    });
-                    answer
-                }
+        let answer = self.in_flight.join_or_start(|| {
+            // The probe that just ended stored its answer before it closed.
+            if let Some(answers) = self.fresh() {
+                return Err(answers);
             }
-        };
-        match answer.wait_for(Option::is_some).await {
-            Ok(answers) => answers.unwrap_or(false),
-            Err(_) => false,
-        }
+            let this = Arc::clone(self);
+            let store = Arc::clone(store);
+            Ok(async move {
+                let answers = probe_store(&store).await;
+                *crate::usage::lock(&this.last) = Some((Instant::now(), answers));
+                this.in_flight.close();
+                answers
+            })
+        });
+        answer.await.unwrap_or(false)
     }
 }
 
