@@ -154,6 +154,7 @@ mod suite {
         expiry_notices_are_claimed_once,
         expiry_notices_respect_the_limit,
         expiry_notices_return_when_the_expiry_changes,
+        expiry_notices_with_a_lead_too_long_to_add,
         superseded_secrets_are_remembered,
         superseded_history_is_bounded_and_forgotten,
     );

@@ -305,6 +305,7 @@ suite!(
     expiry_notices_are_claimed_once,
     expiry_notices_respect_the_limit,
     expiry_notices_return_when_the_expiry_changes,
+    expiry_notices_with_a_lead_too_long_to_add,
     superseded_secrets_are_remembered,
     superseded_history_is_bounded_and_forgotten,
 );
@@ -1990,6 +1991,39 @@ pub async fn purge_keeps_what_changed_after_the_cutoff<S: TokenStore>(store: S) 
     );
 }
 
+/// A lead too long to add to `at` (a configuration of `Duration::MAX`) reaches the latest time
+/// a lifetime can reach ([`crate::record::after`]): the claim succeeds, where a store that
+/// refuses times that far away would fail every notice run, and it claims every token not
+/// revoked that expires after `at`, the one expiring at that latest time included.
+pub async fn expiry_notices_with_a_lead_too_long_to_add<S: TokenStore>(store: S) {
+    let _check = Check("expiry_notices_with_a_lead_too_long_to_add");
+    let t = now();
+    let soon = record("alice", "soon").expiring(t + TimeDelta::days(1));
+    let far = record("alice", "far").expiring(t + TimeDelta::days(365 * 1000));
+    let last = record("alice", "last").expiring(crate::record::latest());
+    let never = record("alice", "never");
+    for r in [&soon, &far, &last, &never] {
+        store.insert(r).await.must();
+    }
+    let Some(expiring) = claimed_within(
+        &store,
+        NoticeKind::Expiring,
+        t,
+        std::time::Duration::MAX,
+        100,
+    )
+    .await
+    else {
+        return;
+    };
+    assert_eq!(
+        ids(&expiring),
+        ids([&soon, &far, &last]),
+        "claim_expiry_notices(Expiring) with a lead too long to add must claim every token \
+         expiring after `at`"
+    );
+}
+
 /// The lead of the expiry-notice checks: 7 days.
 const LEAD: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
@@ -2001,7 +2035,18 @@ async fn claimed<S: TokenStore>(
     at: DateTime<Utc>,
     limit: usize,
 ) -> Option<Vec<TokenRecord>> {
-    match store.claim_expiry_notices(kind, at, LEAD, limit).await {
+    claimed_within(store, kind, at, LEAD, limit).await
+}
+
+/// [`claimed`] with a lead of its own.
+async fn claimed_within<S: TokenStore>(
+    store: &S,
+    kind: NoticeKind,
+    at: DateTime<Utc>,
+    lead: std::time::Duration,
+    limit: usize,
+) -> Option<Vec<TokenRecord>> {
+    match store.claim_expiry_notices(kind, at, lead, limit).await {
         Ok(claimed) => Some(claimed),
         Err(StoreError::Unsupported { .. }) => {
             eprintln!(

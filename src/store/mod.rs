@@ -621,7 +621,9 @@ pub enum NoticeKind {
 impl NoticeKind {
     /// Whether `record` is due this notice at `at` with `lead` ahead (the notice not sent yet
     /// aside): not revoked, and for [`Expiring`](Self::Expiring) expiring after `at` and at or
-    /// before `at + lead`, for [`Expired`](Self::Expired) expired at `at` (`expires_at <= at`). A
+    /// before `at + lead` (for a lead too long to add, at or before 9999-12-31T23:59:59Z, the
+    /// latest expiry the management API writes), for [`Expired`](Self::Expired) expired at `at`
+    /// (`expires_at <= at`). A
     /// disabled token is noticed like an active one; a token that never expires never is. The
     /// memory store's rule, and the reference for the SQL stores.
     pub fn is_due(
@@ -637,18 +639,10 @@ impl NoticeKind {
             return false;
         }
         match self {
-            Self::Expiring => expires_at > at && expires_at <= notice_horizon(at, lead),
+            Self::Expiring => expires_at > at && expires_at <= crate::record::after(at, lead),
             Self::Expired => expires_at <= at,
         }
     }
-}
-
-/// `at + lead`, or the latest time there is for a lead too long to add.
-pub(crate) fn notice_horizon(at: DateTime<Utc>, lead: std::time::Duration) -> DateTime<Utc> {
-    chrono::Duration::from_std(lead)
-        .ok()
-        .and_then(|lead| at.checked_add_signed(lead))
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// Which records [`TokenStore::list`] returns, in which order: built from

@@ -138,7 +138,7 @@ use super::write::check_writable;
 use super::{
     ChangeHub, ChangeListener, HistorySetting, ListQuery, NoticeKind, Page, Rotation, StoreError,
     StoreEvent, SupersededHistory, SupersededSecret, TokenLookup, TokenPatch, TokenStore,
-    notice_horizon, superseded_by,
+    superseded_by,
 };
 use crate::record::UsageUpdate;
 use crate::record::{MAX_LAST_USED_IPS, TokenRecord};
@@ -1317,7 +1317,7 @@ impl TokenStore for PostgresStore {
             NoticeKind::Expiring => sqlx::query(&self.inner.sql.claim_expiring)
                 .bind(at)
                 .bind(at)
-                .bind(crate::record::micros(notice_horizon(at, lead)))
+                .bind(crate::record::micros(crate::record::after(at, lead)))
                 .bind(limit),
             NoticeKind::Expired => sqlx::query(&self.inner.sql.claim_expired)
                 .bind(at)

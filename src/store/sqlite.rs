@@ -103,7 +103,7 @@ use super::write::check_writable;
 use super::{
     ChangeHub, ChangeListener, HistorySetting, ListQuery, NoticeKind, Page, Rotation, StoreError,
     StoreEvent, SupersededHistory, SupersededSecret, TokenLookup, TokenPatch, TokenStore,
-    notice_horizon, superseded_by,
+    superseded_by,
 };
 use crate::record::UsageUpdate;
 use crate::record::{TokenRecord, merge_usage};
@@ -1138,7 +1138,7 @@ impl TokenStore for SqliteStore {
             NoticeKind::Expiring => sqlx::query(&self.inner.sql.claim_expiring)
                 .bind(micros(at))
                 .bind(micros(at))
-                .bind(micros(notice_horizon(at, lead)))
+                .bind(micros(crate::record::after(at, lead)))
                 .bind(limit),
             NoticeKind::Expired => sqlx::query(&self.inner.sql.claim_expired)
                 .bind(micros(at))
