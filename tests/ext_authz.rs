@@ -71,6 +71,15 @@ fn check_request(path: &str, source: &str, headers: &[(&str, &str)]) -> CheckReq
     }
 }
 
+/// The HTTP request of a check made by [`check_request`], to change.
+fn http_mut(req: &mut CheckRequest) -> &mut attribute_context::HttpRequest {
+    req.attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+        .expect("a check made by check_request has an HTTP request")
+}
+
 /// The service over `s`, with one route rule: paths under `prefix` are anonymous.
 async fn serve_anonymous(s: &Setup, prefix: &str) -> AuthorizationClient<Channel> {
     let rules = RouteRules::new(vec![RouteRule {
@@ -209,16 +218,7 @@ async fn the_credential_is_read_from_header_map_too() {
     let (_, token) = issue(&s.tokens, common::new_token("alice", &["api"])).await;
     let mut client = serve(ExtAuthz::new(s.layer.clone())).await;
     let mut req = check_request("/", "192.0.2.1:4000", &[]);
-    let http = req
-        .attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap();
+    let http = http_mut(&mut req);
     http.header_map = Some(HeaderMap {
         headers: vec![HeaderValue {
             key: "authorization".to_owned(),
@@ -408,17 +408,7 @@ async fn a_check_without_an_http_request_or_a_method_is_refused_not_judged_as_ge
     let mut no_http = check_request("/", "192.0.2.1:4000", &[]);
     no_http.attributes.as_mut().unwrap().request = None;
     let mut no_method = check_request("/", "192.0.2.1:4000", &[]);
-    no_method
-        .attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap()
-        .method = String::new();
+    http_mut(&mut no_method).method = String::new();
     for req in [no_http, no_method, CheckRequest::default()] {
         let res = check(&mut client, req).await;
         assert_ne!(grpc_code(&res), 0, "{res:?}");
