@@ -1992,7 +1992,8 @@ pub async fn purge_keeps_what_changed_after_the_cutoff<S: TokenStore>(store: S) 
 }
 
 /// A lead too long to add to `at` (a configuration of `Duration::MAX`) reaches the latest time
-/// a lifetime can reach ([`crate::record::after`]): the claim succeeds, where a store that
+/// a lifetime can reach (9999-12-31T23:59:59Z, the latest expiry the management API writes): the
+/// claim succeeds, where a store that
 /// refuses times that far away would fail every notice run, and it claims every token not
 /// revoked that expires after `at`, the one expiring at that latest time included.
 pub async fn expiry_notices_with_a_lead_too_long_to_add<S: TokenStore>(store: S) {
