@@ -1159,3 +1159,97 @@ async fn a_flood_of_readiness_probes_asks_the_store_once() {
     );
     assert_eq!(store.calls() - before, 1);
 }
+
+/// A keep-alive connection from `from` that has been served one `/healthz`: `Some` with it
+/// still open, `None` if the server closed it instead of answering.
+async fn kept_connection(from: IpAddr, to: std::net::SocketAddr) -> Option<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::new(from, 0)).unwrap();
+    let mut conn = socket.connect(to).await.ok()?;
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .ok()?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+            // Closed or reset before an answer: refused.
+            Ok(_) => return None,
+            Err(_) => panic!("neither an answer nor a close within 5 s"),
+        }
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    Some(conn)
+}
+
+/// One client cannot hold a listener's connection slots: with `max_connections_per_client = 4`,
+/// its fifth connection is closed at once (and warned about), while another client, and a
+/// trusted proxy with more than four, are served; once one of its connections closes, the client
+/// may open another.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_client_cannot_hold_every_connection() {
+    let dir = Dir::new("max_connections_per_client = 4\n[proxy]\ntrusted = [\"127.0.0.3/32\"]\n");
+    let server = dir.serve();
+    let attacker = CLIENT;
+    let proxy: IpAddr = "127.0.0.3".parse().unwrap();
+    let other: IpAddr = "127.0.0.4".parse().unwrap();
+
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let conn = kept_connection(attacker, server.addr).await;
+        held.push(conn.unwrap_or_else(|| panic!("connection {i} of 4 was refused")));
+    }
+    for _ in 0..3 {
+        assert!(
+            kept_connection(attacker, server.addr).await.is_none(),
+            "a fifth connection of one client was served"
+        );
+    }
+    assert_eq!(
+        http(other, server.addr, "GET", "/healthz", &[])
+            .await
+            .status,
+        200,
+        "another client must be served"
+    );
+    let mut through_proxy = Vec::new();
+    for i in 0..8 {
+        let conn = kept_connection(proxy, server.addr).await;
+        through_proxy
+            .push(conn.unwrap_or_else(|| panic!("the trusted proxy's connection {i} was refused")));
+    }
+    let log = server
+        .log_when(|log| log.contains("max_connections_per_client"))
+        .await;
+    assert_eq!(
+        log.matches("max_connections_per_client").count(),
+        1,
+        "one warning per minute at most: {log}"
+    );
+    assert!(log.contains("127.0.0.2"), "{log}");
+
+    // A connection closed frees its client's slot.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(conn) = kept_connection(attacker, server.addr).await {
+            held.push(conn);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a closed connection did not free its client's slot"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        kept_connection(attacker, server.addr).await.is_none(),
+        "the client's limit holds again once it has its four"
+    );
+}

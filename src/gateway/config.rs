@@ -13,6 +13,7 @@
 //! ext_authz_listen = "127.0.0.1:9191" # optional: Envoy ext_authz (gRPC), feature `ext-authz`
 //! realm = "patd"
 //! log_format = "text"                 # or "json"
+//! max_connections_per_client = 256    # per listener, an IPv6 /64 as one; trusted proxies unlimited
 //!
 //! [forward_auth]
 //! original_headers = "forwarded"      # X-Forwarded-Method/-Uri (Traefik, Caddy); "original" for nginx
@@ -110,6 +111,12 @@ pub struct Config {
     pub log_format: LogFormat,
     /// How long a shutdown waits for requests in flight.
     pub shutdown_timeout: Dur,
+    /// How many connections one client may hold open on each listener (default 256; 0 for no
+    /// limit), of the [`MAX_CONNECTIONS`](crate::gateway::serve::MAX_CONNECTIONS) a listener
+    /// serves: one more is closed at once, so that one client cannot take every slot. A client is
+    /// an IPv4 address or an IPv6 /64 (what one host is usually given). The trusted proxies
+    /// (`[proxy] trusted`) are not limited: every request through them comes from them.
+    pub max_connections_per_client: usize,
     /// Whether `/metrics` is served.
     pub metrics: bool,
     /// The forward-auth contract.
@@ -155,6 +162,7 @@ impl Default for Config {
             previous_peppers: Vec::new(),
             log_format: LogFormat::Text,
             shutdown_timeout: Dur(Duration::from_secs(10)),
+            max_connections_per_client: 256,
             metrics: true,
             forward_auth: ForwardAuthConfig::default(),
             proxy: ProxyConfig::default(),

@@ -15,7 +15,7 @@
 //!   `shutdown_timeout`), stop the retention and notice tasks, write the pending usage marks,
 //!   exit 0.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -397,13 +397,79 @@ async fn shutdown_signal() {
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How many connections a listener serves at once; more wait in the kernel's backlog until one
-/// closes.
+/// closes. Of these, one client holds at most `max_connections_per_client`
+/// ([`Config::max_connections_per_client`]).
 pub const MAX_CONNECTIONS: usize = 4096;
+
+/// The connections each client holds open on one listener, to close one more than its limit
+/// (`max_connections_per_client`): without it, one client could hold all [`MAX_CONNECTIONS`] of a
+/// listener (idle HTTP/2 connections need a request every [`IDLE_TIMEOUT`]), and every other
+/// client would wait in the backlog.
+#[derive(Debug)]
+struct ClientConnections {
+    /// At most this many per client; 0 for no limit.
+    limit: usize,
+    /// Peers not limited: the trusted proxies, through which every client comes.
+    exempt: Vec<ipnet::IpNet>,
+    /// The open connections of each client (an IPv4 address, an IPv6 /64) that has any.
+    open: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+}
+
+/// One client's connection, counted until it is dropped.
+struct ClientSlot {
+    clients: Arc<ClientConnections>,
+    client: IpAddr,
+}
+
+impl ClientConnections {
+    fn new(limit: usize, exempt: Vec<ipnet::IpNet>) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            exempt,
+            open: std::sync::Mutex::default(),
+        })
+    }
+
+    /// Counts a connection from `peer`: `Err` if its client already holds the limit, `Ok(None)`
+    /// if it is not limited.
+    fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Option<ClientSlot>, IpAddr> {
+        let peer = crate::record::canonical_ip(peer);
+        if self.limit == 0 || self.exempt.iter().any(|net| net.contains(&peer)) {
+            return Ok(None);
+        }
+        let client = crate::client_ip::client_key(peer);
+        let mut open = crate::usage::lock(&self.open);
+        let count = open.entry(client).or_insert(0);
+        if *count >= self.limit {
+            return Err(client);
+        }
+        *count += 1;
+        Ok(Some(ClientSlot {
+            clients: Arc::clone(self),
+            client,
+        }))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = crate::usage::lock(&self.clients.open);
+        if let std::collections::hash_map::Entry::Occupied(mut count) = open.entry(self.client) {
+            *count.get_mut() -= 1;
+            if *count.get() == 0 {
+                count.remove();
+            }
+        }
+    }
+}
 
 /// How long a connection's requests may go without one starting or ending while any is in flight
 /// (a request whose body never comes, HTTP/2 headers alone): the connection is then closed.
 /// Checked by the connection's own tick, so a request costs no timer.
 pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// How often at most a listener warns that it closes connections over a client's limit.
+const REFUSED_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How long a closing connection may take to finish the requests in flight before it is dropped.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -545,10 +611,12 @@ impl<F: std::future::Future> std::future::Future for TrackedFuture<F> {
 /// open); a connection is closed (gracefully: HTTP/2 gets a GOAWAY) when it has sent no request
 /// within that time (before hyper has even told HTTP/1 from HTTP/2), or had none in flight for
 /// [`IDLE_TIMEOUT`], or had requests in flight and none start or end for [`REQUEST_TIMEOUT`] (a
-/// body that never comes); and at most [`MAX_CONNECTIONS`] are served at once.
+/// body that never comes); and at most [`MAX_CONNECTIONS`] are served at once, of which at most
+/// `clients`' limit from one client.
 async fn serve_http(
     listener: tokio::net::TcpListener,
     app: Router,
+    clients: Arc<ClientConnections>,
     stop: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -564,6 +632,9 @@ async fn serve_http(
         .keep_alive_interval(Some(std::time::Duration::from_secs(20)));
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // Connections refused for their client's limit since the last warning, once a minute at most.
+    let mut refused = 0u64;
+    let mut last_warned: Option<Instant> = None;
     let mut stop = std::pin::pin!(stop);
     loop {
         let permit = tokio::select! {
@@ -584,6 +655,26 @@ async fn serve_http(
                 }
             },
             () = &mut stop => break,
+        };
+        let slot = match clients.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(client) => {
+                refused += 1;
+                if last_warned.is_none_or(|at| at.elapsed() >= REFUSED_WARNING_INTERVAL) {
+                    tracing::warn!(
+                        target: "tower_pat::gateway",
+                        %client,
+                        refused,
+                        limit = clients.limit,
+                        "a client holds max_connections_per_client connections: closing its new \
+                         ones (count since the last warning)"
+                    );
+                    last_warned = Some(Instant::now());
+                    refused = 0;
+                }
+                drop(stream);
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(Activity::new());
@@ -625,6 +716,7 @@ async fn serve_http(
                     }
                 }
             }
+            drop(slot);
             drop(permit);
         });
     }
@@ -680,17 +772,26 @@ pub async fn serve(
     let mut servers = tokio::task::JoinSet::new();
     let app = gateway.router()?;
     let stop = stopped();
-    servers.spawn(serve_http(listener, app, stop));
+    let clients = || {
+        let trusted = config
+            .proxy
+            .trusted
+            .iter()
+            .map(|net| crate::record::canonical_net(net.0))
+            .collect();
+        ClientConnections::new(config.max_connections_per_client, trusted)
+    };
+    servers.spawn(serve_http(listener, app, clients(), stop));
     if let Some(admin_listener) = admin_listener {
         let app = gateway.admin_router()?;
         let stop = stopped();
-        servers.spawn(serve_http(admin_listener, app, stop));
+        servers.spawn(serve_http(admin_listener, app, clients(), stop));
     }
     let ext_authz_local = match ext_authz_listener {
         Some(listener) => {
             let local = listener.local_addr().ok();
             let app = gateway.ext_authz_router()?;
-            servers.spawn(serve_http(listener, app, stopped()));
+            servers.spawn(serve_http(listener, app, clients(), stopped()));
             local
         }
         None => None,
@@ -769,4 +870,49 @@ pub async fn serve(
     drop(store);
     tracing::info!("patd stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn connections_are_counted_per_client_network_and_freed_on_drop() {
+        let clients = ClientConnections::new(
+            2,
+            vec![crate::record::canonical_net("10.0.0.0/8".parse().unwrap())],
+        );
+        // An IPv6 /64 is one client, whatever its interface ids.
+        let a = clients.admit(ip("2001:db8::1")).unwrap();
+        let b = clients.admit(ip("2001:db8::ffff:2")).unwrap();
+        assert!(a.is_some() && b.is_some());
+        assert_eq!(
+            clients.admit(ip("2001:db8::3")).err(),
+            Some(ip("2001:db8::"))
+        );
+        // The next /64 is another client.
+        assert!(clients.admit(ip("2001:db8:0:1::1")).unwrap().is_some());
+        // An IPv4-mapped address is the IPv4 address it is.
+        let v4 = [
+            clients.admit(ip("192.0.2.1")).unwrap(),
+            clients.admit(ip("::ffff:192.0.2.1")).unwrap(),
+        ];
+        assert!(clients.admit(ip("192.0.2.1")).is_err());
+        // A trusted proxy is not counted, mapped or not.
+        for _ in 0..5 {
+            assert!(clients.admit(ip("::ffff:10.1.2.3")).unwrap().is_none());
+        }
+        // A closed connection frees its slot; a client with none is forgotten.
+        drop(a);
+        assert!(clients.admit(ip("2001:db8::4")).unwrap().is_some());
+        drop(v4);
+        assert!(!crate::usage::lock(&clients.open).contains_key(&ip("192.0.2.1")));
+        // 0 is no limit.
+        let unlimited = ClientConnections::new(0, Vec::new());
+        assert!((0..10).all(|_| unlimited.admit(ip("192.0.2.1")).unwrap().is_none()));
+    }
 }
