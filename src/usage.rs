@@ -20,10 +20,11 @@
 //! ## Failures
 //!
 //! A failed flush keeps its batch and retries with exponential backoff (capped); marks made
-//! meanwhile merge into it (the later time wins, `lastUsedAt` never moves backwards). Pending
-//! entries are bounded by [`UsageConfig::max_pending_tokens`]: beyond it, marks of tokens not yet
-//! pending are dropped and counted ([`UsageStats::dropped_marks`]), so an outage cannot exhaust
-//! memory. Requests never wait for a flush.
+//! meanwhile merge into it when the retry starts (the later time wins, `lastUsedAt` never moves
+//! backwards), so that marking never waits for a merge. Both the marks pending and the batch kept
+//! are bounded by [`UsageConfig::max_pending_tokens`]: beyond it, marks of tokens not yet pending
+//! are dropped and counted ([`UsageStats::dropped_marks`]), so an outage cannot exhaust memory.
+//! Requests never wait for a flush.
 //!
 //! ## Shutdown
 //!
@@ -60,7 +61,8 @@ pub struct UsageConfig {
     pub granularity: Duration,
     /// How often pending marks are written. Default 10 s.
     pub flush_interval: Duration,
-    /// How many tokens may have marks pending at once. Default 100 000.
+    /// How many tokens may have marks pending at once, and how many a failed flush keeps to
+    /// write again. Default 100 000.
     pub max_pending_tokens: usize,
     /// The first wait after a failed flush; it doubles up to `max_retry_backoff`. Default 500 ms.
     pub retry_backoff: Duration,
@@ -95,7 +97,8 @@ impl UsageConfig {
         self
     }
 
-    /// How many tokens may have marks pending at once. Default 100 000.
+    /// How many tokens may have marks pending at once, and how many a failed flush keeps to
+    /// write again. Default 100 000.
     #[must_use]
     pub fn max_pending_tokens(mut self, max_pending_tokens: usize) -> Self {
         self.max_pending_tokens = max_pending_tokens;
@@ -131,7 +134,8 @@ pub struct UsageStats {
     pub retries: u64,
     /// Marks dropped because `max_pending_tokens` was reached or the recorder was shut down.
     pub dropped_marks: u64,
-    /// Tokens with marks pending now.
+    /// Tokens with marks not yet in the store: pending, and in the batch being written or kept
+    /// by a failed flush (a token in both counts twice).
     pub pending_tokens: u64,
 }
 
@@ -147,7 +151,8 @@ pub struct UsageRecorder {
 
 struct Shared {
     pending: Mutex<HashMap<String, UsageUpdate>>,
-    /// The batch a flush is writing now: still shown by `pending()` until the store has it.
+    /// The batch a flush is writing now, or that a failed flush keeps for the next one: still
+    /// shown by `pending()` until the store has it.
     writing: Mutex<HashMap<String, UsageUpdate>>,
     /// One flush at a time: a `flush()` called while the flusher writes waits for that write, so
     /// that when it returns every mark made before the call is in the store.
@@ -343,7 +348,8 @@ impl UsageRecorder {
     /// The counters.
     pub fn stats(&self) -> UsageStats {
         let s = &self.shared;
-        let pending = lock(&s.pending).len();
+        // Not nested: a flush takes `writing` before `pending`, never the other way.
+        let pending = lock(&s.pending).len() + lock(&s.writing).len();
         UsageStats {
             marks: s.marks.load(Ordering::Relaxed),
             flushes: s.flushes.load(Ordering::Relaxed),
@@ -368,8 +374,23 @@ impl Shared {
     async fn flush_locked(&self) -> Result<usize, crate::StoreError> {
         let batch: Vec<UsageUpdate> = {
             let mut writing = lock(&self.writing);
+            // `pending` is held for the swap alone: marking never waits for a merge.
             let taken = std::mem::take(&mut *lock(&self.pending));
-            *writing = taken;
+            if writing.is_empty() {
+                *writing = taken;
+            } else {
+                // The batch of a failed flush, written again with the marks made since merged
+                // in (newest wins), at most `max_pending_tokens` tokens.
+                for (token_id, update) in taken {
+                    if let Some(entry) = writing.get_mut(&token_id) {
+                        entry.merge(update.last_used_at, &update.ips);
+                    } else if writing.len() < self.config.max_pending_tokens {
+                        writing.insert(token_id, update);
+                    } else {
+                        self.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
             writing.values().cloned().collect()
         };
         if batch.is_empty() {
@@ -387,20 +408,9 @@ impl Shared {
             Err(e) => {
                 self.retries.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(target: "tower_pat::store", error = %e, rows = batch.len(), "usage flush failed; will retry");
-                // Put the batch back; marks made meanwhile merge with it, newest wins.
-                let mut pending = lock(&self.pending);
-                for update in batch {
-                    if let Some(entry) = pending.get_mut(&update.token_id) {
-                        entry.merge(update.last_used_at, &update.ips);
-                    } else if pending.len() < self.config.max_pending_tokens {
-                        pending.insert(update.token_id.clone(), update);
-                    } else {
-                        self.dropped.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                // Not nested: `flush` takes `writing` before `pending`, never the other way.
-                drop(pending);
-                lock(&self.writing).clear();
+                // The batch stays in `writing` (and in `pending()`'s answers) for the next flush,
+                // which merges the marks made meanwhile into it: not here, under the lock that
+                // marking takes, where 100 000 tokens after an outage would stall every mark.
                 Err(e)
             }
         }
@@ -414,7 +424,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        let lost = self.pending.get_mut().map_or(0, |p| p.len());
+        let lost = self.pending.get_mut().map_or(0, |p| p.len())
+            + self.writing.get_mut().map_or(0, |w| w.len());
         if lost > 0 {
             tracing::warn!(
                 lost,
@@ -463,8 +474,14 @@ impl Shared {
             backoff = (backoff * 2).min(max_backoff);
         }
         let lost = {
-            let mut pending = lock(&self.pending);
-            std::mem::take(&mut *pending).len()
+            // The batch a failed flush kept, and the marks made since (a token in both is one).
+            let writing = std::mem::take(&mut *lock(&self.writing));
+            let pending = std::mem::take(&mut *lock(&self.pending));
+            writing.len()
+                + pending
+                    .keys()
+                    .filter(|id| !writing.contains_key(*id))
+                    .count()
         };
         if lost > 0 {
             tracing::warn!(

@@ -362,6 +362,69 @@ async fn pending_marks_are_bounded_during_an_outage() {
     assert_eq!(stats.marks, 100_000);
 }
 
+/// A failed flush keeps its batch for the next one, which merges the marks made since into it:
+/// the newest time wins, and the batch kept stays within `max_pending_tokens` (the tokens beyond
+/// it are dropped and counted, not written, and do not push out the tokens it holds).
+#[tokio::test]
+async fn a_failed_batch_takes_the_marks_made_since_within_the_bound() {
+    let store = FlakyStore::default();
+    store.failures_left.store(1, Ordering::SeqCst);
+    let tokens = Tokens::new(store.inner.clone());
+    let mut ids = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        ids.push(tokens.issue(new_token(name, &[])).await.unwrap().0.id);
+    }
+    let recorder = UsageRecorder::new(store.clone(), config(3_600_000).max_pending_tokens(2));
+    let t0 = Utc::now() - chrono::Duration::minutes(1);
+    let t1 = t0 + chrono::Duration::seconds(30);
+    recorder.record(&ids[0], t0, None);
+    recorder.record(&ids[1], t0, None);
+    assert!(recorder.flush().await.is_err());
+    assert_eq!(recorder.stats().pending_tokens, 2);
+    recorder.record(&ids[0], t1, None);
+    recorder.record(&ids[0], t0 - chrono::Duration::hours(1), None); // late, older
+    recorder.record(&ids[2], t1, None);
+    recorder.record(&ids[3], t1, None);
+    assert_eq!(recorder.pending(&ids[0]).map(|u| u.last_used_at), Some(t1));
+    assert_eq!(recorder.pending(&ids[1]).map(|u| u.last_used_at), Some(t0));
+
+    assert_eq!(recorder.flush().await.unwrap(), 2);
+    let stats = recorder.stats();
+    assert_eq!(stats.pending_tokens, 0);
+    assert_eq!(stats.dropped_marks, 2, "{stats:?}");
+    assert_eq!(store.attempts.load(Ordering::SeqCst), 2);
+    let stored = |i: usize| {
+        let store = store.inner.clone();
+        let id = ids[i].clone();
+        async move { store.get(&id).await.unwrap().unwrap().last_used_at }
+    };
+    assert_eq!(stored(0).await, Some(t1));
+    assert_eq!(stored(1).await, Some(t0));
+    assert_eq!(stored(2).await, None);
+    assert_eq!(stored(3).await, None);
+}
+
+/// A shutdown whose flushes all fail counts every token whose marks it loses as dropped, those
+/// of the batch a failed flush kept included, each token once.
+#[tokio::test]
+async fn shutdown_against_a_store_that_stays_down_counts_what_is_lost() {
+    let store = FlakyStore::default();
+    store.failures_left.store(usize::MAX, Ordering::SeqCst);
+    let recorder = UsageRecorder::new(store.clone(), config(3_600_000));
+    let now = Utc::now();
+    recorder.record("token-a", now, None);
+    recorder.record("token-b", now, None);
+    assert!(recorder.flush().await.is_err());
+    // Marked again after the failure, and a token marked only since.
+    recorder.record("token-a", now, None);
+    recorder.record("token-c", now, None);
+    recorder.shutdown().await;
+    let stats = recorder.stats();
+    assert_eq!(stats.dropped_marks, 3, "{stats:?}");
+    assert_eq!(stats.pending_tokens, 0, "{stats:?}");
+    assert!(store.attempts.load(Ordering::SeqCst) >= 2);
+}
+
 #[tokio::test]
 async fn last_ips_keep_the_five_most_recent_distinct() {
     let store = CountingStore::new();
