@@ -320,6 +320,28 @@ pub(crate) fn latest() -> DateTime<Utc> {
     DateTime::from_timestamp(253_402_300_799, 0).unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
+/// Why a time given as text is refused by [`parse_time`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TimeError {
+    /// Not an RFC 3339 date-time.
+    NotRfc3339,
+    /// After [`latest`] in UTC (`9999-12-31T23:59:59.5Z`, or a year-9999 time with a negative
+    /// offset): a time no store keeps alike, and that no answer could write in RFC 3339.
+    TooLate,
+}
+
+/// A time given as text (the management API's times, `patd token create --expires-at`): an RFC
+/// 3339 date-time, in UTC at most [`latest`].
+pub(crate) fn parse_time(s: &str) -> Result<DateTime<Utc>, TimeError> {
+    let t = DateTime::parse_from_rfc3339(s)
+        .map_err(|_| TimeError::NotRfc3339)?
+        .to_utc();
+    if t > latest() {
+        return Err(TimeError::TooLate);
+    }
+    Ok(t)
+}
+
 /// `now` plus `lifetime`, at most [`latest`].
 pub(crate) fn after(now: DateTime<Utc>, lifetime: std::time::Duration) -> DateTime<Utc> {
     chrono::Duration::from_std(lifetime)

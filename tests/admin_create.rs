@@ -616,6 +616,35 @@ async fn lifetimes_too_long_to_add(tokens: Tokens) {
     assert_eq!(time(&read.body["expiresAt"]), latest, "{}", read.text);
     assert_eq!(hello(&app, &old).await, StatusCode::OK);
 
+    // The latest time may be asked for; a later one, in UTC, may not: not a microsecond after it,
+    // not a year-9999 time whose offset puts it in the year 10000, by any write.
+    let res = create(
+        &app,
+        &alice,
+        r#"{"name": "last", "expiresAt": "9999-12-31T23:59:59Z"}"#,
+    )
+    .await;
+    assert_eq!(time(&res.body["expiresAt"]), latest, "{}", res.text);
+    for late in ["9999-12-31T23:59:59.000001Z", "9999-12-31T23:59:59-10:00"] {
+        let body = format!(r#"{{"name": "later", "expiresAt": "{late}"}}"#);
+        let res = post(&app, BASE, &alice, &body).await;
+        assert_eq!(
+            res.error(400),
+            "expiresAt: must be at most 9999-12-31T23:59:59Z"
+        );
+        let body = format!(r#"{{"expiresAt": "{late}"}}"#);
+        let res = patch(&app, &format!("{BASE}/{id}"), &alice, &body).await;
+        assert_eq!(
+            res.error(400),
+            "expiresAt: must be at most 9999-12-31T23:59:59Z"
+        );
+        let res = post(&app, &format!("{BASE}/{id}/rotate"), &alice, &body).await;
+        assert_eq!(
+            res.error(400),
+            "expiresAt: must be at most 9999-12-31T23:59:59Z"
+        );
+    }
+
     // The maximum, however long, still refuses a token that never expires.
     let res = post(
         &app,
@@ -666,4 +695,28 @@ async fn lifetimes_too_long_to_add_reach_the_latest_time_in_postgres() {
         .unwrap();
     lifetimes_too_long_to_add(Tokens::new(store.clone())).await;
     store.pool().close().await;
+}
+
+/// Without a maximum lifetime, an expiry after 9999-12-31T23:59:59Z in UTC (which no answer could
+/// write in RFC 3339, and which expiry notices would never reach) is refused, not stored.
+#[tokio::test]
+async fn an_expiry_after_the_latest_time_is_refused_without_a_maximum_lifetime() {
+    let t = app().await;
+    let body = r#"{"name": "later", "expiresAt": "9999-12-31T23:59:59-10:00"}"#;
+    let res = post(&t.app, BASE, &t.alice, body).await;
+    assert_eq!(
+        res.error(400),
+        "expiresAt: must be at most 9999-12-31T23:59:59Z"
+    );
+    let res = create(
+        &t.app,
+        &t.alice,
+        r#"{"name": "last", "expiresAt": "9999-12-31T23:59:59+00:00"}"#,
+    )
+    .await;
+    assert_eq!(
+        res.body["expiresAt"], "9999-12-31T23:59:59Z",
+        "{}",
+        res.text
+    );
 }

@@ -60,10 +60,10 @@ pub(crate) struct CreateTokenRequest {
     /// `scope`. A space-separated string is accepted too. At most 100 (configurable).
     #[schema(value_type = Option<Vec<String>>)]
     pub(crate) scopes: ScopeSet,
-    /// RFC 3339, in the future, and no later than the caller's own expiry. Aliases:
-    /// `expirationDate`, `expireAt`. Without it, the server's expiry policy applies: by default
-    /// `userAwareTokenNeverExpires: true` is required; a default lifetime is cut to the caller's
-    /// expiry.
+    /// RFC 3339, in the future, at most 9999-12-31T23:59:59Z, and no later than the caller's own
+    /// expiry. Aliases: `expirationDate`, `expireAt`. Without it, the server's expiry policy
+    /// applies: by default `userAwareTokenNeverExpires: true` is required; a default lifetime is
+    /// cut to the caller's expiry.
     pub(crate) expires_at: Option<DateTime<Utc>>,
     /// The caller's acknowledgment that the token never expires (when `expiresAt` is left out);
     /// only a caller that never expires may create one.
@@ -103,9 +103,9 @@ pub(crate) struct PatchTokenRequest {
     /// New scopes, each held by the caller. Alias: `scope`. At most 100 (configurable).
     #[schema(value_type = Option<Vec<String>>)]
     pub(crate) scopes: Option<ScopeSet>,
-    /// A new expiry, no later than the caller's, or `null` for never (which needs
-    /// `userAwareTokenNeverExpires: true` under the default policy, and a caller that never
-    /// expires). Aliases: `expirationDate`, `expireAt`.
+    /// A new expiry (at most 9999-12-31T23:59:59Z), no later than the caller's, or `null` for
+    /// never (which needs `userAwareTokenNeverExpires: true` under the default policy, and a
+    /// caller that never expires). Aliases: `expirationDate`, `expireAt`.
     #[schema(value_type = Option<DateTime<Utc>>)]
     pub(crate) expires_at: Option<Option<DateTime<Utc>>>,
     /// Acknowledges a token that never expires.
@@ -143,7 +143,8 @@ pub(crate) struct RotateTokenRequest {
     /// most the server's configured maximum (86 400 by default; the document a server serves
     /// states its own); more is refused.
     pub(crate) grace_period_seconds: Option<u64>,
-    /// A new expiry (RFC 3339, in the future, no later than the caller's); the current one is
+    /// A new expiry (RFC 3339, in the future, at most 9999-12-31T23:59:59Z, no later than the
+    /// caller's); the current one is
     /// kept without it. Aliases: `expirationDate`, `expireAt`.
     pub(crate) expires_at: Option<DateTime<Utc>>,
     /// `subject`, `userId`, `ownerId`: accepted only as the token's subject.
@@ -736,9 +737,16 @@ fn time(field: &str, value: &Value) -> Result<Option<DateTime<Utc>>, ApiError> {
     if s.is_empty() {
         return Ok(None);
     }
-    DateTime::parse_from_rfc3339(s)
-        .map(|t| Some(t.to_utc()))
-        .map_err(|_| ApiError::invalid(field, "must be an RFC 3339 date-time"))
+    match crate::record::parse_time(s) {
+        Ok(t) => Ok(Some(t)),
+        Err(crate::record::TimeError::NotRfc3339) => {
+            Err(ApiError::invalid(field, "must be an RFC 3339 date-time"))
+        }
+        Err(crate::record::TimeError::TooLate) => Err(ApiError::invalid(
+            field,
+            "must be at most 9999-12-31T23:59:59Z",
+        )),
+    }
 }
 
 /// An array of strings, or one string split at `separator`: at most `max` non-empty ones, each

@@ -181,9 +181,14 @@ fn duration_arg(s: &str) -> Result<Duration, String> {
 }
 
 fn time_arg(s: &str) -> Result<DateTime<Utc>, String> {
-    DateTime::parse_from_rfc3339(s)
-        .map(|t| t.to_utc())
-        .map_err(|_| format!("`{s}` is not an RFC 3339 time (2026-12-31T00:00:00Z)"))
+    crate::record::parse_time(s).map_err(|e| match e {
+        crate::record::TimeError::NotRfc3339 => {
+            format!("`{s}` is not an RFC 3339 time (2026-12-31T00:00:00Z)")
+        }
+        crate::record::TimeError::TooLate => {
+            format!("`{s}` is after 9999-12-31T23:59:59Z, the latest time a token may expire")
+        }
+    })
 }
 
 fn cidr_arg(s: &str) -> Result<ipnet::IpNet, String> {
