@@ -321,6 +321,7 @@ pub(crate) fn latest() -> DateTime<Utc> {
 }
 
 /// Why a time given as text is refused by [`parse_time`].
+#[cfg(feature = "admin")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TimeError {
     /// Not an RFC 3339 date-time.
@@ -332,6 +333,7 @@ pub(crate) enum TimeError {
 
 /// A time given as text (the management API's times, `patd token create --expires-at`): an RFC
 /// 3339 date-time, in UTC at most [`latest`].
+#[cfg(feature = "admin")]
 pub(crate) fn parse_time(s: &str) -> Result<DateTime<Utc>, TimeError> {
     let t = DateTime::parse_from_rfc3339(s)
         .map_err(|_| TimeError::NotRfc3339)?
