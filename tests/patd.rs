@@ -732,6 +732,7 @@ async fn health_readiness_and_metrics_count_what_happened() {
         "patd_store_lookup_seconds_count 1",
         // Off by default ([reuse] policy): exported, and nothing counted.
         "patd_reused_secrets_total 0",
+        "patd_connections_refused_total 0",
     ] {
         assert!(m.contains(line), "missing {line} in\n{m}");
     }
@@ -1201,27 +1202,38 @@ async fn kept_connection(from: IpAddr, to: std::net::SocketAddr) -> Option<tokio
     Some(conn)
 }
 
-/// One client cannot hold a listener's connection slots: with `max_connections_per_client = 4`,
-/// its fifth connection is closed at once (and warned about), while another client, and a
-/// trusted proxy with more than four, are served; once one of its connections closes, the client
-/// may open another.
+/// One client cannot hold a listener's connection slots: with `max_connections = 16` and
+/// `max_connections_per_client = 4`, a client may open more than four while the listener is less
+/// than half full, but once it is at least half full, a connection of a client holding four or
+/// more is closed at once (named in the log once, counted in `/metrics`), while another client
+/// and a trusted proxy are served; once the client is below its limit, it may open another.
 #[tokio::test(flavor = "multi_thread")]
 async fn one_client_cannot_hold_every_connection() {
-    let dir = Dir::new("max_connections_per_client = 4\n[proxy]\ntrusted = [\"127.0.0.3/32\"]\n");
+    let dir = Dir::new(
+        "max_connections = 16\nmax_connections_per_client = 4\n\
+         [proxy]\ntrusted = [\"127.0.0.3/32\"]\n",
+    );
     let server = dir.serve();
     let attacker = CLIENT;
     let proxy: IpAddr = "127.0.0.3".parse().unwrap();
     let other: IpAddr = "127.0.0.4".parse().unwrap();
+    let open = |from: IpAddr, n: usize| async move {
+        let mut held = Vec::new();
+        for i in 0..n {
+            let conn = kept_connection(from, server.addr).await;
+            held.push(conn.unwrap_or_else(|| panic!("{from}: connection {i} was refused")));
+        }
+        held
+    };
 
-    let mut held = Vec::new();
-    for i in 0..4 {
-        let conn = kept_connection(attacker, server.addr).await;
-        held.push(conn.unwrap_or_else(|| panic!("connection {i} of 4 was refused")));
-    }
+    // Less than half full: six of one client are served.
+    let mut held = open(attacker, 6).await;
+    // Half full now, with two connections through the trusted proxy.
+    let mut through_proxy = open(proxy, 2).await;
     for _ in 0..3 {
         assert!(
             kept_connection(attacker, server.addr).await.is_none(),
-            "a fifth connection of one client was served"
+            "a connection of a client over its limit was served on a listener half full"
         );
     }
     assert_eq!(
@@ -1231,24 +1243,16 @@ async fn one_client_cannot_hold_every_connection() {
         200,
         "another client must be served"
     );
-    let mut through_proxy = Vec::new();
-    for i in 0..8 {
-        let conn = kept_connection(proxy, server.addr).await;
-        through_proxy
-            .push(conn.unwrap_or_else(|| panic!("the trusted proxy's connection {i} was refused")));
-    }
-    let log = server
-        .log_when(|log| log.contains("max_connections_per_client"))
-        .await;
-    assert_eq!(
-        log.matches("max_connections_per_client").count(),
-        1,
-        "one warning per minute at most: {log}"
+    through_proxy.extend(open(proxy, 4).await);
+    let metrics = http(other, server.addr, "GET", "/metrics", &[]).await;
+    assert!(
+        metrics.body.contains("patd_connections_refused_total 3"),
+        "{}",
+        metrics.body
     );
-    assert!(log.contains("127.0.0.2"), "{log}");
 
-    // A connection closed frees its client's slot.
-    drop(held.pop());
+    // Below its limit again, the client is served once more, and then refused again.
+    held.truncate(3);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         if let Some(conn) = kept_connection(attacker, server.addr).await {
@@ -1257,7 +1261,7 @@ async fn one_client_cannot_hold_every_connection() {
         }
         assert!(
             Instant::now() < deadline,
-            "a closed connection did not free its client's slot"
+            "closed connections did not free their client's slots"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -1265,4 +1269,11 @@ async fn one_client_cannot_hold_every_connection() {
         kept_connection(attacker, server.addr).await.is_none(),
         "the client's limit holds again once it has its four"
     );
+    let log = server.log_when(|log| log.contains("127.0.0.2")).await;
+    assert_eq!(
+        log.matches("max_connections_per_client").count(),
+        1,
+        "a client is named once a minute at most: {log}"
+    );
+    drop((held, through_proxy));
 }

@@ -13,7 +13,8 @@
 //! ext_authz_listen = "127.0.0.1:9191" # optional: Envoy ext_authz (gRPC), feature `ext-authz`
 //! realm = "patd"
 //! log_format = "text"                 # or "json"
-//! max_connections_per_client = 256    # per listener, an IPv6 /64 as one; trusted proxies unlimited
+//! max_connections = 4096             # per listener
+//! max_connections_per_client = 256    # once a listener is half full; an IPv6 /64 is one client
 //!
 //! [forward_auth]
 //! original_headers = "forwarded"      # X-Forwarded-Method/-Uri (Traefik, Caddy); "original" for nginx
@@ -111,11 +112,16 @@ pub struct Config {
     pub log_format: LogFormat,
     /// How long a shutdown waits for requests in flight.
     pub shutdown_timeout: Dur,
-    /// How many connections one client may hold open on each listener (default 256; 0 for no
-    /// limit), of the [`MAX_CONNECTIONS`](crate::gateway::serve::MAX_CONNECTIONS) a listener
-    /// serves: one more is closed at once, so that one client cannot take every slot. A client is
-    /// an IPv4 address or an IPv6 /64 (what one host is usually given). The trusted proxies
-    /// (`[proxy] trusted`) are not limited: every request through them comes from them.
+    /// How many connections each listener serves at once (default
+    /// [`MAX_CONNECTIONS`](crate::gateway::serve::MAX_CONNECTIONS), 4 096); more wait in the
+    /// kernel's backlog. Each takes a file descriptor: keep the process's limit above the sum.
+    pub max_connections: std::num::NonZeroU32,
+    /// How many connections one client may hold on a listener while at least half of its
+    /// `max_connections` are taken (default 256; 0 for no limit): one more is then closed at
+    /// once, so that one client cannot take every slot. A client is an IPv4 address or an IPv6
+    /// /64 (what one host is usually given). The trusted proxies (`[proxy] trusted`) are not
+    /// limited: every request through them comes from them. Behind a load balancer that replaces
+    /// the client's address, every client is that address: set 0 there.
     pub max_connections_per_client: usize,
     /// Whether `/metrics` is served.
     pub metrics: bool,
@@ -162,6 +168,10 @@ impl Default for Config {
             previous_peppers: Vec::new(),
             log_format: LogFormat::Text,
             shutdown_timeout: Dur(Duration::from_secs(10)),
+            max_connections: u32::try_from(super::serve::MAX_CONNECTIONS)
+                .ok()
+                .and_then(std::num::NonZeroU32::new)
+                .unwrap_or(std::num::NonZeroU32::MIN),
             max_connections_per_client: 256,
             metrics: true,
             forward_auth: ForwardAuthConfig::default(),
@@ -1366,6 +1376,24 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXOpw6qjcqsauqveNqG5RBCU6yV7A
             .unwrap_err()
             .0;
         assert!(e.contains("line 2") && e.contains("10.0.0.0/33"), "{e}");
+        let e = load("realm = \"r\"\nmax_connections = 0\n", &[], &[])
+            .unwrap_err()
+            .0;
+        assert!(e.contains("line 2") && e.contains("nonzero"), "{e}");
+        let c = load(
+            "max_connections = 16\nmax_connections_per_client = 0\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.max_connections.get(), c.max_connections_per_client),
+            (16, 0)
+        );
+        assert_eq!(
+            Config::default().max_connections.get() as usize,
+            crate::gateway::serve::MAX_CONNECTIONS
+        );
         let e = load("lisen = \"x\"\n", &[], &[]).unwrap_err().0;
         assert!(
             e.contains("unknown field `lisen`") && e.contains("line 1"),

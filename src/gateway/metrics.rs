@@ -22,6 +22,7 @@ pub struct Metrics {
     gate: Gate,
     retention: std::sync::OnceLock<Retention>,
     notices: std::sync::OnceLock<ExpiryNotices>,
+    connections_refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Metrics {
@@ -33,7 +34,14 @@ impl Metrics {
             gate,
             retention: std::sync::OnceLock::new(),
             notices: std::sync::OnceLock::new(),
+            connections_refused: std::sync::Arc::default(),
         }
+    }
+
+    /// The count of connections closed for their client's limit
+    /// (`patd_connections_refused_total`), for the listeners to add to.
+    pub(crate) fn connections_refused(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        std::sync::Arc::clone(&self.connections_refused)
     }
 
     /// Adds the counters of the retention task (`patd_retention_*`); the first call wins.
@@ -123,6 +131,14 @@ impl Collector for Metrics {
             "patd_forward_auth_decisions",
             "Forward-auth and ext_authz decisions, route rules included, by outcome",
             &self.gate.decisions(),
+        )?;
+        counter(
+            &mut e,
+            "patd_connections_refused",
+            "Connections closed at once: their client held max_connections_per_client of a \
+             listener at least half full",
+            self.connections_refused
+                .load(std::sync::atomic::Ordering::Relaxed),
         )?;
         counter(
             &mut e,

@@ -396,56 +396,72 @@ async fn shutdown_signal() {
 /// of its previous request: a client that sends a byte now and then cannot hold a connection.
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// How many connections a listener serves at once; more wait in the kernel's backlog until one
-/// closes. Of these, one client holds at most `max_connections_per_client`
-/// ([`Config::max_connections_per_client`]).
+/// How many connections a listener serves at once by default (`max_connections`); more wait in
+/// the kernel's backlog until one closes.
 pub const MAX_CONNECTIONS: usize = 4096;
 
-/// The connections each client holds open on one listener, to close one more than its limit
-/// (`max_connections_per_client`): without it, one client could hold all [`MAX_CONNECTIONS`] of a
-/// listener (idle HTTP/2 connections need a request every [`IDLE_TIMEOUT`]), and every other
-/// client would wait in the backlog.
+/// How a listener shares its connection slots: at most `max` at once, and while at least half of
+/// them are taken, at most `per_client` (`max_connections_per_client`) held by one client. Without
+/// the second, one client could hold every slot (idle HTTP/2 connections need a request every
+/// [`IDLE_TIMEOUT`]) and every other client would wait in the backlog. With a listener less than
+/// half full nobody is refused, so a deployment whose clients all arrive from one address (a load
+/// balancer that replaces it, a NAT) works as before until it is busy.
 #[derive(Debug)]
-struct ClientConnections {
-    /// At most this many per client; 0 for no limit.
-    limit: usize,
+struct ConnectionLimits {
+    /// The listener's slots.
+    max: usize,
+    /// At most this many per client while the listener is at least half full; 0 for no limit.
+    per_client: usize,
     /// Peers not limited: the trusted proxies, through which every client comes.
     exempt: Vec<ipnet::IpNet>,
     /// The open connections of each client (an IPv4 address, an IPv6 /64) that has any.
     open: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+    /// Connections closed for their client's limit (`patd_connections_refused_total`), shared by
+    /// the listeners.
+    refused: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// One client's connection, counted until it is dropped.
 struct ClientSlot {
-    clients: Arc<ClientConnections>,
+    limits: Arc<ConnectionLimits>,
     client: IpAddr,
 }
 
-impl ClientConnections {
-    fn new(limit: usize, exempt: Vec<ipnet::IpNet>) -> Arc<Self> {
+impl ConnectionLimits {
+    fn new(
+        max: usize,
+        per_client: usize,
+        exempt: Vec<ipnet::IpNet>,
+        refused: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Arc<Self> {
         Arc::new(Self {
-            limit,
+            max: max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+            per_client,
             exempt,
             open: std::sync::Mutex::default(),
+            refused,
         })
     }
 
-    /// Counts a connection from `peer`: `Err` if its client already holds the limit, `Ok(None)`
-    /// if it is not limited.
-    fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Option<ClientSlot>, IpAddr> {
+    /// Counts a connection from `peer`, with `in_use` slots taken (this one included): `Err`
+    /// with its client if that client already holds its limit and the listener is at least half
+    /// full, `Ok(None)` if the peer is not limited.
+    fn admit(self: &Arc<Self>, peer: IpAddr, in_use: usize) -> Result<Option<ClientSlot>, IpAddr> {
         let peer = crate::record::canonical_ip(peer);
-        if self.limit == 0 || self.exempt.iter().any(|net| net.contains(&peer)) {
+        if self.per_client == 0 || self.exempt.iter().any(|net| net.contains(&peer)) {
             return Ok(None);
         }
         let client = crate::client_ip::client_key(peer);
         let mut open = crate::usage::lock(&self.open);
         let count = open.entry(client).or_insert(0);
-        if *count >= self.limit {
+        if *count >= self.per_client && in_use.saturating_mul(2) >= self.max {
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Err(client);
         }
         *count += 1;
         Ok(Some(ClientSlot {
-            clients: Arc::clone(self),
+            limits: Arc::clone(self),
             client,
         }))
     }
@@ -453,7 +469,7 @@ impl ClientConnections {
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
-        let mut open = crate::usage::lock(&self.clients.open);
+        let mut open = crate::usage::lock(&self.limits.open);
         if let std::collections::hash_map::Entry::Occupied(mut count) = open.entry(self.client) {
             *count.get_mut() -= 1;
             if *count.get() == 0 {
@@ -468,8 +484,11 @@ impl Drop for ClientSlot {
 /// Checked by the connection's own tick, so a request costs no timer.
 pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
-/// How often at most a listener warns that it closes connections over a client's limit.
+/// How often at most a listener warns about one client whose connections it closes for its limit.
 const REFUSED_WARNING_INTERVAL: Duration = Duration::from_secs(60);
+/// How many clients a listener names in its warnings per [`REFUSED_WARNING_INTERVAL`] at most
+/// (the others are counted in `/metrics` only).
+const REFUSED_WARNINGS: usize = 64;
 
 /// How long a closing connection may take to finish the requests in flight before it is dropped.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -611,12 +630,11 @@ impl<F: std::future::Future> std::future::Future for TrackedFuture<F> {
 /// open); a connection is closed (gracefully: HTTP/2 gets a GOAWAY) when it has sent no request
 /// within that time (before hyper has even told HTTP/1 from HTTP/2), or had none in flight for
 /// [`IDLE_TIMEOUT`], or had requests in flight and none start or end for [`REQUEST_TIMEOUT`] (a
-/// body that never comes); and at most [`MAX_CONNECTIONS`] are served at once, of which at most
-/// `clients`' limit from one client.
+/// body that never comes); and the connections are shared as `limits` says.
 async fn serve_http(
     listener: tokio::net::TcpListener,
     app: Router,
-    clients: Arc<ClientConnections>,
+    limits: Arc<ConnectionLimits>,
     stop: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -631,10 +649,10 @@ async fn serve_http(
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(std::time::Duration::from_secs(20)));
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    // Connections refused for their client's limit since the last warning, once a minute at most.
-    let mut refused = 0u64;
-    let mut last_warned: Option<Instant> = None;
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max));
+    // The clients named in a warning since `warned_since`: each once per interval.
+    let mut warned = std::collections::HashSet::new();
+    let mut warned_since = Instant::now();
     let mut stop = std::pin::pin!(stop);
     loop {
         let permit = tokio::select! {
@@ -656,21 +674,24 @@ async fn serve_http(
             },
             () = &mut stop => break,
         };
-        let slot = match clients.admit(peer.ip()) {
+        let in_use = limits.max - permits.available_permits();
+        let slot = match limits.admit(peer.ip(), in_use) {
             Ok(slot) => slot,
             Err(client) => {
-                refused += 1;
-                if last_warned.is_none_or(|at| at.elapsed() >= REFUSED_WARNING_INTERVAL) {
+                if warned_since.elapsed() >= REFUSED_WARNING_INTERVAL {
+                    warned.clear();
+                    warned_since = Instant::now();
+                }
+                if warned.len() < REFUSED_WARNINGS && warned.insert(client) {
                     tracing::warn!(
                         target: "tower_pat::gateway",
                         %client,
-                        refused,
-                        limit = clients.limit,
-                        "a client holds max_connections_per_client connections: closing its new \
-                         ones (count since the last warning)"
+                        limit = limits.per_client,
+                        in_use,
+                        "a client holds max_connections_per_client connections of a listener \
+                         at least half full: closing its new ones (named once a minute; \
+                         patd_connections_refused_total counts them)"
                     );
-                    last_warned = Some(Instant::now());
-                    refused = 0;
                 }
                 drop(stream);
                 continue;
@@ -723,7 +744,9 @@ async fn serve_http(
     drop(listener);
     let _ = closing_tx.send(true);
     // Every connection holds a permit until it has ended.
-    let _ = permits.acquire_many(MAX_CONNECTIONS as u32).await;
+    let _ = permits
+        .acquire_many(u32::try_from(limits.max).unwrap_or(u32::MAX))
+        .await;
     Ok(())
 }
 
@@ -779,7 +802,12 @@ pub async fn serve(
             .iter()
             .map(|net| crate::record::canonical_net(net.0))
             .collect();
-        ClientConnections::new(config.max_connections_per_client, trusted)
+        ConnectionLimits::new(
+            config.max_connections.get() as usize,
+            config.max_connections_per_client,
+            trusted,
+            gateway.metrics.connections_refused(),
+        )
     };
     servers.spawn(serve_http(listener, app, clients(), stop));
     if let Some(admin_listener) = admin_listener {
@@ -882,37 +910,43 @@ mod tests {
 
     #[test]
     fn connections_are_counted_per_client_network_and_freed_on_drop() {
-        let clients = ClientConnections::new(
-            2,
-            vec![crate::record::canonical_net("10.0.0.0/8".parse().unwrap())],
-        );
+        let refused = Arc::default();
+        let trusted = vec![crate::record::canonical_net("10.0.0.0/8".parse().unwrap())];
+        let limits = ConnectionLimits::new(16, 2, trusted, Arc::clone(&refused));
+        // Half full (8 of 16 taken, this one included): each client holds at most 2.
+        let full = 8;
         // An IPv6 /64 is one client, whatever its interface ids.
-        let a = clients.admit(ip("2001:db8::1")).unwrap();
-        let b = clients.admit(ip("2001:db8::ffff:2")).unwrap();
+        let a = limits.admit(ip("2001:db8::1"), full).unwrap();
+        let b = limits.admit(ip("2001:db8::ffff:2"), full).unwrap();
         assert!(a.is_some() && b.is_some());
         assert_eq!(
-            clients.admit(ip("2001:db8::3")).err(),
+            limits.admit(ip("2001:db8::3"), full).err(),
             Some(ip("2001:db8::"))
         );
         // The next /64 is another client.
-        assert!(clients.admit(ip("2001:db8:0:1::1")).unwrap().is_some());
+        assert!(limits.admit(ip("2001:db8:0:1::1"), full).unwrap().is_some());
         // An IPv4-mapped address is the IPv4 address it is.
         let v4 = [
-            clients.admit(ip("192.0.2.1")).unwrap(),
-            clients.admit(ip("::ffff:192.0.2.1")).unwrap(),
+            limits.admit(ip("192.0.2.1"), full).unwrap(),
+            limits.admit(ip("::ffff:192.0.2.1"), full).unwrap(),
         ];
-        assert!(clients.admit(ip("192.0.2.1")).is_err());
+        assert!(limits.admit(ip("192.0.2.1"), full).is_err());
+        // Less than half full, nobody is refused, and those connections count too.
+        let more = limits.admit(ip("192.0.2.1"), full - 1).unwrap();
+        assert!(more.is_some());
+        assert_eq!(crate::usage::lock(&limits.open)[&ip("192.0.2.1")], 3);
         // A trusted proxy is not counted, mapped or not.
         for _ in 0..5 {
-            assert!(clients.admit(ip("::ffff:10.1.2.3")).unwrap().is_none());
+            assert!(limits.admit(ip("::ffff:10.1.2.3"), 16).unwrap().is_none());
         }
+        assert_eq!(refused.load(std::sync::atomic::Ordering::Relaxed), 2);
         // A closed connection frees its slot; a client with none is forgotten.
         drop(a);
-        assert!(clients.admit(ip("2001:db8::4")).unwrap().is_some());
-        drop(v4);
-        assert!(!crate::usage::lock(&clients.open).contains_key(&ip("192.0.2.1")));
+        assert!(limits.admit(ip("2001:db8::4"), full).unwrap().is_some());
+        drop((v4, more));
+        assert!(!crate::usage::lock(&limits.open).contains_key(&ip("192.0.2.1")));
         // 0 is no limit.
-        let unlimited = ClientConnections::new(0, Vec::new());
-        assert!((0..10).all(|_| unlimited.admit(ip("192.0.2.1")).unwrap().is_none()));
+        let unlimited = ConnectionLimits::new(16, 0, Vec::new(), Arc::default());
+        assert!((0..10).all(|_| unlimited.admit(ip("192.0.2.1"), 16).unwrap().is_none()));
     }
 }
