@@ -335,7 +335,9 @@ impl UsageRecorder {
             .await
             .is_err()
         {
-            let unwritten = lock(&s.writing).len() + lock(&s.pending).len();
+            // One lock at a time: a guard kept to the end of a statement would nest them.
+            let writing = lock(&s.writing).len();
+            let unwritten = writing + lock(&s.pending).len();
             tracing::warn!(
                 target: "tower_pat::store",
                 unwritten,
@@ -348,8 +350,11 @@ impl UsageRecorder {
     /// The counters.
     pub fn stats(&self) -> UsageStats {
         let s = &self.shared;
-        // Not nested: a flush takes `writing` before `pending`, never the other way.
-        let pending = lock(&s.pending).len() + lock(&s.writing).len();
+        // One lock at a time: `lock(a).len() + lock(b).len()` would hold `a` while taking `b`
+        // (a temporary lives to the end of its statement), against a flush that takes
+        // `writing` before `pending`: a deadlock.
+        let pending = lock(&s.pending).len();
+        let pending = pending + lock(&s.writing).len();
         UsageStats {
             marks: s.marks.load(Ordering::Relaxed),
             flushes: s.flushes.load(Ordering::Relaxed),

@@ -425,6 +425,51 @@ async fn shutdown_against_a_store_that_stays_down_counts_what_is_lost() {
     assert!(store.attempts.load(Ordering::SeqCst) >= 2);
 }
 
+/// `stats()` (every `/metrics` and `/readyz` of `patd`, no token needed) while flushes that fail
+/// take the batch and merge into it: no lock-order deadlock between the two. Run on threads of
+/// its own, so that a deadlock shows as a timeout here rather than a hung test.
+#[test]
+fn stats_during_failing_flushes_never_deadlock() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let store = FlakyStore::default();
+            store.failures_left.store(usize::MAX, Ordering::SeqCst);
+            let recorder = UsageRecorder::new(store.clone(), config(3_600_000));
+            let now = Utc::now();
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let reader = {
+                let recorder = recorder.clone();
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let mut reads = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        reads += recorder.stats().pending_tokens.min(1);
+                    }
+                    reads
+                })
+            };
+            for round in 0..200 {
+                for i in 0..200 {
+                    recorder.record(&format!("token-{round}-{i}"), now, None);
+                }
+                assert!(recorder.flush().await.is_err());
+            }
+            stop.store(true, Ordering::Relaxed);
+            assert!(reader.join().unwrap() > 0);
+        });
+        let _ = done.send(());
+    });
+    finished
+        .recv_timeout(Duration::from_secs(60))
+        .expect("stats() and a flush deadlocked (or the test took over 60 s)");
+}
+
 #[tokio::test]
 async fn last_ips_keep_the_five_most_recent_distinct() {
     let store = CountingStore::new();
