@@ -1228,8 +1228,9 @@ async fn one_client_cannot_hold_every_connection() {
 
     // Less than half full: six of one client are served.
     let mut held = open(attacker, 6).await;
-    // Half full now, with two connections through the trusted proxy.
-    let mut through_proxy = open(proxy, 2).await;
+    // With one through the trusted proxy, seven are held: the next makes the listener half full
+    // (eight of sixteen), and is refused.
+    let mut through_proxy = open(proxy, 1).await;
     for _ in 0..3 {
         assert!(
             kept_connection(attacker, server.addr).await.is_none(),
@@ -1276,4 +1277,58 @@ async fn one_client_cannot_hold_every_connection() {
         "a client is named once a minute at most: {log}"
     );
     drop((held, through_proxy));
+}
+
+/// The open-file limit of a running process: (soft, hard), from `/proc`.
+#[cfg(target_os = "linux")]
+fn open_files_limit(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let mut values = line["Max open files".len()..].split_whitespace();
+    (
+        values.next().unwrap().to_owned(),
+        values.next().unwrap().to_owned(),
+    )
+}
+
+/// Every connection is a file. `patd serve` raises a soft open-file limit to the hard one (a soft
+/// 1 024 is common), and where even the hard limit cannot hold `max_connections`, it serves fewer
+/// and says so: otherwise a listener would never be half full, the per-client limit would never
+/// start, and one client could take every file, the store's included.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread")]
+async fn the_open_file_limit_is_raised_or_the_connections_fit_it() {
+    let dir = Dir::new("");
+    let hard = open_files_limit(std::process::id()).1;
+    if hard == "unlimited" || hard.parse::<u64>().unwrap() <= 300 {
+        eprintln!("skipped: this process's hard open-file limit is {hard}");
+        return;
+    }
+    let raised = dir.serve_with_ulimit("-S -n 300");
+    assert_eq!(
+        open_files_limit(raised.child.id()),
+        (hard.clone(), hard.clone())
+    );
+    let log = raised.log_when(|l| l.contains("patd serving")).await;
+    assert!(!log.contains("too few files"), "{log}");
+
+    let capped = dir.serve_with_ulimit("-n 600");
+    assert_eq!(
+        open_files_limit(capped.child.id()),
+        ("600".to_owned(), "600".to_owned())
+    );
+    let log = capped.log_when(|l| l.contains("too few files")).await;
+    assert!(
+        log.contains("too few files") && log.contains("each serves at most 344"),
+        "{log}"
+    );
+    assert_eq!(
+        http(CLIENT, capped.addr, "GET", "/healthz", &[])
+            .await
+            .status,
+        200
+    );
 }

@@ -114,7 +114,9 @@ pub struct Config {
     pub shutdown_timeout: Dur,
     /// How many connections each listener serves at once (default
     /// [`MAX_CONNECTIONS`](crate::gateway::serve::MAX_CONNECTIONS), 4 096); more wait in the
-    /// kernel's backlog. Each takes a file descriptor: keep the process's limit above the sum.
+    /// kernel's backlog. Each is an open file: `patd serve` raises its soft open-file limit to the
+    /// hard one, and where even that cannot hold every listener's connections (256 files kept
+    /// for the store and the rest), each listener serves fewer, with a warning.
     pub max_connections: std::num::NonZeroU32,
     /// How many connections one client may hold on a listener while at least half of its
     /// `max_connections` are taken (default 256; 0 for no limit): one more is then closed at

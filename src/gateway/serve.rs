@@ -479,6 +479,49 @@ impl Drop for ClientSlot {
     }
 }
 
+/// Files kept for what is not a client connection: the listeners, the store's connections (the
+/// SQLite file and its journal, the PostgreSQL pool), the log.
+const RESERVED_FILES: u64 = 256;
+
+/// The open-file limit, raised first to the hard limit where the soft one is lower (Linux; every
+/// connection is a file, and a soft limit of 1 024 is common): `None` where unknown or unlimited.
+fn raise_open_files_limit() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let limit = getrlimit(Resource::Nofile);
+        // `None` is unlimited: a soft limit below the hard one is `Some` and differs from it.
+        if limit.current.is_some() && limit.current != limit.maximum {
+            let raised = Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            };
+            if let Err(e) = setrlimit(Resource::Nofile, raised) {
+                tracing::debug!(target: "tower_pat::gateway", error = %e, "cannot raise the open-file limit");
+            }
+        }
+        getrlimit(Resource::Nofile).current
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+}
+
+/// How many connections each of `listeners` listeners may serve: `configured`, or fewer where
+/// `open_files` (beyond [`RESERVED_FILES`]) cannot hold them all. A listener then reaches half
+/// full, where the per-client limit starts, before the process runs out of files: otherwise one
+/// client could take every file, and the store's connections with them.
+fn connection_budget(configured: usize, listeners: usize, open_files: Option<u64>) -> usize {
+    let Some(open_files) = open_files else {
+        return configured;
+    };
+    let per_listener = open_files.saturating_sub(RESERVED_FILES) / listeners.max(1) as u64;
+    configured
+        .min(usize::try_from(per_listener).unwrap_or(usize::MAX))
+        .max(1)
+}
+
 /// How long a connection's requests may go without one starting or ending while any is in flight
 /// (a request whose body never comes, HTTP/2 headers alone): the connection is then closed.
 /// Checked by the connection's own tick, so a request costs no timer.
@@ -795,6 +838,22 @@ pub async fn serve(
     let mut servers = tokio::task::JoinSet::new();
     let app = gateway.router()?;
     let stop = stopped();
+    let listeners =
+        1 + usize::from(admin_listener.is_some()) + usize::from(ext_authz_listener.is_some());
+    let configured = config.max_connections.get() as usize;
+    let open_files = raise_open_files_limit();
+    let max_connections = connection_budget(configured, listeners, open_files);
+    if max_connections < configured {
+        tracing::warn!(
+            target: "tower_pat::gateway",
+            max_connections,
+            configured,
+            open_files,
+            listeners,
+            "the process may open too few files for max_connections on every listener: each \
+             serves at most {max_connections} (raise the hard limit, LimitNOFILE= under systemd)"
+        );
+    }
     let clients = || {
         let trusted = config
             .proxy
@@ -803,7 +862,7 @@ pub async fn serve(
             .map(|net| crate::record::canonical_net(net.0))
             .collect();
         ConnectionLimits::new(
-            config.max_connections.get() as usize,
+            max_connections,
             config.max_connections_per_client,
             trusted,
             gateway.metrics.connections_refused(),
@@ -906,6 +965,19 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_connection_budget_fits_the_open_file_limit() {
+        // Enough files: as configured.
+        assert_eq!(connection_budget(4096, 3, Some(1 << 20)), 4096);
+        assert_eq!(connection_budget(4096, 3, None), 4096);
+        // 1 024 files, 256 kept: 768 for one listener, 256 each for three.
+        assert_eq!(connection_budget(4096, 1, Some(1024)), 768);
+        assert_eq!(connection_budget(4096, 3, Some(1024)), 256);
+        // Never none at all.
+        assert_eq!(connection_budget(4096, 2, Some(100)), 1);
+        assert_eq!(connection_budget(16, 1, Some(1024)), 16);
     }
 
     #[test]

@@ -73,12 +73,29 @@ impl Dir {
     }
 
     pub fn serve_with(&self, env: &[(&str, &str)]) -> Server {
-        let mut child = Command::new(PATD)
+        let mut command = Command::new(PATD);
+        command.envs(env.iter().copied());
+        self.spawn_serve(command)
+    }
+
+    /// Starts `patd serve` on a free port under `sh` after `ulimit ULIMIT` (such as `-n 600`).
+    pub fn serve_with_ulimit(&self, ulimit: &str) -> Server {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!("ulimit {ulimit} && exec \"$0\" \"$@\""))
+            .arg(PATD);
+        self.spawn_serve(command)
+    }
+
+    /// Runs `command` (`patd`, or what execs it with the arguments) with `--config … serve
+    /// --listen 127.0.0.1:0`, and waits for the address it listens on.
+    fn spawn_serve(&self, mut command: Command) -> Server {
+        let mut child = command
             .arg("--config")
             .arg(self.config())
             .args(["serve", "--listen", "127.0.0.1:0"])
             .current_dir(&self.path)
-            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
