@@ -335,9 +335,11 @@ impl UsageRecorder {
             .await
             .is_err()
         {
-            // One lock at a time: a guard kept to the end of a statement would nest them.
-            let writing = lock(&s.writing).len();
-            let unwritten = writing + lock(&s.pending).len();
+            let unwritten = {
+                // `writing` before `pending`, as a flush takes them.
+                let writing = lock(&s.writing);
+                distinct_tokens(&lock(&s.pending), &writing)
+            };
             tracing::warn!(
                 target: "tower_pat::store",
                 unwritten,
@@ -422,6 +424,19 @@ impl Shared {
     }
 }
 
+/// The tokens with marks in `pending` or in `writing` (the batch a flush writes or kept), each
+/// once.
+fn distinct_tokens(
+    pending: &HashMap<String, UsageUpdate>,
+    writing: &HashMap<String, UsageUpdate>,
+) -> usize {
+    writing.len()
+        + pending
+            .keys()
+            .filter(|id| !writing.contains_key(*id))
+            .count()
+}
+
 /// A std mutex's guard, through poisoning (the maps stay consistent: no code panics holding them).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -429,8 +444,11 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        let lost = self.pending.get_mut().map_or(0, |p| p.len())
-            + self.writing.get_mut().map_or(0, |w| w.len());
+        let writing = std::mem::take(self.writing.get_mut().unwrap_or_else(|e| e.into_inner()));
+        let lost = distinct_tokens(
+            self.pending.get_mut().unwrap_or_else(|e| e.into_inner()),
+            &writing,
+        );
         if lost > 0 {
             tracing::warn!(
                 lost,
@@ -482,11 +500,7 @@ impl Shared {
             // The batch a failed flush kept, and the marks made since (a token in both is one).
             let writing = std::mem::take(&mut *lock(&self.writing));
             let pending = std::mem::take(&mut *lock(&self.pending));
-            writing.len()
-                + pending
-                    .keys()
-                    .filter(|id| !writing.contains_key(*id))
-                    .count()
+            distinct_tokens(&pending, &writing)
         };
         if lost > 0 {
             tracing::warn!(
