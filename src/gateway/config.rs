@@ -119,8 +119,8 @@ pub struct Config {
     /// for the store and the rest), each listener serves fewer, with a warning.
     pub max_connections: std::num::NonZeroU32,
     /// How many connections one client may hold on a listener while at least half of its
-    /// `max_connections` are taken (default 256; 0 for no limit): one more is then closed at
-    /// once, so that one client cannot take every slot. A client is an IPv4 address or an IPv6
+    /// `max_connections` are taken (default 256, at most a quarter of `max_connections`; 0 for
+    /// no limit): one more is then closed at once, so that one client cannot take every slot. A client is an IPv4 address or an IPv6
     /// /64 (what one host is usually given). The trusted proxies (`[proxy] trusted`) are not
     /// limited: every request through them comes from them. Behind a load balancer that replaces
     /// the client's address, every client is that address: set 0 there.

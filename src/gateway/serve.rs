@@ -410,7 +410,8 @@ pub const MAX_CONNECTIONS: usize = 4096;
 struct ConnectionLimits {
     /// The listener's slots.
     max: usize,
-    /// At most this many per client while the listener is at least half full; 0 for no limit.
+    /// At most this many per client while the listener is at least half full (at most a quarter
+    /// of `max`); 0 for no limit.
     per_client: usize,
     /// Peers not limited: the trusted proxies, through which every client comes.
     exempt: Vec<ipnet::IpNet>,
@@ -434,9 +435,16 @@ impl ConnectionLimits {
         exempt: Vec<ipnet::IpNet>,
         refused: Arc<std::sync::atomic::AtomicU64>,
     ) -> Arc<Self> {
+        let max = max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         Arc::new(Self {
-            max: max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
-            per_client,
+            max,
+            // At most a quarter of the slots: a limit of half or more would never be reached
+            // before the listener is full (where the open-file limit cut `max`, say).
+            per_client: if per_client == 0 {
+                0
+            } else {
+                per_client.min(max / 4).max(1)
+            },
             exempt,
             open: std::sync::Mutex::default(),
             refused,
@@ -497,7 +505,13 @@ fn raise_open_files_limit() -> Option<u64> {
                 maximum: limit.maximum,
             };
             if let Err(e) = setrlimit(Resource::Nofile, raised) {
-                tracing::debug!(target: "tower_pat::gateway", error = %e, "cannot raise the open-file limit");
+                tracing::warn!(
+                    target: "tower_pat::gateway",
+                    error = %e,
+                    soft = limit.current,
+                    hard = limit.maximum,
+                    "cannot raise the open-file limit to its hard limit (above fs.nr_open?)"
+                );
             }
         }
         getrlimit(Resource::Nofile).current
@@ -795,6 +809,9 @@ async fn serve_http(
 
 /// Runs `patd serve` until SIGTERM or SIGINT, then drains and flushes. `ready` is called with
 /// the bound addresses once both listeners accept.
+///
+/// On Linux this raises the process's soft open-file limit to its hard limit (every connection
+/// is a file), for the whole process: `patd`'s own, or yours if you call this.
 pub async fn serve(
     config: Config,
     ready: impl FnOnce(SocketAddr, Option<SocketAddr>),
@@ -1017,6 +1034,15 @@ mod tests {
         assert!(limits.admit(ip("2001:db8::4"), full).unwrap().is_some());
         drop((v4, more));
         assert!(!crate::usage::lock(&limits.open).contains_key(&ip("192.0.2.1")));
+        // A limit of a quarter of the slots or more is a quarter (never below one).
+        assert_eq!(
+            ConnectionLimits::new(256, 256, Vec::new(), Arc::default()).per_client,
+            64
+        );
+        assert_eq!(
+            ConnectionLimits::new(2, 256, Vec::new(), Arc::default()).per_client,
+            1
+        );
         // 0 is no limit.
         let unlimited = ConnectionLimits::new(16, 0, Vec::new(), Arc::default());
         assert!((0..10).all(|_| unlimited.admit(ip("192.0.2.1"), 16).unwrap().is_none()));
