@@ -401,7 +401,8 @@ pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 pub const MAX_CONNECTIONS: usize = 4096;
 
 /// How a listener shares its connection slots: at most `max` at once, and while at least half of
-/// them are taken, at most `per_client` (`max_connections_per_client`) held by one client. Without
+/// them are taken, at most `per_client` (`max_connections_per_client`) held by one client (and by
+/// its wider IPv6 networks, [`client_networks`], a multiple of it). Without
 /// the second, one client could hold every slot (idle HTTP/2 connections need a request every
 /// [`IDLE_TIMEOUT`]) and every other client would wait in the backlog. With a listener less than
 /// half full nobody is refused, so a deployment whose clients all arrive from one address (a load
@@ -415,17 +416,17 @@ struct ConnectionLimits {
     per_client: usize,
     /// Peers not limited: the trusted proxies, through which every client comes.
     exempt: Vec<ipnet::IpNet>,
-    /// The open connections of each client (an IPv4 address, an IPv6 /64) that has any.
-    open: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+    /// The open connections in each network that has any ([`client_networks`]).
+    open: std::sync::Mutex<std::collections::HashMap<ipnet::IpNet, usize>>,
     /// Connections closed for their client's limit (`patd_connections_refused_total`), shared by
     /// the listeners.
     refused: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// One client's connection, counted until it is dropped.
+/// One client's connection, counted in its networks until it is dropped.
 struct ClientSlot {
     limits: Arc<ConnectionLimits>,
-    client: IpAddr,
+    networks: [Option<(ipnet::IpNet, usize)>; 3],
 }
 
 impl ConnectionLimits {
@@ -452,36 +453,65 @@ impl ConnectionLimits {
     }
 
     /// Counts a connection from `peer`, with `in_use` slots taken (this one included): `Err`
-    /// with its client if that client already holds its limit and the listener is at least half
-    /// full, `Ok(None)` if the peer is not limited.
-    fn admit(self: &Arc<Self>, peer: IpAddr, in_use: usize) -> Result<Option<ClientSlot>, IpAddr> {
+    /// with the network over its limit if the listener is at least half full and the peer's
+    /// client holds its limit, or (IPv6) its /56 twice that, or its /48 four times that;
+    /// `Ok(None)` if the peer is not limited.
+    fn admit(
+        self: &Arc<Self>,
+        peer: IpAddr,
+        in_use: usize,
+    ) -> Result<Option<ClientSlot>, ipnet::IpNet> {
         let peer = crate::record::canonical_ip(peer);
         if self.per_client == 0 || self.exempt.iter().any(|net| net.contains(&peer)) {
             return Ok(None);
         }
-        let client = crate::client_ip::client_key(peer);
+        let networks = client_networks(peer);
         let mut open = crate::usage::lock(&self.open);
-        let count = open.entry(client).or_insert(0);
-        if *count >= self.per_client && in_use.saturating_mul(2) >= self.max {
-            self.refused
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Err(client);
+        if in_use.saturating_mul(2) >= self.max {
+            for (net, times) in networks.iter().flatten() {
+                if open.get(net).copied().unwrap_or(0) >= self.per_client.saturating_mul(*times) {
+                    self.refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Err(*net);
+                }
+            }
         }
-        *count += 1;
+        for (net, _) in networks.iter().flatten() {
+            *open.entry(*net).or_insert(0) += 1;
+        }
         Ok(Some(ClientSlot {
             limits: Arc::clone(self),
-            client,
+            networks,
         }))
     }
+}
+
+/// The networks a connection from `peer` counts in, each with the multiple of the per-client
+/// limit it may hold: the client (an IPv4 address; an IPv6 /64, what one host is usually given),
+/// and for IPv6 its /56 (twice) and /48 (four times), since a site is given a /56 or a /48 (a
+/// tunnel broker hands one out free): otherwise one site would be 256 or 65 536 clients.
+fn client_networks(peer: IpAddr) -> [Option<(ipnet::IpNet, usize)>; 3] {
+    let prefixes = match peer {
+        IpAddr::V4(_) => [(32, 1), (0, 0), (0, 0)],
+        IpAddr::V6(_) => [(64, 1), (56, 2), (48, 4)],
+    };
+    prefixes.map(|(prefix, times)| {
+        (times > 0)
+            .then(|| ipnet::IpNet::new(peer, prefix).ok())
+            .flatten()
+            .map(|net| (net.trunc(), times))
+    })
 }
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         let mut open = crate::usage::lock(&self.limits.open);
-        if let std::collections::hash_map::Entry::Occupied(mut count) = open.entry(self.client) {
-            *count.get_mut() -= 1;
-            if *count.get() == 0 {
-                count.remove();
+        for (net, _) in self.networks.iter().flatten() {
+            if let std::collections::hash_map::Entry::Occupied(mut count) = open.entry(*net) {
+                *count.get_mut() -= 1;
+                if *count.get() == 0 {
+                    count.remove();
+                }
             }
         }
     }
@@ -745,8 +775,9 @@ async fn serve_http(
                         %client,
                         limit = limits.per_client,
                         in_use,
-                        "a client holds max_connections_per_client connections of a listener \
-                         at least half full: closing its new ones (named once a minute; \
+                        "a client (or its IPv6 /56 or /48) holds its share of \
+                         max_connections_per_client connections of a listener at least half \
+                         full: closing its new ones (named once a minute; \
                          patd_connections_refused_total counts them)"
                     );
                 }
@@ -999,41 +1030,57 @@ mod tests {
 
     #[test]
     fn connections_are_counted_per_client_network_and_freed_on_drop() {
+        let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
         let refused = Arc::default();
-        let trusted = vec![crate::record::canonical_net("10.0.0.0/8".parse().unwrap())];
+        let trusted = vec![crate::record::canonical_net(net("10.0.0.0/8"))];
         let limits = ConnectionLimits::new(16, 2, trusted, Arc::clone(&refused));
-        // Half full (8 of 16 taken, this one included): each client holds at most 2.
+        // Half full (8 of 16 taken, this one included): each client holds at most 2, an IPv6
+        // /56 4, a /48 8.
         let full = 8;
+        let admit = |peer: &str| limits.admit(ip(peer), full);
+        let mut site = Vec::new();
         // An IPv6 /64 is one client, whatever its interface ids.
-        let a = limits.admit(ip("2001:db8::1"), full).unwrap();
-        let b = limits.admit(ip("2001:db8::ffff:2"), full).unwrap();
-        assert!(a.is_some() && b.is_some());
-        assert_eq!(
-            limits.admit(ip("2001:db8::3"), full).err(),
-            Some(ip("2001:db8::"))
-        );
-        // The next /64 is another client.
-        assert!(limits.admit(ip("2001:db8:0:1::1"), full).unwrap().is_some());
+        site.push(admit("2001:db8::1").unwrap());
+        site.push(admit("2001:db8::ffff:2").unwrap());
+        assert_eq!(admit("2001:db8::3").err(), Some(net("2001:db8::/64")));
+        // Another /64 of the /56 is another client, until the /56 holds twice the limit.
+        site.push(admit("2001:db8:0:1::1").unwrap());
+        site.push(admit("2001:db8:0:1::2").unwrap());
+        assert_eq!(admit("2001:db8:0:2::1").err(), Some(net("2001:db8::/56")));
+        // Other /56s of the /48, until the /48 holds four times the limit.
+        for peer in [
+            "2001:db8:0:100::1",
+            "2001:db8:0:100::2",
+            "2001:db8:0:200::1",
+        ] {
+            site.push(admit(peer).unwrap());
+        }
+        site.push(admit("2001:db8:0:200::2").unwrap());
+        assert_eq!(admit("2001:db8:0:300::1").err(), Some(net("2001:db8::/48")));
+        assert!(site.iter().all(Option::is_some));
+        // Another /48 is another site.
+        let elsewhere = admit("2001:db8:1::1").unwrap();
+        assert!(elsewhere.is_some());
         // An IPv4-mapped address is the IPv4 address it is.
         let v4 = [
-            limits.admit(ip("192.0.2.1"), full).unwrap(),
-            limits.admit(ip("::ffff:192.0.2.1"), full).unwrap(),
+            admit("192.0.2.1").unwrap(),
+            admit("::ffff:192.0.2.1").unwrap(),
         ];
-        assert!(limits.admit(ip("192.0.2.1"), full).is_err());
+        assert_eq!(admit("192.0.2.1").err(), Some(net("192.0.2.1/32")));
         // Less than half full, nobody is refused, and those connections count too.
         let more = limits.admit(ip("192.0.2.1"), full - 1).unwrap();
         assert!(more.is_some());
-        assert_eq!(crate::usage::lock(&limits.open)[&ip("192.0.2.1")], 3);
+        assert_eq!(crate::usage::lock(&limits.open)[&net("192.0.2.1/32")], 3);
         // A trusted proxy is not counted, mapped or not.
         for _ in 0..5 {
             assert!(limits.admit(ip("::ffff:10.1.2.3"), 16).unwrap().is_none());
         }
-        assert_eq!(refused.load(std::sync::atomic::Ordering::Relaxed), 2);
-        // A closed connection frees its slot; a client with none is forgotten.
-        drop(a);
-        assert!(limits.admit(ip("2001:db8::4"), full).unwrap().is_some());
-        drop((v4, more));
-        assert!(!crate::usage::lock(&limits.open).contains_key(&ip("192.0.2.1")));
+        assert_eq!(refused.load(std::sync::atomic::Ordering::Relaxed), 4);
+        // A closed connection frees its slot in every network; networks with none are forgotten.
+        site.remove(0);
+        assert!(admit("2001:db8::4").unwrap().is_some());
+        drop((site, v4, more, elsewhere));
+        assert!(crate::usage::lock(&limits.open).is_empty());
         // A limit of a quarter of the slots or more is a quarter (never below one).
         assert_eq!(
             ConnectionLimits::new(256, 256, Vec::new(), Arc::default()).per_client,
