@@ -123,7 +123,8 @@ pub struct Config {
     /// `max_connections` are taken (default 256, at most a quarter of `max_connections`; 0 for
     /// no limit): one more is then closed at once, so that one client cannot take every slot. A client is an IPv4 address or an IPv6
     /// /64 (what one host is usually given); an IPv6 /56 may hold twice the limit, and a /48
-    /// four times (a site is given one of those, and a tunnel broker hands out a /48 free). The trusted proxies (`[proxy] trusted`) are not
+    /// four times, at most half the slots (a site is given one of those, and a tunnel broker
+    /// hands out a /48 free). The trusted proxies (`[proxy] trusted`) are not
     /// limited: every request through them comes from them. Behind a load balancer that replaces
     /// the client's address, every client is that address: set 0 there.
     pub max_connections_per_client: usize,

@@ -414,6 +414,9 @@ struct ConnectionLimits {
     /// At most this many per client while the listener is at least half full (at most a quarter
     /// of `max`); 0 for no limit.
     per_client: usize,
+    /// The limits of the networks of [`client_networks`]: the client, an IPv6 /56 (twice the
+    /// client's), an IPv6 /48 (four times, at most half of `max`).
+    caps: [usize; 3],
     /// Peers not limited: the trusted proxies, through which every client comes.
     exempt: Vec<ipnet::IpNet>,
     /// The open connections in each network that has any ([`client_networks`]).
@@ -437,15 +440,16 @@ impl ConnectionLimits {
         refused: Arc<std::sync::atomic::AtomicU64>,
     ) -> Arc<Self> {
         let max = max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        // A /48 at most half the slots, a client at most a quarter: a limit of half or more
+        // would never be reached before the listener is full (where the open-file limit cut
+        // `max`, say), since nobody is refused below half full.
+        let site = per_client.saturating_mul(4).min(max / 2).max(1);
+        let subnet = per_client.saturating_mul(2).min(site);
+        let client = per_client.min(max / 4).min(subnet).max(1);
         Arc::new(Self {
             max,
-            // At most a quarter of the slots: a limit of half or more would never be reached
-            // before the listener is full (where the open-file limit cut `max`, say).
-            per_client: if per_client == 0 {
-                0
-            } else {
-                per_client.min(max / 4).max(1)
-            },
+            per_client: if per_client == 0 { 0 } else { client },
+            caps: [client, subnet, site],
             exempt,
             open: std::sync::Mutex::default(),
             refused,
@@ -453,14 +457,14 @@ impl ConnectionLimits {
     }
 
     /// Counts a connection from `peer`, with `in_use` slots taken (this one included): `Err`
-    /// with the network over its limit if the listener is at least half full and the peer's
-    /// client holds its limit, or (IPv6) its /56 twice that, or its /48 four times that;
-    /// `Ok(None)` if the peer is not limited.
+    /// with the network over its limit and that limit if the listener is at least half full and
+    /// one of the peer's networks ([`client_networks`]) holds its limit (`caps`); `Ok(None)` if
+    /// the peer is not limited.
     fn admit(
         self: &Arc<Self>,
         peer: IpAddr,
         in_use: usize,
-    ) -> Result<Option<ClientSlot>, ipnet::IpNet> {
+    ) -> Result<Option<ClientSlot>, (ipnet::IpNet, usize)> {
         let peer = crate::record::canonical_ip(peer);
         if self.per_client == 0 || self.exempt.iter().any(|net| net.contains(&peer)) {
             return Ok(None);
@@ -468,11 +472,12 @@ impl ConnectionLimits {
         let networks = client_networks(peer);
         let mut open = crate::usage::lock(&self.open);
         if in_use.saturating_mul(2) >= self.max {
-            for (net, times) in networks.iter().flatten() {
-                if open.get(net).copied().unwrap_or(0) >= self.per_client.saturating_mul(*times) {
+            for (net, tier) in networks.iter().flatten() {
+                let cap = self.caps[*tier];
+                if open.get(net).copied().unwrap_or(0) >= cap {
                     self.refused
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return Err(*net);
+                    return Err((*net, cap));
                 }
             }
         }
@@ -486,20 +491,22 @@ impl ConnectionLimits {
     }
 }
 
-/// The networks a connection from `peer` counts in, each with the multiple of the per-client
-/// limit it may hold: the client (an IPv4 address; an IPv6 /64, what one host is usually given),
-/// and for IPv6 its /56 (twice) and /48 (four times), since a site is given a /56 or a /48 (a
-/// tunnel broker hands one out free): otherwise one site would be 256 or 65 536 clients.
+/// The networks a connection from `peer` counts in, each with the index of its limit in
+/// [`ConnectionLimits::caps`]: the client (an IPv4 address; an IPv6 /64, what one host is usually
+/// given), and for IPv6 its /56 and its /48, since a site is given a /56 or a /48 (a tunnel
+/// broker hands one out free): otherwise one site would be 256 or 65 536 clients.
 fn client_networks(peer: IpAddr) -> [Option<(ipnet::IpNet, usize)>; 3] {
     let prefixes = match peer {
-        IpAddr::V4(_) => [(32, 1), (0, 0), (0, 0)],
-        IpAddr::V6(_) => [(64, 1), (56, 2), (48, 4)],
+        IpAddr::V4(_) => [Some(32), None, None],
+        IpAddr::V6(_) => [Some(64), Some(56), Some(48)],
     };
-    prefixes.map(|(prefix, times)| {
-        (times > 0)
-            .then(|| ipnet::IpNet::new(peer, prefix).ok())
-            .flatten()
-            .map(|net| (net.trunc(), times))
+    let mut tier = 0;
+    prefixes.map(|prefix| {
+        let net = prefix
+            .and_then(|prefix| ipnet::IpNet::new(peer, prefix).ok())
+            .map(|net| (net.trunc(), tier));
+        tier += 1;
+        net
     })
 }
 
@@ -764,7 +771,7 @@ async fn serve_http(
         let in_use = limits.max - permits.available_permits();
         let slot = match limits.admit(peer.ip(), in_use) {
             Ok(slot) => slot,
-            Err(client) => {
+            Err((client, limit)) => {
                 if warned_since.elapsed() >= REFUSED_WARNING_INTERVAL {
                     warned.clear();
                     warned_since = Instant::now();
@@ -773,7 +780,7 @@ async fn serve_http(
                     tracing::warn!(
                         target: "tower_pat::gateway",
                         %client,
-                        limit = limits.per_client,
+                        limit,
                         in_use,
                         "a client (or its IPv6 /56 or /48) holds its share of \
                          max_connections_per_client connections of a listener at least half \
@@ -1042,11 +1049,14 @@ mod tests {
         // An IPv6 /64 is one client, whatever its interface ids.
         site.push(admit("2001:db8::1").unwrap());
         site.push(admit("2001:db8::ffff:2").unwrap());
-        assert_eq!(admit("2001:db8::3").err(), Some(net("2001:db8::/64")));
+        assert_eq!(admit("2001:db8::3").err(), Some((net("2001:db8::/64"), 2)));
         // Another /64 of the /56 is another client, until the /56 holds twice the limit.
         site.push(admit("2001:db8:0:1::1").unwrap());
         site.push(admit("2001:db8:0:1::2").unwrap());
-        assert_eq!(admit("2001:db8:0:2::1").err(), Some(net("2001:db8::/56")));
+        assert_eq!(
+            admit("2001:db8:0:2::1").err(),
+            Some((net("2001:db8::/56"), 4))
+        );
         // Other /56s of the /48, until the /48 holds four times the limit.
         for peer in [
             "2001:db8:0:100::1",
@@ -1056,7 +1066,10 @@ mod tests {
             site.push(admit(peer).unwrap());
         }
         site.push(admit("2001:db8:0:200::2").unwrap());
-        assert_eq!(admit("2001:db8:0:300::1").err(), Some(net("2001:db8::/48")));
+        assert_eq!(
+            admit("2001:db8:0:300::1").err(),
+            Some((net("2001:db8::/48"), 8))
+        );
         assert!(site.iter().all(Option::is_some));
         // Another /48 is another site.
         let elsewhere = admit("2001:db8:1::1").unwrap();
@@ -1066,7 +1079,7 @@ mod tests {
             admit("192.0.2.1").unwrap(),
             admit("::ffff:192.0.2.1").unwrap(),
         ];
-        assert_eq!(admit("192.0.2.1").err(), Some(net("192.0.2.1/32")));
+        assert_eq!(admit("192.0.2.1").err(), Some((net("192.0.2.1/32"), 2)));
         // Less than half full, nobody is refused, and those connections count too.
         let more = limits.admit(ip("192.0.2.1"), full - 1).unwrap();
         assert!(more.is_some());
@@ -1081,6 +1094,14 @@ mod tests {
         assert!(admit("2001:db8::4").unwrap().is_some());
         drop((site, v4, more, elsewhere));
         assert!(crate::usage::lock(&limits.open).is_empty());
+        // The defaults; and where the open-file limit cut the slots, every tier stays below half
+        // of them, the only counts a refusal can meet (nobody is refused below half full).
+        let caps = |max, per_client| {
+            ConnectionLimits::new(max, per_client, Vec::new(), Arc::default()).caps
+        };
+        assert_eq!(caps(4096, 256), [256, 512, 1024]);
+        assert_eq!(caps(256, 64), [64, 128, 128]);
+        assert_eq!(caps(768, 256), [192, 384, 384]);
         // A limit of a quarter of the slots or more is a quarter (never below one).
         assert_eq!(
             ConnectionLimits::new(256, 256, Vec::new(), Arc::default()).per_client,
