@@ -40,7 +40,7 @@ use dashmap::DashMap;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::AbortHandle;
 
-use crate::client_ip::{ClientAddr, client_key};
+use crate::client_ip::ClientAddr;
 use crate::principal::{Entry, Principal, RETIRED};
 use crate::reuse::ReuseDetection;
 use crate::scope::ScopeSet;
@@ -1371,6 +1371,13 @@ mod hot {
 /// A semaphore size from a setting: at least one, at most what a semaphore holds.
 fn permits(n: usize) -> usize {
     n.clamp(1, Semaphore::MAX_PERMITS)
+}
+
+/// The key a client's lookup budget is kept under: its network as the failure limit counts it by
+/// default (an IPv4 address, an IPv6 /64: what one subscriber usually gets).
+fn client_key(ip: IpAddr) -> IpAddr {
+    let (v4, v6) = crate::auth::limit::FailureLimit::DEFAULT_PREFIXES;
+    crate::client_ip::network_key(ip, v4, v6)
 }
 
 fn duration_ms(d: Duration) -> i64 {

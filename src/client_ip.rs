@@ -433,14 +433,6 @@ pub(crate) fn network_key(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> IpAddr {
     }
 }
 
-/// The key one client is counted under by the lookup budgets and `patd`'s connection limit: its
-/// network as the failure limit counts it by default (an IPv4 address, an IPv6 /64: what one
-/// subscriber usually gets).
-pub(crate) fn client_key(ip: IpAddr) -> IpAddr {
-    let (v4, v6) = crate::auth::limit::FailureLimit::DEFAULT_PREFIXES;
-    network_key(ip, v4, v6)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -444,11 +444,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        let writing = std::mem::take(self.writing.get_mut().unwrap_or_else(|e| e.into_inner()));
-        let lost = distinct_tokens(
-            self.pending.get_mut().unwrap_or_else(|e| e.into_inner()),
-            &writing,
-        );
+        let pending = self.pending.get_mut().unwrap_or_else(|e| e.into_inner());
+        let writing = self.writing.get_mut().unwrap_or_else(|e| e.into_inner());
+        let lost = distinct_tokens(pending, writing);
         if lost > 0 {
             tracing::warn!(
                 lost,

@@ -401,8 +401,8 @@ pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 pub const MAX_CONNECTIONS: usize = 4096;
 
 /// How a listener shares its connection slots: at most `max` at once, and while at least half of
-/// them are taken, at most `per_client` (`max_connections_per_client`) held by one client (and by
-/// its wider IPv6 networks, [`client_networks`], a multiple of it). Without
+/// them are taken, at most `max_connections_per_client` held by one client (and a multiple of it
+/// by its wider IPv6 networks: `caps`, [`client_networks`]). Without
 /// the second, one client could hold every slot (idle HTTP/2 connections need a request every
 /// [`IDLE_TIMEOUT`]) and every other client would wait in the backlog. With a listener less than
 /// half full nobody is refused, so a deployment whose clients all arrive from one address (a load
@@ -411,12 +411,10 @@ pub const MAX_CONNECTIONS: usize = 4096;
 struct ConnectionLimits {
     /// The listener's slots.
     max: usize,
-    /// At most this many per client while the listener is at least half full (at most a quarter
-    /// of `max`); 0 for no limit.
-    per_client: usize,
-    /// The limits of the networks of [`client_networks`]: the client, an IPv6 /56 (twice the
-    /// client's), an IPv6 /48 (four times, at most half of `max`).
-    caps: [usize; 3],
+    /// While the listener is at least half full, the most connections each network of
+    /// [`client_networks`] may hold, in its order: the client (at most a quarter of `max`), an
+    /// IPv6 /56 (twice that), an IPv6 /48 (four times, at most half of `max`). `None`: no limit.
+    caps: Option<[usize; 3]>,
     /// Peers not limited: the trusted proxies, through which every client comes.
     exempt: Vec<ipnet::IpNet>,
     /// The open connections in each network that has any ([`client_networks`]).
@@ -429,7 +427,7 @@ struct ConnectionLimits {
 /// One client's connection, counted in its networks until it is dropped.
 struct ClientSlot {
     limits: Arc<ConnectionLimits>,
-    networks: [Option<(ipnet::IpNet, usize)>; 3],
+    networks: [Option<ipnet::IpNet>; 3],
 }
 
 impl ConnectionLimits {
@@ -448,8 +446,7 @@ impl ConnectionLimits {
         let client = per_client.min(max / 4).min(subnet).max(1);
         Arc::new(Self {
             max,
-            per_client: if per_client == 0 { 0 } else { client },
-            caps: [client, subnet, site],
+            caps: (per_client > 0).then_some([client, subnet, site]),
             exempt,
             open: std::sync::Mutex::default(),
             refused,
@@ -466,22 +463,26 @@ impl ConnectionLimits {
         in_use: usize,
     ) -> Result<Option<ClientSlot>, (ipnet::IpNet, usize)> {
         let peer = crate::record::canonical_ip(peer);
-        if self.per_client == 0 || self.exempt.iter().any(|net| net.contains(&peer)) {
+        let Some(caps) = self.caps else {
+            return Ok(None);
+        };
+        if self.exempt.iter().any(|net| net.contains(&peer)) {
             return Ok(None);
         }
         let networks = client_networks(peer);
         let mut open = crate::usage::lock(&self.open);
         if in_use.saturating_mul(2) >= self.max {
-            for (net, tier) in networks.iter().flatten() {
-                let cap = self.caps[*tier];
-                if open.get(net).copied().unwrap_or(0) >= cap {
+            for (net, cap) in networks.iter().zip(caps) {
+                if let Some(net) = net
+                    && open.get(net).copied().unwrap_or(0) >= cap
+                {
                     self.refused
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return Err((*net, cap));
                 }
             }
         }
-        for (net, _) in networks.iter().flatten() {
+        for net in networks.iter().flatten() {
             *open.entry(*net).or_insert(0) += 1;
         }
         Ok(Some(ClientSlot {
@@ -491,29 +492,27 @@ impl ConnectionLimits {
     }
 }
 
-/// The networks a connection from `peer` counts in, each with the index of its limit in
-/// [`ConnectionLimits::caps`]: the client (an IPv4 address; an IPv6 /64, what one host is usually
-/// given), and for IPv6 its /56 and its /48, since a site is given a /56 or a /48 (a tunnel
-/// broker hands one out free): otherwise one site would be 256 or 65 536 clients.
-fn client_networks(peer: IpAddr) -> [Option<(ipnet::IpNet, usize)>; 3] {
+/// The networks a connection from `peer` counts in, in the order of [`ConnectionLimits::caps`]:
+/// the client as the failure limit and the lookup budgets count it (an IPv4 address; an IPv6 /64,
+/// what one host is usually given), and for IPv6 its /56 and its /48, since a site is given a /56
+/// or a /48 (a tunnel broker hands one out free): otherwise one site would be 256 or 65 536
+/// clients.
+fn client_networks(peer: IpAddr) -> [Option<ipnet::IpNet>; 3] {
+    let (v4, v6) = crate::auth::limit::FailureLimit::DEFAULT_PREFIXES;
     let prefixes = match peer {
-        IpAddr::V4(_) => [Some(32), None, None],
-        IpAddr::V6(_) => [Some(64), Some(56), Some(48)],
+        IpAddr::V4(_) => [Some(v4), None, None],
+        IpAddr::V6(_) => [Some(v6), Some(56), Some(48)],
     };
-    let mut tier = 0;
     prefixes.map(|prefix| {
-        let net = prefix
-            .and_then(|prefix| ipnet::IpNet::new(peer, prefix).ok())
-            .map(|net| (net.trunc(), tier));
-        tier += 1;
-        net
+        let net = ipnet::IpNet::new(peer, prefix?).ok()?;
+        Some(net.trunc())
     })
 }
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         let mut open = crate::usage::lock(&self.limits.open);
-        for (net, _) in self.networks.iter().flatten() {
+        for net in self.networks.iter().flatten() {
             if let std::collections::hash_map::Entry::Occupied(mut count) = open.entry(*net) {
                 *count.get_mut() -= 1;
                 if *count.get() == 0 {
@@ -1097,20 +1096,16 @@ mod tests {
         // The defaults; and where the open-file limit cut the slots, every tier stays below half
         // of them, the only counts a refusal can meet (nobody is refused below half full).
         let caps = |max, per_client| {
-            ConnectionLimits::new(max, per_client, Vec::new(), Arc::default()).caps
+            ConnectionLimits::new(max, per_client, Vec::new(), Arc::default())
+                .caps
+                .unwrap()
         };
         assert_eq!(caps(4096, 256), [256, 512, 1024]);
         assert_eq!(caps(256, 64), [64, 128, 128]);
         assert_eq!(caps(768, 256), [192, 384, 384]);
         // A limit of a quarter of the slots or more is a quarter (never below one).
-        assert_eq!(
-            ConnectionLimits::new(256, 256, Vec::new(), Arc::default()).per_client,
-            64
-        );
-        assert_eq!(
-            ConnectionLimits::new(2, 256, Vec::new(), Arc::default()).per_client,
-            1
-        );
+        assert_eq!(caps(256, 256)[0], 64);
+        assert_eq!(caps(2, 256), [1, 1, 1]);
         // 0 is no limit.
         let unlimited = ConnectionLimits::new(16, 0, Vec::new(), Arc::default());
         assert!((0..10).all(|_| unlimited.admit(ip("192.0.2.1"), 16).unwrap().is_none()));
