@@ -22,8 +22,13 @@ pub struct Metrics {
     gate: Gate,
     retention: std::sync::OnceLock<Retention>,
     notices: std::sync::OnceLock<ExpiryNotices>,
-    connections_refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Per listener, by its configuration key (`listen`, `admin_listen`, `ext_authz_listen`):
+    /// the connections it closed for their client's limit.
+    connections_refused: std::sync::Mutex<Vec<(&'static str, RefusedCount)>>,
 }
+
+/// A listener's count of connections closed for their client's limit.
+pub(crate) type RefusedCount = std::sync::Arc<std::sync::atomic::AtomicU64>;
 
 impl Metrics {
     /// Metrics of `layer` (every request it verified: forward-auth and the management API) and of
@@ -34,14 +39,21 @@ impl Metrics {
             gate,
             retention: std::sync::OnceLock::new(),
             notices: std::sync::OnceLock::new(),
-            connections_refused: std::sync::Arc::default(),
+            connections_refused: std::sync::Mutex::default(),
         }
     }
 
-    /// The count of connections closed for their client's limit
-    /// (`patd_connections_refused_total`), for the listeners to add to.
-    pub(crate) fn connections_refused(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
-        std::sync::Arc::clone(&self.connections_refused)
+    /// The count of connections `listener` (its configuration key: `listen`, `admin_listen`,
+    /// `ext_authz_listen`) closed for their client's limit, for it to add to:
+    /// `patd_connections_refused_total{listener="…"}`, exported from this call on.
+    pub(crate) fn connections_refused(&self, listener: &'static str) -> RefusedCount {
+        let mut counts = crate::usage::lock(&self.connections_refused);
+        if let Some((_, count)) = counts.iter().find(|(name, _)| *name == listener) {
+            return std::sync::Arc::clone(count);
+        }
+        let count = RefusedCount::default();
+        counts.push((listener, std::sync::Arc::clone(&count)));
+        count
     }
 
     /// Adds the counters of the retention task (`patd_retention_*`); the first call wins.
@@ -132,14 +144,21 @@ impl Collector for Metrics {
             "Forward-auth and ext_authz decisions, route rules included, by outcome",
             &self.gate.decisions(),
         )?;
-        counter(
-            &mut e,
-            "patd_connections_refused",
-            "Connections closed at once: their client held max_connections_per_client of a \
-             listener at least half full",
-            self.connections_refused
-                .load(std::sync::atomic::Ordering::Relaxed),
-        )?;
+        {
+            let counts = crate::usage::lock(&self.connections_refused).clone();
+            let mut family = e.encode_descriptor(
+                "patd_connections_refused",
+                "Connections closed at once, by listener: their client held \
+                 max_connections_per_client of a listener at least half full",
+                None,
+                MetricType::Counter,
+            )?;
+            for (listener, count) in counts {
+                let value = count.load(std::sync::atomic::Ordering::Relaxed);
+                ConstCounter::new(value)
+                    .encode(family.encode_family(&[("listener", listener)])?)?;
+            }
+        }
         counter(
             &mut e,
             "patd_cache_hits",

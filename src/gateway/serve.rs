@@ -419,9 +419,9 @@ struct ConnectionLimits {
     exempt: Vec<ipnet::IpNet>,
     /// The open connections in each network that has any ([`client_networks`]).
     open: std::sync::Mutex<std::collections::HashMap<ipnet::IpNet, usize>>,
-    /// Connections closed for their client's limit (`patd_connections_refused_total`), shared by
-    /// the listeners.
-    refused: Arc<std::sync::atomic::AtomicU64>,
+    /// Connections this listener closed for their client's limit
+    /// (`patd_connections_refused_total`).
+    refused: super::metrics::RefusedCount,
 }
 
 /// One client's connection, counted in its networks until it is dropped.
@@ -435,7 +435,7 @@ impl ConnectionLimits {
         max: usize,
         per_client: usize,
         exempt: Vec<ipnet::IpNet>,
-        refused: Arc<std::sync::atomic::AtomicU64>,
+        refused: super::metrics::RefusedCount,
     ) -> Arc<Self> {
         let max = max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         // A /48 at most half the slots, a client at most a quarter: a limit of half or more
@@ -743,6 +743,7 @@ async fn serve_http(
         .keep_alive_interval(Some(std::time::Duration::from_secs(20)));
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max));
+    let local = listener.local_addr()?;
     // The clients named in a warning since `warned_since`: each once per interval.
     let mut warned = std::collections::HashSet::new();
     let mut warned_since = Instant::now();
@@ -778,6 +779,7 @@ async fn serve_http(
                 if warned.len() < REFUSED_WARNINGS && warned.insert(client) {
                     tracing::warn!(
                         target: "tower_pat::gateway",
+                        listener = %local,
                         %client,
                         limit,
                         in_use,
@@ -908,7 +910,7 @@ pub async fn serve(
              serves at most {max_connections} (raise the hard limit, LimitNOFILE= under systemd)"
         );
     }
-    let clients = || {
+    let clients = |listener: &'static str| {
         let trusted = config
             .proxy
             .trusted
@@ -919,20 +921,30 @@ pub async fn serve(
             max_connections,
             config.max_connections_per_client,
             trusted,
-            gateway.metrics.connections_refused(),
+            gateway.metrics.connections_refused(listener),
         )
     };
-    servers.spawn(serve_http(listener, app, clients(), stop));
+    servers.spawn(serve_http(listener, app, clients("listen"), stop));
     if let Some(admin_listener) = admin_listener {
         let app = gateway.admin_router()?;
         let stop = stopped();
-        servers.spawn(serve_http(admin_listener, app, clients(), stop));
+        servers.spawn(serve_http(
+            admin_listener,
+            app,
+            clients("admin_listen"),
+            stop,
+        ));
     }
     let ext_authz_local = match ext_authz_listener {
         Some(listener) => {
             let local = listener.local_addr().ok();
             let app = gateway.ext_authz_router()?;
-            servers.spawn(serve_http(listener, app, clients(), stopped()));
+            servers.spawn(serve_http(
+                listener,
+                app,
+                clients("ext_authz_listen"),
+                stopped(),
+            ));
             local
         }
         None => None,
