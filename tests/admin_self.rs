@@ -170,3 +170,47 @@ async fn concurrent_self_rotations_hand_out_one_working_secret() {
         }
     }
 }
+
+/// A token cannot have itself rotated as fast as it can send requests (each rotation is a store
+/// write, an event and a notification to every node): by default ten rotations of one token a
+/// minute, then 429 with `Retry-After`, whoever asks, and nothing changes. Counted per token: a
+/// sibling of the same subject still rotates, and the limit can be turned off.
+#[tokio::test]
+async fn a_token_cannot_rotate_itself_without_limit() {
+    let t = app().await;
+    let (id, mut secret) = ci(&t).await;
+    for _ in 0..10 {
+        let res = post(&t.app, &format!("{BASE}/self/rotate"), &secret, "").await;
+        assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
+        secret = res.body["token"].as_str().unwrap().to_owned();
+    }
+    let before = t.store.get(&id).await.unwrap().unwrap();
+    let res = post(&t.app, &format!("{BASE}/self/rotate"), &secret, "").await;
+    res.error(429);
+    let retry: u64 = res.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    // Nor through its id, by a caller who may rotate it.
+    let res = post(&t.app, &format!("{BASE}/{id}/rotate"), &t.alice, "").await;
+    res.error(429);
+    assert_eq!(t.store.get(&id).await.unwrap().unwrap(), before);
+    assert_eq!(hello(&t.app, &secret).await, StatusCode::OK);
+    // A sibling has its own count.
+    let new = NewToken::new("alice", "ci-2").scopes(["x:read"]).unwrap();
+    let (_, sibling) = t.tokens.issue(new).await.unwrap();
+    let sibling = sibling.expose_secret().to_owned();
+    let res = post(&t.app, &format!("{BASE}/self/rotate"), &sibling, "").await;
+    assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
+
+    // Off: no limit.
+    let t = app_with(|c| c.rotation_rate_limit(0, std::time::Duration::from_secs(60))).await;
+    let (_, mut secret) = ci(&t).await;
+    for _ in 0..15 {
+        let res = post(&t.app, &format!("{BASE}/self/rotate"), &secret, "").await;
+        assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
+        secret = res.body["token"].as_str().unwrap().to_owned();
+    }
+}

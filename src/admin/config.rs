@@ -65,6 +65,7 @@ pub struct AdminConfig {
     pub(crate) max_rotation_grace: Duration,
     pub(crate) default_page_size: u64,
     pub(crate) creation_limit: Option<(u32, Duration)>,
+    pub(crate) rotation_limit: Option<(u32, Duration)>,
     pub(crate) limits: Limits,
     pub(crate) max_body_bytes: usize,
     pub(crate) events: Option<Arc<dyn TokenEvents>>,
@@ -82,6 +83,7 @@ impl fmt::Debug for AdminConfig {
             .field("max_rotation_grace", &self.max_rotation_grace)
             .field("default_page_size", &self.default_page_size)
             .field("creation_limit", &self.creation_limit)
+            .field("rotation_limit", &self.rotation_limit)
             .field("max_scopes_per_token", &self.limits.scopes)
             .field("max_networks_per_token", &self.limits.networks)
             .field("max_body_bytes", &self.max_body_bytes)
@@ -100,7 +102,7 @@ impl AdminConfig {
     /// same handle ([`Tokens::layer`]): a layer with another token format or hasher would refuse
     /// the tokens the API issues, and is refused with [`LayerMismatch`]. The defaults: [`ExpiryPolicy::RequireAcknowledgment`], no maximum lifetime, 100
     /// tokens per subject, rotation grace periods of at most a day, pages of 50, at most 30 new
-    /// tokens per subject per minute, at most 100 scopes and 100 networks per token, request
+    /// tokens per subject per minute, at most 10 rotations of one token per minute, at most 100 scopes and 100 networks per token, request
     /// bodies of at most 64 KiB, no events.
     pub fn new(tokens: &Tokens, layer: &PatAuthLayer) -> Result<Self, LayerMismatch> {
         tokens.check_layer(layer)?;
@@ -114,6 +116,7 @@ impl AdminConfig {
             max_rotation_grace: DEFAULT_MAX_ROTATION_GRACE,
             default_page_size: 50,
             creation_limit: Some((30, Duration::from_secs(60))),
+            rotation_limit: Some((10, Duration::from_secs(60))),
             limits: Limits::default(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             events: None,
@@ -159,6 +162,18 @@ impl AdminConfig {
     /// Default 30 per minute. `max == 0` turns the limit off.
     pub fn creation_rate_limit(mut self, max: u32, window: Duration) -> Self {
         self.creation_limit = (max > 0).then_some((max, window));
+        self
+    }
+
+    /// At most `max` rotations of one token per `window`, whoever asks (`POST /{id}/rotate` or
+    /// the token itself, `POST /self/rotate`, which needs no scope); more get 429 with
+    /// `Retry-After`. Each rotation is a store write, an event and, with PostgreSQL, a
+    /// notification to every node: without this limit any token could have them made as fast as
+    /// it can send requests. Counted per token, not per subject, so that a token of a subject
+    /// cannot use up another's rotations, and an administrator rotating many tokens is not
+    /// held back. Default 10 per minute. `max == 0` turns the limit off.
+    pub fn rotation_rate_limit(mut self, max: u32, window: Duration) -> Self {
+        self.rotation_limit = (max > 0).then_some((max, window));
         self
     }
 

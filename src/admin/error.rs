@@ -205,13 +205,13 @@ impl ApiError {
     }
 
     /// 429 with `Retry-After`.
-    pub(crate) fn too_many(retry_after: u64) -> Self {
+    pub(crate) fn too_many(what: &str, retry_after: u64) -> Self {
         Self {
             retry_after: Some(retry_after.max(1)),
             ..Self::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_requests",
-                "too many personal access tokens created; try again later",
+                format!("too many {what}; try again later"),
             )
         }
     }

@@ -43,6 +43,8 @@ pub(crate) struct Admin {
     config: AdminConfig,
     /// Token creations per subject.
     limiter: Option<WindowCounter<String>>,
+    /// Rotations per token id.
+    rotations: Option<WindowCounter<String>>,
     /// Serializes the count-then-insert of token creation, so the per-subject maximum holds
     /// against concurrent requests to this process.
     create: Mutex<()>,
@@ -63,6 +65,9 @@ pub(crate) fn router(config: AdminConfig) -> Router {
     let state = Arc::new(Admin {
         limiter: config
             .creation_limit
+            .map(|(max, window)| WindowCounter::new(max, window, 100_000)),
+        rotations: config
+            .rotation_limit
             .map(|(max, window)| WindowCounter::new(max, window, 100_000)),
         create: Mutex::new(()),
         config,
@@ -343,7 +348,7 @@ pub(crate) async fn create(
     if let Some(limiter) = &admin.limiter {
         limiter
             .try_count(caller.subject().to_owned())
-            .map_err(ApiError::too_many)?;
+            .map_err(|retry| ApiError::too_many("personal access tokens created", retry))?;
     }
     let mut token = NewToken::new(caller.subject(), req.name)
         .scope_set(req.scopes)
@@ -632,6 +637,7 @@ pub(crate) async fn update(
         (status = 409, description = "The token or the caller's own token changed (another rotation, an update) while the request was processed (`conflict`: read it again and retry), or it expired (`token_expired`)", body = ErrorBody),
         (status = 410, response = TokenRevoked),
         (status = 413, response = PayloadTooLarge),
+        (status = 429, description = "The token was rotated too often recently (`rotation_rate_limit`); see `Retry-After`", body = ErrorBody),
         (status = 500, response = StoreFailed),
     ),
     security(("bearer" = ["personalAccessToken:write"]))
@@ -665,6 +671,7 @@ pub(crate) async fn rotate(
         (status = 409, description = "The token changed while the request was processed (`conflict`: retry), or it expired (`token_expired`)", body = ErrorBody),
         (status = 410, response = TokenRevoked),
         (status = 413, response = PayloadTooLarge),
+        (status = 429, description = "The token was rotated too often recently (`rotation_rate_limit`); see `Retry-After`", body = ErrorBody),
         (status = 500, response = StoreFailed),
     ),
     security(("bearer" = []))
@@ -743,6 +750,11 @@ async fn rotate_token(
         None => record.expires_at,
     };
     policy::may_receive_secret(&caller, &record, expires_at)?;
+    if let Some(limiter) = &admin.rotations {
+        limiter
+            .try_count(id.clone())
+            .map_err(|retry| ApiError::too_many("rotations of this token", retry))?;
+    }
     record.expires_at = expires_at;
     let grace = req
         .grace_period_seconds

@@ -53,35 +53,42 @@ impl<K: Hash + Eq + Send + Sync + 'static> WindowCounter<K> {
         Q: Hash + Eq + ?Sized,
     {
         let w = self.windows.get(key)?;
-        (w.count.load(Ordering::Relaxed) >= self.max).then(|| {
-            let left = self.window.saturating_sub(w.start.elapsed());
-            (left.as_secs() + u64::from(left.subsec_nanos() > 0)).max(1)
+        (w.count.load(Ordering::Relaxed) >= self.max).then(|| self.seconds_left(&w))
+    }
+
+    /// The whole seconds until `w` ends, at least one.
+    fn seconds_left(&self, w: &Window) -> u64 {
+        let left = self.window.saturating_sub(w.start.elapsed());
+        (left.as_secs() + u64::from(left.subsec_nanos() > 0)).max(1)
+    }
+
+    /// The window of `key`, started now if it has none.
+    fn window(&self, key: K) -> Arc<Window> {
+        self.windows.get_with(key, || {
+            Arc::new(Window {
+                start: Instant::now(),
+                count: AtomicU32::new(0),
+            })
         })
     }
 
     /// Counts one event of `key`.
     pub(crate) fn count(&self, key: K) {
-        self.windows
-            .get_with(key, || {
-                Arc::new(Window {
-                    start: Instant::now(),
-                    count: AtomicU32::new(0),
-                })
-            })
-            .count
-            .fetch_add(1, Ordering::Relaxed);
+        self.window(key).count.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one event of `key` unless its window is full: `Err(seconds until it ends)` then.
+    /// Check and count are one atomic step: requests at once cannot all pass a window with one
+    /// event left.
     #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) fn try_count(&self, key: K) -> Result<(), u64> {
-        match self.blocked(&key) {
-            Some(secs) => Err(secs),
-            None => {
-                self.count(key);
-                Ok(())
-            }
-        }
+        let w = self.window(key);
+        w.count
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .map(drop)
+            .map_err(|_| self.seconds_left(&w))
     }
 }
 
@@ -162,5 +169,27 @@ mod tests {
         std::thread::sleep(Duration::from_millis(350));
         assert_eq!(c.blocked("a"), None);
         assert_eq!(c.try_count("a".to_owned()), Ok(()));
+    }
+
+    /// Requests at once get no more than the window holds: each check is its count.
+    #[test]
+    fn concurrent_counts_never_pass_a_full_window() {
+        let c = WindowCounter::<String>::new(50, Duration::from_secs(60), 100);
+        let passed = std::sync::atomic::AtomicU32::new(0);
+        let start = std::sync::Barrier::new(8);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    start.wait();
+                    for _ in 0..100 {
+                        if c.try_count("a".to_owned()).is_ok() {
+                            passed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(passed.into_inner(), 50);
+        assert_eq!(c.try_count("a".to_owned()), Err(60));
     }
 }
