@@ -365,11 +365,27 @@ impl Flights {
     }
 }
 
+/// How many stripes the invalidation epochs have: an event about one token stops the loads in
+/// flight of about one token in this many from caching.
+const EPOCH_STRIPES: usize = 4096;
+
+/// The stripe of the invalidation epochs `hash` falls in.
+fn epoch_stripe(hash: &TokenHash) -> usize {
+    // The digest's bytes are uniform; the index uses its first eight, this the next.
+    let stripe = hash.prefix_u64().rotate_right(32) as usize;
+    stripe % EPOCH_STRIPES
+}
+
+/// What a load read of the invalidation epochs of its hashes before it started
+/// ([`Cache::epoch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Epoch(u64);
+
 /// One store lookup, shared by every request waiting for its token.
 struct Flight {
     key: TokenHash,
-    /// The cache's epoch when the lookup started.
-    epoch: u64,
+    /// The epochs of the lookup's hashes when it started.
+    epoch: Epoch,
     /// The lookup's answer, once it has one.
     answer: watch::Receiver<Option<Outcome>>,
     /// How many requests wait for the answer.
@@ -455,8 +471,11 @@ pub(crate) struct Cache {
     negative: moka::sync::Cache<TokenHash, Negative>,
     flights: Mutex<Flights>,
     scope_sets: Mutex<HashSet<ScopeSet>>,
-    /// Bumped by every invalidation: a load that started before one does not cache its result.
-    epoch: AtomicU64,
+    /// Epochs per stripe of hashes ([`EPOCH_STRIPES`]), each bumped by every invalidation of a
+    /// hash in its stripe (and all by a clear): a load that started before one of its hashes was
+    /// invalidated does not cache its result. Striped, so that a flood of events about one token
+    /// (renaming it in a loop) does not keep every other token's loads from caching.
+    epochs: Box<[AtomicU64]>,
     lookups: Arc<Semaphore>,
     /// Each client's lookup budget, while it has lookups in flight.
     clients: Mutex<HashMap<IpAddr, ClientBudget>>,
@@ -512,7 +531,7 @@ impl Cache {
             negative,
             flights: Mutex::default(),
             scope_sets: Mutex::default(),
-            epoch: AtomicU64::new(0),
+            epochs: (0..EPOCH_STRIPES).map(|_| AtomicU64::new(0)).collect(),
             lookups: Arc::new(Semaphore::new(permits(config.max_concurrent_lookups))),
             clients: Mutex::default(),
             suspects,
@@ -698,7 +717,7 @@ impl Cache {
 
     async fn refresh(self: Arc<Self>, stale: Principal) {
         let entry = &stale.0;
-        let epoch = self.epoch.load(Ordering::Acquire);
+        let epoch = self.epoch(&entry.hash, &[]);
         // Refreshes share the lookup slots, but never wait: the store is busy enough already.
         let Ok(_permit) = self.lookups.try_acquire() else {
             return;
@@ -718,7 +737,7 @@ impl Cache {
                 if let Outcome::Rejected(_) = outcome {
                     self.evict(entry);
                 }
-                self.remember(entry.slot, entry.hash, &outcome, epoch);
+                self.remember(entry.slot, entry.hash, &[], &outcome, epoch);
                 carry_mark();
             }
             Err(()) => {
@@ -762,10 +781,12 @@ impl Cache {
         client: ClientAddr,
     ) -> Option<(watch::Receiver<Option<Outcome>>, Waiter<'_>)> {
         let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-        let epoch = self.epoch.load(Ordering::SeqCst);
+        let epoch = self.epoch(&key, &previous);
         let joinable = flights.current.get(&key).copied().filter(|id| {
             flights.all.get(id).is_some_and(|f| {
-                // Not one that started before an invalidation, nor one whose task died (a
+                // Not one that started before an invalidation of its hashes (a flight's
+                // `previous` are the key's, so its epoch reads the same stripes), nor one whose
+                // task died (a
                 // finished task has removed its flight, unless it panicked).
                 f.epoch == epoch && !f.task.is_finished()
             })
@@ -809,7 +830,7 @@ impl Cache {
         id: u64,
         slot: Slot,
         key: TokenHash,
-        epoch: u64,
+        epoch: Epoch,
         previous: Vec<TokenHash>,
         client: ClientAddr,
         answer: watch::Sender<Option<Outcome>>,
@@ -833,14 +854,14 @@ impl Cache {
         answer.send_replace(Some(outcome));
     }
 
-    /// Looks `key` up in the store and caches the answer, unless an invalidation came after
-    /// `epoch` (read before the lookup started).
+    /// Looks `key` up in the store and caches the answer, unless an invalidation of `key` or of
+    /// one of `previous` came after `epoch` (read before the lookup started).
     async fn load_uncached(
         self: &Arc<Self>,
         slot: Slot,
         key: TokenHash,
         previous: &[TokenHash],
-        epoch: u64,
+        epoch: Epoch,
         address: ClientAddr,
     ) -> Outcome {
         let client = address.limit_key().map(client_key);
@@ -892,7 +913,7 @@ impl Cache {
         // negative TTL. A principal is indexed by the hash it was found under.
         let reversible = matches!(outcome, Outcome::Rejected(Negative::Disabled));
         if under_key || !reversible {
-            self.remember(slot, key, &outcome, epoch);
+            self.remember(slot, key, previous, &outcome, epoch);
         }
         // After the answer is remembered: a revocation the policy makes invalidates the token's
         // current hashes, never this one's negative entry, which keeps a flood of the same dead
@@ -974,10 +995,19 @@ impl Cache {
         }
     }
 
-    /// Caches what the store answered for the token in `slot` (looked up under `key`) by a load or
-    /// refresh that started at `epoch`, unless an invalidation came since: the invalidation always
-    /// wins.
-    fn remember(&self, slot: Slot, key: TokenHash, outcome: &Outcome, epoch: u64) {
+    /// Caches what the store answered for the token in `slot` (looked up under `key`, then
+    /// `previous`) by a load or refresh that started at `epoch` ([`Self::epoch`] of the same
+    /// hashes), unless an invalidation of one of them came since: the invalidation always wins.
+    /// A record found is found under one of them, and the events about it name every hash it
+    /// answered to.
+    fn remember(
+        &self,
+        slot: Slot,
+        key: TokenHash,
+        previous: &[TokenHash],
+        outcome: &Outcome,
+        epoch: Epoch,
+    ) {
         self.run_insert_hook();
         match outcome {
             Outcome::Found(p) => {
@@ -1002,7 +1032,7 @@ impl Cache {
                         false
                     }
                 };
-                if self.epoch.load(Ordering::SeqCst) != epoch {
+                if self.epoch(&key, previous) != epoch {
                     if indexed {
                         self.index.remove_if(&prefix, |_, s| *s == slot);
                     }
@@ -1024,11 +1054,11 @@ impl Cache {
             Outcome::Rejected(n) => {
                 // The negative cache has no such lock: insert, then take the entry back if an
                 // invalidation came in between (another load's newer entry may go with it: it is
-                // looked up again). The fences pair with the one in `bump_epoch`: either this load
+                // looked up again). The fences pair with the one in `bump`: either this load
                 // sees the new epoch, or that invalidation sees this entry.
                 self.negative.insert(key, *n);
                 std::sync::atomic::fence(Ordering::SeqCst);
-                if self.epoch.load(Ordering::SeqCst) != epoch {
+                if self.epoch(&key, previous) != epoch {
                     self.negative.invalidate(&key);
                 }
             }
@@ -1103,7 +1133,7 @@ impl Cache {
     /// Drops everything cached for the record with this id, which the store found under `hash`
     /// (events name every hash a record answered to).
     pub(crate) fn invalidate(&self, id: &str, hash: &TokenHash) {
-        self.bump_epoch();
+        self.bump(Some(hash));
         self.negative.invalidate(hash);
         // Copied out: no index lock is held while a shard lock of the map is taken.
         let slot = self.index.get(&hash.prefix_u64()).map(|s| *s);
@@ -1126,15 +1156,36 @@ impl Cache {
         }
     }
 
-    /// Tells loads in flight that their answer may be outdated: see [`Self::remember`].
-    fn bump_epoch(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+    /// Tells loads in flight for `hash` (every load with `None`) that their answer may be
+    /// outdated: see [`Self::remember`].
+    fn bump(&self, hash: Option<&TokenHash>) {
+        match hash {
+            Some(hash) => {
+                self.epochs[epoch_stripe(hash)].fetch_add(1, Ordering::SeqCst);
+            }
+            None => {
+                for stripe in &*self.epochs {
+                    stripe.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
         std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    /// The epoch of a load of `key` (then `previous`): the sum of the epochs of their stripes,
+    /// which changes whenever one of them is bumped (each only grows).
+    fn epoch(&self, key: &TokenHash, previous: &[TokenHash]) -> Epoch {
+        Epoch(
+            std::iter::once(key)
+                .chain(previous)
+                .map(|h| self.epochs[epoch_stripe(h)].load(Ordering::SeqCst))
+                .fold(0, u64::wrapping_add),
+        )
     }
 
     /// Drops every entry.
     pub(crate) fn clear(&self) {
-        self.bump_epoch();
+        self.bump(None);
         // The index first: an entry cached after the map's shard was cleared keeps its index
         // entry (written after this, under that shard's lock).
         self.index.clear();
@@ -1451,7 +1502,7 @@ mod tests {
             Outcome::Found(p) => p.0.hash,
             _ => hash(0),
         };
-        cache.remember(slot, key, outcome, cache.epoch.load(Ordering::SeqCst));
+        cache.remember(slot, key, &[], outcome, cache.epoch(&key, &[]));
     }
 
     fn cached(cache: &Arc<Cache>, slot: Slot) -> bool {
@@ -1498,11 +1549,65 @@ mod tests {
     fn a_load_that_started_before_an_invalidation_caches_nothing_and_indexes_nothing() {
         let cache = cache(Empty);
         let (slot, h) = (Slot::test(3), hash(3));
-        let epoch = cache.epoch.load(Ordering::SeqCst);
+        let epoch = cache.epoch(&h, &[]);
         cache.invalidate("t3", &h);
-        cache.remember(slot, h, &found(slot, h, "t3"), epoch);
+        cache.remember(slot, h, &[], &found(slot, h, "t3"), epoch);
         assert!(!cached(&cache, slot));
         assert_eq!(cache.index.len(), 0);
+    }
+
+    /// Invalidations are striped by hash: one of a hash in another stripe leaves a load free to
+    /// cache (positive and negative), one of a hash in the same stripe, of one of the load's
+    /// older pepper hashes, or a clear does not.
+    #[test]
+    fn an_invalidation_holds_back_only_the_loads_of_its_stripe() {
+        let cache = cache(Empty);
+        let (slot, h) = (Slot::test(1), hash(1));
+        let other = (2..100)
+            .map(hash)
+            .find(|o| epoch_stripe(o) != epoch_stripe(&h))
+            .unwrap();
+        let mut neighbour = *h.as_bytes();
+        neighbour[31] ^= 1;
+        let neighbour = TokenHash::from_bytes(neighbour);
+        assert_eq!(epoch_stripe(&neighbour), epoch_stripe(&h));
+        let previous = (100..200)
+            .map(hash)
+            .find(|p| epoch_stripe(p) != epoch_stripe(&h))
+            .unwrap();
+        let unknown = hash(201);
+
+        let epoch = cache.epoch(&h, &[]);
+        cache.invalidate("other", &other);
+        cache.remember(slot, h, &[], &found(slot, h, "t1"), epoch);
+        assert!(
+            cached(&cache, slot),
+            "another stripe's event held the load back"
+        );
+        let epoch = cache.epoch(&unknown, &[]);
+        cache.invalidate("other", &other);
+        let unknown_outcome = Outcome::Rejected(Negative::Unknown);
+        cache.remember(Slot::test(2), unknown, &[], &unknown_outcome, epoch);
+        assert!(cache.probe_negative(&unknown).is_some());
+
+        // Held back: the same stripe, an older pepper's hash, a clear.
+        let cases: [(&str, &dyn Fn()); 3] = [
+            ("same stripe", &|| cache.invalidate("n", &neighbour)),
+            ("previous", &|| cache.invalidate("p", &previous)),
+            ("clear", &|| cache.clear()),
+        ];
+        for (what, invalidate) in cases {
+            cache.invalidate("t1", &h);
+            let epoch = cache.epoch(&h, &[previous]);
+            invalidate();
+            cache.remember(slot, h, &[previous], &found(slot, h, "t1"), epoch);
+            assert!(!cached(&cache, slot), "{what}");
+            // The same for a refusal under `h`.
+            let epoch = cache.epoch(&h, &[previous]);
+            invalidate();
+            cache.remember(slot, h, &[previous], &unknown_outcome, epoch);
+            assert!(cache.probe_negative(&h).is_none(), "{what}");
+        }
     }
 
     #[test]
