@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use http::Request;
 use http_body_util::Full;
-use tower_pat::{MemoryStore, PatAuthLayer, TokenFormat};
+use tower_pat::{MemoryStore, PatAuthLayer, ScopeSet, TokenFormat};
 
 #[tokio::test]
 async fn valid_token_reaches_the_handler_with_its_principal() {
@@ -417,4 +417,85 @@ async fn verify_counts_failures_like_requests() {
             .await
             .is_ok()
     );
+}
+
+/// Requests at once get no more guesses than the failure limit: each store lookup counts as a
+/// failure until it is answered, so a burst of 200 unknown tokens from one client (a list of
+/// scraped tokens tested for life over one HTTP/2 connection) reaches the store 5 times, not
+/// 160 (review), the rest answered 429; the same through `PatAuthLayer::verify`. And lookups in
+/// progress only make a client's valid tokens wait: a burst of distinct valid tokens from one
+/// client, more than the limit, is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_guesses_gets_no_more_store_lookups_than_the_failure_limit() {
+    use tower::{Layer, ServiceExt};
+    const MAX: usize = 5;
+    const BURST: usize = 200;
+    let store = CountingStore::new();
+    // A store on the network: 5 ms a lookup.
+    store.delay_ms.store(5, std::sync::atomic::Ordering::SeqCst);
+    let layer = PatAuthLayer::builder(store.clone())
+        .limit_failures(MAX as u32, std::time::Duration::from_secs(60))
+        .build();
+    let svc = layer.clone().layer(echo_service());
+    let statuses = |from: &'static str, tokens: Vec<String>| {
+        let svc = svc.clone();
+        async move {
+            let tasks: Vec<_> = tokens
+                .into_iter()
+                .map(|token| {
+                    let svc = svc.clone();
+                    tokio::spawn(async move {
+                        let req = request(Some(&token), Some(from));
+                        svc.oneshot(req).await.unwrap().status().as_u16()
+                    })
+                })
+                .collect();
+            let mut statuses = Vec::new();
+            for t in tasks {
+                statuses.push(t.await.unwrap());
+            }
+            statuses
+        }
+    };
+    let guesses = || -> Vec<String> {
+        (0..BURST)
+            .map(|_| TokenFormat::new().generate().expose_secret().to_owned())
+            .collect()
+    };
+    let answered = statuses("203.0.113.66:4000", guesses()).await;
+    let count = |code: u16| answered.iter().filter(|s| **s == code).count();
+    assert_eq!((count(401), count(429)), (MAX, BURST - MAX), "{answered:?}");
+    assert_eq!(store.lookups(), MAX);
+
+    // Through verify, from another client.
+    let client = Some("198.51.100.9".parse().unwrap());
+    let tasks: Vec<_> = guesses()
+        .into_iter()
+        .map(|guess| {
+            let layer = layer.clone();
+            tokio::spawn(async move {
+                let verified = layer.verify(&guess, client, &ScopeSet::empty()).await;
+                verified.err().map(|e| e.status().as_u16())
+            })
+        })
+        .collect();
+    let mut verified = Vec::new();
+    for t in tasks {
+        verified.push(t.await.unwrap());
+    }
+    let count = |code: u16| verified.iter().filter(|s| **s == Some(code)).count();
+    assert_eq!((count(401), count(429)), (MAX, BURST - MAX), "{verified:?}");
+    assert_eq!(store.lookups(), 2 * MAX);
+
+    // Valid tokens, three times the limit at once from one client: all served.
+    let mut valid = Vec::new();
+    for n in 0..3 * MAX {
+        let (_, secret) = Tokens::new(store.inner.clone())
+            .issue(new_token(&format!("user-{n}"), &[]))
+            .await
+            .unwrap();
+        valid.push(secret.expose_secret().to_owned());
+    }
+    let answered = statuses("192.0.2.44:1", valid).await;
+    assert!(answered.iter().all(|s| *s == 200), "{answered:?}");
 }

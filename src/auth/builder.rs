@@ -243,6 +243,13 @@ impl PatAuthLayerBuilder {
     /// trusted proxy, ultimately the peer), never against nobody. Only a request without any peer
     /// address (a server that does not record it) is not counted. At most 100 000 networks are
     /// tracked at once.
+    ///
+    /// A token sent to the store counts as a failure until the store has answered: requests
+    /// sent at once get no more store lookups than `max_failures` leaves, and those beyond it
+    /// wait for the lookups in progress (at most [`CacheConfig::lookup_wait`], then 503), so a
+    /// client's valid tokens are served while a burst of guesses gets 429.
+    ///
+    /// [`CacheConfig::lookup_wait`]: crate::CacheConfig::lookup_wait
     pub fn limit_failures(mut self, max_failures: u32, window: Duration) -> Self {
         self.limit_failures = Some((max_failures, window));
         self

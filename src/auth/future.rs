@@ -8,13 +8,17 @@ use http::{Request, Response};
 use pin_project::pin_project;
 use tower::Service;
 
+use super::AuthError;
 use super::body::ResponseBody;
+use super::limit::Attempt;
 use super::verify::{TOKEN_EXPIRATION, Verifier, expiration_value};
 use crate::cache::{Outcome, now_ms};
 use crate::principal::Principal;
 use crate::stats::Counter;
 
-type Lookup = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+/// A cache miss's store lookup: its outcome, and the failure-limit attempt it counts as until its
+/// refusal is counted (`Err` when the failure limit refused it first).
+type Lookup = Pin<Box<dyn Future<Output = Result<(Outcome, Option<Attempt>), AuthError>> + Send>>;
 
 /// The response future of [`PatAuth`](crate::PatAuth).
 ///
@@ -152,11 +156,17 @@ where
                     return Poll::Ready(Ok((*res).map(ResponseBody::error)));
                 }
                 StateProj::Lookup { lookup, pending } => {
-                    let outcome = ready!(lookup.as_mut().poll(cx));
+                    let looked = ready!(lookup.as_mut().poll(cx));
                     let (mut service, mut request, verifier) = *pending
                         .take()
                         .expect("ResponseFuture polled after completion");
-                    let admitted = verifier.admit(outcome, &mut request, now_ms());
+                    // Dropped at the end of this arm: after a refusal was counted.
+                    let (admitted, _attempt) = match looked {
+                        Ok((outcome, attempt)) => {
+                            (verifier.admit(outcome, &mut request, now_ms()), attempt)
+                        }
+                        Err(error) => (Err(error.into()), None),
+                    };
                     if admitted.is_ok() {
                         verifier.cache.stats.add(Counter::OkMiss);
                     }

@@ -253,6 +253,8 @@ impl PatAuthLayer {
         let verifier = &self.verifier;
         let stats = &verifier.cache.stats;
         let mut positive = false;
+        // Dropped after a refusal was counted (see `Verifier::lookup_attempt`).
+        let mut attempt = None;
         let result = async {
             verifier.check_limit(client)?;
             let now = now_ms();
@@ -263,6 +265,7 @@ impl PatAuthLayer {
                 }
                 Probe::Uncached(keys) => {
                     stats.add(Counter::Miss);
+                    attempt = verifier.lookup_attempt(client).await?;
                     Arc::clone(&verifier.cache)
                         .load(
                             keys.slot,
@@ -282,9 +285,11 @@ impl PatAuthLayer {
             (Err(_), true) => stats.add(Counter::HitRefused),
             (Err(_), false) => {}
         }
-        result.map_err(|refusal: Refusal| {
+        let result = result.map_err(|refusal: Refusal| {
             verifier.refused(&refusal, client, client);
             refusal.error
-        })
+        });
+        drop(attempt);
+        result
     }
 }

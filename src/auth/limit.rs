@@ -1,12 +1,12 @@
 //! Fixed-window counting per key: the failed-authentication limit per client network (past it, a
 //! client gets 429 with `Retry-After` until its window ends) and the management API's
-//! token-creation limit per subject.
+//! token-creation and rotation limits.
 
 use std::borrow::Borrow;
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Counts events per key within a window that starts at the key's first event; once `max` are
@@ -20,7 +20,41 @@ pub(crate) struct WindowCounter<K> {
 
 struct Window {
     start: Instant,
-    count: AtomicU32,
+    /// The events counted (the low 32 bits) and the attempts in progress (the high 32 bits,
+    /// [`WindowCounter::attempt`]), in one word so that each check and its change are one
+    /// atomic step.
+    state: AtomicU64,
+    /// Woken when an attempt ends.
+    ended: tokio::sync::Notify,
+}
+
+/// One attempt in progress.
+const ATTEMPT: u64 = 1 << 32;
+
+impl Window {
+    /// The events counted, and the attempts in progress.
+    fn counts(state: u64) -> (u64, u64) {
+        (state & (ATTEMPT - 1), state >> 32)
+    }
+}
+
+/// An attempt in progress ([`WindowCounter::attempt`]): counted against its key's window as if
+/// it had failed, until dropped.
+pub(crate) struct Attempt {
+    window: Arc<Window>,
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        self.window.state.fetch_sub(ATTEMPT, Ordering::AcqRel);
+        self.window.ended.notify_waiters();
+    }
+}
+
+impl std::fmt::Debug for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Attempt")
+    }
 }
 
 impl<K> std::fmt::Debug for WindowCounter<K> {
@@ -53,7 +87,8 @@ impl<K: Hash + Eq + Send + Sync + 'static> WindowCounter<K> {
         Q: Hash + Eq + ?Sized,
     {
         let w = self.windows.get(key)?;
-        (w.count.load(Ordering::Relaxed) >= self.max).then(|| self.seconds_left(&w))
+        let (counted, _) = Window::counts(w.state.load(Ordering::Acquire));
+        (counted >= u64::from(self.max)).then(|| self.seconds_left(&w))
     }
 
     /// The whole seconds until `w` ends, at least one.
@@ -67,14 +102,21 @@ impl<K: Hash + Eq + Send + Sync + 'static> WindowCounter<K> {
         self.windows.get_with(key, || {
             Arc::new(Window {
                 start: Instant::now(),
-                count: AtomicU32::new(0),
+                state: AtomicU64::new(0),
+                ended: tokio::sync::Notify::new(),
             })
         })
     }
 
     /// Counts one event of `key`.
     pub(crate) fn count(&self, key: K) {
-        self.window(key).count.fetch_add(1, Ordering::Relaxed);
+        // Saturating: the count never carries into the attempts.
+        let _ = self
+            .window(key)
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                (Window::counts(s).0 < ATTEMPT - 1).then_some(s + 1)
+            });
     }
 
     /// Counts one event of `key` unless its window is full: `Err(seconds until it ends)` then.
@@ -83,12 +125,40 @@ impl<K: Hash + Eq + Send + Sync + 'static> WindowCounter<K> {
     #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) fn try_count(&self, key: K) -> Result<(), u64> {
         let w = self.window(key);
-        w.count
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < self.max).then_some(n + 1)
+        w.state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                (Window::counts(s).0 < u64::from(self.max)).then_some(s + 1)
             })
             .map(drop)
             .map_err(|_| self.seconds_left(&w))
+    }
+
+    /// Starts an attempt of `key` whose failure would count ([`Self::count`], before the
+    /// [`Attempt`] is dropped): attempts in progress count as failures, so that requests at once
+    /// cannot all pass a window with one failure left. Waits while the failures and the attempts
+    /// in progress reach `max` (one of them may succeed); `Err(seconds until the window ends)`
+    /// once the failures alone do.
+    pub(crate) async fn attempt(&self, key: K) -> Result<Attempt, u64> {
+        let window = self.window(key);
+        let max = u64::from(self.max);
+        loop {
+            // Registered before the check, so that no attempt ends unnoticed in between.
+            let ended = window.ended.notified();
+            let mut ended = std::pin::pin!(ended);
+            ended.as_mut().enable();
+            let started = window
+                .state
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                    let (counted, attempts) = Window::counts(s);
+                    (counted + attempts < max).then_some(s + ATTEMPT)
+                });
+            match started {
+                Ok(_) => break,
+                Err(s) if Window::counts(s).0 >= max => return Err(self.seconds_left(&window)),
+                Err(_) => ended.await,
+            }
+        }
+        Ok(Attempt { window })
     }
 }
 
@@ -136,6 +206,12 @@ impl FailureLimit {
     /// Counts one failure of `ip`'s network.
     pub(crate) fn count(&self, ip: IpAddr) {
         self.counter.count(self.key(ip));
+    }
+
+    /// Starts a store lookup of a token `ip` presented ([`WindowCounter::attempt`]): it counts
+    /// as a failure of `ip`'s network until it ends, and a failure is counted before it ends.
+    pub(crate) async fn attempt(&self, ip: IpAddr) -> Result<Attempt, u64> {
+        self.counter.attempt(self.key(ip)).await
     }
 }
 

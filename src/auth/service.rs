@@ -76,12 +76,14 @@ where
                 let ready = std::mem::replace(&mut self.inner, clone);
                 // The client's address, for its lookup budget and a reuse report (a miss only).
                 let client = self.verifier.client_addr(&req);
-                let lookup = Box::pin(Arc::clone(&self.verifier.cache).load(
-                    keys.slot,
-                    keys.hash,
-                    keys.previous,
-                    client,
-                ));
+                let verifier = Arc::clone(&self.verifier);
+                let lookup = Box::pin(async move {
+                    let attempt = verifier.lookup_attempt(client.limit_key()).await?;
+                    let outcome = Arc::clone(&verifier.cache)
+                        .load(keys.slot, keys.hash, keys.previous, client)
+                        .await;
+                    Ok((outcome, attempt))
+                });
                 ResponseFuture::lookup(lookup, ready, req, Arc::clone(&self.verifier))
             }
         }

@@ -18,7 +18,7 @@ use http::{HeaderName, HeaderValue, Request, Response, header};
 use super::error::{Anonymous, AuthError, Challenge, RefusedToken};
 use super::extract::{ForeignCredential, Sources};
 use super::is_grpc;
-use super::limit::FailureLimit;
+use super::limit::{Attempt, FailureLimit};
 use crate::cache::{Cache, Negative, Outcome, Slot, now_ms};
 use crate::client_ip::{ClientAddr, ClientIpSource};
 use crate::principal::Principal;
@@ -375,6 +375,28 @@ impl Verifier {
             return Err(AuthError::TooManyAttempts { retry_after_secs });
         }
         Ok(())
+    }
+
+    /// Before a store lookup of a token from `key`'s network: with the failure limit on, the
+    /// lookup counts as a failure until the returned attempt is dropped (after its refusal was
+    /// counted), so that requests at once cannot all pass a window with one failure left (each
+    /// would reach the store). Waits while the network's failures and lookups in progress reach
+    /// the limit, at most `lookup_wait` (then 503); `TooManyAttempts` once the failures alone do.
+    #[cold]
+    pub(super) async fn lookup_attempt(
+        &self,
+        key: Option<IpAddr>,
+    ) -> Result<Option<Attempt>, AuthError> {
+        let (Some(limiter), Some(key)) = (&self.limiter, key) else {
+            return Ok(None);
+        };
+        match tokio::time::timeout(self.cache.config().lookup_wait, limiter.attempt(key)).await {
+            Ok(Ok(attempt)) => Ok(Some(attempt)),
+            Ok(Err(retry_after_secs)) => Err(AuthError::TooManyAttempts { retry_after_secs }),
+            Err(_) => Err(AuthError::Unavailable {
+                retry_after_secs: self.unavailable_retry_after,
+            }),
+        }
     }
 
     /// Counts a failed credential against `key`'s network.
