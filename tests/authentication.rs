@@ -159,6 +159,58 @@ async fn two_different_credentials_are_an_invalid_request() {
     assert_eq!(send(&layer, req).await.status, 200);
 }
 
+/// RFC 9110 allows one `Authorization` field: a second one that is not the same token is a
+/// second credential, whatever its scheme, also for a layer that passes foreign credentials on.
+/// Were it ignored, a component behind the layer reading the first field (`Basic` bob) would
+/// act for another identity than the handler's principal (alice).
+#[tokio::test]
+async fn a_second_authorization_header_of_another_scheme_is_a_second_credential() {
+    let store = MemoryStore::new();
+    let (_, secret) = Tokens::new(store.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
+    let bearer = format!("Bearer {}", secret.expose_secret());
+    let token = format!("Token {}", secret.expose_secret());
+    let two = |first: &str, second: &str| {
+        Request::builder()
+            .header("authorization", first)
+            .header("authorization", second)
+            .body(Full::default())
+            .unwrap()
+    };
+    let token_scheme = PatAuthLayer::builder(store.clone())
+        .accept_token_scheme()
+        .build();
+    for layer in [
+        PatAuthLayer::builder(store.clone()).build(),
+        PatAuthLayer::builder(store.clone())
+            .pass_foreign_credentials()
+            .build(),
+        PatAuthLayer::builder(store.clone())
+            .accept_raw_authorization()
+            .build(),
+        token_scheme.clone(),
+    ] {
+        // Another scheme, an empty value, a scheme without a credential.
+        for other in ["Basic Ym9iOnBhc3N3b3Jk", "", "Bearer", "Token"] {
+            for (first, second) in [(bearer.as_str(), other), (other, bearer.as_str())] {
+                let reply = send(&layer, two(first, second)).await;
+                assert_eq!(reply.status, 400, "{first:?} then {second:?}");
+                assert_eq!(reply.json()["code"], "invalid_request");
+            }
+        }
+        // Two values of another scheme are two credentials as well.
+        let reply = send(&layer, two("Basic Ym9iOnBhc3N3b3Jk", "Basic YWxpY2U6eA==")).await;
+        assert_eq!(reply.status, 400);
+        // The same token twice is one credential, in any spelling the layer reads.
+        assert_eq!(send(&layer, two(&bearer, &bearer)).await.status, 200);
+        let lower = format!("bearer  {} ", secret.expose_secret());
+        assert_eq!(send(&layer, two(&lower, &bearer)).await.status, 200);
+    }
+    assert_eq!(send(&token_scheme, two(&token, &bearer)).await.status, 200);
+}
+
 #[tokio::test]
 async fn optional_sources_are_off_until_configured() {
     let store = MemoryStore::new();

@@ -146,7 +146,8 @@ proptest! {
             prop_assert_eq!((f.outcomes, f.cache, f.store_lookups), (g.outcomes, g.cache, g.store_lookups));
             if answer_fast.0 == 200 {
                 // Admitted: some value is `Bearer` and the exact token, and none is another
-                // `Bearer` credential.
+                // `Bearer` credential; of several values, every one is (RFC 9110 allows one
+                // `Authorization` field: any other value is a second credential).
                 let bearer = |v: &Vec<u8>| {
                     v.get(..7)
                         .filter(|s| s.eq_ignore_ascii_case(b"bearer "))
@@ -155,6 +156,7 @@ proptest! {
                 let credentials: Vec<_> = values.iter().filter_map(bearer).collect();
                 prop_assert!(!credentials.is_empty());
                 prop_assert!(credentials.iter().all(|c| c == token.as_bytes()));
+                prop_assert!(values.len() == 1 || credentials.len() == values.len());
             }
             Ok(())
         })?;

@@ -280,11 +280,13 @@ impl PatAuthLayerBuilder {
     ///
     /// Foreign means: the credential read from the configured sources does not start with the
     /// token prefix ([`TokenFormat::prefix`]), or the request carries no credential the layer reads
-    /// but an `Authorization` header of another scheme (`Basic`, …). A credential with the
-    /// prefix that fails any check (malformed, unknown, revoked, expired, wrong address, missing
-    /// scope) is still refused — also in any other spelling (`Bearer<TAB>`, a scheme the layer does
-    /// not read, a percent-encoded query value): a request where a credential *starts* with the
-    /// prefix is never foreign — and counts against [`limit_failures`](Self::limit_failures) as
+    /// but one `Authorization` header of another scheme (`Basic`, …). A request with more than one
+    /// `Authorization` header is refused (400 `invalid_request`, two credentials) unless each holds
+    /// the same token, also with this option. A credential with the prefix that fails any check
+    /// (malformed, unknown, revoked, expired, wrong address, missing scope) is still refused —
+    /// also in any other spelling (`Bearer<TAB>`, a scheme the layer does not read, a
+    /// percent-encoded query value): a request where a credential *starts* with the prefix is
+    /// never foreign — and counts against [`limit_failures`](Self::limit_failures) as
     /// before; a foreign one does not. A network the failure limit refuses is refused whatever
     /// it sends. A request without any credential is treated as before (see
     /// [`allow_anonymous`](Self::allow_anonymous)).

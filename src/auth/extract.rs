@@ -34,7 +34,8 @@ pub(super) struct Sources {
 
 impl Sources {
     /// The credential of a request from the configured sources; `Ok(None)` without any, an
-    /// `invalid_request` error for two different ones or unreadable bytes.
+    /// `invalid_request` error for two different ones (a second `Authorization` field that is
+    /// not the same token counts as one) or unreadable bytes.
     #[inline]
     pub(super) fn extract<'a>(
         &self,
@@ -98,16 +99,18 @@ impl Sources {
                 Ok(())
             }
         };
-        for value in headers.get_all(header::AUTHORIZATION) {
+        // RFC 9110 allows one `Authorization` field. Several are read only when every one is the
+        // same token in a form the layer accepts: any other value (another scheme, an empty one)
+        // is a second credential: a component behind the layer that reads the first field would
+        // see another identity than the principal's.
+        let authorization = headers.get_all(header::AUTHORIZATION);
+        let several = authorization.iter().nth(1).is_some();
+        for value in authorization {
             let value = value.to_str().map_err(|_| BYTES)?;
-            if let Some(token) = strip_scheme(value, "bearer") {
-                add(token)?;
-            } else if self.token_scheme
-                && let Some(token) = strip_scheme(value, "token")
-            {
-                add(token)?;
-            } else if self.raw_authorization && !value.trim().contains(' ') {
-                add(value.trim())?;
+            match self.authorization_token(value) {
+                Some(token) => add(token)?,
+                None if several => return Err(TWO),
+                None => {}
             }
         }
         for name in &self.headers {
@@ -126,6 +129,22 @@ impl Sources {
             }
         }
         Ok(found)
+    }
+
+    /// The token of one `Authorization` value, in a form this configuration accepts: `Bearer`,
+    /// `Token`, or the raw value.
+    fn authorization_token<'a>(&self, value: &'a str) -> Option<&'a str> {
+        if let Some(token) = strip_scheme(value, "bearer") {
+            Some(token)
+        } else if self.token_scheme
+            && let Some(token) = strip_scheme(value, "token")
+        {
+            Some(token)
+        } else if self.raw_authorization && !value.trim().contains(' ') {
+            Some(value.trim())
+        } else {
+            None
+        }
     }
 
     /// Where a request without a credential the layer reads put one the layer does not read
