@@ -1,6 +1,8 @@
 //! List, get, self, update, revoke, rotate and delete, with the scopes that guard them, and the
 //! rule that every change applies to the very next request.
 
+#[cfg(feature = "postgres")]
+mod common;
 mod support_admin;
 
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use http::{Method, StatusCode};
 use support_admin::*;
-use tower_pat::{NewToken, StoreError, TokenLookup, TokenStore, UsageUpdate};
+use tower_pat::{NewToken, StoreError, TokenLookup, TokenStore, Tokens, UsageUpdate};
 
 fn names(res: &Res) -> Vec<&str> {
     res.body
@@ -836,4 +838,63 @@ async fn behind_an_app_wide_layer_the_second_pass_is_a_cache_hit() {
         assert_eq!(res.status, StatusCode::OK, "{}", res.text);
     }
     assert_eq!(layer.store_lookups(), 1);
+}
+
+/// A NUL byte (`%00`) in a token id or a filter matches no token, whatever the store: 404 or an
+/// empty list, as for any other unknown value. Never a 500: PostgreSQL refuses the character in
+/// text, and that refusal is no store failure.
+async fn a_nul_byte_matches_no_token(tokens: Tokens) {
+    let layer = tokens.layer().build();
+    let app = axum::Router::new().nest(
+        BASE,
+        tower_pat::admin::router(tower_pat::admin::AdminConfig::new(&tokens, &layer).unwrap()),
+    );
+    let reader = issue(&tokens, "bob", &["personalAccessToken:read"]).await;
+    let admin = issue(&tokens, "root", &["personalAccessToken:*"]).await;
+    for (uri, token) in [
+        (format!("{BASE}?search=%00"), &reader),
+        (format!("{BASE}?search=seed%00"), &reader),
+        (format!("{BASE}?ownerId=%00"), &admin),
+        (format!("{BASE}?ownerId=bob%00"), &admin),
+    ] {
+        let res = get(&app, &uri, token).await;
+        assert_eq!(res.status, StatusCode::OK, "{uri}: {}", res.text);
+        assert!(names(&res).is_empty(), "{uri}: {}", res.text);
+    }
+    let id = format!("{BASE}/%00");
+    for res in [
+        get(&app, &id, &reader).await,
+        patch(&app, &id, &admin, r#"{"name": "x"}"#).await,
+        post(&app, &format!("{id}/rotate"), &admin, "").await,
+        call(&app, Method::DELETE, &id, Some(&admin), None).await,
+    ] {
+        res.error(404);
+        assert_eq!(res.body["code"], "not_found", "{}", res.text);
+    }
+}
+
+#[tokio::test]
+async fn a_nul_byte_matches_no_token_in_memory() {
+    a_nul_byte_matches_no_token(Tokens::new(tower_pat::MemoryStore::new())).await;
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn a_nul_byte_matches_no_token_in_sqlite() {
+    let store = tower_pat::SqliteStore::in_memory().await.unwrap();
+    a_nul_byte_matches_no_token(Tokens::new(store)).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn a_nul_byte_matches_no_token_in_postgres() {
+    let Some(db) = common::pg::TestDb::create("admin_manage_nul").await else {
+        return;
+    };
+    let store = tower_pat::PostgresStore::builder()
+        .connect_with(db.options.clone())
+        .await
+        .unwrap();
+    a_nul_byte_matches_no_token(Tokens::new(store.clone())).await;
+    store.pool().close().await;
 }

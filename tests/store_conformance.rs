@@ -144,6 +144,7 @@ mod suite {
         revoke_keeps_the_first_time,
         delete_removes,
         conditional_revoke_and_delete,
+        texts_with_a_nul_match_nothing,
         insert_below_holds_the_limit_under_concurrency,
         usage_is_monotonic,
         usage_keeps_newest_addresses_capped,

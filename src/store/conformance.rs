@@ -14,7 +14,8 @@
 //! before each `update`, `rotate`, `revoke` and `delete` (so
 //! [`TokenLookup::subscribe`](super::TokenLookup::subscribe) must return `true`: embed a
 //! [`ChangeHub`](super::ChangeHub)); usage merged by [`TokenRecord::apply_usage`]'s rule; and
-//! listings that agree with [`ListQuery::matches`] and [`ListQuery::compare`]; and a
+//! listings that agree with [`ListQuery::matches`] and [`ListQuery::compare`]; an id, subject or
+//! search text with a NUL character that matches nothing (not a backend error); and a
 //! [`TokenStore::purge`] that removes exactly the records [`TokenRecord::is_purgeable`] names, at
 //! most the limit, announcing each (a store whose `purge` answers [`StoreError::Unsupported`],
 //! the trait's default, passes those checks: it removes nothing, and retention reports it); and a
@@ -295,6 +296,7 @@ suite!(
     revoke_keeps_the_first_time,
     delete_removes,
     conditional_revoke_and_delete,
+    texts_with_a_nul_match_nothing,
     insert_below_holds_the_limit_under_concurrency,
     usage_is_monotonic,
     usage_keeps_newest_addresses_capped,
@@ -1447,6 +1449,105 @@ pub async fn conditional_revoke_and_delete<S: TokenStore>(store: S) {
         "delete_if_covered must publish Changed for the hash"
     );
     assert_eq!(store.get(&other.id).await.must(), None, "deleted");
+}
+
+/// An id, subject or search text with a NUL character (`%00` in a URL) matches no record, as any
+/// other unknown value: `get` is `None`, `update` and `rotate` fail with
+/// [`StoreError::NotFound`], `revoke`, `delete` and their conditional forms are `None` (or
+/// `Unsupported`), `count_by_subject` is 0 and a listing is empty. Never a backend error (a
+/// database may refuse the character in text, as PostgreSQL does), and nothing changes.
+pub async fn texts_with_a_nul_match_nothing<S: TokenStore>(store: S) {
+    let _check = Check("texts_with_a_nul_match_nothing");
+    let t = now();
+    let r = record("alice", "ci");
+    store.insert(&r).await.must();
+    let events = Events::subscribe(&store);
+    for id in [
+        "\0".to_owned(),
+        format!("{}\0", r.id),
+        format!("\0{}", r.id),
+    ] {
+        assert_eq!(
+            store.get(&id).await.must(),
+            None,
+            "get of an id with a NUL must be None"
+        );
+        assert!(
+            matches!(
+                store.update(&id, &TokenPatch::new(t).name("renamed")).await,
+                Err(StoreError::NotFound)
+            ),
+            "update of an id with a NUL must be NotFound"
+        );
+        let rotation = Rotation::new(r.hash, new_hash(), "pat_x", t);
+        assert!(
+            matches!(
+                store.rotate(&id, &rotation).await,
+                Err(StoreError::NotFound)
+            ),
+            "rotate of an id with a NUL must be NotFound"
+        );
+        assert_eq!(
+            store.revoke(&id, t).await.must(),
+            None,
+            "revoke of an id with a NUL must be None"
+        );
+        assert_eq!(
+            store.delete(&id).await.must(),
+            None,
+            "delete of an id with a NUL must be None"
+        );
+        assert!(
+            matches!(
+                store.revoke_if_covered(&id, t, &r.scopes).await,
+                Ok(None) | Err(StoreError::Unsupported { .. })
+            ),
+            "revoke_if_covered of an id with a NUL must be None"
+        );
+        assert!(
+            matches!(
+                store.delete_if_covered(&id, &r.scopes).await,
+                Ok(None) | Err(StoreError::Unsupported { .. })
+            ),
+            "delete_if_covered of an id with a NUL must be None"
+        );
+    }
+    for subject in ["\0", "alice\0", "\0alice"] {
+        assert_eq!(
+            store.count_by_subject(subject).await.must(),
+            0,
+            "count_by_subject of a subject with a NUL must be 0"
+        );
+        let page = store
+            .list(&ListQuery::default().subject(subject))
+            .await
+            .must();
+        assert_eq!(
+            (page.items.len(), page.total),
+            (0, 0),
+            "a listing of a subject with a NUL must be empty"
+        );
+    }
+    for search in ["\0", "ci\0", "\0ci", "C\0"] {
+        let page = store
+            .list(&ListQuery::default().search(search))
+            .await
+            .must();
+        assert_eq!(
+            (page.items.len(), page.total),
+            (0, 0),
+            "a listing searching a text with a NUL must be empty"
+        );
+    }
+    assert_eq!(
+        store.get(&r.id).await.found(),
+        r,
+        "a write naming an id with a NUL must change nothing"
+    );
+    assert!(
+        !events.heard(&r.id, r.hash),
+        "a write naming an id with a NUL must announce nothing"
+    );
 }
 
 /// `record_usage` follows [`TokenRecord::apply_usage`]: `last_used_at` never moves backwards,

@@ -572,6 +572,9 @@ impl PostgresStore {
         revoked_passes: bool,
         q: impl FnOnce(i64) -> Query<'q>,
     ) -> Result<Option<TokenRecord>, StoreError> {
+        if !storable(id) {
+            return Ok(None);
+        }
         let mut tx = self.begin_write().await?;
         let Some(old) = self.locked(&mut tx, id).await? else {
             return Ok(None);
@@ -893,6 +896,15 @@ type Query<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
 /// could be inserted but never revoked.
 const MAX_ID_LEN: usize = 1024;
 
+/// Whether PostgreSQL can hold `text`: it refuses the NUL character in text (`invalid byte
+/// sequence for encoding "UTF8": 0x00`), so no stored id, subject or name contains one. An id,
+/// subject or search text with a NUL (`%00` in a URL) therefore matches no row: the methods
+/// answer as for one that matches nothing, without a query, rather than with the database's
+/// error (a backend error, a 500 from the management API).
+fn storable(text: &str) -> bool {
+    !text.contains('\0')
+}
+
 /// Binds `$1`–`$17`: every column but the usage ones.
 fn bind_record<'q>(q: Query<'q>, r: &'q TokenRecord) -> Result<Query<'q>, StoreError> {
     if r.id.len() > MAX_ID_LEN {
@@ -1102,6 +1114,9 @@ impl TokenStore for PostgresStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        if !storable(id) {
+            return Ok(None);
+        }
         sqlx::query(&self.inner.sql.get)
             .bind(id)
             .fetch_optional(&self.inner.pool)
@@ -1113,6 +1128,10 @@ impl TokenStore for PostgresStore {
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Page, StoreError> {
+        let texts = [query.subject.as_deref(), query.search.as_deref()];
+        if !texts.into_iter().flatten().all(storable) {
+            return Ok(Page::default());
+        }
         sql::list_page::<Postgres>(
             &self.inner.pool,
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
@@ -1125,6 +1144,9 @@ impl TokenStore for PostgresStore {
     }
 
     async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
+        if !storable(id) {
+            return Err(StoreError::NotFound);
+        }
         let mut tx = self.begin_write().await?;
         let old = self.locked(&mut tx, id).await?;
         let old = check_writable(old.as_ref(), patch.if_version, None, patch.if_unexpired)?;
@@ -1150,6 +1172,9 @@ impl TokenStore for PostgresStore {
     }
 
     async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
+        if !storable(id) {
+            return Err(StoreError::NotFound);
+        }
         let mut tx = self.begin_write().await?;
         let old = self.locked(&mut tx, id).await?;
         let old = check_writable(
@@ -1196,6 +1221,9 @@ impl TokenStore for PostgresStore {
     }
 
     async fn revoke(&self, id: &str, at: DateTime<Utc>) -> Result<Option<TokenRecord>, StoreError> {
+        if !storable(id) {
+            return Ok(None);
+        }
         let q = sqlx::query(&self.inner.sql.revoke)
             .bind(id)
             .bind(at)
@@ -1204,6 +1232,9 @@ impl TokenStore for PostgresStore {
     }
 
     async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        if !storable(id) {
+            return Ok(None);
+        }
         self.change_returning(
             sqlx::query(&self.inner.sql.delete)
                 .bind(id)
@@ -1266,6 +1297,9 @@ impl TokenStore for PostgresStore {
     }
 
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
+        if !storable(subject) {
+            return Ok(0);
+        }
         let n: i64 = sqlx::query_scalar(&self.inner.sql.count_by_subject)
             .bind(subject)
             .fetch_one(&self.inner.pool)
