@@ -416,6 +416,30 @@ async fn a_check_without_an_http_request_or_a_method_is_refused_not_judged_as_ge
     }
 }
 
+/// A path with a raw `#` is refused with 400: `http::Uri` drops everything from the `#`, so
+/// `/public#/../admin` would be judged as `/public`, while an upstream that keeps the `#` in the
+/// path (Go's `http.FileServer`) serves `/admin`.
+#[tokio::test]
+async fn a_path_with_a_fragment_is_refused() {
+    let s = setup();
+    let mut client = serve_anonymous(&s, "/public").await;
+    for path in [
+        "/public#/../admin/secret.txt",
+        "/public?x#/../admin",
+        "/public#",
+    ] {
+        let res = check(&mut client, check_request(path, "192.0.2.1:4000", &[])).await;
+        assert_ne!(grpc_code(&res), 0, "{path}: {res:?}");
+        assert_eq!(denied(&res).0, 400, "{path}: {res:?}");
+    }
+    let res = check(
+        &mut client,
+        check_request("/public/%23", "192.0.2.1:4000", &[]),
+    )
+    .await;
+    assert_eq!(grpc_code(&res), 0, "{res:?}");
+}
+
 #[tokio::test]
 async fn an_identity_value_that_is_no_header_value_is_sent_empty() {
     let s = setup();

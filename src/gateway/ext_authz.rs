@@ -117,8 +117,8 @@ impl ExtAuthz {
     fn http_request(check: &CheckRequest) -> Result<Request<Empty<Bytes>>, AuthError> {
         let attributes = check.attributes.as_ref();
         // A check without the HTTP request (Envoy's network filter, a misconfiguration), without
-        // a method or with a path that does not parse is refused: never judged as `GET /`, which
-        // an anonymous rule may allow.
+        // a method or with a path that does not parse (or has a `#`) is refused: never judged as
+        // `GET /`, which an anonymous rule may allow.
         let h = attributes
             .and_then(|a| a.request.as_ref())
             .and_then(|r| r.http.as_ref())
@@ -128,10 +128,8 @@ impl ExtAuthz {
         let mut req = Request::new(Empty::new());
         *req.method_mut() = Method::from_bytes(h.method.as_bytes())
             .map_err(|_| AuthError::InvalidRequest("the request method is not a method"))?;
-        *req.uri_mut() = h
-            .path
-            .parse()
-            .map_err(|_| AuthError::InvalidRequest("the request path is not a valid URI"))?;
+        *req.uri_mut() =
+            super::request_target(h.path.as_bytes(), "the request path is not a valid URI")?;
         let map = h.header_map.iter().flat_map(|m| m.headers.iter()).map(|v| {
             let value = if v.raw_value.is_empty() {
                 v.value.as_bytes()

@@ -7,7 +7,8 @@
 //! [`ForwardAuth::check`] reads the original method and URI from the headers of the configured
 //! [`OriginalRequestHeaders`] only, and refuses (400) a request without them: a client could
 //! send the other pair itself, and a request judged as some other path could pass a rule meant
-//! for that path. The client address is the connection's peer (the gateway) unless the layer
+//! for that path. An original URI with a raw `#` is refused (400) too: a request target carries
+//! no fragment, and what follows the `#` is part of the path to some upstreams. The client address is the connection's peer (the gateway) unless the layer
 //! trusts it as a proxy, in which case the layer's forwarded header names the client, exactly as
 //! for a request through the layer. Everything the layer enforces applies (expiry, revocation,
 //! IP restriction, scopes, failure limit), plus the matching [route rule](super::rules).
@@ -138,10 +139,10 @@ impl ForwardAuth {
         };
         let method = Method::from_bytes(one(&method_header, method_missing)?.as_bytes())
             .map_err(|_| AuthError::InvalidRequest("the original method is not a method"))?;
-        let uri: http::Uri = one(&uri_header, uri_missing)?
-            .as_bytes()
-            .try_into()
-            .map_err(|_| AuthError::InvalidRequest("the original URI is not a valid URI"))?;
+        let uri = super::request_target(
+            one(&uri_header, uri_missing)?.as_bytes(),
+            "the original URI is not a valid URI",
+        )?;
         // Origin form only: an absolute URI's path could differ from what the gateway routes.
         if uri.scheme().is_some() || !uri.path().starts_with('/') {
             return Err(AuthError::InvalidRequest(
@@ -248,5 +249,45 @@ mod tests {
         assert_eq!(headers["x-auth-subject"], "alice");
         assert_eq!(headers["x-auth-token-id"], record.id.as_str());
         assert_eq!(headers["x-auth-scopes"], "");
+    }
+
+    /// nginx passes `$request_uri` as the client sent it, a raw `#` included, and `http::Uri`
+    /// drops everything from the `#`: `/public#/../admin/secret.txt` was judged as `/public`,
+    /// while Go's `http.FileServer` serves `/admin/secret.txt`. A request target never carries a
+    /// fragment: refused with 400, with a token or without.
+    #[tokio::test]
+    async fn a_raw_fragment_in_the_original_uri_is_refused() {
+        use super::super::rules::{RouteRule, RouteRules};
+        let tokens = Tokens::new(MemoryStore::new());
+        let (_, secret) = tokens.issue(NewToken::new("mallory", "ci")).await.unwrap();
+        let rules = RouteRules::new(vec![
+            RouteRule {
+                scopes: crate::ScopeSet::parse(["admin"]).unwrap(),
+                ..RouteRule::new("/admin")
+            },
+            RouteRule {
+                anonymous: true,
+                ..RouteRule::new("/public")
+            },
+        ]);
+        let auth = ForwardAuth::new(
+            Gate::with_rules(tokens.layer().build(), rules),
+            OriginalRequestHeaders::Forwarded,
+        );
+        let bearer = format!("Bearer {}", secret.expose_secret());
+        for uri in [
+            "/public#/../admin/secret.txt",
+            "/public?x=1#/../../admin/secret.txt",
+            "/public#",
+            "/public/%23/x#y",
+        ] {
+            for headers in [&[][..], &[("authorization", bearer.as_str())]] {
+                let res = auth.check(&forwarded(uri, headers)).await;
+                assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{uri}");
+            }
+        }
+        // An escaped `#` is a character of the path: judged as written.
+        let res = auth.check(&forwarded("/public/%23x", &[])).await;
+        assert_eq!(res.status(), StatusCode::OK);
     }
 }

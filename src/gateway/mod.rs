@@ -15,6 +15,28 @@ pub mod metrics;
 pub mod rules;
 pub mod serve;
 
+/// `raw`, a request target as a gateway describes it (forward-auth's original URI, ext_authz's
+/// path), parsed; refused with 400 (`invalid` when it is no URI at all) where `http::Uri` would
+/// not keep all of it.
+///
+/// A request target never carries a fragment (RFC 9112 §3.2), but a gateway may pass a raw `#`
+/// on (nginx's `$request_uri`), and `http::Uri` drops it and everything after it, unchecked:
+/// `/public#/../admin` would be judged as `/public`, while an upstream that keeps the `#` in the
+/// path (Go's `http.FileServer`) serves `/admin`. So a `#` anywhere is refused. It is the one byte
+/// `http::Uri` accepts without keeping: it decodes and normalizes nothing, and refuses every
+/// other byte it does not keep (controls, spaces, bytes that are not UTF-8, a target over 64 KiB).
+pub(crate) fn request_target(
+    raw: &[u8],
+    invalid: &'static str,
+) -> Result<http::Uri, crate::AuthError> {
+    if raw.contains(&b'#') {
+        return Err(crate::AuthError::InvalidRequest(
+            "the request target has a `#`: a request carries no fragment",
+        ));
+    }
+    http::Uri::try_from(raw).map_err(|_| crate::AuthError::InvalidRequest(invalid))
+}
+
 /// The names of the headers that carry a verified principal to the upstream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdentityHeaders {

@@ -31,7 +31,8 @@
 //!
 //! A path whose escapes do not decode to UTF-8 (`%FF`, the overlong `%C0%AE` some servers take for
 //! a `.`) or decode to a NUL byte is refused (400): no reading of it can be trusted; so is one
-//! longer than [`MAX_PATH_LEN`].
+//! longer than [`MAX_PATH_LEN`], and one with a raw `#` (a request target carries no fragment;
+//! what follows the `#` is path to some upstreams, Go's `http.FileServer` among them).
 //!
 //! A prefix matches whole segments: `/admin` matches `/admin` and `/admin/users`, not
 //! `/administrator`. Methods count the same way: the rule the method matches exactly, and the one
@@ -194,11 +195,17 @@ impl RouteRules {
     /// matches or the default; anonymous only if all of them are, and the scopes of all of them.
     ///
     /// Fails with [`AuthError::InvalidRequest`] (400) for a path whose escapes do not decode to
-    /// UTF-8 or decode to a NUL byte.
+    /// UTF-8 or decode to a NUL byte, or with a raw `#`.
     pub fn requirement(&self, method: &Method, path: &str) -> Result<Requirement, AuthError> {
+        // What follows a raw `#` is part of the path to some upstreams, and cut off by others.
+        if path.contains('#') {
+            return Err(AuthError::InvalidRequest(
+                "the request target has a `#`: a request carries no fragment",
+            ));
+        }
         // The common path (no escape, parameter, backslash, dot segment or empty segment) has
         // one reading, itself: no copy made.
-        let plain = path.split(['?', '#']).next().unwrap_or("");
+        let plain = path.split('?').next().unwrap_or("");
         let readings: Vec<Cow<'_, str>> = if is_plain(plain) {
             vec![Cow::Borrowed(plain)]
         } else {
@@ -251,7 +258,7 @@ fn is_plain(path: &str) -> bool {
 /// is, and with dot segments resolved (with `/` and with `/` and `\\` as separators, `;`
 /// parameters removed after decoding or not). The module docs say why.
 fn readings(path: &str) -> Result<Vec<String>, AuthError> {
-    let path = path.split(['?', '#']).next().unwrap_or("");
+    let path = path.split('?').next().unwrap_or("");
     // Each reading is a copy: a bound on the work a request can ask for.
     if path.len() > MAX_PATH_LEN {
         return Err(AuthError::InvalidRequest(
@@ -336,12 +343,13 @@ fn resolve(path: &str, separators: &[char], strip_params: bool) -> String {
     out
 }
 
-/// The path a gateway routes: the query cut off, percent-escapes decoded (bytes that are not
+/// The path a gateway routes: the query cut off (a raw `#` is kept, as part of the path: some
+/// upstreams read it so, and [`RouteRules::requirement`] refuses it), percent-escapes decoded (bytes that are not
 /// UTF-8 stay escaped, each on its own), `.` and `..` segments resolved (never above the root),
 /// `\` taken as a separator, repeated slashes merged, and a leading `/` ensured. This is one
 /// reading of a path; the gate judges a request by all of them ([`RouteRules::requirement`]).
 pub fn normalize_path(path: &str) -> Cow<'_, str> {
-    let path = path.split(['?', '#']).next().unwrap_or("");
+    let path = path.split('?').next().unwrap_or("");
     let clean = path.starts_with('/')
         && !path.contains('%')
         && !path.contains("//")
@@ -563,6 +571,9 @@ mod tests {
             "/public/%c0%ae%c0%ae/admin",
             "/public/%25C0%25AE/admin",
             "/public%00/../admin",
+            // A request target has no fragment: what follows a `#` is path to some upstreams.
+            "/public#/../admin",
+            "/public?x#/../admin",
         ] {
             let refused = rules.requirement(&Method::GET, path);
             assert!(
