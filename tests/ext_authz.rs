@@ -168,6 +168,7 @@ async fn a_valid_token_is_ok_with_identity_headers_that_overwrite_the_clients() 
             &[
                 ("authorization", &bearer(&token)),
                 ("x-auth-subject", "root"),
+                ("x-auth_token-id", "1"),
             ],
         ),
     )
@@ -182,7 +183,8 @@ async fn a_valid_token_is_ok_with_identity_headers_that_overwrite_the_clients() 
         unreachable!()
     };
     // The identity headers' underscore spellings, which CGI-style upstreams read as the same
-    // headers, are removed; the credential stays.
+    // headers, are removed, and so is every other spelling the request carries (a mixed one is
+    // the same header to them too); the credential stays.
     let underscored = [
         "x_auth_subject",
         "x_auth_token_id",
@@ -190,7 +192,10 @@ async fn a_valid_token_is_ok_with_identity_headers_that_overwrite_the_clients() 
         "x_auth_scopes",
     ]
     .map(str::to_owned);
-    assert_eq!(ok.headers_to_remove, underscored);
+    assert_eq!(
+        ok.headers_to_remove,
+        [&underscored[..], &["x-auth_token-id".to_owned()]].concat()
+    );
 
     // hide_credentials: the credential header is removed before the request goes upstream.
     let mut client = serve(ExtAuthz::new(s.layer.clone()).hide_credentials(true)).await;
@@ -210,6 +215,42 @@ async fn a_valid_token_is_ok_with_identity_headers_that_overwrite_the_clients() 
         ok.headers_to_remove,
         [&underscored[..], &["authorization".to_owned()]].concat()
     );
+}
+
+/// CGI, FastCGI and WSGI upstreams (and Caddy's fastcgi transport, which maps every `-` to `_`
+/// and upper-cases the name) read `X-Auth_Subject` as `X-Auth-Subject`: every spelling of an
+/// identity header the request carries, in `headers` or `header_map`, is removed, on an anonymous
+/// pass too.
+#[tokio::test]
+async fn every_spelling_of_an_identity_header_the_request_carries_is_removed() {
+    let s = setup();
+    let mut client = serve_anonymous(&s, "/").await;
+    let mut req = check_request(
+        "/x",
+        "192.0.2.1:4000",
+        &[("x-auth_subject", "root"), ("x-auth-scopes", "admin")],
+    );
+    http_mut(&mut req).header_map = Some(HeaderMap {
+        headers: vec![HeaderValue {
+            key: "X_Auth-Token-Name".to_owned(),
+            raw_value: b"root".to_vec(),
+            ..Default::default()
+        }],
+    });
+    let res = check(&mut client, req).await;
+    let Some(HttpResponse::OkResponse(ok)) = &res.http_response else {
+        panic!("not allowed: {res:?}");
+    };
+    for spelling in ["x-auth_subject", "x_auth-token-name", "x_auth_scopes"] {
+        assert!(
+            ok.headers_to_remove.iter().any(|h| h == spelling),
+            "{spelling} stays: {:?}",
+            ok.headers_to_remove
+        );
+    }
+    // The exact spelling is overwritten, not removed.
+    assert!(!ok.headers_to_remove.iter().any(|h| h == "x-auth-scopes"));
+    assert_eq!(ok_headers(&res)["x-auth-scopes"], (String::new(), true));
 }
 
 #[tokio::test]

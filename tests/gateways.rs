@@ -169,6 +169,25 @@ async fn the_contract(dir: &Dir, gateway: SocketAddr) {
         seen["headers"].get("x_auth_subject").is_none(),
         "a client-sent identity with underscores reached the upstream: {seen}"
     );
+    // Nor a mixed spelling (`HTTP_X_AUTH_SUBJECT` to CGI too): nginx drops it, patd refuses a
+    // forward-auth request that carries one (Caddy passes it on).
+    let mixed = http(
+        CLIENT,
+        gateway,
+        "GET",
+        "/public/page",
+        &[("X-Auth_Subject", "root")],
+    )
+    .await;
+    if mixed.status == 200 {
+        let seen: serde_json::Value = serde_json::from_str(&mixed.body).unwrap();
+        assert!(
+            seen["headers"].get("x-auth_subject").is_none(),
+            "a client-sent identity in a mixed spelling reached the upstream: {seen}"
+        );
+    } else {
+        assert_eq!(mixed.status, 400);
+    }
     // A client's own original-request headers do not move the request to another rule.
     let r = http(
         CLIENT,

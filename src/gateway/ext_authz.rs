@@ -9,9 +9,10 @@
 //!
 //! - Accepted: `OK`, with the identity headers ([`IdentityHeaders`]) in `ok_response.headers`,
 //!   overwriting any the client sent (all four, always: empty on an anonymous route's pass without
-//!   a token, and for a value that is not a valid header value), their other spellings (`_` for
-//!   `-` and the reverse) in `headers_to_remove` (CGI-style upstreams read them as the same
-//!   headers), and, with
+//!   a token, and for a value that is not a valid header value), their other spellings in
+//!   `headers_to_remove` (CGI-style upstreams read them as the same headers): always `_` for `-`
+//!   and the reverse, and every other spelling the request carries (`x-auth_subject`, see
+//!   [`IdentityHeaders::is_other_spelling`]), and, with
 //!   [`hide_credentials`](ExtAuthz::hide_credentials), the credential headers there too.
 //! - Refused: `UNAUTHENTICATED` (401) or `PERMISSION_DENIED` (any other status), with the layer's
 //!   HTTP status, headers (`WWW-Authenticate`, `Retry-After`) and JSON body in `denied_response`.
@@ -196,14 +197,43 @@ impl Authorization for ExtAuthz {
             Ok(req) => self.gate.check(req).await,
             Err(error) => self.gate.refuse(error),
         };
-        let response = self.respond(decision);
+        let response = self.respond(decision, self.other_spellings(request.get_ref()));
         Ok(tonic::Response::new(response))
     }
 }
 
 impl ExtAuthz {
-    /// The `CheckResponse` for the gate's decision.
-    fn respond(&self, decision: Decision) -> CheckResponse {
+    /// The names of the headers of `check` (`headers` and `header_map`) that are identity headers
+    /// in another spelling, lower-cased, without repetition.
+    fn other_spellings(&self, check: &CheckRequest) -> Vec<String> {
+        let Some(h) = check
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref())
+        else {
+            return Vec::new();
+        };
+        let names = h.headers.keys().chain(
+            h.header_map
+                .iter()
+                .flat_map(|m| m.headers.iter().map(|v| &v.key)),
+        );
+        let mut out: Vec<String> = Vec::new();
+        for name in names {
+            if self.identity.is_other_spelling(name) {
+                let name = name.to_ascii_lowercase();
+                if !out.contains(&name) {
+                    out.push(name);
+                }
+            }
+        }
+        out
+    }
+
+    /// The `CheckResponse` for the gate's decision; `other_spellings`: the request's identity
+    /// headers in other spellings, removed on a pass.
+    fn respond(&self, decision: Decision, other_spellings: Vec<String>) -> CheckResponse {
         match decision {
             Decision::Allowed(principal) => {
                 // All four, always, overwriting the client's: empty on an anonymous pass (Envoy
@@ -234,6 +264,13 @@ impl ExtAuthz {
                     .filter(|spelling| self.identity.names().iter().all(|n| n.as_str() != spelling))
                     .collect();
                 headers_to_remove.dedup();
+                // And every other spelling the request carries (`x-auth_subject`): the same
+                // header to those upstreams too.
+                for spelling in other_spellings {
+                    if !headers_to_remove.contains(&spelling) {
+                        headers_to_remove.push(spelling);
+                    }
+                }
                 if self.hide_credentials {
                     headers_to_remove.extend(
                         self.credential_headers

@@ -8,7 +8,10 @@
 //! [`OriginalRequestHeaders`] only, and refuses (400) a request without them: a client could
 //! send the other pair itself, and a request judged as some other path could pass a rule meant
 //! for that path. An original URI with a raw `#` is refused (400) too: a request target carries
-//! no fragment, and what follows the `#` is part of the path to some upstreams. The client address is the connection's peer (the gateway) unless the layer
+//! no fragment, and what follows the `#` is part of the path to some upstreams. So is a request
+//! carrying an identity header in another spelling (`X-Auth_Subject`, `x_auth_subject`): CGI,
+//! FastCGI and WSGI upstreams read it as the identity header, which the gateway overwrites in its
+//! exact spelling only ([`IdentityHeaders::is_other_spelling`]). The client address is the connection's peer (the gateway) unless the layer
 //! trusts it as a proxy, in which case the layer's forwarded header names the client, exactly as
 //! for a request through the layer. Everything the layer enforces applies (expiry, revocation,
 //! IP restriction, scopes, failure limit), plus the matching [route rule](super::rules).
@@ -149,6 +152,18 @@ impl ForwardAuth {
                 "the original URI must be a path (origin form)",
             ));
         }
+        // The gateway overwrites the identity headers it copies from the answer, in their exact
+        // spelling only; another (`X-Auth_Subject`) would reach a CGI-style upstream as the same
+        // header, and forward-auth cannot ask for a header to be removed.
+        if req
+            .headers()
+            .keys()
+            .any(|name| self.identity.is_other_spelling(name.as_str()))
+        {
+            return Err(AuthError::InvalidRequest(
+                "the request carries an identity header in another spelling (`_` for `-`)",
+            ));
+        }
         let mut original = Request::new(Empty::new());
         *original.method_mut() = method;
         *original.uri_mut() = uri;
@@ -249,6 +264,57 @@ mod tests {
         assert_eq!(headers["x-auth-subject"], "alice");
         assert_eq!(headers["x-auth-token-id"], record.id.as_str());
         assert_eq!(headers["x-auth-scopes"], "");
+    }
+
+    /// CGI, FastCGI and WSGI upstreams (Caddy's fastcgi transport, old Puma) read `X-Auth_Subject`
+    /// and `x_auth_subject` as `X-Auth-Subject`; the gateway overwrites only the exact spelling,
+    /// and forward-auth cannot remove a header: a request carrying another spelling is refused.
+    #[tokio::test]
+    async fn an_identity_header_in_another_spelling_is_refused() {
+        let tokens = Tokens::new(MemoryStore::new());
+        let anonymous = super::super::rules::RouteRules::default().default_rule(
+            super::super::rules::RouteRule {
+                anonymous: true,
+                ..super::super::rules::RouteRule::new("/")
+            },
+        );
+        let auth = ForwardAuth::new(
+            Gate::with_rules(tokens.layer().build(), anonymous),
+            OriginalRequestHeaders::Forwarded,
+        );
+        for name in [
+            "x-auth_subject",
+            "X_Auth_Subject",
+            "x_auth-token-id",
+            "x-auth-token_name",
+            "X-AUTH_SCOPES",
+        ] {
+            let res = auth.check(&forwarded("/x", &[(name, "root")])).await;
+            assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{name}");
+        }
+        // The exact spelling is the gateway's to overwrite; the headers that only look alike pass.
+        for name in [
+            "X-Auth-Subject",
+            "x-auth-subjects",
+            "x-auth_subject2",
+            "x-auth",
+        ] {
+            let res = auth.check(&forwarded("/x", &[(name, "root")])).await;
+            assert_eq!(res.status(), StatusCode::OK, "{name}");
+        }
+        // Configured names count, whatever their own spelling.
+        let auth = auth.identity_headers(IdentityHeaders {
+            subject: HeaderName::from_static("remote_user"),
+            ..IdentityHeaders::default()
+        });
+        let res = auth
+            .check(&forwarded("/x", &[("remote-user", "root")]))
+            .await;
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+        let res = auth
+            .check(&forwarded("/x", &[("remote_user", "root")]))
+            .await;
+        assert_eq!(res.status(), StatusCode::OK);
     }
 
     /// nginx passes `$request_uri` as the client sent it, a raw `#` included, and `http::Uri`

@@ -37,6 +37,20 @@ pub(crate) fn request_target(
     http::Uri::try_from(raw).map_err(|_| crate::AuthError::InvalidRequest(invalid))
 }
 
+/// Whether `a` and `b` name the same header to an upstream that reads `_` as `-` (CGI, FastCGI,
+/// WSGI: `X-Auth_Subject` and `x_auth_subject` are both `HTTP_X_AUTH_SUBJECT`): equal once
+/// lower-cased with `_` read as `-`.
+pub(crate) fn same_header_to_cgi(a: &str, b: &str) -> bool {
+    let fold = |c: u8| {
+        if c == b'_' {
+            b'-'
+        } else {
+            c.to_ascii_lowercase()
+        }
+    };
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| fold(x) == fold(y))
+}
+
 /// The names of the headers that carry a verified principal to the upstream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdentityHeaders {
@@ -70,6 +84,17 @@ impl IdentityHeaders {
             &self.token_name,
             &self.scopes,
         ]
+    }
+
+    /// Whether `name` is one of the identity headers in a spelling other than its own
+    /// (`X-Auth_Subject` or `x_auth_subject` for `X-Auth-Subject`): the same header to CGI,
+    /// FastCGI and WSGI upstreams, which read `_` as `-`, but not to a gateway that overwrites the
+    /// identity header. (Header names are compared without regard to ASCII case.)
+    pub fn is_other_spelling(&self, name: &str) -> bool {
+        self.names().iter().any(|identity| {
+            let identity = identity.as_str();
+            same_header_to_cgi(identity, name) && !identity.eq_ignore_ascii_case(name)
+        })
     }
 
     /// The identity headers for `principal`, as `(name, value)` pairs, the values as the record
