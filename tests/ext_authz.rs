@@ -271,6 +271,44 @@ async fn the_credential_is_read_from_header_map_too() {
     assert_eq!(grpc_code(&res), 0, "{res:?}");
 }
 
+/// A `POST` with `X-HTTP-Method-Override: DELETE` (or `_method=DELETE` in the query) is a
+/// `DELETE` to Rails, Symfony, Laravel and Express's `method-override`: it must satisfy the
+/// rules of both methods.
+#[tokio::test]
+async fn a_method_override_is_judged_as_the_method_it_names_too() {
+    let s = setup();
+    let (_, token) = issue(&s.tokens, common::new_token("alice", &["read"])).await;
+    let rules = RouteRules::new(vec![RouteRule {
+        methods: vec![http::Method::DELETE],
+        scopes: tower_pat::ScopeSet::parse(["admin"]).unwrap(),
+        ..RouteRule::new("/api")
+    }]);
+    let mut client = serve(ExtAuthz::new(s.layer.clone()).rules(rules)).await;
+    let post = |path: &str, headers: &[(&str, &str)]| {
+        let auth = bearer(&token);
+        let mut headers = headers.to_vec();
+        headers.push(("authorization", &auth));
+        let mut req = check_request(path, "192.0.2.1:4000", &headers);
+        http_mut(&mut req).method = "POST".to_owned();
+        req
+    };
+    let res = check(&mut client, post("/api/users/1", &[])).await;
+    assert_eq!(grpc_code(&res), 0, "{res:?}");
+    for req in [
+        post("/api/users/1", &[("x-http-method-override", "DELETE")]),
+        post("/api/users/1?_method=DELETE", &[]),
+    ] {
+        let res = check(&mut client, req).await;
+        assert_eq!(denied(&res).0, 403, "{res:?}");
+    }
+    let res = check(
+        &mut client,
+        post("/api/users/1", &[("x-http-method", "not a method")]),
+    )
+    .await;
+    assert_eq!(denied(&res).0, 400, "{res:?}");
+}
+
 #[tokio::test]
 async fn no_token_is_401_with_a_challenge_and_a_json_body() {
     let s = setup();

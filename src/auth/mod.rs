@@ -33,6 +33,8 @@ mod scopes;
 mod service;
 mod verify;
 
+pub(crate) use verify::percent_decode;
+
 pub use body::ResponseBody;
 pub use builder::PatAuthLayerBuilder;
 pub use error::{Anonymous, AuthError, RefusedToken};

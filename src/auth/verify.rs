@@ -587,7 +587,7 @@ fn shape(
 
 /// `application/x-www-form-urlencoded` decoding of one key or value: `%XX` and `+` (a space).
 /// Malformed escapes are kept as they are.
-fn percent_decode(s: &[u8]) -> Vec<u8> {
+pub(crate) fn percent_decode(s: &[u8]) -> Vec<u8> {
     let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(s.len());
     let mut i = 0;

@@ -2,7 +2,8 @@
 //! `ext-authz`), over the layer.
 //!
 //! Each `Check` becomes an HTTP request through the [`Gate`]: [`PatAuthLayer`] and the matching
-//! route rule (its scopes, or an anonymous pass): the method, path and headers of `attributes.request.http` (its
+//! route rule (its scopes, or an anonymous pass; those of any method a method override names
+//! too, see [`Gate::check`]): the method, path and headers of `attributes.request.http` (its
 //! `header_map` too when Envoy sends one), and the peer address from `attributes.source.address`
 //! only. A client header such as `X-Forwarded-For` counts only as the layer's trusted-proxy
 //! configuration says, exactly as for a request through the layer.

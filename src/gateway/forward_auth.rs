@@ -14,7 +14,8 @@
 //! exact spelling only ([`IdentityHeaders::is_other_spelling`]). The client address is the connection's peer (the gateway) unless the layer
 //! trusts it as a proxy, in which case the layer's forwarded header names the client, exactly as
 //! for a request through the layer. Everything the layer enforces applies (expiry, revocation,
-//! IP restriction, scopes, failure limit), plus the matching [route rule](super::rules).
+//! IP restriction, scopes, failure limit), plus the matching [route rule](super::rules): those
+//! of the method sent and of any a method override names ([`Gate::check`]).
 //!
 //! - Accepted: 200 with the identity headers ([`IdentityHeaders`]), all four, always: empty on an
 //!   anonymous route's pass without a token, and for a value that is not a valid header value.
@@ -264,6 +265,82 @@ mod tests {
         assert_eq!(headers["x-auth-subject"], "alice");
         assert_eq!(headers["x-auth-token-id"], record.id.as_str());
         assert_eq!(headers["x-auth-scopes"], "");
+    }
+
+    /// Rails (Rack::MethodOverride), Symfony, Laravel, Express's `method-override` and Spring's
+    /// HiddenHttpMethodFilter run a `POST` with `X-HTTP-Method-Override: DELETE` (or `_method=DELETE`
+    /// in the query) as a `DELETE`: the request must satisfy the rules of both methods.
+    #[tokio::test]
+    async fn a_method_override_is_judged_as_the_method_it_names_too() {
+        use super::super::rules::{RouteRule, RouteRules};
+        let tokens = Tokens::new(MemoryStore::new());
+        let (_, secret) = tokens
+            .issue(
+                NewToken::new("mallory", "ci").scope_set(crate::ScopeSet::parse(["read"]).unwrap()),
+            )
+            .await
+            .unwrap();
+        let rules = RouteRules::new(vec![RouteRule {
+            methods: vec![Method::DELETE],
+            scopes: crate::ScopeSet::parse(["admin"]).unwrap(),
+            ..RouteRule::new("/api")
+        }]);
+        let auth = ForwardAuth::new(
+            Gate::with_rules(tokens.layer().build(), rules),
+            OriginalRequestHeaders::Original,
+        );
+        let bearer = format!("Bearer {}", secret.expose_secret());
+        let post = |uri: &str, headers: &[(&str, &str)]| {
+            let mut req = Request::builder()
+                .uri("/auth")
+                .header("x-original-method", "POST")
+                .header("x-original-uri", uri)
+                .header("authorization", &bearer);
+            for (name, value) in headers {
+                req = req.header(*name, *value);
+            }
+            let mut req = req.body(()).unwrap();
+            req.extensions_mut()
+                .insert("192.0.2.1:4000".parse::<std::net::SocketAddr>().unwrap());
+            req
+        };
+        // The control: a plain POST passes.
+        let res = auth.check(&post("/api/users/1", &[])).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        for (uri, headers) in [
+            ("/api/users/1", &[("x-http-method-override", "DELETE")][..]),
+            ("/api/users/1", &[("X-HTTP-Method", "DELETE")]),
+            ("/api/users/1", &[("x-method-override", "delete")]),
+            // `HTTP_X_HTTP_METHOD_OVERRIDE` to Rack too.
+            ("/api/users/1", &[("x_http_method_override", "DELETE")]),
+            ("/api/users/1?_method=DELETE", &[]),
+            ("/api/users/1?a=1&%5Fmethod=delete", &[]),
+            ("/api/users/1?a=1;_method=DELETE", &[]),
+        ] {
+            let res = auth.check(&post(uri, headers)).await;
+            assert_eq!(res.status(), StatusCode::FORBIDDEN, "{uri} {headers:?}");
+        }
+        // An override that names no method: refused, never ignored.
+        for (uri, headers) in [
+            (
+                "/api/users/1",
+                &[("x-http-method-override", "DELETE, PUT")][..],
+            ),
+            ("/api/users/1", &[("x-http-method-override", "")]),
+            ("/api/users/1?_method=DE%20LETE", &[]),
+            ("/api/users/1?_method", &[]),
+        ] {
+            let res = auth.check(&post(uri, headers)).await;
+            assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{uri} {headers:?}");
+        }
+        // Names that only look alike change nothing.
+        for (uri, headers) in [
+            ("/api/users/1", &[("x-http-method-overrides", "DELETE")][..]),
+            ("/api/users/1?my_method=DELETE&_methods=DELETE", &[]),
+        ] {
+            let res = auth.check(&post(uri, headers)).await;
+            assert_eq!(res.status(), StatusCode::OK, "{uri} {headers:?}");
+        }
     }
 
     /// CGI, FastCGI and WSGI upstreams (Caddy's fastcgi transport, old Puma) read `X-Auth_Subject`

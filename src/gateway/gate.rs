@@ -90,14 +90,22 @@ impl Gate {
     /// `ConnectInfo` extension) are what the layer sees. The request's `Content-Type` is dropped,
     /// so that a gRPC request gets the layer's HTTP answer, which the gateway translates.
     ///
+    /// The route rules are those of every method the request may be run as: its own and any a
+    /// method override names (`X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`, a
+    /// `_method` query parameter), as Rails, Symfony, Laravel and Express do; an override that
+    /// names no method is refused (400). A `_method` field of a form body is not seen.
+    ///
     /// Every refusal is logged (target `tower_pat::gateway`, level info) with its reason, the
     /// route rule, the method, the client address and, for a token that matched a record, its
     /// id; never the path (its query may hold a token) nor a secret.
     pub async fn check(&self, mut req: Request<Empty<Bytes>>) -> Decision {
         req.headers_mut().remove(header::CONTENT_TYPE);
-        // Every rule some reading of the path matches counts (fail closed); a path that cannot be
-        // read is refused like a URI that does not parse.
-        let rule = match self.rules.requirement(req.method(), req.uri().path()) {
+        // Every rule some reading of the path and method matches counts (fail closed); a path
+        // that cannot be read, or an override that names no method, is refused like a URI that
+        // does not parse.
+        let rule = match methods(&req)
+            .and_then(|methods| self.rules.requirement_any(&methods, req.uri().path()))
+        {
             Ok(requirement) => requirement,
             Err(error) => return self.refuse(error),
         };
@@ -174,6 +182,49 @@ impl Gate {
         }
         decision
     }
+}
+
+/// The headers that ask an upstream to run a request as another method: Rails
+/// (Rack::MethodOverride), Symfony, Laravel, Express's `method-override`, Spring.
+const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// The methods an upstream may run `req` as: its own, and every one a method override names (one
+/// of [`METHOD_OVERRIDE_HEADERS`], in any spelling a CGI-style upstream reads as it, or a
+/// `_method` query parameter, `&` or `;` separated, percent-decoded). An override that names no
+/// method (empty, a list, a space) is refused: never ignored. (A `_method` field of a form body
+/// is not seen: the gateway sends no body.)
+fn methods(req: &Request<Empty<Bytes>>) -> Result<Vec<http::Method>, AuthError> {
+    let mut methods = vec![req.method().clone()];
+    let mut add = |value: &[u8]| {
+        let method = http::Method::from_bytes(value).map_err(|_| {
+            AuthError::InvalidRequest(
+                "a method override (X-HTTP-Method-Override, _method) names no method",
+            )
+        })?;
+        if !methods.contains(&method) {
+            methods.push(method);
+        }
+        Ok::<_, AuthError>(())
+    };
+    for (name, value) in req.headers() {
+        if METHOD_OVERRIDE_HEADERS
+            .iter()
+            .any(|h| super::same_header_to_cgi(h, name.as_str()))
+        {
+            add(value.as_bytes())?;
+        }
+    }
+    for pair in req.uri().query().unwrap_or("").split(['&', ';']) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if crate::auth::percent_decode(key.as_bytes()) == b"_method" {
+            add(&crate::auth::percent_decode(value.as_bytes()))?;
+        }
+    }
+    Ok(methods)
 }
 
 /// The inner service behind the layer: answers 200 carrying the request's principal.

@@ -39,7 +39,9 @@
 //! it matches without regard to ASCII case (`post` as `POST`) with a rule that names `GET` also
 //! applying to `HEAD` (servers answer `HEAD` with the `GET` handler); the request must satisfy
 //! both. So a `HEAD` needs what the rule for its path and no method needs as well (the default
-//! rule, say), even where a `GET` rule is anonymous, unless a rule names `HEAD` itself.
+//! rule, say), even where a `GET` rule is anonymous, unless a rule names `HEAD` itself. A request
+//! some upstreams run as another method too (a method override) is judged by the rules of each
+//! method: [`RouteRules::requirement_any`].
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -197,6 +199,18 @@ impl RouteRules {
     /// Fails with [`AuthError::InvalidRequest`] (400) for a path whose escapes do not decode to
     /// UTF-8 or decode to a NUL byte, or with a raw `#`.
     pub fn requirement(&self, method: &Method, path: &str) -> Result<Requirement, AuthError> {
+        self.requirement_any(std::slice::from_ref(method), path)
+    }
+
+    /// What a request for `path` must satisfy when its method may be read as any of `methods`
+    /// (the method sent and those a method-override names, which many frameworks run instead):
+    /// the rules each of them counts, combined as [`requirement`](Self::requirement) combines a
+    /// method's readings (anonymous only if all are, the scopes of all of them).
+    pub fn requirement_any(
+        &self,
+        methods: &[Method],
+        path: &str,
+    ) -> Result<Requirement, AuthError> {
         // What follows a raw `#` is part of the path to some upstreams, and cut off by others.
         if path.contains('#') {
             return Err(AuthError::InvalidRequest(
@@ -221,7 +235,7 @@ impl RouteRules {
             for (reading, fold) in [(reading.as_ref(), false), (lower.as_ref(), true)] {
                 // The method as sent, and in any case (`get` is `GET` to some upstreams, another
                 // method to others; `HEAD` is `GET` to most): both rules count.
-                for loose in [false, true] {
+                for (method, loose) in methods.iter().flat_map(|m| [(m, false), (m, true)]) {
                     let index = self.first(method, reading, fold, loose);
                     if !rules.contains(&index) {
                         rules.push(index);
