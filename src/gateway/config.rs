@@ -713,6 +713,24 @@ impl Config {
         }
         // The key files are checked now: a bad one stops `patd` (and `patd config check`).
         config.leak_reports.build()?;
+        // A rule an earlier one shadows is a mistake of order, whose requests would get the
+        // earlier rule's (first match wins): refused, naming both.
+        if let Some(shadowed) = config.route_rules().shadowed() {
+            let name = |i: usize| format!("[[rule]] {} ({})", i + 1, config.rule[i].path_prefix);
+            let methods = if shadowed.methods.is_empty() {
+                "never matches".to_owned()
+            } else {
+                let methods: Vec<&str> =
+                    shadowed.methods.iter().map(http::Method::as_str).collect();
+                format!("never matches {}", methods.join(", "))
+            };
+            return Err(ConfigError(format!(
+                "{}: {methods}: {} comes first and covers it (first match wins; rules counted \
+                 from 1): put the narrower rule first, or name the methods each is for",
+                name(shadowed.later),
+                name(shadowed.earlier),
+            )));
+        }
         Ok(config)
     }
 
@@ -1610,6 +1628,41 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXOpw6qjcqsauqveNqG5RBCU6yV7A
         for s in ["", "d", "5x", "1.5h", "-1s", "99999999999999999999d"] {
             assert!(parse_duration(s).is_err(), "{s}");
         }
+    }
+
+    /// First match wins: a rule after one whose prefix covers it, for the same methods, never
+    /// matches (`/api/admin` would need only `read`): refused, naming both rules.
+    #[test]
+    fn a_rule_shadowed_by_an_earlier_one_is_refused() {
+        let e = load(
+            "[[rule]]\npath_prefix = \"/api\"\nscopes = [\"read\"]\n\
+             [[rule]]\npath_prefix = \"/api/admin\"\nscopes = [\"admin\"]\n",
+            &[],
+            &[],
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("[[rule]] 2 (/api/admin)"), "{e}");
+        assert!(e.contains("[[rule]] 1 (/api)"), "{e}");
+        // For some methods: the later rule would lose its `GET`s.
+        let e = load(
+            "[[rule]]\npath_prefix = \"/api\"\nmethods = [\"GET\"]\nanonymous = true\n\
+             [[rule]]\npath_prefix = \"/api/admin\"\nscopes = [\"admin\"]\n",
+            &[],
+            &[],
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("never matches GET"), "{e}");
+        // The narrower rule first, and a rule for every other method of the same prefix, load.
+        load(
+            "[[rule]]\npath_prefix = \"/api/admin\"\nscopes = [\"admin\"]\n\
+             [[rule]]\npath_prefix = \"/api\"\nmethods = [\"GET\"]\nanonymous = true\n\
+             [[rule]]\npath_prefix = \"/api\"\nscopes = [\"write\"]\n",
+            &[],
+            &[],
+        )
+        .unwrap();
     }
 
     #[test]

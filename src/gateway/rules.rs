@@ -1,6 +1,8 @@
 //! Route rules: which scopes a gateway requires for a request, by path prefix and method, and
 //! which routes are open without a token. The first matching rule wins; a request no rule
 //! matches gets the default rule (by default: a valid token, no scope beyond the layer's own).
+//! A rule an earlier one shadows ([`RouteRules::shadowed`]) is refused when `patd` loads its
+//! configuration.
 //!
 //! # How a path is matched: every plausible reading, fail closed
 //!
@@ -91,6 +93,17 @@ impl RouteRule {
     ///
     /// [`applies_to`]: Self::applies_to
     fn matches_reading(&self, method: &Method, path: &str, fold: bool, loose: bool) -> bool {
+        self.covers(path, fold)
+            && if loose {
+                self.applies_to(method)
+            } else {
+                self.methods.is_empty() || self.methods.contains(method)
+            }
+    }
+
+    /// Whether `path`, already read, is under the prefix by whole segments (`fold`: as for
+    /// [`matches_reading`](Self::matches_reading)).
+    fn covers(&self, path: &str, fold: bool) -> bool {
         let prefix = self.path_prefix.trim_end_matches('/');
         let rest = if !fold {
             path.strip_prefix(prefix)
@@ -101,13 +114,7 @@ impl RouteRule {
         } else {
             path.strip_prefix(prefix.to_lowercase().as_str())
         };
-        let under = rest.is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
-        under
-            && if loose {
-                self.applies_to(method)
-            } else {
-                self.methods.is_empty() || self.methods.contains(method)
-            }
+        rest.is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
     }
 
     /// Whether the rule applies to `method`: any when `methods` is empty, else one of them in
@@ -133,6 +140,18 @@ pub struct Requirement {
     /// The rules counted, by index in [`RouteRules::iter`], `None` for the default rule; in
     /// order, without repetition.
     pub rules: Vec<Option<usize>>,
+}
+
+/// A rule an earlier one takes requests from ([`RouteRules::shadowed`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shadowed {
+    /// The earlier rule, by index in [`RouteRules::iter`].
+    pub earlier: usize,
+    /// The rule it shadows, by index.
+    pub later: usize,
+    /// The methods for which the later rule never matches; empty: every method (it never
+    /// matches at all).
+    pub methods: Vec<Method>,
 }
 
 /// Route rules, first match wins, and the rule for requests none matches.
@@ -184,6 +203,56 @@ impl RouteRules {
     /// The rule [`position`](Self::position) names: the first that matches, or the default.
     pub fn matching(&self, method: &Method, path: &str) -> &RouteRule {
         self.rule(self.position(method, path))
+    }
+
+    /// The first rule an earlier one shadows, which is most likely a mistake of order (first
+    /// match wins: `/api` then `/api/admin` leaves `/api/admin/x` to `/api`'s scopes): the
+    /// earlier rule's prefix covers the later one's by whole segments and it applies to every
+    /// method the later one names (the later never matches), or to some of them. One partial
+    /// shadow is no mistake and is not reported: a later rule with the same prefix and no methods,
+    /// for the methods the earlier rule does not name (`/api` for `GET`, then `/api` for the
+    /// rest). Methods are compared exactly (a `HEAD` rule after a `GET` one still counts: see
+    /// [`requirement`](Self::requirement)).
+    pub fn shadowed(&self) -> Option<Shadowed> {
+        for (later, rule) in self.rules.iter().enumerate() {
+            for (earlier, before) in self.rules[..later].iter().enumerate() {
+                if !before.covers(&rule.path_prefix, false) {
+                    continue;
+                }
+                let methods = match (before.methods.is_empty(), rule.methods.is_empty()) {
+                    (true, _) => Vec::new(),
+                    (false, true)
+                        if before.path_prefix.trim_end_matches('/')
+                            == rule.path_prefix.trim_end_matches('/') =>
+                    {
+                        continue;
+                    }
+                    (false, true) => before.methods.clone(),
+                    (false, false) => {
+                        let shared: Vec<Method> = rule
+                            .methods
+                            .iter()
+                            .filter(|m| before.methods.contains(m))
+                            .cloned()
+                            .collect();
+                        if shared.is_empty() {
+                            continue;
+                        }
+                        if shared.len() == rule.methods.len() {
+                            Vec::new()
+                        } else {
+                            shared
+                        }
+                    }
+                };
+                return Some(Shadowed {
+                    earlier,
+                    later,
+                    methods,
+                });
+            }
+        }
+        None
     }
 
     fn first(&self, method: &Method, reading: &str, fold: bool, loose: bool) -> Option<usize> {
@@ -485,6 +554,75 @@ mod tests {
         assert!(rules.matching(&Method::GET, "/public/a").anonymous);
         assert!(!rules.matching(&Method::GET, "/public/../admin").anonymous);
         assert!(rules.matching(&Method::GET, "/x").scopes.contains("read"));
+    }
+
+    #[test]
+    fn a_rule_an_earlier_one_covers_is_shadowed() {
+        let rule = |prefix: &str, methods: Vec<Method>| RouteRule {
+            methods,
+            ..RouteRule::new(prefix)
+        };
+        let shadowed = |rules: Vec<RouteRule>| RouteRules::new(rules).shadowed();
+        // Never matches.
+        for (rules, earlier) in [
+            (vec![rule("/api", vec![]), rule("/api/admin", vec![])], 0),
+            (
+                vec![
+                    rule("/api/", vec![]),
+                    rule("/api/admin/", vec![Method::POST]),
+                ],
+                0,
+            ),
+            (vec![rule("/", vec![]), rule("/x", vec![])], 0),
+            (
+                vec![
+                    rule("/x", vec![]),
+                    rule("/api", vec![]),
+                    rule("/api", vec![]),
+                ],
+                1,
+            ),
+            (
+                vec![
+                    rule("/api", vec![Method::GET, Method::POST]),
+                    rule("/api/a", vec![Method::POST]),
+                ],
+                0,
+            ),
+        ] {
+            let s = shadowed(rules).expect("shadowed");
+            assert_eq!((s.earlier, s.methods), (earlier, vec![]));
+        }
+        // For some methods.
+        let s = shadowed(vec![
+            rule("/api", vec![Method::GET]),
+            rule("/api/admin", vec![]),
+        ])
+        .unwrap();
+        assert_eq!((s.earlier, s.later, s.methods), (0, 1, vec![Method::GET]));
+        let s = shadowed(vec![
+            rule("/api", vec![Method::GET]),
+            rule("/api/a", vec![Method::GET, Method::POST]),
+        ])
+        .unwrap();
+        assert_eq!(s.methods, [Method::GET]);
+        // Not shadowed: the narrower rule first, other segments, other methods, the same prefix
+        // for every other method, `HEAD` after `GET`.
+        for rules in [
+            vec![rule("/api/admin", vec![]), rule("/api", vec![])],
+            vec![rule("/api", vec![]), rule("/apix", vec![])],
+            vec![
+                rule("/api", vec![Method::POST]),
+                rule("/api", vec![Method::GET]),
+            ],
+            vec![rule("/api", vec![Method::GET]), rule("/api/", vec![])],
+            vec![
+                rule("/api", vec![Method::GET]),
+                rule("/api", vec![Method::HEAD]),
+            ],
+        ] {
+            assert_eq!(shadowed(rules.clone()), None, "{rules:?}");
+        }
     }
 
     fn attacked_rules() -> RouteRules {
