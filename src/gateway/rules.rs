@@ -23,8 +23,10 @@
 //!   `/admin;x/users` is `/admin/users`;
 //! - each of these also with its dot segments left as they are, for upstreams that do not resolve
 //!   them: `/admin/../public` is under `/admin` to them;
-//! - each of these compared with the rule prefixes case-insensitively too (Unicode lower case),
-//!   for case-insensitive upstreams: `/ADMIN/users` is under `/admin`.
+//! - each of these compared with the rule prefixes case-insensitively too (Unicode upper case,
+//!   then lower case, so that `ſ` is `s` and `ı` is `i`, as to Java's `equalsIgnoreCase` and Go's
+//!   `strings.EqualFold`), for case-insensitive upstreams: `/ADMIN/users` and `/%C5%BFettings`
+//!   are under `/admin` and `/settings`.
 //!
 //! In each reading the first matching rule (or the default) counts; the request passes without a
 //! token only if **every** counted rule is anonymous, and a token needs the scopes of **all** of
@@ -87,8 +89,8 @@ impl RouteRule {
         self.matches_reading(method, &normalize_path(path), false, true)
     }
 
-    /// Whether the rule applies to `method` and a path already read (`fold`: `path` is in lower
-    /// case and the prefix is compared in lower case; `loose`: the method as [`applies_to`]
+    /// Whether the rule applies to `method` and a path already read (`fold`: `path` is
+    /// case-folded and the prefix is compared folded, see [`fold`]; `loose`: the method as [`applies_to`]
     /// compares it, else exactly).
     ///
     /// [`applies_to`]: Self::applies_to
@@ -112,7 +114,7 @@ impl RouteRule {
                 .filter(|head| head.eq_ignore_ascii_case(prefix))
                 .map(|_| &path[prefix.len()..])
         } else {
-            path.strip_prefix(prefix.to_lowercase().as_str())
+            path.strip_prefix(self::fold(prefix).as_str())
         };
         rest.is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
     }
@@ -297,7 +299,7 @@ impl RouteRules {
         let mut rules: Vec<Option<usize>> = Vec::with_capacity(2);
         for reading in &readings {
             let lower = if reading.bytes().any(|b| b.is_ascii_uppercase()) || !reading.is_ascii() {
-                Cow::Owned(reading.to_lowercase())
+                Cow::Owned(fold(reading))
             } else {
                 Cow::Borrowed(reading.as_ref())
             };
@@ -324,6 +326,14 @@ impl RouteRules {
             rules,
         })
     }
+}
+
+/// `s` case-folded, as a case-insensitive upstream compares it: upper case, then lower case.
+/// Lower case alone misses the characters whose upper case is ASCII, which Java's
+/// `equalsIgnoreCase`, Go's `strings.EqualFold` and Python's `casefold` match with ASCII letters:
+/// `ſ` (U+017F) is `s` to them, `ı` (U+0131) `i`.
+fn fold(s: &str) -> String {
+    s.to_uppercase().to_lowercase()
 }
 
 /// Whether every reading of `path` (its query cut off) is `path` itself: it starts with `/` and has
@@ -712,6 +722,33 @@ mod tests {
         let r = requirement("GET", "/%70ublic/x");
         assert!(!r.anonymous);
         assert_eq!(scopes(&r), ["default"]);
+    }
+
+    /// `ſ` (U+017F) upper-cases to `S`, `ı` (U+0131) to `I`: Java's `equalsIgnoreCase`, Go's
+    /// `strings.EqualFold` (`ſ`), Python's `casefold` (`ſ`) and .NET's `OrdinalIgnoreCase` match
+    /// them with `s` and `i`; lower case alone leaves both as they are.
+    #[test]
+    fn case_folding_covers_characters_whose_upper_case_is_ascii() {
+        let rules = RouteRules::new(vec![RouteRule {
+            scopes: ScopeSet::parse(["admin"]).unwrap(),
+            ..RouteRule::new("/settings")
+        }]);
+        for path in [
+            "/%C5%BFettings/x",
+            "/sett%C4%B1ngs/x",
+            "/ſettings",
+            "/SETTıNGS/x",
+        ] {
+            let r = rules.requirement(&Method::GET, path).unwrap();
+            assert!(r.scopes.contains("admin"), "{path}: {:?}", r.rules);
+        }
+        // A prefix written with them is folded the same way.
+        let rules = RouteRules::new(vec![RouteRule {
+            scopes: ScopeSet::parse(["admin"]).unwrap(),
+            ..RouteRule::new("/ſettings")
+        }]);
+        let r = rules.requirement(&Method::GET, "/settings/x").unwrap();
+        assert!(r.scopes.contains("admin"), "{:?}", r.rules);
     }
 
     #[test]
