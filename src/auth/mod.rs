@@ -33,6 +33,7 @@ mod scopes;
 mod service;
 mod verify;
 
+#[cfg(feature = "gateway")]
 pub(crate) use verify::percent_decode;
 
 pub use body::ResponseBody;
