@@ -11,11 +11,12 @@
 //! no fragment, and what follows the `#` is part of the path to some upstreams. So is a request
 //! carrying an identity header in another spelling (`X-Auth_Subject`, `x_auth_subject`): CGI,
 //! FastCGI and WSGI upstreams read it as the identity header, which the gateway overwrites in its
-//! exact spelling only ([`IdentityHeaders::is_other_spelling`]). The client address is the connection's peer (the gateway) unless the layer
-//! trusts it as a proxy, in which case the layer's forwarded header names the client, exactly as
-//! for a request through the layer. Everything the layer enforces applies (expiry, revocation,
-//! IP restriction, scopes, failure limit), plus the matching [route rule](super::rules): those
-//! of the method sent and of any a method override names ([`Gate::check`]).
+//! exact spelling only ([`IdentityHeaders::is_other_spelling`]). The client address is the
+//! connection's peer (the gateway) unless the layer trusts it as a proxy, in which case the
+//! layer's forwarded header names the client, exactly as for a request through the layer.
+//! Everything the layer enforces applies (expiry, revocation, IP restriction, scopes, failure
+//! limit), plus the matching [route rule](super::rules): those of the method sent and of any a
+//! method override names ([`Gate::check`]).
 //!
 //! - Accepted: 200 with the identity headers ([`IdentityHeaders`]), all four, always: empty on an
 //!   anonymous route's pass without a token, and for a value that is not a valid header value.
