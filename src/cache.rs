@@ -371,7 +371,7 @@ const EPOCH_STRIPES: usize = 4096;
 
 /// The stripe of the invalidation epochs `hash` falls in.
 fn epoch_stripe(hash: &TokenHash) -> usize {
-    // The digest's bytes are uniform; the index uses its first eight, this the next.
+    // The digest's bytes are uniform: bytes 4 and 5 of its first eight (which key the index).
     let stripe = hash.prefix_u64().rotate_right(32) as usize;
     stripe % EPOCH_STRIPES
 }
@@ -1032,6 +1032,9 @@ impl Cache {
                         false
                     }
                 };
+                // Pairs with the fence in `bump`, as in the negative branch below: the index write
+                // above comes before the epochs read here.
+                std::sync::atomic::fence(Ordering::SeqCst);
                 if self.epoch(&key, previous) != epoch {
                     if indexed {
                         self.index.remove_if(&prefix, |_, s| *s == slot);

@@ -551,3 +551,114 @@ async fn a_burst_of_guesses_gets_no_more_store_lookups_than_the_failure_limit() 
     let answered = statuses("192.0.2.44:1", valid).await;
     assert!(answered.iter().all(|s| *s == 200), "{answered:?}");
 }
+
+/// A burst sent just before its network's window ends: the attempts in progress are answered
+/// after the window expired and their failures count in the next one, so the requests waiting
+/// must move to the next window too. Before, they kept taking attempts on the old window, whose
+/// count never grew, until `lookup_wait`: all 300 guesses reached the store (review). At most
+/// the two windows' room now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_at_the_end_of_a_window_gets_no_more_than_two_windows_of_lookups() {
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::time::Duration;
+    use tower::{Layer, ServiceExt};
+    const MAX: usize = 5;
+    const BURST: usize = 300;
+    let store = CountingStore::new();
+    store.delay_ms.store(40, SeqCst);
+    let window = Duration::from_millis(400);
+    let layer = PatAuthLayer::builder(store.clone())
+        .limit_failures(MAX as u32, window)
+        .build();
+    let svc = layer.layer(echo_service());
+    let from = "203.0.113.66:4000";
+    let guess = || TokenFormat::new().generate().expose_secret().to_owned();
+    // One failure opens the window.
+    let first = svc.clone().oneshot(request(Some(&guess()), Some(from)));
+    assert_eq!(first.await.unwrap().status(), 401);
+    // The burst starts just before the window ends (the first lookup took 40 ms of it), and its
+    // first lookups end after it; the later ones are quick.
+    tokio::time::sleep(window - Duration::from_millis(60)).await;
+    let before = store.lookups();
+    let tasks: Vec<_> = (0..BURST)
+        .map(|_| {
+            let (svc, token) = (svc.clone(), guess());
+            tokio::spawn(async move {
+                let reply = svc.oneshot(request(Some(&token), Some(from))).await;
+                reply.unwrap().status().as_u16()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    store.delay_ms.store(2, SeqCst);
+    let mut answered = Vec::new();
+    for t in tasks {
+        answered.push(t.await.unwrap());
+    }
+    let lookups = store.lookups() - before;
+    assert!(lookups <= 2 * MAX, "{lookups} lookups: {answered:?}");
+    assert!(
+        answered.iter().all(|s| *s == 401 || *s == 429),
+        "{answered:?}"
+    );
+}
+
+/// A network one failure from its limit has its valid tokens looked up one at a time; those
+/// that wait longer than `lookup_wait` get 429 with `Retry-After: 1` (its own limit holds them
+/// back), never 503, which would say the store is failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_tokens_of_a_network_near_its_limit_wait_or_get_429_never_503() {
+    use std::time::Duration;
+    use tower::{Layer, ServiceExt};
+    const MAX: usize = 3;
+    let store = CountingStore::new();
+    let layer = PatAuthLayer::builder(store.clone())
+        .limit_failures(MAX as u32, Duration::from_secs(60))
+        .cache(tower_pat::CacheConfig::default().lookup_wait(Duration::from_millis(100)))
+        .build();
+    let svc = layer.layer(echo_service());
+    let from = "192.0.2.44:1";
+    for _ in 0..MAX - 1 {
+        let guess = TokenFormat::new().generate();
+        let reply = svc
+            .clone()
+            .oneshot(request(Some(guess.expose_secret()), Some(from)));
+        assert_eq!(reply.await.unwrap().status(), 401);
+    }
+    let mut valid = Vec::new();
+    for n in 0..40 {
+        let (_, secret) = Tokens::new(store.inner.clone())
+            .issue(new_token(&format!("user-{n}"), &[]))
+            .await
+            .unwrap();
+        valid.push(secret.expose_secret().to_owned());
+    }
+    // 20 ms a lookup, one at a time: about five within the wait.
+    store
+        .delay_ms
+        .store(20, std::sync::atomic::Ordering::SeqCst);
+    let tasks: Vec<_> = valid
+        .into_iter()
+        .map(|token| {
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                let reply = svc.oneshot(request(Some(&token), Some(from))).await;
+                let reply = reply.unwrap();
+                let retry = reply.headers().get("retry-after").cloned();
+                (reply.status().as_u16(), retry)
+            })
+        })
+        .collect();
+    let mut answered = Vec::new();
+    for t in tasks {
+        answered.push(t.await.unwrap());
+    }
+    assert!(answered.iter().any(|(s, _)| *s == 200), "{answered:?}");
+    for (status, retry) in &answered {
+        match status {
+            200 => {}
+            429 => assert_eq!(retry.as_ref().unwrap(), "1"),
+            _ => panic!("{answered:?}"),
+        }
+    }
+}

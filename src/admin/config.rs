@@ -171,7 +171,10 @@ impl AdminConfig {
     /// notification to every node: without this limit any token could have them made as fast as
     /// it can send requests. Counted per token, not per subject, so that a token of a subject
     /// cannot use up another's rotations, and an administrator rotating many tokens is not
-    /// held back. Default 10 per minute. `max == 0` turns the limit off.
+    /// held back. Counted in this process (with several nodes, each allows as many), before the
+    /// store write (a rotation answered 409 counts too). A holder of a leaked token can use up
+    /// its rotations; revoking it is never limited. Default 10 per minute. `max == 0` turns the
+    /// limit off.
     pub fn rotation_rate_limit(mut self, max: u32, window: Duration) -> Self {
         self.rotation_limit = (max > 0).then_some((max, window));
         self

@@ -141,6 +141,12 @@ impl PatAuthLayerBuilder {
     }
 
     /// Also accepts the token in this header, such as `X-API-Key` or `PRIVATE-TOKEN`.
+    ///
+    /// A different token in two sources is refused (400), but an `Authorization` header of a
+    /// scheme the layer does not read (`Basic`) next to a token in this header is not: a proxy's
+    /// basic authentication in front of the API sends both. The request goes on as the token's
+    /// principal with that header in it; remove it before a component that would read it as the
+    /// caller's identity.
     pub fn accept_header(mut self, name: HeaderName) -> Self {
         self.sources.headers.push(name);
         self
@@ -246,8 +252,11 @@ impl PatAuthLayerBuilder {
     ///
     /// A token sent to the store counts as a failure until the store has answered: requests
     /// sent at once get no more store lookups than `max_failures` leaves, and those beyond it
-    /// wait for the lookups in progress (at most [`CacheConfig::lookup_wait`], then 503), so a
-    /// client's valid tokens are served while a burst of guesses gets 429.
+    /// wait for the lookups in progress (at most [`CacheConfig::lookup_wait`], then 429 with
+    /// `Retry-After: 1`). So a burst of guesses gets 429, while a network with room left has its
+    /// valid tokens looked up, as many at once as that room (a network one failure from the
+    /// limit: one at a time). A window that ends while requests wait gives them the next one's
+    /// room: at a window's end a burst gets at most twice `max_failures`.
     ///
     /// [`CacheConfig::lookup_wait`]: crate::CacheConfig::lookup_wait
     pub fn limit_failures(mut self, max_failures: u32, window: Duration) -> Self {

@@ -136,29 +136,47 @@ impl<K: Hash + Eq + Send + Sync + 'static> WindowCounter<K> {
     /// Starts an attempt of `key` whose failure would count ([`Self::count`], before the
     /// [`Attempt`] is dropped): attempts in progress count as failures, so that requests at once
     /// cannot all pass a window with one failure left. Waits while the failures and the attempts
-    /// in progress reach `max` (one of them may succeed); `Err(seconds until the window ends)`
-    /// once the failures alone do.
-    pub(crate) async fn attempt(&self, key: K) -> Result<Attempt, u64> {
-        let window = self.window(key);
+    /// in progress reach `max` (one of them may succeed), in the key's current window (one that
+    /// ends meanwhile hands the wait to the next); `Err(seconds until the window ends)` once the
+    /// failures alone do.
+    pub(crate) async fn attempt(&self, key: K) -> Result<Attempt, u64>
+    where
+        K: Clone,
+    {
         let max = u64::from(self.max);
         loop {
-            // Registered before the check, so that no attempt ends unnoticed in between.
-            let ended = window.ended.notified();
-            let mut ended = std::pin::pin!(ended);
-            ended.as_mut().enable();
-            let started = window
-                .state
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
-                    let (counted, attempts) = Window::counts(s);
-                    (counted + attempts < max).then_some(s + ATTEMPT)
-                });
-            match started {
-                Ok(_) => break,
-                Err(s) if Window::counts(s).0 >= max => return Err(self.seconds_left(&window)),
-                Err(_) => ended.await,
+            // The key's current window, each time: one that expired while this waited never
+            // counts the failures of its attempts (they go to the next).
+            let window = self.window(key.clone());
+            let started = {
+                let ended = window.ended.notified();
+                let mut ended = std::pin::pin!(ended);
+                ended.as_mut().enable();
+                let started = window
+                    .state
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                        let (counted, attempts) = Window::counts(s);
+                        (counted + attempts < max).then_some(s + ATTEMPT)
+                    });
+                match started {
+                    Ok(_) => true,
+                    Err(s) if Window::counts(s).0 >= max => {
+                        return Err(self.seconds_left(&window));
+                    }
+                    Err(_) => {
+                        let left = self
+                            .window
+                            .saturating_sub(window.start.elapsed())
+                            .max(Duration::from_millis(1));
+                        let _ = tokio::time::timeout(left, ended).await;
+                        false
+                    }
+                }
+            };
+            if started {
+                return Ok(Attempt { window });
             }
         }
-        Ok(Attempt { window })
     }
 }
 

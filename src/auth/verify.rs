@@ -381,7 +381,9 @@ impl Verifier {
     /// lookup counts as a failure until the returned attempt is dropped (after its refusal was
     /// counted), so that requests at once cannot all pass a window with one failure left (each
     /// would reach the store). Waits while the network's failures and lookups in progress reach
-    /// the limit, at most `lookup_wait` (then 503); `TooManyAttempts` once the failures alone do.
+    /// the limit, at most `lookup_wait`; `TooManyAttempts` once the failures alone do, or when
+    /// the wait is over (then with a `Retry-After` of a second: the network's own limit holds it
+    /// back, not the store).
     #[cold]
     pub(super) async fn lookup_attempt(
         &self,
@@ -393,8 +395,8 @@ impl Verifier {
         match tokio::time::timeout(self.cache.config().lookup_wait, limiter.attempt(key)).await {
             Ok(Ok(attempt)) => Ok(Some(attempt)),
             Ok(Err(retry_after_secs)) => Err(AuthError::TooManyAttempts { retry_after_secs }),
-            Err(_) => Err(AuthError::Unavailable {
-                retry_after_secs: self.unavailable_retry_after,
+            Err(_) => Err(AuthError::TooManyAttempts {
+                retry_after_secs: 1,
             }),
         }
     }
