@@ -92,7 +92,7 @@ impl Gate {
     ///
     /// The route rules are those of every method the request may be run as: its own and any a
     /// method override names (`X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`, a
-    /// `_method` query parameter), as Rails, Symfony, Laravel and Express do; an override that
+    /// `_method` query parameter, also under a name PHP renames to it), as Rails, Symfony, Laravel and Express do; an override that
     /// names no method is refused (400). A `_method` field of a form body is not seen.
     ///
     /// Every refusal is logged (target `tower_pat::gateway`, level info) with its reason, the
@@ -220,11 +220,25 @@ fn methods(req: &Request<Empty<Bytes>>) -> Result<Vec<http::Method>, AuthError> 
     }
     for pair in req.uri().query().unwrap_or("").split(['&', ';']) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if crate::auth::percent_decode(key.as_bytes()) == b"_method" {
+        if is_method_key(key) {
             add(&crate::auth::percent_decode(value.as_bytes()))?;
         }
     }
     Ok(methods)
+}
+
+/// Whether the query key `key` (as sent) names the `_method` parameter to some upstream: decoded
+/// (`+` a space), it is `_method`, or becomes it under PHP's renaming of `$_GET` keys, which
+/// Symfony and Laravel read: the name cut at a NUL, leading spaces dropped, then `.`, ` ` and an
+/// unclosed `[` turned into `_` (`.method`, `+_method`, `_method%00x` are `_method` to PHP).
+fn is_method_key(key: &str) -> bool {
+    let key = crate::auth::percent_decode(key.as_bytes());
+    let key = key.split(|&b| b == 0).next().unwrap_or_default();
+    let start = key.iter().position(|&b| b != b' ').unwrap_or(key.len());
+    match &key[start..] {
+        [first, rest @ ..] => matches!(first, b'_' | b'.' | b' ' | b'[') && rest == b"method",
+        [] => false,
+    }
 }
 
 /// The inner service behind the layer: answers 200 carrying the request's principal.
@@ -234,4 +248,49 @@ async fn accepted(req: Request<Empty<Bytes>>) -> Result<Response<Empty<Bytes>>, 
         res.extensions_mut().insert(p.clone());
     }
     Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn methods_of(method: &str, uri: &str) -> Result<Vec<String>, AuthError> {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        methods(&req).map(|m| m.iter().map(|m| m.as_str().to_owned()).collect())
+    }
+
+    /// PHP renames `$_GET` keys (Symfony and Laravel read `_method` there): each of these is
+    /// `$_GET['_method'] === 'DELETE'`, so each is an override.
+    #[test]
+    fn php_renamed_query_keys_are_method_overrides() {
+        for query in [
+            "_method=DELETE",
+            ".method=DELETE",
+            "%2Emethod=DELETE",
+            "+_method=DELETE",
+            "%20_method=DELETE",
+            "++.method=DELETE",
+            "%5Bmethod=DELETE",
+            "_method%00=DELETE",
+            "_method%00x=DELETE",
+            "a=1&_method%00.x=DELETE",
+        ] {
+            let got = methods_of("POST", &format!("/api/users/1?{query}")).unwrap();
+            assert_eq!(got, ["POST", "DELETE"], "{query}");
+        }
+        // Other names stay other parameters.
+        for query in [
+            "x_method=DELETE",
+            "_methodx=DELETE",
+            "__method=DELETE",
+            "%00_method=DELETE",
+        ] {
+            let got = methods_of("POST", &format!("/api/users/1?{query}")).unwrap();
+            assert_eq!(got, ["POST"], "{query}");
+        }
+    }
 }
