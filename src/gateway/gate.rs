@@ -195,17 +195,32 @@ const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
 /// The methods an upstream may run `req` as: its own, and every one a method override names (one
 /// of [`METHOD_OVERRIDE_HEADERS`], in any spelling a CGI-style upstream reads as it, or a
 /// `_method` query parameter, `&` or `;` separated, percent-decoded). An override that names no
-/// method (empty, a list, a space) is refused: never ignored. (A `_method` field of a form body
+/// method (empty, a list, a space) is refused: never ignored; so are overrides that name more
+/// than one method (the same in another case counts as one). (A `_method` field of a form body
 /// is not seen: the gateway sends no body.)
 fn methods(req: &Request<Empty<Bytes>>) -> Result<Vec<http::Method>, AuthError> {
     let mut methods = vec![req.method().clone()];
+    let mut seen = std::collections::HashSet::new();
+    let mut overridden: Option<http::Method> = None;
     let mut add = |value: &[u8]| {
         let method = http::Method::from_bytes(value).map_err(|_| {
             AuthError::InvalidRequest(
                 "a method override (X-HTTP-Method-Override, _method) names no method",
             )
         })?;
-        if !methods.contains(&method) {
+        // One method at most, in any case: more is no request a client means, and each would
+        // multiply the work of judging the path.
+        match &overridden {
+            Some(first) if !first.as_str().eq_ignore_ascii_case(method.as_str()) => {
+                return Err(AuthError::InvalidRequest(
+                    "the method overrides (X-HTTP-Method-Override, _method) name more than one \
+                     method",
+                ));
+            }
+            Some(_) => {}
+            None => overridden = Some(method.clone()),
+        }
+        if method != methods[0] && seen.insert(method.clone()) {
             methods.push(method);
         }
         Ok::<_, AuthError>(())
@@ -261,6 +276,31 @@ mod tests {
             .body(Empty::<Bytes>::new())
             .unwrap();
         methods(&req).map(|m| m.iter().map(|m| m.as_str().to_owned()).collect())
+    }
+
+    /// Overrides name one method at most (in any case): more is refused before any rule is
+    /// read, so a long query of them costs no more than one.
+    #[test]
+    fn overrides_name_one_method_at_most() {
+        let got = methods_of("POST", "/x?_method=DELETE&_method=delete&.method=DELETE");
+        assert_eq!(got.unwrap(), ["POST", "DELETE", "delete"]);
+        for uri in [
+            "/x?_method=DELETE&_method=PUT",
+            "/x?_method=POST&_method=DELETE",
+            "/x?_method=DELETE&.method=PATCH",
+        ] {
+            assert!(
+                matches!(methods_of("POST", uri), Err(AuthError::InvalidRequest(_))),
+                "{uri}"
+            );
+        }
+        let req = Request::builder()
+            .method("POST")
+            .uri("/x?_method=DELETE")
+            .header("x-http-method-override", "PUT")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert!(methods(&req).is_err());
     }
 
     /// PHP renames `$_GET` keys (Symfony and Laravel read `_method` there): each of these is

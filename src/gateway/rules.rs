@@ -86,37 +86,22 @@ impl RouteRule {
     /// case). The gate judges a request by every reading of its path:
     /// [`RouteRules::requirement`].
     pub fn matches(&self, method: &Method, path: &str) -> bool {
-        self.matches_reading(method, &normalize_path(path), false, true)
+        under(self.prefix(), &normalize_path(path)) && self.applies(method, true)
     }
 
-    /// Whether the rule applies to `method` and a path already read (`fold`: `path` is
-    /// case-folded and the prefix is compared folded, see [`fold`]; `loose`: the method as [`applies_to`]
-    /// compares it, else exactly).
-    ///
-    /// [`applies_to`]: Self::applies_to
-    fn matches_reading(&self, method: &Method, path: &str, fold: bool, loose: bool) -> bool {
-        self.covers(path, fold)
-            && if loose {
-                self.applies_to(method)
-            } else {
-                self.methods.is_empty() || self.methods.contains(method)
-            }
+    /// The prefix without its trailing `/`s, as [`under`] compares it.
+    fn prefix(&self) -> &str {
+        self.path_prefix.trim_end_matches('/')
     }
 
-    /// Whether `path`, already read, is under the prefix by whole segments (`fold`: as for
-    /// [`matches_reading`](Self::matches_reading)).
-    fn covers(&self, path: &str, fold: bool) -> bool {
-        let prefix = self.path_prefix.trim_end_matches('/');
-        let rest = if !fold {
-            path.strip_prefix(prefix)
-        } else if prefix.is_ascii() {
-            path.get(..prefix.len())
-                .filter(|head| head.eq_ignore_ascii_case(prefix))
-                .map(|_| &path[prefix.len()..])
+    /// Whether the rule applies to `method`: as [`applies_to`](Self::applies_to) compares it
+    /// when `loose`, else exactly.
+    fn applies(&self, method: &Method, loose: bool) -> bool {
+        if loose {
+            self.applies_to(method)
         } else {
-            path.strip_prefix(self::fold(prefix).as_str())
-        };
-        rest.is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            self.methods.is_empty() || self.methods.contains(method)
+        }
     }
 
     /// Whether the rule applies to `method`: any when `methods` is empty, else one of them in
@@ -160,6 +145,8 @@ pub struct Shadowed {
 #[derive(Clone, Debug, Default)]
 pub struct RouteRules {
     rules: Vec<RouteRule>,
+    /// Each rule's prefix (without its trailing `/`s) case-folded ([`fold`]), once.
+    folded: Vec<String>,
     default: RouteRule,
 }
 
@@ -167,6 +154,7 @@ impl RouteRules {
     /// Rules tried in this order; requests none matches need a valid token and no scope.
     pub fn new(rules: Vec<RouteRule>) -> Self {
         Self {
+            folded: rules.iter().map(|r| fold(r.prefix())).collect(),
             rules,
             default: RouteRule::new("/"),
         }
@@ -199,7 +187,10 @@ impl RouteRules {
     /// reads it (exact case), `None` for the default. This is one reading only: the gate
     /// judges by [`requirement`](Self::requirement).
     pub fn position(&self, method: &Method, path: &str) -> Option<usize> {
-        self.first(method, &normalize_path(path), false, true)
+        let path = normalize_path(path);
+        self.rules
+            .iter()
+            .position(|r| under(r.prefix(), &path) && r.applies(method, true))
     }
 
     /// The rule [`position`](Self::position) names: the first that matches, or the default.
@@ -218,7 +209,7 @@ impl RouteRules {
     pub fn shadowed(&self) -> Option<Shadowed> {
         for (later, rule) in self.rules.iter().enumerate() {
             for (earlier, before) in self.rules[..later].iter().enumerate() {
-                if !before.covers(&rule.path_prefix, false) {
+                if !under(before.prefix(), rule.prefix()) {
                     continue;
                 }
                 let methods = match (before.methods.is_empty(), rule.methods.is_empty()) {
@@ -257,12 +248,6 @@ impl RouteRules {
         None
     }
 
-    fn first(&self, method: &Method, reading: &str, fold: bool, loose: bool) -> Option<usize> {
-        self.rules
-            .iter()
-            .position(|r| r.matches_reading(method, reading, fold, loose))
-    }
-
     /// What a request for `method` and `path` must satisfy: for every plausible reading of the
     /// path (see the [module docs](self)), exactly and case-insensitively, the first rule that
     /// matches or the default; anonymous only if all of them are, and the scopes of all of them.
@@ -296,7 +281,9 @@ impl RouteRules {
         } else {
             readings(path)?.into_iter().map(Cow::Owned).collect()
         };
+        let judged = self.judged(methods);
         let mut rules: Vec<Option<usize>> = Vec::with_capacity(2);
+        let mut covering: Vec<usize> = Vec::with_capacity(self.rules.len());
         for reading in &readings {
             let lower = if reading.bytes().any(|b| b.is_ascii_uppercase()) || !reading.is_ascii() {
                 Cow::Owned(fold(reading))
@@ -304,10 +291,22 @@ impl RouteRules {
                 Cow::Borrowed(reading.as_ref())
             };
             for (reading, fold) in [(reading.as_ref(), false), (lower.as_ref(), true)] {
-                // The method as sent, and in any case (`get` is `GET` to some upstreams, another
-                // method to others; `HEAD` is `GET` to most): both rules count.
-                for (method, loose) in methods.iter().flat_map(|m| [(m, false), (m, true)]) {
-                    let index = self.first(method, reading, fold, loose);
+                // The rules whose prefix covers this reading, once; then the first of them for
+                // each way of reading the method.
+                covering.clear();
+                covering.extend((0..self.rules.len()).filter(|&i| {
+                    let prefix = if fold {
+                        self.folded[i].as_str()
+                    } else {
+                        self.rules[i].prefix()
+                    };
+                    under(prefix, reading)
+                }));
+                for &(method, loose) in &judged {
+                    let index = covering
+                        .iter()
+                        .copied()
+                        .find(|&i| self.rules[i].applies(method, loose));
                     if !rules.contains(&index) {
                         rules.push(index);
                     }
@@ -326,6 +325,42 @@ impl RouteRules {
             rules,
         })
     }
+}
+
+impl RouteRules {
+    /// The ways to read `methods` against the rules, without one that cannot count another rule:
+    /// each method as sent and in any case (`get` is `GET` to some upstreams, another method to
+    /// others; `HEAD` is `GET` to most: both rules count). In any case, one spelling of a method
+    /// stands for all of its spellings; as sent, one spelling that no rule names stands for all
+    /// such (they match only the rules for every method). So the work a request asks for grows
+    /// with the rules' methods, not with how many spellings of a method it sends.
+    fn judged<'a>(&self, methods: &'a [Method]) -> Vec<(&'a Method, bool)> {
+        let named = |m: &Method| self.rules.iter().any(|r| r.methods.contains(m));
+        // (method, loose, named by a rule)
+        let mut judged: Vec<(&Method, bool, bool)> = Vec::with_capacity(2 * methods.len().min(4));
+        for method in methods {
+            let is_named = named(method);
+            if !judged
+                .iter()
+                .any(|&(m, loose, n)| !loose && (m == method || (!n && !is_named)))
+            {
+                judged.push((method, false, is_named));
+            }
+            if !judged
+                .iter()
+                .any(|&(m, loose, _)| loose && m.as_str().eq_ignore_ascii_case(method.as_str()))
+            {
+                judged.push((method, true, is_named));
+            }
+        }
+        judged.into_iter().map(|(m, loose, _)| (m, loose)).collect()
+    }
+}
+
+/// Whether `path`, already read, is under `prefix` (without its trailing `/`s) by whole segments.
+fn under(prefix: &str, path: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// `s` case-folded, as a case-insensitive upstream compares it: upper case, then lower case.
@@ -775,6 +810,59 @@ mod tests {
         assert!(RouteRule::new("/admin").matches(&Method::GET, "/%61dmin/users/%FF"));
         assert_eq!(normalize_path("/caf%C3%A9"), "/café");
         assert!(rules.requirement(&Method::GET, "/caf%C3%A9").is_ok());
+    }
+
+    /// The work of judging a request grows with the rules' methods, not with the spellings of a
+    /// method it sends: one spelling stands for every other that no rule names, and one for each
+    /// case-insensitive method in any case; the rules counted are the same.
+    #[test]
+    fn spellings_of_a_method_are_judged_once() {
+        let rules = RouteRules::new(vec![
+            RouteRule {
+                methods: vec![Method::from_bytes(b"delete").unwrap()],
+                anonymous: true,
+                ..RouteRule::new("/x")
+            },
+            RouteRule {
+                methods: vec![Method::DELETE],
+                scopes: ScopeSet::parse(["admin"]).unwrap(),
+                ..RouteRule::new("/x")
+            },
+            RouteRule {
+                scopes: ScopeSet::parse(["write"]).unwrap(),
+                ..RouteRule::new("/x")
+            },
+        ]);
+        let spellings: Vec<Method> = (0..64u32)
+            .map(|bits| {
+                let name: String = "delete"
+                    .chars()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        if bits >> i & 1 == 1 {
+                            c.to_ascii_uppercase()
+                        } else {
+                            c
+                        }
+                    })
+                    .collect();
+                Method::from_bytes(name.as_bytes()).unwrap()
+            })
+            .collect();
+        // As sent: `delete`, `DELETE` and one for the other 62; in any case: one.
+        assert_eq!(rules.judged(&spellings).len(), 4);
+        let r = rules.requirement_any(&spellings, "/x/%2561").unwrap();
+        assert_eq!(r.rules, [Some(0), Some(2), Some(1)]);
+        assert!(!r.anonymous);
+        assert_eq!(scopes(&r), ["admin", "write"]);
+        for one in &spellings {
+            let r = rules.requirement(one, "/x").unwrap();
+            assert!(
+                r.rules
+                    .iter()
+                    .all(|i| [Some(0), Some(1), Some(2)].contains(i))
+            );
+        }
     }
 
     #[test]
