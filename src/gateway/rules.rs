@@ -24,7 +24,7 @@
 //! - each of these also with its dot segments left as they are, for upstreams that do not resolve
 //!   them: `/admin/../public` is under `/admin` to them;
 //! - each of these compared with the rule prefixes case-insensitively too (Unicode upper case,
-//!   then lower case, so that `ſ` is `s` and `ı` is `i`, as to Java's `equalsIgnoreCase` and Go's
+//!   then lower case, so that `ſ` is `s` and `ı` and `İ` are `i`, as to Java's `equalsIgnoreCase` and Go's
 //!   `strings.EqualFold`), for case-insensitive upstreams: `/ADMIN/users` and `/%C5%BFettings`
 //!   are under `/admin` and `/settings`.
 //!
@@ -366,9 +366,15 @@ fn under(prefix: &str, path: &str) -> bool {
 /// `s` case-folded, as a case-insensitive upstream compares it: upper case, then lower case.
 /// Lower case alone misses the characters whose upper case is ASCII, which Java's
 /// `equalsIgnoreCase`, Go's `strings.EqualFold` and Python's `casefold` match with ASCII letters:
-/// `ſ` (U+017F) is `s` to them, `ı` (U+0131) `i`.
+/// `ſ` (U+017F) is `s` to them, `ı` (U+0131) `i`. `İ` (U+0130) is `i` too, as Java's simple
+/// case mapping lower-cases it, where Rust's full mapping gives `i` and U+0307.
 fn fold(s: &str) -> String {
-    s.to_uppercase().to_lowercase()
+    let upper = s.to_uppercase();
+    if upper.contains('İ') {
+        upper.replace('İ', "i").to_lowercase()
+    } else {
+        upper.to_lowercase()
+    }
 }
 
 /// Whether every reading of `path` (its query cut off) is `path` itself: it starts with `/` and has
@@ -784,6 +790,16 @@ mod tests {
         }]);
         let r = rules.requirement(&Method::GET, "/settings/x").unwrap();
         assert!(r.scopes.contains("admin"), "{:?}", r.rules);
+        // `İ` (U+0130) lower-cases to `i` to Java's `equalsIgnoreCase` (simple case mapping),
+        // to `i` and U+0307 in Rust.
+        let rules = RouteRules::new(vec![RouteRule {
+            scopes: ScopeSet::parse(["admin"]).unwrap(),
+            ..RouteRule::new("/internal")
+        }]);
+        for path in ["/%C4%B0nternal/x", "/İNTERNAL"] {
+            let r = rules.requirement(&Method::GET, path).unwrap();
+            assert!(r.scopes.contains("admin"), "{path}: {:?}", r.rules);
+        }
     }
 
     #[test]
