@@ -18,6 +18,9 @@
 //!   each with dot segments resolved and repeated slashes merged, with `/` alone and with `\`
 //!   as a separator too ([`normalize_path`] is the last of them): `/public/../admin` and
 //!   `/%61dmin` are `/admin`;
+//! - each decoded round also cut at its first `#` or `?`: an upstream that decodes once more
+//!   re-parses the result and ends the path there (`/admin%23/../x` and `/admin%253F/x` are
+//!   `/admin` to such a chain);
 //! - the same with `;` path parameters removed from each segment, before decoding (as Tomcat,
 //!   Jetty and Spring strip them) and after: `/public/..;/admin` is `/admin` to them, and
 //!   `/admin;x/users` is `/admin/users`;
@@ -390,7 +393,8 @@ fn is_plain(path: &str) -> bool {
 /// Every plausible reading of `path` (its query cut off), without repetition: as written and after
 /// each round of decoding, with `;` parameters removed before decoding or not; each of these as it
 /// is, and with dot segments resolved (with `/` and with `/` and `\\` as separators, `;`
-/// parameters removed after decoding or not). The module docs say why.
+/// parameters removed after decoding or not); each round after the first also cut at its first
+/// `#` or `?`. The module docs say why.
 fn readings(path: &str) -> Result<Vec<String>, AuthError> {
     let path = path.split('?').next().unwrap_or("");
     // Each reading is a copy: a bound on the work a request can ask for.
@@ -414,32 +418,46 @@ fn readings(path: &str) -> Result<Vec<String>, AuthError> {
                 "the request path has %-escapes that are not UTF-8",
             ));
         }
-        for round in &rounds {
+        for (i, round) in rounds.iter().enumerate() {
             if round.contains('\0') {
                 return Err(AuthError::InvalidRequest(
                     "the request path has an escaped NUL byte",
                 ));
             }
-            // Dot segments left as they are, too: an upstream that does not resolve them routes
-            // `/admin/../public` under `/admin`.
-            let literal = if round.starts_with('/') {
-                round.clone()
-            } else {
-                format!("/{round}")
-            };
-            let resolved = [&['/'][..], &['/', '\\'][..]]
-                .into_iter()
-                .flat_map(|separators| {
-                    [false, true].map(|strip_params| resolve(round, separators, strip_params))
-                });
-            for reading in std::iter::once(literal).chain(resolved) {
-                if !out.contains(&reading) {
-                    out.push(reading);
-                }
+            // An upstream that decodes once more re-parses the result (the chains these rounds
+            // model), ending the path at a decoded `#` or `?`: `/admin%23/../x` is `/admin` to it.
+            let cut = round
+                .find(['#', '?'])
+                .filter(|_| i > 0)
+                .map(|at| &round[..at]);
+            for round in std::iter::once(round.as_str()).chain(cut) {
+                push_readings(round, &mut out);
             }
         }
     }
     Ok(out)
+}
+
+/// Adds the readings of `round`, one round of decoding of a path, to `out` (without repetition):
+/// as it is, and with dot segments resolved in every way [`readings`] lists.
+fn push_readings(round: &str, out: &mut Vec<String>) {
+    // Dot segments left as they are, too: an upstream that does not resolve them routes
+    // `/admin/../public` under `/admin`.
+    let literal = if round.starts_with('/') {
+        round.to_owned()
+    } else {
+        format!("/{round}")
+    };
+    let resolved = [&['/'][..], &['/', '\\'][..]]
+        .into_iter()
+        .flat_map(|separators| {
+            [false, true].map(|strip_params| resolve(round, separators, strip_params))
+        });
+    for reading in std::iter::once(literal).chain(resolved) {
+        if !out.contains(&reading) {
+            out.push(reading);
+        }
+    }
 }
 
 /// The longest request path [`RouteRules::requirement`] reads (8 KiB); a longer one is refused.
@@ -732,6 +750,11 @@ mod tests {
         ] {
             let r = requirement("GET", path);
             assert!(!r.anonymous, "{path} must not pass without a token");
+            assert!(scopes(&r).contains(&"admin"), "{path}: {r:?}");
+        }
+        // An upstream that decodes once more and re-parses ends the path at a decoded `#` or `?`.
+        for path in ["/admin%23", "/admin%23/../x", "/admin%3F", "/admin%253F/x"] {
+            let r = requirement("GET", path);
             assert!(scopes(&r).contains(&"admin"), "{path}: {r:?}");
         }
         // An upstream that leaves dot segments alone serves this under `/admin`.
