@@ -247,6 +247,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Err(message) => return fail(Failure::input(message)),
     };
     if let Command::Config(ConfigCommand::Check) = &cli.command {
+        for warning in config.shadow_warnings() {
+            eprintln!("patd: warning: route rules: {warning}");
+        }
         print!("{}", config.to_redacted_toml());
         return ExitCode::SUCCESS;
     }

@@ -585,6 +585,42 @@ pub struct DefaultRuleConfig {
 }
 
 impl Config {
+    /// A warning for each rule an earlier one takes some requests from, but not all (a rule that
+    /// never matches is refused by [`load`](Self::load)): each names both rules by number,
+    /// counted from 1, and prefix, and the methods. A CORS preflight rule first (`/` for
+    /// `OPTIONS`, anonymous) is such a shadow of every later rule, and may well be meant.
+    pub fn shadow_warnings(&self) -> Vec<String> {
+        self.route_rules()
+            .shadows()
+            .into_iter()
+            .map(|s| {
+                let methods = if s.methods.is_empty() {
+                    "every method it applies to".to_owned()
+                } else {
+                    let methods: Vec<&str> = s.methods.iter().map(http::Method::as_str).collect();
+                    methods.join(", ")
+                };
+                let case = if s.case_only {
+                    " when the upstream ignores case"
+                } else {
+                    ""
+                };
+                format!(
+                    "{} comes first and takes the requests of {} for {methods}{case} (first \
+                     match wins; rules counted from 1): put the narrower rule first if that is \
+                     not meant",
+                    self.rule_name(s.earlier),
+                    self.rule_name(s.later),
+                )
+            })
+            .collect()
+    }
+
+    /// The rule at `index` as messages name it: `[[rule]] N (prefix)`, counted from 1.
+    fn rule_name(&self, index: usize) -> String {
+        format!("[[rule]] {} ({})", index + 1, self.rule[index].path_prefix)
+    }
+
     /// The route rules.
     pub fn route_rules(&self) -> super::rules::RouteRules {
         use super::rules::{RouteRule, RouteRules};
@@ -713,22 +749,19 @@ impl Config {
         }
         // The key files are checked now: a bad one stops `patd` (and `patd config check`).
         config.leak_reports.build()?;
-        // A rule an earlier one shadows is a mistake of order, whose requests would get the
-        // earlier rule's (first match wins): refused, naming both.
-        if let Some(shadowed) = config.route_rules().shadowed() {
-            let name = |i: usize| format!("[[rule]] {} ({})", i + 1, config.rule[i].path_prefix);
-            let methods = if shadowed.methods.is_empty() {
-                "never matches".to_owned()
-            } else {
-                let methods: Vec<&str> =
-                    shadowed.methods.iter().map(http::Method::as_str).collect();
-                format!("never matches {}", methods.join(", "))
-            };
+        // A rule that can never match is a mistake of order, whose requests would all get the
+        // earlier rules' (first match wins): refused, naming them. A partial shadow is a warning
+        // (`shadow_warnings`), logged when `patd` starts.
+        if let Some((later, earlier)) = config.route_rules().never_matching() {
+            let earlier: Vec<String> = earlier.iter().map(|&i| config.rule_name(i)).collect();
             return Err(ConfigError(format!(
-                "{}: {methods}: {} comes first and covers it (first match wins; rules counted \
-                 from 1): put the narrower rule first, or name the methods each is for",
-                name(shadowed.later),
-                name(shadowed.earlier),
+                "{} never matches: {} {} first and {} every request it applies to (first match \
+                 wins; rules counted from 1): put the narrower rule first, or name the methods \
+                 each is for",
+                config.rule_name(later),
+                earlier.join(" and "),
+                if earlier.len() == 1 { "comes" } else { "come" },
+                if earlier.len() == 1 { "takes" } else { "take" },
             )));
         }
         Ok(config)
@@ -1631,9 +1664,10 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXOpw6qjcqsauqveNqG5RBCU6yV7A
     }
 
     /// First match wins: a rule after one whose prefix covers it, for the same methods, never
-    /// matches (`/api/admin` would need only `read`): refused, naming both rules.
+    /// matches (`/api/admin` would need only `read`): refused, naming both rules. A rule earlier
+    /// ones take only some requests from loads, with a warning naming both and the methods.
     #[test]
-    fn a_rule_shadowed_by_an_earlier_one_is_refused() {
+    fn a_rule_that_never_matches_is_refused_a_partial_shadow_warned() {
         let e = load(
             "[[rule]]\npath_prefix = \"/api\"\nscopes = [\"read\"]\n\
              [[rule]]\npath_prefix = \"/api/admin\"\nscopes = [\"admin\"]\n",
@@ -1642,20 +1676,45 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXOpw6qjcqsauqveNqG5RBCU6yV7A
         )
         .unwrap_err()
         .0;
-        assert!(e.contains("[[rule]] 2 (/api/admin)"), "{e}");
+        assert!(e.contains("[[rule]] 2 (/api/admin) never matches"), "{e}");
         assert!(e.contains("[[rule]] 1 (/api)"), "{e}");
-        // For some methods: the later rule would lose its `GET`s.
+        // Two earlier rules together take every method of the third.
         let e = load(
-            "[[rule]]\npath_prefix = \"/api\"\nmethods = [\"GET\"]\nanonymous = true\n\
-             [[rule]]\npath_prefix = \"/api/admin\"\nscopes = [\"admin\"]\n",
+            "[[rule]]\npath_prefix = \"/api\"\nmethods = [\"GET\"]\n\
+             [[rule]]\npath_prefix = \"/\"\nmethods = [\"POST\"]\n\
+             [[rule]]\npath_prefix = \"/api/a\"\nmethods = [\"GET\", \"POST\"]\n",
             &[],
             &[],
         )
         .unwrap_err()
         .0;
-        assert!(e.contains("never matches GET"), "{e}");
-        // The narrower rule first, and a rule for every other method of the same prefix, load.
-        load(
+        assert!(e.contains("[[rule]] 3 (/api/a) never matches"), "{e}");
+        assert!(e.contains("[[rule]] 1 (/api) and [[rule]] 2 (/)"), "{e}");
+        // A CORS preflight rule first: `/admin` loses its `OPTIONS` only. Loads, with a warning.
+        let config = load(
+            "[[rule]]\npath_prefix = \"/\"\nmethods = [\"OPTIONS\"]\nanonymous = true\n\
+             [[rule]]\npath_prefix = \"/admin\"\nscopes = [\"admin\"]\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+        let warnings = config.shadow_warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        let w = &warnings[0];
+        assert!(w.contains("[[rule]] 1 (/)"), "{w}");
+        assert!(w.contains("[[rule]] 2 (/admin) for OPTIONS"), "{w}");
+        // In another case only: the later rule still matches its own case.
+        let config = load(
+            "[[rule]]\npath_prefix = \"/api\"\nscopes = [\"read\"]\n\
+             [[rule]]\npath_prefix = \"/API/admin\"\nscopes = [\"admin\"]\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert!(config.shadow_warnings()[0].contains("ignores case"));
+        // The narrower rule first, and a rule for every other method of the same prefix: no
+        // warning.
+        let config = load(
             "[[rule]]\npath_prefix = \"/api/admin\"\nscopes = [\"admin\"]\n\
              [[rule]]\npath_prefix = \"/api\"\nmethods = [\"GET\"]\nanonymous = true\n\
              [[rule]]\npath_prefix = \"/api\"\nscopes = [\"write\"]\n",
@@ -1663,6 +1722,7 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXOpw6qjcqsauqveNqG5RBCU6yV7A
             &[],
         )
         .unwrap();
+        assert_eq!(config.shadow_warnings(), Vec::<String>::new());
     }
 
     #[test]

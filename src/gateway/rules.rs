@@ -1,8 +1,9 @@
 //! Route rules: which scopes a gateway requires for a request, by path prefix and method, and
 //! which routes are open without a token. The first matching rule wins; a request no rule
 //! matches gets the default rule (by default: a valid token, no scope beyond the layer's own).
-//! A rule an earlier one shadows ([`RouteRules::shadowed`]) is refused when `patd` loads its
-//! configuration.
+//! A rule that can never match, earlier rules taking all its requests
+//! ([`RouteRules::never_matching`]), is refused when `patd` loads its configuration; a rule an
+//! earlier one takes some requests from ([`RouteRules::shadows`]) is logged as a warning.
 //!
 //! # How a path is matched: every plausible reading, fail closed
 //!
@@ -132,16 +133,20 @@ pub struct Requirement {
     pub rules: Vec<Option<usize>>,
 }
 
-/// A rule an earlier one takes requests from ([`RouteRules::shadowed`]).
+/// A rule an earlier one takes requests from ([`RouteRules::shadows`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Shadowed {
     /// The earlier rule, by index in [`RouteRules::iter`].
     pub earlier: usize,
     /// The rule it shadows, by index.
     pub later: usize,
-    /// The methods for which the later rule never matches; empty: every method (it never
-    /// matches at all).
+    /// The methods of the later rule that the earlier one takes; empty: every method it applies
+    /// to (unless [`case_only`](Self::case_only), the later rule never matches).
     pub methods: Vec<Method>,
+    /// The earlier rule's prefix covers the later one's only case-insensitively (`/api`, then
+    /// `/API/admin`): the later rule still matches requests in its own case, but an upstream that
+    /// ignores case serves `/api/admin/x` from it with the earlier rule's scopes.
+    pub case_only: bool,
 }
 
 /// Route rules, first match wins, and the rule for requests none matches.
@@ -201,28 +206,29 @@ impl RouteRules {
         self.rule(self.position(method, path))
     }
 
-    /// The first rule an earlier one shadows, which is most likely a mistake of order (first
-    /// match wins: `/api` then `/api/admin` leaves `/api/admin/x` to `/api`'s scopes): the
-    /// earlier rule's prefix covers the later one's by whole segments and it applies to every
-    /// method the later one names (the later never matches), or to some of them. One partial
-    /// shadow is no mistake and is not reported: a later rule with the same prefix and no methods,
-    /// for the methods the earlier rule does not name (`/api` for `GET`, then `/api` for the
-    /// rest). Methods are compared exactly (a `HEAD` rule after a `GET` one still counts: see
-    /// [`requirement`](Self::requirement)).
-    pub fn shadowed(&self) -> Option<Shadowed> {
+    /// Every rule an earlier one shadows, by pair, in order of the later rule then the earlier:
+    /// the earlier rule's prefix covers the later one's by whole segments, exactly or only
+    /// case-insensitively ([`Shadowed::case_only`]: the readings fold case, see the
+    /// [module docs](self)), and it applies to some of the methods the later one applies to
+    /// (first match wins: `/api` then `/api/admin` leaves `/api/admin/x` to `/api`'s scopes).
+    /// One partial shadow is no mistake and is not listed: a later rule with the same prefix and
+    /// no methods, for the methods the earlier rule does not name (`/api` for `GET`, then `/api`
+    /// for the rest). Methods are compared exactly (a `HEAD` rule after a `GET` one still counts:
+    /// see [`requirement`](Self::requirement)).
+    pub fn shadows(&self) -> Vec<Shadowed> {
+        let mut found = Vec::new();
         for (later, rule) in self.rules.iter().enumerate() {
             for (earlier, before) in self.rules[..later].iter().enumerate() {
-                if !under(before.prefix(), rule.prefix()) {
+                let case_only = if under(before.prefix(), rule.prefix()) {
+                    false
+                } else if under(&self.folded[earlier], &self.folded[later]) {
+                    true
+                } else {
                     continue;
-                }
+                };
                 let methods = match (before.methods.is_empty(), rule.methods.is_empty()) {
                     (true, _) => Vec::new(),
-                    (false, true)
-                        if before.path_prefix.trim_end_matches('/')
-                            == rule.path_prefix.trim_end_matches('/') =>
-                    {
-                        continue;
-                    }
+                    (false, true) if before.prefix() == rule.prefix() => continue,
                     (false, true) => before.methods.clone(),
                     (false, false) => {
                         let shared: Vec<Method> = rule
@@ -241,11 +247,37 @@ impl RouteRules {
                         }
                     }
                 };
-                return Some(Shadowed {
+                found.push(Shadowed {
                     earlier,
                     later,
                     methods,
+                    case_only,
                 });
+            }
+        }
+        found
+    }
+
+    /// The first rule that can never match, with the earlier rules that together take every
+    /// request it applies to (their prefixes cover its prefix exactly, and between them they
+    /// apply to every method it applies to): most likely a mistake of order, which `patd` refuses
+    /// to load. A partial shadow ([`shadows`](Self::shadows)) leaves the later rule some requests.
+    pub fn never_matching(&self) -> Option<(usize, Vec<usize>)> {
+        let shadows = self.shadows();
+        for (later, rule) in self.rules.iter().enumerate() {
+            let mut earlier = Vec::new();
+            let mut taken: Vec<&Method> = Vec::new();
+            for s in shadows.iter().filter(|s| s.later == later && !s.case_only) {
+                if s.methods.is_empty() {
+                    return Some((later, vec![s.earlier]));
+                }
+                if s.methods.iter().any(|m| !taken.contains(&m)) {
+                    earlier.push(s.earlier);
+                    taken.extend(&s.methods);
+                }
+            }
+            if !rule.methods.is_empty() && rule.methods.iter().all(|m| taken.contains(&m)) {
+                return Some((later, earlier));
             }
         }
         None
@@ -631,7 +663,8 @@ mod tests {
             methods,
             ..RouteRule::new(prefix)
         };
-        let shadowed = |rules: Vec<RouteRule>| RouteRules::new(rules).shadowed();
+        let shadows = |rules: Vec<RouteRule>| RouteRules::new(rules).shadows();
+        let never = |rules: Vec<RouteRule>| RouteRules::new(rules).never_matching();
         // Never matches.
         for (rules, earlier) in [
             (vec![rule("/api", vec![]), rule("/api/admin", vec![])], 0),
@@ -659,22 +692,40 @@ mod tests {
                 0,
             ),
         ] {
-            let s = shadowed(rules).expect("shadowed");
-            assert_eq!((s.earlier, s.methods), (earlier, vec![]));
+            let s = shadows(rules.clone());
+            assert_eq!((s[0].earlier, &s[0].methods), (earlier, &vec![]));
+            assert_eq!(never(rules).unwrap().1, [earlier]);
         }
-        // For some methods.
-        let s = shadowed(vec![
+        // Never matches: two earlier rules take a method each.
+        let rules = vec![
             rule("/api", vec![Method::GET]),
-            rule("/api/admin", vec![]),
-        ])
-        .unwrap();
-        assert_eq!((s.earlier, s.later, s.methods), (0, 1, vec![Method::GET]));
-        let s = shadowed(vec![
+            rule("/", vec![Method::POST]),
+            rule("/api/a", vec![Method::GET, Method::POST]),
+        ];
+        assert_eq!(never(rules), Some((2, vec![0, 1])));
+        // For some methods: reported, but the later rule still matches.
+        let rules = vec![rule("/api", vec![Method::GET]), rule("/api/admin", vec![])];
+        let s = shadows(rules.clone());
+        assert_eq!((s[0].earlier, s[0].later), (0, 1));
+        assert_eq!(s[0].methods, [Method::GET]);
+        assert_eq!(never(rules), None);
+        let rules = vec![
             rule("/api", vec![Method::GET]),
             rule("/api/a", vec![Method::GET, Method::POST]),
-        ])
-        .unwrap();
-        assert_eq!(s.methods, [Method::GET]);
+        ];
+        assert_eq!(shadows(rules.clone())[0].methods, [Method::GET]);
+        assert_eq!(never(rules), None);
+        // A CORS preflight rule first shadows every later rule for `OPTIONS` only.
+        let rules = vec![rule("/", vec![Method::OPTIONS]), rule("/admin", vec![])];
+        assert_eq!(shadows(rules.clone())[0].methods, [Method::OPTIONS]);
+        assert_eq!(never(rules), None);
+        // In another case: the readings fold case, so `/api` takes `/API/admin`'s requests in
+        // lower case; `/API/admin` still matches its own.
+        let rules = vec![rule("/api", vec![]), rule("/API/admin", vec![])];
+        let s = shadows(rules.clone());
+        assert_eq!(s.len(), 1);
+        assert!(s[0].case_only);
+        assert_eq!(never(rules), None);
         // Not shadowed: the narrower rule first, other segments, other methods, the same prefix
         // for every other method, `HEAD` after `GET`.
         for rules in [
@@ -690,7 +741,7 @@ mod tests {
                 rule("/api", vec![Method::HEAD]),
             ],
         ] {
-            assert_eq!(shadowed(rules.clone()), None, "{rules:?}");
+            assert_eq!(shadows(rules.clone()), [], "{rules:?}");
         }
     }
 

@@ -855,6 +855,9 @@ pub async fn serve(
     config: Config,
     ready: impl FnOnce(SocketAddr, Option<SocketAddr>),
 ) -> Result<(), String> {
+    for warning in config.shadow_warnings() {
+        tracing::warn!(target: "tower_pat::gateway", "route rules: {warning}");
+    }
     let store = open_store(&config).await?;
     let gateway = Gateway::new(config.clone(), Arc::clone(&store))?;
     let retention = gateway.retention().spawn();
