@@ -92,8 +92,9 @@ impl Gate {
     ///
     /// The route rules are those of every method the request may be run as: its own and any a
     /// method override names (`X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`, a
-    /// `_method` query parameter, also under a name PHP renames to it), as Rails, Symfony, Laravel and Express do; an override that
-    /// names no method is refused (400). A `_method` field of a form body is not seen.
+    /// `_method` query parameter, also under a name PHP renames to it), as Rails, Symfony,
+    /// Laravel and Express do; an override that names no method, or overrides that name more
+    /// than one, are refused (400). A `_method` field of a form or JSON body is not seen.
     ///
     /// Every refusal is logged (target `tower_pat::gateway`, level info) with its reason, the
     /// route rule, the method, the client address and, for a token that matched a record, its
@@ -196,8 +197,8 @@ const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
 /// of [`METHOD_OVERRIDE_HEADERS`], in any spelling a CGI-style upstream reads as it, or a
 /// `_method` query parameter, `&` or `;` separated, percent-decoded). An override that names no
 /// method (empty, a list, a space) is refused: never ignored; so are overrides that name more
-/// than one method (the same in another case counts as one). (A `_method` field of a form body
-/// is not seen: the gateway sends no body.)
+/// than one method (the same in another case counts as one). (A `_method` field of a form or
+/// JSON body is not seen: the gateway sends no body.)
 fn methods(req: &Request<Empty<Bytes>>) -> Result<Vec<http::Method>, AuthError> {
     let mut methods = vec![req.method().clone()];
     let mut seen = std::collections::HashSet::new();
