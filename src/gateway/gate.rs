@@ -234,10 +234,26 @@ fn methods(req: &Request<Empty<Bytes>>) -> Result<Vec<http::Method>, AuthError> 
             add(value.as_bytes())?;
         }
     }
-    for pair in req.uri().query().unwrap_or("").split(['&', ';']) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if is_method_key(key) {
-            add(&crate::auth::percent_decode(value.as_bytes()))?;
+    let mut query = |query: &str| {
+        for pair in query.split(['&', ';']) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if is_method_key(key) {
+                add(&crate::auth::percent_decode(value.as_bytes()))?;
+            }
+        }
+        Ok::<_, AuthError>(())
+    };
+    query(req.uri().query().unwrap_or(""))?;
+    // An escaped `?` in the path (`/users/1%3F_method=DELETE`) starts a query to an upstream
+    // that decodes once more and parses again, as the route rules read the path too
+    // ([`RouteRules::requirement`](super::rules::RouteRules::requirement)).
+    for round in super::rules::decode_rounds(req.uri().path())
+        .0
+        .iter()
+        .skip(1)
+    {
+        if let Some((_, rest)) = round.split_once('?') {
+            query(rest.split('#').next().unwrap_or(""))?;
         }
     }
     Ok(methods)
@@ -302,6 +318,28 @@ mod tests {
             .body(Empty::<Bytes>::new())
             .unwrap();
         assert!(methods(&req).is_err());
+    }
+
+    /// An escaped `?` in the path starts a query to an upstream that decodes once more: a
+    /// `_method` there counts, under the same rules (one method at most).
+    #[test]
+    fn an_override_behind_an_escaped_question_mark_counts() {
+        for uri in [
+            "/api/users/1%3F_method=DELETE",
+            "/api/users/1%253F_method=DELETE",
+            "/api/users/1%3Fa=1%26.method=DELETE",
+        ] {
+            assert_eq!(
+                methods_of("POST", uri).unwrap(),
+                ["POST", "DELETE"],
+                "{uri}"
+            );
+        }
+        assert!(methods_of("POST", "/api/users/1%3F_method=PUT?_method=DELETE").is_err());
+        assert_eq!(
+            methods_of("POST", "/api/users/1%3Fmethod=DELETE").unwrap(),
+            ["POST"]
+        );
     }
 
     /// PHP renames `$_GET` keys (Symfony and Laravel read `_method` there): each of these is

@@ -402,13 +402,20 @@ fn under(prefix: &str, path: &str) -> bool {
 /// Lower case alone misses the characters whose upper case is ASCII, which Java's
 /// `equalsIgnoreCase`, Go's `strings.EqualFold` and Python's `casefold` match with ASCII letters:
 /// `ſ` (U+017F) is `s` to them, `ı` (U+0131) `i`. `İ` (U+0130) is `i` too, as Java's simple
-/// case mapping lower-cases it, where Rust's full mapping gives `i` and U+0307.
+/// case mapping lower-cases it, where Rust's full mapping gives `i` and U+0307; and `i` followed
+/// by U+0307 is `i` too, as Python's `casefold` reads `İ`: each spelling of one matches the
+/// others.
 fn fold(s: &str) -> String {
     let upper = s.to_uppercase();
-    if upper.contains('İ') {
+    let lower = if upper.contains('İ') {
         upper.replace('İ', "i").to_lowercase()
     } else {
         upper.to_lowercase()
+    };
+    if lower.contains('\u{307}') {
+        lower.replace("i\u{307}", "i")
+    } else {
+        lower
     }
 }
 
@@ -550,7 +557,7 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
 /// `s`, then the result of each round of decoding its `%XX` escapes, while any remain and a round
 /// changes something (at most four rounds). Bytes that do not form UTF-8 are escaped again, each
 /// on its own, and the flag is `false` then.
-fn decode_rounds(s: &str) -> (Vec<String>, bool) {
+pub(super) fn decode_rounds(s: &str) -> (Vec<String>, bool) {
     let mut rounds = vec![s.to_owned()];
     let mut clean = true;
     // Bounded: each round shortens the string or ends the loop.
@@ -871,6 +878,15 @@ mod tests {
             ..RouteRule::new("/internal")
         }]);
         for path in ["/%C4%B0nternal/x", "/İNTERNAL"] {
+            let r = rules.requirement(&Method::GET, path).unwrap();
+            assert!(r.scopes.contains("admin"), "{path}: {:?}", r.rules);
+        }
+        // And `i` followed by U+0307, as Python's `casefold` reads `İ`, whichever side has it.
+        let rules = RouteRules::new(vec![RouteRule {
+            scopes: ScopeSet::parse(["admin"]).unwrap(),
+            ..RouteRule::new("/İstanbul")
+        }]);
+        for path in ["/i%CC%87stanbul/x", "/istanbul", "/%C4%B0stanbul"] {
             let r = rules.requirement(&Method::GET, path).unwrap();
             assert!(r.scopes.contains("admin"), "{path}: {:?}", r.rules);
         }
