@@ -42,7 +42,7 @@ pub(crate) const TAG: &str = "personal-access-tokens";
 pub(crate) struct Admin {
     config: AdminConfig,
     /// Token creations per subject.
-    limiter: Option<WindowCounter<String>>,
+    creations: Option<WindowCounter<String>>,
     /// Rotations per token id.
     rotations: Option<WindowCounter<String>>,
     /// Serializes the count-then-insert of token creation, so the per-subject maximum holds
@@ -63,7 +63,7 @@ pub(crate) fn router(config: AdminConfig) -> Router {
     let scope = |scope: &str| RequireScopesLayer::new([scope]).realm(layer.realm());
     let (read, write) = (scope(READ_SCOPE), scope(WRITE_SCOPE));
     let state = Arc::new(Admin {
-        limiter: config
+        creations: config
             .creation_limit
             .map(|(max, window)| WindowCounter::new(max, window, 100_000)),
         rotations: config
@@ -345,7 +345,7 @@ pub(crate) async fn create(
         expires_at
     };
     let ip_restriction = policy::child_networks(&caller, req.ip_restriction)?;
-    if let Some(limiter) = &admin.limiter {
+    if let Some(limiter) = &admin.creations {
         limiter
             .try_count(caller.subject().to_owned())
             .map_err(|retry| ApiError::too_many("personal access tokens created", retry))?;

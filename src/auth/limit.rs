@@ -51,12 +51,6 @@ impl Drop for Attempt {
     }
 }
 
-impl std::fmt::Debug for Attempt {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Attempt")
-    }
-}
-
 impl<K> std::fmt::Debug for WindowCounter<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WindowCounter")

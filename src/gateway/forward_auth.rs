@@ -222,10 +222,22 @@ mod tests {
 
     /// A forward-auth request for `GET uri` from the gateway at 192.0.2.1.
     fn forwarded(uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+        original(OriginalRequestHeaders::Forwarded, "GET", uri, headers)
+    }
+
+    /// A forward-auth request for `method uri`, in the `pair` of headers, from the gateway at
+    /// 192.0.2.1.
+    fn original(
+        pair: OriginalRequestHeaders,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+    ) -> Request<()> {
+        let (method_header, uri_header) = pair.names();
         let mut req = Request::builder()
             .uri("/auth")
-            .header("x-forwarded-method", "GET")
-            .header("x-forwarded-uri", uri);
+            .header(method_header, method)
+            .header(uri_header, uri);
         for (name, value) in headers {
             req = req.header(*name, *value);
         }
@@ -292,18 +304,9 @@ mod tests {
         );
         let bearer = format!("Bearer {}", secret.expose_secret());
         let post = |uri: &str, headers: &[(&str, &str)]| {
-            let mut req = Request::builder()
-                .uri("/auth")
-                .header("x-original-method", "POST")
-                .header("x-original-uri", uri)
-                .header("authorization", &bearer);
-            for (name, value) in headers {
-                req = req.header(*name, *value);
-            }
-            let mut req = req.body(()).unwrap();
-            req.extensions_mut()
-                .insert("192.0.2.1:4000".parse::<std::net::SocketAddr>().unwrap());
-            req
+            let mut headers = headers.to_vec();
+            headers.push(("authorization", &bearer));
+            original(OriginalRequestHeaders::Original, "POST", uri, &headers)
         };
         // The control: a plain POST passes.
         let res = auth.check(&post("/api/users/1", &[])).await;

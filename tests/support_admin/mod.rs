@@ -94,6 +94,16 @@ impl Res {
         assert!(obj["code"].is_string());
         obj["message"].as_str().unwrap()
     }
+
+    /// Asserts a 429 in the crate's error shape, and returns its `Retry-After` in seconds.
+    pub(crate) fn too_many(&self) -> u64 {
+        self.error(429);
+        self.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
 }
 
 /// One request through the app, from 127.0.0.1.
