@@ -406,15 +406,23 @@ impl TokenStore for MemoryStore {
                 .take(limit)
                 .map(|r| r.id.clone())
                 .collect();
-            ids.iter()
+            let removed: Vec<TokenRecord> = ids
+                .iter()
                 .filter_map(|id| {
                     let r = data.by_id.remove(id)?;
                     data.unindex(&r);
                     data.notices.remove(id);
-                    data.superseded.retain(|_, (owner, _)| owner != id);
                     Some(r)
                 })
-                .collect()
+                .collect();
+            // One pass over the superseded secrets for the whole batch, not one per record.
+            if !removed.is_empty() {
+                let gone: std::collections::HashSet<&str> =
+                    removed.iter().map(|r| r.id.as_str()).collect();
+                data.superseded
+                    .retain(|_, (owner, _)| !gone.contains(owner.as_str()));
+            }
+            removed
         };
         for r in &removed {
             self.inner.hub.announce(r);
