@@ -719,3 +719,181 @@ async fn a_silent_partition_counts_in_max_staleness_from_the_last_confirmation()
     .await;
     assert!(back.is_some(), "the feed never came back");
 }
+
+/// A proxy that can make a listener deaf: it carries every byte both ways, except, while
+/// `deaf` is set, the server's notification messages (`NotificationResponse`, type `A`), which it
+/// drops, as a transaction-pooling PgBouncer does with a notification that arrives while no client
+/// is linked to the server connection. The connection stays up and answers queries.
+struct DeafProxy {
+    port: u16,
+    deaf: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DeafProxy {
+    async fn start(target: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let deaf = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&deaf);
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let flag = Arc::clone(&flag);
+                tokio::spawn(async move {
+                    let (mut in_read, mut in_write) = inbound.into_split();
+                    let (mut out_read, mut out_write) = outbound.into_split();
+                    let up = async {
+                        let _ = tokio::io::copy(&mut in_read, &mut out_write).await;
+                    };
+                    // Server to client: whole messages (a type byte, a 4-byte length counting
+                    // itself, the body), so that a notification can be dropped. The connection
+                    // must not use TLS (`sslmode=disable`), whose one-byte answer is not framed.
+                    let down = async {
+                        let mut pending = Vec::new();
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match out_read.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            pending.extend_from_slice(&buf[..n]);
+                            let mut forward = Vec::new();
+                            while pending.len() >= 5 {
+                                let len =
+                                    u32::from_be_bytes(pending[1..5].try_into().unwrap()) as usize;
+                                if pending.len() < 1 + len {
+                                    break;
+                                }
+                                let message: Vec<u8> = pending.drain(..1 + len).collect();
+                                if !(message[0] == b'A' && flag.load(Ordering::SeqCst)) {
+                                    forward.extend_from_slice(&message);
+                                }
+                            }
+                            if in_write.write_all(&forward).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        Self { port, deaf, task }
+    }
+
+    fn deafen(&self, deaf: bool) {
+        self.deaf.store(deaf, Ordering::SeqCst);
+    }
+}
+
+impl Drop for DeafProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A listener that listens on another database than the one written to hears no change, and
+/// used to look healthy for ever: connected, `max_staleness()` zero, while a revoked token served
+/// until its TTL. The store now refuses to start: its first heartbeat, sent through the pool,
+/// must be heard on the listener.
+#[tokio::test]
+async fn a_listener_that_cannot_hear_the_writes_is_refused_at_connect() {
+    let Some(db) = TestDb::create(WHAT).await else {
+        return;
+    };
+    let refused = PostgresStore::builder()
+        .heartbeat(HEARTBEAT, HEARTBEAT)
+        .listener_options(db.next_door())
+        .connect_with(db.options.clone())
+        .await;
+    let Err(error) = refused else {
+        panic!("a listener on another database was accepted");
+    };
+    let error = error.to_string();
+    assert!(
+        error.contains("did not hear a notification sent through the pool"),
+        "{error}"
+    );
+    // The same listener on the written database starts.
+    let store = PostgresStore::builder()
+        .heartbeat(HEARTBEAT, HEARTBEAT)
+        .listener_options(db.options.clone())
+        .connect_with(db.options.clone())
+        .await
+        .unwrap();
+    assert!(store.feed_connected());
+}
+
+/// Node B's listener stays connected and answers queries, but stops hearing notifications (a
+/// pooler between it and the database dropping them). A `SELECT 1` heartbeat kept it "connected"
+/// and `max_staleness()` zero, while the token revoked through node A served until its TTL (600 s
+/// here). The heartbeat is now a notification sent through the pool, which the listener must
+/// hear: within the heartbeat (interval + timeout) the feed is down and the staleness shows it,
+/// and it stays down while the listener is deaf (a new listener must hear a heartbeat first).
+/// Once it hears again, the caches are emptied and the revoked token is refused.
+#[tokio::test]
+async fn a_listener_that_stops_hearing_notifications_is_declared_down() {
+    let Some(db) = TestDb::create(WHAT).await else {
+        return;
+    };
+    let proxy = DeafProxy::start(db.server_addr()).await;
+    let a = node_a(&db).await;
+    let listener = db
+        .via(proxy.port)
+        .ssl_mode(sqlx::postgres::PgSslMode::Disable);
+    let store = PostgresStore::builder()
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .heartbeat(HEARTBEAT, HEARTBEAT)
+        .listener_options(listener)
+        .connect_with(db.options.clone())
+        .await
+        .unwrap();
+    let layer = Tokens::new(store.clone()).layer().cache(long_ttl()).build();
+    let b = Node {
+        tokens: Tokens::new(store.clone()),
+        store,
+        layer,
+    };
+    let (record, token) = a.issue("leaked", None).await;
+    assert_eq!(b.code(&token).await, StatusCode::OK);
+    // The proxy carries notifications while it is not deaf.
+    let (heard, heard_token) = a.issue("heard", None).await;
+    assert_eq!(b.code(&heard_token).await, StatusCode::OK);
+    a.store
+        .revoke(&heard.id, Utc::now())
+        .await
+        .unwrap()
+        .unwrap();
+    let refused = wait_for(Duration::from_secs(1), async || {
+        b.code(&heard_token).await == StatusCode::UNAUTHORIZED
+    })
+    .await;
+    assert!(refused.is_some(), "the revocation was not heard");
+    assert_eq!(b.layer.max_staleness(), Duration::ZERO);
+
+    proxy.deafen(true);
+    a.store
+        .revoke(&record.id, Utc::now())
+        .await
+        .unwrap()
+        .unwrap();
+    let noticed = wait_for(HEARTBEAT_BOUND + SLACK, async || {
+        !b.store.feed_connected() && b.layer.max_staleness() > Duration::ZERO
+    })
+    .await;
+    assert!(
+        noticed.is_some(),
+        "a deaf listener still reads as connected (max_staleness {:?})",
+        b.layer.max_staleness()
+    );
+    // Reconnecting through the deaf proxy does not bring the feed back.
+    tokio::time::sleep(HEARTBEAT_BOUND).await;
+    assert!(!b.store.feed_connected(), "a deaf listener came back up");
+
+    proxy.deafen(false);
+    b.wait_feed(true).await;
+    assert_eq!(b.code(&token).await, StatusCode::UNAUTHORIZED);
+}

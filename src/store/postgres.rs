@@ -63,12 +63,23 @@
 //! lost; one sent after the new `LISTEN` is handled after the announcement).
 //!
 //! A connection can also die without closing: a partition that keeps sockets open, a NAT or load
-//! balancer that forgets the flow. Nothing then arrives, and nothing fails. So beside the wait for
-//! notifications the listener sends a heartbeat, `SELECT 1` on its own connection, every
-//! `interval`, and declares the connection dead when the answer takes longer than `timeout`
-//! ([`PostgresStoreBuilder::heartbeat`], 2 s and 2 s by default): a silent feed is announced as
-//! [`StoreEvent::Disconnected`] at most `interval + timeout` (4 s) after it went silent. (sqlx
-//! offers no TCP keepalive setting; the heartbeat does not need one.)
+//! balancer that forgets the flow. Nothing then arrives, and nothing fails. And a listener can be
+//! connected and answer queries yet hear nothing: one that listens on another database or server
+//! than the writes go to (a typo, a stale address after a failover), or one behind a
+//! transaction-pooling proxy, which drops a notification arriving while no client is linked to
+//! its server connection. So every `interval` the listener sends a heartbeat: `SELECT 1` on its
+//! own connection, and beside it `pg_notify(<channel>, 'tower-pat-heartbeat <uuid>/<n>')` sent
+//! through the pool, where the writes go. The query must be answered and the notification heard
+//! within `timeout` ([`PostgresStoreBuilder::heartbeat`], 2 s and 2 s by default), or the
+//! connection is declared dead: a silent or deaf feed is announced as
+//! [`StoreEvent::Disconnected`] at most `interval + timeout` (4 s) after it went so. PostgreSQL
+//! delivers notifications in the order their transactions committed, so a heartbeat heard proves
+//! that every change committed before it was sent has been heard: that is the confirmation
+//! `max_staleness` counts from. A new listener must hear one heartbeat before the feed counts as
+//! up, so a store whose listener cannot hear the writes fails to connect, with an error that
+//! says so. (Every node hears every node's heartbeats, a few bytes each, and ignores them. If the
+//! pool cannot send a heartbeat, nothing is confirmed and the listener stays; sqlx offers no TCP
+//! keepalive setting, and the heartbeat does not need one.)
 //!
 //! # How long a change can go unseen
 //!
@@ -119,7 +130,7 @@
 //! [`StoreEvent::Reconnected`]: super::StoreEvent::Reconnected
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -400,7 +411,8 @@ impl PostgresStoreBuilder {
 
     /// Where the listener connects, if not where the pool does: `LISTEN` needs a session, which a
     /// transaction-pooling proxy does not keep. A URL parses into options:
-    /// `"postgres://…".parse::<PgConnectOptions>()`.
+    /// `"postgres://…".parse::<PgConnectOptions>()`. It must reach the database the pool writes
+    /// to: connecting fails if the listener does not hear a heartbeat sent through the pool.
     pub fn listener_options(mut self, options: PgConnectOptions) -> Self {
         self.listener_options = Some(options);
         self
@@ -417,10 +429,12 @@ impl PostgresStoreBuilder {
     /// (defaults [`DEFAULT_HEARTBEAT_INTERVAL`] and [`DEFAULT_HEARTBEAT_TIMEOUT`], 2 s each).
     ///
     /// A connection that stops carrying bytes without closing (a silent partition, a NAT or load
-    /// balancer that forgot the flow) is declared dead, and the caches told, at most
-    /// `interval + timeout` after it went silent: 4 s by default. Each check is one `SELECT 1` on
-    /// the listener's connection. Both are at least 1 ms; a timeout shorter than the database's
-    /// round trip under load makes the feed flap, and every reconnection empties the caches.
+    /// balancer that forgot the flow), or stops hearing notifications, is declared dead, and the
+    /// caches told, at most `interval + timeout` after it went silent: 4 s by default. Each check
+    /// is one `SELECT 1` on the listener's connection and one `pg_notify` sent through the pool,
+    /// which the listener must hear (see [the module](self)). Both are at least 1 ms; a timeout
+    /// shorter than the database's round trip under load makes the feed flap, and every
+    /// reconnection empties the caches.
     pub fn heartbeat(mut self, interval: Duration, timeout: Duration) -> Self {
         let min = Duration::from_millis(1);
         self.heartbeat = Heartbeat {
@@ -460,7 +474,10 @@ impl PostgresStoreBuilder {
         };
         let feed = Feed {
             options: listen_options,
+            pool: pool.clone(),
             channel: self.channel.clone(),
+            nonce: crate::record::new_id(),
+            beats: AtomicU64::new(0),
             timeout: self.acquire_timeout,
             backoff: self.backoff,
             heartbeat: self.heartbeat,
@@ -657,6 +674,8 @@ impl Shared {
             .and_then(|(id, hex)| Some((id, TokenHash::from_hex(hex)?)))
         {
             Some((id, hash)) => self.hub.changed(id, hash),
+            // Another node's heartbeat (or one of this node's that came too late).
+            None if payload.starts_with(HEARTBEAT_PREFIX) => {}
             None => tracing::warn!(
                 channel = %self.channel,
                 "ignoring a notification that is not `<id> <hex hash>`"
@@ -691,10 +710,37 @@ impl Shared {
 /// The listener's settings.
 struct Feed {
     options: PgConnectOptions,
+    /// The store's pool: heartbeats are sent where the writes go.
+    pool: PgPool,
     channel: String,
+    /// This store's heartbeats' mark (a random UUID), so that it waits for its own.
+    nonce: String,
+    /// Heartbeats sent so far.
+    beats: AtomicU64,
     timeout: Duration,
     backoff: (Duration, Duration),
     heartbeat: Heartbeat,
+}
+
+/// How a heartbeat's payload starts: `tower-pat-heartbeat <store's UUID>/<n>`. Its last word is
+/// never the hex of a hash, so no node reads it as a change.
+const HEARTBEAT_PREFIX: &str = "tower-pat-heartbeat ";
+
+/// How a [heartbeat](Feed::heartbeat) went.
+enum Beat {
+    /// The listener heard it: every change committed before it was sent has been heard.
+    Heard,
+    /// The pool could not send it in time (the database unreachable from the pool, or the pool
+    /// busy): nothing is confirmed, and nothing is known about the listener.
+    NotSent,
+    /// Sent through the pool, but the listener did not hear it in time: its connection is silent,
+    /// or it listens where the writes are not heard (another database or server, a
+    /// transaction-pooling proxy that drops notifications).
+    Unheard,
+    /// The listener's connection closed, failed, or did not answer in time (silent).
+    Failed,
+    /// The store is gone.
+    StoreGone,
 }
 
 /// Why [`Feed::serve`] returned.
@@ -722,16 +768,118 @@ impl Feed {
             listener.eager_reconnect(false);
             listener.ignore_pool_close_event(true);
             listener.listen(&self.channel).await?;
-            Ok(listener)
+            Ok::<_, sqlx::Error>(listener)
         };
-        tokio::time::timeout(self.timeout.saturating_add(self.heartbeat.timeout), listen)
-            .await
-            .unwrap_or_else(|_| {
-                Err(sqlx::Error::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "no answer to LISTEN",
-                )))
-            })
+        let mut listener =
+            tokio::time::timeout(self.timeout.saturating_add(self.heartbeat.timeout), listen)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no answer to LISTEN",
+                    )))
+                })?;
+        // Listening is not hearing: a listener on another database, or behind a proxy that drops
+        // notifications, would wait forever and look healthy. One heartbeat must come through
+        // before the feed counts as up. (What else arrives meanwhile is dropped: the caches are
+        // empty, or about to be emptied by `Reconnected`.)
+        match self.heartbeat(&mut listener, None).await {
+            Beat::Heard => Ok(listener),
+            Beat::NotSent => Err(feed_error(
+                "the pool could not send the change feed's first heartbeat in time",
+            )),
+            Beat::Unheard => Err(feed_error(
+                "the change feed's listener did not hear a notification sent through the pool: \
+                 it listens on another database or server than the writes go to, or behind a \
+                 transaction-pooling proxy (point `listener_options` at the database itself)",
+            )),
+            Beat::Failed | Beat::StoreGone => Err(feed_error(
+                "the change feed's connection failed or fell silent during its first heartbeat",
+            )),
+        }
+    }
+
+    /// A heartbeat, all within the heartbeat's timeout from now: `SELECT 1` on the listener's
+    /// connection, which must answer (a silent connection does not), and beside it a
+    /// notification sent through the pool (`pg_notify` on the channel, in a transaction of its
+    /// own), which the listener must then hear. Notifications arriving meanwhile go to `store`
+    /// (none: dropped).
+    ///
+    /// PostgreSQL delivers notifications in the order their transactions committed, so hearing
+    /// it proves what the `SELECT 1` alone could not: that every change committed before it was
+    /// sent, by any node writing where this pool writes, has been heard. A listener on another
+    /// database or server, or behind a proxy that drops notifications, answers the `SELECT 1`
+    /// but never hears it.
+    async fn heartbeat(&self, listener: &mut PgListener, store: Option<&Weak<Shared>>) -> Beat {
+        let n = self.beats.fetch_add(1, Ordering::Relaxed);
+        let payload = format!("{HEARTBEAT_PREFIX}{}/{n}", self.nonce);
+        let send = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(&self.channel)
+            .bind(&payload)
+            .execute(&self.pool);
+        tokio::pin!(send);
+        let deadline = tokio::time::sleep(self.heartbeat.timeout);
+        tokio::pin!(deadline);
+        // `None` while the send is pending, then whether it succeeded.
+        let mut sent = None;
+        let on_sent = |result: Result<_, sqlx::Error>| match result {
+            Ok(_) => Some(true),
+            Err(e) => {
+                tracing::debug!(error = %e, "token change feed heartbeat not sent");
+                Some(false)
+            }
+        };
+        {
+            // Notifications arriving meanwhile are buffered by sqlx and read below.
+            let ping = listener.execute(sqlx::raw_sql("SELECT 1"));
+            tokio::pin!(ping);
+            loop {
+                tokio::select! {
+                    answer = &mut ping => match answer {
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "token change feed heartbeat failed");
+                            return Beat::Failed;
+                        }
+                    },
+                    result = &mut send, if sent.is_none() => sent = on_sent(result),
+                    () = &mut deadline => {
+                        tracing::warn!(
+                            timeout = ?self.heartbeat.timeout,
+                            "token change feed heartbeat unanswered; the connection is silent"
+                        );
+                        return Beat::Failed;
+                    }
+                }
+            }
+        }
+        loop {
+            if sent == Some(false) {
+                return Beat::NotSent;
+            }
+            tokio::select! {
+                result = &mut send, if sent.is_none() => sent = on_sent(result),
+                received = listener.try_recv() => match received {
+                    Ok(Some(n)) if n.payload() == payload => return Beat::Heard,
+                    Ok(Some(n)) => match store.map(Weak::upgrade) {
+                        Some(Some(s)) => s.notified(n.payload()),
+                        Some(None) => return Beat::StoreGone,
+                        None => {}
+                    },
+                    Ok(None) => {
+                        tracing::warn!("token change feed connection closed");
+                        return Beat::Failed;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "token change feed failed");
+                        return Beat::Failed;
+                    }
+                },
+                () = &mut deadline => {
+                    return if sent.is_some() { Beat::Unheard } else { Beat::NotSent };
+                }
+            }
+        }
     }
 
     /// The listener task: notifications to the hub; drops, reconnections and their announcements.
@@ -788,11 +936,11 @@ impl Feed {
         }
     }
 
-    /// Hands notifications to the hub until the connection ends. The heartbeat runs beside the
-    /// wait: a silent connection leaves `try_recv` pending forever, so every `interval` the wait
-    /// is set aside (it loses nothing: sqlx reads whole messages or none) and `SELECT 1` must come
-    /// back within `timeout` on the same connection. Notifications arriving meanwhile are
-    /// buffered by sqlx and handed over next.
+    /// Hands notifications to the hub until the connection ends. Every `interval` a
+    /// [heartbeat](Self::heartbeat) is sent through the pool, and must be heard on the listener
+    /// within `timeout`: a silent connection leaves `try_recv` pending forever, and a deaf one
+    /// (listening where the writes are not heard) receives nothing while looking healthy.
+    /// Notifications keep being handed over while a heartbeat is awaited.
     async fn serve(&self, store: &Weak<Shared>, listener: &mut PgListener) -> Ended {
         let beat = tokio::time::sleep(self.heartbeat.interval);
         tokio::pin!(beat);
@@ -814,24 +962,24 @@ impl Feed {
                 },
                 () = &mut beat => {
                     let sent = crate::cache::now_ms();
-                    let check = listener.execute(sqlx::raw_sql("SELECT 1"));
-                    match tokio::time::timeout(self.heartbeat.timeout, check).await {
-                        // Answered: every notification committed before it was sent has come.
-                        Ok(Ok(_)) => match store.upgrade() {
+                    match self.heartbeat(listener, Some(store)).await {
+                        Beat::Heard => match store.upgrade() {
                             Some(s) => s.confirmed(sent),
                             None => return Ended::StoreGone,
                         },
-                        Ok(Err(e)) => {
-                            tracing::warn!(error = %e, "token change feed heartbeat failed");
-                            return Ended::Dropped;
-                        }
-                        Err(_) => {
+                        // Nothing confirmed: the next confirmation goes overdue, and the caches
+                        // stop serving past the TTL, until a heartbeat is heard again.
+                        Beat::NotSent => {}
+                        Beat::Unheard => {
                             tracing::warn!(
                                 timeout = ?self.heartbeat.timeout,
-                                "token change feed heartbeat unanswered; the connection is silent"
+                                "token change feed heartbeat sent through the pool but not heard \
+                                 on the listener: it no longer hears the database's notifications"
                             );
                             return Ended::Dropped;
                         }
+                        Beat::Failed => return Ended::Dropped,
+                        Beat::StoreGone => return Ended::StoreGone,
                     }
                     if store.strong_count() == 0 {
                         return Ended::StoreGone;
@@ -841,6 +989,11 @@ impl Feed {
             }
         }
     }
+}
+
+/// A change-feed failure, as the sqlx error [`Feed::listen`] returns.
+fn feed_error(message: &'static str) -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::other(message))
 }
 
 /// A transaction on `pool`, READ COMMITTED whatever the database's or role's default (see

@@ -63,6 +63,12 @@ impl TestDb {
         })
     }
 
+    /// Options that connect to `DATABASE_URL`'s own database, on the same server as the fresh
+    /// one: another database, which hears none of its notifications.
+    pub fn next_door(&self) -> PgConnectOptions {
+        self.admin.clone()
+    }
+
     /// The fresh database's options with the host and port replaced (to go through a proxy).
     pub fn via(&self, port: u16) -> PgConnectOptions {
         self.options.clone().host("127.0.0.1").port(port)
