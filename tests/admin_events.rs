@@ -294,6 +294,35 @@ fn verify_signature_refuses_every_malformed_or_out_of_window_delivery() {
     assert!(!shown.contains(hex_part) && !shown.contains("webhook shared secret"));
 }
 
+#[test]
+fn verify_signature_refuses_a_delivery_forged_with_an_empty_secret() {
+    // A receiver whose secret is unset (an empty environment variable) must not accept what
+    // anyone can sign with the empty key, even correctly signed and fresh.
+    let body = br#"{"event":"personalAccessToken.revoked"}"#;
+    let now = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+    let tol = Duration::from_secs(300);
+    let ts = "1700000000";
+    let forged = expected_signature(b"", ts, body);
+    assert_eq!(
+        verify_signature(b"", ts, body, &forged, now, tol),
+        Err(SignatureError::EmptySecret)
+    );
+    assert_eq!(
+        verify_signature("", ts, body, &forged, now, tol),
+        Err(SignatureError::EmptySecret)
+    );
+    // Whatever the delivery: a malformed one is refused for the same reason.
+    assert_eq!(
+        verify_signature(b"", "", body, "", now, tol),
+        Err(SignatureError::EmptySecret)
+    );
+    // The forged delivery does not verify under a real secret either.
+    assert_eq!(
+        verify_signature(SECRET, ts, body, &forged, now, tol),
+        Err(SignatureError::Mismatch)
+    );
+}
+
 #[tokio::test]
 async fn failed_deliveries_are_retried_with_backoff_then_given_up() {
     // 503, 500, then 200: three attempts of the same signed body.

@@ -394,6 +394,10 @@ pub enum SignatureError {
     /// Correctly signed, but the timestamp is further from `now` than the tolerance: a replay, or
     /// a clock far off.
     Stale,
+    /// The receiver's own secret is empty (an unset environment variable, say): anyone can sign
+    /// with the empty key, so nothing is accepted under it, whatever the delivery. A
+    /// [`WebhookSink`] refuses an empty secret too.
+    EmptySecret,
 }
 
 impl fmt::Display for SignatureError {
@@ -403,6 +407,7 @@ impl fmt::Display for SignatureError {
             Self::MalformedSignature => "the webhook signature is not sha256=<64 hex digits>",
             Self::Mismatch => "the webhook signature does not match",
             Self::Stale => "the webhook timestamp is outside the accepted tolerance",
+            Self::EmptySecret => "the webhook secret is empty; no delivery is accepted under it",
         })
     }
 }
@@ -412,7 +417,9 @@ impl std::error::Error for SignatureError {}
 /// Verifies a [`WebhookSink`] delivery on the receiver's side: `signature` (the
 /// [`SIGNATURE_HEADER`] value) must be the HMAC-SHA256 under `secret` of `timestamp` (the
 /// [`TIMESTAMP_HEADER`] value, as received), `.` and the raw `body`, compared in constant time;
-/// and `timestamp` must be within `tolerance` of `now`, in either direction.
+/// and `timestamp` must be within `tolerance` of `now`, in either direction. An empty `secret`
+/// is refused ([`SignatureError::EmptySecret`]) before the delivery is read: a receiver whose
+/// secret is unset would otherwise accept anything signed with the empty key.
 ///
 /// Header values may be passed as `&str`, `&[u8]` or [`HeaderValue`]. This refuses a replay
 /// older than `tolerance`; to refuse one within it, remember the signatures accepted during the
@@ -441,6 +448,9 @@ pub fn verify_signature(
     now: DateTime<Utc>,
     tolerance: Duration,
 ) -> Result<(), SignatureError> {
+    if secret.as_ref().is_empty() {
+        return Err(SignatureError::EmptySecret);
+    }
     let timestamp = timestamp.as_ref();
     if timestamp.is_empty() || timestamp.len() > 19 || !timestamp.iter().all(u8::is_ascii_digit) {
         return Err(SignatureError::MalformedTimestamp);
