@@ -68,6 +68,13 @@ impl TokenRecord {
         self.revoked_at.is_some()
     }
 
+    /// Whether this record, as a [`revoke`](crate::TokenStore::revoke) written at `at` returned
+    /// it, was revoked by that write: a revocation is set once, so a record revoked earlier (by a
+    /// concurrent request) keeps its own time. Every revocation's event is sent only then, once.
+    pub(crate) fn revoked_by_write_at(&self, at: DateTime<Utc>) -> bool {
+        self.revoked_at == Some(at)
+    }
+
     /// Whether the token has expired at `now` (an expiry equal to `now` counts as expired).
     pub fn is_expired_at(&self, now: DateTime<Utc>) -> bool {
         self.expires_at.is_some_and(|exp| exp <= now)

@@ -19,8 +19,8 @@ use axum::routing;
 use chrono::{DateTime, Utc};
 use http::StatusCode;
 use support_admin::{BASE, patch, post};
-use tokio::sync::oneshot;
-use tower_pat::admin::{self, AdminConfig};
+use tokio::sync::{mpsc, oneshot};
+use tower_pat::admin::{self, AdminConfig, EventKind, TokenEvent};
 use tower_pat::store::{ChangeListener, ListQuery, Page};
 use tower_pat::{
     MemoryStore, NewToken, PatAuthLayer, Principal, Rotation, ScopeSet, StoreError, TokenHash,
@@ -194,9 +194,20 @@ struct Node {
 
 impl Node {
     fn new<S: TokenStore + Clone>(store: S) -> Self {
+        Self::with_events(store, None)
+    }
+
+    /// A node whose admin API sends its change events to `events`, if given.
+    fn with_events<S: TokenStore + Clone>(
+        store: S,
+        events: Option<mpsc::Sender<TokenEvent>>,
+    ) -> Self {
         let tokens = Tokens::new(store);
         let layer = tokens.layer().build();
-        let config = AdminConfig::new(&tokens, &layer).unwrap();
+        let mut config = AdminConfig::new(&tokens, &layer).unwrap();
+        if let Some(events) = events {
+            config = config.events(events);
+        }
         let protected = Router::new()
             .route(
                 "/hello",
@@ -365,6 +376,77 @@ async fn a_token_expiring_between_the_check_and_the_write_is_not_revived() {
         let stored = node.record(&record.id).await;
         assert_eq!(stored.expires_at, record.expires_at, "{action}: revived");
         assert_eq!(stored.hash, record.hash, "{action}: rotated");
+    }
+}
+
+/// Two revocations of one token race: the first reads the token (active) and is held; the second
+/// revokes it; the first then writes and finds it revoked already. Both succeed (a revocation is
+/// idempotent), and one `personalAccessToken.revoked` event is sent, by the request whose write
+/// revoked the token: the other's record carries the earlier revocation time. Both ways a
+/// revocation is asked for: `DELETE /self` twice, and `PATCH {"revoked": true}` racing
+/// `DELETE /self`.
+#[tokio::test]
+async fn racing_revocations_send_one_revoked_event() {
+    let (tx, mut events) = mpsc::channel::<TokenEvent>(64);
+    let store = GatedStore::default();
+    let node = Node::with_events(store.clone(), Some(tx));
+    let manager = node.manager().await;
+    for first in ["DELETE /self", "PATCH"] {
+        let (id, secret) = node.issue(&["x:read"]).await;
+        let uri = format!("{BASE}/{id}");
+        let self_uri = format!("{BASE}/self");
+        // The first request stops once it has read the token: `DELETE /self` at its check of
+        // its own token, the `PATCH` at its read of the target.
+        let held = store.gate.arm(&id);
+        let (app, secret2, manager2) = (node.app.clone(), secret.clone(), manager.clone());
+        let (uri2, self_uri2) = (uri.clone(), self_uri.clone());
+        let held_request = tokio::spawn(async move {
+            match first {
+                "PATCH" => patch(&app, &uri2, &manager2, r#"{"revoked": true}"#).await,
+                _ => {
+                    let method = http::Method::DELETE;
+                    support_admin::call(&app, method, &self_uri2, Some(&secret2), None).await
+                }
+            }
+        });
+        held.reached.await.unwrap();
+        let method = http::Method::DELETE;
+        let second = support_admin::call(&node.app, method, &self_uri, Some(&secret), None).await;
+        assert_eq!(second.status, StatusCode::NO_CONTENT, "{}", second.text);
+        let revoked_at = node.record(&id).await.revoked_at.expect("revoked");
+        held.release.send(()).unwrap();
+        let held_response = held_request.await.unwrap();
+        match first {
+            "PATCH" => {
+                assert_eq!(
+                    held_response.status,
+                    StatusCode::OK,
+                    "{}",
+                    held_response.text
+                );
+                assert_eq!(held_response.body["revoked"], true);
+            }
+            _ => assert_eq!(
+                held_response.status,
+                StatusCode::NO_CONTENT,
+                "{}",
+                held_response.text
+            ),
+        }
+        assert_eq!(node.record(&id).await.revoked_at, Some(revoked_at));
+        let mut revoked = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            if event.event == EventKind::Revoked && event.data.id == id {
+                assert!(event.is_alert());
+                revoked.push(event.triggered_at);
+            }
+        }
+        assert_eq!(
+            revoked,
+            [revoked_at],
+            "{first} racing DELETE /self: one revocation, {} `revoked` events",
+            revoked.len()
+        );
     }
 }
 

@@ -365,7 +365,7 @@ async fn leaked(admin: &Admin, entry: &LeakedToken, now: DateTime<Utc>) -> Resul
         // Deleted meanwhile: it was ours, and it works no more.
         return Ok(true);
     };
-    if revoked.revoked_at == Some(now) {
+    if revoked.revoked_by_write_at(now) {
         // This call revoked it (a concurrent report or revocation did not): one event.
         let view = TokenView::new(&revoked, now);
         tracing::warn!(

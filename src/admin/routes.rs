@@ -289,6 +289,16 @@ impl Admin {
         self.publish(TokenEvent::new(kind, view, at));
     }
 
+    /// [`emit`](Self::emit)s `personalAccessToken.revoked` for `record`, as a revocation written
+    /// at `at` returned it, only if that write is the one that revoked it: of two concurrent
+    /// revocations (a self-revocation sent twice, a `PATCH` racing a `DELETE /self`), the one
+    /// that found the token revoked already sends nothing.
+    fn emit_revoked(&self, record: &TokenRecord, at: DateTime<Utc>) {
+        if record.revoked_by_write_at(at) {
+            self.emit(EventKind::Revoked, || TokenView::new(record, at), at);
+        }
+    }
+
     /// Hands `event` to the configured sink, if any.
     pub(crate) fn publish(&self, event: TokenEvent) {
         if let Some(sink) = &self.config.events {
@@ -609,7 +619,7 @@ pub(crate) async fn update(
             })
             .await?
             .ok_or_else(ApiError::not_found)?;
-        admin.emit(EventKind::Revoked, || TokenView::new(&record, now), now);
+        admin.emit_revoked(&record, now);
     }
     Ok(json(StatusCode::OK, &admin.view(&record, now)))
 }
@@ -712,7 +722,7 @@ pub(crate) async fn revoke_self(
         .revoke(caller.token_id(), now)
         .await?
         .ok_or_else(ApiError::not_found)?;
-    admin.emit(EventKind::Revoked, || TokenView::new(&record, now), now);
+    admin.emit_revoked(&record, now);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
