@@ -63,6 +63,12 @@ pub(crate) struct Entry {
     names: Names,
     last_used_ips: Box<[IpAddr]>,
     expires_at: Option<DateTime<Utc>>,
+    /// Whether the store found the token by its rotation grace hash (a secret a rotation
+    /// replaced): `expires_ms` is then the earlier of its expiry and the end of the grace period.
+    /// Read only once the entry has expired (in the bytes the struct's alignment leaves over):
+    /// such an entry is looked up again, since past the grace period the secret must be answered
+    /// as unknown, and reported as reused.
+    pub(crate) superseded: bool,
 }
 
 /// The `refresh_at_ms` of an entry the cache dropped ([`Entry::retire`]): no clock reads earlier,
@@ -122,7 +128,8 @@ impl Entry {
         ttl_ms: i64,
     ) -> Self {
         let mut expires_ms = record.expires_at.map_or(i64::MAX, |t| t.timestamp_millis());
-        if record.hash != matched {
+        let superseded = record.hash != matched;
+        if superseded {
             // Found by the superseded secret: it works until the grace period ends, if at all.
             let until = record
                 .previous_hash
@@ -154,6 +161,7 @@ impl Entry {
             ),
             last_used_ips: record.last_used_ips.into_boxed_slice(),
             expires_at: record.expires_at,
+            superseded,
         }
     }
 
@@ -177,6 +185,7 @@ impl Entry {
             names: origin.names.clone(),
             last_used_ips: origin.last_used_ips.clone(),
             expires_at: origin.expires_at,
+            superseded: origin.superseded,
         }
     }
 

@@ -19,7 +19,11 @@
 //! `tower_pat::auth`: the token id and the client address, never the secret or its hash).
 //!
 //! The request itself is refused exactly as any unknown token is: 401 `invalid_token`, the same
-//! body and challenge, so the caller cannot tell that it presented a rotated-out secret.
+//! body and challenge, so the caller cannot tell that it presented a rotated-out secret. A secret
+//! that was presented during its grace period is cached under its own hash until the grace period
+//! ends; presented later, that entry is dropped and the token looked up as if the cache did not
+//! know it, so the first presentation after the grace period is refused and reported like any
+//! other (not answered "expired" from the cache).
 //!
 //! # What it costs
 //!

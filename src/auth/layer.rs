@@ -257,26 +257,41 @@ impl PatAuthLayer {
         let mut attempt = None;
         let result = async {
             verifier.check_limit(client)?;
-            let now = now_ms();
-            let outcome = match verifier.probe(token, now)? {
-                Probe::Cached(outcome) => {
-                    positive = matches!(outcome, Outcome::Found(_));
-                    outcome
+            let mut probe = verifier.probe(token, now_ms())?;
+            // At most twice: a cached entry of a rotated-out secret that has expired is looked up
+            // again as a miss (see `Refusal::look_up`), which never answers from the positive map.
+            let mut looked_up = false;
+            loop {
+                let outcome = match probe {
+                    Probe::Cached(outcome) => {
+                        positive = matches!(outcome, Outcome::Found(_));
+                        outcome
+                    }
+                    Probe::Uncached(keys) => {
+                        stats.add(Counter::Miss);
+                        attempt = verifier.lookup_attempt(client).await?;
+                        Arc::clone(&verifier.cache)
+                            .load(
+                                keys.slot,
+                                keys.hash,
+                                keys.previous,
+                                crate::client_ip::ClientAddr::from_ip(client),
+                            )
+                            .await
+                    }
+                };
+                match verifier.authorize(outcome, now_ms(), Some(required), || client) {
+                    Err(Refusal {
+                        look_up: Some(slot),
+                        ..
+                    }) if !looked_up => {
+                        looked_up = true;
+                        positive = false;
+                        probe = verifier.probe_miss(token, slot)?;
+                    }
+                    result => break result,
                 }
-                Probe::Uncached(keys) => {
-                    stats.add(Counter::Miss);
-                    attempt = verifier.lookup_attempt(client).await?;
-                    Arc::clone(&verifier.cache)
-                        .load(
-                            keys.slot,
-                            keys.hash,
-                            keys.previous,
-                            crate::client_ip::ClientAddr::from_ip(client),
-                        )
-                        .await
-                }
-            };
-            verifier.authorize(outcome, now_ms(), Some(required), || client)
+            }
         }
         .await;
         match (&result, positive) {

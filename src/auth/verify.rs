@@ -69,6 +69,13 @@ pub(super) fn expiration_value(expires_ms: i64) -> Option<HeaderValue> {
 pub(super) struct Refusal {
     pub(super) error: AuthError,
     pub(super) principal: Option<Principal>,
+    /// The slot of a cached entry that was found by a rotated-out secret and has expired
+    /// ([`Verifier::principal`]): it has been dropped, and the token is to be looked up as a
+    /// cache miss, so that a secret past its grace period gets the answer of an unknown token
+    /// and is reported as reused. The error is then [`AuthError::InvalidToken`], with no
+    /// principal: a caller that cannot look it up (after a store lookup, which only a racing
+    /// load can lead to) answers as for an unknown token.
+    pub(super) look_up: Option<Slot>,
 }
 
 impl From<AuthError> for Refusal {
@@ -77,6 +84,7 @@ impl From<AuthError> for Refusal {
         Self {
             error,
             principal: None,
+            look_up: None,
         }
     }
 }
@@ -197,6 +205,17 @@ impl Verifier {
             Some(slot) => self.probe_miss(token, slot),
             None => self.probe(token, now),
         };
+        self.admit_probed(probe, req, now)
+    }
+
+    /// Admits, refuses or sends to the store a request on what the cache probe said.
+    #[inline]
+    fn admit_probed<B>(
+        &self,
+        probe: Result<Probe, AuthError>,
+        req: &mut Request<B>,
+        now: i64,
+    ) -> Admission {
         match probe {
             Ok(Probe::Cached(outcome)) => self.admit_cached(outcome, req, now),
             Ok(Probe::Uncached(keys)) => {
@@ -216,6 +235,10 @@ impl Verifier {
                 self.cache.stats.add(Counter::OkHit);
                 Admission::Admitted
             }
+            Err(Refusal {
+                look_up: Some(slot),
+                ..
+            }) => self.admit_looked_up(req, slot, now),
             Err(refusal) => {
                 if positive {
                     self.cache.stats.add(Counter::HitRefused);
@@ -301,7 +324,7 @@ impl Verifier {
 
     /// The rest of [`probe`](Self::probe) for a token the positive map does not hold.
     #[inline(never)]
-    fn probe_miss(&self, token: &str, slot: Slot) -> Result<Probe, AuthError> {
+    pub(super) fn probe_miss(&self, token: &str, slot: Slot) -> Result<Probe, AuthError> {
         if self.format.check(token).is_err() {
             return Err(AuthError::InvalidToken);
         }
@@ -454,6 +477,7 @@ impl Verifier {
                 return Err(Refusal {
                     error: AuthError::IpNotAllowed,
                     principal: Some(principal),
+                    look_up: None,
                 });
             }
         }
@@ -464,6 +488,7 @@ impl Verifier {
             return Err(Refusal {
                 error: self.insufficient_scope(extra),
                 principal: Some(principal),
+                look_up: None,
             });
         }
         if let Some(usage) = &self.usage {
@@ -516,13 +541,7 @@ impl Verifier {
     fn principal(&self, outcome: Outcome, now: i64) -> Result<Principal, Refusal> {
         Err(match outcome {
             Outcome::Found(p) if now < p.0.expires_ms => return Ok(p),
-            Outcome::Found(p) => {
-                self.cache.expire(&p);
-                return Err(Refusal {
-                    error: AuthError::Expired,
-                    principal: Some(p),
-                });
-            }
+            Outcome::Found(p) => return Err(self.expired(p)),
             Outcome::Rejected(Negative::Unknown) => AuthError::InvalidToken,
             Outcome::Rejected(Negative::Revoked) => AuthError::Revoked,
             Outcome::Rejected(Negative::Disabled) => AuthError::Disabled,
@@ -532,6 +551,48 @@ impl Verifier {
             },
         }
         .into())
+    }
+}
+
+impl Verifier {
+    /// The refusal of a principal that has expired, whose entry is dropped from the cache.
+    ///
+    /// An entry found by a rotated-out secret in its grace period expires with the grace period
+    /// (or the token, if earlier). Past the grace period the store no longer knows that secret:
+    /// answered from the cache, it would be "expired", telling whoever holds it that it was real,
+    /// and its [reuse](crate::reuse) would go unreported. So such an entry is looked up again as
+    /// a miss ([`Refusal::look_up`]): the store's answer is the one an uncached secret gets
+    /// (unknown and reported past the grace period, expired for a token expired within it).
+    #[cold]
+    fn expired(&self, p: Principal) -> Refusal {
+        self.cache.expire(&p);
+        if p.0.superseded {
+            return Refusal {
+                error: AuthError::InvalidToken,
+                principal: None,
+                look_up: Some(p.0.slot),
+            };
+        }
+        Refusal {
+            error: AuthError::Expired,
+            principal: Some(p),
+            look_up: None,
+        }
+    }
+
+    /// The request of a cached entry that [`expired`](Self::expired) sent back to the store:
+    /// the token read again, then the miss path (format, digest, negative cache, store). A miss
+    /// never answers with a cached principal, so this happens once per request.
+    #[cold]
+    #[inline(never)]
+    fn admit_looked_up<B>(&self, req: &mut Request<B>, slot: Slot, now: i64) -> Admission {
+        let probe = match self.sources.extract(req.headers(), req.uri()) {
+            Ok(Some(token)) => self.probe_miss(token, slot),
+            // The request carried the token that found the entry.
+            Ok(None) => Err(AuthError::InvalidToken),
+            Err(e) => Err(e),
+        };
+        self.admit_probed(probe, req, now)
     }
 }
 
