@@ -14,8 +14,15 @@
 //!
 //! The claim is recorded in the store in the same statement that picks the tokens, so a notice
 //! is sent once in all, however many runs and however many nodes share the store (SQLite file or
-//! PostgreSQL database). It is sent at most once: a process that stops between the claim and the
-//! delivery loses that notice (the webhook retries a delivery that fails, within its bounds).
+//! PostgreSQL database). A notice that a sink cannot take at once (the webhook's alerts queue is
+//! full: [`TokenEvents::try_publish`](crate::admin::TokenEvents::try_publish) answers `false`)
+//! is not lost: its claim is taken back
+//! ([`TokenStore::release_expiry_notice`], conditional on being this run's claim), the run
+//! claims no more of that kind, and a later run sends it. (With several sinks, one that took it
+//! gets it again then.) Otherwise a notice is sent at most once: a process that stops between
+//! the claim and the delivery loses that notice (the webhook retries a delivery that fails,
+//! within its bounds), and so does a sink that drops what it cannot queue, or a store that
+//! cannot take a claim back.
 //! When a token's expiry changes (an update, or a rotation with a new expiry), both notices are
 //! due again, for the new expiry.
 //!
@@ -137,9 +144,10 @@ impl ExpiryNoticeConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct NoticeReport {
-    /// How many `expiring` notices the run sent.
+    /// How many `expiring` notices the run sent (a notice a sink could not take, left for a
+    /// later run, does not count).
     pub expiring: u64,
-    /// How many `expired` notices the run sent.
+    /// How many `expired` notices the run sent (likewise).
     pub expired: u64,
     /// The time the run judged expiry at.
     pub at: DateTime<Utc>,
@@ -159,8 +167,9 @@ pub struct ExpiryNoticeStats {
     pub errors: u64,
 }
 
-/// Called with every notice claimed.
-type OnNotice = Arc<dyn Fn(NoticeKind, &TokenRecord, DateTime<Utc>) + Send + Sync>;
+/// Called with every notice claimed; `false` when a sink could not take it (it is then left for
+/// a later run).
+type OnNotice = Arc<dyn Fn(NoticeKind, &TokenRecord, DateTime<Utc>) -> bool + Send + Sync>;
 
 /// Configures an [`ExpiryNotices`]: from [`Tokens::expiry_notices`](crate::Tokens::expiry_notices)
 /// or [`ExpiryNotices::builder`]; [`spawn`](Self::spawn) starts the background task,
@@ -187,18 +196,21 @@ impl ExpiryNoticeBuilder {
     /// [`EventKind::Expiring`](crate::admin::EventKind::Expiring) or
     /// [`EventKind::Expired`](crate::admin::EventKind::Expired) to `sink` for every notice, with
     /// the token's view at the run's time, for example to the management API's
-    /// [`WebhookSink`](crate::admin::WebhookSink).
+    /// [`WebhookSink`](crate::admin::WebhookSink). Events are handed over with
+    /// [`try_publish`](crate::admin::TokenEvents::try_publish): a notice the sink cannot take at
+    /// once is left for a later run (see the [module docs](self)).
     #[cfg(feature = "admin")]
-    pub fn events(self, sink: impl crate::admin::TokenEvents) -> Self {
+    pub fn events(mut self, sink: impl crate::admin::TokenEvents) -> Self {
         use crate::admin::{EventKind, TokenEvent, TokenView};
         let sink = Arc::new(sink);
-        self.on_notice(move |kind, record, at| {
+        self.on_notice.push(Arc::new(move |kind, record, at| {
             let kind = match kind {
                 NoticeKind::Expiring => EventKind::Expiring,
                 NoticeKind::Expired => EventKind::Expired,
             };
-            sink.publish(TokenEvent::new(kind, TokenView::new(record, at), at));
-        })
+            sink.try_publish(TokenEvent::new(kind, TokenView::new(record, at), at))
+        }));
+        self
     }
 
     /// Calls `f` with every notice claimed: its kind, the token as stored, and the time the run
@@ -207,7 +219,10 @@ impl ExpiryNoticeBuilder {
         mut self,
         f: impl Fn(NoticeKind, &TokenRecord, DateTime<Utc>) + Send + Sync + 'static,
     ) -> Self {
-        self.on_notice.push(Arc::new(f));
+        self.on_notice.push(Arc::new(move |kind, record, at| {
+            f(kind, record, at);
+            true
+        }));
         self
     }
 
@@ -393,7 +408,9 @@ impl Shared {
     }
 
     /// Claims and sends every `kind` notice due at `at`, batch after batch: how many were sent,
-    /// also when a claim failed.
+    /// also when a claim failed. Once a sink cannot take a notice, the claims of that one and of
+    /// the rest of its batch are taken back and the run claims no more of this kind: a later run
+    /// sends them.
     async fn claim_all(
         &self,
         kind: NoticeKind,
@@ -408,14 +425,48 @@ impl Shared {
                 .claim_expiry_notices(kind, at, self.config.lead, limit)
                 .await
                 .map_err(|e| (sent, e))?;
-            for record in &claimed {
+            let mut full = None;
+            for (i, record) in claimed.iter().enumerate() {
+                // Every sink is called, also after one could not take it.
+                let mut taken = true;
                 for f in &self.on_notice {
-                    f(kind, record, at);
+                    taken &= f(kind, record, at);
                 }
+                if !taken {
+                    full = Some(i);
+                    break;
+                }
+                sent += 1;
             }
-            sent += claimed.len() as u64;
+            if let Some(first) = full {
+                self.release(kind, &claimed[first..], at).await;
+                return Ok(sent);
+            }
             if claimed.len() < limit || (stoppable && self.periodic.stopping()) {
                 return Ok(sent);
+            }
+        }
+    }
+
+    /// Takes back this run's `kind` claims of `records`, whose notices were not sent. One the
+    /// store cannot take back is lost, with a warning.
+    #[cold]
+    async fn release(&self, kind: NoticeKind, records: &[TokenRecord], at: DateTime<Utc>) {
+        tracing::info!(
+            target: "tower_pat::notices",
+            ?kind,
+            deferred = records.len(),
+            "a sink could not take every token expiry notice; the rest are left for the next run"
+        );
+        for record in records {
+            if let Err(e) = self.store.release_expiry_notice(kind, &record.id, at).await {
+                tracing::warn!(
+                    target: "tower_pat::store",
+                    ?kind,
+                    token_id = %record.id,
+                    error = %e,
+                    "could not take back an expiry notice claim; that notice is lost"
+                );
             }
         }
     }

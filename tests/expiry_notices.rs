@@ -301,6 +301,126 @@ async fn two_postgres_nodes_send_each_notice_once() {
     b.pool().close().await;
 }
 
+/// A sink that can take only 4 events at a time (a channel of 4, read only between runs), and 13
+/// notices due: each run sends what the sink takes, and the claims of the rest are taken back
+/// for a later run. Every notice is sent once in all, none is lost.
+async fn notices_a_full_sink_cannot_take_are_sent_later(tokens: Tokens) {
+    for i in 0..13 {
+        issue(
+            &tokens,
+            &format!("t{i:02}"),
+            Some(Utc::now() + TimeDelta::days(1)),
+        )
+        .await;
+    }
+    let (tx, mut rx) = mpsc::channel(4);
+    let notices = tokens
+        .expiry_notices(ExpiryNoticeConfig::default())
+        .events(tx)
+        .build();
+    let mut sent = Vec::new();
+    let mut per_run = Vec::new();
+    for _ in 0..5 {
+        let report = notices.run_once().await.unwrap().unwrap();
+        let events = drain(&mut rx);
+        assert_eq!(
+            report.expiring,
+            events.len() as u64,
+            "the report counts what was sent"
+        );
+        per_run.push(report.expiring);
+        sent.extend(events);
+    }
+    assert_eq!(per_run, [4, 4, 4, 1, 0]);
+    let mut got = names(&sent);
+    got.dedup();
+    assert_eq!(got.len(), 13, "each notice once: {got:?}");
+    assert!(got.iter().all(|(k, _)| *k == EventKind::Expiring));
+    assert_eq!(notices.stats().expiring, 13);
+}
+
+#[tokio::test]
+async fn notices_a_full_sink_cannot_take_are_sent_by_a_later_run() {
+    notices_a_full_sink_cannot_take_are_sent_later(Tokens::new(MemoryStore::new())).await;
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn notices_a_full_sink_cannot_take_are_sent_by_a_later_run_over_sqlite() {
+    let dir = common::tempdir();
+    let store = tower_pat::SqliteStore::open(dir.join("tokens.db"))
+        .await
+        .unwrap();
+    notices_a_full_sink_cannot_take_are_sent_later(Tokens::new(store.clone())).await;
+    store.close().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A webhook receiver that accepts connections and never answers.
+async fn hanging_receiver() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    format!("http://{addr}/hook")
+}
+
+/// Mallory's tokens (within the creation limits) all expire a little before alice's, against a
+/// webhook whose receiver hangs, so its alerts queue fills: the notices it cannot take are not
+/// dropped (nothing counted in `dropped`) but stay due, and a later run with room sends them,
+/// alice's among them.
+#[tokio::test]
+async fn a_notice_the_full_webhook_queue_cannot_take_is_not_lost() {
+    let url = hanging_receiver().await;
+    let sink = WebhookSink::builder(&url, b"k")
+        .unwrap()
+        .queue_capacity(4)
+        .timeout(Duration::from_secs(120))
+        .spawn();
+    let tokens = Tokens::new(MemoryStore::new());
+    for i in 0..12 {
+        let new = NewToken::new("mallory", format!("m{i}"))
+            .scopes(["api"])
+            .unwrap()
+            .expires_at(Utc::now() + TimeDelta::days(1));
+        tokens.issue(new).await.unwrap();
+    }
+    issue(&tokens, "victim", Some(Utc::now() + TimeDelta::days(2))).await;
+    let webhook = tokens
+        .expiry_notices(ExpiryNoticeConfig::default())
+        .events(sink.clone())
+        .build();
+    let first = webhook.run_once().await.unwrap().unwrap();
+    assert!(
+        first.expiring < 13,
+        "the queue of 4 took {} notices",
+        first.expiring
+    );
+    assert_eq!(
+        sink.dropped(),
+        0,
+        "a notice the queue could not take was dropped"
+    );
+    // The queue is still full: nothing more is sent, nothing is lost.
+    let second = webhook.run_once().await.unwrap().unwrap();
+    assert_eq!(second.expiring, 0);
+    assert_eq!(sink.dropped(), 0);
+    // A run with room sends every notice the webhook could not take, once.
+    let (roomy, mut rx) = notices(&tokens, ExpiryNoticeConfig::default());
+    let third = roomy.run_once().await.unwrap().unwrap();
+    let events = drain(&mut rx);
+    assert_eq!(third.expiring, 13 - first.expiring);
+    assert_eq!(events.len() as u64, third.expiring);
+    assert!(
+        events.iter().any(|e| e.data.subject == "alice"),
+        "alice's notice was lost"
+    );
+}
+
 /// A store that does not implement the claim: the run fails, is counted, and sends nothing.
 #[tokio::test]
 async fn a_store_without_the_claim_is_reported() {

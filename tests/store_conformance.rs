@@ -156,6 +156,7 @@ mod suite {
         expiry_notices_respect_the_limit,
         expiry_notices_return_when_the_expiry_changes,
         expiry_notices_with_a_lead_too_long_to_add,
+        expiry_notice_claims_are_taken_back,
         superseded_secrets_are_remembered,
         superseded_history_is_bounded_and_forgotten,
     );

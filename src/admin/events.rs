@@ -30,6 +30,19 @@ pub trait TokenEvents: Send + Sync + 'static {
             "this token event sink does not take purge events; dropped"
         );
     }
+
+    /// Takes one event if it can be queued at once, and says whether it was: `false` hands it
+    /// back to the caller's care (nothing is logged or counted as dropped). The
+    /// [expiry notices](crate::notices) publish this way, so that a notice a full queue cannot
+    /// take is sent by a later run rather than lost.
+    ///
+    /// The default calls [`publish`](Self::publish) and answers `true`, for sinks written before
+    /// it existed (a notice they drop is then lost, as it was); the channel sink and
+    /// [`WebhookSink`](super::WebhookSink) answer `false` when their queue is full.
+    fn try_publish(&self, event: TokenEvent) -> bool {
+        self.publish(event);
+        true
+    }
 }
 
 /// What changed: `{"event": "personalAccessToken.created", "data": <token view>, "triggeredAt":
@@ -282,6 +295,10 @@ impl TokenEvents for tokio::sync::mpsc::Sender<TokenEvent> {
             tracing::warn!(error = %e, "token event dropped");
         }
     }
+
+    fn try_publish(&self, event: TokenEvent) -> bool {
+        self.try_send(event).is_ok()
+    }
 }
 
 impl<T: TokenEvents + ?Sized> TokenEvents for std::sync::Arc<T> {
@@ -291,5 +308,9 @@ impl<T: TokenEvents + ?Sized> TokenEvents for std::sync::Arc<T> {
 
     fn publish_purge(&self, event: PurgeEvent) {
         (**self).publish_purge(event);
+    }
+
+    fn try_publish(&self, event: TokenEvent) -> bool {
+        (**self).try_publish(event)
     }
 }

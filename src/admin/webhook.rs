@@ -41,8 +41,10 @@ pub const EVENT_HEADER: &str = "x-event";
 /// lets tokens be made, and the **routine** rest (`updated`, `rotated`, `disabled`, `enabled`,
 /// other `reused` reports), which a token's holder can repeat at will. A flood of routine events (a token renamed in a loop against a
 /// slow receiver) fills only its own queue: it cannot push out the event of a new token, a
-/// revocation, a reused secret, or an expiry notice (whose claim is already recorded when it is
-/// queued). (With the creation rate limit turned off, nothing bounds the alerts either.)
+/// revocation, a reused secret, or an expiry notice. An expiry notice is queued with
+/// [`TokenEvents::try_publish`]: one the full alerts queue cannot take is not dropped but left
+/// for the next notice run. (With the creation rate limit turned off, nothing bounds the alerts
+/// either.)
 ///
 /// Events therefore do not always arrive in the order they happened: a `rotated` or `updated`
 /// event may come after the `revoked` or `deleted` that followed it. A receiver that keeps a
@@ -205,19 +207,21 @@ impl WebhookSink {
 
 impl WebhookSink {
     /// Serializes and queues one event; `token_id` (none for a purge) only names it in the log
-    /// line of a drop.
+    /// line of a drop. Whether it was queued; one that was not is counted and logged as dropped
+    /// unless `drop` is false (the caller keeps it, see [`TokenEvents::try_publish`]).
     fn enqueue(
         &self,
         kind: EventKind,
         alert: bool,
         event: &impl serde::Serialize,
         token_id: Option<&str>,
-    ) {
+        drop: bool,
+    ) -> bool {
         let body = match serde_json::to_vec(event) {
             Ok(body) => Bytes::from(body),
             Err(e) => {
                 tracing::error!(error = %e, "could not serialize a token event");
-                return;
+                return false;
             }
         };
         let delivery = Delivery {
@@ -225,7 +229,10 @@ impl WebhookSink {
             body,
         };
         let queue = if alert { &self.alerts } else { &self.routine };
-        if queue.try_send(delivery).is_err() {
+        if queue.try_send(delivery).is_ok() {
+            return true;
+        }
+        if drop {
             let dropped = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!(
                 event = kind.as_str(),
@@ -234,16 +241,35 @@ impl WebhookSink {
                 "webhook queue full or closed; token event dropped"
             );
         }
+        false
     }
 }
 
 impl TokenEvents for WebhookSink {
     fn publish(&self, event: TokenEvent) {
-        self.enqueue(event.event, event.is_alert(), &event, Some(&event.data.id));
+        self.enqueue(
+            event.event,
+            event.is_alert(),
+            &event,
+            Some(&event.data.id),
+            true,
+        );
     }
 
     fn publish_purge(&self, event: PurgeEvent) {
-        self.enqueue(event.event, event.event.is_alert(), &event, None);
+        self.enqueue(event.event, event.event.is_alert(), &event, None, true);
+    }
+
+    /// Queues the event if its queue has room; a full queue answers `false` and counts nothing
+    /// as [`dropped`](WebhookSink::dropped).
+    fn try_publish(&self, event: TokenEvent) -> bool {
+        self.enqueue(
+            event.event,
+            event.is_alert(),
+            &event,
+            Some(&event.data.id),
+            false,
+        )
     }
 }
 

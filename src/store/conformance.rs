@@ -20,7 +20,8 @@
 //! most the limit, announcing each (a store whose `purge` answers [`StoreError::Unsupported`],
 //! the trait's default, passes those checks: it removes nothing, and retention reports it); and a
 //! [`TokenStore::claim_expiry_notices`] that claims each due notice ([`NoticeKind::is_due`]) once,
-//! at most the limit, and again after the expiry changes (`Unsupported` passes those checks too).
+//! at most the limit, and again after the expiry changes or its claim is taken back
+//! ([`TokenStore::release_expiry_notice`]) (`Unsupported` passes those checks too).
 //!
 //! The records are made with times truncated to the microsecond, the precision of the SQL stores;
 //! a store must give back every field it was given, at least to that precision.
@@ -308,6 +309,7 @@ suite!(
     expiry_notices_respect_the_limit,
     expiry_notices_return_when_the_expiry_changes,
     expiry_notices_with_a_lead_too_long_to_add,
+    expiry_notice_claims_are_taken_back,
     superseded_secrets_are_remembered,
     superseded_history_is_bounded_and_forgotten,
 );
@@ -2128,6 +2130,76 @@ pub async fn expiry_notices_with_a_lead_too_long_to_add<S: TokenStore>(store: S)
 
 /// The lead of the expiry-notice checks: 7 days.
 const LEAD: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// `release_expiry_notice` takes back the claim made at its time, and only that one: the notice
+/// is claimed again by the next claim. A release with another time, of the other notice, or a
+/// second release takes back nothing, and none changes the version. (A store answering
+/// `Unsupported` passes: the notice task then loses such a notice, as before the method existed.)
+pub async fn expiry_notice_claims_are_taken_back<S: TokenStore>(store: S) {
+    let _check = Check("expiry_notice_claims_are_taken_back");
+    let t = now();
+    let first = record("alice", "first").expiring(t + TimeDelta::days(1));
+    let second = record("alice", "second").expiring(t + TimeDelta::days(2));
+    for r in [&first, &second] {
+        store.insert(r).await.must();
+    }
+    let Some(batch) = claimed(&store, NoticeKind::Expiring, t, 100).await else {
+        return;
+    };
+    assert_eq!(ids(&batch), ids([&first, &second]));
+    let later = t + TimeDelta::microseconds(1);
+    match store
+        .release_expiry_notice(NoticeKind::Expiring, &first.id, later)
+        .await
+    {
+        Ok(released) => assert!(
+            !released,
+            "release_expiry_notice must take back only the claim made at its time"
+        ),
+        Err(StoreError::Unsupported { .. }) => {
+            eprintln!(
+                "store conformance: release_expiry_notice is not supported by this store; skipped"
+            );
+            return;
+        }
+        Err(e) => panic!("store conformance: a store call that must succeed failed: {e}"),
+    }
+    assert!(
+        store
+            .release_expiry_notice(NoticeKind::Expiring, &first.id, t)
+            .await
+            .must(),
+        "release_expiry_notice must take back the claim made at its time"
+    );
+    assert!(
+        !store
+            .release_expiry_notice(NoticeKind::Expiring, &first.id, t)
+            .await
+            .must(),
+        "a second release must take back nothing"
+    );
+    assert!(
+        !store
+            .release_expiry_notice(NoticeKind::Expired, &second.id, t)
+            .await
+            .must(),
+        "a release of a notice not claimed must take back nothing"
+    );
+    let again = claimed(&store, NoticeKind::Expiring, t, 100)
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        ids(&again),
+        ids([&first]),
+        "a notice whose claim was taken back must be claimed again, and only it"
+    );
+    let stored = store.get(&first.id).await.must().map(|r| r.version);
+    assert_eq!(
+        stored,
+        Some(first.version),
+        "a release must not change the version"
+    );
+}
 
 /// The records `claim_expiry_notices` claims, or `None` (after saying so on stderr) for a store
 /// that does not support it.

@@ -461,4 +461,21 @@ impl TokenStore for MemoryStore {
         }
         Ok(claimed)
     }
+
+    async fn release_expiry_notice(
+        &self,
+        kind: NoticeKind,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let mut data = self.write();
+        let Some(slot) = data.notices.get_mut(id).map(|n| n.slot(kind)) else {
+            return Ok(false);
+        };
+        if *slot != Some(at) {
+            return Ok(false);
+        }
+        *slot = None;
+        Ok(true)
+    }
 }

@@ -605,6 +605,29 @@ pub trait TokenStore: TokenLookup {
             operation: "claim_expiry_notices",
         })
     }
+
+    /// Takes back the `kind` notice claim of token `id` made by the
+    /// [`claim_expiry_notices`](Self::claim_expiry_notices) at `at`, if it is still that claim:
+    /// the notice could not be sent (its sink's queue was full), and becomes due again for a
+    /// later claim. One conditional write (the claim's time compared to the microsecond): a claim
+    /// made since (after a change of the expiry cleared this one) is kept. Returns whether a
+    /// claim was taken back. Like a claim, no management write.
+    ///
+    /// # Errors
+    /// [`StoreError::Unsupported`] from the default implementation, for stores written before
+    /// it existed (the notice task then logs the notice as lost, as it was before);
+    /// [`StoreError::Backend`] if the store fails.
+    async fn release_expiry_notice(
+        &self,
+        kind: NoticeKind,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let _ = (kind, id, at);
+        Err(StoreError::Unsupported {
+            operation: "release_expiry_notice",
+        })
+    }
 }
 
 /// Which expiry notice [`TokenStore::claim_expiry_notices`] claims: each is sent once per token

@@ -1516,4 +1516,23 @@ impl TokenStore for PostgresStore {
         tx.commit().await.map_err(store_error)?;
         rows.iter().map(decode).collect()
     }
+
+    async fn release_expiry_notice(
+        &self,
+        kind: NoticeKind,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let sql = match kind {
+            NoticeKind::Expiring => &self.inner.sql.release_expiring,
+            NoticeKind::Expired => &self.inner.sql.release_expired,
+        };
+        let done = sqlx::query(sql)
+            .bind(id)
+            .bind(crate::record::micros(at))
+            .execute(&self.inner.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(done.rows_affected() > 0)
+    }
 }

@@ -139,6 +139,11 @@ pub(super) struct Statements {
     /// `$1` = the claim's time, `$2` = it truncated, `$3` = the most records to claim: stamps
     /// `expired_notice_at` on records not revoked, expired at `$2`, not yet claimed.
     pub(super) claim_expired: String,
+    /// `$1` = token id, `$2` = the claim's time, truncated: clears `expiring_notice_at` if it
+    /// is that claim's ([`TokenStore::release_expiry_notice`](crate::TokenStore::release_expiry_notice)).
+    pub(super) release_expiring: String,
+    /// The same for `expired_notice_at`.
+    pub(super) release_expired: String,
     /// `$1` = hash, `$2` = the retention cutoff: the record the superseded secret belonged to,
     /// with `superseded_at`.
     pub(super) find_superseded: String,
@@ -313,6 +318,8 @@ impl Statements {
                 );
                 claim(d, "expired_notice_at", &stamp, &due, &limit)
             },
+            release_expiring: release("expiring_notice_at", &p(1), &p(2)),
+            release_expired: release("expired_notice_at", &p(1), &p(2)),
         }
     }
 }
@@ -348,6 +355,11 @@ fn claim(d: Dialect, column: &str, stamp: &str, due: &str, limit: &str) -> Strin
          UPDATE {TABLE} SET {column} = {stamp} WHERE id IN (SELECT id FROM batch) \
          AND {due} RETURNING {COLUMNS}"
     )
+}
+
+/// The release of the notice claim in `column` of the row `id`, made at `stamp`.
+fn release(column: &str, id: &str, stamp: &str) -> String {
+    format!("UPDATE {TABLE} SET {column} = NULL WHERE id = {id} AND {column} = {stamp}")
 }
 
 /// A value bound to the listing query.

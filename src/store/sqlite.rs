@@ -1150,4 +1150,21 @@ impl TokenStore for SqliteStore {
         tx.commit().await.map_err(store_error)?;
         rows.iter().map(decode).collect()
     }
+
+    async fn release_expiry_notice(
+        &self,
+        kind: NoticeKind,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let sql = match kind {
+            NoticeKind::Expiring => &self.inner.sql.release_expiring,
+            NoticeKind::Expired => &self.inner.sql.release_expired,
+        };
+        let q = sqlx::query(sql).bind(id).bind(micros(at));
+        let mut tx = self.begin_write().await?;
+        let done = q.execute(&mut *tx).await.map_err(store_error)?;
+        tx.commit().await.map_err(store_error)?;
+        Ok(done.rows_affected() > 0)
+    }
 }
