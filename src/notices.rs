@@ -23,8 +23,11 @@
 //! the claim and the delivery loses that notice (the webhook retries a delivery that fails,
 //! within its bounds), and so does a sink that drops what it cannot queue, or a store that
 //! cannot take a claim back.
-//! When a token's expiry changes (an update, or a rotation with a new expiry), both notices are
-//! due again, for the new expiry.
+//! When a token's expiry moves later (an update, or a rotation with a new expiry), both notices
+//! are due again, for the new expiry. Moving it earlier does not make them due again: the
+//! holder was told already, and a token allowed to change its own expiry could otherwise shorten
+//! it by a second before every run and have an `expiring` alert sent each time (a token cannot
+//! extend itself past its own expiry).
 //!
 //! A token that has been expired a long time when the task first runs (the store upgraded to a
 //! version with notices) is sent its `expired` notice then, once. A run that fails (the store is

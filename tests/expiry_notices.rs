@@ -603,3 +603,62 @@ async fn a_token_extended_through_the_api_is_noticed_again() {
     n.run_once().await.unwrap();
     assert!(ours(drain(&mut rx), &id).is_empty());
 }
+
+/// A token allowed to manage tokens cannot re-arm its own `expiring` alert: every `PATCH` that
+/// changed `expiresAt`, earlier included, cleared the notice claims, so a token shortening its
+/// own expiry by a second before each notice run had an alert sent on every run (an alert, ahead
+/// of revocations in the webhook's queue). Moving the expiry earlier now leaves the claims; only
+/// moving it later, which a token cannot do to itself, makes the notices due again.
+#[tokio::test]
+async fn a_token_shortening_its_own_expiry_does_not_rearm_its_notice() {
+    use http::StatusCode;
+    let t = support_admin::app().await;
+    let expires = Utc::now() + TimeDelta::days(2);
+    let res = support_admin::create(
+        &t.app,
+        &t.alice,
+        &format!(
+            r#"{{"name": "self", "scopes": ["personalAccessToken:*"], "expiresAt": "{}"}}"#,
+            expires.to_rfc3339()
+        ),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
+    let id = res.body["id"].as_str().unwrap().to_owned();
+    let secret = res.body["token"].as_str().unwrap().to_owned();
+    let uri = format!("{}/{id}", support_admin::BASE);
+    let (n, mut rx) = notices(&t.tokens, ExpiryNoticeConfig::default());
+    let ours = |events: Vec<TokenEvent>| -> usize {
+        events
+            .into_iter()
+            .filter(|e| e.data.id == id && e.event == EventKind::Expiring)
+            .count()
+    };
+    n.run_once().await.unwrap();
+    assert_eq!(ours(drain(&mut rx)), 1);
+
+    for step in 1..=5 {
+        let earlier = expires - TimeDelta::minutes(step);
+        let res = support_admin::patch(
+            &t.app,
+            &uri,
+            &secret,
+            &format!(r#"{{"expiresAt": "{}"}}"#, earlier.to_rfc3339()),
+        )
+        .await;
+        assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+        n.run_once().await.unwrap();
+        assert_eq!(ours(drain(&mut rx)), 0, "re-armed by shortening {step} min");
+    }
+    // Nor can it move its expiry back later than its own.
+    let res = support_admin::patch(
+        &t.app,
+        &uri,
+        &secret,
+        &format!(r#"{{"expiresAt": "{}"}}"#, expires.to_rfc3339()),
+    )
+    .await;
+    assert_ne!(res.status, StatusCode::OK, "{}", res.text);
+    n.run_once().await.unwrap();
+    assert_eq!(ours(drain(&mut rx)), 0);
+}

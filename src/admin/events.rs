@@ -243,8 +243,9 @@ pub enum EventKind {
 impl EventKind {
     /// Whether a webhook posts events of this kind from its alerts queue, ahead of the others: a
     /// token made, revoked, deleted, reported leaked, about to expire or expired, and purges.
-    /// Each happens at most once per token (or per purge run), so a caller cannot make them
-    /// faster than tokens can be made: a flood of the others (renames, rotations, disabling and
+    /// Each happens at most once per token (or per purge run; the expiry notices again only once
+    /// the token's expiry is moved later, which a token cannot do to itself, see
+    /// [`crate::notices`]), so a caller cannot make them faster than tokens can be made: a flood of the others (renames, rotations, disabling and
     /// enabling, which a caller with write access can repeat at will) cannot crowd them out.
     /// `reused` is routine as a kind (a token's holder can rotate and present the old secret
     /// again and again); the one reuse that revokes the token is an alert

@@ -37,7 +37,8 @@ pub const EVENT_HEADER: &str = "x-event";
 /// There are two queues, each of [`queue_capacity`](WebhookBuilder::queue_capacity), and the
 /// first is always posted first: the **alerts** ([`TokenEvent::is_alert`]: `created`, `revoked`,
 /// `deleted`, `leaked`, `expiring`, `expired`, `purged`, and the `reused` that revokes a token),
-/// each at most once per token, which a caller can only make as fast as the creation rate limit
+/// each at most once per token (an expiry notice again only after the expiry was moved later),
+/// which a caller can only make as fast as the creation rate limit
 /// lets tokens be made, and the **routine** rest (`updated`, `rotated`, `disabled`, `enabled`,
 /// other `reused` reports), which a token's holder can repeat at will. A flood of routine events (a token renamed in a loop against a
 /// slow receiver) fills only its own queue: it cannot push out the event of a new token, a

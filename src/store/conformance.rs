@@ -20,7 +20,7 @@
 //! most the limit, announcing each (a store whose `purge` answers [`StoreError::Unsupported`],
 //! the trait's default, passes those checks: it removes nothing, and retention reports it); and a
 //! [`TokenStore::claim_expiry_notices`] that claims each due notice ([`NoticeKind::is_due`]) once,
-//! at most the limit, and again after the expiry changes or its claim is taken back
+//! at most the limit, and again after the expiry moves later or its claim is taken back
 //! ([`TokenStore::release_expiry_notice`]) (`Unsupported` passes those checks too).
 //!
 //! The records are made with times truncated to the microsecond, the precision of the SQL stores;
@@ -2366,9 +2366,11 @@ pub async fn expiry_notices_respect_the_limit<S: TokenStore>(store: S) {
     );
 }
 
-/// An `update` or `rotate` that changes the expiry clears the claims, so the token is noticed
-/// again as its new expiry comes near; one that leaves the expiry as it was (another field, or
-/// the same expiry) clears nothing.
+/// An `update` or `rotate` that moves the expiry later clears the claims, so the token is
+/// noticed again as its new expiry comes near; one that leaves the expiry as it was (another
+/// field, or the same expiry) or moves it earlier clears nothing ([`expiry_extended`]).
+///
+/// [`expiry_extended`]: super::expiry_extended
 pub async fn expiry_notices_return_when_the_expiry_changes<S: TokenStore>(store: S) {
     let _check = Check("expiry_notices_return_when_the_expiry_changes");
     let t = now();
@@ -2397,6 +2399,22 @@ pub async fn expiry_notices_return_when_the_expiry_changes<S: TokenStore>(store:
         "an update that keeps the expiry must not clear the notice"
     );
 
+    // Shortened: not noticed again (else a token could re-arm its own alert at will).
+    store
+        .update(
+            &soon.id,
+            &TokenPatch::new(t).expires_at(Some(t + TimeDelta::hours(20))),
+        )
+        .await
+        .must();
+    assert_eq!(
+        claimed(&store, NoticeKind::Expiring, t, 10)
+            .await
+            .map(|r| r.len()),
+        Some(0),
+        "an update that moves the expiry earlier must not clear the notice"
+    );
+
     // Extended, but still within the lead: noticed again.
     let updated = store
         .update(
@@ -2411,7 +2429,7 @@ pub async fn expiry_notices_return_when_the_expiry_changes<S: TokenStore>(store:
     assert_eq!(
         ids(&again),
         ids([&soon]),
-        "an update that changes the expiry must clear the notice"
+        "an update that moves the expiry later must clear the notice"
     );
 
     // Rotated with a new expiry: noticed again; rotated keeping it: not.
@@ -2429,7 +2447,7 @@ pub async fn expiry_notices_return_when_the_expiry_changes<S: TokenStore>(store:
     assert_eq!(
         ids(&again),
         ids([&soon]),
-        "a rotation that changes the expiry must clear the notice"
+        "a rotation that moves the expiry later must clear the notice"
     );
     store
         .rotate(

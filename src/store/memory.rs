@@ -33,7 +33,7 @@ struct Shared {
 struct Data {
     by_id: HashMap<String, TokenRecord>,
     by_hash: HashMap<TokenHash, String>,
-    /// The expiry notices claimed, by record id: cleared when the expiry changes.
+    /// The expiry notices claimed, by record id: cleared when the expiry moves later.
     notices: HashMap<String, Notices>,
     /// Superseded secrets: the token id and when each stopped working.
     superseded: HashMap<TokenHash, (String, DateTime<Utc>)>,
@@ -72,7 +72,7 @@ impl Data {
 
     /// Stores `new` in place of `old`, clearing the expiry-notice claims if the expiry changed.
     fn replace(&mut self, old: &TokenRecord, new: &TokenRecord) {
-        if old.expires_at != new.expires_at {
+        if super::expiry_extended(old.expires_at, new.expires_at) {
             self.notices.remove(&new.id);
         }
         self.by_id.insert(new.id.clone(), new.clone());

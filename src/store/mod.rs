@@ -630,8 +630,23 @@ pub trait TokenStore: TokenLookup {
     }
 }
 
+/// Whether a write that changes a token's expiry from `old` to `new` clears its expiry-notice
+/// claims, so that both notices are due again for the new expiry: only when it moves the expiry
+/// later (to none, or from a time to a later one). Moving it earlier, or giving an expiry to a
+/// token that had none (it had no claim), clears nothing: the holder was told already, and a
+/// write-scoped token that could shorten its own expiry again and again (a token can never
+/// extend itself past its own expiry) would otherwise send an `expiring` alert on every notice
+/// run. The memory store's rule, and the reference for the SQL stores.
+pub fn expiry_extended(old: Option<DateTime<Utc>>, new: Option<DateTime<Utc>>) -> bool {
+    match (old, new) {
+        (Some(old), Some(new)) => new > old,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
 /// Which expiry notice [`TokenStore::claim_expiry_notices`] claims: each is sent once per token
-/// (and again after its expiry changes).
+/// (and again after its expiry moves later, [`expiry_extended`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum NoticeKind {

@@ -324,11 +324,14 @@ impl Statements {
     }
 }
 
-/// The assignments of a write that clear both expiry-notice claims when it changes the expiry
-/// (`set_expiry` true and `expiry` not the stored one), so that the new expiry is noticed again.
-/// Both columns are assigned from the row as it was before the write.
+/// The assignments of a write that clear both expiry-notice claims when it moves the expiry later
+/// (`set_expiry` true and `expiry` later than the stored one, no expiry counting as the latest:
+/// [`expiry_extended`](super::expiry_extended)), so that the new expiry is noticed again. Both
+/// columns are assigned from the row as it was before the write.
 fn reset_notices(set_expiry: &str, expiry: &str) -> String {
-    let changed = format!("{set_expiry} AND {expiry} IS DISTINCT FROM expires_at");
+    let changed = format!(
+        "{set_expiry} AND expires_at IS NOT NULL AND ({expiry} IS NULL OR {expiry} > expires_at)"
+    );
     format!(
         "expiring_notice_at = CASE WHEN {changed} THEN NULL ELSE expiring_notice_at END, \
          expired_notice_at = CASE WHEN {changed} THEN NULL ELSE expired_notice_at END, "
