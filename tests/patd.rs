@@ -190,6 +190,20 @@ fn an_unreadable_or_invalid_configuration_is_named_with_its_line() {
         "{err}"
     );
 
+    // A pepper below a `[table]` header is an unknown field of that table: named by its line
+    // and key, never quoted, by `config check` and by every command.
+    let dir = Dir::new("[proxy]\npepper = \"s3cret-0123456789abcdef\"\n");
+    for args in [&["config", "check"][..], &["token", "list"], &["migrate"]] {
+        let out = dir.cli(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = stderr(&out);
+        assert!(!err.contains("s3cret"), "{args:?}: {err}");
+        assert!(
+            err.contains("line 3") && err.contains("unknown field `pepper`"),
+            "{args:?}: {err}"
+        );
+    }
+
     let out = std::process::Command::new(support_patd::PATD)
         .args(["--config", "/nonexistent/patd.toml", "token", "list"])
         .output()

@@ -648,7 +648,9 @@ impl Config {
     ///
     /// An error never shows a secret: the values of the keys that hold secrets (`pepper`,
     /// `previous_peppers`, the password and query of `store`) are replaced by `<redacted>`
-    /// wherever the message would quote them, a `--set` of such a key included.
+    /// wherever the message would quote them, a `--set` of such a key included; an error in the
+    /// file names its line, column and key but never quotes the line, which may hold a secret
+    /// in a place no key says (a pepper below a `[table]` header, a misspelt `peper`).
     pub fn load(
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
@@ -680,23 +682,17 @@ impl Config {
                 Err(e) => return Err(ConfigError(format!("patd.toml: cannot be read: {e}"))),
             },
         };
-        match text.parse::<toml::Table>() {
-            Ok(table) => {
-                for key in SECRET_KEYS {
-                    if let Some(value) = table.get(*key) {
-                        note_secrets(key, value, secrets);
-                    }
-                }
+        // No error about the file quotes a line of it (see `file_error`).
+        let mut table = text
+            .parse::<toml::Table>()
+            .map_err(|e| file_error(&file, &text, &e, "not valid TOML"))?;
+        for key in SECRET_KEYS {
+            if let Some(value) = table.get(*key) {
+                note_secrets(key, value, secrets);
             }
-            // Not TOML: the secrets cannot be told, so the error quotes no line of the file (an
-            // unquoted `store = postgres://user:password@…` would otherwise be printed).
-            Err(e) => return Err(syntax_error(&file, &text, &e)),
         }
         // The file alone first, so that its errors name its lines.
-        toml::from_str::<Config>(&text).map_err(|e| ConfigError(format!("{file}: {e}")))?;
-        let mut table: toml::Table = text
-            .parse()
-            .map_err(|e| ConfigError(format!("{file}: {e}")))?;
+        toml::from_str::<Config>(&text).map_err(|e| file_error(&file, &text, &e, "error"))?;
         let mut overrides: Vec<(String, String, String)> = env
             .into_iter()
             .filter_map(|(name, value)| {
@@ -926,18 +922,28 @@ pub(super) fn redacted_url(url: &str) -> String {
     UrlParts::of(url).to_string()
 }
 
-/// A TOML syntax error in `file` (whose text is `text`): where, and what, without the line.
-fn syntax_error(file: &str, text: &str, e: &toml::de::Error) -> ConfigError {
+/// An error in `file` (whose text is `text`): `what` (`not valid TOML`), where (line and
+/// column), the message and the key it is about, never a line of the file.
+///
+/// toml's own `Display` quotes the line, and a line may hold a secret the scrubber cannot know:
+/// a pepper written below a `[table]` header (which makes it `table.pepper`, an unknown field),
+/// under a misspelt key (`peper`, `previous_pepper`), or in a file that is not TOML at all.
+fn file_error(file: &str, text: &str, e: &toml::de::Error, what: &str) -> ConfigError {
     let at = e.span().map(|span| {
         let before = text.get(..span.start).unwrap_or(text);
         let line = before.matches('\n').count() + 1;
         let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
         format!(" at line {line}, column {column}")
     });
+    // Without its input, toml's `Display` is the message and the key path (``in `cache.ttl` ``).
+    let mut bare = e.clone();
+    bare.set_input(None);
+    let shown = bare.to_string();
+    let shown: Vec<&str> = shown.lines().filter(|l| !l.is_empty()).collect();
     ConfigError(format!(
-        "{file}: not valid TOML{}: {}",
+        "{file}: {what}{}: {}",
         at.unwrap_or_default(),
-        e.message()
+        shown.join(", ")
     ))
 }
 
@@ -1576,6 +1582,56 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXOpw6qjcqsauqveNqG5RBCU6yV7A
             .0;
         assert!(err.contains("--set store"), "{err}");
         assert!(err.contains("pg://u:<redacted>@h/db"), "{err}");
+    }
+
+    #[test]
+    fn a_secret_in_the_wrong_place_in_the_file_is_never_quoted() {
+        // toml's own error text quotes the line; these secrets are where the scrubber, which
+        // knows the values of the top-level secret keys only, cannot find them.
+        for (text, line, key) in [
+            // Below a `[table]` header a key belongs to that table: `proxy.pepper`.
+            (
+                "[proxy]\ntrusted = [\"10.0.0.0/8\"]\npepper = \"s3cret-0123456789abcdef\"\n",
+                3,
+                "pepper",
+            ),
+            (
+                "[cache]\nttl = \"30s\"\nstore = \"postgres://app:s3cret-pw@db/pat\"\n",
+                3,
+                "store",
+            ),
+            // Misspelt top-level keys.
+            ("peper = \"s3cret-0123456789abcdef\"\n", 1, "peper"),
+            (
+                "realm = \"r\"\nprevious_pepper = [\"s3cret-0123456789abcdef\"]\n",
+                2,
+                "previous_pepper",
+            ),
+            // A secret key of the wrong shape.
+            (
+                "store = { url = \"postgres://app:s3cret-pw@db/pat\" }\n",
+                1,
+                "store",
+            ),
+            (
+                "pepper = { value = \"s3cret-0123456789abcdef\" }\n",
+                1,
+                "pepper",
+            ),
+        ] {
+            let err = load(text, &[], &[]).unwrap_err().0;
+            assert!(!err.contains("s3cret"), "{text:?}: {err}");
+            // Still says where and what.
+            assert!(
+                err.contains(&format!("line {line},")) && err.contains(key),
+                "{text:?}: {err}"
+            );
+        }
+        let err = load("[cache]\nttl = \"soon\"\n", &[], &[]).unwrap_err().0;
+        assert!(
+            err.contains("line 2") && err.contains("`soon`") && err.contains("cache.ttl"),
+            "{err}"
+        );
     }
 
     #[test]
