@@ -1294,3 +1294,41 @@ async fn the_open_file_limit_is_raised_or_the_connections_fit_it() {
         200
     );
 }
+
+/// sqlx logs a store URL's query parameter it does not read with its value (`ignoring
+/// unrecognized connect parameter`, at warn): libpq's `sslpassword` or a misspelt `password`
+/// would reach the log. patd refuses the URL before connecting, naming the key only, whatever
+/// `RUST_LOG` says.
+#[test]
+fn a_store_url_query_parameter_the_driver_does_not_read_is_refused_unlogged() {
+    let dir = Dir::new("");
+    for (url, key) in [
+        (
+            "postgres://postgres@127.0.0.1:1/test?sslpassword=s3cret-key-pass",
+            "sslpassword",
+        ),
+        (
+            "postgres://postgres@127.0.0.1:1/test?passwd=s3cret-pw",
+            "passwd",
+        ),
+    ] {
+        for args in [&["migrate"][..], &["config", "check"], &["serve"]] {
+            let out = std::process::Command::new(support_patd::PATD)
+                .arg("--config")
+                .arg(dir.config())
+                .args(args)
+                .env("PATD_STORE", url)
+                .env("RUST_LOG", "trace")
+                .current_dir(&dir.path)
+                .output()
+                .unwrap();
+            let all = format!("{}{}", stdout(&out), stderr(&out));
+            assert!(!all.contains("s3cret"), "{url} {args:?}:\n{all}");
+            assert_eq!(out.status.code(), Some(2), "{url} {args:?}:\n{all}");
+            assert!(
+                all.contains("PATD_STORE") && all.contains(&format!("`{key}`")),
+                "{url} {args:?}:\n{all}"
+            );
+        }
+    }
+}

@@ -323,7 +323,16 @@ fn init_logging(format: LogFormat, serving: bool) {
     use tracing_subscriber::EnvFilter;
     // One info line per refused request (the gate's) and per management change.
     let default = if serving { "info" } else { "warn" };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(default))
+        // sqlx's URL parser logs a query parameter it does not read with its value, which may be
+        // a secret; `StoreUrl` refuses those, and this keeps any it missed out of the log,
+        // whatever `RUST_LOG` says (the more specific directive wins).
+        .add_directive(
+            "sqlx_postgres::options::parse=off"
+                .parse()
+                .expect("a valid directive"),
+        );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

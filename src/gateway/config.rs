@@ -1019,7 +1019,10 @@ macro_rules! string_value {
 pub enum StoreUrl {
     /// `sqlite:PATH`.
     Sqlite(PathBuf),
-    /// A `postgres://` or `postgresql://` URL (it may hold a password: printed redacted).
+    /// A `postgres://` or `postgresql://` URL (it may hold a password: printed redacted). Its
+    /// query may hold only the parameters the driver reads (`sslmode`, `sslrootcert`, `sslcert`,
+    /// `sslkey`, `host`, `port`, `dbname`, `user`, `password`, `application_name`, `options`, …):
+    /// the driver would log any other with its value.
     Postgres(String),
 }
 
@@ -1036,10 +1039,69 @@ impl FromStr for StoreUrl {
             return Ok(Self::Sqlite(PathBuf::from(path)));
         }
         if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            check_postgres_query(s)?;
             return Ok(Self::Postgres(s.to_owned()));
         }
         Err("is not a store: expected sqlite:PATH or postgres://…".to_owned())
     }
+}
+
+/// The query parameters sqlx 0.8's PostgreSQL driver reads (`PgConnectOptions`' URL parser,
+/// sqlx-postgres `src/options/parse.rs`), besides `options[NAME]`.
+const POSTGRES_QUERY_KEYS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// Refuses a query parameter of a PostgreSQL URL that the driver does not read: sqlx ignores
+/// one, but logs it with its value at warn level (`ignoring unrecognized connect parameter`),
+/// and the value may be a secret (libpq's `sslpassword`, a misspelt `password`). The error names
+/// the key, never the value; a parameter without `=` (perhaps a secret pasted whole) is not
+/// named either.
+fn check_postgres_query(url: &str) -> Result<(), String> {
+    // A URL sqlx cannot parse is refused by it, without logging any part of it.
+    let Some(query) = url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.query().map(str::to_owned))
+    else {
+        return Ok(());
+    };
+    // Parsed as sqlx's `Url::query_pairs` does: empty pieces skipped, keys percent-decoded.
+    for piece in query.split('&').filter(|p| !p.is_empty()) {
+        let Some((key, _)) = form_urlencoded::parse(piece.as_bytes()).next() else {
+            continue;
+        };
+        if POSTGRES_QUERY_KEYS.contains(&&*key) || key.starts_with("options[") {
+            continue;
+        }
+        let named = if piece.contains('=') {
+            format!("`{key}`")
+        } else {
+            "without `=`".to_owned()
+        };
+        return Err(format!(
+            "has a query parameter {named} that the PostgreSQL driver does not read (it reads \
+             {}, and options[NAME]); it would log the value",
+            POSTGRES_QUERY_KEYS.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 impl fmt::Display for StoreUrl {
@@ -1632,6 +1694,52 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXOpw6qjcqsauqveNqG5RBCU6yV7A
             err.contains("line 2") && err.contains("`soon`") && err.contains("cache.ttl"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_postgres_query_parameter_the_driver_does_not_read_is_refused_by_key() {
+        // sqlx would log such a parameter with its value (`ignoring unrecognized connect
+        // parameter`); it is refused, from the file, a variable or a flag, naming only the key.
+        for (url, key) in [
+            (
+                "postgres://app@db/pat?sslpassword=s3cret-key-pass",
+                "`sslpassword`",
+            ),
+            (
+                "postgres://app@db/pat?sslmode=require&passwd=s3cret-pw",
+                "`passwd`",
+            ),
+            (
+                "postgresql://app@db/pat?connect_timeout=5",
+                "`connect_timeout`",
+            ),
+            // Percent-decoded as the driver reads it.
+            ("postgres://app@db/pat?pass%77d=s3cret-pw", "`passwd`"),
+            // Without `=` the parameter may be a secret pasted whole: not named.
+            ("postgres://app@db/pat?s3cret-pw", "without `=`"),
+        ] {
+            for (text, env, sets) in [
+                (format!("store = \"{url}\"\n"), None, None),
+                (String::new(), Some(("PATD_STORE", url)), None),
+                (String::new(), None, Some(format!("store={url}"))),
+            ] {
+                let env: Vec<_> = env.into_iter().collect();
+                let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+                let err = load(&text, &env, &sets).unwrap_err().0;
+                assert!(!err.contains("s3cret"), "{url}: {err}");
+                assert!(
+                    err.contains(&format!("query parameter {key}")),
+                    "{url}: {err}"
+                );
+            }
+        }
+        // Every parameter the driver reads is taken.
+        let url = "postgres://app:pw@db/pat?sslmode=verify-full&sslrootcert=/ca.pem&ssl-cert=/c.pem\
+                   &sslkey=/k.pem&host=db2&hostaddr=10.0.0.2&port=5433&dbname=pat&user=app\
+                   &password=pw&application_name=patd&options=-c%20x%3Dy\
+                   &options[search_path]=pat&statement-cache-capacity=10&&";
+        let c = load(&format!("store = \"{url}\"\n"), &[], &[]).unwrap();
+        assert_eq!(c.store, StoreUrl::Postgres(url.to_owned()));
     }
 
     #[test]
