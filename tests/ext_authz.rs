@@ -495,6 +495,43 @@ async fn a_check_without_an_http_request_or_a_method_is_refused_not_judged_as_ge
     }
 }
 
+/// `http::HeaderMap` holds at most 24 576 names, and a check can list more (40 000 one-byte
+/// headers are ~300 KB, far below tonic's 4 MiB): such a check is refused with 400, even where
+/// the route is anonymous. It used to panic the handler, resetting the stream without a
+/// CheckResponse, which Envoy's `failure_mode_allow` lets through.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_check_with_more_headers_than_a_header_map_holds_is_refused() {
+    let s = setup();
+    let mut client = serve_anonymous(&s, "/").await;
+    let many = |n: usize| (0..n).map(|i| (format!("h{i}"), "v".to_owned()));
+    let mut in_header_map = check_request("/", "192.0.2.1:4000", &[]);
+    http_mut(&mut in_header_map).header_map = Some(HeaderMap {
+        headers: many(40_000)
+            .map(|(key, value)| HeaderValue {
+                key,
+                value,
+                ..Default::default()
+            })
+            .collect(),
+    });
+    let mut in_headers = check_request("/", "192.0.2.1:4000", &[]);
+    http_mut(&mut in_headers).headers.extend(many(40_000));
+    for req in [in_header_map, in_headers] {
+        let res = client
+            .check(req)
+            .await
+            .expect("a CheckResponse")
+            .into_inner();
+        assert_ne!(grpc_code(&res), 0, "{res:?}");
+        assert_eq!(denied(&res).0, 400, "{res:?}");
+    }
+    // The control: as many as fit are judged (anonymous here).
+    let mut fits = check_request("/", "192.0.2.1:4000", &[]);
+    http_mut(&mut fits).headers.extend(many(20_000));
+    let res = check(&mut client, fits).await;
+    assert_eq!(grpc_code(&res), 0, "{res:?}");
+}
+
 /// A path with a raw `#` is refused with 400: `http::Uri` drops everything from the `#`, so
 /// `/public#/../admin` would be judged as `/public`, while an upstream that keeps the `#` in the
 /// path (Go's `http.FileServer`) serves `/admin`.

@@ -151,7 +151,12 @@ impl ExtAuthz {
                 HeaderName::from_bytes(name.as_bytes()),
                 http::HeaderValue::from_bytes(value),
             ) {
-                req.headers_mut().append(name, value);
+                // `HeaderMap` holds at most 24 576 names (three quarters of its 32 768-slot
+                // table; `append` panics past that); a check can list more: refused, never
+                // judged on a part of its headers.
+                req.headers_mut().try_append(name, value).map_err(|_| {
+                    AuthError::InvalidRequest("the request has more headers than can be read")
+                })?;
             }
         }
         if let Some(peer) = attributes
