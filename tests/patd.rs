@@ -1332,3 +1332,56 @@ fn a_store_url_query_parameter_the_driver_does_not_read_is_refused_unlogged() {
         }
     }
 }
+
+/// The SQLite store holds the tokens' hashes, subjects, scopes and IP restrictions: the file patd
+/// creates is its owner's only (0600) whatever the umask, and so are the `-wal` and `-shm` files
+/// SQLite makes beside it (which take the main file's permissions). They were 0644 under the
+/// common umask 022, readable by every local user.
+#[test]
+fn the_sqlite_store_patd_creates_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |dir: &Dir, file: &str| {
+        let meta = std::fs::metadata(dir.path.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        format!("{:o}", meta.permissions().mode() & 0o777)
+    };
+    // A CLI command creates it.
+    let dir = Dir::new("");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("umask 022 && exec \"$0\" \"$@\"")
+        .arg(support_patd::PATD)
+        .arg("--config")
+        .arg(dir.config())
+        .args([
+            "token",
+            "create",
+            "--subject",
+            "a",
+            "--name",
+            "n",
+            "--never-expires",
+        ])
+        .current_dir(&dir.path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(mode(&dir, "patd.db"), "600");
+    // A server creates it, and keeps the -wal and -shm files while it runs.
+    let dir = Dir::new("");
+    let mut server = dir.serve_with_umask("022");
+    for file in ["patd.db", "patd.db-wal", "patd.db-shm"] {
+        assert_eq!(mode(&dir, file), "600", "{file}");
+    }
+    server.terminate();
+    // An existing file keeps its permissions.
+    let dir = Dir::new("");
+    std::fs::write(dir.path.join("patd.db"), b"").unwrap();
+    std::fs::set_permissions(
+        dir.path.join("patd.db"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    let out = dir.cli(&["token", "list"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(mode(&dir, "patd.db"), "640");
+}

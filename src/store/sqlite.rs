@@ -219,6 +219,11 @@ const POLL_TIMEOUT: Duration = Duration::from_secs(1);
 /// ```
 ///
 /// Cloning gives another handle to the same database and change feed.
+///
+/// On Unix, a database file that [`open`](Self::open) creates is readable and writable by its
+/// owner only (mode 0600, whatever the umask): it holds the tokens' hashes, subjects, scopes and
+/// IP restrictions. SQLite gives the `-wal` and `-shm` files it creates beside it the same
+/// permissions. A file that already exists keeps its own.
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     inner: Arc<Shared>,
@@ -261,6 +266,35 @@ impl Drop for Shared {
     }
 }
 
+/// Creates the database file at `path` if it does not exist, with mode 0600 (Unix only), before
+/// SQLite opens it: SQLite would create it with the process umask (0644 under the common 022,
+/// readable by every local user), and gives its `-wal` and `-shm` files the main file's
+/// permissions. An empty file is an empty database to SQLite. Names SQLite does not read as a
+/// file (`:memory:`, `file:` URIs, the empty name) are left to it.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let name = path.as_os_str().as_encoded_bytes();
+        if name.is_empty() || name == b":memory:" || name.starts_with(b"file:") {
+            return Ok(());
+        }
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(StoreError::backend(e)),
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 /// How many tokens' usage one write transaction of [`SqliteStore::record_usage`] merges.
 const USAGE_CHUNK: usize = 500;
 
@@ -278,6 +312,7 @@ impl SqliteStore {
         path: impl AsRef<Path>,
         interval: Duration,
     ) -> Result<Self, StoreError> {
+        create_private(path.as_ref())?;
         let base = SqliteConnectOptions::new()
             .filename(path)
             .busy_timeout(Duration::from_secs(5));

@@ -80,10 +80,20 @@ impl Dir {
 
     /// Starts `patd serve` on a free port under `sh` after `ulimit ULIMIT` (such as `-n 600`).
     pub fn serve_with_ulimit(&self, ulimit: &str) -> Server {
+        self.serve_after(&format!("ulimit {ulimit}"))
+    }
+
+    /// Starts `patd serve` on a free port under `sh` after `umask UMASK` (such as `022`).
+    pub fn serve_with_umask(&self, umask: &str) -> Server {
+        self.serve_after(&format!("umask {umask}"))
+    }
+
+    /// Starts `patd serve` on a free port under `sh` after the shell command `prelude`.
+    fn serve_after(&self, prelude: &str) -> Server {
         let mut command = Command::new("sh");
         command
             .arg("-c")
-            .arg(format!("ulimit {ulimit} && exec \"$0\" \"$@\""))
+            .arg(format!("{prelude} && exec \"$0\" \"$@\""))
             .arg(PATD);
         self.spawn_serve(command)
     }
