@@ -1385,3 +1385,92 @@ fn the_sqlite_store_patd_creates_is_readable_by_its_owner_only() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(mode(&dir, "patd.db"), "640");
 }
+
+/// Every forward-auth answer (200, 401, 403, 400, nginx's 403 for a 400) carries
+/// `Cache-Control: no-store`: a shared cache must never keep an auth decision.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_forward_auth_answer_is_no_store() {
+    use std::net::{IpAddr, Ipv4Addr};
+    let client = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    for compat in [false, true] {
+        let dir = Dir::new(&format!(
+            "[forward_auth]\nnginx_compat = {compat}\n[[rule]]\npath_prefix = \"/admin\"\nscopes = [\"admin\"]\n"
+        ));
+        let (token, _) = dir.issue(&[
+            "--subject",
+            "a",
+            "--name",
+            "n",
+            "--scope",
+            "read",
+            "--never-expires",
+            "--ip",
+            "127.0.0.2",
+        ]);
+        let (other, _) = dir.issue(&[
+            "--subject",
+            "a",
+            "--name",
+            "m",
+            "--never-expires",
+            "--ip",
+            "10.9.9.9",
+        ]);
+        let server = dir.serve();
+        let bearer = format!("Bearer {token}");
+        let other = format!("Bearer {other}");
+        let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
+            (
+                "ok",
+                vec![
+                    ("x-forwarded-method", "GET"),
+                    ("x-forwarded-uri", "/x"),
+                    ("authorization", &bearer),
+                ],
+            ),
+            (
+                "missing",
+                vec![("x-forwarded-method", "GET"), ("x-forwarded-uri", "/x")],
+            ),
+            (
+                "scope",
+                vec![
+                    ("x-forwarded-method", "GET"),
+                    ("x-forwarded-uri", "/admin"),
+                    ("authorization", &bearer),
+                ],
+            ),
+            (
+                "ip",
+                vec![
+                    ("x-forwarded-method", "GET"),
+                    ("x-forwarded-uri", "/x"),
+                    ("authorization", &other),
+                ],
+            ),
+            ("bad", vec![("x-forwarded-method", "GET")]),
+            (
+                "bad-token",
+                vec![
+                    ("x-forwarded-method", "GET"),
+                    ("x-forwarded-uri", "/x"),
+                    ("authorization", "Bearer pat_nope"),
+                ],
+            ),
+        ];
+        // nginx_compat answers 403 for a 400 (nginx's auth_request passes only 401 and 403).
+        let bad = if compat { 403 } else { 400 };
+        let expected = [200, 401, 403, 403, bad, 401];
+        for ((what, headers), status) in cases.into_iter().zip(expected) {
+            let reply = http(client, server.addr, "GET", "/auth", &headers).await;
+            assert_eq!(reply.status, status, "compat {compat}, {what}");
+            assert_eq!(
+                reply.header("cache-control"),
+                Some("no-store"),
+                "compat {compat}, {what}: {} {:?}",
+                reply.status,
+                reply.headers
+            );
+        }
+    }
+}
