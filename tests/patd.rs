@@ -1333,6 +1333,42 @@ fn a_store_url_query_parameter_the_driver_does_not_read_is_refused_unlogged() {
     }
 }
 
+/// A secret typed into the value of a query parameter the driver reads reached patd's error:
+/// sqlx quotes an `sslmode` it does not know, and PostgreSQL a database or user name it does not
+/// have. A `?` typed for `&` (`?sslmode=require?password=…`) is refused before connecting, and
+/// what the driver or the database quotes from the URL is redacted.
+#[test]
+fn a_secret_in_a_store_url_value_never_reaches_the_error() {
+    let dir = Dir::new("");
+    let run = |url: &str| {
+        let out = std::process::Command::new(support_patd::PATD)
+            .arg("--config")
+            .arg(dir.config())
+            .arg("migrate")
+            .env("PATD_STORE", url)
+            .current_dir(&dir.path)
+            .output()
+            .unwrap();
+        let all = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(!all.contains("s3cret"), "{url}:\n{all}");
+        (out.status.code(), all)
+    };
+    let (code, all) = run("postgres://app@127.0.0.1:1/pat?sslmode=require?password=s3cret-pw");
+    assert_eq!(code, Some(2), "{all}");
+    assert!(all.contains("`sslmode`"), "{all}");
+    let (code, all) = run("postgres://app@127.0.0.1:1/pat?sslmode=s3cret-pw");
+    assert_eq!(code, Some(1), "{all}");
+    assert!(all.contains("<redacted>"), "{all}");
+    let Ok(base) = std::env::var("DATABASE_URL") else {
+        eprintln!("DATABASE_URL is not set: the database's own quote is not checked");
+        return;
+    };
+    let base = base.split('?').next().unwrap_or(&base);
+    let (code, all) = run(&format!("{base}?dbname=s3cret-db"));
+    assert_eq!(code, Some(1), "{all}");
+    assert!(all.contains("does not exist"), "{all}");
+}
+
 /// The SQLite store holds the tokens' hashes, subjects, scopes and IP restrictions: the file patd
 /// creates is its owner's only (0600) whatever the umask, and so are the `-wal` and `-shm` files
 /// SQLite makes beside it (which take the main file's permissions). They were 0644 under the

@@ -1088,6 +1088,14 @@ fn check_postgres_query(url: &str) -> Result<(), String> {
             continue;
         };
         if POSTGRES_QUERY_KEYS.contains(&&*key) || key.starts_with("options[") {
+            // A `?` in a value: most likely a second `?` typed for `&`, which makes the rest
+            // (a password, say) part of this value, which the driver quotes when it refuses it.
+            if piece.contains('?') {
+                return Err(format!(
+                    "has a `?` in the value of its query parameter `{key}` (a second `?` where \
+                     `&` was meant?)"
+                ));
+            }
             continue;
         }
         let named = if piece.contains('=') {
@@ -1102,6 +1110,46 @@ fn check_postgres_query(url: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+impl StoreUrl {
+    /// `message`, an error of the store's driver, with the URL's password and every value of its
+    /// query replaced by `<redacted>`: whole, in pieces, and percent-decoded. The driver and the
+    /// database quote what they could not use (an `sslmode` value, a database or user name), and
+    /// a mistyped URL puts a secret in such a value: `?sslmode=require?password=…`.
+    pub fn scrub(&self, message: String) -> String {
+        let Self::Postgres(url) = self else {
+            return message;
+        };
+        let mut secrets: Vec<String> = match UrlParts::of(url) {
+            UrlParts::Plain {
+                password, query, ..
+            } => password
+                .into_iter()
+                .chain(
+                    query
+                        .into_iter()
+                        .flat_map(|q| q.split('&'))
+                        .map(|piece| piece.split_once('=').map_or(piece, |(_, v)| v)),
+                )
+                .flat_map(secret_pieces)
+                .collect(),
+            UrlParts::Ambiguous { rest, .. } => secret_pieces(rest).collect(),
+        };
+        let decoded: Vec<String> = secrets
+            .iter()
+            .filter_map(|s| {
+                let pair = format!("={s}");
+                form_urlencoded::parse(pair.as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())
+            })
+            .collect();
+        secrets.extend(decoded);
+        // The longest first, so that a piece does not break up a longer secret it is part of.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        scrub(message, &secrets)
+    }
 }
 
 impl fmt::Display for StoreUrl {
@@ -1692,6 +1740,28 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXOpw6qjcqsauqveNqG5RBCU6yV7A
         let err = load("[cache]\nttl = \"soon\"\n", &[], &[]).unwrap_err().0;
         assert!(
             err.contains("line 2") && err.contains("`soon`") && err.contains("cache.ttl"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_store_error_is_scrubbed_of_the_urls_password_and_query_values() {
+        let url: StoreUrl =
+            "postgres://app:pa%24s-word@db/pat?sslmode=s3cret%2Dvalue&dbname=sec+ret-db"
+                .parse()
+                .unwrap();
+        let message = "pa$s-word pa%24s-word s3cret-value s3cret%2Dvalue sec ret-db db app pat";
+        let scrubbed = url.scrub(message.to_owned());
+        assert_eq!(
+            scrubbed,
+            "<redacted> <redacted> <redacted> <redacted> <redacted> db app pat"
+        );
+        // A `?` in a value (a second `?` typed for `&`) is refused before anything connects.
+        let err = "postgres://app@db/pat?sslmode=require?password=s3cret"
+            .parse::<StoreUrl>()
+            .unwrap_err();
+        assert!(
+            err.contains("`sslmode`") && !err.contains("s3cret"),
             "{err}"
         );
     }

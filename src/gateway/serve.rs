@@ -45,7 +45,10 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, String> 
         StoreUrl::Postgres(url) => crate::PostgresStore::connect(url)
             .await
             .map(|s| Arc::new(s) as Arc<dyn TokenStore>)
-            .map_err(|e| format!("cannot open the store {}: {e}", config.store)),
+            .map_err(|e| {
+                let error = config.store.scrub(e.to_string());
+                format!("cannot open the store {}: {error}", config.store)
+            }),
     }
 }
 
