@@ -15,7 +15,8 @@
 //! The claim is recorded in the store in the same statement that picks the tokens, so a notice
 //! is sent once in all, however many runs and however many nodes share the store (SQLite file or
 //! PostgreSQL database). A notice that a sink cannot take at once (the webhook's alerts queue is
-//! full: [`TokenEvents::try_publish`](crate::admin::TokenEvents::try_publish) answers `false`)
+//! half full, the other half kept for the alerts that cannot wait, such as revocations:
+//! [`TokenEvents::try_publish`](crate::admin::TokenEvents::try_publish) answers `false`)
 //! is not lost: its claim is taken back
 //! ([`TokenStore::release_expiry_notice`], conditional on being this run's claim), the run
 //! claims no more of that kind, and a later run sends it. (With several sinks, one that took it

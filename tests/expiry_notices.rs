@@ -15,8 +15,8 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use tokio::sync::mpsc;
 use tower_pat::admin::{
-    EVENT_HEADER, EventKind, SIGNATURE_HEADER, TIMESTAMP_HEADER, TokenEvent, WebhookSink,
-    verify_signature,
+    EVENT_HEADER, EventKind, SIGNATURE_HEADER, TIMESTAMP_HEADER, TokenEvent, TokenEvents,
+    TokenView, WebhookSink, verify_signature,
 };
 use tower_pat::notices::{ExpiryNoticeConfig, ExpiryNotices};
 use tower_pat::{
@@ -302,8 +302,9 @@ async fn two_postgres_nodes_send_each_notice_once() {
 }
 
 /// A sink that can take only 4 events at a time (a channel of 4, read only between runs), and 13
-/// notices due: each run sends what the sink takes, and the claims of the rest are taken back
-/// for a later run. Every notice is sent once in all, none is lost.
+/// notices due: each run sends what the sink takes, half its room (the other half stays for the
+/// events that cannot wait), and the claims of the rest are taken back for a later run. Every
+/// notice is sent once in all, none is lost.
 async fn notices_a_full_sink_cannot_take_are_sent_later(tokens: Tokens) {
     for i in 0..13 {
         issue(
@@ -320,7 +321,7 @@ async fn notices_a_full_sink_cannot_take_are_sent_later(tokens: Tokens) {
         .build();
     let mut sent = Vec::new();
     let mut per_run = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..8 {
         let report = notices.run_once().await.unwrap().unwrap();
         let events = drain(&mut rx);
         assert_eq!(
@@ -331,7 +332,7 @@ async fn notices_a_full_sink_cannot_take_are_sent_later(tokens: Tokens) {
         per_run.push(report.expiring);
         sent.extend(events);
     }
-    assert_eq!(per_run, [4, 4, 4, 1, 0]);
+    assert_eq!(per_run, [2, 2, 2, 2, 2, 2, 1, 0]);
     let mut got = names(&sent);
     got.dedup();
     assert_eq!(got.len(), 13, "each notice once: {got:?}");
@@ -404,6 +405,26 @@ async fn a_notice_the_full_webhook_queue_cannot_take_is_not_lost() {
         sink.dropped(),
         0,
         "a notice the queue could not take was dropped"
+    );
+    // The notices took at most half the queue: alerts that cannot wait for a later run (a
+    // revocation) still find room, where a backlog of notices offered again by every run would
+    // have them dropped.
+    let revoked = tokens
+        .issue(NewToken::new("bob", "revoked").scopes(["api"]).unwrap())
+        .await
+        .unwrap()
+        .0;
+    for _ in 0..2 {
+        sink.publish(TokenEvent::new(
+            EventKind::Revoked,
+            TokenView::new(&revoked, Utc::now()),
+            Utc::now(),
+        ));
+    }
+    assert_eq!(
+        sink.dropped(),
+        0,
+        "the notices left no room for a revocation"
     );
     // The queue is still full: nothing more is sent, nothing is lost.
     let second = webhook.run_once().await.unwrap().unwrap();

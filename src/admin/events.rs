@@ -38,7 +38,9 @@ pub trait TokenEvents: Send + Sync + 'static {
     ///
     /// The default calls [`publish`](Self::publish) and answers `true`, for sinks written before
     /// it existed (a notice they drop is then lost, as it was); the channel sink and
-    /// [`WebhookSink`](super::WebhookSink) answer `false` when their queue is full.
+    /// [`WebhookSink`](super::WebhookSink) answer `false` once half their queue is taken, so that
+    /// a backlog of notices, offered again by every run, never fills the room an event that
+    /// cannot wait (a revocation) needs.
     fn try_publish(&self, event: TokenEvent) -> bool {
         self.publish(event);
         true
@@ -290,6 +292,13 @@ impl std::fmt::Display for EventKind {
 
 /// A Tokio channel as a sink: `try_send`, so a full channel drops the event (with a warning)
 /// rather than delay the request.
+/// Whether `queue` may take an event its sender can keep for later
+/// ([`TokenEvents::try_publish`]): while more than half of it is free. The other half stays for
+/// the events that cannot wait.
+pub(crate) fn room_to_defer<T>(queue: &tokio::sync::mpsc::Sender<T>) -> bool {
+    queue.capacity() > queue.max_capacity() / 2
+}
+
 impl TokenEvents for tokio::sync::mpsc::Sender<TokenEvent> {
     fn publish(&self, event: TokenEvent) {
         if let Err(e) = self.try_send(event) {
@@ -297,8 +306,9 @@ impl TokenEvents for tokio::sync::mpsc::Sender<TokenEvent> {
         }
     }
 
+    /// Sends while more than half of the channel is free, else `false`.
     fn try_publish(&self, event: TokenEvent) -> bool {
-        self.try_send(event).is_ok()
+        room_to_defer(self) && self.try_send(event).is_ok()
     }
 }
 

@@ -43,8 +43,9 @@ pub const EVENT_HEADER: &str = "x-event";
 /// other `reused` reports), which a token's holder can repeat at will. A flood of routine events (a token renamed in a loop against a
 /// slow receiver) fills only its own queue: it cannot push out the event of a new token, a
 /// revocation, a reused secret, or an expiry notice. An expiry notice is queued with
-/// [`TokenEvents::try_publish`]: one the full alerts queue cannot take is not dropped but left
-/// for the next notice run. (With the creation rate limit turned off, nothing bounds the alerts
+/// [`TokenEvents::try_publish`], and only while more than half of the alerts queue is free: one
+/// it cannot take is not dropped but left for the next notice run, and a backlog of notices
+/// never fills the queue that a revocation or a leak report needs. (With the creation rate limit turned off, nothing bounds the alerts
 /// either.)
 ///
 /// Events therefore do not always arrive in the order they happened: a `rotated` or `updated`
@@ -210,6 +211,11 @@ impl WebhookSink {
     /// Serializes and queues one event; `token_id` (none for a purge) only names it in the log
     /// line of a drop. Whether it was queued; one that was not is counted and logged as dropped
     /// unless `drop` is false (the caller keeps it, see [`TokenEvents::try_publish`]).
+    ///
+    /// An event the caller keeps (an expiry notice) is queued only while more than half of its
+    /// queue stays free: a backlog of notices, offered again by every run until it is sent, must
+    /// not keep the alerts queue full, where a revocation or a leak report, which cannot wait for
+    /// a later run, would be dropped.
     fn enqueue(
         &self,
         kind: EventKind,
@@ -230,6 +236,9 @@ impl WebhookSink {
             body,
         };
         let queue = if alert { &self.alerts } else { &self.routine };
+        if !drop && !super::events::room_to_defer(queue) {
+            return false;
+        }
         if queue.try_send(delivery).is_ok() {
             return true;
         }
