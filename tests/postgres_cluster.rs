@@ -817,6 +817,16 @@ async fn a_listener_that_cannot_hear_the_writes_is_refused_at_connect() {
         error.contains("did not hear a notification sent through the pool"),
         "{error}"
     );
+    // A heartbeat the database refuses to send is refused with the database's reason.
+    let refused = PostgresStore::builder()
+        .channel("c".repeat(70))
+        .heartbeat(HEARTBEAT, HEARTBEAT)
+        .connect_with(db.options.clone())
+        .await;
+    let Err(error) = refused else {
+        panic!("a channel the database cannot notify was accepted");
+    };
+    assert!(error.to_string().contains("too long"), "{error}");
     // The same listener on the written database starts.
     let store = PostgresStore::builder()
         .heartbeat(HEARTBEAT, HEARTBEAT)

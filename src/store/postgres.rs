@@ -77,9 +77,11 @@
 //! that every change committed before it was sent has been heard: that is the confirmation
 //! `max_staleness` counts from. A new listener must hear one heartbeat before the feed counts as
 //! up, so a store whose listener cannot hear the writes fails to connect, with an error that
-//! says so. (Every node hears every node's heartbeats, a few bytes each, and ignores them. If the
-//! pool cannot send a heartbeat, nothing is confirmed and the listener stays; sqlx offers no TCP
-//! keepalive setting, and the heartbeat does not need one.)
+//! says so. (Every node hears every node's heartbeats, a few bytes each, and ignores them; a node
+//! of a version before this heartbeat logs a warning for each, `ignoring a notification that is
+//! not <id> <hex hash>`, until it is upgraded too. If the pool cannot send a heartbeat, or sends
+//! it too late in the timeout for its delivery to be judged, nothing is confirmed and the
+//! listener stays; sqlx offers no TCP keepalive setting, and the heartbeat does not need one.)
 //!
 //! # How long a change can go unseen
 //!
@@ -730,9 +732,10 @@ const HEARTBEAT_PREFIX: &str = "tower-pat-heartbeat ";
 enum Beat {
     /// The listener heard it: every change committed before it was sent has been heard.
     Heard,
-    /// The pool could not send it in time (the database unreachable from the pool, or the pool
-    /// busy): nothing is confirmed, and nothing is known about the listener.
-    NotSent,
+    /// The pool could not send it (its error, if it failed), or not early enough in the timeout
+    /// for its delivery to be judged (the database unreachable from the pool, the pool busy):
+    /// nothing is confirmed, and nothing is known about the listener's hearing.
+    NotSent(Option<sqlx::Error>),
     /// Sent through the pool, but the listener did not hear it in time: its connection is silent,
     /// or it listens where the writes are not heard (another database or server, a
     /// transaction-pooling proxy that drops notifications).
@@ -785,7 +788,8 @@ impl Feed {
         // empty, or about to be emptied by `Reconnected`.)
         match self.heartbeat(&mut listener, None).await {
             Beat::Heard => Ok(listener),
-            Beat::NotSent => Err(feed_error(
+            Beat::NotSent(Some(e)) => Err(e),
+            Beat::NotSent(None) => Err(feed_error(
                 "the pool could not send the change feed's first heartbeat in time",
             )),
             Beat::Unheard => Err(feed_error(
@@ -820,14 +824,17 @@ impl Feed {
         tokio::pin!(send);
         let deadline = tokio::time::sleep(self.heartbeat.timeout);
         tokio::pin!(deadline);
-        // `None` while the send is pending, then whether it succeeded.
-        let mut sent = None;
-        let on_sent = |result: Result<_, sqlx::Error>| match result {
-            Ok(_) => Some(true),
-            Err(e) => {
-                tracing::debug!(error = %e, "token change feed heartbeat not sent");
-                Some(false)
-            }
+        let deadline_at = tokio::time::Instant::now() + self.heartbeat.timeout;
+        // `None` while the send is pending, then when it was sent, or how it failed.
+        let mut sent: Option<Result<tokio::time::Instant, sqlx::Error>> = None;
+        let on_sent = |result: Result<_, sqlx::Error>| {
+            Some(
+                result
+                    .map(|_| tokio::time::Instant::now())
+                    .inspect_err(|e| {
+                        tracing::debug!(error = %e, "token change feed heartbeat not sent");
+                    }),
+            )
         };
         {
             // Notifications arriving meanwhile are buffered by sqlx and read below.
@@ -854,8 +861,8 @@ impl Feed {
             }
         }
         loop {
-            if sent == Some(false) {
-                return Beat::NotSent;
+            if let Some(Err(e)) = sent {
+                return Beat::NotSent(Some(e));
             }
             tokio::select! {
                 result = &mut send, if sent.is_none() => sent = on_sent(result),
@@ -876,7 +883,15 @@ impl Feed {
                     }
                 },
                 () = &mut deadline => {
-                    return if sent.is_some() { Beat::Unheard } else { Beat::NotSent };
+                    // Unheard only if it was sent early enough to have been delivered: a pool
+                    // that sends it at the last moment says nothing about the listener.
+                    let margin = self.heartbeat.timeout / 4;
+                    return match sent {
+                        Some(Ok(at)) if deadline_at.saturating_duration_since(at) >= margin => {
+                            Beat::Unheard
+                        }
+                        _ => Beat::NotSent(None),
+                    };
                 }
             }
         }
@@ -969,7 +984,7 @@ impl Feed {
                         },
                         // Nothing confirmed: the next confirmation goes overdue, and the caches
                         // stop serving past the TTL, until a heartbeat is heard again.
-                        Beat::NotSent => {}
+                        Beat::NotSent(_) => {}
                         Beat::Unheard => {
                             tracing::warn!(
                                 timeout = ?self.heartbeat.timeout,
