@@ -44,7 +44,7 @@ use crate::client_ip::ClientAddr;
 use crate::principal::{Entry, Principal, RETIRED};
 use crate::reuse::ReuseDetection;
 use crate::scope::ScopeSet;
-use crate::store::{ChangeListener, StoreEvent, TokenLookup};
+use crate::store::{ChangeListener, StoreError, StoreEvent, TokenLookup};
 use crate::token::{TokenHash, TokenHasher};
 
 /// Unix time in milliseconds from the coarse wall clock: `CLOCK_REALTIME_COARSE` through the
@@ -214,6 +214,12 @@ pub struct CacheConfig {
     /// client is the address the layer reads for the failure limit (IPv6 counted per /64).
     /// Requests without a known address have no such budget. Default 8.
     pub max_lookups_per_client: usize,
+    /// How long a store lookup (a miss, or an entry's background refresh) may take before it
+    /// counts as a store failure: the requests waiting for it get 503 with `Retry-After`, and
+    /// its slot is free again. A query on a connection that went silent (a partition that keeps
+    /// the socket open) would otherwise hold its slot, and every request for that token, until
+    /// TCP gives up, minutes later. Default 5 s; keep it above the store's slowest answer.
+    pub lookup_timeout: Duration,
     /// How many store lookups the clients share that presented an unknown token within the last
     /// `negative_ttl` (at most `negative_capacity` clients remembered): their lookups run in this
     /// pool instead of the `max_concurrent_lookups` slots, so that a flood of random tokens is
@@ -232,6 +238,7 @@ impl Default for CacheConfig {
             lookup_wait: Duration::from_secs(1),
             max_lookups_per_client: 8,
             suspect_lookups: 8,
+            lookup_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -281,6 +288,15 @@ impl CacheConfig {
     #[must_use]
     pub fn lookup_wait(mut self, lookup_wait: Duration) -> Self {
         self.lookup_wait = lookup_wait;
+        self
+    }
+
+    /// How long a store lookup may take before it counts as a store failure (503 with
+    /// `Retry-After` for the requests waiting for it). Default 5 s. See
+    /// [`lookup_timeout`](Self#structfield.lookup_timeout).
+    #[must_use]
+    pub fn lookup_timeout(mut self, lookup_timeout: Duration) -> Self {
+        self.lookup_timeout = lookup_timeout;
         self
     }
 
@@ -1083,7 +1099,14 @@ impl Cache {
             self.store_lookups.fetch_add(1, Ordering::Relaxed);
             let sent = now_ms();
             let started = std::time::Instant::now();
-            let found = self.lookup.find_by_hash(hash).await;
+            let timeout = self.config.lookup_timeout;
+            let found = tokio::time::timeout(timeout, self.lookup.find_by_hash(hash))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::backend(format!(
+                        "the store did not answer a token lookup within {timeout:?}"
+                    )))
+                });
             self.stats.lookup(started.elapsed(), found.is_err());
             let found = found.map_err(|e| {
                 tracing::warn!(target: "tower_pat::store", error = %e, "token lookup failed");
@@ -1442,7 +1465,6 @@ fn duration_ms(d: Duration) -> i64 {
 mod tests {
     use super::*;
     use crate::record::TokenRecord;
-    use crate::store::StoreError;
 
     /// A store whose lookups never answer.
     struct Hanging;

@@ -231,3 +231,33 @@ async fn a_client_that_sent_an_unknown_token_still_gets_in_with_a_valid_one() {
         200
     );
 }
+
+/// A store query that never answers (its connection went silent mid-query, in a partition that
+/// keeps the socket open) held its lookup slot, and every request for that token joined it and
+/// waited, until TCP gave up minutes later. A lookup now counts as a store failure after
+/// `lookup_timeout`: every request waiting for it gets 503 with `Retry-After`, and once the
+/// store answers again the token is accepted.
+#[tokio::test]
+async fn a_lookup_the_store_never_answers_fails_after_the_lookup_timeout() {
+    let store = CountingStore::new();
+    let (_, secret) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
+    let layer = PatAuthLayer::builder(store.clone())
+        .cache(tower_pat::CacheConfig::default().lookup_timeout(Duration::from_millis(200)))
+        .build();
+    store.delay_ms.store(3_600_000, Ordering::SeqCst);
+    // A hang guard, not a speed measure.
+    let (first, joined) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(send_token(&layer, &secret), send_token(&layer, &secret))
+    })
+    .await
+    .expect("a lookup the store never answers held its requests");
+    for reply in [first, joined] {
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(reply.headers.contains_key(http::header::RETRY_AFTER));
+    }
+    store.delay_ms.store(0, Ordering::SeqCst);
+    assert_eq!(send_token(&layer, &secret).await.status, StatusCode::OK);
+}
