@@ -218,7 +218,11 @@ pub struct CacheConfig {
     /// counts as a store failure: the requests waiting for it get 503 with `Retry-After`, and
     /// its slot is free again. A query on a connection that went silent (a partition that keeps
     /// the socket open) would otherwise hold its slot, and every request for that token, until
-    /// TCP gives up, minutes later. Default 5 s; keep it above the store's slowest answer.
+    /// TCP gives up, minutes later. Each store query of a lookup has this long (a lookup under
+    /// [older peppers](crate::TokenHasher::with_previous_peppers) makes one per pepper); a
+    /// request also waits no longer than this for the [reuse](crate::reuse) check of an unknown
+    /// token, which goes on in the background. Default 5 s; keep it above the store's slowest
+    /// answer.
     pub lookup_timeout: Duration,
     /// How many store lookups the clients share that presented an unknown token within the last
     /// `negative_ttl` (at most `negative_capacity` clients remembered): their lookups run in this
@@ -989,8 +993,10 @@ impl Cache {
                 }
             }
         });
-        // A panic of the hook leaves nothing to undo.
-        let _ = detection.await;
+        // A panic of the hook leaves nothing to undo. The request (and those joined to it) waits
+        // for the detection no longer than a lookup may take: the task goes on without it, so a
+        // report or a revocation under way is not cut short by a slow store.
+        let _ = tokio::time::timeout(self.config.lookup_timeout, detection).await;
     }
 
     /// Registers a lookup of `client` with the client's budget, creating it if needed.

@@ -261,3 +261,25 @@ async fn a_lookup_the_store_never_answers_fails_after_the_lookup_timeout() {
     store.delay_ms.store(0, Ordering::SeqCst);
     assert_eq!(send_token(&layer, &secret).await.status, StatusCode::OK);
 }
+
+/// The same for the reuse check of an unknown token (`find_superseded`, with reuse detection
+/// on): a history query the store never answered held the request and everything joined to it.
+/// The request now waits no longer than `lookup_timeout`, and is answered as an unknown token.
+#[tokio::test]
+async fn a_reuse_check_the_store_never_answers_does_not_hold_the_request() {
+    let store = CountingStore::new();
+    let tokens = Tokens::new(store.clone());
+    let (record, old) = tokens.issue(new_token("alice", &[])).await.unwrap();
+    tokens.rotate(&record.id, Duration::ZERO).await.unwrap();
+    let layer = tokens
+        .layer()
+        .cache(tower_pat::CacheConfig::default().lookup_timeout(Duration::from_millis(200)))
+        .on_reuse(|_| {})
+        .build();
+    store.superseded_delay_ms.store(3_600_000, Ordering::SeqCst);
+    // A hang guard, not a speed measure.
+    let reply = tokio::time::timeout(Duration::from_secs(30), send_token(&layer, &old))
+        .await
+        .expect("a reuse check the store never answers held the request");
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+}
