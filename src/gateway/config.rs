@@ -1069,6 +1069,16 @@ const POSTGRES_QUERY_KEYS: &[&str] = &[
     "options",
 ];
 
+/// The values of `sslmode` the driver takes (in any letter case).
+const SSL_MODES: &[&str] = &[
+    "disable",
+    "allow",
+    "prefer",
+    "require",
+    "verify-ca",
+    "verify-full",
+];
+
 /// Refuses a query parameter of a PostgreSQL URL that the driver does not read: sqlx ignores
 /// one, but logs it with its value at warn level (`ignoring unrecognized connect parameter`),
 /// and the value may be a secret (libpq's `sslpassword`, a misspelt `password`). The error names
@@ -1084,7 +1094,7 @@ fn check_postgres_query(url: &str) -> Result<(), String> {
     };
     // Parsed as sqlx's `Url::query_pairs` does: empty pieces skipped, keys percent-decoded.
     for piece in query.split('&').filter(|p| !p.is_empty()) {
-        let Some((key, _)) = form_urlencoded::parse(piece.as_bytes()).next() else {
+        let Some((key, value)) = form_urlencoded::parse(piece.as_bytes()).next() else {
             continue;
         };
         if POSTGRES_QUERY_KEYS.contains(&&*key) || key.starts_with("options[") {
@@ -1094,6 +1104,16 @@ fn check_postgres_query(url: &str) -> Result<(), String> {
                 return Err(format!(
                     "has a `?` in the value of its query parameter `{key}` (a second `?` where \
                      `&` was meant?)"
+                ));
+            }
+            // The one value the driver quotes when it refuses it, escaped (`{:?}`): refused
+            // here first, unquoted (a separator mistyped before a password makes it part of it).
+            if matches!(&*key, "sslmode" | "ssl-mode")
+                && !SSL_MODES.contains(&&*value.to_ascii_lowercase())
+            {
+                return Err(format!(
+                    "has a query parameter `{key}` that is not one of {}",
+                    SSL_MODES.join(", ")
                 ));
             }
             continue;
@@ -1146,6 +1166,16 @@ impl StoreUrl {
             })
             .collect();
         secrets.extend(decoded);
+        // As a `{:?}` quotes them (escaped quotes and backslashes), without the outer quotes.
+        let escaped: Vec<String> = secrets
+            .iter()
+            .filter_map(|s| {
+                let debug = format!("{s:?}");
+                let inner = &debug[1..debug.len() - 1];
+                (inner != s).then(|| inner.to_owned())
+            })
+            .collect();
+        secrets.extend(escaped);
         // The longest first, so that a piece does not break up a longer secret it is part of.
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         scrub(message, &secrets)
@@ -1746,23 +1776,32 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXOpw6qjcqsauqveNqG5RBCU6yV7A
 
     #[test]
     fn a_store_error_is_scrubbed_of_the_urls_password_and_query_values() {
-        let url: StoreUrl =
-            "postgres://app:pa%24s-word@db/pat?sslmode=s3cret%2Dvalue&dbname=sec+ret-db"
-                .parse()
-                .unwrap();
-        let message = "pa$s-word pa%24s-word s3cret-value s3cret%2Dvalue sec ret-db db app pat";
+        let url: StoreUrl = "postgres://app:pa%24s-word@db/pat?application_name=s3cret%2Dvalue\
+                             &dbname=sec+ret-db&user=ab%22c%5Cd"
+            .parse()
+            .unwrap();
+        // Raw, percent-decoded, and escaped as a `{:?}` quotes it.
+        let message =
+            r#"pa$s-word pa%24s-word s3cret-value s3cret%2Dvalue sec ret-db "ab\"c\\d" db app pat"#;
         let scrubbed = url.scrub(message.to_owned());
         assert_eq!(
             scrubbed,
-            "<redacted> <redacted> <redacted> <redacted> <redacted> db app pat"
+            r#"<redacted> <redacted> <redacted> <redacted> <redacted> "<redacted>" db app pat"#
         );
-        // A `?` in a value (a second `?` typed for `&`) is refused before anything connects.
-        let err = "postgres://app@db/pat?sslmode=require?password=s3cret"
-            .parse::<StoreUrl>()
-            .unwrap_err();
+        // A `?` in a value (a second `?` typed for `&`) is refused before anything connects, and
+        // so is an `sslmode` the driver would refuse by quoting it (another separator mistyped).
+        for url in [
+            "postgres://app@db/pat?sslmode=require?password=s3cret",
+            "postgres://app@db/pat?sslmode=require%20password=s3cret",
+            "postgres://app@db/pat?ssl-mode=require;password=s3cret",
+        ] {
+            let err = url.parse::<StoreUrl>().unwrap_err();
+            assert!(err.contains("ssl") && !err.contains("s3cret"), "{err}");
+        }
         assert!(
-            err.contains("`sslmode`") && !err.contains("s3cret"),
-            "{err}"
+            "postgres://app@db/pat?sslmode=Verify-Full"
+                .parse::<StoreUrl>()
+                .is_ok()
         );
     }
 
