@@ -384,18 +384,10 @@ async fn failed_deliveries_are_retried_with_backoff_then_given_up() {
 
 #[tokio::test]
 async fn a_full_queue_drops_events_and_never_delays_the_api() {
-    // A receiver that accepts connections and never answers.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
-    let sink = WebhookSink::builder(&format!("http://{addr}/hook"), SECRET)
+    let url = support_admin::hanging_receiver().await;
+    let sink = WebhookSink::builder(&url, SECRET)
         .unwrap()
-        .queue_capacity(1)
+        .queue_capacity(2)
         .timeout(Duration::from_secs(120))
         .spawn();
     let t = app_with(|c| c.events(sink.clone())).await;
@@ -413,8 +405,8 @@ async fn a_full_queue_drops_events_and_never_delays_the_api() {
     tokio::time::timeout(Duration::from_secs(20), calls)
         .await
         .expect("the API calls completed while the webhook hangs");
-    // One event in flight (or still queued), one queued, the rest dropped.
-    assert!(sink.dropped() >= 4, "dropped {}", sink.dropped());
+    // One event in flight (or still queued), two queued, the rest dropped.
+    assert!(sink.dropped() >= 3, "dropped {}", sink.dropped());
     assert_eq!(sink.delivered(), 0);
 }
 

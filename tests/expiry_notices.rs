@@ -357,26 +357,13 @@ async fn notices_a_full_sink_cannot_take_are_sent_by_a_later_run_over_sqlite() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// A webhook receiver that accepts connections and never answers.
-async fn hanging_receiver() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
-    format!("http://{addr}/hook")
-}
-
 /// Mallory's tokens (within the creation limits) all expire a little before alice's, against a
 /// webhook whose receiver hangs, so its alerts queue fills: the notices it cannot take are not
 /// dropped (nothing counted in `dropped`) but stay due, and a later run with room sends them,
 /// alice's among them.
 #[tokio::test]
 async fn a_notice_the_full_webhook_queue_cannot_take_is_not_lost() {
-    let url = hanging_receiver().await;
+    let url = support_admin::hanging_receiver().await;
     let sink = WebhookSink::builder(&url, b"k")
         .unwrap()
         .queue_capacity(4)

@@ -290,15 +290,17 @@ impl std::fmt::Display for EventKind {
     }
 }
 
-/// A Tokio channel as a sink: `try_send`, so a full channel drops the event (with a warning)
-/// rather than delay the request.
 /// Whether `queue` may take an event its sender can keep for later
-/// ([`TokenEvents::try_publish`]): while more than half of it is free. The other half stays for
-/// the events that cannot wait.
+/// ([`TokenEvents::try_publish`]): while, with it taken, at least half of the queue stays free
+/// for the events that cannot wait (one of two, two of four or five), or when the queue is empty
+/// (a queue of one must not starve them: it is then theirs while they wait).
 pub(crate) fn room_to_defer<T>(queue: &tokio::sync::mpsc::Sender<T>) -> bool {
-    queue.capacity() > queue.max_capacity() / 2
+    let (free, max) = (queue.capacity(), queue.max_capacity());
+    free > max.div_ceil(2) || free == max
 }
 
+/// A Tokio channel as a sink: `try_send`, so a full channel drops the event (with a warning)
+/// rather than delay the request.
 impl TokenEvents for tokio::sync::mpsc::Sender<TokenEvent> {
     fn publish(&self, event: TokenEvent) {
         if let Err(e) = self.try_send(event) {
@@ -306,7 +308,8 @@ impl TokenEvents for tokio::sync::mpsc::Sender<TokenEvent> {
         }
     }
 
-    /// Sends while more than half of the channel is free, else `false`.
+    /// Sends while the channel keeps half its room free for the events that cannot wait (or is
+    /// empty), else `false`.
     fn try_publish(&self, event: TokenEvent) -> bool {
         room_to_defer(self) && self.try_send(event).is_ok()
     }
@@ -323,5 +326,30 @@ impl<T: TokenEvents + ?Sized> TokenEvents for std::sync::Arc<T> {
 
     fn try_publish(&self, event: TokenEvent) -> bool {
         (**self).try_publish(event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::room_to_defer;
+
+    /// How many events a sender that can keep them for later puts in an empty queue of each
+    /// size: never the last half (so events that cannot wait find room), never none (a queue of
+    /// one would starve them).
+    #[test]
+    fn deferrable_events_leave_half_the_queue_free_and_never_starve() {
+        for (max, taken) in [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (1024, 512)] {
+            let (tx, _rx) = tokio::sync::mpsc::channel::<()>(max);
+            let mut n = 0;
+            while room_to_defer(&tx) {
+                tx.try_send(()).unwrap();
+                n += 1;
+            }
+            assert_eq!(n, taken, "a queue of {max}");
+            // What is left takes the events that cannot wait.
+            for _ in n..max {
+                tx.try_send(()).unwrap();
+            }
+        }
     }
 }

@@ -270,8 +270,9 @@ impl TokenEvents for WebhookSink {
         self.enqueue(event.event, event.event.is_alert(), &event, None, true);
     }
 
-    /// Queues the event if its queue has room; a full queue answers `false` and counts nothing
-    /// as [`dropped`](WebhookSink::dropped).
+    /// Queues the event if its queue keeps half its room free for the events that cannot wait
+    /// (see [`WebhookSink`]); else answers `false` and counts nothing as
+    /// [`dropped`](WebhookSink::dropped).
     fn try_publish(&self, event: TokenEvent) -> bool {
         self.enqueue(
             event.event,
@@ -284,10 +285,11 @@ impl TokenEvents for WebhookSink {
 }
 
 impl WebhookBuilder {
-    /// How many events may wait in each of the two queues, alerts and routine (default 1024);
-    /// more are dropped.
+    /// How many events may wait in each of the two queues, alerts and routine (default 1024, at
+    /// least 2: an expiry notice never takes the last half of the alerts queue); more are
+    /// dropped.
     pub fn queue_capacity(mut self, capacity: usize) -> Self {
-        self.queue_capacity = capacity.max(1);
+        self.queue_capacity = capacity.max(2);
         self
     }
 
