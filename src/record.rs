@@ -71,6 +71,7 @@ impl TokenRecord {
     /// Whether this record, as a [`revoke`](crate::TokenStore::revoke) written at `at` returned
     /// it, was revoked by that write: a revocation is set once, so a record revoked earlier (by a
     /// concurrent request) keeps its own time. Every revocation's event is sent only then, once.
+    #[cfg(feature = "admin")]
     pub(crate) fn revoked_by_write_at(&self, at: DateTime<Utc>) -> bool {
         self.revoked_at == Some(at)
     }
