@@ -38,15 +38,15 @@ pub const EVENT_HEADER: &str = "x-event";
 /// first is always posted first: the **alerts** ([`TokenEvent::is_alert`]: `created`, `revoked`,
 /// `deleted`, `leaked`, `expiring`, `expired`, `purged`, and the `reused` that revokes a token),
 /// each at most once per token (an expiry notice again only after the expiry was moved later),
-/// which a caller can only make as fast as the creation rate limit
-/// lets tokens be made, and the **routine** rest (`updated`, `rotated`, `disabled`, `enabled`,
-/// other `reused` reports), which a token's holder can repeat at will. A flood of routine events (a token renamed in a loop against a
-/// slow receiver) fills only its own queue: it cannot push out the event of a new token, a
-/// revocation, a reused secret, or an expiry notice. An expiry notice is queued with
-/// [`TokenEvents::try_publish`], and only while more than half of the alerts queue is free: one
-/// it cannot take is not dropped but left for the next notice run, and a backlog of notices
-/// never fills the queue that a revocation or a leak report needs. (With the creation rate limit turned off, nothing bounds the alerts
-/// either.)
+/// which a caller can only make as fast as the creation rate limit lets tokens be made, and the
+/// **routine** rest (`updated`, `rotated`, `disabled`, `enabled`, other `reused` reports), which
+/// a token's holder can repeat at will. A flood of routine events (a token renamed in a loop
+/// against a slow receiver) fills only its own queue: it cannot push out the event of a new
+/// token, a revocation, a reused secret, or an expiry notice. An expiry notice is queued with
+/// [`TokenEvents::try_publish`], and only while, with it taken, at least half of the alerts queue
+/// stays free: one it cannot take is not dropped but left for the next notice run, and a backlog
+/// of notices never fills the room a revocation or a leak report needs. (With the creation rate
+/// limit turned off, nothing bounds the alerts either.)
 ///
 /// Events therefore do not always arrive in the order they happened: a `rotated` or `updated`
 /// event may come after the `revoked` or `deleted` that followed it. A receiver that keeps a
@@ -212,8 +212,8 @@ impl WebhookSink {
     /// line of a drop. Whether it was queued; one that was not is counted and logged as dropped
     /// unless `drop` is false (the caller keeps it, see [`TokenEvents::try_publish`]).
     ///
-    /// An event the caller keeps (an expiry notice) is queued only while more than half of its
-    /// queue stays free: a backlog of notices, offered again by every run until it is sent, must
+    /// An event the caller keeps (an expiry notice) is queued only while half of its queue stays
+    /// free ([`room_to_defer`](super::events::room_to_defer)): a backlog of notices, offered again by every run until it is sent, must
     /// not keep the alerts queue full, where a revocation or a leak report, which cannot wait for
     /// a later run, would be dropped.
     fn enqueue(
