@@ -285,6 +285,9 @@ pub struct CacheSection {
     pub negative_ttl: Dur,
     /// Store lookups at once.
     pub max_concurrent_lookups: usize,
+    /// How long a store query of a lookup may take before it counts as a store failure (503):
+    /// [`CacheConfig::lookup_timeout`](crate::CacheConfig::lookup_timeout).
+    pub lookup_timeout: Dur,
 }
 
 impl Default for CacheSection {
@@ -295,6 +298,7 @@ impl Default for CacheSection {
             stale_if_error: Dur(c.stale_if_error),
             negative_ttl: Dur(c.negative_ttl),
             max_concurrent_lookups: c.max_concurrent_lookups,
+            lookup_timeout: Dur(c.lookup_timeout),
         }
     }
 }
@@ -1613,6 +1617,9 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXOpw6qjcqsauqveNqG5RBCU6yV7A
         .unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:3");
         assert_eq!(c.cache.ttl, Dur(Duration::from_secs(120)));
+        assert_eq!(c.cache.lookup_timeout, Dur(Duration::from_secs(5)));
+        let c = load("[cache]\nlookup_timeout = \"2s\"\n", &[], &[]).unwrap();
+        assert_eq!(c.cache.lookup_timeout, Dur(Duration::from_secs(2)));
         let e = load("", &[("PATD_CACHE__TTL", "soon")], &[]).unwrap_err().0;
         assert!(e.starts_with("PATD_CACHE__TTL") && e.contains("ttl"), "{e}");
         let e = load("", &[("PATD_NOPE", "1")], &[]).unwrap_err().0;

@@ -100,7 +100,8 @@ pub fn layer(config: &Config, tokens: &Tokens) -> PatAuthLayer {
             .ttl(c.ttl.0)
             .stale_if_error(c.stale_if_error.0)
             .negative_ttl(c.negative_ttl.0)
-            .max_concurrent_lookups(c.max_concurrent_lookups),
+            .max_concurrent_lookups(c.max_concurrent_lookups)
+            .lookup_timeout(c.lookup_timeout.0),
     );
     if config.usage.enabled {
         b = b.track_usage(
