@@ -286,7 +286,9 @@ async fn nginx_auth_request() {
             "-c",
             "nginx.conf",
             "-g",
-            "daemon off;",
+            // One process: the test's kill at the end stops all of it (a master killed with
+            // SIGKILL leaves its worker running).
+            "daemon off; master_process off;",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
