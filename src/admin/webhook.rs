@@ -209,21 +209,25 @@ impl WebhookSink {
 
 impl WebhookSink {
     /// Serializes and queues one event; `token_id` (none for a purge) only names it in the log
-    /// line of a drop. Whether it was queued; one that was not is counted and logged as dropped
-    /// unless `drop` is false (the caller keeps it, see [`TokenEvents::try_publish`]).
-    ///
-    /// An event the caller keeps (an expiry notice) is queued only while half of its queue stays
-    /// free ([`room_to_defer`](super::events::room_to_defer)): a backlog of notices, offered again by every run until it is sent, must
-    /// not keep the alerts queue full, where a revocation or a leak report, which cannot wait for
-    /// a later run, would be dropped.
+    /// line of a drop. Whether it was queued. A `deferrable` event (an expiry notice, which the
+    /// caller keeps: [`TokenEvents::try_publish`]) is queued only while half of its queue stays
+    /// free ([`room_to_defer`](super::events::room_to_defer)), and one that is not queued is not
+    /// counted or logged as dropped: a backlog of notices, offered again by every run until it is
+    /// sent, must not keep the alerts queue full, where a revocation or a leak report, which
+    /// cannot wait for a later run, would be dropped. Any other event is dropped (counted and
+    /// logged) when its queue is full.
     fn enqueue(
         &self,
         kind: EventKind,
         alert: bool,
         event: &impl serde::Serialize,
         token_id: Option<&str>,
-        drop: bool,
+        deferrable: bool,
     ) -> bool {
+        let queue = if alert { &self.alerts } else { &self.routine };
+        if deferrable && !super::events::room_to_defer(queue) {
+            return false;
+        }
         let body = match serde_json::to_vec(event) {
             Ok(body) => Bytes::from(body),
             Err(e) => {
@@ -235,14 +239,10 @@ impl WebhookSink {
             event: kind.as_str(),
             body,
         };
-        let queue = if alert { &self.alerts } else { &self.routine };
-        if !drop && !super::events::room_to_defer(queue) {
-            return false;
-        }
         if queue.try_send(delivery).is_ok() {
             return true;
         }
-        if drop {
+        if !deferrable {
             let dropped = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!(
                 event = kind.as_str(),
@@ -262,12 +262,12 @@ impl TokenEvents for WebhookSink {
             event.is_alert(),
             &event,
             Some(&event.data.id),
-            true,
+            false,
         );
     }
 
     fn publish_purge(&self, event: PurgeEvent) {
-        self.enqueue(event.event, event.event.is_alert(), &event, None, true);
+        self.enqueue(event.event, event.event.is_alert(), &event, None, false);
     }
 
     /// Queues the event if its queue keeps half its room free for the events that cannot wait
@@ -279,7 +279,7 @@ impl TokenEvents for WebhookSink {
             event.is_alert(),
             &event,
             Some(&event.data.id),
-            false,
+            true,
         )
     }
 }

@@ -469,13 +469,12 @@ impl TokenStore for MemoryStore {
         at: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
         let mut data = self.write();
-        let Some(slot) = data.notices.get_mut(id).map(|n| n.slot(kind)) else {
-            return Ok(false);
-        };
-        if *slot != Some(at) {
-            return Ok(false);
+        match data.notices.get_mut(id).map(|n| n.slot(kind)) {
+            Some(slot) if *slot == Some(at) => {
+                *slot = None;
+                Ok(true)
+            }
+            _ => Ok(false),
         }
-        *slot = None;
-        Ok(true)
     }
 }

@@ -1538,11 +1538,7 @@ impl TokenStore for PostgresStore {
         id: &str,
         at: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        let sql = match kind {
-            NoticeKind::Expiring => &self.inner.sql.release_expiring,
-            NoticeKind::Expired => &self.inner.sql.release_expired,
-        };
-        let done = sqlx::query(sql)
+        let done = sqlx::query(self.inner.sql.release(kind))
             .bind(id)
             .bind(crate::record::micros(at))
             .execute(&self.inner.pool)

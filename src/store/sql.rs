@@ -322,6 +322,15 @@ impl Statements {
             release_expired: release("expired_notice_at", &p(1), &p(2)),
         }
     }
+
+    /// The release of a `kind` notice claim ([`release_expiring`](Self::release_expiring) or
+    /// [`release_expired`](Self::release_expired)).
+    pub(super) fn release(&self, kind: super::NoticeKind) -> &str {
+        match kind {
+            super::NoticeKind::Expiring => &self.release_expiring,
+            super::NoticeKind::Expired => &self.release_expired,
+        }
+    }
 }
 
 /// The assignments of a write that clear both expiry-notice claims when it moves the expiry later

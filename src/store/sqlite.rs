@@ -1192,11 +1192,9 @@ impl TokenStore for SqliteStore {
         id: &str,
         at: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        let sql = match kind {
-            NoticeKind::Expiring => &self.inner.sql.release_expiring,
-            NoticeKind::Expired => &self.inner.sql.release_expired,
-        };
-        let q = sqlx::query(sql).bind(id).bind(micros(at));
+        let q = sqlx::query(self.inner.sql.release(kind))
+            .bind(id)
+            .bind(micros(at));
         let mut tx = self.begin_write().await?;
         let done = q.execute(&mut *tx).await.map_err(store_error)?;
         tx.commit().await.map_err(store_error)?;
