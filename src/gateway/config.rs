@@ -696,7 +696,8 @@ impl Config {
             }
         }
         // The file alone first, so that its errors name its lines.
-        toml::from_str::<Config>(&text).map_err(|e| file_error(&file, &text, &e, "error"))?;
+        let mut config =
+            toml::from_str::<Config>(&text).map_err(|e| file_error(&file, &text, &e, "error"))?;
         let mut overrides: Vec<(String, String, String)> = env
             .into_iter()
             .filter_map(|(name, value)| {
@@ -740,7 +741,6 @@ impl Config {
                 note_secrets(key, &parse_value(value), secrets);
             }
         }
-        let mut config = toml::from_str::<Config>(&text).unwrap_or_default();
         for (source, key, value) in overrides {
             insert(&mut table, &key, parse_value(&value))
                 .map_err(|why| ConfigError(format!("{source}: {why}")))?;
@@ -754,14 +754,17 @@ impl Config {
         // (`shadow_warnings`), logged when `patd` starts.
         if let Some((later, earlier)) = config.route_rules().never_matching() {
             let earlier: Vec<String> = earlier.iter().map(|&i| config.rule_name(i)).collect();
+            let (comes, takes) = if earlier.len() == 1 {
+                ("comes", "takes")
+            } else {
+                ("come", "take")
+            };
             return Err(ConfigError(format!(
-                "{} never matches: {} {} first and {} every request it applies to (first match \
-                 wins; rules counted from 1): put the narrower rule first, or name the methods \
-                 each is for",
+                "{} never matches: {} {comes} first and {takes} every request it applies to \
+                 (first match wins; rules counted from 1): put the narrower rule first, or name \
+                 the methods each is for",
                 config.rule_name(later),
                 earlier.join(" and "),
-                if earlier.len() == 1 { "comes" } else { "come" },
-                if earlier.len() == 1 { "takes" } else { "take" },
             )));
         }
         Ok(config)
@@ -1162,11 +1165,8 @@ impl StoreUrl {
         };
         let decoded: Vec<String> = secrets
             .iter()
-            .filter_map(|s| {
-                let pair = format!("={s}");
-                form_urlencoded::parse(pair.as_bytes())
-                    .next()
-                    .map(|(_, v)| v.into_owned())
+            .map(|s| {
+                String::from_utf8_lossy(&crate::auth::percent_decode(s.as_bytes())).into_owned()
             })
             .collect();
         secrets.extend(decoded);

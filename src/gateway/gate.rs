@@ -92,8 +92,9 @@ impl Gate {
     ///
     /// The route rules are those of every method the request may be run as: its own and any a
     /// method override names (`X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`, a
-    /// `_method` query parameter, also under a name PHP renames to it), as Rails, Symfony,
-    /// Laravel and Express do; an override that names no method, or overrides that name more
+    /// `_method` query parameter, also under a name PHP renames to it, and in the query that an
+    /// escaped `?` in the path starts for an upstream that decodes once more), as Rails,
+    /// Symfony, Laravel and Express do; an override that names no method, or overrides that name more
     /// than one, are refused (400). A `_method` field of a form or JSON body is not seen.
     ///
     /// Every refusal is logged (target `tower_pat::gateway`, level info) with its reason, the
@@ -195,14 +196,15 @@ const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
 
 /// The methods an upstream may run `req` as: its own, and every one a method override names (one
 /// of [`METHOD_OVERRIDE_HEADERS`], in any spelling a CGI-style upstream reads as it, or a
-/// `_method` query parameter, `&` or `;` separated, percent-decoded). An override that names no
+/// `_method` query parameter, `&` or `;` separated, percent-decoded, also in the query an escaped
+/// `?` in the path starts). An override that names no
 /// method (empty, a list, a space) is refused: never ignored; so are overrides that name more
 /// than one method (the same in another case counts as one). (A `_method` field of a form or
 /// JSON body is not seen: the gateway sends no body.)
 fn methods(req: &Request<Empty<Bytes>>) -> Result<Vec<http::Method>, AuthError> {
     let mut methods = vec![req.method().clone()];
-    let mut seen = std::collections::HashSet::new();
-    let mut overridden: Option<http::Method> = None;
+    // Every override met, all the same method in some letter case.
+    let mut overrides = std::collections::HashSet::new();
     let mut add = |value: &[u8]| {
         let method = http::Method::from_bytes(value).map_err(|_| {
             AuthError::InvalidRequest(
@@ -211,17 +213,14 @@ fn methods(req: &Request<Empty<Bytes>>) -> Result<Vec<http::Method>, AuthError> 
         })?;
         // One method at most, in any case: more is no request a client means, and each would
         // multiply the work of judging the path.
-        match &overridden {
-            Some(first) if !first.as_str().eq_ignore_ascii_case(method.as_str()) => {
-                return Err(AuthError::InvalidRequest(
-                    "the method overrides (X-HTTP-Method-Override, _method) name more than one \
-                     method",
-                ));
-            }
-            Some(_) => {}
-            None => overridden = Some(method.clone()),
+        if overrides.iter().next().is_some_and(|first: &http::Method| {
+            !first.as_str().eq_ignore_ascii_case(method.as_str())
+        }) {
+            return Err(AuthError::InvalidRequest(
+                "the method overrides (X-HTTP-Method-Override, _method) name more than one method",
+            ));
         }
-        if method != methods[0] && seen.insert(method.clone()) {
+        if overrides.insert(method.clone()) && method != methods[0] {
             methods.push(method);
         }
         Ok::<_, AuthError>(())
@@ -268,7 +267,8 @@ fn is_method_key(key: &str) -> bool {
     let key = key.split(|&b| b == 0).next().unwrap_or_default();
     let start = key.iter().position(|&b| b != b' ').unwrap_or(key.len());
     match &key[start..] {
-        [first, rest @ ..] => matches!(first, b'_' | b'.' | b' ' | b'[') && rest == b"method",
+        // (A space PHP also turns into `_`, but leading ones are dropped first.)
+        [first, rest @ ..] => matches!(first, b'_' | b'.' | b'[') && rest == b"method",
         [] => false,
     }
 }

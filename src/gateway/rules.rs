@@ -98,25 +98,20 @@ impl RouteRule {
         self.path_prefix.trim_end_matches('/')
     }
 
-    /// Whether the rule applies to `method`: as [`applies_to`](Self::applies_to) compares it
-    /// when `loose`, else exactly.
+    /// Whether the rule applies to `method`: any when `methods` is empty, else one of them,
+    /// exactly, or when `loose` in any ASCII case, `GET` covering `HEAD`.
     fn applies(&self, method: &Method, loose: bool) -> bool {
-        if loose {
-            self.applies_to(method)
-        } else {
-            self.methods.is_empty() || self.methods.contains(method)
+        if self.methods.is_empty() {
+            return true;
         }
-    }
-
-    /// Whether the rule applies to `method`: any when `methods` is empty, else one of them in
-    /// any ASCII case, `GET` covering `HEAD`.
-    fn applies_to(&self, method: &Method) -> bool {
+        if !loose {
+            return self.methods.contains(method);
+        }
         let method = method.as_str();
-        self.methods.is_empty()
-            || self.methods.iter().any(|m| {
-                m.as_str().eq_ignore_ascii_case(method)
-                    || (*m == Method::GET && method.eq_ignore_ascii_case("HEAD"))
-            })
+        self.methods.iter().any(|m| {
+            m.as_str().eq_ignore_ascii_case(method)
+                || (*m == Method::GET && method.eq_ignore_ascii_case("HEAD"))
+        })
     }
 }
 
