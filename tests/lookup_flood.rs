@@ -283,3 +283,23 @@ async fn a_reuse_check_the_store_never_answers_does_not_hold_the_request() {
         .expect("a reuse check the store never answers held the request");
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
 }
+
+/// `patd`'s `[cache] lookup_timeout` reaches the layer it builds: with 200 ms, a lookup the
+/// store never answers is a 503 (a layer left at the 5 s default would outlast the guard's
+/// second).
+#[cfg(feature = "gateway")]
+#[tokio::test]
+async fn patds_lookup_timeout_reaches_its_layer() {
+    use tower_pat::gateway::{config::Config, serve};
+    let store = CountingStore::new();
+    let tokens = Tokens::new(store.clone());
+    let (_, secret) = tokens.issue(new_token("alice", &[])).await.unwrap();
+    let set = ["cache.lookup_timeout=\"200ms\"".to_owned()];
+    let layer = serve::layer(&Config::load(None, Vec::new(), &set).unwrap(), &tokens);
+    store.delay_ms.store(3_600_000, Ordering::SeqCst);
+    // A hang guard, not a speed measure: the configured timeout against the default's 5 s.
+    let reply = tokio::time::timeout(Duration::from_secs(2), send_token(&layer, &secret))
+        .await
+        .expect("patd's layer did not take [cache] lookup_timeout");
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+}
