@@ -340,12 +340,19 @@ pub(crate) enum TimeError {
 }
 
 /// A time given as text (the management API's times, `patd token create --expires-at`): an RFC
-/// 3339 date-time, in UTC at most [`latest`].
+/// 3339 date-time, in UTC at most [`latest`], to the microsecond ([`micros`]).
+///
+/// The time returned is the one the stores keep, so that every check compares the value that
+/// will be written: a leap second (`…:59:60.9Z`, which RFC 3339 allows at the end of any minute)
+/// orders before the next minute in chrono, but is kept as 0.9 s after it, and would have
+/// passed a ceiling it then outlives.
 #[cfg(feature = "admin")]
 pub(crate) fn parse_time(s: &str) -> Result<DateTime<Utc>, TimeError> {
-    let t = DateTime::parse_from_rfc3339(s)
-        .map_err(|_| TimeError::NotRfc3339)?
-        .to_utc();
+    let t = micros(
+        DateTime::parse_from_rfc3339(s)
+            .map_err(|_| TimeError::NotRfc3339)?
+            .to_utc(),
+    );
     if t > latest() {
         return Err(TimeError::TooLate);
     }

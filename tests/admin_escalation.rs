@@ -648,6 +648,63 @@ async fn a_rotation_never_hands_out_a_longer_lived_or_wider_secret() {
     assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
 }
 
+/// A leap second (`…:59:60.9Z`, which RFC 3339 allows at the end of any minute) orders before the
+/// next minute when parsed, but is 0.9 s after it once kept to the microsecond: written as the
+/// `expiresAt` of a create, a PATCH or a rotation, it passed the check against a caller expiring
+/// at that minute and was stored later than the caller's expiry. The value checked is now the
+/// value kept: refused, and nothing stored outlives the caller.
+#[tokio::test]
+async fn a_leap_second_expiry_cannot_outlive_the_caller() {
+    use chrono::DurationRound;
+    let t = app().await;
+    // A whole minute about two hours from now, and the leap second before it.
+    let ceiling = (Utc::now() + hours(2))
+        .duration_trunc(chrono::Duration::minutes(1))
+        .unwrap();
+    let leap = format!(
+        "{}:60.900000Z",
+        (ceiling - chrono::Duration::minutes(1)).format("%Y-%m-%dT%H:%M")
+    );
+    let body = |extra: &str| format!(r#"{{"expiresAt": "{leap}"{extra}}}"#);
+    let caller = |name: &'static str| {
+        let mut new = NewToken::new("alice", name).scopes(RW).unwrap();
+        new.expires_at = Some(ceiling);
+        t.tokens.issue(new)
+    };
+
+    let (_, secret) = caller("creator").await.unwrap();
+    let res = post(
+        &t.app,
+        BASE,
+        secret.expose_secret(),
+        &body(r#", "name": "child", "scopes": ["personalAccessToken:read"]"#),
+    )
+    .await;
+    assert_forbidden(&res, "forbidden", "expiresAt");
+
+    let (me, secret) = caller("patcher").await.unwrap();
+    let res = patch(
+        &t.app,
+        &format!("{BASE}/{}", me.id),
+        secret.expose_secret(),
+        &body(""),
+    )
+    .await;
+    assert_forbidden(&res, "forbidden", "expiresAt");
+    assert_eq!(stored(&t, &me.id).await.expires_at, Some(ceiling));
+
+    let (me, secret) = caller("rotator").await.unwrap();
+    let res = post(
+        &t.app,
+        &format!("{BASE}/{}/rotate", me.id),
+        secret.expose_secret(),
+        &body(""),
+    )
+    .await;
+    assert_forbidden(&res, "forbidden", "expiresAt");
+    assert_eq!(stored(&t, &me.id).await.expires_at, Some(ceiling));
+}
+
 #[tokio::test]
 async fn a_secret_in_its_grace_period_cannot_mint_a_longer_lived_token() {
     let t = app().await;
