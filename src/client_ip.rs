@@ -309,6 +309,12 @@ fn real_ip(headers: &HeaderMap, peer: IpAddr) -> ClientAddr {
 /// The connection's peer address, from the extension the server put on the request: a plain
 /// [`SocketAddr`] (insert it from a hyper server), axum's `ConnectInfo<SocketAddr>` (feature
 /// `axum`) or tonic's `TcpConnectInfo` (feature `tonic`).
+///
+/// tonic serving TLS itself puts a `TlsConnectInfo<TcpConnectInfo>` there instead, which this
+/// crate does not read (it would need tonic's TLS stack): insert its address as a `SocketAddr`
+/// with a layer in front of this one (`tower::util::MapRequestLayer`, reading
+/// `TlsConnectInfo::get_ref().remote_addr()`). Without an address, IP-restricted tokens are
+/// refused and the failure limit counts nothing (named once in the log).
 pub fn peer_addr(extensions: &Extensions) -> Option<SocketAddr> {
     if let Some(addr) = extensions.get::<SocketAddr>() {
         return Some(*addr);

@@ -258,6 +258,125 @@ async fn anonymous_mode_lets_requests_without_credentials_through_only() {
     assert_eq!(bad.status, 401);
 }
 
+/// "A request with bad credentials is still refused": also a token in a spelling or source the
+/// layer does not read, which would otherwise count as no credential at all and reach the
+/// handler as anonymous (uncounted by the failure limit, and with the token in the request for
+/// whatever behind reads it). A credential that is not one of the layer's tokens still counts
+/// as none.
+#[tokio::test]
+async fn anonymous_mode_refuses_a_token_in_a_spelling_it_does_not_read() {
+    let store = MemoryStore::new();
+    let tokens = Tokens::new(store.clone());
+    let (record, revoked) = tokens.issue(new_token("alice", &[])).await.unwrap();
+    tokens.revoke(&record.id).await.unwrap();
+    let revoked = revoked.expose_secret();
+    let with = |value: &str| {
+        let req = match value.strip_prefix('?') {
+            Some(_) => Request::builder().uri(format!("/resource{value}")),
+            None => Request::builder()
+                .uri("/resource")
+                .header("authorization", value),
+        };
+        req.body(Full::default()).unwrap()
+    };
+    for layer in [
+        PatAuthLayer::builder(store.clone())
+            .allow_anonymous()
+            .build(),
+        PatAuthLayer::builder(store.clone())
+            .allow_anonymous()
+            .pass_foreign_credentials()
+            .build(),
+    ] {
+        assert_eq!(
+            send(&layer, with(&format!("Bearer {revoked}")))
+                .await
+                .status,
+            401
+        );
+        for value in [
+            format!("Bearer\t{revoked}"),
+            format!("Token {revoked}"),
+            format!("Bearer  {}", revoked.to_uppercase()),
+            format!("?access_token={revoked}"),
+            format!("?%61ccess_token=%70at_{}", &revoked[4..]),
+        ] {
+            let reply = send(&layer, with(&value)).await;
+            assert_eq!(
+                reply.status, 401,
+                "{value:?}: reached the handler as {:?}",
+                reply.body
+            );
+        }
+        // Nothing of the layer's: anonymous as before.
+        let reply = send(&layer, with("Basic Ym9iOnBhc3N3b3Jk")).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.body, "anonymous");
+        assert_eq!(send(&layer, with("?access_token=abc")).await.status, 200);
+    }
+}
+
+/// With the query source on, every key an application behind may read as `access_token` is a
+/// credential: a second token behind a percent-encoded key, another letter case, a name PHP
+/// renames to it or a `;` separator would otherwise be seen by the application and not by the
+/// layer, which admitted the first token's principal.
+#[tokio::test]
+async fn a_second_token_under_any_spelling_of_the_query_key_is_a_second_credential() {
+    let store = MemoryStore::new();
+    let tokens = Tokens::new(store.clone());
+    let (_, a) = tokens.issue(new_token("alice", &[])).await.unwrap();
+    let (_, b) = tokens.issue(new_token("bob", &[])).await.unwrap();
+    let (a, b) = (a.expose_secret(), b.expose_secret());
+    let layer = PatAuthLayer::builder(store)
+        .accept_query_parameter()
+        .build();
+    let get = |uri: &str, authorization: Option<&str>| {
+        let mut req = Request::builder().uri(uri);
+        if let Some(value) = authorization {
+            req = req.header("authorization", value);
+        }
+        req.body(Full::default()).unwrap()
+    };
+    let bearer = format!("Bearer {a}");
+    for key in [
+        "access_token",
+        "%61ccess_token",
+        "access%5Ftoken",
+        "ACCESS_TOKEN",
+        "access.token",
+        "access+token",
+        "access[token",
+        "+access_token",
+        "access_token%00x",
+    ] {
+        for (uri, authorization) in [
+            (format!("/r?access_token={a}&{key}={b}"), None),
+            (format!("/r?{key}={b}&access_token={a}"), None),
+            (format!("/r?x=1;{key}={b}&access_token={a}"), None),
+            (format!("/r?{key}={b}"), Some(bearer.as_str())),
+        ] {
+            let reply = send(&layer, get(&uri, authorization)).await;
+            assert_eq!(reply.status, 400, "{uri} {authorization:?}: {}", reply.body);
+            assert_eq!(reply.json()["code"], "invalid_request");
+        }
+        // The same token under two spellings is one credential.
+        assert_eq!(
+            send(&layer, get(&format!("/r?access_token={a}&{key}={a}"), None))
+                .await
+                .status,
+            200,
+            "{key}"
+        );
+    }
+    // Keys that are not it, and a `;` ending the value.
+    for uri in [
+        format!("/r?access_token={a}&access_tokens={b}&xaccess_token={b}&access[token]={b}"),
+        format!("/r?access_token={a};x=1"),
+    ] {
+        assert_eq!(send(&layer, get(&uri, None)).await.status, 200, "{uri}");
+    }
+}
+
 #[tokio::test]
 async fn header_bytes_outside_ascii_are_an_invalid_request() {
     let layer = PatAuthLayer::builder(MemoryStore::new()).build();

@@ -223,3 +223,47 @@ async fn a_store_failure_is_a_warning_on_tower_pat_store() {
     assert!(!text.contains(secret.expose_secret()), "{text}");
     assert!(!text.contains(&rec.hash.to_hex()), "{text}");
 }
+
+/// With the failure limit on, a request without a peer address (a server that does not record
+/// it where the layer looks, such as tonic behind its own TLS) cannot be limited: named once per
+/// layer at warn on `tower_pat::auth`, so that the operator learns the limit is off, not once
+/// per request. A request with an address says nothing of the kind.
+#[tokio::test]
+async fn a_failure_limit_without_peer_addresses_is_named_once() {
+    let capture = Capture::default();
+    let _guard = tracing::subscriber::set_default(capture.clone());
+    let unkeyed = |events: &[Captured]| {
+        events
+            .iter()
+            .filter(|e| {
+                e.level == Level::WARN
+                    && e.target == "tower_pat::auth"
+                    && e.field("message")
+                        .is_some_and(|m| m.contains("no peer address"))
+            })
+            .count()
+    };
+    let store = CountingStore::new();
+    let layer = PatAuthLayer::builder(store.clone())
+        .limit_failures(3, std::time::Duration::from_secs(60))
+        .build();
+    let unknown = tower_pat::TokenFormat::new().generate();
+    for _ in 0..2 {
+        let r = send(
+            &layer,
+            request(Some(unknown.expose_secret()), Some("192.0.2.5:1")),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(unkeyed(&capture.take()), 0);
+    // Unlimited: more unknown tokens than the limit, each looked up.
+    let before = store.lookups.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        let unknown = tower_pat::TokenFormat::new().generate();
+        let r = send(&layer, request(Some(unknown.expose_secret()), None)).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(store.lookups.load(Ordering::SeqCst) - before, 5);
+    assert_eq!(unkeyed(&capture.take()), 1);
+}

@@ -1,6 +1,7 @@
 //! [`PatAuthLayerBuilder`]: how a [`PatAuthLayer`] is configured.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -154,6 +155,11 @@ impl PatAuthLayerBuilder {
 
     /// Also accepts the `access_token` query parameter. Off by default: RFC 6750 §2.3 discourages
     /// it, since URLs end up in logs and browser history.
+    ///
+    /// Every key an application behind may read as `access_token` counts: another letter case,
+    /// a percent-encoded key (`%61ccess_token`), the names PHP renames to it (`access.token`),
+    /// after a `;` as well as an `&`. Two different tokens among them are two credentials (400).
+    /// The value is read as sent: a percent-encoded token is refused.
     pub fn accept_query_parameter(mut self) -> Self {
         self.sources.query = true;
         self
@@ -218,7 +224,13 @@ impl PatAuthLayerBuilder {
     }
 
     /// Lets requests without any credentials through without a principal (handlers see
-    /// `Option<Principal>` as `None`); a request with bad credentials is still refused.
+    /// `Option<Principal>` as `None`); a request with bad credentials is still refused, also a
+    /// credential that starts with the token prefix in a spelling or source the layer does not
+    /// read (`Bearer<TAB>pat_…`, `Token pat_…` without
+    /// [`accept_token_scheme`](Self::accept_token_scheme), `?access_token=pat_…` without
+    /// [`accept_query_parameter`](Self::accept_query_parameter)). A credential the layer does not
+    /// read and that is not one of its tokens (`Authorization: Basic …`) counts as none; see
+    /// [`pass_foreign_credentials`](Self::pass_foreign_credentials) to mark such requests.
     ///
     /// Not together with [`require_scopes`](Self::require_scopes): scopes the layer requires
     /// apply to every request, and an anonymous one has none, so it gets the 401 challenge (a
@@ -436,6 +448,7 @@ impl PatAuthLayerBuilder {
                 unavailable_retry_after: self.unavailable_retry_after,
                 usage,
                 limiter,
+                unkeyed_warned: AtomicBool::new(false),
             }),
         }
     }

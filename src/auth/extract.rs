@@ -3,6 +3,7 @@
 use http::{HeaderMap, HeaderName, Uri, header};
 
 use super::error::AuthError;
+use super::verify::{is_access_token_key, query_pairs};
 
 /// Put in the request extensions by a [`PatAuthLayer`](crate::PatAuthLayer) built with
 /// [`pass_foreign_credentials`](crate::PatAuthLayerBuilder::pass_foreign_credentials) when the
@@ -121,10 +122,11 @@ impl Sources {
         if self.query
             && let Some(query) = uri.query()
         {
-            for value in query
-                .split('&')
-                .filter_map(|p| p.strip_prefix("access_token="))
-            {
+            // Every key an application behind may read as `access_token` (`%61ccess_token`,
+            // `access.token`, another letter case, after a `;`): a second token there is a
+            // second credential. The value is taken as it is: an encoded one fails the format
+            // check.
+            for (_, value) in query_pairs(query).filter(|(key, _)| is_access_token_key(key)) {
                 add(value)?;
             }
         }
@@ -188,13 +190,9 @@ impl Sources {
             }
         }
         if !self.query
-            && uri.query().is_some_and(|q| {
-                q.split('&').any(|p| {
-                    p.split('=')
-                        .next()
-                        .is_some_and(|k| k.eq_ignore_ascii_case("access_token"))
-                })
-            })
+            && uri
+                .query()
+                .is_some_and(|q| query_pairs(q).any(|(key, _)| is_access_token_key(key)))
         {
             return Some(
                 "the `access_token` query parameter is not accepted here: send the token as `Authorization: Bearer <token>`",

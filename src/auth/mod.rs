@@ -34,7 +34,7 @@ mod service;
 mod verify;
 
 #[cfg(feature = "gateway")]
-pub(crate) use verify::percent_decode;
+pub(crate) use verify::{percent_decode, query_key, query_pairs};
 
 pub use body::ResponseBody;
 pub use builder::PatAuthLayerBuilder;

@@ -9,7 +9,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -40,6 +40,9 @@ pub(crate) struct Verifier {
     pub(super) unavailable_retry_after: u64,
     pub(super) usage: Option<UsageRecorder>,
     pub(super) limiter: Option<FailureLimit>,
+    /// Whether a request without a peer address was named in the log while the failure limit is
+    /// on (once per layer: such requests are not limited).
+    pub(super) unkeyed_warned: AtomicBool,
     pub(super) pass_foreign: bool,
     pub(super) on_reject: Option<RejectHook>,
     pub(super) expiration_header: bool,
@@ -180,7 +183,9 @@ impl Verifier {
             {
                 return self.pass_foreign(req);
             }
-            Ok(None) if self.anonymous => {
+            // A token in a spelling the layer does not read (`Bearer<TAB>pat_…`, an unaccepted
+            // scheme or source) is a bad credential, not none: refused as without `anonymous`.
+            Ok(None) if self.anonymous && !self.mentions_prefix(req) => {
                 req.extensions_mut()
                     .insert(Anonymous(self.challenge.clone()));
                 self.cache.stats.add(Counter::Anonymous);
@@ -279,11 +284,8 @@ impl Verifier {
             .any(|v| credential(v.as_bytes()));
         in_headers
             || req.uri().query().is_some_and(|q| {
-                q.split('&')
-                    .filter_map(|pair| pair.split_once('='))
-                    .filter(|(k, _)| {
-                        percent_decode(k.as_bytes()).eq_ignore_ascii_case(b"access_token")
-                    })
+                query_pairs(q)
+                    .filter(|(k, _)| is_access_token_key(k))
                     .any(|(_, v)| {
                         let v = percent_decode(v.as_bytes());
                         starts(&v)
@@ -412,7 +414,11 @@ impl Verifier {
         &self,
         key: Option<IpAddr>,
     ) -> Result<Option<Attempt>, AuthError> {
-        let (Some(limiter), Some(key)) = (&self.limiter, key) else {
+        let Some(limiter) = &self.limiter else {
+            return Ok(None);
+        };
+        let Some(key) = key else {
+            self.unkeyed();
             return Ok(None);
         };
         match tokio::time::timeout(self.cache.config().lookup_wait, limiter.attempt(key)).await {
@@ -421,6 +427,22 @@ impl Verifier {
             Err(_) => Err(AuthError::TooManyAttempts {
                 retry_after_secs: 1,
             }),
+        }
+    }
+
+    /// A store lookup for a request without a peer address while the failure limit is on: its
+    /// failures cannot be counted against anyone. Named once per layer at warn, since it means
+    /// the server does not record the address where the layer looks
+    /// ([`peer_addr`](crate::client_ip::peer_addr)) and the limit is off for every request.
+    #[cold]
+    fn unkeyed(&self) {
+        if !self.unkeyed_warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                target: "tower_pat::auth",
+                "the failure limit is on, but a request carries no peer address: its failures are \
+                 not limited (insert the connection's address: axum's ConnectInfo, a SocketAddr \
+                 extension; see tower_pat::client_ip::peer_addr)"
+            );
         }
     }
 
@@ -646,6 +668,40 @@ fn shape(
         *res.body_mut() = Bytes::new();
     }
     res
+}
+
+/// The `key=value` pairs of a query as the applications behind may split it: at `&`, and at `;`
+/// (which some frameworks also take as a separator). A pair without `=` is a key with an empty
+/// value.
+pub(crate) fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+    query
+        .split(['&', ';'])
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+}
+
+/// A query key as an application behind may name it: form-decoded ([`percent_decode`]), then
+/// renamed as PHP renames `$_GET` keys, which Symfony and Laravel read: cut at a NUL, leading
+/// spaces dropped, then `.`, ` ` and `[` turned into `_` (`access.token`, `access+token` and
+/// `%61ccess_token` are `access_token`; `.method` and `_method%00x` are `_method`).
+pub(crate) fn query_key(key: &str) -> Vec<u8> {
+    let mut key = percent_decode(key.as_bytes());
+    key.truncate(key.iter().position(|&b| b == 0).unwrap_or(key.len()));
+    let start = key.iter().position(|&b| b != b' ').unwrap_or(key.len());
+    key.drain(..start);
+    for b in &mut key {
+        if matches!(*b, b'.' | b' ' | b'[') {
+            *b = b'_';
+        }
+    }
+    key
+}
+
+/// Whether the query key `key` (as sent) names the `access_token` parameter to an application
+/// behind, in any letter case ([`query_key`]).
+pub(crate) fn is_access_token_key(key: &str) -> bool {
+    const NAME: &[u8] = b"access_token";
+    // Decoding and renaming never lengthen a key: shorter ones are not it.
+    key.len() >= NAME.len() && query_key(key).eq_ignore_ascii_case(NAME)
 }
 
 /// `application/x-www-form-urlencoded` decoding of one key or value: `%XX` and `+` (a space).

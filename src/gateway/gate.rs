@@ -234,9 +234,8 @@ fn methods(req: &Request<Empty<Bytes>>) -> Result<Vec<http::Method>, AuthError> 
         }
     }
     let mut query = |query: &str| {
-        for pair in query.split(['&', ';']) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            if is_method_key(key) {
+        for (key, value) in crate::auth::query_pairs(query) {
+            if crate::auth::query_key(key) == b"_method" {
                 add(&crate::auth::percent_decode(value.as_bytes()))?;
             }
         }
@@ -256,21 +255,6 @@ fn methods(req: &Request<Empty<Bytes>>) -> Result<Vec<http::Method>, AuthError> 
         }
     }
     Ok(methods)
-}
-
-/// Whether the query key `key` (as sent) names the `_method` parameter to some upstream: decoded
-/// (`+` a space), it is `_method`, or becomes it under PHP's renaming of `$_GET` keys, which
-/// Symfony and Laravel read: the name cut at a NUL, leading spaces dropped, then `.`, ` ` and an
-/// unclosed `[` turned into `_` (`.method`, `+_method`, `_method%00x` are `_method` to PHP).
-fn is_method_key(key: &str) -> bool {
-    let key = crate::auth::percent_decode(key.as_bytes());
-    let key = key.split(|&b| b == 0).next().unwrap_or_default();
-    let start = key.iter().position(|&b| b != b' ').unwrap_or(key.len());
-    match &key[start..] {
-        // (A space PHP also turns into `_`, but leading ones are dropped first.)
-        [first, rest @ ..] => matches!(first, b'_' | b'.' | b'[') && rest == b"method",
-        [] => false,
-    }
 }
 
 /// The inner service behind the layer: answers 200 carrying the request's principal.
