@@ -219,10 +219,10 @@ pub struct CacheConfig {
     /// its slot is free again. A query on a connection that went silent (a partition that keeps
     /// the socket open) would otherwise hold its slot, and every request for that token, until
     /// TCP gives up, minutes later. Each store query of a lookup has this long (a lookup under
-    /// [older peppers](crate::TokenHasher::with_previous_peppers) makes one per pepper); a
-    /// request also waits no longer than this for the [reuse](crate::reuse) check of an unknown
-    /// token, which goes on in the background. Default 5 s; keep it above the store's slowest
-    /// answer.
+    /// [older peppers](crate::TokenHasher::with_previous_peppers) makes one per pepper), and so
+    /// has each query of the [reuse](crate::reuse) check of an unknown token, which holds the
+    /// lookup's slots until it ends; a request waits no longer than this for that check, which
+    /// goes on in the background. Default 5 s; keep it above the store's slowest answer.
     pub lookup_timeout: Duration,
     /// How many store lookups the clients share that presented an unknown token within the last
     /// `negative_ttl` (at most `negative_capacity` clients remembered): their lookups run in this
@@ -949,9 +949,10 @@ impl Cache {
     /// Looks an unknown token's hashes up in the store's history of superseded secrets (see
     /// [`crate::reuse`]), in a task of its own: a presenter that goes away (which cancels the
     /// lookup) cannot cancel the report or the revocation. The task holds `held`, the lookup's
-    /// slots and its client's budget, until it ends or `lookup_wait` (at least a second) has
-    /// passed: a presenter that goes away does not get them back early, so detections stay
-    /// within the same bounds as lookups, and a store that hangs does not keep them for good.
+    /// slots and its client's budget, until the history has answered: a presenter that goes away
+    /// does not get them back early, so detections stay within the same bounds as lookups. Each
+    /// history query has `lookup_timeout`, like a lookup's: one that takes longer is a store
+    /// failure, so a store that hangs keeps the slots no longer than it would a lookup's.
     #[cold]
     async fn detect_reuse(
         self: &Arc<Self>,
@@ -965,27 +966,21 @@ impl Cache {
             .chain(previous.iter().copied().filter(|h| *h != key))
             .collect();
         let (cache, reuse) = (Arc::clone(self), Arc::clone(reuse));
-        let hold = cache.config.lookup_wait.max(Duration::from_secs(1));
         let detection = tokio::spawn(async move {
             let sent = now_ms();
-            let check = reuse.check(&*cache.lookup, &hashes, client);
-            let mut check = std::pin::pin!(check);
-            // The slots are held while the history is read, but not for longer than a lookup may
-            // wait for one (at least a second): a store that hangs must not keep them for good.
-            let done = tokio::select! {
-                done = &mut check => Some(done),
-                () = tokio::time::sleep(hold) => None,
-            };
-            // The permits are dropped before the client's budget (the tuple's order).
+            let (queries, found) = reuse
+                .find(&*cache.lookup, &hashes, cache.config.lookup_timeout)
+                .await;
+            // The history has answered (or failed): the slots go back, the permits before the
+            // client's budget (the tuple's order). A report goes on without them.
             drop(held);
-            let done = match done {
-                Some(done) => done,
-                None => check.await,
-            };
-            match done {
-                Ok(queries) => {
-                    cache.store_lookups.fetch_add(queries, Ordering::Relaxed);
+            cache.store_lookups.fetch_add(queries, Ordering::Relaxed);
+            match found {
+                Ok(found) => {
                     cache.store_answered(sent);
+                    if let Some(found) = found {
+                        reuse.apply(found, client).await;
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(target: "tower_pat::store", error = %e, "superseded secret lookup failed");

@@ -31,10 +31,14 @@
 //! or the policy is [`ReusePolicy::RevokeFamily`]; then a miss that the store answers "unknown"
 //! costs one more query (one per pepper candidate), run in the same single-flight lookup, under
 //! the same lookup slots and client budgets. The history lookup, the revocation and the hook run
-//! in a task of their own, which the lookup awaits: a presenter that drops its request cannot
-//! cancel them, nor get the lookup's slots back before the task ends (or
-//! [`lookup_wait`](crate::CacheConfig::lookup_wait), at least a second, has passed: a store that
-//! hangs does not keep them for good). The lookup's answer is remembered like any unknown token,
+//! in a task of their own, which the lookup awaits for at most
+//! [`lookup_timeout`](crate::CacheConfig::lookup_timeout): a presenter that drops its request
+//! cannot cancel them, nor get the lookup's slots back before the history has answered, so
+//! detections stay within the same bounds as lookups. Each history query has `lookup_timeout`,
+//! like a lookup's: one that takes longer is a store failure (a warning, target
+//! `tower_pat::store`; nothing is reported), so a store that hangs keeps the slots no longer than
+//! it would a lookup's. The revocation and the hook, only for a secret found in the history, run
+//! after the slots are given back. The lookup's answer is remembered like any unknown token,
 //! in the negative cache: the same dead secret presented again and again is looked up, and
 //! reported, at most once per [`negative_ttl`](crate::CacheConfig::negative_ttl) per layer
 //! (concurrent presentations share one lookup; the event then carries the address of the request
@@ -61,11 +65,12 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
 use crate::record::TokenRecord;
-use crate::store::{StoreError, TokenLookup, TokenStore};
+use crate::store::{StoreError, SupersededSecret, TokenLookup, TokenStore};
 use crate::token::TokenHash;
 
 #[cfg(doc)]
@@ -166,29 +171,43 @@ impl ReuseDetection {
         self.store.is_some()
     }
 
-    /// Looks the hashes of a token the store does not know up in the history and, if one is
-    /// there, applies the policy and reports it. Returns how many store queries it made.
+    /// Looks the hashes of a token the store does not know up in the history, each query given
+    /// at most `timeout` (one that takes longer is a store failure, and ends the search). Returns
+    /// how many store queries it made, and the secret found, if any.
     #[cold]
-    pub(crate) async fn check(
+    pub(crate) async fn find(
         &self,
         lookup: &dyn TokenLookup,
         hashes: &[TokenHash],
-        client: Option<IpAddr>,
-    ) -> Result<u64, StoreError> {
+        timeout: Duration,
+    ) -> (u64, Result<Option<SupersededSecret>, StoreError>) {
         let mut queries = 0;
         for hash in hashes {
             queries += 1;
-            if let Some(found) = lookup.find_superseded(hash).await? {
-                let now = crate::record::now();
-                // Never report a secret whose time has not come (a racing rotation).
-                if found.superseded_at <= now {
-                    self.report(found.record, found.superseded_at, client, now)
-                        .await;
-                }
-                break;
+            let found = tokio::time::timeout(timeout, lookup.find_superseded(hash))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::backend(format!(
+                        "the store did not answer a superseded secret lookup within {timeout:?}"
+                    )))
+                });
+            match found {
+                Ok(None) => {}
+                found => return (queries, found),
             }
         }
-        Ok(queries)
+        (queries, Ok(None))
+    }
+
+    /// Applies the policy to a secret [`Self::find`] found, and reports it, unless its time
+    /// has not come (a racing rotation).
+    #[cold]
+    pub(crate) async fn apply(&self, found: SupersededSecret, client: Option<IpAddr>) {
+        let now = crate::record::now();
+        if found.superseded_at <= now {
+            self.report(found.record, found.superseded_at, client, now)
+                .await;
+        }
     }
 
     async fn report(

@@ -37,6 +37,10 @@ pub struct CountingStore {
     pub superseded_lookups: Arc<AtomicUsize>,
     /// How long each `find_superseded` takes.
     pub superseded_delay_ms: Arc<AtomicU64>,
+    /// `find_superseded` calls in progress (not yet answered, nor given up by the caller).
+    pub superseded_in_progress: Arc<AtomicUsize>,
+    /// The most `find_superseded` calls in progress at once.
+    pub superseded_most: Arc<AtomicUsize>,
     pub delay_ms: Arc<AtomicU64>,
     /// How long each `get` takes.
     pub get_delay_ms: Arc<AtomicU64>,
@@ -67,8 +71,25 @@ impl CountingStore {
         self.revokes.load(Ordering::SeqCst)
     }
 
+    pub fn superseded_in_progress(&self) -> usize {
+        self.superseded_in_progress.load(Ordering::SeqCst)
+    }
+
+    pub fn superseded_most(&self) -> usize {
+        self.superseded_most.load(Ordering::SeqCst)
+    }
+
     fn count(&self) {
         self.calls.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// One call in progress, counted down on drop.
+struct InProgress(Arc<AtomicUsize>);
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -102,6 +123,10 @@ impl TokenLookup for CountingStore {
     ) -> Result<Option<tower_pat::store::SupersededSecret>, StoreError> {
         self.superseded_lookups.fetch_add(1, Ordering::SeqCst);
         self.count();
+        let now = self.superseded_in_progress.fetch_add(1, Ordering::SeqCst) + 1;
+        self.superseded_most.fetch_max(now, Ordering::SeqCst);
+        // Counted down when the call returns or its caller drops it.
+        let _in_progress = InProgress(Arc::clone(&self.superseded_in_progress));
         let delay = self.superseded_delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
