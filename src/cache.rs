@@ -473,6 +473,57 @@ impl Drop for ClientUse {
     }
 }
 
+/// How often at most a cache warns that lookups waited `lookup_wait` in vain for a slot: one
+/// client sending random well-formed tokens past its budget could otherwise write a warning per
+/// request. Each such request is a refusal at debug too.
+const BUSY_WARNING_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A warning logged at most once per interval, which counts the occurrences it did not log.
+#[derive(Debug)]
+struct Throttled {
+    /// What [`Self::next`] is measured from (a monotonic clock: a wall clock set back would
+    /// silence the warning).
+    since: std::time::Instant,
+    /// Milliseconds after `since` before which no warning is due.
+    next: AtomicU64,
+    /// Occurrences not logged since the last warning.
+    suppressed: AtomicU64,
+}
+
+impl Throttled {
+    fn new() -> Self {
+        Self {
+            since: std::time::Instant::now(),
+            next: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether this occurrence is to be logged, at most one per `interval`: if so, how many were
+    /// not since the last one that was.
+    fn due(&self, interval: Duration) -> Option<u64> {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let now = ms(self.since.elapsed());
+        let next = self.next.load(Ordering::Relaxed);
+        if now >= next
+            && self
+                .next
+                .compare_exchange(
+                    next,
+                    now.saturating_add(ms(interval)),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
 pub(crate) struct Cache {
     /// This cache among all in the process: what its threads' hot replicas (module `hot`) are
     /// keyed by.
@@ -518,6 +569,8 @@ pub(crate) struct Cache {
     /// was sent, or the cache was cleared (a failure of a query sent before that is old news).
     failing_since: AtomicI64,
     store_lookups: AtomicU64,
+    /// The warning that lookups waited in vain for a slot, once per [`BUSY_WARNING_INTERVAL`].
+    busy_warning: Throttled,
     /// The layer's counters ([`crate::PatAuthLayer::stats`]).
     pub(crate) stats: crate::stats::Stats,
     /// A test hook run just before a load or refresh caches what the store answered.
@@ -566,6 +619,7 @@ impl Cache {
             disconnected_since: AtomicI64::new(0),
             failing_since: AtomicI64::new(0),
             store_lookups: AtomicU64::new(0),
+            busy_warning: Throttled::new(),
             stats: crate::stats::Stats::default(),
             insert_hook: std::sync::OnceLock::new(),
         });
@@ -913,7 +967,16 @@ impl Cache {
         })
         .await;
         let Ok(Ok(permits)) = slots else {
-            tracing::warn!("too many concurrent token lookups; answering 503");
+            // Once a minute at most: a client can make this happen at will.
+            if let Some(suppressed) = self.busy_warning.due(BUSY_WARNING_INTERVAL) {
+                tracing::warn!(
+                    target: "tower_pat::store",
+                    suppressed,
+                    "too many concurrent token lookups (or one client's lookup budget full); \
+                     answering 503 (warned once a minute at most: `suppressed` counts the \
+                     others since the last warning)"
+                );
+            }
             return Outcome::Unavailable;
         };
         let (outcome, under_key) = match self.fetch(slot, &key, previous).await {

@@ -1,6 +1,6 @@
 //! The layer logs every refusal at debug on `tower_pat::auth` (reason, token id when the token
-//! matched a record, client address) and every store failure at warn on `tower_pat::store`, and
-//! never a token or its hash.
+//! matched a record, client address) and every store failure at warn on `tower_pat::store` (the
+//! lookups refused for want of a slot once a minute at most), and never a token or its hash.
 
 mod common;
 
@@ -266,4 +266,65 @@ async fn a_failure_limit_without_peer_addresses_is_named_once() {
     }
     assert_eq!(store.lookups.load(Ordering::SeqCst) - before, 5);
     assert_eq!(unkeyed(&capture.take()), 1);
+}
+
+/// One client sending random well-formed tokens (the checksum is public) past its lookup budget
+/// cannot write a warning per request: the lookups that waited `lookup_wait` in vain for a slot
+/// are one warning (on `tower_pat::store`) per minute at most, the next one counting those it did
+/// not log; each of those requests is a refusal at debug, like any other. Before, 300 such
+/// requests wrote about 290 warnings, with no store failure at all.
+#[tokio::test]
+async fn lookups_refused_for_want_of_a_slot_are_one_warning_a_minute() {
+    const FLOOD: usize = 300;
+    let capture = Capture::default();
+    let _guard = tracing::subscriber::set_default(capture.clone());
+    // A healthy store that takes 100 ms per lookup.
+    let store = CountingStore::new();
+    store.delay_ms.store(100, Ordering::SeqCst);
+    let layer = PatAuthLayer::builder(store.clone())
+        .cache(tower_pat::CacheConfig::default().lookup_wait(std::time::Duration::from_millis(20)))
+        .build();
+    let format = tower_pat::TokenFormat::new();
+    let tokens: Vec<String> = (0..FLOOD)
+        .map(|_| format.generate().expose_secret().to_owned())
+        .collect();
+    let tasks: Vec<_> = tokens
+        .iter()
+        .map(|token| {
+            let (layer, token) = (layer.clone(), token.clone());
+            tokio::spawn(async move {
+                send(&layer, request(Some(&token), Some("198.51.100.7:4000")))
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    let mut unavailable = 0;
+    for t in tasks {
+        if t.await.unwrap() == StatusCode::SERVICE_UNAVAILABLE {
+            unavailable += 1;
+        }
+    }
+    assert!(
+        unavailable > FLOOD / 2,
+        "the flood did not exceed the budget"
+    );
+    let events = capture.take();
+    let warnings: Vec<_> = events.iter().filter(|e| e.level <= Level::WARN).collect();
+    assert_eq!(
+        warnings.len(),
+        1,
+        "{unavailable} requests answered 503: {warnings:?}"
+    );
+    assert_eq!(warnings[0].target, "tower_pat::store");
+    assert_eq!(warnings[0].field("suppressed"), Some("0"));
+    let refused = events
+        .iter()
+        .filter(|e| e.target == "tower_pat::auth" && e.field("reason") == Some("unavailable"))
+        .count();
+    assert_eq!(refused, unavailable, "each 503 is a refusal at debug");
+    let text = all_text(&events);
+    for token in &tokens {
+        assert!(!text.contains(token.as_str()));
+    }
 }
