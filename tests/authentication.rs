@@ -781,3 +781,93 @@ async fn valid_tokens_of_a_network_near_its_limit_wait_or_get_429_never_503() {
         }
     }
 }
+
+/// A network at its failure limit stays refused until its window ends, whatever other networks
+/// do: the table of networks is bounded (100 000), but never forgets a live window for room.
+/// Before, a flood of failures from more networks than that (two IPv6 /48s are 131 072 /64s)
+/// evicted the blocked network's window, and it got a fresh `max_failures` guesses: cycling two
+/// /48s gave unlimited guesses per window. While the table is full, the networks beyond it share
+/// one window: a fresh network is limited like any other (its guesses reach the store at most
+/// `max_failures` times), and a token the cache holds still gets in from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_networks_neither_unblocks_a_blocked_one_nor_frees_a_new_one() {
+    use std::net::{IpAddr, Ipv6Addr};
+    use tower_pat::AuthError;
+
+    const MAX_FAILURES: u32 = 3;
+    let net = |a: u16, b: u16| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, a, b, 0, 0, 0, 1));
+    let store = CountingStore::new();
+    let (_, valid) = Tokens::new(store.inner.clone())
+        .issue(new_token("alice", &[]))
+        .await
+        .unwrap();
+    let layer = PatAuthLayer::builder(store.clone())
+        .limit_failures(MAX_FAILURES, std::time::Duration::from_secs(600))
+        .build();
+    let none = ScopeSet::empty();
+    let format = TokenFormat::new();
+    // How many of `guesses` from `client` were judged (not refused with 429), and how many store
+    // lookups they made.
+    let judged = |client: IpAddr, guesses: Vec<String>| {
+        let (layer, none, store) = (layer.clone(), none.clone(), store.clone());
+        async move {
+            let lookups = store.lookups();
+            let mut judged = 0;
+            for guess in guesses {
+                match layer.verify(&guess, Some(client), &none).await {
+                    Err(AuthError::TooManyAttempts { .. }) => {}
+                    Err(_) => judged += 1,
+                    Ok(_) => panic!("a random token was accepted"),
+                }
+            }
+            (judged, store.lookups() - lookups)
+        }
+    };
+    // `n` random well-formed tokens, each one the store must be asked about.
+    let random = |n: usize| -> Vec<String> {
+        (0..n)
+            .map(|_| format.generate().expose_secret().to_owned())
+            .collect()
+    };
+    // The valid token is cached (from no address: nothing counted).
+    assert!(
+        layer
+            .verify(valid.expose_secret(), None, &none)
+            .await
+            .is_ok()
+    );
+    // The attacker's own network, blocked before the flood.
+    let first = net(0xffff, 0);
+    assert_eq!(judged(first, random(10)).await.0, MAX_FAILURES as usize);
+    // 130 000 other /64s (two /48s), each failing to its limit (with one guess, which the
+    // negative cache answers after the first time): the table is full.
+    let guess = random(1);
+    for a in 0..2u16 {
+        for b in 0..65_000u16 {
+            let guesses = vec![guess[0].clone(); MAX_FAILURES as usize];
+            judged(net(a, b), guesses).await;
+        }
+    }
+    // The network blocked before the flood is still blocked.
+    assert_eq!(
+        judged(first, random(50)).await,
+        (0, 0),
+        "the flood unblocked a blocked network"
+    );
+    // A fresh network is limited, not free: its guesses reach the store at most MAX_FAILURES
+    // times (the shared window is likely full already).
+    let fresh = net(0xfffe, 0);
+    let (fresh_judged, fresh_lookups) = judged(fresh, random(50)).await;
+    assert!(
+        fresh_judged <= MAX_FAILURES as usize && fresh_lookups <= MAX_FAILURES as usize,
+        "a new network had {fresh_judged} guesses judged ({fresh_lookups} store lookups) once \
+         the table was full"
+    );
+    // A token the cache holds still gets in from it.
+    assert!(
+        layer
+            .verify(valid.expose_secret(), Some(fresh), &none)
+            .await
+            .is_ok()
+    );
+}

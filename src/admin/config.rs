@@ -159,7 +159,9 @@ impl AdminConfig {
     }
 
     /// At most `max` tokens created per subject per `window`; more get 429 with `Retry-After`.
-    /// Default 30 per minute. `max == 0` turns the limit off.
+    /// At most 100 000 subjects are tracked at once, none forgotten before its window ends; while
+    /// that many are, the others share one window of `max`. Default 30 per minute. `max == 0`
+    /// turns the limit off.
     pub fn creation_rate_limit(mut self, max: u32, window: Duration) -> Self {
         self.creation_limit = (max > 0).then_some((max, window));
         self
@@ -173,8 +175,9 @@ impl AdminConfig {
     /// cannot use up another's rotations, and an administrator rotating many tokens is not
     /// held back. Counted in this process (with several nodes, each allows as many), before the
     /// store write (a rotation answered 409 counts too). A holder of a leaked token can use up
-    /// its rotations; revoking it is never limited. Default 10 per minute. `max == 0` turns the
-    /// limit off.
+    /// its rotations; revoking it is never limited. At most 100 000 tokens are tracked at once,
+    /// none forgotten before its window ends; while that many are, the others share one window of
+    /// `max`. Default 10 per minute. `max == 0` turns the limit off.
     pub fn rotation_rate_limit(mut self, max: u32, window: Duration) -> Self {
         self.rotation_limit = (max > 0).then_some((max, window));
         self

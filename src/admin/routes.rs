@@ -38,6 +38,10 @@ use crate::store::{Rotation, StoreError, TokenPatch};
 /// The tag of every operation.
 pub(crate) const TAG: &str = "personal-access-tokens";
 
+/// How many subjects the creation limit, and tokens the rotation limit, track at once (those
+/// beyond share one window: see [`WindowCounter`]).
+const LIMIT_CAPACITY: u64 = 100_000;
+
 /// The router's state: the configuration and what the policies need at run time.
 pub(crate) struct Admin {
     config: AdminConfig,
@@ -65,10 +69,10 @@ pub(crate) fn router(config: AdminConfig) -> Router {
     let state = Arc::new(Admin {
         creations: config
             .creation_limit
-            .map(|(max, window)| WindowCounter::new(max, window, 100_000)),
+            .map(|(max, window)| WindowCounter::new(max, window, LIMIT_CAPACITY)),
         rotations: config
             .rotation_limit
-            .map(|(max, window)| WindowCounter::new(max, window, 100_000)),
+            .map(|(max, window)| WindowCounter::new(max, window, LIMIT_CAPACITY)),
         create: Mutex::new(()),
         config,
     });

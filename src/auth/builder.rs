@@ -259,8 +259,15 @@ impl PatAuthLayerBuilder {
     /// [`trusted_proxies`](Self::trusted_proxies)); when a trusted proxy forwarded an entry that
     /// cannot be read, the request counts against the nearest hop that did parse (the last
     /// trusted proxy, ultimately the peer), never against nobody. Only a request without any peer
-    /// address (a server that does not record it) is not counted. At most 100 000 networks are
-    /// tracked at once.
+    /// address (a server that does not record it) is not counted.
+    ///
+    /// At most 100 000 networks are tracked at once, and none is forgotten before its window
+    /// ends: a network refused stays refused until then, whatever other networks do. While that
+    /// many are tracked, the failures of any other network count in one window they share (of
+    /// `max_failures`, like a network's): a flood from more networks than the table holds gets,
+    /// all together, `max_failures` more guesses per window, and meanwhile a network that has no
+    /// window of its own may get 429 for a token that needs a store lookup (never for one the
+    /// cache holds).
     ///
     /// A token sent to the store counts as a failure until the store has answered: requests
     /// sent at once get no more store lookups than `max_failures` leaves, and those beyond it

@@ -5,17 +5,28 @@
 use std::borrow::Borrow;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Counts events per key within a window that starts at the key's first event; once `max` are
-/// counted, the key is refused until its window ends. Bounded: keys are kept in a `moka` cache of
-/// at most `capacity` entries that expire with their window, so nobody can grow it without limit.
+/// counted, the key is refused until its window ends, whatever other keys do. Bounded: keys are
+/// kept in a `moka` cache whose entries expire with their window, at most `capacity` of them (an
+/// exact count of their own, not moka's eventually consistent one), and never evicted for room:
+/// while the table is full, a key without a window of its own counts in one shared overflow
+/// window. So nobody can grow the table without limit, nor make it forget a key at its limit; keys
+/// beyond the capacity get, all together, `max` events per window.
 pub(crate) struct WindowCounter<K> {
     max: u32,
     window: Duration,
+    capacity: u64,
     windows: moka::sync::Cache<K, Arc<Window>>,
+    /// The windows in `windows`: counted up before one is inserted, down when moka removes one
+    /// (its eviction listener, once per removed entry: they only expire), so never below the
+    /// entries held.
+    tracked: Arc<AtomicU64>,
+    /// The window the keys share that found the table full, replaced once it has ended.
+    overflow: Mutex<Arc<Window>>,
 }
 
 struct Window {
@@ -32,6 +43,14 @@ struct Window {
 const ATTEMPT: u64 = 1 << 32;
 
 impl Window {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            state: AtomicU64::new(0),
+            ended: tokio::sync::Notify::new(),
+        }
+    }
+
     /// The events counted, and the attempts in progress.
     fn counts(state: u64) -> (u64, u64) {
         (state & (ATTEMPT - 1), state >> 32)
@@ -61,20 +80,33 @@ impl<K> std::fmt::Debug for WindowCounter<K> {
 }
 
 impl<K: Hash + Eq + Send + Sync + 'static> WindowCounter<K> {
-    /// At most `max` events per key within `window`, tracking at most `capacity` keys.
+    /// At most `max` events per key within `window`, tracking at most `capacity` keys (those
+    /// beyond it share one window).
     pub(crate) fn new(max: u32, window: Duration, capacity: u64) -> Self {
         let window = window.max(Duration::from_millis(1));
+        let tracked = Arc::new(AtomicU64::new(0));
+        let removed = Arc::clone(&tracked);
         Self {
             max: max.max(1),
             window,
+            capacity,
+            // No size bound: moka would evict live windows for room, a blocked key with them.
             windows: moka::sync::Cache::builder()
-                .max_capacity(capacity)
                 .time_to_live(window)
+                .eviction_listener(move |_, _, _| {
+                    let _ = removed.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        Some(n.saturating_sub(1))
+                    });
+                })
                 .build(),
+            tracked,
+            overflow: Mutex::new(Arc::new(Window::new())),
         }
     }
 
-    /// `Some(seconds until the key's window ends)` once `max` events were counted in it.
+    /// `Some(seconds until the key's window ends)` once `max` events were counted in it. Only the
+    /// key's own window: the overflow window refuses what would count in it (see
+    /// [`Self::window`]), not the keys that share it.
     pub(crate) fn blocked<Q>(&self, key: &Q) -> Option<u64>
     where
         K: Borrow<Q>,
@@ -91,15 +123,31 @@ impl<K: Hash + Eq + Send + Sync + 'static> WindowCounter<K> {
         (left.as_secs() + u64::from(left.subsec_nanos() > 0)).max(1)
     }
 
-    /// The window of `key`, started now if it has none.
+    /// The window of `key`, started now if it has none and the table has room; else the overflow
+    /// window.
     fn window(&self, key: K) -> Arc<Window> {
-        self.windows.get_with(key, || {
-            Arc::new(Window {
-                start: Instant::now(),
-                state: AtomicU64::new(0),
-                ended: tokio::sync::Notify::new(),
-            })
-        })
+        let own = self.windows.entry(key).or_optionally_insert_with(|| {
+            self.tracked
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < self.capacity).then_some(n + 1)
+                })
+                .ok()?;
+            Some(Arc::new(Window::new()))
+        });
+        match own {
+            Some(own) => own.into_value(),
+            None => self.overflow(),
+        }
+    }
+
+    /// The overflow window, a new one if the last has ended.
+    #[cold]
+    fn overflow(&self) -> Arc<Window> {
+        let mut overflow = self.overflow.lock().unwrap_or_else(|e| e.into_inner());
+        if overflow.start.elapsed() >= self.window {
+            *overflow = Arc::new(Window::new());
+        }
+        Arc::clone(&overflow)
     }
 
     /// Counts one event of `key`.
@@ -175,7 +223,7 @@ impl<K: Hash + Eq + Send + Sync + 'static> WindowCounter<K> {
 }
 
 /// How many client networks the failure limit tracks at most: an attacker with many addresses
-/// cannot grow it.
+/// cannot grow it (the networks beyond it share one window), nor make it forget one.
 const FAILURE_LIMIT_CAPACITY: u64 = 100_000;
 
 /// The failed-authentication limit: failures counted per client network, an IPv4 address per
@@ -257,6 +305,35 @@ mod tests {
         std::thread::sleep(Duration::from_millis(350));
         assert_eq!(c.blocked("a"), None);
         assert_eq!(c.try_count("a".to_owned()), Ok(()));
+    }
+
+    /// A full table forgets no key before its window ends: a key at its limit stays refused
+    /// whatever other keys do, and the keys beyond the capacity share one window (limited, not
+    /// unlimited). Once the windows have ended, the table has room again.
+    #[test]
+    fn a_full_table_keeps_its_windows_and_the_others_share_one() {
+        let c = WindowCounter::<u32>::new(1, Duration::from_millis(300), 2);
+        assert_eq!(c.try_count(1), Ok(()));
+        assert_eq!(c.try_count(1), Err(1));
+        assert_eq!(c.try_count(2), Ok(()));
+        // The table is full: the others count in the overflow window, one event for them all.
+        assert_eq!(c.try_count(3), Ok(()));
+        for key in 3..1_000 {
+            assert_eq!(c.try_count(key), Err(1), "key {key}");
+            c.count(key);
+        }
+        c.windows.run_pending_tasks();
+        assert_eq!(c.blocked(&1), Some(1), "a key at its limit was forgotten");
+        assert_eq!(c.try_count(1), Err(1));
+        assert_eq!(c.tracked.load(Ordering::Acquire), 2);
+        std::thread::sleep(Duration::from_millis(350));
+        // The windows have ended and are counted out: new keys get windows of their own.
+        c.windows.run_pending_tasks();
+        assert_eq!(c.tracked.load(Ordering::Acquire), 0);
+        assert_eq!(c.try_count(4), Ok(()));
+        assert_eq!(c.try_count(5), Ok(()));
+        assert_eq!(c.try_count(4), Err(1));
+        assert_eq!(c.try_count(1), Ok(()));
     }
 
     /// Requests at once get no more than the window holds: each check is its count.
