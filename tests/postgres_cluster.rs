@@ -18,7 +18,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tower_pat::store::PostgresStore;
-use tower_pat::{CacheConfig, NewToken, PatAuthLayer, TokenRecord, TokenStore, Tokens};
+use tower_pat::{
+    CacheConfig, NewToken, PatAuthLayer, Rotation, ScopeSet, TokenHasher, TokenLookup, TokenPatch,
+    TokenRecord, TokenStore, Tokens,
+};
 
 use common::pg::TestDb;
 
@@ -906,4 +909,218 @@ async fn a_listener_that_stops_hearing_notifications_is_declared_down() {
     proxy.deafen(false);
     b.wait_feed(true).await;
     assert_eq!(b.code(&token).await, StatusCode::UNAUTHORIZED);
+}
+
+/// A listing (`GET /personal-access-tokens`, [`TokenStore::list`]) cancelled while its
+/// `BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY` is in flight (the client hung up) must not
+/// leave the pooled connection inside that transaction (sqlx 0.8.6 does: issue #4393; the store
+/// runs each transaction in a task of its own): every later statement on that connection would
+/// read one frozen snapshot, `find_by_hash` a token as it was before its revocation on node b.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_cancelled_during_its_begin_leaves_no_pooled_connection_in_its_snapshot() {
+    let Some(db) = TestDb::create(WHAT).await else {
+        return;
+    };
+    let a = PostgresStore::builder()
+        .max_connections(1)
+        .connect_with(db.options.clone())
+        .await
+        .unwrap();
+    let b = PostgresStore::builder()
+        .connect_with(db.options.clone())
+        .await
+        .unwrap();
+    let tokens = Tokens::new(b.clone());
+    let mut stale = Vec::new();
+    for round in 0..200u64 {
+        let new = NewToken::new("alice", format!("l-{round}"))
+            .scopes(["x:a"])
+            .unwrap();
+        let (record, _) = tokens.issue(new).await.unwrap();
+        // A listing on node a, cancelled after a few hundred microseconds (a client hanging up).
+        let budget = Duration::from_micros(50 + (round * 53) % 1500);
+        let _ = tokio::time::timeout(budget, a.list(&tower_pat::store::ListQuery::default())).await;
+        // Node a looks the token up (it is active), node b revokes it, node a looks it up again.
+        let before = a.find_by_hash(&record.hash).await;
+        b.revoke(&record.id, Utc::now()).await.unwrap().unwrap();
+        let after = a.find_by_hash(&record.hash).await;
+        if let (Ok(Some(_)), Ok(Some(r))) = (before, &after)
+            && !r.is_revoked()
+        {
+            stale.push(round);
+        }
+        if let Ok(Some(r)) = a.get(&record.id).await
+            && !r.is_revoked()
+        {
+            stale.push(round);
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "node a read a token revoked on node b as active in rounds {stale:?}"
+    );
+}
+
+/// End to end: node a's layer, its feed up, and `max_staleness()` zero, lets a token revoked on
+/// node b through (200) after a listing was cancelled on node a, because its reload after the
+/// revocation's notification reads the frozen snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_cancelled_on_node_a_never_lets_a_token_revoked_on_node_b_through() {
+    use axum::Router;
+    use axum::routing;
+    use http::StatusCode;
+    use tower::ServiceExt;
+    use tower_pat::Principal;
+
+    let Some(db) = TestDb::create(WHAT).await else {
+        return;
+    };
+    let a = PostgresStore::builder()
+        .max_connections(1)
+        .connect_with(db.options.clone())
+        .await
+        .unwrap();
+    let b = PostgresStore::builder()
+        .connect_with(db.options.clone())
+        .await
+        .unwrap();
+    let tokens_a = Tokens::new(a.clone());
+    let layer = tokens_a.layer().build();
+    let app = Router::new()
+        .route(
+            "/hello",
+            routing::get(|p: Principal| async move { p.subject().to_owned() }),
+        )
+        .layer(layer.clone());
+    let hello = |secret: String| {
+        let app = app.clone();
+        async move {
+            let req = http::Request::get("/hello")
+                .header("authorization", format!("Bearer {secret}"))
+                .body(axum::body::Body::empty())
+                .unwrap();
+            app.oneshot(req).await.unwrap().status()
+        }
+    };
+    let tokens_b = Tokens::new(b.clone());
+    let mut served = Vec::new();
+    for round in 0..200u64 {
+        let new = NewToken::new("alice", format!("l-{round}"))
+            .scopes(["x:a"])
+            .unwrap();
+        let (record, secret) = tokens_b.issue(new).await.unwrap();
+        let secret = secret.expose_secret().to_owned();
+        let budget = Duration::from_micros(50 + (round * 53) % 1500);
+        let _ = tokio::time::timeout(budget, a.list(&tower_pat::store::ListQuery::default())).await;
+        if hello(secret.clone()).await != StatusCode::OK {
+            // The new token not found through a frozen snapshot: not what this test counts.
+            continue;
+        }
+        b.revoke(&record.id, Utc::now()).await.unwrap().unwrap();
+        // Wait until node a's cache has heard of the revocation (its feed is up), so that the
+        // next request reloads the token.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let status = hello(secret).await;
+        if status == StatusCode::OK && layer.max_staleness().is_zero() {
+            served.push(round);
+        }
+    }
+    assert!(
+        served.is_empty(),
+        "node a served a token revoked on node b, max_staleness() zero, in rounds {served:?}"
+    );
+}
+
+/// Rotations and patches cancelled at random points (the future dropped, as when a client hangs
+/// up) land whole or not at all, and leave no transaction open on a pooled connection: another
+/// node's revocation is never blocked by a row lock, and sees every token issued since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_rotation_or_patch_lands_whole_or_not_at_all_and_leaves_no_lock() {
+    let Some(db) = TestDb::create(WHAT).await else {
+        return;
+    };
+    let a = PostgresStore::builder()
+        .max_connections(2)
+        .connect_with(db.options.clone())
+        .await
+        .unwrap();
+    let b = PostgresStore::builder()
+        .connect_with(db.options.clone())
+        .await
+        .unwrap();
+    let tokens = Tokens::new(a.clone());
+    let hasher = TokenHasher::sha256();
+    let (mut applied, mut dropped) = (0, 0);
+    for round in 0..300u64 {
+        let new = NewToken::new("alice", format!("c-{round}"))
+            .scopes(["x:a", "x:b"])
+            .unwrap();
+        let (record, _) = tokens.issue(new).await.unwrap();
+        let fresh = hasher.hash(&format!("pat_cancel_{round}_{}", common::rand_suffix()));
+        let now = Utc::now();
+        let rot = Rotation::new(record.hash, fresh, "pat_canc", now)
+            .if_version(record.version)
+            .grace_until(Some(now + chrono::Duration::hours(1)));
+        let patch = TokenPatch::new(now)
+            .if_version(record.version)
+            .scopes(ScopeSet::parse(["x:a"]).unwrap())
+            .disable();
+        let budget = Duration::from_micros(200 + (round * 37) % 3000);
+        let done = if round % 2 == 0 {
+            tokio::time::timeout(budget, a.rotate(&record.id, &rot))
+                .await
+                .is_ok()
+        } else {
+            tokio::time::timeout(budget, a.update(&record.id, &patch))
+                .await
+                .is_ok()
+        };
+        if done {
+            applied += 1;
+        } else {
+            dropped += 1;
+        }
+        // Another node revokes at once: never blocked by a lock the dropped write left behind.
+        let revoked =
+            tokio::time::timeout(Duration::from_secs(10), b.revoke(&record.id, Utc::now()))
+                .await
+                .expect("the revocation waited 10 s for a lock a dropped write left")
+                .unwrap();
+        let Some(revoked) = revoked else {
+            let on_a = a.get(&record.id).await.unwrap().is_some();
+            let on_b = b.get(&record.id).await.unwrap().is_some();
+            let mut c = tower_pat::store::sqlx::ConnectOptions::connect(&db.options)
+                .await
+                .unwrap();
+            let rows: Vec<(Option<String>, Option<String>)> = tower_pat::store::sqlx::query_as(
+                "SELECT state, query FROM pg_stat_activity WHERE datname = current_database()",
+            )
+            .fetch_all(&mut c)
+            .await
+            .unwrap();
+            panic!(
+                "round {round} (done {done}): the token issued through node a is not there: on a {on_a}, on b {on_b}; sessions {rows:#?}"
+            );
+        };
+        assert!(revoked.is_revoked());
+        let stored = b.get(&record.id).await.unwrap().unwrap();
+        if round % 2 == 0 {
+            let rotated = stored.hash == fresh;
+            assert!(rotated || stored.hash == record.hash);
+            // Rotated: the old secret is in its grace period and recorded as superseded at its
+            // end; not rotated: neither.
+            assert_eq!(stored.previous_hash.is_some(), rotated, "half a rotation");
+            let superseded = b.find_superseded(&record.hash).await.unwrap();
+            assert_eq!(superseded.is_some(), rotated, "half a rotation (history)");
+        } else {
+            let patched = stored.disabled_at.is_some();
+            assert_eq!(!stored.scopes.grants("x:b"), patched, "half a patch");
+        }
+        // The first node's pool still works (its connections came back).
+        tokio::time::timeout(Duration::from_secs(10), a.get(&record.id))
+            .await
+            .expect("the first node's pool is stuck")
+            .unwrap();
+    }
+    println!("{applied} completed, {dropped} dropped");
 }

@@ -117,6 +117,20 @@
 //! [`StoreError::Revoked`]) or after (and stays): it is never undone, and a hash rotated away is
 //! never written back.
 //!
+//! # Cancellation
+//!
+//! Every transaction (the writes, the listing's snapshot, the usage flush, the notice claims,
+//! the migrations) runs from its `BEGIN` to its commit or rollback, and the announcement of the
+//! change here after it, in a task of its own that the caller awaits: a caller dropped midway
+//! (a client hanging up, a timeout around the call) does not stop it, and a write lands whole
+//! or not at all. This also guards against sqlx 0.8.6 returning a connection to the pool inside
+//! a transaction when the future awaiting its `BEGIN` is dropped (sqlx issues #4393, #4385): a
+//! connection left in a listing's `REPEATABLE READ` snapshot would answer later lookups from it,
+//! a token revoked since as active. The protection is the store's own, so it holds as well for
+//! a pool passed to [`PostgresStoreBuilder::with_pool`]; sqlx does not expose a connection's
+//! transaction status, so the pool is given no check of its own on release. Code of yours that
+//! shares that pool and drops transactions midway is exposed to the sqlx bug still.
+//!
 //! # Failure
 //!
 //! A query that fails, or waits longer than the pool's acquire timeout
@@ -144,8 +158,8 @@ use sqlx::postgres::{
 use sqlx::{Executor, Row};
 
 use super::sql::{
-    self, Dialect, Migration, Param, RawRecord, Statements, TABLE, scope_strings, store_error,
-    to_strings,
+    self, Dialect, Migration, Param, RawRecord, Statements, TABLE, in_task, scope_strings,
+    store_error, to_strings,
 };
 use super::write::check_writable;
 use super::{
@@ -1019,8 +1033,15 @@ async fn begin_write(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgre
         .map_err(store_error)
 }
 
-/// Applies the pending migrations in one transaction, one node at a time.
+/// Applies the pending migrations in one transaction, one node at a time, in a task of its own
+/// ([`in_task`]).
 async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    let pool = pool.clone();
+    in_task(async move { migrate_tx(&pool).await }).await
+}
+
+/// [`migrate`]'s transaction.
+async fn migrate_tx(pool: &PgPool) -> Result<(), StoreError> {
     // A node that waited for the lock must read the version the one before it wrote.
     let mut tx = begin_write(pool).await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -1028,15 +1049,15 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
         .execute(&mut *tx)
         .await
         .map_err(store_error)?;
-    sqlx::raw_sql(
-        "CREATE TABLE IF NOT EXISTS tower_pat_schema_version (
+    (&mut *tx)
+        .execute(sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS tower_pat_schema_version (
             version bigint NOT NULL PRIMARY KEY,
             applied_at timestamptz NOT NULL DEFAULT now()
         )",
-    )
-    .execute(&mut *tx)
-    .await
-    .map_err(store_error)?;
+        ))
+        .await
+        .map_err(store_error)?;
     let current: i64 = sqlx::query_scalar(
         "SELECT COALESCE(MAX(version), 0)::bigint FROM tower_pat_schema_version",
     )
@@ -1044,8 +1065,8 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     .await
     .map_err(store_error)?;
     for m in sql::pending(MIGRATIONS, current)? {
-        sqlx::raw_sql(m.sql)
-            .execute(&mut *tx)
+        (&mut *tx)
+            .execute(sqlx::raw_sql(m.sql))
             .await
             .map_err(store_error)?;
         sqlx::query("INSERT INTO tower_pat_schema_version (version) VALUES ($1)")
@@ -1161,61 +1182,8 @@ impl TokenLookup for PostgresStore {
     }
 
     async fn record_usage(&self, updates: &[UsageUpdate]) -> Result<(), StoreError> {
-        if updates.is_empty() {
-            return Ok(());
-        }
-        // In the order of the ids, and locked in that order first: two nodes flushing the same
-        // tokens (each batch in its own order) then wait for each other instead of deadlocking,
-        // whatever plan the update gets.
-        let mut updates: Vec<&UsageUpdate> = updates.iter().collect();
-        updates.sort_unstable_by(|a, b| a.token_id.cmp(&b.token_id));
-        let ids: Vec<&str> = updates.iter().map(|u| u.token_id.as_str()).collect();
-        let times: Vec<DateTime<Utc>> = updates.iter().map(|u| u.last_used_at).collect();
-        let ips: Vec<String> = updates
-            .iter()
-            .map(|u| to_strings(&u.ips).join(" "))
-            .collect();
-        // The merge is TokenRecord::apply_usage's: the later time wins; the addresses of the
-        // later mark come first, then the others, without repeats, at most MAX_LAST_USED_IPS.
-        // A time more than a minute past the database's clock (a node whose clock runs ahead)
-        // is taken as that: it could never be corrected later, the later time winning.
-        let statement = format!(
-            "UPDATE {TABLE} AS t SET
-                last_used_at = GREATEST(t.last_used_at, u.at),
-                last_used_ips = ARRAY(
-                    SELECT m.ip FROM (
-                        SELECT x.ip, MIN(x.ord) AS ord
-                        FROM unnest(CASE WHEN t.last_used_at IS NULL OR u.at >= t.last_used_at
-                                         THEN u.ips || t.last_used_ips
-                                         ELSE t.last_used_ips || u.ips END)
-                             WITH ORDINALITY AS x(ip, ord)
-                        GROUP BY x.ip
-                    ) AS m
-                    ORDER BY m.ord
-                    LIMIT {MAX_LAST_USED_IPS})
-            FROM (
-                SELECT v.id, LEAST(v.at, now() + interval '1 minute') AS at,
-                       string_to_array(v.ips, ' ') AS ips
-                FROM unnest($1::text[], $2::timestamptz[], $3::text[]) AS v(id, at, ips)
-            ) AS u
-            WHERE t.id = u.id"
-        );
-        let mut tx = self.begin_write().await?;
-        sqlx::query(&format!(
-            "SELECT 1 FROM {TABLE} WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE"
-        ))
-        .bind(&ids)
-        .execute(&mut *tx)
-        .await
-        .map_err(store_error)?;
-        sqlx::query(&statement)
-            .bind(ids)
-            .bind(times)
-            .bind(ips)
-            .execute(&mut *tx)
-            .await
-            .map_err(store_error)?;
-        tx.commit().await.map_err(store_error)
+        let (this, updates) = (self.clone(), updates.to_vec());
+        in_task(async move { this.record_usage_tx(&updates).await }).await
     }
 
     fn subscribe(&self, listener: Weak<dyn ChangeListener>) -> bool {
@@ -1296,6 +1264,164 @@ impl TokenStore for PostgresStore {
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Page, StoreError> {
+        let (this, query) = (self.clone(), query.clone());
+        in_task(async move { this.list_tx(&query).await }).await
+    }
+
+    async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
+        let (this, id, patch) = (self.clone(), id.to_owned(), patch.clone());
+        in_task(async move { this.update_tx(&id, &patch).await }).await
+    }
+
+    async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
+        let (this, id, rotation) = (self.clone(), id.to_owned(), rotation.clone());
+        in_task(async move { this.rotate_tx(&id, &rotation).await }).await
+    }
+
+    async fn revoke(&self, id: &str, at: DateTime<Utc>) -> Result<Option<TokenRecord>, StoreError> {
+        let (this, id) = (self.clone(), id.to_owned());
+        in_task(async move { this.revoke_tx(&id, at).await }).await
+    }
+
+    async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let (this, id) = (self.clone(), id.to_owned());
+        in_task(async move { this.delete_tx(&id).await }).await
+    }
+
+    async fn revoke_if_covered(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+        covering: &ScopeSet,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let (this, id, covering) = (self.clone(), id.to_owned(), covering.clone());
+        in_task(async move { this.revoke_if_covered_tx(&id, at, &covering).await }).await
+    }
+
+    async fn delete_if_covered(
+        &self,
+        id: &str,
+        covering: &ScopeSet,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let (this, id, covering) = (self.clone(), id.to_owned(), covering.clone());
+        in_task(async move { this.delete_if_covered_tx(&id, &covering).await }).await
+    }
+
+    async fn insert_below(&self, record: &TokenRecord, max: u64) -> Result<bool, StoreError> {
+        let (this, record) = (self.clone(), record.clone());
+        in_task(async move { this.insert_below_tx(&record, max).await }).await
+    }
+
+    async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
+        if !storable(subject) {
+            return Ok(0);
+        }
+        let n: i64 = sqlx::query_scalar(&self.inner.sql.count_by_subject)
+            .bind(subject)
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn purge(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<TokenRecord>, StoreError> {
+        let this = self.clone();
+        in_task(async move { this.purge_tx(cutoff, limit).await }).await
+    }
+
+    async fn claim_expiry_notices(
+        &self,
+        kind: NoticeKind,
+        at: DateTime<Utc>,
+        lead: Duration,
+        limit: usize,
+    ) -> Result<Vec<TokenRecord>, StoreError> {
+        let this = self.clone();
+        in_task(async move { this.claim_expiry_notices_tx(kind, at, lead, limit).await }).await
+    }
+
+    async fn release_expiry_notice(
+        &self,
+        kind: NoticeKind,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(self.inner.sql.release(kind))
+            .bind(id)
+            .bind(crate::record::micros(at))
+            .execute(&self.inner.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(done.rows_affected() > 0)
+    }
+}
+
+/// The transactions of the [`TokenStore`] methods, each run to its end by
+/// [`in_task`](sql::in_task) in a task of its own (see there).
+impl PostgresStore {
+    async fn record_usage_tx(&self, updates: &[UsageUpdate]) -> Result<(), StoreError> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        // In the order of the ids, and locked in that order first: two nodes flushing the same
+        // tokens (each batch in its own order) then wait for each other instead of deadlocking,
+        // whatever plan the update gets.
+        let mut updates: Vec<&UsageUpdate> = updates.iter().collect();
+        updates.sort_unstable_by(|a, b| a.token_id.cmp(&b.token_id));
+        let ids: Vec<&str> = updates.iter().map(|u| u.token_id.as_str()).collect();
+        let times: Vec<DateTime<Utc>> = updates.iter().map(|u| u.last_used_at).collect();
+        let ips: Vec<String> = updates
+            .iter()
+            .map(|u| to_strings(&u.ips).join(" "))
+            .collect();
+        // The merge is TokenRecord::apply_usage's: the later time wins; the addresses of the
+        // later mark come first, then the others, without repeats, at most MAX_LAST_USED_IPS.
+        // A time more than a minute past the database's clock (a node whose clock runs ahead)
+        // is taken as that: it could never be corrected later, the later time winning.
+        let statement = format!(
+            "UPDATE {TABLE} AS t SET
+                last_used_at = GREATEST(t.last_used_at, u.at),
+                last_used_ips = ARRAY(
+                    SELECT m.ip FROM (
+                        SELECT x.ip, MIN(x.ord) AS ord
+                        FROM unnest(CASE WHEN t.last_used_at IS NULL OR u.at >= t.last_used_at
+                                         THEN u.ips || t.last_used_ips
+                                         ELSE t.last_used_ips || u.ips END)
+                             WITH ORDINALITY AS x(ip, ord)
+                        GROUP BY x.ip
+                    ) AS m
+                    ORDER BY m.ord
+                    LIMIT {MAX_LAST_USED_IPS})
+            FROM (
+                SELECT v.id, LEAST(v.at, now() + interval '1 minute') AS at,
+                       string_to_array(v.ips, ' ') AS ips
+                FROM unnest($1::text[], $2::timestamptz[], $3::text[]) AS v(id, at, ips)
+            ) AS u
+            WHERE t.id = u.id"
+        );
+        let mut tx = self.begin_write().await?;
+        sqlx::query(&format!(
+            "SELECT 1 FROM {TABLE} WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE"
+        ))
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        sqlx::query(&statement)
+            .bind(ids)
+            .bind(times)
+            .bind(ips)
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        tx.commit().await.map_err(store_error)
+    }
+
+    async fn list_tx(&self, query: &ListQuery) -> Result<Page, StoreError> {
         let texts = [query.subject.as_deref(), query.search.as_deref()];
         if !texts.into_iter().flatten().all(storable) {
             return Ok(Page::default());
@@ -1311,7 +1437,7 @@ impl TokenStore for PostgresStore {
         .await
     }
 
-    async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
+    async fn update_tx(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
         if !storable(id) {
             return Err(StoreError::NotFound);
         }
@@ -1339,7 +1465,7 @@ impl TokenStore for PostgresStore {
         self.commit_write(tx, old, row).await
     }
 
-    async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
+    async fn rotate_tx(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
         if !storable(id) {
             return Err(StoreError::NotFound);
         }
@@ -1388,7 +1514,11 @@ impl TokenStore for PostgresStore {
         self.commit_write(tx, old, row).await
     }
 
-    async fn revoke(&self, id: &str, at: DateTime<Utc>) -> Result<Option<TokenRecord>, StoreError> {
+    async fn revoke_tx(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Option<TokenRecord>, StoreError> {
         if !storable(id) {
             return Ok(None);
         }
@@ -1399,7 +1529,7 @@ impl TokenStore for PostgresStore {
         self.change_returning(q).await
     }
 
-    async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+    async fn delete_tx(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
         if !storable(id) {
             return Ok(None);
         }
@@ -1411,7 +1541,7 @@ impl TokenStore for PostgresStore {
         .await
     }
 
-    async fn revoke_if_covered(
+    async fn revoke_if_covered_tx(
         &self,
         id: &str,
         at: DateTime<Utc>,
@@ -1426,7 +1556,7 @@ impl TokenStore for PostgresStore {
         .await
     }
 
-    async fn delete_if_covered(
+    async fn delete_if_covered_tx(
         &self,
         id: &str,
         covering: &ScopeSet,
@@ -1439,7 +1569,7 @@ impl TokenStore for PostgresStore {
         .await
     }
 
-    async fn insert_below(&self, record: &TokenRecord, max: u64) -> Result<bool, StoreError> {
+    async fn insert_below_tx(&self, record: &TokenRecord, max: u64) -> Result<bool, StoreError> {
         // A lock per subject for the transaction: creations for one subject on every node take
         // turns between the count and the insert; other subjects' do not wait.
         // The count must see what the previous holder of the lock committed, which a snapshot
@@ -1464,19 +1594,7 @@ impl TokenStore for PostgresStore {
         Ok(true)
     }
 
-    async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
-        if !storable(subject) {
-            return Ok(0);
-        }
-        let n: i64 = sqlx::query_scalar(&self.inner.sql.count_by_subject)
-            .bind(subject)
-            .fetch_one(&self.inner.pool)
-            .await
-            .map_err(store_error)?;
-        Ok(u64::try_from(n).unwrap_or(0))
-    }
-
-    async fn purge(
+    async fn purge_tx(
         &self,
         cutoff: DateTime<Utc>,
         limit: usize,
@@ -1503,7 +1621,7 @@ impl TokenStore for PostgresStore {
         Ok(removed)
     }
 
-    async fn claim_expiry_notices(
+    async fn claim_expiry_notices_tx(
         &self,
         kind: NoticeKind,
         at: DateTime<Utc>,
@@ -1530,20 +1648,5 @@ impl TokenStore for PostgresStore {
         let rows = q.fetch_all(&mut *tx).await.map_err(store_error)?;
         tx.commit().await.map_err(store_error)?;
         rows.iter().map(decode).collect()
-    }
-
-    async fn release_expiry_notice(
-        &self,
-        kind: NoticeKind,
-        id: &str,
-        at: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.inner.sql.release(kind))
-            .bind(id)
-            .bind(crate::record::micros(at))
-            .execute(&self.inner.pool)
-            .await
-            .map_err(store_error)?;
-        Ok(done.rows_affected() > 0)
     }
 }

@@ -494,6 +494,30 @@ pub(super) fn list_sql(query: &ListQuery, dialect: Dialect) -> ListSql {
 /// A statement with its arguments, in a database's types.
 pub(super) type Query<'q, DB> = sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>;
 
+/// Runs `work` (one or more transactions, from their `BEGIN` to their commit or rollback, and
+/// what must follow a commit, such as announcing the change here) in a task of its own, which
+/// the caller awaits: dropping the caller's future (a client hanging up, a timeout) cannot stop
+/// it half way. sqlx 0.8.6 leaves a connection inside a transaction when the future awaiting its
+/// `BEGIN` is dropped at the wrong moment (sqlx issues #4393 and #4385: the rollback guard does
+/// nothing before the transaction depth is raised, and the pool's release check does not look
+/// at the transaction status), and the pool hands that connection out again: a PostgreSQL
+/// connection left in a `REPEATABLE READ` listing's snapshot then answers every later lookup
+/// from that snapshot (a token revoked since reads as active), and one left in a write's
+/// transaction runs later statements inside it, unseen by other connections and holding its
+/// locks. A panic in the task is returned as a [`StoreError::Backend`].
+pub(super) async fn in_task<T, F>(work: F) -> Result<T, StoreError>
+where
+    F: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::spawn(work).await {
+        Ok(result) => result,
+        Err(e) => Err(StoreError::backend(std::io::Error::other(format!(
+            "a store transaction's task failed: {e}"
+        )))),
+    }
+}
+
 /// A listing: the total and the page, in one transaction opened with `begin` (one snapshot for
 /// both). `bind` binds [`ListSql::params`] in the store's types; `decode` reads a record.
 pub(super) async fn list_page<DB: sqlx::Database>(

@@ -77,6 +77,15 @@
 //! conditional `UPDATE`. A revocation by another process therefore lands either before (the
 //! write is refused with [`StoreError::Revoked`]) or after (and stays): it is never undone.
 //!
+//! # Cancellation
+//!
+//! Every transaction runs from its `BEGIN` to its commit or rollback, and the announcement of
+//! the change after it, in a task of its own that the caller awaits: a caller dropped midway (a
+//! client hanging up, a timeout around the call) does not stop it, and a write lands whole or
+//! not at all. sqlx 0.8.6 rolls back a `BEGIN` whose caller is gone while the worker runs it,
+//! but not one dropped in the check that follows a custom `BEGIN IMMEDIATE`, which would leave
+//! the writer connection holding the database's write lock.
+//!
 //! # Failure
 //!
 //! A failed query is a [`StoreError::Backend`]; the layer answers a cache miss it could not look
@@ -96,8 +105,8 @@ use sqlx::sqlite::{
 use sqlx::{Executor, Row, Sqlite};
 
 use super::sql::{
-    self, Dialect, Migration, Param, RawRecord, Statements, TABLE, scope_strings, store_error,
-    to_strings,
+    self, Dialect, Migration, Param, RawRecord, Statements, TABLE, in_task, scope_strings,
+    store_error, to_strings,
 };
 use super::write::check_writable;
 use super::{
@@ -735,29 +744,35 @@ impl Feed {
     }
 }
 
-/// Applies the pending migrations in one transaction.
+/// Applies the pending migrations in one transaction, in a task of its own ([`in_task`]).
 async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
+    let pool = pool.clone();
+    in_task(async move { migrate_tx(&pool).await }).await
+}
+
+/// [`migrate`]'s transaction.
+async fn migrate_tx(pool: &SqlitePool) -> Result<(), StoreError> {
     let mut tx = pool
         .begin_with("BEGIN IMMEDIATE")
         .await
         .map_err(store_error)?;
-    sqlx::raw_sql(
-        "CREATE TABLE IF NOT EXISTS tower_pat_schema_version (
+    (&mut *tx)
+        .execute(sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS tower_pat_schema_version (
             version INTEGER NOT NULL PRIMARY KEY,
             applied_at INTEGER NOT NULL
         )",
-    )
-    .execute(&mut *tx)
-    .await
-    .map_err(store_error)?;
+        ))
+        .await
+        .map_err(store_error)?;
     let current: i64 =
         sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM tower_pat_schema_version")
             .fetch_one(&mut *tx)
             .await
             .map_err(store_error)?;
     for m in sql::pending(MIGRATIONS, current)? {
-        sqlx::raw_sql(m.sql)
-            .execute(&mut *tx)
+        (&mut *tx)
+            .execute(sqlx::raw_sql(m.sql))
             .await
             .map_err(store_error)?;
         sqlx::query("INSERT INTO tower_pat_schema_version (version, applied_at) VALUES (?1, ?2)")
@@ -889,21 +904,8 @@ impl TokenLookup for SqliteStore {
     }
 
     async fn record_usage(&self, updates: &[UsageUpdate]) -> Result<(), StoreError> {
-        if updates.is_empty() {
-            return Ok(());
-        }
-        // In chunks, each its own write transaction: a batch after an outage can hold many
-        // thousands of tokens, and a revocation (from this process or another) waits for the
-        // chunk in progress only. A chunk written twice (the batch retried after a later chunk
-        // failed) changes nothing: the merge keeps the later time and each address once.
-        for chunk in updates.chunks(USAGE_CHUNK) {
-            let mut tx = self.begin_write().await?;
-            for u in chunk {
-                self.record_one_usage(&mut tx, u).await?;
-            }
-            tx.commit().await.map_err(store_error)?;
-        }
-        Ok(())
+        let (this, updates) = (self.clone(), updates.to_vec());
+        in_task(async move { this.record_usage_tx(&updates).await }).await
     }
 
     fn subscribe(&self, listener: Weak<dyn ChangeListener>) -> bool {
@@ -972,6 +974,116 @@ impl TokenStore for SqliteStore {
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Page, StoreError> {
+        let (this, query) = (self.clone(), query.clone());
+        in_task(async move { this.list_tx(&query).await }).await
+    }
+
+    async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
+        let (this, id, patch) = (self.clone(), id.to_owned(), patch.clone());
+        in_task(async move { this.update_tx(&id, &patch).await }).await
+    }
+
+    async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
+        let (this, id, rotation) = (self.clone(), id.to_owned(), rotation.clone());
+        in_task(async move { this.rotate_tx(&id, &rotation).await }).await
+    }
+
+    async fn revoke(&self, id: &str, at: DateTime<Utc>) -> Result<Option<TokenRecord>, StoreError> {
+        let (this, id) = (self.clone(), id.to_owned());
+        in_task(async move { this.revoke_tx(&id, at).await }).await
+    }
+
+    async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let (this, id) = (self.clone(), id.to_owned());
+        in_task(async move { this.delete_tx(&id).await }).await
+    }
+
+    async fn revoke_if_covered(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+        covering: &ScopeSet,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let (this, id, covering) = (self.clone(), id.to_owned(), covering.clone());
+        in_task(async move { this.revoke_if_covered_tx(&id, at, &covering).await }).await
+    }
+
+    async fn delete_if_covered(
+        &self,
+        id: &str,
+        covering: &ScopeSet,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let (this, id, covering) = (self.clone(), id.to_owned(), covering.clone());
+        in_task(async move { this.delete_if_covered_tx(&id, &covering).await }).await
+    }
+
+    async fn insert_below(&self, record: &TokenRecord, max: u64) -> Result<bool, StoreError> {
+        let (this, record) = (self.clone(), record.clone());
+        in_task(async move { this.insert_below_tx(&record, max).await }).await
+    }
+
+    async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(&self.inner.sql.count_by_subject)
+            .bind(subject)
+            .fetch_one(&self.inner.reader)
+            .await
+            .map_err(store_error)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn purge(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<TokenRecord>, StoreError> {
+        let this = self.clone();
+        in_task(async move { this.purge_tx(cutoff, limit).await }).await
+    }
+
+    async fn claim_expiry_notices(
+        &self,
+        kind: NoticeKind,
+        at: DateTime<Utc>,
+        lead: Duration,
+        limit: usize,
+    ) -> Result<Vec<TokenRecord>, StoreError> {
+        let this = self.clone();
+        in_task(async move { this.claim_expiry_notices_tx(kind, at, lead, limit).await }).await
+    }
+
+    async fn release_expiry_notice(
+        &self,
+        kind: NoticeKind,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let (this, id) = (self.clone(), id.to_owned());
+        in_task(async move { this.release_expiry_notice_tx(kind, &id, at).await }).await
+    }
+}
+
+/// The transactions of the [`TokenStore`] methods, each run to its end by
+/// [`in_task`](sql::in_task) in a task of its own (see there).
+impl SqliteStore {
+    async fn record_usage_tx(&self, updates: &[UsageUpdate]) -> Result<(), StoreError> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        // In chunks, each its own write transaction: a batch after an outage can hold many
+        // thousands of tokens, and a revocation (from this process or another) waits for the
+        // chunk in progress only. A chunk written twice (the batch retried after a later chunk
+        // failed) changes nothing: the merge keeps the later time and each address once.
+        for chunk in updates.chunks(USAGE_CHUNK) {
+            let mut tx = self.begin_write().await?;
+            for u in chunk {
+                self.record_one_usage(&mut tx, u).await?;
+            }
+            tx.commit().await.map_err(store_error)?;
+        }
+        Ok(())
+    }
+
+    async fn list_tx(&self, query: &ListQuery) -> Result<Page, StoreError> {
         sql::list_page::<Sqlite>(
             &self.inner.reader,
             "BEGIN",
@@ -983,7 +1095,7 @@ impl TokenStore for SqliteStore {
         .await
     }
 
-    async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
+    async fn update_tx(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
         let mut tx = self.begin_write().await?;
         let old = locked(&mut tx, &self.inner.sql, id).await?;
         let old = check_writable(old.as_ref(), patch.if_version, None, patch.if_unexpired)?;
@@ -1013,7 +1125,7 @@ impl TokenStore for SqliteStore {
         self.commit_write(tx, old, row).await
     }
 
-    async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
+    async fn rotate_tx(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
         let mut tx = self.begin_write().await?;
         let old = locked(&mut tx, &self.inner.sql, id).await?;
         let old = check_writable(
@@ -1059,7 +1171,11 @@ impl TokenStore for SqliteStore {
         self.commit_write(tx, old, row).await
     }
 
-    async fn revoke(&self, id: &str, at: DateTime<Utc>) -> Result<Option<TokenRecord>, StoreError> {
+    async fn revoke_tx(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Option<TokenRecord>, StoreError> {
         let q = sqlx::query(&self.inner.sql.revoke)
             .bind(id)
             .bind(micros(at))
@@ -1067,7 +1183,7 @@ impl TokenStore for SqliteStore {
         self.change_returning(q).await
     }
 
-    async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+    async fn delete_tx(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
         self.change_returning(
             sqlx::query(&self.inner.sql.delete)
                 .bind(id)
@@ -1076,7 +1192,7 @@ impl TokenStore for SqliteStore {
         .await
     }
 
-    async fn revoke_if_covered(
+    async fn revoke_if_covered_tx(
         &self,
         id: &str,
         at: DateTime<Utc>,
@@ -1092,7 +1208,7 @@ impl TokenStore for SqliteStore {
         .await
     }
 
-    async fn delete_if_covered(
+    async fn delete_if_covered_tx(
         &self,
         id: &str,
         covering: &ScopeSet,
@@ -1105,7 +1221,7 @@ impl TokenStore for SqliteStore {
         .await
     }
 
-    async fn insert_below(&self, record: &TokenRecord, max: u64) -> Result<bool, StoreError> {
+    async fn insert_below_tx(&self, record: &TokenRecord, max: u64) -> Result<bool, StoreError> {
         // The write lock first: no other connection, in this process or another, can insert
         // between the count and the insert.
         let mut tx = self.begin_write().await?;
@@ -1122,16 +1238,7 @@ impl TokenStore for SqliteStore {
         Ok(true)
     }
 
-    async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar(&self.inner.sql.count_by_subject)
-            .bind(subject)
-            .fetch_one(&self.inner.reader)
-            .await
-            .map_err(store_error)?;
-        Ok(u64::try_from(n).unwrap_or(0))
-    }
-
-    async fn purge(
+    async fn purge_tx(
         &self,
         cutoff: DateTime<Utc>,
         limit: usize,
@@ -1158,7 +1265,7 @@ impl TokenStore for SqliteStore {
         Ok(removed)
     }
 
-    async fn claim_expiry_notices(
+    async fn claim_expiry_notices_tx(
         &self,
         kind: NoticeKind,
         at: DateTime<Utc>,
@@ -1186,7 +1293,7 @@ impl TokenStore for SqliteStore {
         rows.iter().map(decode).collect()
     }
 
-    async fn release_expiry_notice(
+    async fn release_expiry_notice_tx(
         &self,
         kind: NoticeKind,
         id: &str,
