@@ -159,9 +159,12 @@ impl AdminConfig {
     }
 
     /// At most `max` tokens created per subject per `window`; more get 429 with `Retry-After`.
-    /// At most 100 000 subjects are tracked at once, none forgotten before its window ends; while
-    /// that many are, the others share one window of `max`. Default 30 per minute. `max == 0`
-    /// turns the limit off.
+    /// Counted in this process: with several nodes, each allows as many (a subject can create
+    /// `max` per window on every node). The cap that holds across nodes is
+    /// [`max_tokens_per_subject`](Self::max_tokens_per_subject), checked in the store when the
+    /// token is inserted. At most 100 000 subjects are tracked at once, none forgotten before its
+    /// window ends; while that many are, the others share one window of `max`. Default 30 per
+    /// minute. `max == 0` turns the limit off.
     pub fn creation_rate_limit(mut self, max: u32, window: Duration) -> Self {
         self.creation_limit = (max > 0).then_some((max, window));
         self
