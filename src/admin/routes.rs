@@ -159,12 +159,20 @@ impl Admin {
     /// Such a request is refused (409 `conflict`: send it again, it then runs under the token as
     /// it is). Only a self-revocation ([`revoke_self`]) skips this: it gives nothing, and must not
     /// wait for a lagging cache.
-    async fn caller_may_act(&self, caller: &Principal) -> Result<(), ApiError> {
+    ///
+    /// Returns the caller's record as read and compared: a write that acts on the caller's own
+    /// token starts from it ([`target`](Self::target)), so that the version its write is
+    /// conditioned on is the one compared here.
+    async fn caller_may_act(&self, caller: &Principal) -> Result<TokenRecord, ApiError> {
         self.caller_check(caller, true).await
     }
 
     /// [`caller_may_act`](Self::caller_may_act), with the ceilings compared (`ceilings`) or not.
-    async fn caller_check(&self, caller: &Principal, ceilings: bool) -> Result<(), ApiError> {
+    async fn caller_check(
+        &self,
+        caller: &Principal,
+        ceilings: bool,
+    ) -> Result<TokenRecord, ApiError> {
         let now = Utc::now();
         match self.config.store.get(caller.token_id()).await? {
             Some(own) if own.is_active_at(now) && own.hash == caller.0.stored_hash() => {
@@ -178,7 +186,7 @@ impl Admin {
                 if ceilings && !unchanged {
                     return Err(ApiError::caller_changed());
                 }
-                Ok(())
+                Ok(own)
             }
             Some(own)
                 if own.is_active_at(now) && own.matches_hash(&caller.0.stored_hash(), now) =>
@@ -258,6 +266,27 @@ impl Admin {
         match self.config.store.get(id).await? {
             Some(r) if r.subject == caller.subject() || caller.has_scope(ADMIN_SCOPE) => Ok(r),
             _ => Err(ApiError::not_found()),
+        }
+    }
+
+    /// The record `id` that `caller` means to change, as [`load`](Self::load) would answer it,
+    /// `own` being the caller's record as [`caller_may_act`](Self::caller_may_act) read and
+    /// compared it. For the caller's own token that record itself, not a second read: a write
+    /// conditioned on the version of a second read would undo whatever changed the token in
+    /// between (a narrowing, a disabling, a shorter expiry), every ceiling being the principal's.
+    async fn target(
+        &self,
+        caller: &Principal,
+        own: &TokenRecord,
+        id: &str,
+    ) -> Result<TokenRecord, ApiError> {
+        if id != own.id {
+            return self.load(caller, id).await;
+        }
+        if own.subject == caller.subject() || caller.has_scope(ADMIN_SCOPE) {
+            Ok(own.clone())
+        } else {
+            Err(ApiError::not_found())
         }
     }
 
@@ -544,8 +573,8 @@ pub(crate) async fn update(
     RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     let patch = PatchTokenRequest::from_json(&body, admin.config.limits)?;
-    admin.caller_may_act(&caller).await?;
-    let mut record = admin.load(&caller, &id).await?;
+    let own = admin.caller_may_act(&caller).await?;
+    let mut record = admin.target(&caller, &own, &id).await?;
     let now = crate::record::now();
     policy::may_act_on(&caller, &record)?;
     patch.check_unchangeable(&record, now)?;
@@ -746,8 +775,8 @@ async fn rotate_token(
             format!("at most {max_grace} seconds on this server"),
         ));
     }
-    admin.caller_may_act(&caller).await?;
-    let mut record = admin.load(&caller, &id).await?;
+    let own = admin.caller_may_act(&caller).await?;
+    let mut record = admin.target(&caller, &own, &id).await?;
     let now = crate::record::now();
     policy::may_act_on(&caller, &record)?;
     req.check_owner(&record)?;
