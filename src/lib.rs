@@ -160,7 +160,9 @@ pub use stats::AuthStats;
 pub use store::PostgresStore;
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
-pub use store::{MemoryStore, Rotation, StoreError, TokenLookup, TokenPatch, TokenStore};
+pub use store::{
+    CallerGuard, MemoryStore, Rotation, StoreError, TokenLookup, TokenPatch, TokenStore,
+};
 pub use token::{TokenFormat, TokenHash, TokenHasher, TokenSecret};
 pub use tokens::{LayerMismatch, Tokens};
 pub use usage::{UsageConfig, UsageRecorder, UsageStats};

@@ -2,8 +2,12 @@
 //! revocation of one token, interleaved. Whatever the order, a revocation is never undone and a
 //! secret rotated away never works again.
 //!
+//! The same for a token that acts on itself or on another token while it is changed: it never
+//! undoes its own narrowing, disabling or shortened expiry, nor hands another token what it has
+//! just lost.
+//!
 //! First deterministically (a store wrapper holds a handler between its read of the record and
-//! its write), then as a stress test over real databases: two "nodes" (two stores, two layers,
+//! its write, or lands another write there), then as a stress test over real databases: two "nodes" (two stores, two layers,
 //! two admin routers) over one SQLite file, and over one PostgreSQL database (with
 //! `DATABASE_URL`; without it those tests say they are skipped).
 
@@ -23,8 +27,8 @@ use tokio::sync::{mpsc, oneshot};
 use tower_pat::admin::{self, AdminConfig, EventKind, TokenEvent};
 use tower_pat::store::{ChangeListener, ListQuery, Page};
 use tower_pat::{
-    MemoryStore, NewToken, PatAuthLayer, Principal, Rotation, ScopeSet, StoreError, TokenHash,
-    TokenLookup, TokenPatch, TokenRecord, TokenStore, Tokens, UsageUpdate,
+    CallerGuard, MemoryStore, NewToken, PatAuthLayer, Principal, Rotation, ScopeSet, StoreError,
+    TokenHash, TokenLookup, TokenPatch, TokenRecord, TokenStore, Tokens, UsageUpdate,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -180,6 +184,352 @@ impl TokenStore for GatedStore {
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
         self.inner.count_by_subject(subject).await
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A store that lands another write at a chosen moment
+
+/// Another node's write, landed at a chosen moment: `patch` applied to `target`.
+struct Landing {
+    target: String,
+    patch: TokenPatch,
+}
+
+/// A memory store that applies a [`Landing`] after the `pass`th `get` of one id, right before
+/// the next `get` of it or the next management write or insertion (`arm_get`), or right before
+/// the next management write or insertion (`arm_write`).
+/// `guarded`: whether it forwards the caller guard ([`TokenStore::checks_caller_guard`],
+/// `insert_below_guarded`); without, the management API falls back to reading the caller again.
+#[derive(Clone)]
+struct Interleave {
+    inner: MemoryStore,
+    guarded: bool,
+    on_get: Arc<Mutex<Option<(String, u32, Landing)>>>,
+    on_write: Arc<Mutex<Option<Landing>>>,
+}
+
+impl Interleave {
+    fn new(guarded: bool) -> Self {
+        Self {
+            inner: MemoryStore::new(),
+            guarded,
+            on_get: Arc::default(),
+            on_write: Arc::default(),
+        }
+    }
+
+    fn arm_get(&self, id: &str, pass: u32, target: &str, patch: TokenPatch) {
+        let landing = Landing {
+            target: target.to_owned(),
+            patch,
+        };
+        *self.on_get.lock().unwrap() = Some((id.to_owned(), pass, landing));
+    }
+
+    /// Lands a write armed for a `get` that never came (the request made no further store call):
+    /// it lands after the request, as the other node's write would have.
+    async fn land_pending(&self) {
+        let pending = self.on_get.lock().unwrap().take().map(|(_, _, l)| l);
+        self.land(pending).await;
+    }
+
+    fn arm_write(&self, target: &str, patch: TokenPatch) {
+        *self.on_write.lock().unwrap() = Some(Landing {
+            target: target.to_owned(),
+            patch,
+        });
+    }
+
+    async fn land(&self, landing: Option<Landing>) {
+        if let Some(l) = landing {
+            self.inner
+                .update(&l.target, &l.patch)
+                .await
+                .expect("the other write");
+        }
+    }
+
+    /// Lands the write armed for the next write, and one armed for a `get` whose passes are
+    /// spent: it lands before the next read of its id or the next write, whichever comes first.
+    async fn before_write(&self) {
+        let landing = self.on_write.lock().unwrap().take();
+        self.land(landing).await;
+        let spent = {
+            let mut armed = self.on_get.lock().unwrap();
+            match armed.as_ref() {
+                Some((_, 0, _)) => armed.take().map(|(_, _, l)| l),
+                _ => None,
+            }
+        };
+        self.land(spent).await;
+    }
+}
+
+#[async_trait]
+impl TokenLookup for Interleave {
+    async fn find_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
+        self.inner.find_by_hash(hash).await
+    }
+    async fn record_usage(&self, updates: &[UsageUpdate]) -> Result<(), StoreError> {
+        self.inner.record_usage(updates).await
+    }
+    fn subscribe(&self, listener: std::sync::Weak<dyn ChangeListener>) -> bool {
+        self.inner.subscribe(listener)
+    }
+}
+
+#[async_trait]
+impl TokenStore for Interleave {
+    async fn insert(&self, record: &TokenRecord) -> Result<(), StoreError> {
+        self.before_write().await;
+        self.inner.insert(record).await
+    }
+    async fn get(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let landing = {
+            let mut armed = self.on_get.lock().unwrap();
+            match armed.as_mut() {
+                Some((armed_id, 0, _)) if armed_id == id => armed.take().map(|(_, _, l)| l),
+                Some((armed_id, pass, _)) if armed_id == id => {
+                    *pass -= 1;
+                    None
+                }
+                _ => None,
+            }
+        };
+        self.land(landing).await;
+        self.inner.get(id).await
+    }
+    async fn list(&self, query: &ListQuery) -> Result<Page, StoreError> {
+        self.inner.list(query).await
+    }
+    async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
+        self.before_write().await;
+        self.inner.update(id, patch).await
+    }
+    async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
+        self.before_write().await;
+        self.inner.rotate(id, rotation).await
+    }
+    async fn revoke(&self, id: &str, at: DateTime<Utc>) -> Result<Option<TokenRecord>, StoreError> {
+        self.inner.revoke(id, at).await
+    }
+    async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.inner.delete(id).await
+    }
+    async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
+        self.inner.count_by_subject(subject).await
+    }
+    async fn insert_below(&self, record: &TokenRecord, max: u64) -> Result<bool, StoreError> {
+        self.before_write().await;
+        self.inner.insert_below(record, max).await
+    }
+    async fn insert_below_guarded(
+        &self,
+        record: &TokenRecord,
+        max: u64,
+        caller: &CallerGuard,
+    ) -> Result<bool, StoreError> {
+        if !self.guarded {
+            return Err(StoreError::Unsupported {
+                operation: "insert_below_guarded",
+            });
+        }
+        self.before_write().await;
+        self.inner.insert_below_guarded(record, max, caller).await
+    }
+    fn checks_caller_guard(&self) -> bool {
+        self.guarded && self.inner.checks_caller_guard()
+    }
+}
+
+fn scopes(s: &[&str]) -> ScopeSet {
+    ScopeSet::parse(s.iter().copied()).unwrap()
+}
+
+const WIDE: [&str; 3] = ["personalAccessToken:*", "x:a", "x:b"];
+const NARROW: [&str; 2] = ["personalAccessToken:*", "x:a"];
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic: a token changed while it acts on itself or on another token
+
+/// A token narrowed (x:b taken away) right after the handler's check of the caller PATCHes itself
+/// back to x:b: x:b stays gone (the PATCH changes nothing as read, or is refused). Before, the
+/// handler read the token a second time as its target, conditioned the write on that read, and
+/// the token undid its own narrowing.
+#[tokio::test]
+async fn a_token_cannot_undo_its_own_narrowing_racing_its_patch() {
+    let store = Interleave::new(true);
+    let node = Node::new(store.clone());
+    let (id, secret) = node.issue(&WIDE).await;
+    // Past the check's read of the caller, before the next read of it.
+    store.arm_get(
+        &id,
+        1,
+        &id,
+        TokenPatch::new(Utc::now()).scopes(scopes(&NARROW)),
+    );
+    let body = r#"{"scopes": ["personalAccessToken:*", "x:a", "x:b"]}"#;
+    let res = patch(&node.app, &format!("{BASE}/{id}"), &secret, body).await;
+    store.land_pending().await;
+    assert!(
+        [StatusCode::OK, StatusCode::CONFLICT].contains(&res.status),
+        "{}",
+        res.text
+    );
+    assert!(
+        !node.record(&id).await.scopes.grants("x:b"),
+        "x:b came back"
+    );
+}
+
+/// A token disabled right after the handler's check of the caller PATCHes itself `active: true`:
+/// it stays disabled (as for the narrowing).
+#[tokio::test]
+async fn a_disabled_token_cannot_enable_itself_racing_the_disabling() {
+    let store = Interleave::new(true);
+    let node = Node::new(store.clone());
+    let (id, secret) = node.issue(&WIDE).await;
+    store.arm_get(&id, 1, &id, TokenPatch::new(Utc::now()).disable());
+    let res = patch(
+        &node.app,
+        &format!("{BASE}/{id}"),
+        &secret,
+        r#"{"active": true}"#,
+    )
+    .await;
+    store.land_pending().await;
+    assert!(
+        [StatusCode::OK, StatusCode::CONFLICT].contains(&res.status),
+        "{}",
+        res.text
+    );
+    assert!(
+        node.record(&id).await.disabled_at.is_some(),
+        "it enabled itself"
+    );
+}
+
+/// A token whose expiry is cut short right after the handler's check of the caller rotates itself
+/// (`POST /self/rotate`, no scope needed) with `expiresAt` just before its old expiry: refused,
+/// and the short expiry stays.
+#[tokio::test]
+async fn a_token_cannot_restore_its_shortened_expiry_by_rotating_itself() {
+    let store = Interleave::new(true);
+    let node = Node::new(store.clone());
+    let long = Utc::now() + chrono::Duration::days(30);
+    let short = Utc::now() + chrono::Duration::hours(1);
+    let new = NewToken::new("alice", "long")
+        .scopes(WIDE)
+        .unwrap()
+        .expires_at(long);
+    let (record, secret) = node.tokens.issue(new).await.unwrap();
+    let (id, secret) = (record.id, secret.expose_secret().to_owned());
+    store.arm_get(
+        &id,
+        1,
+        &id,
+        TokenPatch::new(Utc::now()).expires_at(Some(short)),
+    );
+    let body = format!(
+        r#"{{"expiresAt": "{}"}}"#,
+        (long - chrono::Duration::seconds(1)).to_rfc3339()
+    );
+    let res = post(&node.app, &format!("{BASE}/self/rotate"), &secret, &body).await;
+    assert_eq!(res.status, StatusCode::CONFLICT, "{}", res.text);
+    let stored = node.record(&id).await;
+    assert!(
+        stored.expires_at.unwrap() <= short,
+        "expiry extended: {:?}",
+        stored.expires_at
+    );
+    assert_eq!(stored.hash, record.hash, "the rotation applied");
+}
+
+/// Token A (x:a, x:b) gives token B (x:a) the scope x:b; A loses x:b after the handler checked A
+/// and before the write (in the store's guard) or before the read of B (the fallback of a store
+/// without the guard). Refused (409); B never gets x:b from a token that no longer has it.
+#[tokio::test]
+async fn a_token_narrowed_during_its_patch_hands_another_nothing_it_lost() {
+    for (guarded, at_write) in [(true, true), (true, false), (false, false)] {
+        let store = Interleave::new(guarded);
+        let node = Node::new(store.clone());
+        let (a, secret) = node.issue(&WIDE).await;
+        let (b, _) = node.issue(&["x:a"]).await;
+        let narrowing = TokenPatch::new(Utc::now()).scopes(scopes(&NARROW));
+        if at_write {
+            store.arm_write(&a, narrowing);
+        } else {
+            store.arm_get(&b, 0, &a, narrowing);
+        }
+        let res = patch(
+            &node.app,
+            &format!("{BASE}/{b}"),
+            &secret,
+            r#"{"scopes": ["x:a", "x:b"]}"#,
+        )
+        .await;
+        assert!(!node.record(&a).await.scopes.grants("x:b"));
+        assert_eq!(
+            res.status,
+            StatusCode::CONFLICT,
+            "guard {guarded}, at write {at_write}: {}",
+            res.text
+        );
+        assert!(
+            !node.record(&b).await.scopes.grants("x:b"),
+            "B got x:b (guard {guarded}, at write {at_write})"
+        );
+    }
+}
+
+/// Token A rotates token B with an `expiresAt` within A's expiry; A's expiry is cut short before
+/// the write: refused (409), B keeps its secret and expiry.
+#[tokio::test]
+async fn a_token_shortened_during_a_rotation_gives_another_no_longer_expiry() {
+    let store = Interleave::new(true);
+    let node = Node::new(store.clone());
+    let long = Utc::now() + chrono::Duration::days(30);
+    let short = Utc::now() + chrono::Duration::hours(1);
+    let issue = |name: &str, scopes: &[&str]| {
+        NewToken::new("alice", name)
+            .scopes(scopes)
+            .unwrap()
+            .expires_at(long)
+    };
+    let (a, secret) = node.tokens.issue(issue("a", &WIDE)).await.unwrap();
+    let (b, _) = node.tokens.issue(issue("b", &["x:a"])).await.unwrap();
+    store.arm_write(&a.id, TokenPatch::new(Utc::now()).expires_at(Some(short)));
+    let body = format!(
+        r#"{{"expiresAt": "{}"}}"#,
+        (long - chrono::Duration::days(1)).to_rfc3339()
+    );
+    let res = post(
+        &node.app,
+        &format!("{BASE}/{}/rotate", b.id),
+        secret.expose_secret(),
+        &body,
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::CONFLICT, "{}", res.text);
+    assert_eq!(node.record(&b.id).await, b, "B changed");
+}
+
+/// Token A creates a child with x:b; A loses x:b between the handler's check and the insert:
+/// refused (409), no child with x:b.
+#[tokio::test]
+async fn a_token_narrowed_during_a_create_mints_no_child_with_what_it_lost() {
+    let store = Interleave::new(true);
+    let node = Node::new(store.clone());
+    let (a, secret) = node.issue(&WIDE).await;
+    store.arm_write(&a, TokenPatch::new(Utc::now()).scopes(scopes(&NARROW)));
+    let body = r#"{"name": "child", "scopes": ["x:b"], "userAwareTokenNeverExpires": true}"#;
+    let res = post(&node.app, BASE, &secret, body).await;
+    assert_eq!(res.status, StatusCode::CONFLICT, "{}", res.text);
+    assert_eq!(
+        node.store.count_by_subject("alice").await.unwrap(),
+        1,
+        "a child was minted with a scope its creator lost"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -641,6 +991,55 @@ async fn rotate_revoke_races(a: &Node, b: &Node, rounds: usize) {
     assert!(odd.is_empty(), "unexpected answers: {odd:?}");
 }
 
+/// `rounds` times: a fresh token T with x:a and x:b. On node b a manager takes x:b away from T
+/// (or disables it, `disable`) while T, on node a, PATCHes itself back to what it had (four
+/// requests at once). Panics if, in a round where the manager's write succeeded, T ends with x:b
+/// (or enabled) again.
+async fn self_undo_races(a: &Node, b: &Node, disable: bool, rounds: usize) {
+    let manager = a.manager().await;
+    let (admin_body, self_body) = if disable {
+        (r#"{"active": false}"#, r#"{"active": true}"#)
+    } else {
+        (
+            r#"{"scopes": ["personalAccessToken:*", "x:a"]}"#,
+            r#"{"scopes": ["personalAccessToken:*", "x:a", "x:b"]}"#,
+        )
+    };
+    let (mut undone, mut applied) = (0, 0);
+    for round in 0..rounds {
+        let (id, secret) = a.issue(&WIDE).await;
+        let uri = format!("{BASE}/{id}");
+        let mut selfs = Vec::new();
+        for _ in 0..4 {
+            let (app, uri, secret) = (a.app.clone(), uri.clone(), secret.clone());
+            selfs.push(tokio::spawn(async move {
+                patch(&app, &uri, &secret, self_body).await
+            }));
+            tokio::task::yield_now().await;
+            if round % 2 == 0 {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+        }
+        let by_admin = patch(&b.app, &uri, &manager, admin_body).await;
+        for s in selfs {
+            s.await.unwrap();
+        }
+        if by_admin.status != StatusCode::OK {
+            continue;
+        }
+        applied += 1;
+        let stored = a.record(&id).await;
+        if (disable && stored.disabled_at.is_none()) || (!disable && stored.scopes.grants("x:b")) {
+            undone += 1;
+        }
+    }
+    assert!(applied > 0, "the manager's write never applied");
+    assert_eq!(
+        undone, 0,
+        "{undone} of {applied} changes undone by the token itself"
+    );
+}
+
 #[cfg(feature = "sqlite")]
 mod sqlite {
     use tower_pat::store::SqliteStore;
@@ -682,7 +1081,7 @@ mod postgres {
     use tower_pat::store::PostgresStore;
 
     use super::common::pg::TestDb;
-    use super::{Node, rename_revoke_races, rotate_revoke_races};
+    use super::{Node, rename_revoke_races, rotate_revoke_races, self_undo_races};
 
     /// Two stores over one fresh database; `None` without `DATABASE_URL`.
     async fn two_nodes() -> Option<(Node, Node, TestDb)> {
@@ -712,5 +1111,21 @@ mod postgres {
             return;
         };
         rotate_revoke_races(&a, &b, 100).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn self_patches_racing_a_narrowing_on_two_nodes_never_undo_it() {
+        let Some((a, b, _db)) = two_nodes().await else {
+            return;
+        };
+        self_undo_races(&a, &b, false, 200).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn self_patches_racing_a_disabling_on_two_nodes_never_undo_it() {
+        let Some((a, b, _db)) = two_nodes().await else {
+            return;
+        };
+        self_undo_races(&a, &b, true, 200).await;
     }
 }

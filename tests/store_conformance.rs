@@ -146,6 +146,8 @@ mod suite {
         conditional_revoke_and_delete,
         texts_with_a_nul_match_nothing,
         insert_below_holds_the_limit_under_concurrency,
+        caller_guard_conditions_writes,
+        caller_guards_of_tokens_acting_on_each_other,
         usage_is_monotonic,
         usage_keeps_newest_addresses_capped,
         list_matches_the_reference,

@@ -223,6 +223,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound => Self::not_found(),
             StoreError::Revoked => Self::token_revoked(),
             StoreError::Stale => Self::stale(),
+            StoreError::CallerChanged => Self::caller_changed(),
             StoreError::Expired => Self::token_expired(
                 "the token expired while this request was processed; create a new one",
             ),

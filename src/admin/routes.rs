@@ -33,7 +33,7 @@ use crate::auth::limit::WindowCounter;
 use crate::principal::Principal;
 use crate::record::{NewToken, TokenRecord};
 use crate::scope::ScopeSet;
-use crate::store::{Rotation, StoreError, TokenPatch};
+use crate::store::{CallerGuard, Rotation, StoreError, TokenPatch};
 
 /// The tag of every operation.
 pub(crate) const TAG: &str = "personal-access-tokens";
@@ -290,6 +290,39 @@ impl Admin {
         }
     }
 
+    /// The condition that `own` (the caller's record as [`caller_may_act`](Self::caller_may_act)
+    /// read and compared it) puts on a write to token `id`, made under its ceilings. None for
+    /// the caller's own token: the write is conditioned on `own`'s version already
+    /// ([`target`](Self::target)). For another token, its [`CallerGuard`], which the store checks
+    /// in the write itself, so that a caller narrowed (or disabled, rotated, revoked) since its
+    /// check never hands another token what it lost. A store that does not check the guard
+    /// ([`TokenStore::checks_caller_guard`](crate::TokenStore::checks_caller_guard) `false`)
+    /// would ignore it: the caller is then read again here, as late as possible before the write,
+    /// and the request refused (409) if it changed; a narrower window than the check's, not none.
+    async fn caller_guard(
+        &self,
+        own: &TokenRecord,
+        id: &str,
+    ) -> Result<Option<CallerGuard>, ApiError> {
+        if id == own.id {
+            return Ok(None);
+        }
+        if self.config.store.checks_caller_guard() {
+            return Ok(Some(CallerGuard::new(&*own.id, own.version)));
+        }
+        self.caller_unchanged(own).await?;
+        Ok(None)
+    }
+
+    /// The caller's record read again: still the version `own` is, or 409 (`conflict`). The
+    /// fallback of a store that cannot check a [`CallerGuard`] in its write.
+    async fn caller_unchanged(&self, own: &TokenRecord) -> Result<(), ApiError> {
+        match self.config.store.get(&own.id).await? {
+            Some(current) if current.version == own.version => Ok(()),
+            _ => Err(ApiError::caller_changed()),
+        }
+    }
+
     /// The view of a record with the usage marks not yet written behind merged in, so that
     /// `lastUsedAt` and `lastUsedIps` are fresh.
     fn view(&self, record: &TokenRecord, now: DateTime<Utc>) -> TokenView {
@@ -372,7 +405,7 @@ pub(crate) async fn create(
     RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     let req = CreateTokenRequest::from_json(&body, admin.config.limits)?;
-    admin.caller_may_act(&caller).await?;
+    let own = admin.caller_may_act(&caller).await?;
     let now = crate::record::now();
     req.check_owner(caller.subject())?;
     policy::scopes_held(&caller, &req.scopes)?;
@@ -401,15 +434,27 @@ pub(crate) async fn create(
     let (record, secret) = admin.config.tokens.mint(token, now);
     let max = admin.config.max_tokens_per_subject;
     let store = &admin.config.store;
-    let inserted = match store.insert_below(&record, max).await {
-        // A store without the conditional insert: one creation at a time in this process.
+    // On the condition that the caller is still the version whose ceilings the new token was
+    // checked against: a caller narrowed meanwhile never mints a child with what it lost.
+    let guard = CallerGuard::new(&*own.id, own.version);
+    let inserted = match store.insert_below_guarded(&record, max, &guard).await {
+        // A store without the guard: the caller read again just before the insert (see
+        // `caller_guard`).
         Err(StoreError::Unsupported { .. }) => {
-            let _one_at_a_time = admin.create.lock().await;
-            let below = store.count_by_subject(caller.subject()).await? < max;
-            if below {
-                store.insert(&record).await?;
+            admin.caller_unchanged(&own).await?;
+            match store.insert_below(&record, max).await {
+                // A store without the conditional insert: one creation at a time in this
+                // process.
+                Err(StoreError::Unsupported { .. }) => {
+                    let _one_at_a_time = admin.create.lock().await;
+                    let below = store.count_by_subject(caller.subject()).await? < max;
+                    if below {
+                        store.insert(&record).await?;
+                    }
+                    below
+                }
+                inserted => inserted?,
             }
-            below
         }
         inserted => inserted?,
     };
@@ -628,12 +673,13 @@ pub(crate) async fn update(
     policy::grants_within(&caller, &before, &record)?;
     if record != before {
         // Only what this request changes, and only if nobody changed the token since it was read:
-        // a write from a stale read would undo the other change (a revocation, a rotation).
-        record = admin
-            .config
-            .store
-            .update(&id, &changes(&before, &record, now))
-            .await?;
+        // a write from a stale read would undo the other change (a revocation, a rotation). Nor
+        // the caller, whose ceilings the change was checked against.
+        let mut patch = changes(&before, &record, now);
+        if let Some(guard) = admin.caller_guard(&own, &id).await? {
+            patch = patch.if_caller(guard);
+        }
+        record = admin.config.store.update(&id, &patch).await?;
         let kind = match (before.is_disabled(), record.is_disabled()) {
             (false, true) => EventKind::Disabled,
             (true, false) => EventKind::Enabled,
@@ -816,6 +862,10 @@ async fn rotate_token(
         .grace_until(grace_until);
     if req.expires_at.is_some() {
         rotation = rotation.expires_at(record.expires_at);
+    }
+    // Nor if the caller changed since its ceilings were checked.
+    if let Some(guard) = admin.caller_guard(&own, &id).await? {
+        rotation = rotation.if_caller(guard);
     }
     let record = admin.config.store.rotate(&id, &rotation).await?;
     let view = TokenView::new(&record, now);

@@ -252,8 +252,8 @@ use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
 use ipnet::IpNet;
 
 use super::{
-    ChangeListener, LastUsedFilter, ListQuery, NoticeKind, Rotation, SortKey, StoreError,
-    StoreEvent, TokenPatch, TokenState, TokenStore,
+    CallerGuard, ChangeListener, LastUsedFilter, ListQuery, NoticeKind, Rotation, SortKey,
+    StoreError, StoreEvent, TokenPatch, TokenState, TokenStore,
 };
 use crate::record::UsageUpdate;
 use crate::record::{MAX_LAST_USED_IPS, NewToken, TokenRecord, parse_ip_net};
@@ -299,6 +299,8 @@ suite!(
     conditional_revoke_and_delete,
     texts_with_a_nul_match_nothing,
     insert_below_holds_the_limit_under_concurrency,
+    caller_guard_conditions_writes,
+    caller_guards_of_tokens_acting_on_each_other,
     usage_is_monotonic,
     usage_keeps_newest_addresses_capped,
     list_matches_the_reference,
@@ -1290,6 +1292,181 @@ pub async fn writes_on_the_condition_of_an_unexpired_token<S: TokenStore>(store:
         .await
         .must();
     assert_eq!(live.name, "renamed", "an unexpired record is written");
+}
+
+/// A [`CallerGuard`] on a write ([`TokenPatch::if_caller`], [`Rotation::if_caller`],
+/// [`TokenStore::insert_below_guarded`]) lets it apply only while the caller's record is still
+/// the version named: once the caller changed, or is gone, the write fails with
+/// [`StoreError::CallerChanged`] and changes nothing. A store whose
+/// [`checks_caller_guard`](TokenStore::checks_caller_guard) is `false` passes the update and
+/// rotation parts (the management API then checks the caller itself), one whose
+/// `insert_below_guarded` is [`StoreError::Unsupported`] the creation part.
+pub async fn caller_guard_conditions_writes<S: TokenStore>(store: S) {
+    let _check = Check("caller_guard_conditions_writes");
+    let t = now();
+    let caller = record("alice", "caller");
+    let target = record("bob", "target");
+    store.insert(&caller).await.must();
+    store.insert(&target).await.must();
+    let read = CallerGuard::new(&*caller.id, caller.version);
+    let mut target = target;
+    if store.checks_caller_guard() {
+        // The caller as read: the writes apply.
+        let patch = TokenPatch::new(t)
+            .if_version(target.version)
+            .if_caller(read.clone())
+            .name("renamed");
+        target = store.update(&target.id, &patch).await.must();
+        assert_eq!(
+            target.name, "renamed",
+            "an update whose caller guard holds must apply"
+        );
+        let rotation = Rotation::new(target.hash, new_hash(), "pat_x", t)
+            .if_version(target.version)
+            .if_caller(read.clone());
+        target = store.rotate(&target.id, &rotation).await.must();
+        // A guard naming the record written itself, at its version, holds too.
+        let own = CallerGuard::new(&*target.id, target.version);
+        target = store
+            .update(&target.id, &TokenPatch::new(t).if_caller(own).name("own"))
+            .await
+            .must();
+    }
+    // Someone changes the caller (here: narrows it).
+    let changed = store
+        .update(
+            &caller.id,
+            &TokenPatch::new(t).scopes(ScopeSet::parse(["repo:read"]).unwrap()),
+        )
+        .await
+        .must();
+    let refused = |what: &str, r: Result<TokenRecord, StoreError>| {
+        assert!(
+            matches!(r, Err(StoreError::CallerChanged)),
+            "{what} whose caller changed since the guard's version must fail with CallerChanged, \
+             got {r:?}"
+        );
+    };
+    if store.checks_caller_guard() {
+        let patch = TokenPatch::new(t)
+            .if_version(target.version)
+            .if_caller(read.clone())
+            .scopes(ScopeSet::parse(["repo:read", "user:*"]).unwrap())
+            .disable();
+        refused("an update", store.update(&target.id, &patch).await);
+        let empty = TokenPatch::new(t).if_caller(read.clone());
+        refused("an empty update", store.update(&target.id, &empty).await);
+        let rotation = Rotation::new(target.hash, new_hash(), "pat_y", t)
+            .if_version(target.version)
+            .if_caller(read.clone());
+        refused("a rotation", store.rotate(&target.id, &rotation).await);
+        assert_eq!(
+            store.get(&target.id).await.must(),
+            Some(target.clone()),
+            "a write whose caller guard failed must change nothing"
+        );
+    }
+    let child = record("alice", "child");
+    match store.insert_below_guarded(&child, 100, &read).await {
+        Err(StoreError::Unsupported { .. }) => {}
+        Err(StoreError::CallerChanged) => {
+            assert_eq!(
+                store.get(&child.id).await.must(),
+                None,
+                "insert_below_guarded whose caller guard failed must insert nothing"
+            );
+            let now_read = CallerGuard::new(&*changed.id, changed.version);
+            assert!(
+                store
+                    .insert_below_guarded(&child, 100, &now_read)
+                    .await
+                    .must(),
+                "insert_below_guarded whose caller guard holds must insert"
+            );
+            assert_eq!(store.get(&child.id).await.must(), Some(child.clone()));
+            assert!(
+                !store
+                    .insert_below_guarded(&record("alice", "full"), 2, &now_read)
+                    .await
+                    .must(),
+                "insert_below_guarded must keep the limit"
+            );
+        }
+        other => panic!(
+            "store conformance: insert_below_guarded whose caller changed must fail with \
+             CallerChanged, got {other:?}"
+        ),
+    }
+    // A caller revoked, then one gone: the guard fails too.
+    let revoked = store
+        .revoke(&caller.id, t)
+        .await
+        .must()
+        .expect("the caller exists");
+    let gone = CallerGuard::new(&*revoked.id, revoked.version);
+    store.delete(&caller.id).await.must();
+    if store.checks_caller_guard() {
+        let patch = TokenPatch::new(t).if_caller(gone.clone()).name("late");
+        refused(
+            "an update by a deleted caller",
+            store.update(&target.id, &patch).await,
+        );
+    }
+    if !matches!(
+        store
+            .insert_below_guarded(&record("alice", "orphan"), 100, &gone)
+            .await,
+        Err(StoreError::Unsupported { .. } | StoreError::CallerChanged)
+    ) {
+        panic!("store conformance: insert_below_guarded by a deleted caller must fail");
+    }
+}
+
+/// Two tokens that act on each other at once, each write guarded by its caller
+/// ([`CallerGuard`]), never fail as a backend error (a deadlock between the two rows' locks): each
+/// applies, or fails with [`StoreError::CallerChanged`] (or [`StoreError::Stale`]).
+pub async fn caller_guards_of_tokens_acting_on_each_other<S: TokenStore>(store: S) {
+    let _check = Check("caller_guards_of_tokens_acting_on_each_other");
+    if !store.checks_caller_guard() {
+        return;
+    }
+    let a = record("alice", "a");
+    let b = record("alice", "b");
+    store.insert(&a).await.must();
+    store.insert(&b).await.must();
+    let store = std::sync::Arc::new(store);
+    for round in 0..20 {
+        let (a, b) = (
+            store.get(&a.id).await.found(),
+            store.get(&b.id).await.found(),
+        );
+        let racers: Vec<_> = [(a.clone(), b.clone()), (b, a)]
+            .into_iter()
+            .flat_map(|(caller, target)| [(caller.clone(), target.clone()), (caller, target)])
+            .enumerate()
+            .map(|(i, (caller, target))| {
+                let store = std::sync::Arc::clone(&store);
+                tokio::spawn(async move {
+                    let patch = TokenPatch::new(now())
+                        .if_caller(CallerGuard::new(&*caller.id, caller.version))
+                        .name(format!(
+                            "{}-{round}-{i}",
+                            target.name.split('-').next().unwrap_or("t")
+                        ));
+                    store.update(&target.id, &patch).await
+                })
+            })
+            .collect();
+        for racer in racers {
+            match racer.await.expect("a racer panicked") {
+                Ok(_) | Err(StoreError::CallerChanged | StoreError::Stale) => {}
+                Err(e) => panic!(
+                    "store conformance: guarded writes of two tokens on each other must apply \
+                     or fail with CallerChanged, got {e}"
+                ),
+            }
+        }
+    }
 }
 
 /// `insert_below` inserts while the subject has fewer records than the limit (revoked ones

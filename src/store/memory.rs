@@ -4,7 +4,7 @@ use std::sync::{Arc, RwLock, Weak};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::write::check_writable;
+use super::write::{CallerGuard, check_writable};
 use super::{
     ChangeHub, ChangeListener, HistorySetting, ListQuery, NoticeKind, Page, Rotation, StoreError,
     SupersededHistory, SupersededSecret, TokenLookup, TokenPatch, TokenStore, superseded_by,
@@ -146,8 +146,16 @@ impl MemoryStore {
 
     /// Inserts `record` (if its subject has fewer than `max` records, when given) under the
     /// write lock; whether it did.
-    fn insert_where(&self, record: &TokenRecord, max: Option<u64>) -> Result<bool, StoreError> {
+    fn insert_where(
+        &self,
+        record: &TokenRecord,
+        max: Option<u64>,
+        caller: Option<&CallerGuard>,
+    ) -> Result<bool, StoreError> {
         let mut data = self.write();
+        if let Some(guard) = caller {
+            guard.check(data.by_id.get(&guard.id))?;
+        }
         if data.by_id.contains_key(&record.id) {
             return Err(StoreError::Conflict { field: "id" });
         }
@@ -276,11 +284,24 @@ impl TokenLookup for MemoryStore {
 #[async_trait]
 impl TokenStore for MemoryStore {
     async fn insert(&self, record: &TokenRecord) -> Result<(), StoreError> {
-        self.insert_where(record, None).map(|_| ())
+        self.insert_where(record, None, None).map(|_| ())
     }
 
     async fn insert_below(&self, record: &TokenRecord, max: u64) -> Result<bool, StoreError> {
-        self.insert_where(record, Some(max))
+        self.insert_where(record, Some(max), None)
+    }
+
+    async fn insert_below_guarded(
+        &self,
+        record: &TokenRecord,
+        max: u64,
+        caller: &CallerGuard,
+    ) -> Result<bool, StoreError> {
+        self.insert_where(record, Some(max), Some(caller))
+    }
+
+    fn checks_caller_guard(&self) -> bool {
+        true
     }
 
     async fn get(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
@@ -305,6 +326,9 @@ impl TokenStore for MemoryStore {
     async fn update(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
         let (old, new) = {
             let mut data = self.write();
+            if let Some(guard) = &patch.if_caller {
+                guard.check(data.by_id.get(&guard.id))?;
+            }
             let old = check_writable(
                 data.by_id.get(id),
                 patch.if_version,
@@ -332,6 +356,9 @@ impl TokenStore for MemoryStore {
     async fn rotate(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
         let (old, new) = {
             let mut data = self.write();
+            if let Some(guard) = &rotation.if_caller {
+                guard.check(data.by_id.get(&guard.id))?;
+            }
             let old = check_writable(
                 data.by_id.get(id),
                 rotation.if_version,

@@ -35,7 +35,7 @@ pub use sqlite::SqliteStore;
 /// The `sqlx` version the SQL stores are built on, for building pools and options to hand them.
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use sqlx;
-pub use write::{Rotation, TokenPatch};
+pub use write::{CallerGuard, Rotation, TokenPatch};
 
 use crate::record::TokenRecord;
 use crate::record::UsageUpdate;
@@ -61,6 +61,9 @@ pub enum StoreError {
     /// The token has expired, and the write was made on the condition that it had not
     /// ([`TokenPatch::if_unexpired`], [`Rotation::if_unexpired`]).
     Expired,
+    /// The token that makes the write (the management API's caller) changed, or is gone, since
+    /// its ceilings were checked ([`CallerGuard`]): nothing was written. Send the request again.
+    CallerChanged,
     /// The backend failed or could not be reached.
     Backend(Box<dyn std::error::Error + Send + Sync>),
     /// The store does not implement this operation (for example
@@ -86,6 +89,7 @@ impl StoreError {
             Self::Revoked => Self::Revoked,
             Self::Stale => Self::Stale,
             Self::Expired => Self::Expired,
+            Self::CallerChanged => Self::CallerChanged,
             Self::Backend(e) => Self::backend(e.to_string()),
             Self::Unsupported { operation } => Self::Unsupported { operation },
         }
@@ -100,6 +104,9 @@ impl fmt::Display for StoreError {
             Self::Revoked => f.write_str("the token is revoked; it cannot be changed"),
             Self::Stale => f.write_str("the token changed meanwhile: read it again and retry"),
             Self::Expired => f.write_str("the token has expired; it cannot be changed so"),
+            Self::CallerChanged => {
+                f.write_str("the token making the change changed meanwhile: retry")
+            }
             Self::Backend(e) => write!(f, "token store unavailable: {e}"),
             Self::Unsupported { operation } => {
                 write!(f, "this token store does not support {operation}")
@@ -547,6 +554,38 @@ pub trait TokenStore: TokenLookup {
         Err(StoreError::Unsupported {
             operation: "insert_below",
         })
+    }
+
+    /// [`insert_below`](Self::insert_below), on the further condition `caller`: the token that
+    /// creates the record is still the version whose ceilings the new record was checked
+    /// against, checked in the same atomic write, so that a token narrowed meanwhile never mints
+    /// a child with what it lost.
+    ///
+    /// # Errors
+    /// Those of [`insert_below`](Self::insert_below); [`StoreError::CallerChanged`] if the
+    /// caller's record is gone or has another version (nothing is inserted);
+    /// [`StoreError::Unsupported`] from the default implementation (the management API then
+    /// reads the caller again right before the insert: a narrower window, not none).
+    async fn insert_below_guarded(
+        &self,
+        record: &TokenRecord,
+        max: u64,
+        caller: &CallerGuard,
+    ) -> Result<bool, StoreError> {
+        let _ = (record, max, caller);
+        Err(StoreError::Unsupported {
+            operation: "insert_below_guarded",
+        })
+    }
+
+    /// Whether [`update`](Self::update) and [`rotate`](Self::rotate) check
+    /// [`TokenPatch::if_caller`] and [`Rotation::if_caller`] in their atomic write. `false` from
+    /// the default implementation, for stores written before the guard existed, which would
+    /// ignore it: the management API then reads the caller again right before the write (a
+    /// narrower window, not none). A store (or a wrapper around one) returns `true` only if it
+    /// checks both.
+    fn checks_caller_guard(&self) -> bool {
+        false
     }
 
     /// Removes at most `limit` records that are revoked since before `cutoff` or expired before

@@ -161,7 +161,7 @@ use super::sql::{
     self, Dialect, Migration, Param, RawRecord, Statements, TABLE, in_task, scope_strings,
     store_error, to_strings,
 };
-use super::write::check_writable;
+use super::write::{CallerGuard, check_writable};
 use super::{
     ChangeHub, ChangeListener, HistorySetting, ListQuery, NoticeKind, Page, Rotation, StoreError,
     StoreEvent, SupersededHistory, SupersededSecret, TokenLookup, TokenPatch, TokenStore,
@@ -574,6 +574,59 @@ impl PostgresStore {
             .as_ref()
             .map(decode)
             .transpose()
+    }
+
+    /// [`locked`](Self::locked) record `id`, and with `guard` the caller's row locked too
+    /// (`FOR SHARE`: the caller's own requests on other tokens need not wait for each other) and
+    /// checked, in the same transaction, until it ends. The two rows are locked in the order of
+    /// their ids, whichever is the caller: two tokens acting on each other at once then wait for
+    /// each other instead of deadlocking. A deadlock with some other writer all the same is
+    /// [`StoreError::CallerChanged`] (nothing written: retry), not a backend failure.
+    async fn locked_guarded(
+        &self,
+        tx: &mut sqlx::Transaction<'static, Postgres>,
+        id: &str,
+        guard: Option<&CallerGuard>,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let Some(guard) = guard else {
+            return self.locked(tx, id).await;
+        };
+        if guard.id == id {
+            let old = self.locked(tx, id).await.map_err(deadlock_retry)?;
+            guard.check(old.as_ref())?;
+            return Ok(old);
+        }
+        if guard.id.as_str() < id {
+            self.check_caller(tx, guard).await?;
+            self.locked(tx, id).await.map_err(deadlock_retry)
+        } else {
+            let old = self.locked(tx, id).await.map_err(deadlock_retry)?;
+            self.check_caller(tx, guard).await?;
+            Ok(old)
+        }
+    }
+
+    /// Locks the caller's row `FOR SHARE` until the transaction ends, and checks `guard`
+    /// against it.
+    async fn check_caller(
+        &self,
+        tx: &mut sqlx::Transaction<'static, Postgres>,
+        guard: &CallerGuard,
+    ) -> Result<(), StoreError> {
+        let current = if storable(&guard.id) {
+            sqlx::query(&format!("{} FOR SHARE", self.inner.sql.get))
+                .bind(&guard.id)
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(store_error)
+                .map_err(deadlock_retry)?
+                .as_ref()
+                .map(decode)
+                .transpose()?
+        } else {
+            None
+        };
+        guard.check(current.as_ref())
     }
 
     /// Commits a conditional write of `old` that returned `row` (none: its condition failed, which
@@ -1020,6 +1073,21 @@ impl Feed {
     }
 }
 
+/// A deadlock PostgreSQL broke by failing this transaction (SQLSTATE `40P01`) as
+/// [`StoreError::CallerChanged`]: nothing was written, and the request may be sent again.
+fn deadlock_retry(err: StoreError) -> StoreError {
+    match &err {
+        StoreError::Backend(e)
+            if e.downcast_ref::<sqlx::Error>().is_some_and(
+                |e| matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("40P01")),
+            ) =>
+        {
+            StoreError::CallerChanged
+        }
+        _ => err,
+    }
+}
+
 /// A change-feed failure, as the sqlx error [`Feed::listen`] returns.
 fn feed_error(message: &'static str) -> sqlx::Error {
     sqlx::Error::Io(std::io::Error::other(message))
@@ -1228,6 +1296,42 @@ impl PostgresStore {
         begin_write(&self.inner.pool).await
     }
 
+    /// [`insert_below`](TokenStore::insert_below), and with `caller` its [`CallerGuard`]
+    /// checked with the caller's row locked in the same transaction.
+    async fn insert_below_if(
+        &self,
+        record: &TokenRecord,
+        max: u64,
+        caller: Option<&CallerGuard>,
+    ) -> Result<bool, StoreError> {
+        // A lock per subject for the transaction: creations for one subject on every node take
+        // turns between the count and the insert; other subjects' do not wait.
+        // The count must see what the previous holder of the lock committed, which a snapshot
+        // taken at the lock (REPEATABLE READ) would not: `begin_write` is READ COMMITTED.
+        let mut tx = self.begin_write().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+            .bind(SUBJECT_LOCK_CLASS)
+            .bind(&record.subject)
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        // Then the caller's row (no write takes a subject's lock while it holds a row's).
+        if let Some(guard) = caller {
+            self.check_caller(&mut tx, guard).await?;
+        }
+        let n: i64 = sqlx::query_scalar(&self.inner.sql.count_by_subject)
+            .bind(&record.subject)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        if u64::try_from(n).unwrap_or(0) >= max {
+            return Ok(false);
+        }
+        self.insert_in(&mut *tx, record).await?;
+        tx.commit().await.map_err(store_error)?;
+        Ok(true)
+    }
+
     /// Inserts `record` through `executor` (the pool, or a transaction).
     async fn insert_in<'e, E>(&self, executor: E, record: &TokenRecord) -> Result<(), StoreError>
     where
@@ -1309,7 +1413,21 @@ impl TokenStore for PostgresStore {
 
     async fn insert_below(&self, record: &TokenRecord, max: u64) -> Result<bool, StoreError> {
         let (this, record) = (self.clone(), record.clone());
-        in_task(async move { this.insert_below_tx(&record, max).await }).await
+        in_task(async move { this.insert_below_if(&record, max, None).await }).await
+    }
+
+    async fn insert_below_guarded(
+        &self,
+        record: &TokenRecord,
+        max: u64,
+        caller: &CallerGuard,
+    ) -> Result<bool, StoreError> {
+        let (this, record, caller) = (self.clone(), record.clone(), caller.clone());
+        in_task(async move { this.insert_below_if(&record, max, Some(&caller)).await }).await
+    }
+
+    fn checks_caller_guard(&self) -> bool {
+        true
     }
 
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
@@ -1442,7 +1560,9 @@ impl PostgresStore {
             return Err(StoreError::NotFound);
         }
         let mut tx = self.begin_write().await?;
-        let old = self.locked(&mut tx, id).await?;
+        let old = self
+            .locked_guarded(&mut tx, id, patch.if_caller.as_ref())
+            .await?;
         let old = check_writable(old.as_ref(), patch.if_version, None, patch.if_unexpired)?;
         if patch.is_empty() {
             return Ok(old.clone());
@@ -1470,7 +1590,9 @@ impl PostgresStore {
             return Err(StoreError::NotFound);
         }
         let mut tx = self.begin_write().await?;
-        let old = self.locked(&mut tx, id).await?;
+        let old = self
+            .locked_guarded(&mut tx, id, rotation.if_caller.as_ref())
+            .await?;
         let old = check_writable(
             old.as_ref(),
             rotation.if_version,
@@ -1567,31 +1689,6 @@ impl PostgresStore {
                 .bind(Some(version))
         })
         .await
-    }
-
-    async fn insert_below_tx(&self, record: &TokenRecord, max: u64) -> Result<bool, StoreError> {
-        // A lock per subject for the transaction: creations for one subject on every node take
-        // turns between the count and the insert; other subjects' do not wait.
-        // The count must see what the previous holder of the lock committed, which a snapshot
-        // taken at the lock (REPEATABLE READ) would not: `begin_write` is READ COMMITTED.
-        let mut tx = self.begin_write().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
-            .bind(SUBJECT_LOCK_CLASS)
-            .bind(&record.subject)
-            .execute(&mut *tx)
-            .await
-            .map_err(store_error)?;
-        let n: i64 = sqlx::query_scalar(&self.inner.sql.count_by_subject)
-            .bind(&record.subject)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(store_error)?;
-        if u64::try_from(n).unwrap_or(0) >= max {
-            return Ok(false);
-        }
-        self.insert_in(&mut *tx, record).await?;
-        tx.commit().await.map_err(store_error)?;
-        Ok(true)
     }
 
     async fn purge_tx(

@@ -108,7 +108,7 @@ use super::sql::{
     self, Dialect, Migration, Param, RawRecord, Statements, TABLE, in_task, scope_strings,
     store_error, to_strings,
 };
-use super::write::check_writable;
+use super::write::{CallerGuard, check_writable};
 use super::{
     ChangeHub, ChangeListener, HistorySetting, ListQuery, NoticeKind, Page, Rotation, StoreError,
     StoreEvent, SupersededHistory, SupersededSecret, TokenLookup, TokenPatch, TokenStore,
@@ -466,6 +466,32 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// [`insert_below`](TokenStore::insert_below), and with `caller` its
+    /// [`CallerGuard`] checked under the same write lock.
+    async fn insert_below_if(
+        &self,
+        record: &TokenRecord,
+        max: u64,
+        caller: Option<&CallerGuard>,
+    ) -> Result<bool, StoreError> {
+        // The write lock first: no other connection, in this process or another, can insert
+        // between the count and the insert, nor change the caller between its check and the
+        // insert.
+        let mut tx = self.begin_write().await?;
+        check_caller(&mut tx, &self.inner.sql, caller).await?;
+        let n: i64 = sqlx::query_scalar(&self.inner.sql.count_by_subject)
+            .bind(&record.subject)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        if u64::try_from(n).unwrap_or(0) >= max {
+            return Ok(false);
+        }
+        self.insert_in(&mut *tx, record).await?;
+        tx.commit().await.map_err(store_error)?;
+        Ok(true)
+    }
+
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
         self.inner
             .writer
@@ -803,6 +829,19 @@ async fn locked(
         .transpose()
 }
 
+/// Checks `guard` (if any) against the caller's record as the transaction reads it, under the
+/// write lock `BEGIN IMMEDIATE` took: it holds until the write commits.
+async fn check_caller(
+    tx: &mut sqlx::Transaction<'static, Sqlite>,
+    sql: &Statements,
+    guard: Option<&CallerGuard>,
+) -> Result<(), StoreError> {
+    if let Some(guard) = guard {
+        guard.check(locked(tx, sql, &guard.id).await?.as_ref())?;
+    }
+    Ok(())
+}
+
 fn micros(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
 }
@@ -1019,7 +1058,21 @@ impl TokenStore for SqliteStore {
 
     async fn insert_below(&self, record: &TokenRecord, max: u64) -> Result<bool, StoreError> {
         let (this, record) = (self.clone(), record.clone());
-        in_task(async move { this.insert_below_tx(&record, max).await }).await
+        in_task(async move { this.insert_below_if(&record, max, None).await }).await
+    }
+
+    async fn insert_below_guarded(
+        &self,
+        record: &TokenRecord,
+        max: u64,
+        caller: &CallerGuard,
+    ) -> Result<bool, StoreError> {
+        let (this, record, caller) = (self.clone(), record.clone(), caller.clone());
+        in_task(async move { this.insert_below_if(&record, max, Some(&caller)).await }).await
+    }
+
+    fn checks_caller_guard(&self) -> bool {
+        true
     }
 
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
@@ -1097,6 +1150,7 @@ impl SqliteStore {
 
     async fn update_tx(&self, id: &str, patch: &TokenPatch) -> Result<TokenRecord, StoreError> {
         let mut tx = self.begin_write().await?;
+        check_caller(&mut tx, &self.inner.sql, patch.if_caller.as_ref()).await?;
         let old = locked(&mut tx, &self.inner.sql, id).await?;
         let old = check_writable(old.as_ref(), patch.if_version, None, patch.if_unexpired)?;
         if patch.is_empty() {
@@ -1127,6 +1181,7 @@ impl SqliteStore {
 
     async fn rotate_tx(&self, id: &str, rotation: &Rotation) -> Result<TokenRecord, StoreError> {
         let mut tx = self.begin_write().await?;
+        check_caller(&mut tx, &self.inner.sql, rotation.if_caller.as_ref()).await?;
         let old = locked(&mut tx, &self.inner.sql, id).await?;
         let old = check_writable(
             old.as_ref(),
@@ -1219,23 +1274,6 @@ impl SqliteStore {
                 .bind(Some(version))
         })
         .await
-    }
-
-    async fn insert_below_tx(&self, record: &TokenRecord, max: u64) -> Result<bool, StoreError> {
-        // The write lock first: no other connection, in this process or another, can insert
-        // between the count and the insert.
-        let mut tx = self.begin_write().await?;
-        let n: i64 = sqlx::query_scalar(&self.inner.sql.count_by_subject)
-            .bind(&record.subject)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(store_error)?;
-        if u64::try_from(n).unwrap_or(0) >= max {
-            return Ok(false);
-        }
-        self.insert_in(&mut *tx, record).await?;
-        tx.commit().await.map_err(store_error)?;
-        Ok(true)
     }
 
     async fn purge_tx(

@@ -15,6 +15,45 @@ use crate::record::TokenRecord;
 use crate::scope::ScopeSet;
 use crate::token::TokenHash;
 
+/// A condition on another record than the one written: the token that makes the write (the
+/// management API's caller) must still exist at this [`version`](TokenRecord::version) when the
+/// write is made ([`StoreError::CallerChanged`] otherwise). Every ceiling a write is held to (the
+/// caller's scopes, expiry and networks) was checked against the caller as it was read; a caller
+/// narrowed, disabled, rotated, revoked or deleted since must not pass on what it no longer has.
+///
+/// Carried by [`TokenPatch::if_caller`] and [`Rotation::if_caller`], and given to
+/// [`TokenStore::insert_below_guarded`](super::TokenStore::insert_below_guarded). A store checks it
+/// under the same lock, or in the same transaction, as the write (PostgreSQL: the caller's row
+/// locked `FOR SHARE` with the written row's `FOR UPDATE`), and says that it does with
+/// [`TokenStore::checks_caller_guard`](super::TokenStore::checks_caller_guard).
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerGuard {
+    /// The caller's token id.
+    pub id: String,
+    /// The caller's record's version as read when its ceilings were checked.
+    pub version: u64,
+}
+
+impl CallerGuard {
+    /// The condition that record `id` still has version `version`.
+    pub fn new(id: impl Into<String>, version: u64) -> Self {
+        Self {
+            id: id.into(),
+            version,
+        }
+    }
+
+    /// Whether `current` (the caller's record as stored now, under the write's lock) passes:
+    /// it exists and has the version read ([`StoreError::CallerChanged`] otherwise).
+    pub(crate) fn check(&self, current: Option<&TokenRecord>) -> Result<(), StoreError> {
+        match current {
+            Some(r) if r.version == self.version => Ok(()),
+            _ => Err(StoreError::CallerChanged),
+        }
+    }
+}
+
 /// The fields [`TokenStore::update`](super::TokenStore::update) changes, and the condition it
 /// changes them under. A field left `None` is kept as stored; the hashes, the revocation and the
 /// usage fields are never part of a patch.
@@ -37,6 +76,10 @@ pub struct TokenPatch {
     /// under its write lock; else [`StoreError::Expired`]): a patch that gives a token a new
     /// expiry, or enables it, must not bring back one that expired after it was read.
     pub if_unexpired: bool,
+    /// Apply only if the caller's own record is still the version it was read at (else
+    /// [`StoreError::CallerChanged`]); `None`: no such condition. Only a store whose
+    /// [`checks_caller_guard`](super::TokenStore::checks_caller_guard) is `true` checks it.
+    pub if_caller: Option<CallerGuard>,
     /// A new name (unique per subject).
     pub name: Option<String>,
     /// New scopes.
@@ -57,6 +100,7 @@ impl TokenPatch {
         Self {
             if_version: None,
             if_unexpired: false,
+            if_caller: None,
             name: None,
             scopes: None,
             expires_at: None,
@@ -78,6 +122,14 @@ impl TokenPatch {
     #[must_use]
     pub fn if_unexpired(mut self) -> Self {
         self.if_unexpired = true;
+        self
+    }
+
+    /// Applies only while the caller's own record is still the version named
+    /// ([`if_caller`](Self::if_caller)).
+    #[must_use]
+    pub fn if_caller(mut self, guard: CallerGuard) -> Self {
+        self.if_caller = Some(guard);
         self
     }
 
@@ -176,6 +228,9 @@ pub struct Rotation {
     /// Apply only if the record has not expired when the write is made (else
     /// [`StoreError::Expired`]), as [`TokenPatch::if_unexpired`].
     pub if_unexpired: bool,
+    /// Apply only if the caller's own record is still the version it was read at (else
+    /// [`StoreError::CallerChanged`]), as [`TokenPatch::if_caller`].
+    pub if_caller: Option<CallerGuard>,
     /// The hash being replaced: the rotation applies only while it is the record's current hash
     /// (else [`StoreError::Stale`]).
     pub old_hash: TokenHash,
@@ -197,6 +252,7 @@ impl fmt::Debug for Rotation {
         f.debug_struct("Rotation")
             .field("if_version", &self.if_version)
             .field("if_unexpired", &self.if_unexpired)
+            .field("if_caller", &self.if_caller)
             .field("new_start", &self.new_start)
             .field("grace_until", &self.grace_until)
             .field("expires_at", &self.expires_at)
@@ -217,6 +273,7 @@ impl Rotation {
         Self {
             if_version: None,
             if_unexpired: false,
+            if_caller: None,
             old_hash,
             new_hash,
             new_start: new_start.into(),
@@ -238,6 +295,14 @@ impl Rotation {
     #[must_use]
     pub fn if_unexpired(mut self) -> Self {
         self.if_unexpired = true;
+        self
+    }
+
+    /// Applies only while the caller's own record is still the version named
+    /// ([`if_caller`](Self::if_caller)).
+    #[must_use]
+    pub fn if_caller(mut self, guard: CallerGuard) -> Self {
+        self.if_caller = Some(guard);
         self
     }
 
