@@ -4,7 +4,8 @@
 //!
 //! The same for a token that acts on itself or on another token while it is changed: it never
 //! undoes its own narrowing, disabling or shortened expiry, nor hands another token what it has
-//! just lost.
+//! just lost, nor deletes or revokes another token with a scope it has just lost (or once
+//! disabled).
 //!
 //! First deterministically (a store wrapper holds a handler between its read of the record and
 //! its write, or lands another write there), then as a stress test over real databases: two "nodes" (two stores, two layers,
@@ -21,7 +22,7 @@ use async_trait::async_trait;
 use axum::Router;
 use axum::routing;
 use chrono::{DateTime, Utc};
-use http::StatusCode;
+use http::{Method, StatusCode};
 use support_admin::{BASE, patch, post};
 use tokio::sync::{mpsc, oneshot};
 use tower_pat::admin::{self, AdminConfig, EventKind, TokenEvent};
@@ -199,7 +200,8 @@ struct Landing {
 /// the next `get` of it or the next management write or insertion (`arm_get`), or right before
 /// the next management write or insertion (`arm_write`).
 /// `guarded`: whether it forwards the caller guard ([`TokenStore::checks_caller_guard`],
-/// `insert_below_guarded`); without, the management API falls back to reading the caller again.
+/// `insert_below_guarded`, `revoke_if_covered_guarded`, `delete_if_covered_guarded`); without,
+/// the management API falls back to reading the caller again.
 #[derive(Clone)]
 struct Interleave {
     inner: MemoryStore,
@@ -315,6 +317,56 @@ impl TokenStore for Interleave {
     }
     async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
         self.inner.delete(id).await
+    }
+    async fn revoke_if_covered(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+        covering: &ScopeSet,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        self.before_write().await;
+        self.inner.revoke_if_covered(id, at, covering).await
+    }
+    async fn delete_if_covered(
+        &self,
+        id: &str,
+        covering: &ScopeSet,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        self.before_write().await;
+        self.inner.delete_if_covered(id, covering).await
+    }
+    async fn revoke_if_covered_guarded(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+        covering: &ScopeSet,
+        caller: &CallerGuard,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        if !self.guarded {
+            return Err(StoreError::Unsupported {
+                operation: "revoke_if_covered_guarded",
+            });
+        }
+        self.before_write().await;
+        self.inner
+            .revoke_if_covered_guarded(id, at, covering, caller)
+            .await
+    }
+    async fn delete_if_covered_guarded(
+        &self,
+        id: &str,
+        covering: &ScopeSet,
+        caller: &CallerGuard,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        if !self.guarded {
+            return Err(StoreError::Unsupported {
+                operation: "delete_if_covered_guarded",
+            });
+        }
+        self.before_write().await;
+        self.inner
+            .delete_if_covered_guarded(id, covering, caller)
+            .await
     }
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {
         self.inner.count_by_subject(subject).await
@@ -530,6 +582,81 @@ async fn a_token_narrowed_during_a_create_mints_no_child_with_what_it_lost() {
         1,
         "a child was minted with a scope its creator lost"
     );
+}
+
+/// Token A (x:a, x:b) deletes or revokes token B; A is changed (`change`: x:b taken away, or
+/// disabled) after the handler checked A, and before the write (in the store's guard) or before
+/// the read of B (the fallback of a store without the guard). Refused (409), B intact: §8, acting
+/// on a token needs every scope it holds, and A deletes with the scopes it had when checked.
+async fn a_changed_caller_acts_on_nothing(delete: bool, target: &[&str], change: TokenPatch) {
+    for (guarded, at_write) in [(true, true), (true, false), (false, false)] {
+        let store = Interleave::new(guarded);
+        let node = Node::new(store.clone());
+        let (a, secret) = node.issue(&WIDE).await;
+        let (b, _) = node.issue(target).await;
+        let before = node.record(&b).await;
+        if at_write {
+            store.arm_write(&a, change.clone());
+        } else {
+            store.arm_get(&b, 0, &a, change.clone());
+        }
+        let res = if delete {
+            support_admin::call(
+                &node.app,
+                Method::DELETE,
+                &format!("{BASE}/{b}"),
+                Some(&secret),
+                None,
+            )
+            .await
+        } else {
+            patch(
+                &node.app,
+                &format!("{BASE}/{b}"),
+                &secret,
+                r#"{"revoked": true}"#,
+            )
+            .await
+        };
+        let stored_a = node.record(&a).await;
+        assert!(
+            stored_a.version > 0 && (stored_a.is_disabled() || !stored_a.scopes.grants("x:b")),
+            "the change of A landed"
+        );
+        assert_eq!(
+            res.status,
+            StatusCode::CONFLICT,
+            "delete {delete}, guard {guarded}, at write {at_write}: {}",
+            res.text
+        );
+        assert_eq!(
+            node.store.get(&b).await.unwrap().as_ref(),
+            Some(&before),
+            "B {} by a caller changed since its check (guard {guarded}, at write {at_write})",
+            if delete { "deleted" } else { "revoked" }
+        );
+    }
+}
+
+/// A (x:a, x:b) deletes B (x:b); A loses x:b after the handler checked it: B stays.
+#[tokio::test]
+async fn a_token_narrowed_during_a_delete_does_not_delete_what_it_no_longer_covers() {
+    let narrowing = TokenPatch::new(Utc::now()).scopes(scopes(&NARROW));
+    a_changed_caller_acts_on_nothing(true, &["x:b"], narrowing).await;
+}
+
+/// The same through `PATCH {"revoked": true}`: B stays unrevoked.
+#[tokio::test]
+async fn a_token_narrowed_during_a_revocation_does_not_revoke_what_it_no_longer_covers() {
+    let narrowing = TokenPatch::new(Utc::now()).scopes(scopes(&NARROW));
+    a_changed_caller_acts_on_nothing(false, &["x:b"], narrowing).await;
+}
+
+/// A (x:a, x:b) deletes B (x:a), a scope A keeps; A is disabled after the handler checked it: a
+/// disabled token deletes nothing.
+#[tokio::test]
+async fn a_token_disabled_during_a_delete_deletes_nothing() {
+    a_changed_caller_acts_on_nothing(true, &["x:a"], TokenPatch::new(Utc::now()).disable()).await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -148,6 +148,7 @@ mod suite {
         insert_below_holds_the_limit_under_concurrency,
         caller_guard_conditions_writes,
         caller_guards_of_tokens_acting_on_each_other,
+        caller_guard_conditions_revocations_and_deletions,
         usage_is_monotonic,
         usage_keeps_newest_addresses_capped,
         list_matches_the_reference,

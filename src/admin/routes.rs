@@ -201,15 +201,33 @@ impl Admin {
     }
 
     /// Revokes `id` if `covering` grants every scope it holds
-    /// ([`TokenStore::revoke_if_covered`]); without the condition on a store that does not
-    /// support it.
+    /// ([`TokenStore::revoke_if_covered`](crate::TokenStore::revoke_if_covered)) and, with
+    /// `own` (the caller's record as [`caller_may_act`](Self::caller_may_act) read and compared
+    /// it; `None` when the caller revokes itself, which gives nothing), the caller is still that
+    /// version, checked in the same atomic write
+    /// ([`revoke_if_covered_guarded`](crate::TokenStore::revoke_if_covered_guarded)): a caller
+    /// narrowed, disabled or revoked since its check revokes nothing on the strength of what it
+    /// was. On a store without the guarded write, the caller is read again right before it
+    /// ([`caller_unchanged`](Self::caller_unchanged): a narrower window, not none); on one
+    /// without the conditional write, without the condition.
     async fn revoke_checked(
         &self,
         id: &str,
         at: DateTime<Utc>,
         covering: &ScopeSet,
+        own: Option<&TokenRecord>,
     ) -> Result<Option<TokenRecord>, StoreError> {
         let store = &self.config.store;
+        if let Some(own) = own {
+            let guard = CallerGuard::new(&*own.id, own.version);
+            match store
+                .revoke_if_covered_guarded(id, at, covering, &guard)
+                .await
+            {
+                Err(StoreError::Unsupported { .. }) => self.caller_still(&guard).await?,
+                other => return other,
+            }
+        }
         match store.revoke_if_covered(id, at, covering).await {
             Err(StoreError::Unsupported { .. }) => store.revoke(id, at).await,
             other => other,
@@ -217,18 +235,34 @@ impl Admin {
     }
 
     /// Deletes `id` if `covering` grants every scope it holds
-    /// ([`TokenStore::delete_if_covered`]); without the condition on a store that does not
-    /// support it.
+    /// ([`TokenStore::delete_if_covered`](crate::TokenStore::delete_if_covered)) and, with `own`,
+    /// the caller is still that version, as [`revoke_checked`](Self::revoke_checked)
+    /// ([`delete_if_covered_guarded`](crate::TokenStore::delete_if_covered_guarded)).
     async fn delete_checked(
         &self,
         id: &str,
         covering: &ScopeSet,
+        own: Option<&TokenRecord>,
     ) -> Result<Option<TokenRecord>, StoreError> {
         let store = &self.config.store;
+        if let Some(own) = own {
+            let guard = CallerGuard::new(&*own.id, own.version);
+            match store.delete_if_covered_guarded(id, covering, &guard).await {
+                Err(StoreError::Unsupported { .. }) => self.caller_still(&guard).await?,
+                other => return other,
+            }
+        }
         match store.delete_if_covered(id, covering).await {
             Err(StoreError::Unsupported { .. }) => store.delete(id).await,
             other => other,
         }
+    }
+
+    /// The caller's record read again: still the version `guard` names, or
+    /// [`StoreError::CallerChanged`]. The fallback of a store that cannot check a
+    /// [`CallerGuard`] in its write, run right before each attempt of it.
+    async fn caller_still(&self, guard: &CallerGuard) -> Result<(), StoreError> {
+        guard.check(self.config.store.get(&guard.id).await?.as_ref())
     }
 
     /// Runs `write` (a revocation or deletion of `id` on the condition that the scopes it is
@@ -317,10 +351,9 @@ impl Admin {
     /// The caller's record read again: still the version `own` is, or 409 (`conflict`). The
     /// fallback of a store that cannot check a [`CallerGuard`] in its write.
     async fn caller_unchanged(&self, own: &TokenRecord) -> Result<(), ApiError> {
-        match self.config.store.get(&own.id).await? {
-            Some(current) if current.version == own.version => Ok(()),
-            _ => Err(ApiError::caller_changed()),
-        }
+        Ok(self
+            .caller_still(&CallerGuard::new(&*own.id, own.version))
+            .await?)
     }
 
     /// The view of a record with the usage marks not yet written behind merged in, so that
@@ -690,11 +723,13 @@ pub(crate) async fn update(
     if patch.revoked == Some(true) && !record.is_revoked() {
         // On the condition that the caller still holds every scope the token holds when it is
         // written: one given a scope the caller lacks meanwhile is not revoked on the strength
-        // of the check above.
+        // of the check above. Nor if the caller changed since its check (another token only:
+        // a token revoking itself gives nothing, and its own write above changed its version).
+        let guard = (id != own.id).then_some(&own);
         record = admin
             .act_checked(&caller, &id, |covering| {
                 let (admin, id) = (&admin, id.as_str());
-                async move { admin.revoke_checked(id, now, &covering).await }
+                async move { admin.revoke_checked(id, now, &covering, guard).await }
             })
             .await?
             .ok_or_else(ApiError::not_found)?;
@@ -927,16 +962,18 @@ pub(crate) async fn delete(
     caller: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    admin.caller_may_act(&caller).await?;
+    let own = admin.caller_may_act(&caller).await?;
     let record = admin.load(&caller, &id).await?;
     policy::may_act_on(&caller, &record)?;
     // On the condition that the caller still holds every scope the token holds when it is
     // written: one given a scope the caller lacks meanwhile is not deleted on the strength of
-    // the check above.
+    // the check above. Nor if the caller changed since its check (narrowed, disabled, revoked):
+    // the scopes it deletes with are those it had then. A token deleting itself gives nothing.
+    let guard = (id != own.id).then_some(&own);
     let removed = admin
         .act_checked(&caller, &id, |covering| {
             let (admin, id) = (&admin, id.as_str());
-            async move { admin.delete_checked(id, &covering).await }
+            async move { admin.delete_checked(id, &covering, guard).await }
         })
         .await?
         .ok_or_else(ApiError::not_found)?;

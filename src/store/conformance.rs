@@ -10,7 +10,10 @@
 //! with [`StoreError::Revoked`], a stale version or hash with [`StoreError::Stale`], an expired
 //! record written `if_unexpired` with [`StoreError::Expired`], taken values with
 //! [`StoreError::Conflict`], and then change nothing); versions that count management writes;
-//! a revocation that is permanent; a [`StoreEvent::Changed`] for every hash a record answered to
+//! a revocation that is permanent; management writes on another token conditional, when a
+//! [`CallerGuard`] is given, on the caller's record being the version named
+//! ([`StoreError::CallerChanged`]; a store without the guarded operations passes those checks);
+//! a [`StoreEvent::Changed`] for every hash a record answered to
 //! before each `update`, `rotate`, `revoke` and `delete` (so
 //! [`TokenLookup::subscribe`](super::TokenLookup::subscribe) must return `true`: embed a
 //! [`ChangeHub`](super::ChangeHub)); usage merged by [`TokenRecord::apply_usage`]'s rule; and
@@ -301,6 +304,7 @@ suite!(
     insert_below_holds_the_limit_under_concurrency,
     caller_guard_conditions_writes,
     caller_guards_of_tokens_acting_on_each_other,
+    caller_guard_conditions_revocations_and_deletions,
     usage_is_monotonic,
     usage_keeps_newest_addresses_capped,
     list_matches_the_reference,
@@ -1467,6 +1471,169 @@ pub async fn caller_guards_of_tokens_acting_on_each_other<S: TokenStore>(store: 
             }
         }
     }
+}
+
+/// A [`CallerGuard`] on a revocation or deletion of another token
+/// ([`TokenStore::revoke_if_covered_guarded`], [`TokenStore::delete_if_covered_guarded`]) lets it
+/// apply only while the caller's record is still the version named, checked in the same atomic
+/// write as `covering`: once the caller was narrowed, disabled, revoked or deleted, the write
+/// fails with [`StoreError::CallerChanged`] and changes nothing, however much `covering` grants
+/// (the caller's scopes as they were), and a target already revoked, or gone, is no exception.
+/// With the guard holding, `covering` is still checked ([`StoreError::Stale`]). A store that
+/// answers [`StoreError::Unsupported`] for both passes (the management API then reads the
+/// caller again right before the write); supporting one without the other does not.
+pub async fn caller_guard_conditions_revocations_and_deletions<S: TokenStore>(store: S) {
+    let _check = Check("caller_guard_conditions_revocations_and_deletions");
+    let t = now();
+    let caller = record("alice", "caller");
+    let target = record("alice", "target");
+    let other = record("alice", "other");
+    for r in [&caller, &target, &other] {
+        store.insert(r).await.must();
+    }
+    let covering = ScopeSet::parse(["repo:*", "user:*"]).unwrap();
+    let uncovering = ScopeSet::parse(["repo:read"]).unwrap();
+    let read = CallerGuard::new(&*caller.id, caller.version);
+    match store
+        .revoke_if_covered_guarded(&other.id, t, &uncovering, &read)
+        .await
+    {
+        Err(StoreError::Unsupported { .. }) => {
+            assert!(
+                matches!(
+                    store
+                        .delete_if_covered_guarded(&other.id, &covering, &read)
+                        .await,
+                    Err(StoreError::Unsupported { .. })
+                ),
+                "a store without revoke_if_covered_guarded must not half-support \
+                 delete_if_covered_guarded"
+            );
+            return;
+        }
+        Err(StoreError::Stale) => {}
+        other => panic!(
+            "store conformance: revoke_if_covered_guarded whose guard holds, with scopes that do \
+             not grant the record's, must be Stale, got {other:?}"
+        ),
+    }
+    assert!(
+        matches!(
+            store
+                .delete_if_covered_guarded(&other.id, &uncovering, &read)
+                .await,
+            Err(StoreError::Stale)
+        ),
+        "delete_if_covered_guarded whose guard holds, with scopes that do not grant the \
+         record's, must be Stale"
+    );
+    // The caller as read: both apply.
+    let revoked = store
+        .revoke_if_covered_guarded(&other.id, t, &covering, &read)
+        .await
+        .found();
+    assert!(
+        revoked.is_revoked(),
+        "a revocation whose caller guard holds must apply"
+    );
+    assert!(
+        store
+            .delete_if_covered_guarded(&other.id, &covering, &read)
+            .await
+            .must()
+            .is_some(),
+        "a deletion whose caller guard holds must apply"
+    );
+    assert_eq!(store.get(&other.id).await.must(), None);
+
+    // Someone narrows the caller: the guard at the version read fails, changing nothing.
+    let narrowed = store
+        .update(&caller.id, &TokenPatch::new(t).scopes(uncovering.clone()))
+        .await
+        .must();
+    let refused = |what: &str, r: Result<Option<TokenRecord>, StoreError>| {
+        assert!(
+            matches!(r, Err(StoreError::CallerChanged)),
+            "{what} whose caller changed since the guard's version must fail with \
+             CallerChanged, got {r:?}"
+        );
+    };
+    refused(
+        "a revocation",
+        store
+            .revoke_if_covered_guarded(&target.id, t, &covering, &read)
+            .await,
+    );
+    refused(
+        "a deletion",
+        store
+            .delete_if_covered_guarded(&target.id, &covering, &read)
+            .await,
+    );
+    refused(
+        "a revocation of an unknown id",
+        store
+            .revoke_if_covered_guarded("no-such-id", t, &covering, &read)
+            .await,
+    );
+    refused(
+        "a deletion of an unknown id",
+        store
+            .delete_if_covered_guarded("no-such-id", &covering, &read)
+            .await,
+    );
+    assert_eq!(
+        store.get(&target.id).await.must(),
+        Some(target.clone()),
+        "a revocation or deletion whose caller guard failed must change nothing"
+    );
+
+    // At the caller's new version the guard holds again.
+    let now_read = CallerGuard::new(&*narrowed.id, narrowed.version);
+    let target = store
+        .revoke_if_covered_guarded(&target.id, t, &covering, &now_read)
+        .await
+        .found();
+    assert!(target.is_revoked());
+
+    // A caller disabled since: its guard fails, on a revoked target too.
+    let disabled = store
+        .update(&caller.id, &TokenPatch::new(t).disable())
+        .await
+        .must();
+    refused(
+        "a revocation of a revoked record",
+        store
+            .revoke_if_covered_guarded(&target.id, t, &covering, &now_read)
+            .await,
+    );
+    refused(
+        "a deletion by a disabled caller",
+        store
+            .delete_if_covered_guarded(&target.id, &covering, &now_read)
+            .await,
+    );
+    // A caller revoked, then gone: the guard fails too.
+    let gone = CallerGuard::new(&*disabled.id, disabled.version);
+    store.revoke(&caller.id, t).await.must();
+    refused(
+        "a deletion by a revoked caller",
+        store
+            .delete_if_covered_guarded(&target.id, &covering, &gone)
+            .await,
+    );
+    store.delete(&caller.id).await.must();
+    refused(
+        "a deletion by a deleted caller",
+        store
+            .delete_if_covered_guarded(&target.id, &covering, &gone)
+            .await,
+    );
+    assert_eq!(
+        store.get(&target.id).await.must(),
+        Some(target),
+        "a deletion whose caller guard failed must remove nothing"
+    );
 }
 
 /// `insert_below` inserts while the subject has fewer records than the limit (revoked ones

@@ -180,16 +180,20 @@ impl MemoryStore {
         Ok(true)
     }
 
-    /// Revokes `id` (if `covering`, when given, grants every scope it holds) under the write
-    /// lock.
+    /// Revokes `id` (if `covering`, when given, grants every scope it holds, and the caller,
+    /// when given, is still the version named) under the write lock.
     fn revoke_where(
         &self,
         id: &str,
         at: DateTime<Utc>,
         covering: Option<&ScopeSet>,
+        caller: Option<&CallerGuard>,
     ) -> Result<Option<TokenRecord>, StoreError> {
         let revoked = {
             let mut data = self.write();
+            if let Some(guard) = caller {
+                guard.check(data.by_id.get(&guard.id))?;
+            }
             let Some(r) = data.by_id.get_mut(id) else {
                 return Ok(None);
             };
@@ -208,15 +212,19 @@ impl MemoryStore {
         Ok(Some(revoked))
     }
 
-    /// Removes `id` (if `covering`, when given, grants every scope it holds) under the write
-    /// lock.
+    /// Removes `id` (if `covering`, when given, grants every scope it holds, and the caller,
+    /// when given, is still the version named) under the write lock.
     fn delete_where(
         &self,
         id: &str,
         covering: Option<&ScopeSet>,
+        caller: Option<&CallerGuard>,
     ) -> Result<Option<TokenRecord>, StoreError> {
         let removed = {
             let mut data = self.write();
+            if let Some(guard) = caller {
+                guard.check(data.by_id.get(&guard.id))?;
+            }
             let uncovered = |r: &TokenRecord| covering.is_some_and(|c| !c.grants_all(&r.scopes));
             if data.by_id.get(id).is_some_and(uncovered) {
                 return Err(StoreError::Stale);
@@ -386,11 +394,11 @@ impl TokenStore for MemoryStore {
     }
 
     async fn revoke(&self, id: &str, at: DateTime<Utc>) -> Result<Option<TokenRecord>, StoreError> {
-        self.revoke_where(id, at, None)
+        self.revoke_where(id, at, None, None)
     }
 
     async fn delete(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
-        self.delete_where(id, None)
+        self.delete_where(id, None, None)
     }
 
     async fn revoke_if_covered(
@@ -399,7 +407,17 @@ impl TokenStore for MemoryStore {
         at: DateTime<Utc>,
         covering: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        self.revoke_where(id, at, Some(covering))
+        self.revoke_where(id, at, Some(covering), None)
+    }
+
+    async fn revoke_if_covered_guarded(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+        covering: &ScopeSet,
+        caller: &CallerGuard,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        self.revoke_where(id, at, Some(covering), Some(caller))
     }
 
     async fn delete_if_covered(
@@ -407,7 +425,16 @@ impl TokenStore for MemoryStore {
         id: &str,
         covering: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        self.delete_where(id, Some(covering))
+        self.delete_where(id, Some(covering), None)
+    }
+
+    async fn delete_if_covered_guarded(
+        &self,
+        id: &str,
+        covering: &ScopeSet,
+        caller: &CallerGuard,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        self.delete_where(id, Some(covering), Some(caller))
     }
 
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError> {

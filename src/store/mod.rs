@@ -535,6 +535,52 @@ pub trait TokenStore: TokenLookup {
         })
     }
 
+    /// [`revoke_if_covered`](Self::revoke_if_covered), on the further condition `caller`: the
+    /// token that revokes the record is still the version whose scopes `covering` are (and that
+    /// was found active and allowed to act), checked in the same atomic write, so that a token
+    /// narrowed, disabled, rotated, revoked or deleted meanwhile never revokes a token on the
+    /// strength of what it was. Checked first: a caller that changed fails even on a record
+    /// already revoked, or gone.
+    ///
+    /// # Errors
+    /// Those of [`revoke_if_covered`](Self::revoke_if_covered); [`StoreError::CallerChanged`] if
+    /// the caller's record is gone or has another version (nothing changes);
+    /// [`StoreError::Unsupported`] from the default implementation, for stores written before it
+    /// existed (the management API then reads the caller again right before the revocation: a
+    /// narrower window, not none).
+    async fn revoke_if_covered_guarded(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+        covering: &ScopeSet,
+        caller: &CallerGuard,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let _ = (id, at, covering, caller);
+        Err(StoreError::Unsupported {
+            operation: "revoke_if_covered_guarded",
+        })
+    }
+
+    /// [`delete_if_covered`](Self::delete_if_covered), on the further condition `caller`, as
+    /// [`revoke_if_covered_guarded`](Self::revoke_if_covered_guarded).
+    ///
+    /// # Errors
+    /// Those of [`delete_if_covered`](Self::delete_if_covered); [`StoreError::CallerChanged`] if
+    /// the caller's record is gone or has another version (nothing is removed);
+    /// [`StoreError::Unsupported`] from the default implementation (the management API then
+    /// reads the caller again right before the deletion: a narrower window, not none).
+    async fn delete_if_covered_guarded(
+        &self,
+        id: &str,
+        covering: &ScopeSet,
+        caller: &CallerGuard,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let _ = (id, covering, caller);
+        Err(StoreError::Unsupported {
+            operation: "delete_if_covered_guarded",
+        })
+    }
+
     /// How many records the subject has (revoked and expired ones included).
     async fn count_by_subject(&self, subject: &str) -> Result<u64, StoreError>;
 
@@ -584,6 +630,12 @@ pub trait TokenStore: TokenLookup {
     /// ignore it: the management API then reads the caller again right before the write (a
     /// narrower window, not none). A store (or a wrapper around one) returns `true` only if it
     /// checks both.
+    ///
+    /// (The guarded creation, revocation and deletion,
+    /// [`insert_below_guarded`](Self::insert_below_guarded),
+    /// [`revoke_if_covered_guarded`](Self::revoke_if_covered_guarded) and
+    /// [`delete_if_covered_guarded`](Self::delete_if_covered_guarded), say so each by not being
+    /// [`StoreError::Unsupported`]: a wrapper must forward them too.)
     fn checks_caller_guard(&self) -> bool {
         false
     }

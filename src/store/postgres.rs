@@ -649,20 +649,28 @@ impl PostgresStore {
 
     /// [`change_returning`](Self::change_returning) of the statement `q` makes for the version
     /// of record `id`, read with its row locked, if `covering` grants every scope it holds (a revoked
-    /// one, whatever it holds, when `revoked_passes`); `None` for no such record,
-    /// [`StoreError::Stale`] for a scope `covering` does not grant.
+    /// one, whatever it holds, when `revoked_passes`) and, with `guard`, the caller's row (locked
+    /// with it, [`locked_guarded`](Self::locked_guarded)) is still the version named; `None` for
+    /// no such record, [`StoreError::Stale`] for a scope `covering` does not grant,
+    /// [`StoreError::CallerChanged`] for a caller that changed.
     async fn change_if_covered<'q>(
         &self,
         id: &str,
         covering: &ScopeSet,
         revoked_passes: bool,
+        guard: Option<&CallerGuard>,
         q: impl FnOnce(i64) -> Query<'q>,
     ) -> Result<Option<TokenRecord>, StoreError> {
         if !storable(id) {
+            // No such record; a guard is still checked first, as for a stored id.
+            if let Some(guard) = guard {
+                let mut tx = self.begin_write().await?;
+                self.check_caller(&mut tx, guard).await?;
+            }
             return Ok(None);
         }
         let mut tx = self.begin_write().await?;
-        let Some(old) = self.locked(&mut tx, id).await? else {
+        let Some(old) = self.locked_guarded(&mut tx, id, guard).await? else {
             return Ok(None);
         };
         let passes = covering.grants_all(&old.scopes) || (revoked_passes && old.is_revoked());
@@ -1399,7 +1407,27 @@ impl TokenStore for PostgresStore {
         covering: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
         let (this, id, covering) = (self.clone(), id.to_owned(), covering.clone());
-        in_task(async move { this.revoke_if_covered_tx(&id, at, &covering).await }).await
+        in_task(async move { this.revoke_if_covered_tx(&id, at, &covering, None).await }).await
+    }
+
+    async fn revoke_if_covered_guarded(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+        covering: &ScopeSet,
+        caller: &CallerGuard,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let (this, id, covering, caller) = (
+            self.clone(),
+            id.to_owned(),
+            covering.clone(),
+            caller.clone(),
+        );
+        in_task(async move {
+            this.revoke_if_covered_tx(&id, at, &covering, Some(&caller))
+                .await
+        })
+        .await
     }
 
     async fn delete_if_covered(
@@ -1408,7 +1436,26 @@ impl TokenStore for PostgresStore {
         covering: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
         let (this, id, covering) = (self.clone(), id.to_owned(), covering.clone());
-        in_task(async move { this.delete_if_covered_tx(&id, &covering).await }).await
+        in_task(async move { this.delete_if_covered_tx(&id, &covering, None).await }).await
+    }
+
+    async fn delete_if_covered_guarded(
+        &self,
+        id: &str,
+        covering: &ScopeSet,
+        caller: &CallerGuard,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let (this, id, covering, caller) = (
+            self.clone(),
+            id.to_owned(),
+            covering.clone(),
+            caller.clone(),
+        );
+        in_task(async move {
+            this.delete_if_covered_tx(&id, &covering, Some(&caller))
+                .await
+        })
+        .await
     }
 
     async fn insert_below(&self, record: &TokenRecord, max: u64) -> Result<bool, StoreError> {
@@ -1668,8 +1715,9 @@ impl PostgresStore {
         id: &str,
         at: DateTime<Utc>,
         covering: &ScopeSet,
+        guard: Option<&CallerGuard>,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        self.change_if_covered(id, covering, true, |version| {
+        self.change_if_covered(id, covering, true, guard, |version| {
             sqlx::query(&self.inner.sql.revoke)
                 .bind(id)
                 .bind(at)
@@ -1682,8 +1730,9 @@ impl PostgresStore {
         &self,
         id: &str,
         covering: &ScopeSet,
+        guard: Option<&CallerGuard>,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        self.change_if_covered(id, covering, false, |version| {
+        self.change_if_covered(id, covering, false, guard, |version| {
             sqlx::query(&self.inner.sql.delete)
                 .bind(id)
                 .bind(Some(version))

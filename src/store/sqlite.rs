@@ -517,16 +517,20 @@ impl SqliteStore {
 
     /// [`change_returning`](Self::change_returning) of the statement `q` makes for the version
     /// of record `id`, read under the write lock, if `covering` grants every scope it holds (a revoked
-    /// one, whatever it holds, when `revoked_passes`); `None` for no such record,
-    /// [`StoreError::Stale`] for a scope `covering` does not grant.
+    /// one, whatever it holds, when `revoked_passes`) and, with `guard`, the caller's record is
+    /// still the version named (checked first, under the same lock); `None` for no such record,
+    /// [`StoreError::Stale`] for a scope `covering` does not grant,
+    /// [`StoreError::CallerChanged`] for a caller that changed.
     async fn change_if_covered<'q>(
         &self,
         id: &str,
         covering: &ScopeSet,
         revoked_passes: bool,
+        guard: Option<&CallerGuard>,
         q: impl FnOnce(i64) -> Query<'q>,
     ) -> Result<Option<TokenRecord>, StoreError> {
         let mut tx = self.begin_write().await?;
+        check_caller(&mut tx, &self.inner.sql, guard).await?;
         let Some(old) = locked(&mut tx, &self.inner.sql, id).await? else {
             return Ok(None);
         };
@@ -1044,7 +1048,27 @@ impl TokenStore for SqliteStore {
         covering: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
         let (this, id, covering) = (self.clone(), id.to_owned(), covering.clone());
-        in_task(async move { this.revoke_if_covered_tx(&id, at, &covering).await }).await
+        in_task(async move { this.revoke_if_covered_tx(&id, at, &covering, None).await }).await
+    }
+
+    async fn revoke_if_covered_guarded(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+        covering: &ScopeSet,
+        caller: &CallerGuard,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let (this, id, covering, caller) = (
+            self.clone(),
+            id.to_owned(),
+            covering.clone(),
+            caller.clone(),
+        );
+        in_task(async move {
+            this.revoke_if_covered_tx(&id, at, &covering, Some(&caller))
+                .await
+        })
+        .await
     }
 
     async fn delete_if_covered(
@@ -1053,7 +1077,26 @@ impl TokenStore for SqliteStore {
         covering: &ScopeSet,
     ) -> Result<Option<TokenRecord>, StoreError> {
         let (this, id, covering) = (self.clone(), id.to_owned(), covering.clone());
-        in_task(async move { this.delete_if_covered_tx(&id, &covering).await }).await
+        in_task(async move { this.delete_if_covered_tx(&id, &covering, None).await }).await
+    }
+
+    async fn delete_if_covered_guarded(
+        &self,
+        id: &str,
+        covering: &ScopeSet,
+        caller: &CallerGuard,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let (this, id, covering, caller) = (
+            self.clone(),
+            id.to_owned(),
+            covering.clone(),
+            caller.clone(),
+        );
+        in_task(async move {
+            this.delete_if_covered_tx(&id, &covering, Some(&caller))
+                .await
+        })
+        .await
     }
 
     async fn insert_below(&self, record: &TokenRecord, max: u64) -> Result<bool, StoreError> {
@@ -1252,9 +1295,10 @@ impl SqliteStore {
         id: &str,
         at: DateTime<Utc>,
         covering: &ScopeSet,
+        guard: Option<&CallerGuard>,
     ) -> Result<Option<TokenRecord>, StoreError> {
         let at = micros(at);
-        self.change_if_covered(id, covering, true, |version| {
+        self.change_if_covered(id, covering, true, guard, |version| {
             sqlx::query(&self.inner.sql.revoke)
                 .bind(id)
                 .bind(at)
@@ -1267,8 +1311,9 @@ impl SqliteStore {
         &self,
         id: &str,
         covering: &ScopeSet,
+        guard: Option<&CallerGuard>,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        self.change_if_covered(id, covering, false, |version| {
+        self.change_if_covered(id, covering, false, guard, |version| {
             sqlx::query(&self.inner.sql.delete)
                 .bind(id)
                 .bind(Some(version))
