@@ -637,7 +637,7 @@ pub(crate) async fn get_one(
         (status = 401, response = Unauthorized),
         (status = 403, description = "`personalAccessToken:write` is missing, the caller lacks a scope the token holds or a requested one (`insufficient_scope`), or the change would make the token outlive the caller or reach beyond its networks (`forbidden`)", body = ErrorBody),
         (status = 404, response = NotFound),
-        (status = 409, description = "The subject already has a token with this name, or the token or the caller's own token changed while the request was processed (`conflict`: read it again and retry), or `active: true` or a new `expiresAt` for an expired token (`token_expired`)", body = ErrorBody),
+        (status = 409, description = "The subject already has a token with this name, or the token or the caller's own token changed while the request was processed (`conflict`: read it again and retry), or `active: true` or a new `expiresAt` for an expired token (`token_expired`). With `revoked: true` next to other fields, the other fields are written first: a 403 or 409 of the revocation may leave them written; the request may be sent again", body = ErrorBody),
         (status = 410, response = TokenRevoked),
         (status = 413, response = PayloadTooLarge),
         (status = 500, response = StoreFailed),
