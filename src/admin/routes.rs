@@ -208,7 +208,7 @@ impl Admin {
     /// ([`revoke_if_covered_guarded`](crate::TokenStore::revoke_if_covered_guarded)): a caller
     /// narrowed, disabled or revoked since its check revokes nothing on the strength of what it
     /// was. On a store without the guarded write, the caller is read again right before it
-    /// ([`caller_unchanged`](Self::caller_unchanged): a narrower window, not none); on one
+    /// ([`caller_still`](Self::caller_still): a narrower window, not none); on one
     /// without the conditional write, without the condition.
     async fn revoke_checked(
         &self,
@@ -341,19 +341,12 @@ impl Admin {
         if id == own.id {
             return Ok(None);
         }
+        let guard = CallerGuard::new(&*own.id, own.version);
         if self.config.store.checks_caller_guard() {
-            return Ok(Some(CallerGuard::new(&*own.id, own.version)));
+            return Ok(Some(guard));
         }
-        self.caller_unchanged(own).await?;
+        self.caller_still(&guard).await?;
         Ok(None)
-    }
-
-    /// The caller's record read again: still the version `own` is, or 409 (`conflict`). The
-    /// fallback of a store that cannot check a [`CallerGuard`] in its write.
-    async fn caller_unchanged(&self, own: &TokenRecord) -> Result<(), ApiError> {
-        Ok(self
-            .caller_still(&CallerGuard::new(&*own.id, own.version))
-            .await?)
     }
 
     /// The view of a record with the usage marks not yet written behind merged in, so that
@@ -474,7 +467,7 @@ pub(crate) async fn create(
         // A store without the guard: the caller read again just before the insert (see
         // `caller_guard`).
         Err(StoreError::Unsupported { .. }) => {
-            admin.caller_unchanged(&own).await?;
+            admin.caller_still(&guard).await?;
             match store.insert_below(&record, max).await {
                 // A store without the conditional insert: one creation at a time in this
                 // process.
